@@ -1,0 +1,293 @@
+//! Harness for tests against real Tally clusters: starts `tallyd` processes
+//! on free loopback ports with their own data directories, kills and
+//! restarts them, and offers gRPC clients to each node.
+//!
+//! The binary is taken from `TALLYD_BIN`, else from the cargo target
+//! directory the tests were built in (`scripts/test.sh` builds it first).
+
+pub mod model;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tally_proto::v1::cluster_client::ClusterClient;
+use tally_proto::v1::ingest_client::IngestClient;
+use tally_proto::v1::query_client::QueryClient;
+use tally_proto::v1::{DigestRequest, InitializeRequest, NodeInfo, StatusRequest, StatusResponse};
+use tonic::transport::Channel;
+
+pub fn tallyd_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("TALLYD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    // Test binaries live in <target>/<profile>/deps/.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().and_then(Path::parent).context("test binary location")?;
+    let candidate = profile_dir.join("tallyd");
+    if candidate.exists() {
+        return Ok(candidate);
+    }
+    bail!("tallyd not found at {}; run `cargo build --bins` first or set TALLYD_BIN", candidate.display())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+pub struct TestNode {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct ClusterOptions {
+    pub nodes: u64,
+    pub partitions: u32,
+    /// Extra tallyd flags for every node.
+    pub args: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { nodes: 3, partitions: 16, args: Vec::new() }
+    }
+}
+
+pub struct TestCluster {
+    _dir: tempfile::TempDir,
+    pub nodes: Vec<TestNode>,
+    pub partitions: u32,
+    args: Vec<String>,
+    binary: PathBuf,
+}
+
+impl TestCluster {
+    /// Start the nodes, initialise the cluster and wait for every leader.
+    pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::Builder::new().prefix("tally-test").tempdir()?;
+        let binary = tallyd_binary()?;
+        let mut nodes = Vec::new();
+        for id in 1..=options.nodes {
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            nodes.push(TestNode {
+                id,
+                addr,
+                data_dir: dir.path().join(format!("node{id}")),
+                log_path: dir.path().join(format!("node{id}.log")),
+                child: None,
+            });
+        }
+        let mut cluster = TestCluster { _dir: dir, nodes, partitions: options.partitions, args: options.args, binary };
+        for id in 1..=options.nodes {
+            cluster.spawn(id)?;
+        }
+        for id in 1..=options.nodes {
+            cluster.wait_listening(id, Duration::from_secs(30)).await?;
+        }
+        let init = InitializeRequest {
+            nodes: cluster.nodes.iter().map(|n| NodeInfo { node_id: n.id, addr: n.addr.clone(), reachable: false }).collect(),
+            partitions: options.partitions,
+            replication_factor: 3,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match cluster.cluster_client(1).await?.initialize(init.clone()).await {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("initialize: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        cluster.wait_ready(Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    fn node(&self, id: u64) -> anyhow::Result<&TestNode> {
+        self.nodes.iter().find(|n| n.id == id).with_context(|| format!("no node {id}"))
+    }
+
+    fn node_mut(&mut self, id: u64) -> anyhow::Result<&mut TestNode> {
+        self.nodes.iter_mut().find(|n| n.id == id).with_context(|| format!("no node {id}"))
+    }
+
+    pub fn addr(&self, id: u64) -> anyhow::Result<String> {
+        Ok(self.node(id)?.addr.clone())
+    }
+
+    fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let binary = self.binary.clone();
+        let args = self.args.clone();
+        let node = self.node_mut(id)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
+        let child = Command::new(binary)
+            .arg("--node-id")
+            .arg(id.to_string())
+            .arg("--listen")
+            .arg(&node.addr)
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(&args)
+            .env("RUST_LOG", std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting tallyd")?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_listening(&self, id: u64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(mut c) = self.cluster_client(id).await {
+                if c.status(StatusRequest {}).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("node {id} did not come up; log:\n{}", self.log_tail(id, 30))
+    }
+
+    /// Until every live node reports a leader for every partition.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut ready = true;
+            for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+                match self.status(n.id).await {
+                    Ok(s) if s.initialized && s.partitions.iter().all(|p| p.leader_node_id != 0) => {}
+                    _ => ready = false,
+                }
+            }
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("cluster not ready within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn channel(&self, id: u64) -> anyhow::Result<Channel> {
+        Ok(tally_client::connect(&self.addr(id)?).await?)
+    }
+
+    pub async fn ingest_client(&self, id: u64) -> anyhow::Result<IngestClient<Channel>> {
+        Ok(IngestClient::new(self.channel(id).await?))
+    }
+
+    pub async fn query_client(&self, id: u64) -> anyhow::Result<QueryClient<Channel>> {
+        Ok(QueryClient::new(self.channel(id).await?))
+    }
+
+    pub async fn cluster_client(&self, id: u64) -> anyhow::Result<ClusterClient<Channel>> {
+        Ok(ClusterClient::new(self.channel(id).await?))
+    }
+
+    pub async fn status(&self, id: u64) -> anyhow::Result<StatusResponse> {
+        Ok(self.cluster_client(id).await?.status(StatusRequest {}).await?.into_inner())
+    }
+
+    /// The node currently leading the most partitions.
+    pub async fn busiest_leader(&self) -> anyhow::Result<u64> {
+        let live = self.nodes.iter().find(|n| n.child.is_some()).context("no live node")?;
+        let status = self.status(live.id).await?;
+        let mut counts = std::collections::BTreeMap::<u64, usize>::new();
+        for p in &status.partitions {
+            *counts.entry(p.leader_node_id).or_default() += 1;
+        }
+        counts.into_iter().filter(|(id, _)| *id != 0).max_by_key(|(_, c)| *c).map(|(id, _)| id).context("no leaders")
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill9(&mut self, id: u64) -> anyhow::Result<()> {
+        if let Some(mut child) = self.node_mut(id)?.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self, id: u64) -> anyhow::Result<std::process::ExitStatus> {
+        let node = self.node_mut(id)?;
+        let mut child = node.child.take().context("node not running")?;
+        let pid = child.id().to_string();
+        Command::new("kill").arg("-TERM").arg(&pid).status()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                bail!("node {id} ignored SIGTERM for 30s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        self.spawn(id)?;
+        self.wait_listening(id, Duration::from_secs(30)).await
+    }
+
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let Ok(node) = self.node(id) else { return String::new() };
+        let text = std::fs::read_to_string(&node.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn log(&self, id: u64) -> String {
+        self.node(id).map(|n| std::fs::read_to_string(&n.log_path).unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// Wait until all live replicas of every partition have applied the same
+    /// index, then return each node's (partition → (applied, digest)).
+    pub async fn converged_digests(
+        &self,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<(u64, std::collections::BTreeMap<u32, (u64, u64)>)>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut per_node = Vec::new();
+            for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let d = self.cluster_client(n.id).await?.digest(DigestRequest { partitions: vec![] }).await?.into_inner();
+                per_node.push((n.id, d.partitions.iter().map(|p| (p.partition, (p.applied_index, p.digest))).collect::<std::collections::BTreeMap<_, _>>()));
+            }
+            let converged = per_node.windows(2).all(|w| {
+                w[0].1.iter().all(|(p, (applied, _))| w[1].1.get(p).map(|(a, _)| a) == Some(applied))
+                    && w[0].1.len() == w[1].1.len()
+            });
+            if converged {
+                return Ok(per_node);
+            }
+            if Instant::now() > deadline {
+                bail!("replicas did not converge within {timeout:?}: {per_node:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Run a local Tally cluster.
+#
+#   scripts/cluster.sh up [N]        build if needed, start N nodes (default 3),
+#                                    initialise, wait for leaders, show it counting
+#   scripts/cluster.sh down          stop every node (SIGTERM, then SIGKILL)
+#   scripts/cluster.sh status        cluster status as seen by node 1
+#   scripts/cluster.sh kill NODE     SIGKILL one node
+#   scripts/cluster.sh restart NODE  stop one node gracefully and start it again
+#
+# Environment: TALLY_HOME (data and logs, default ./.tally), TALLY_HOST
+# (127.0.0.1), TALLY_BASE_PORT (7001: node i listens on base+i-1),
+# TALLY_PARTITIONS (64), TALLY_PROFILE (dev or release; default dev).
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+
+TALLY_HOME="${TALLY_HOME:-./.tally}"
+mkdir -p "$TALLY_HOME"
+TALLY_HOME="$(cd "$TALLY_HOME" && pwd)"
+HOST="${TALLY_HOST:-127.0.0.1}"
+BASE_PORT="${TALLY_BASE_PORT:-7001}"
+PARTITIONS="${TALLY_PARTITIONS:-64}"
+PROFILE="${TALLY_PROFILE:-dev}"
+if [[ "$PROFILE" == dev ]]; then BIN_DIR="$CARGO_TARGET_DIR/debug"; else BIN_DIR="$CARGO_TARGET_DIR/$PROFILE"; fi
+TALLYD="$BIN_DIR/tallyd"
+TALLY="$BIN_DIR/tally"
+
+addr_of() { echo "$HOST:$((BASE_PORT + $1 - 1))"; }
+pid_of() { cat "$TALLY_HOME/node$1.pid" 2>/dev/null || true; }
+alive() { local p; p=$(pid_of "$1"); [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; }
+count_nodes() { ls "$TALLY_HOME"/node*.addr 2>/dev/null | wc -l; }
+
+build() {
+  "$TALLY_ROOT/scripts/setup.sh"
+  (cd "$TALLY_ROOT" && cargo build --profile "$PROFILE" --workspace --all-targets)
+}
+
+start_node() {
+  local i=$1 addr
+  addr=$(addr_of "$i")
+  if alive "$i"; then echo "node $i already running (pid $(pid_of "$i"))"; return; fi
+  echo "$addr" > "$TALLY_HOME/node$i.addr"
+  RUST_LOG="${RUST_LOG:-info,openraft=warn}" nohup "$TALLYD" --node-id "$i" --listen "$addr" \
+    --data-dir "$TALLY_HOME/node$i" >>"$TALLY_HOME/node$i.log" 2>&1 &
+  echo $! > "$TALLY_HOME/node$i.pid"
+  for _ in $(seq 1 100); do
+    if "$TALLY" --addr "$addr" cluster status >/dev/null 2>&1; then return; fi
+    if ! alive "$i"; then echo "node $i exited; see $TALLY_HOME/node$i.log" >&2; tail -5 "$TALLY_HOME/node$i.log" >&2; exit 1; fi
+    sleep 0.1
+  done
+  echo "node $i did not start listening on $addr" >&2; exit 1
+}
+
+stop_node() {
+  local i=$1 sig=${2:-TERM} p
+  p=$(pid_of "$i")
+  [[ -z "$p" ]] && return
+  kill "-$sig" "$p" 2>/dev/null || true
+  for _ in $(seq 1 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$p" 2>/dev/null || true
+  rm -f "$TALLY_HOME/node$i.pid"
+}
+
+cmd_up() {
+  local n=${1:-3} nodes=()
+  build
+  for i in $(seq 1 "$n"); do start_node "$i"; nodes+=(--node "$i=$(addr_of "$i")"); done
+  local ok=""
+  for _ in $(seq 1 50); do
+    if "$TALLY" --addr "$(addr_of 1)" cluster init "${nodes[@]}" --partitions "$PARTITIONS" >/dev/null 2>&1; then ok=1; break; fi
+    sleep 0.3
+  done
+  [[ -n "$ok" ]] || { echo "cluster init failed; see $TALLY_HOME/node1.log" >&2; exit 1; }
+  "$TALLY" --addr "$(addr_of 1)" cluster wait --timeout 60s
+  echo
+  echo "Tally is running: $n nodes, $PARTITIONS partitions, data and logs in $TALLY_HOME"
+  for i in $(seq 1 "$n"); do echo "  node $i  $(addr_of "$i")  (pid $(pid_of "$i"))"; done
+  if [[ "${TALLY_NO_DEMO:-}" == "" ]]; then demo; fi
+  echo
+  echo "Try:  export TALLY_ADDR=$(addr_of 1)"
+  echo "      $TALLY ingest video-42 view --repeat 10"
+  echo "      $TALLY stats video-42 view --from -1h --to now"
+  echo "      $TALLY cluster status"
+  echo "Stop: scripts/cluster.sh down"
+}
+
+demo() {
+  local a; a=$(addr_of 1)
+  echo
+  echo "Counting: 1000 views of demo-video (100 sent twice with the same event id), 25 likes"
+  "$TALLY" --addr "$a" ingest demo-video view --repeat 900
+  for k in $(seq 1 100); do "$TALLY" --addr "$a" ingest demo-video view --id "dup-$k" >/dev/null; done
+  "$TALLY" --addr "$a" ingest demo-video view --id dup-1 --repeat 1
+  "$TALLY" --addr "$(addr_of 2)" ingest demo-video like --repeat 25
+  echo "stats demo-video view (last hour):"
+  "$TALLY" --addr "$a" stats demo-video view --from -1h --to +1m
+  echo "stats demo-video like, read from another node:"
+  "$TALLY" --addr "$(addr_of 3 2>/dev/null || addr_of 1)" stats demo-video like --from -1h --to +1m
+}
+
+case "${1:-}" in
+  up) shift; cmd_up "$@" ;;
+  down)
+    for f in "$TALLY_HOME"/node*.pid; do [[ -e "$f" ]] || continue; i=${f##*node}; i=${i%.pid}; stop_node "$i" TERM; done
+    echo "stopped" ;;
+  status) "$TALLY" --addr "${TALLY_ADDR:-$(addr_of 1)}" cluster status ;;
+  kill) stop_node "${2:?node}" KILL; echo "node $2 killed" ;;
+  restart) stop_node "${2:?node}" TERM; start_node "$2"; echo "node $2 restarted" ;;
+  demo) demo ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
+esac

@@ -1,0 +1,119 @@
+//! The public Cluster service: status for routing and operators, and the
+//! one-time initialisation of a new cluster.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::BasicNode;
+use tally_proto::v1::cluster_client::ClusterClient;
+use tally_proto::v1::cluster_server::Cluster;
+use tally_proto::v1::{DigestRequest, DigestResponse, PartitionDigest, InitializeRequest, InitializeResponse, NodeInfo, PartitionInfo, StatusRequest, StatusResponse};
+use tonic::{Request, Response, Status};
+
+use crate::meta::{ClusterMap, DEFAULT_PARTITIONS, MAX_PARTITIONS};
+use crate::node::Node;
+use crate::raft::types::{Command, NodeId};
+
+pub struct ClusterService {
+    node: Arc<Node>,
+}
+
+impl ClusterService {
+    pub fn new(node: Arc<Node>) -> ClusterService {
+        ClusterService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let map = self.node.map();
+        let mut partitions = Vec::with_capacity(map.partition_count as usize);
+        for p in 0..map.partition_count {
+            let mut info = PartitionInfo { partition: p, replicas: map.replicas_of(p).to_vec(), ..Default::default() };
+            if let Some(replica) = self.node.partition(p) {
+                let m = replica.raft.metrics().borrow_watched().clone();
+                info.leader_node_id = m.current_leader.unwrap_or(0);
+                info.term = m.current_term;
+                info.commit_index = m.cluster_committed.map(|l| l.index).unwrap_or(0);
+                info.applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
+            }
+            partitions.push(info);
+        }
+        Ok(Response::new(StatusResponse {
+            node_id: self.node.id,
+            initialized: map.is_initialized(),
+            partition_count: map.partition_count,
+            replication_factor: map.replication_factor,
+            nodes: map.nodes.iter().map(|(id, addr)| NodeInfo { node_id: *id, addr: addr.clone(), reachable: *id == self.node.id }).collect(),
+            partitions,
+            metadata_leader_node_id: self.node.metadata_leader().unwrap_or(0),
+        }))
+    }
+
+    async fn digest(&self, request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
+        let wanted = request.into_inner().partitions;
+        let mut partitions = Vec::new();
+        for replica in self.node.local_partitions() {
+            if !wanted.is_empty() && !wanted.contains(&replica.partition) {
+                continue;
+            }
+            let group = tally_proto::partition::group_of_partition(replica.partition);
+            let (applied_index, digest, keys) = crate::storage::read::state_digest(&self.node.engine, group)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            partitions.push(PartitionDigest { partition: replica.partition, applied_index, digest, keys });
+        }
+        Ok(Response::new(DigestResponse { node_id: self.node.id, partitions }))
+    }
+
+    async fn initialize(&self, request: Request<InitializeRequest>) -> Result<Response<InitializeResponse>, Status> {
+        let req = request.into_inner();
+        let nodes: BTreeMap<NodeId, String> = req.nodes.iter().map(|n| (n.node_id, n.addr.clone())).collect();
+        if nodes.is_empty() || nodes.len() != req.nodes.len() || nodes.contains_key(&0) {
+            return Err(Status::invalid_argument("nodes: give each node once, with a non-zero node_id"));
+        }
+        if !nodes.contains_key(&self.node.id) {
+            return Err(Status::invalid_argument(format!("nodes: must include the node called (id {})", self.node.id)));
+        }
+        let partitions = if req.partitions == 0 { DEFAULT_PARTITIONS } else { req.partitions };
+        if partitions > MAX_PARTITIONS {
+            return Err(Status::invalid_argument(format!("partitions: at most {MAX_PARTITIONS}")));
+        }
+        let rf = if req.replication_factor == 0 { 3 } else { req.replication_factor };
+        let wanted = ClusterMap::initial(nodes.clone(), partitions, rf);
+        let current = self.node.map();
+        if current.is_initialized() {
+            if current.nodes == wanted.nodes && current.partition_count == wanted.partition_count {
+                return Ok(Response::new(InitializeResponse { already_initialized: true }));
+            }
+            return Err(Status::failed_precondition("the cluster is already initialised with a different shape"));
+        }
+        let metadata = &self.node.metadata;
+        if !metadata.is_initialized().await.map_err(|e| Status::internal(e.to_string()))? {
+            let members: BTreeMap<NodeId, BasicNode> = nodes.iter().map(|(id, addr)| (*id, BasicNode::new(addr))).collect();
+            if let Err(e) = metadata.initialize(members).await {
+                tracing::debug!(error = %e, "metadata group already initialised");
+            }
+        }
+        let leader = metadata
+            .wait(Some(Duration::from_secs(15)))
+            .metrics(|m| m.current_leader.is_some(), "metadata leader")
+            .await
+            .map_err(|e| Status::unavailable(format!("no metadata leader yet: {e}")))?
+            .current_leader
+            .unwrap_or(0);
+        if leader != self.node.id {
+            let addr = self.node.addr_of(leader).or_else(|| nodes.get(&leader).cloned()).ok_or_else(|| Status::unavailable("metadata leader unknown"))?;
+            let channel = self.node.peers.channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
+            return ClusterClient::new(channel).initialize(req).await;
+        }
+        metadata
+            .client_write(Command::SetClusterMap(wanted))
+            .await
+            .map_err(|e| Status::unavailable(format!("writing the cluster map: {e}")))?;
+        tracing::info!(nodes = nodes.len(), partitions, "cluster initialised");
+        Ok(Response::new(InitializeResponse { already_initialized: false }))
+    }
+}

@@ -1,0 +1,155 @@
+//! The public Query service. Linearizable reads run on the partition leader
+//! after a read-index round; stale reads on any replica. A node without a
+//! suitable replica forwards the query once, marked so it is never
+//! forwarded again.
+
+use std::sync::Arc;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::ReadPolicy;
+use tally_proto::partition::{group_of_partition, partition_of};
+use tally_proto::time::{align_range, series_starts, Granularity};
+use tally_proto::v1::query_client::QueryClient;
+use tally_proto::v1::query_server::Query;
+use tally_proto::v1::{Bucket, Consistency, SeriesRequest, SeriesResponse, StatsRequest, StatsResponse};
+use tally_proto::validate::{validate_query_key, validate_range};
+use tonic::{Request, Response, Status};
+
+use crate::node::{Node, PartitionReplica};
+use crate::raft::types::NodeId;
+use crate::storage::read::{read_series, read_stats};
+
+/// Most buckets one series answer may hold.
+pub const MAX_SERIES_BUCKETS: usize = 10_000;
+const FORWARDED: &str = "x-tally-forwarded";
+
+pub struct QueryService {
+    node: Arc<Node>,
+}
+
+impl QueryService {
+    pub fn new(node: Arc<Node>) -> QueryService {
+        QueryService { node }
+    }
+
+    /// The local replica to read from, after making the read linearizable if
+    /// asked; or the node to forward to.
+    async fn replica_for(&self, partition: u32, consistency: i32) -> Result<Result<Arc<PartitionReplica>, NodeId>, Status> {
+        let stale = consistency == Consistency::Stale as i32;
+        let local = self.node.partition(partition);
+        if let Some(replica) = local {
+            if stale {
+                return Ok(Ok(replica));
+            }
+            let leader = replica.raft.metrics().borrow_watched().current_leader;
+            if leader == Some(self.node.id) {
+                replica
+                    .raft
+                    .ensure_linearizable(ReadPolicy::ReadIndex)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("partition {partition}: {e}")))?;
+                return Ok(Ok(replica));
+            }
+            return match leader {
+                Some(l) => Ok(Err(l)),
+                None => Err(Status::unavailable(format!("partition {partition} has no leader right now; retry"))),
+            };
+        }
+        let map = self.node.map();
+        map.replicas_of(partition)
+            .first()
+            .map(|n| Err(*n))
+            .ok_or_else(|| Status::unavailable(format!("partition {partition} has no replicas")))
+            .map(Ok)?
+    }
+
+    fn forward_client(&self, to: NodeId) -> Result<QueryClient<tonic::transport::Channel>, Status> {
+        let addr = self.node.addr_of(to).ok_or_else(|| Status::unavailable(format!("node {to} unknown")))?;
+        let channel = self.node.peers.channel(to, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(QueryClient::new(channel))
+    }
+
+    fn partition_count(&self) -> Result<u32, Status> {
+        let map = self.node.map();
+        if !map.is_initialized() {
+            return Err(Status::unavailable("the cluster is not initialised yet"));
+        }
+        Ok(map.partition_count)
+    }
+}
+
+fn invalid(e: tally_proto::validate::FieldError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn was_forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED)
+}
+
+fn mark_forwarded<T>(inner: T) -> Request<T> {
+    let mut req = Request::new(inner);
+    req.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    req
+}
+
+#[tonic::async_trait]
+impl Query for QueryService {
+    async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let forwarded = was_forwarded(&request);
+        let req = request.into_inner();
+        validate_query_key(&req.entity_id, &req.event_type).map_err(invalid)?;
+        validate_range(req.from_ms, req.to_ms).map_err(invalid)?;
+        let partition = partition_of(&req.entity_id, self.partition_count()?);
+        let replica = match self.replica_for(partition, req.consistency).await? {
+            Ok(r) => r,
+            Err(_) if forwarded => return Err(Status::unavailable(format!("partition {partition}: leader moved; retry"))),
+            Err(to) => return self.forward_client(to)?.stats(mark_forwarded(req)).await,
+        };
+        let (from, to) = align_range(req.from_ms, req.to_ms);
+        let applied = *replica.applied.borrow();
+        let total = read_stats(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, from, to)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(StatsResponse {
+            count: total.count,
+            sum: total.sum,
+            average: if total.count == 0 { 0.0 } else { total.sum as f64 / total.count as f64 },
+            effective_from_ms: from,
+            effective_to_ms: to,
+            served_by_node_id: self.node.id,
+            applied_index: applied,
+        }))
+    }
+
+    async fn series(&self, request: Request<SeriesRequest>) -> Result<Response<SeriesResponse>, Status> {
+        let forwarded = was_forwarded(&request);
+        let req = request.into_inner();
+        validate_query_key(&req.entity_id, &req.event_type).map_err(invalid)?;
+        validate_range(req.from_ms, req.to_ms).map_err(invalid)?;
+        let granularity = tally_proto::v1::Granularity::try_from(req.granularity)
+            .ok()
+            .and_then(Granularity::from_proto)
+            .ok_or_else(|| Status::invalid_argument("granularity: must be MINUTE, HOUR, DAY or MONTH"))?;
+        let (from, to) = align_range(req.from_ms, req.to_ms);
+        let buckets = series_starts(granularity, from, to).into_iter().take(MAX_SERIES_BUCKETS + 1).count();
+        if buckets > MAX_SERIES_BUCKETS {
+            return Err(Status::invalid_argument(format!(
+                "granularity: the range holds more than {MAX_SERIES_BUCKETS} {} buckets; use a coarser granularity or a shorter range",
+                granularity.name()
+            )));
+        }
+        let partition = partition_of(&req.entity_id, self.partition_count()?);
+        let replica = match self.replica_for(partition, req.consistency).await? {
+            Ok(r) => r,
+            Err(_) if forwarded => return Err(Status::unavailable(format!("partition {partition}: leader moved; retry"))),
+            Err(to) => return self.forward_client(to)?.series(mark_forwarded(req)).await,
+        };
+        let applied = *replica.applied.borrow();
+        let series = read_series(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, granularity, from, to)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(SeriesResponse {
+            buckets: series.into_iter().map(|(start_ms, c)| Bucket { start_ms, count: c.count, sum: c.sum }).collect(),
+            served_by_node_id: self.node.id,
+            applied_index: applied,
+        }))
+    }
+}

@@ -1,0 +1,145 @@
+//! Node configuration, layered: built-in defaults, then a TOML file
+//! (`--config`), then `TALLY_*` environment variables, then flags.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct NodeConfig {
+    /// This node's id, unique and non-zero.
+    pub node_id: u64,
+    /// gRPC listen address (public API and peer traffic).
+    pub listen: String,
+    /// Address peers and clients use to reach this node (default: listen).
+    pub advertise: Option<String>,
+    /// Where RocksDB and snapshots live.
+    pub data_dir: String,
+    /// Dedup window for event ids, seconds (at least 600 recommended).
+    pub dedup_window_secs: u64,
+    /// Raft entries between snapshots of a group.
+    pub snapshot_logs: u64,
+    pub heartbeat_ms: u64,
+    /// Minimum election timeout; the maximum is twice this.
+    pub election_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Time a partition's share of an ingest request may take to commit.
+    pub ingest_timeout_ms: u64,
+    /// Events per Raft entry at most.
+    pub max_batch_events: usize,
+    /// Raft entries in flight per partition.
+    pub max_inflight: usize,
+    /// Extra wait for more requests when entries are already in flight.
+    pub linger_us: u64,
+    /// Seconds to wait for in-flight requests on SIGTERM.
+    pub drain_secs: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: 1,
+            listen: "127.0.0.1:7001".into(),
+            advertise: None,
+            data_dir: "./.tally/node1".into(),
+            dedup_window_secs: 600,
+            snapshot_logs: 10_000,
+            heartbeat_ms: 150,
+            election_timeout_ms: 750,
+            connect_timeout_ms: 1_000,
+            ingest_timeout_ms: 10_000,
+            max_batch_events: 20_000,
+            max_inflight: 4,
+            linger_us: 1_000,
+            drain_secs: 10,
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn advertise_addr(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+}
+
+/// tallyd — a Tally node. Flags override `TALLY_*` environment variables,
+/// which override the TOML file given with --config.
+#[derive(Debug, Parser, Serialize)]
+#[command(name = "tallyd", version, about)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "TALLY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup_window_secs: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_logs: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub election_timeout_ms: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingest_timeout_ms: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_events: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_inflight: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linger_us: Option<u64>,
+}
+
+impl Cli {
+    pub fn load(self) -> Result<NodeConfig, Box<figment::Error>> {
+        let mut fig = Figment::from(Serialized::defaults(NodeConfig::default()));
+        if let Some(path) = &self.config {
+            fig = fig.merge(Toml::file(path));
+        }
+        fig.merge(Env::prefixed("TALLY_").ignore(&["config", "addr", "home"]))
+            .merge(Serialized::defaults(&self))
+            .extract()
+            .map_err(Box::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tally.toml");
+        std::fs::write(&path, "node_id = 7\nlisten = \"0.0.0.0:9000\"\nsnapshot_logs = 50\n").unwrap();
+        let cli = Cli::parse_from(["tallyd", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:7100"]);
+        let cfg = cli.load().unwrap();
+        assert_eq!(cfg.node_id, 7);
+        assert_eq!(cfg.listen, "127.0.0.1:7100");
+        assert_eq!(cfg.snapshot_logs, 50);
+        assert_eq!(cfg.heartbeat_ms, NodeConfig::default().heartbeat_ms);
+    }
+}

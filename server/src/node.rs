@@ -1,0 +1,213 @@
+//! A Tally node: the storage engine, the metadata group, and one Raft group
+//! per partition replica the cluster map assigns to this node.
+//!
+//! Groups are created from the cluster map: when the metadata group applies
+//! a map, every node opens the groups of the partitions it replicates, and
+//! the partition's first replica initialises the group's membership. A
+//! restarted node reopens its groups from the map stored in its own data dir.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, Raft};
+use tally_proto::partition::{group_of_partition, METADATA_GROUP};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::NodeConfig;
+use crate::dedup::DedupIndex;
+use crate::meta::ClusterMap;
+use crate::processor::{self, IngestJob, ProcessorConfig};
+use crate::raft::network::NetworkFactory;
+use crate::raft::peers::PeerPool;
+use crate::raft::types::NodeId;
+use crate::storage::log_store::LogStore;
+use crate::storage::state_machine::GroupStateMachine;
+use crate::storage::Engine;
+use crate::RaftInstance;
+
+/// A partition replica hosted here.
+pub struct PartitionReplica {
+    pub partition: u32,
+    pub raft: RaftInstance,
+    pub ingest: mpsc::Sender<IngestJob>,
+    pub applied: watch::Receiver<u64>,
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub config: NodeConfig,
+    pub engine: Arc<Engine>,
+    pub peers: Arc<PeerPool>,
+    pub raft_config: Arc<openraft::Config>,
+    pub metadata: RaftInstance,
+    pub cluster_map: watch::Receiver<ClusterMap>,
+    partitions: RwLock<HashMap<u32, Arc<PartitionReplica>>>,
+    /// Serialises group creation so two map updates never open one group twice.
+    opening: tokio::sync::Mutex<()>,
+}
+
+impl Node {
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Arc<Node>> {
+        let data_dir = PathBuf::from(&config.data_dir);
+        let engine = Engine::open(&data_dir.join("db")).with_context(|| format!("opening {}", data_dir.display()))?;
+        let raft_config = Arc::new(
+            openraft::Config {
+                cluster_name: "tally".into(),
+                heartbeat_interval: config.heartbeat_ms,
+                election_timeout_min: config.election_timeout_ms,
+                election_timeout_max: config.election_timeout_ms * 2,
+                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
+                max_in_snapshot_log_to_keep: config.snapshot_logs / 2,
+                max_payload_entries: 64,
+                enable_pre_vote: Some(true),
+                ..Default::default()
+            }
+            .validate()
+            .context("raft configuration")?,
+        );
+        let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms));
+        let (map_tx, map_rx) = watch::channel(ClusterMap::default());
+        let (metadata, _) = open_group(&engine, &data_dir, &peers, &raft_config, config.node_id, METADATA_GROUP, Arc::default(), Some(map_tx))
+            .await
+            .context("opening the metadata group")?;
+        let node = Arc::new(Node {
+            id: config.node_id,
+            config,
+            engine,
+            peers,
+            raft_config,
+            metadata,
+            cluster_map: map_rx,
+            partitions: RwLock::default(),
+            opening: tokio::sync::Mutex::new(()),
+        });
+        node.clone().sync_groups_with_map().await?;
+        tokio::spawn(node.clone().follow_cluster_map());
+        Ok(node)
+    }
+
+    pub fn partition(&self, partition: u32) -> Option<Arc<PartitionReplica>> {
+        self.partitions.read().ok()?.get(&partition).cloned()
+    }
+
+    pub fn local_partitions(&self) -> Vec<Arc<PartitionReplica>> {
+        let mut v: Vec<_> = self.partitions.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        v.sort_by_key(|p| p.partition);
+        v
+    }
+
+    pub fn map(&self) -> ClusterMap {
+        self.cluster_map.borrow().clone()
+    }
+
+    async fn follow_cluster_map(self: Arc<Self>) {
+        let mut rx = self.cluster_map.clone();
+        while rx.changed().await.is_ok() {
+            if let Err(e) = self.clone().sync_groups_with_map().await {
+                tracing::error!(error = %e, "applying the cluster map");
+            }
+        }
+    }
+
+    /// Open the groups the current map assigns to this node.
+    async fn sync_groups_with_map(self: Arc<Self>) -> anyhow::Result<()> {
+        let _guard = self.opening.lock().await;
+        let map = self.map();
+        if !map.is_initialized() {
+            return Ok(());
+        }
+        let data_dir = PathBuf::from(&self.config.data_dir);
+        for partition in map.partitions_of(self.id).collect::<Vec<_>>() {
+            if self.partition(partition).is_some() {
+                continue;
+            }
+            let group = group_of_partition(partition);
+            let dedup = Arc::new(DedupIndex::default());
+            let (raft, applied) =
+                open_group(&self.engine, &data_dir, &self.peers, &self.raft_config, self.id, group, dedup.clone(), None)
+                    .await
+                    .with_context(|| format!("opening partition {partition}"))?;
+            let replicas = map.replicas_of(partition);
+            if replicas.first() == Some(&self.id) && !raft.is_initialized().await.unwrap_or(true) {
+                let members: BTreeMap<NodeId, BasicNode> = replicas
+                    .iter()
+                    .filter_map(|id| map.addr_of(*id).map(|addr| (*id, BasicNode::new(addr))))
+                    .collect();
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::debug!(partition, error = %e, "partition already initialised");
+                }
+            }
+            let ingest = processor::spawn(raft.clone(), dedup, self.processor_config());
+            let replica = Arc::new(PartitionReplica { partition, raft, ingest, applied });
+            if let Ok(mut m) = self.partitions.write() {
+                m.insert(partition, replica);
+            }
+        }
+        Ok(())
+    }
+
+    fn processor_config(&self) -> ProcessorConfig {
+        ProcessorConfig {
+            max_batch_events: self.config.max_batch_events,
+            max_inflight: self.config.max_inflight,
+            linger: Duration::from_micros(self.config.linger_us),
+            dedup_window_ms: self.config.dedup_window_secs * 1000,
+            ..Default::default()
+        }
+    }
+
+    /// Raft instance of a group, for the internal Raft service.
+    pub fn group(&self, group: u32) -> Option<RaftInstance> {
+        if group == METADATA_GROUP {
+            return Some(self.metadata.clone());
+        }
+        tally_proto::partition::partition_of_group(group).and_then(|p| self.partition(p)).map(|r| r.raft.clone())
+    }
+
+    pub fn snapshot_root(&self) -> PathBuf {
+        PathBuf::from(&self.config.data_dir).join("snapshots")
+    }
+
+    /// Address of a node, from the cluster map.
+    pub fn addr_of(&self, node: NodeId) -> Option<String> {
+        self.cluster_map.borrow().addr_of(node).map(str::to_string)
+    }
+
+    /// Every group this node hosts has a known leader.
+    pub fn metadata_leader(&self) -> Option<NodeId> {
+        self.metadata.metrics().borrow_watched().current_leader
+    }
+
+    /// Stop every group, then make sure the WAL is on disk.
+    pub async fn shutdown(&self) {
+        for replica in self.local_partitions() {
+            let _ = replica.raft.shutdown().await;
+        }
+        let _ = self.metadata.shutdown().await;
+        if let Err(e) = self.engine.sync().await {
+            tracing::error!(error = %e, "final WAL sync failed");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn open_group(
+    engine: &Arc<Engine>,
+    data_dir: &std::path::Path,
+    peers: &Arc<PeerPool>,
+    raft_config: &Arc<openraft::Config>,
+    node_id: NodeId,
+    group: u32,
+    dedup: Arc<DedupIndex>,
+    map_tx: Option<watch::Sender<ClusterMap>>,
+) -> anyhow::Result<(RaftInstance, watch::Receiver<u64>)> {
+    let (sm, applied) = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, map_tx).await?;
+    let log = LogStore::new(engine.clone(), group);
+    let network = NetworkFactory::new(group, peers.clone());
+    let raft = Raft::new(node_id, raft_config.clone(), network, log, sm).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((raft, applied))
+}

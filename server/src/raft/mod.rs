@@ -1,0 +1,7 @@
+//! Raft plumbing shared by every group: type configuration, network client,
+//! peer channel pool and the internal gRPC service.
+
+pub mod network;
+pub mod peers;
+pub mod service;
+pub mod types;

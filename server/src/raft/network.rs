@@ -1,0 +1,175 @@
+//! openraft's network for one group: requests are encoded with postcard,
+//! wrapped with the group id and sent over the pooled channel to the peer's
+//! internal Raft service. Snapshots stream from their file in chunks.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::BasicNode;
+use tally_proto::internal::raft_client::RaftClient;
+use tally_proto::internal::{RaftMessage, SnapshotChunk};
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+
+use super::peers::PeerPool;
+use super::types::{NodeId, TypeConfig, Vote};
+use crate::storage::codec::{decode, encode};
+use crate::storage::snapshot::SnapshotFile;
+use crate::storage::state_machine::Snapshot;
+
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct NetworkFactory {
+    group: u32,
+    peers: Arc<PeerPool>,
+}
+
+impl NetworkFactory {
+    pub fn new(group: u32, peers: Arc<PeerPool>) -> NetworkFactory {
+        NetworkFactory { group, peers }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = GroupNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> GroupNetwork {
+        GroupNetwork { group: self.group, target, channel: self.peers.channel(target, &node.addr).map_err(|e| e.to_string()) }
+    }
+}
+
+pub struct GroupNetwork {
+    group: u32,
+    target: NodeId,
+    channel: Result<Channel, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NetMessage(String);
+
+fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<TypeConfig> {
+    Unreachable::new(&NetMessage(e.to_string()))
+}
+
+fn status_to_rpc(status: tonic::Status) -> RPCError<TypeConfig> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            RPCError::Unreachable(unreachable(status.message()))
+        }
+        _ => RPCError::Network(NetworkError::new(&NetMessage(format!("{}: {}", status.code(), status.message())))),
+    }
+}
+
+impl GroupNetwork {
+    fn client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
+        let channel = self.channel.as_ref().map_err(unreachable)?;
+        Ok(RaftClient::new(channel.clone()).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+    }
+
+    fn message<T: serde::Serialize>(&self, value: &T) -> Result<tonic::Request<RaftMessage>, RPCError<TypeConfig>> {
+        let payload = encode(value).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        Ok(tonic::Request::new(RaftMessage { group_id: self.group, payload }))
+    }
+
+    async fn call<Req, Resp, F, Fut>(&self, req: &Req, option: &RPCOption, f: F) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(RaftClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
+    {
+        let mut request = self.message(req)?;
+        request.set_timeout(option.hard_ttl());
+        let client = self.client()?;
+        let reply = tokio::time::timeout(option.hard_ttl(), f(client, request))
+            .await
+            .map_err(|_| RPCError::Unreachable(unreachable(format!("node {} timed out", self.target))))?
+            .map_err(status_to_rpc)?;
+        decode(&reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for GroupNetwork {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, &option, |mut c, r| async move { c.pre_vote(r).await }).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let group = self.group;
+        let file = tokio::fs::File::open(&snapshot.snapshot.path)
+            .await
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        // Chunks are read lazily as the stream is polled, so memory holds at
+        // most a couple of chunks whatever the snapshot size.
+        let first = SnapshotChunk { group_id: group, header, data: Vec::new() };
+        let body = futures::stream::unfold(Some(file), move |state| async move {
+            let mut file = state?;
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+            let mut filled = 0;
+            while filled < buf.len() {
+                match file.read(&mut buf[filled..]).await {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) => {
+                        // Ending early makes the receiver reject the truncated file.
+                        tracing::warn!(group, error = %e, "reading snapshot file");
+                        return None;
+                    }
+                }
+            }
+            if filled == 0 {
+                return None;
+            }
+            buf.truncate(filled);
+            Some((SnapshotChunk { group_id: group, header: Vec::new(), data: buf }, Some(file)))
+        });
+        let chunks = futures::StreamExt::chain(futures::stream::once(async move { first }), body);
+        let mut client = self.client().map_err(StreamingError::Unreachable)?;
+        let send = client.install_snapshot(chunks);
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            reply = send => {
+                let reply = reply.map_err(|s| match status_to_rpc(s) {
+                    RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                    other => StreamingError::Network(NetworkError::new(&other)),
+                })?;
+                decode(&reply.into_inner().payload).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+            }
+        }
+    }
+}
+

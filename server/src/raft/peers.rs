@@ -1,0 +1,49 @@
+//! One gRPC channel per peer node, shared by every Raft group and by
+//! ingest/query forwarding. tonic channels multiplex HTTP/2 streams, so a
+//! node with 64 groups talks to a peer over one connection, not 64.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::raft::types::NodeId;
+
+#[derive(Default)]
+pub struct PeerPool {
+    channels: RwLock<HashMap<NodeId, (String, Channel)>>,
+    connect_timeout: Duration,
+}
+
+impl PeerPool {
+    pub fn new(connect_timeout: Duration) -> Arc<PeerPool> {
+        Arc::new(PeerPool { channels: RwLock::default(), connect_timeout })
+    }
+
+    /// The channel to `node` at `addr`; replaced if the address changed.
+    pub fn channel(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        if let Ok(map) = self.channels.read() {
+            if let Some((known, ch)) = map.get(&node) {
+                if known == addr {
+                    return Ok(ch.clone());
+                }
+            }
+        }
+        let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let channel = Endpoint::from_shared(uri)?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        if let Ok(mut map) = self.channels.write() {
+            map.insert(node, (addr.to_string(), channel.clone()));
+        }
+        Ok(channel)
+    }
+}

@@ -1,0 +1,126 @@
+//! Key layout of the node's single RocksDB.
+//!
+//! Every key starts with the 4-byte big-endian Raft group id, so one group's
+//! data is one contiguous range per column family: a snapshot is a range
+//! scan, dropping a group's state is a range delete, and groups never see
+//! each other's keys. Integers are big-endian so byte order is numeric order.
+//!
+//! | column family | key                                             | value |
+//! |---------------|-------------------------------------------------|-------|
+//! | `log`         | group, index                                    | Raft entry |
+//! | `raft`        | group, tag (vote / committed / last purged)     | encoded log id or vote |
+//! | `state`       | group, tag, …                                   | applied log id, membership, cluster map, dedup keys |
+//! | `counts`      | group, entity len, entity, type len, type, granularity, bucket start | count and sum (merge operator) |
+
+use tally_proto::time::Granularity;
+
+pub const CF_LOG: &str = "log";
+pub const CF_RAFT: &str = "raft";
+pub const CF_STATE: &str = "state";
+pub const CF_COUNTS: &str = "counts";
+
+pub const RAFT_VOTE: u8 = 1;
+pub const RAFT_COMMITTED: u8 = 2;
+pub const RAFT_PURGED: u8 = 3;
+
+pub const STATE_APPLIED: u8 = 1;
+pub const STATE_MEMBERSHIP: u8 = 2;
+pub const STATE_CLUSTER_MAP: u8 = 3;
+/// Present while a snapshot is being installed: state of the group is then
+/// incomplete and must be discarded if the node restarts.
+pub const STATE_INSTALLING: u8 = 4;
+/// Dedup keys of one applied batch: tag, proposed_at (8), log index (8).
+pub const STATE_DEDUP: u8 = 5;
+
+pub fn group_prefix(group: u32) -> [u8; 4] {
+    group.to_be_bytes()
+}
+
+/// First key after every key of `group`.
+pub fn group_end(group: u32) -> [u8; 4] {
+    // Group ids stay far below u32::MAX (at most MAX_PARTITIONS + 1).
+    group.saturating_add(1).to_be_bytes()
+}
+
+pub fn log_key(group: u32, index: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&group.to_be_bytes());
+    k[4..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+pub fn log_index_of(key: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.get(4..12)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+pub fn tagged(group: u32, tag: u8) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[..4].copy_from_slice(&group.to_be_bytes());
+    k[4] = tag;
+    k
+}
+
+pub fn dedup_key(group: u32, proposed_at_ms: u64, log_index: u64) -> [u8; 21] {
+    let mut k = [0u8; 21];
+    k[..5].copy_from_slice(&tagged(group, STATE_DEDUP));
+    k[5..13].copy_from_slice(&proposed_at_ms.to_be_bytes());
+    k[13..].copy_from_slice(&log_index.to_be_bytes());
+    k
+}
+
+pub fn dedup_stamp_of(key: &[u8]) -> Option<(u64, u64)> {
+    let at: [u8; 8] = key.get(5..13)?.try_into().ok()?;
+    let idx: [u8; 8] = key.get(13..21)?.try_into().ok()?;
+    Some((u64::from_be_bytes(at), u64::from_be_bytes(idx)))
+}
+
+/// Prefix of every counts key of one (entity, type, granularity) series.
+pub fn series_prefix(group: u32, entity_id: &[u8], event_type: &str, granularity: Granularity) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + 2 + entity_id.len() + 1 + event_type.len() + 1 + 8);
+    k.extend_from_slice(&group.to_be_bytes());
+    // Lengths are bounded by validation (256 bytes, 64 chars), so they fit.
+    k.extend_from_slice(&(entity_id.len() as u16).to_be_bytes());
+    k.extend_from_slice(entity_id);
+    k.push(event_type.len() as u8);
+    k.extend_from_slice(event_type.as_bytes());
+    k.push(granularity.as_u8());
+    k
+}
+
+pub fn counts_key(prefix: &[u8], bucket_start_ms: i64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 8);
+    k.extend_from_slice(prefix);
+    // Event times are validated to be >= 0, so the cast keeps the order.
+    k.extend_from_slice(&(bucket_start_ms.max(0) as u64).to_be_bytes());
+    k
+}
+
+pub fn bucket_of_counts_key(key: &[u8]) -> Option<i64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_ranges_do_not_overlap() {
+        assert!(log_key(1, u64::MAX).as_slice() < group_end(1).as_slice());
+        assert!(group_end(1).as_slice() <= log_key(2, 0).as_slice());
+        assert_eq!(group_end(u32::MAX - 1), u32::MAX.to_be_bytes());
+    }
+
+    #[test]
+    fn counts_keys_sort_by_time_within_a_series() {
+        let p = series_prefix(3, b"video", "view", Granularity::Minute);
+        let a = counts_key(&p, 60_000);
+        let b = counts_key(&p, 120_000);
+        assert!(a < b);
+        assert_eq!(bucket_of_counts_key(&b), Some(120_000));
+        // A longer entity id sharing a prefix is a different series.
+        let q = series_prefix(3, b"video1", "view", Granularity::Minute);
+        assert!(!counts_key(&q, 0).starts_with(&p));
+    }
+}

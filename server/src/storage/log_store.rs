@@ -1,0 +1,183 @@
+//! openraft log storage for one group: entries, vote and committed id under
+//! the group's key prefix in the shared RocksDB.
+//!
+//! Appends are written unsynced and acknowledged to openraft through the
+//! engine's WAL syncer once fsync'd; votes and truncations wait for their
+//! fsync before returning, because a forgotten vote or a resurrected
+//! conflicting entry would break Raft's safety.
+
+use std::{fmt::Debug, io, ops::RangeBounds, sync::Arc};
+
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+
+use super::codec::{decode, encode};
+use super::keys::{self, CF_LOG, CF_RAFT, RAFT_COMMITTED, RAFT_PURGED, RAFT_VOTE};
+use super::{Engine, StorageError};
+use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
+
+#[derive(Clone)]
+pub struct LogStore {
+    group: u32,
+    engine: Arc<Engine>,
+}
+
+impl LogStore {
+    pub fn new(engine: Arc<Engine>, group: u32) -> LogStore {
+        LogStore { group, engine }
+    }
+
+    fn get_raft_meta<T: serde::de::DeserializeOwned>(&self, tag: u8) -> Result<Option<T>, StorageError> {
+        let cf = self.engine.cf(CF_RAFT)?;
+        match self.engine.db().get_pinned_cf(cf, keys::tagged(self.group, tag))? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn last_log_id_in_store(&self) -> Result<Option<LogId>, StorageError> {
+        let cf = self.engine.cf(CF_LOG)?;
+        let end = keys::log_key(self.group, u64::MAX);
+        let mut iter = self.engine.db().iterator_cf(cf, IteratorMode::From(&end, Direction::Reverse));
+        match iter.next() {
+            Some(item) => {
+                let (key, value) = item?;
+                if !key.starts_with(&keys::group_prefix(self.group)) {
+                    return Ok(None);
+                }
+                let entry: Entry = decode(&value)?;
+                Ok(Some(entry.log_id))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn read_entries(&self, start: u64, end_exclusive: u64) -> Result<Vec<Entry>, StorageError> {
+        if start >= end_exclusive {
+            return Ok(Vec::new());
+        }
+        let cf = self.engine.cf(CF_LOG)?;
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::log_key(self.group, end_exclusive).to_vec());
+        let from = keys::log_key(self.group, start);
+        let iter = self.engine.db().iterator_cf_opt(cf, opts, IteratorMode::From(&from, Direction::Forward));
+        let mut entries = Vec::new();
+        for item in iter {
+            let (_, value) = item?;
+            entries.push(decode::<Entry>(&value)?);
+        }
+        Ok(entries)
+    }
+
+    /// Remove every trace of this group (the node no longer replicates it).
+    pub fn delete_all(&self) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        let start = keys::group_prefix(self.group);
+        let end = keys::group_end(self.group);
+        batch.delete_range_cf(self.engine.cf(CF_LOG)?, start, end);
+        batch.delete_range_cf(self.engine.cf(CF_RAFT)?, start, end);
+        self.engine.write(batch)
+    }
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    use std::ops::Bound::*;
+    let start = match range.start_bound() {
+        Included(s) => *s,
+        Excluded(s) => s.saturating_add(1),
+        Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Included(e) => e.saturating_add(1),
+        Excluded(e) => *e,
+        Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let (start, end) = bounds(&range);
+        Ok(self.read_entries(start, end)?)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.get_raft_meta(RAFT_VOTE)?)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged: Option<LogId> = self.get_raft_meta(RAFT_PURGED)?;
+        let last = self.last_log_id_in_store()?.or(last_purged);
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.engine.cf(CF_RAFT)?, keys::tagged(self.group, RAFT_VOTE), encode(vote)?);
+        self.engine.write(batch)?;
+        self.engine.sync().await?;
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Not synced: openraft only uses it to re-apply sooner after restart;
+        // losing it is safe.
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.engine.cf(CF_RAFT)?, keys::tagged(self.group, RAFT_COMMITTED), encode(&committed)?);
+        self.engine.write(batch)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.get_raft_meta::<Option<LogId>>(RAFT_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let cf = self.engine.cf(CF_LOG)?;
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            batch.put_cf(cf, keys::log_key(self.group, entry.log_id.index), encode(&entry)?);
+        }
+        self.engine.write(batch)?;
+        self.engine.sync_then(callback).await?;
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.engine.cf(CF_LOG)?, &keys::log_key(self.group, from)[..], &keys::group_end(self.group)[..]);
+        self.engine.write(batch)?;
+        self.engine.sync().await?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.engine.cf(CF_RAFT)?, keys::tagged(self.group, RAFT_PURGED), encode(&log_id)?);
+        batch.delete_range_cf(
+            self.engine.cf(CF_LOG)?,
+            keys::log_key(self.group, 0),
+            keys::log_key(self.group, log_id.index.saturating_add(1)),
+        );
+        // Unsynced: if lost, the purged entries come back with it — harmless.
+        self.engine.write(batch)?;
+        Ok(())
+    }
+}

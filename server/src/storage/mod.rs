@@ -1,0 +1,40 @@
+//! Storage: the node's RocksDB and, on top of it, openraft's log storage and
+//! state machine for each group. Knows nothing of gRPC.
+
+pub mod codec;
+pub mod counts;
+pub mod engine;
+pub mod keys;
+pub mod log_store;
+pub mod read;
+pub mod snapshot;
+pub mod state_machine;
+
+#[cfg(test)]
+mod openraft_suite;
+
+pub use engine::Engine;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("encoding: {0}")]
+    Codec(#[from] postcard::Error),
+    #[error("i/o: {0}")]
+    Io(String),
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+}
+
+impl From<std::io::Error> for StorageError {
+    fn from(e: std::io::Error) -> Self {
+        StorageError::Io(e.to_string())
+    }
+}
+
+impl From<StorageError> for std::io::Error {
+    fn from(e: StorageError) -> Self {
+        std::io::Error::other(e.to_string())
+    }
+}

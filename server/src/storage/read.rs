@@ -1,0 +1,99 @@
+//! Reads of a partition's counts: stats over a range (the fewest
+//! month/day/hour/minute buckets, fetched with one multi-get) and series of
+//! one granularity (one range scan).
+
+use rocksdb::{Direction, IteratorMode, ReadOptions};
+use tally_proto::time::{decompose, series_starts, Granularity};
+
+use super::counts::CountSum;
+use super::keys::{self, CF_COUNTS};
+use super::{Engine, StorageError};
+
+/// Total over a minute-aligned [from, to).
+pub fn read_stats(
+    engine: &Engine,
+    group: u32,
+    entity_id: &[u8],
+    event_type: &str,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<CountSum, StorageError> {
+    let cf = engine.cf(CF_COUNTS)?;
+    let prefixes: Vec<Vec<u8>> =
+        Granularity::ALL.iter().map(|g| keys::series_prefix(group, entity_id, event_type, *g)).collect();
+    let keys: Vec<Vec<u8>> = decompose(from_ms, to_ms)
+        .into_iter()
+        .map(|(g, start)| keys::counts_key(&prefixes[g.as_u8() as usize], start))
+        .collect();
+    let mut total = CountSum::default();
+    for value in engine.db().batched_multi_get_cf(cf, &keys, false) {
+        if let Some(v) = value? {
+            total = total.add(CountSum::decode(&v));
+        }
+    }
+    Ok(total)
+}
+
+/// Buckets of `granularity` covering [from, to), empty ones included.
+pub fn read_series(
+    engine: &Engine,
+    group: u32,
+    entity_id: &[u8],
+    event_type: &str,
+    granularity: Granularity,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<(i64, CountSum)>, StorageError> {
+    let starts: Vec<i64> = series_starts(granularity, from_ms, to_ms).into_iter().collect();
+    let (Some(&first), Some(&last)) = (starts.first(), starts.last()) else {
+        return Ok(Vec::new());
+    };
+    let cf = engine.cf(CF_COUNTS)?;
+    let prefix = keys::series_prefix(group, entity_id, event_type, granularity);
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
+    let from_key = keys::counts_key(&prefix, first);
+    let mut found = std::collections::HashMap::new();
+    for item in engine.db().iterator_cf_opt(cf, opts, IteratorMode::From(&from_key, Direction::Forward)) {
+        let (key, value) = item?;
+        if !key.starts_with(&prefix) {
+            break;
+        }
+        if let Some(bucket) = keys::bucket_of_counts_key(&key) {
+            found.insert(bucket, CountSum::decode(&value));
+        }
+    }
+    Ok(starts.into_iter().map(|s| (s, found.get(&s).copied().unwrap_or_default())).collect())
+}
+
+/// Digest of a group's replicated state (counts and dedup keys) and the
+/// applied index it corresponds to, read from one RocksDB snapshot.
+pub fn state_digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), StorageError> {
+    use super::codec::decode;
+    use super::keys::{CF_STATE, STATE_APPLIED, STATE_DEDUP};
+    let db = engine.db();
+    let snap = db.snapshot();
+    let applied: Option<crate::raft::types::LogId> = match snap.get_cf(engine.cf(CF_STATE)?, keys::tagged(group, STATE_APPLIED))? {
+        Some(v) => decode(&v)?,
+        None => None,
+    };
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut count = 0u64;
+    let ranges = [
+        (CF_COUNTS, keys::group_prefix(group).to_vec(), keys::group_end(group).to_vec()),
+        (CF_STATE, keys::tagged(group, STATE_DEDUP).to_vec(), keys::tagged(group, STATE_DEDUP + 1).to_vec()),
+    ];
+    for (cf_name, start, end) in ranges {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(end);
+        for item in snap.iterator_cf_opt(engine.cf(cf_name)?, opts, IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = item?;
+            hasher.update(&(key.len() as u32).to_le_bytes());
+            hasher.update(&key);
+            hasher.update(&(value.len() as u32).to_le_bytes());
+            hasher.update(&value);
+            count += 1;
+        }
+    }
+    Ok((applied.map(|l| l.index).unwrap_or(0), hasher.digest(), count))
+}

@@ -1,0 +1,308 @@
+//! openraft state machine of one group.
+//!
+//! A partition group's state is its counts (minute/hour/day/month buckets of
+//! every (entity, type)) and its dedup index; the metadata group's state is
+//! the cluster map. Each apply round writes one RocksDB batch holding the
+//! merged deltas of every entry in the round together with the new applied
+//! log id, so state and applied id can never disagree after a crash: an
+//! entry is either fully applied or re-applied from the log.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, RaftSnapshotBuilder};
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+use tally_proto::time::{bucket_start, Granularity};
+use tokio::sync::{oneshot, watch};
+
+use super::codec::{decode, encode};
+use super::counts::CountSum;
+use super::keys::{self, CF_COUNTS, CF_STATE};
+use super::snapshot::{self, SnapshotDir, SnapshotFile};
+use super::{Engine, StorageError};
+use crate::dedup::DedupIndex;
+use crate::meta::ClusterMap;
+use crate::raft::types::{Command, CommandOutcome, IngestBatch, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+
+pub type Snapshot = openraft::storage::Snapshot<
+    openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+    u64,
+    openraft::BasicNode,
+    SnapshotFile,
+>;
+
+/// Entries applied per RocksDB write at most.
+const APPLY_CHUNK: usize = 256;
+
+pub struct GroupStateMachine {
+    group: u32,
+    engine: Arc<Engine>,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    dedup: Arc<DedupIndex>,
+    snapshots: SnapshotDir,
+    /// Metadata group only: publishes every applied cluster map.
+    cluster_map: Option<watch::Sender<ClusterMap>>,
+    /// Applied-index watchers (queries report what they read).
+    applied_tx: watch::Sender<u64>,
+}
+
+impl GroupStateMachine {
+    pub async fn open(
+        engine: Arc<Engine>,
+        group: u32,
+        snapshot_root: &std::path::Path,
+        dedup: Arc<DedupIndex>,
+        cluster_map: Option<watch::Sender<ClusterMap>>,
+    ) -> Result<(GroupStateMachine, watch::Receiver<u64>), StorageError> {
+        let snapshots = SnapshotDir::new(snapshot_root, group)?;
+        snapshots.remove_temp_files()?;
+        let (applied_tx, applied_rx) = watch::channel(0);
+        let mut sm = GroupStateMachine {
+            group,
+            engine,
+            applied: None,
+            membership: StoredMembership::default(),
+            dedup,
+            snapshots,
+            cluster_map,
+            applied_tx,
+        };
+        let installing = sm
+            .engine
+            .db()
+            .get_pinned_cf(sm.engine.cf(CF_STATE)?, keys::tagged(group, keys::STATE_INSTALLING))?
+            .is_some();
+        if installing {
+            tracing::warn!(group, "snapshot install was interrupted; restoring the newest local snapshot");
+            match sm.snapshots.newest()? {
+                Some((_, path)) => {
+                    snapshot::install_snapshot_file(&sm.engine, group, &path).await?;
+                }
+                None => {
+                    let mut batch = WriteBatch::default();
+                    batch.delete_range_cf(sm.engine.cf(CF_STATE)?, keys::group_prefix(group), keys::group_end(group));
+                    batch.delete_range_cf(sm.engine.cf(CF_COUNTS)?, keys::group_prefix(group), keys::group_end(group));
+                    sm.engine.write(batch)?;
+                    sm.engine.sync().await?;
+                }
+            }
+        }
+        sm.load_from_db()?;
+        Ok((sm, applied_rx))
+    }
+
+    fn get_state<T: serde::de::DeserializeOwned>(&self, tag: u8) -> Result<Option<T>, StorageError> {
+        let cf = self.engine.cf(CF_STATE)?;
+        match self.engine.db().get_pinned_cf(cf, keys::tagged(self.group, tag))? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Rebuild the in-memory view (applied id, membership, dedup index,
+    /// cluster map) from what is on disk.
+    fn load_from_db(&mut self) -> Result<(), StorageError> {
+        self.applied = self.get_state::<Option<LogId>>(keys::STATE_APPLIED)?.flatten();
+        self.membership = self.get_state(keys::STATE_MEMBERSHIP)?.unwrap_or_default();
+        let mut dedup = self.dedup.lock();
+        dedup.clear();
+        let cf = self.engine.cf(CF_STATE)?;
+        let start = keys::tagged(self.group, keys::STATE_DEDUP);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::tagged(self.group, keys::STATE_DEDUP + 1).to_vec());
+        for item in self.engine.db().iterator_cf_opt(cf, opts, IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = item?;
+            let stamp = keys::dedup_stamp_of(&key).ok_or_else(|| StorageError::Corrupt("dedup key".into()))?;
+            dedup.insert_batch(stamp, decode(&value)?);
+        }
+        drop(dedup);
+        if let Some(tx) = &self.cluster_map {
+            if let Some(map) = self.get_state::<ClusterMap>(keys::STATE_CLUSTER_MAP)? {
+                tx.send_replace(map);
+            }
+        }
+        self.applied_tx.send_replace(self.applied.map(|l| l.index).unwrap_or(0));
+        Ok(())
+    }
+
+    /// Apply a run of entries in one RocksDB write.
+    fn apply_chunk(
+        &mut self,
+        chunk: Vec<EntryResponder<TypeConfig>>,
+    ) -> Result<Vec<(Option<openraft::storage::ApplyResponder<TypeConfig>>, CommandOutcome)>, StorageError> {
+        let engine = self.engine.clone();
+        let state_cf = engine.cf(CF_STATE)?;
+        let counts_cf = engine.cf(CF_COUNTS)?;
+        let mut batch = WriteBatch::default();
+        let mut merged: HashMap<Vec<u8>, CountSum> = HashMap::new();
+        let mut replies = Vec::with_capacity(chunk.len());
+        let mut new_map = None;
+        for (entry, responder) in chunk {
+            let mut outcome = CommandOutcome::default();
+            match entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_MEMBERSHIP), encode(&self.membership)?);
+                }
+                EntryPayload::Normal(Command::Ingest(ingest)) => {
+                    outcome.dedup_conflicts =
+                        self.apply_ingest(&mut batch, &mut merged, entry.log_id.index, ingest)?;
+                }
+                EntryPayload::Normal(Command::SetClusterMap(map)) => {
+                    batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_CLUSTER_MAP), encode(&map)?);
+                    new_map = Some(map);
+                }
+            }
+            self.applied = Some(entry.log_id);
+            replies.push((responder, outcome));
+        }
+        for (key, delta) in merged {
+            batch.merge_cf(counts_cf, key, delta.encode());
+        }
+        batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_APPLIED), encode(&self.applied)?);
+        self.engine.write(batch)?;
+        if let (Some(map), Some(tx)) = (new_map, &self.cluster_map) {
+            tx.send_replace(map);
+        }
+        self.applied_tx.send_replace(self.applied.map(|l| l.index).unwrap_or(0));
+        Ok(replies)
+    }
+
+    fn apply_ingest(
+        &mut self,
+        batch: &mut WriteBatch,
+        merged: &mut HashMap<Vec<u8>, CountSum>,
+        log_index: u64,
+        ingest: IngestBatch,
+    ) -> Result<u32, StorageError> {
+        let engine = self.engine.clone();
+        let state_cf = engine.cf(CF_STATE)?;
+        // Expire by the leader's stamp, never the local clock: replicas must
+        // agree on the index at every log position.
+        let cutoff = ingest.proposed_at_ms.saturating_sub(ingest.dedup_window_ms);
+        let mut dedup = self.dedup.lock();
+        if dedup.expire_before(cutoff) {
+            batch.delete_range_cf(
+                state_cf,
+                &keys::tagged(self.group, keys::STATE_DEDUP)[..],
+                &keys::dedup_key(self.group, cutoff, 0)[..],
+            );
+        }
+        let conflicts = if ingest.dedup_keys.is_empty() {
+            0
+        } else {
+            batch.put_cf(
+                state_cf,
+                keys::dedup_key(self.group, ingest.proposed_at_ms, log_index),
+                encode(&ingest.dedup_keys)?,
+            );
+            dedup.insert_batch((ingest.proposed_at_ms, log_index), ingest.dedup_keys)
+        };
+        drop(dedup);
+        if conflicts > 0 {
+            tracing::error!(group = self.group, log_index, conflicts, "dedup keys applied twice");
+        }
+        for d in ingest.deltas {
+            let delta = CountSum { count: d.count, sum: d.sum };
+            for g in Granularity::ALL {
+                let prefix = keys::series_prefix(self.group, &d.entity_id, &d.event_type, g);
+                let key = keys::counts_key(&prefix, bucket_start(g, d.minute_ms));
+                let slot = merged.entry(key).or_default();
+                *slot = slot.add(delta);
+            }
+        }
+        Ok(conflicts)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for GroupStateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + openraft::OptionalSend,
+    {
+        let mut chunks = entries.ready_chunks(APPLY_CHUNK);
+        while let Some(items) = chunks.next().await {
+            let chunk = items.into_iter().collect::<Result<Vec<_>, io::Error>>()?;
+            for (responder, outcome) in self.apply_chunk(chunk)? {
+                if let Some(r) = responder {
+                    r.send(outcome);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone() };
+        let db = self.engine.shared_db();
+        let group = self.group;
+        let dir = self.snapshots.clone();
+        let (taken_tx, taken_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel();
+        // The RocksDB snapshot must be taken before this state machine applies
+        // anything else, so it matches `meta`; the file is written afterwards
+        // on its own thread while applying continues.
+        let spawned = std::thread::Builder::new().name(format!("tally-snap-{group}")).spawn(move || {
+            let snap = db.snapshot();
+            let _ = taken_tx.send(());
+            let temp = dir.temp_path();
+            let result = snapshot::write_snapshot_file(&db, &snap, group, &meta, &temp)
+                .and_then(|()| dir.publish(&temp, &meta))
+                .map(|path| Snapshot { meta, snapshot: SnapshotFile { path } });
+            if result.is_err() {
+                let _ = std::fs::remove_file(&temp);
+            }
+            let _ = done_tx.send(result);
+        });
+        match spawned {
+            Ok(_) => {
+                let _ = taken_rx.await;
+            }
+            Err(e) => tracing::error!(group, error = %e, "cannot spawn snapshot thread"),
+        }
+        SnapshotBuilder { done: Some(done_rx) }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
+        let installed = snapshot::install_snapshot_file(&self.engine, self.group, &snapshot.path).await?;
+        if installed != *meta {
+            return Err(io::Error::other("snapshot file does not match its metadata"));
+        }
+        self.snapshots.publish(&snapshot.path, meta)?;
+        self.load_from_db()?;
+        tracing::info!(group = self.group, applied = ?self.applied, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        Ok(self.snapshots.newest()?.map(|(meta, path)| Snapshot { meta, snapshot: SnapshotFile { path } }))
+    }
+}
+
+pub struct SnapshotBuilder {
+    done: Option<oneshot::Receiver<Result<Snapshot, StorageError>>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let done = self.done.take().ok_or_else(|| io::Error::other("snapshot builder used twice"))?;
+        match done.await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(io::Error::other("snapshot thread stopped before finishing")),
+        }
+    }
+}
