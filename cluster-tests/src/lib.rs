@@ -5,6 +5,7 @@
 //! The binary is taken from `TALLYD_BIN`, else from the cargo target
 //! directory the tests were built in (`scripts/test.sh` builds it first).
 
+pub mod ingestor;
 pub mod model;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,110 @@
+//! The test's own model of what the cluster must answer: every distinct
+//! acknowledged event, and the exact stats and series that follow from them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tally_proto::time::{bucket_start, series_starts, Granularity};
+use tally_proto::v1::Event;
+
+pub const EVENT_TYPES: [&str; 3] = ["view", "like", "comment"];
+
+#[derive(Default)]
+pub struct Model {
+    /// (entity, type) → (event time, value) of each distinct event.
+    events: BTreeMap<(Vec<u8>, String), Vec<(i64, i64)>>,
+    /// Every event id recorded, to catch a test recording one twice.
+    ids: HashMap<Vec<u8>, ()>,
+}
+
+impl Model {
+    /// Record a distinct event (its id must not have been recorded before).
+    pub fn record(&mut self, e: &Event) {
+        if !e.event_id.is_empty() {
+            assert!(self.ids.insert(e.event_id.clone(), ()).is_none(), "model recorded an id twice");
+        }
+        self.events
+            .entry((e.entity_id.clone(), e.event_type.clone()))
+            .or_default()
+            .push((e.event_time_ms, e.value.unwrap_or(1)));
+    }
+
+    pub fn distinct_events(&self) -> usize {
+        self.events.values().map(Vec::len).sum()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &(Vec<u8>, String)> {
+        self.events.keys()
+    }
+
+    /// Count and sum of events with time in [from, to).
+    pub fn stats(&self, entity: &[u8], event_type: &str, from: i64, to: i64) -> (u64, i64) {
+        let mut count = 0;
+        let mut sum = 0;
+        if let Some(evs) = self.events.get(&(entity.to_vec(), event_type.to_string())) {
+            for (t, v) in evs {
+                if *t >= from && *t < to {
+                    count += 1;
+                    sum += v;
+                }
+            }
+        }
+        (count, sum)
+    }
+
+    /// Dense buckets of granularity `g` covering [from, to).
+    pub fn series(&self, entity: &[u8], event_type: &str, g: Granularity, from: i64, to: i64) -> Vec<(i64, u64, i64)> {
+        let mut by_bucket: HashMap<i64, (u64, i64)> = HashMap::new();
+        if let Some(evs) = self.events.get(&(entity.to_vec(), event_type.to_string())) {
+            for (t, v) in evs {
+                let b = by_bucket.entry(bucket_start(g, *t)).or_default();
+                b.0 += 1;
+                b.1 += v;
+            }
+        }
+        series_starts(g, from, to)
+            .map(|s| {
+                let (c, v) = by_bucket.get(&s).copied().unwrap_or_default();
+                (s, c, v)
+            })
+            .collect()
+    }
+}
+
+/// Generates events: `entities` ids with a skew toward low ids, the three
+/// event types, times spread over `span_ms` before `end_ms`, values 1..=100.
+pub struct Workload {
+    rng: StdRng,
+    pub entities: u32,
+    pub end_ms: i64,
+    pub span_ms: i64,
+    next_id: u64,
+    prefix: String,
+}
+
+impl Workload {
+    pub fn new(seed: u64, entities: u32, end_ms: i64, span_ms: i64) -> Workload {
+        Workload { rng: StdRng::seed_from_u64(seed), entities, end_ms, span_ms, next_id: 0, prefix: format!("s{seed}") }
+    }
+
+    pub fn event(&mut self) -> Event {
+        // Square of a uniform number: low ids are hot, like real traffic.
+        let u: f64 = self.rng.random();
+        let entity = ((u * u) * self.entities as f64) as u32;
+        let event_type = EVENT_TYPES[self.rng.random_range(0..EVENT_TYPES.len())];
+        let time = self.end_ms - self.rng.random_range(0..self.span_ms);
+        self.next_id += 1;
+        Event {
+            entity_id: format!("video-{entity}").into_bytes(),
+            event_type: event_type.to_string(),
+            event_time_ms: time,
+            event_id: format!("{}-{}", self.prefix, self.next_id).into_bytes(),
+            value: if self.rng.random_bool(0.5) { Some(self.rng.random_range(1..=100)) } else { None },
+        }
+    }
+
+    pub fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+}

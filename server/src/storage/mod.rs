@@ -12,6 +12,8 @@ pub mod state_machine;
 
 #[cfg(test)]
 mod openraft_suite;
+#[cfg(test)]
+mod state_machine_tests;
 
 pub use engine::Engine;
 

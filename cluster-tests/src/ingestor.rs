@@ -1,0 +1,107 @@
+//! A test client that retries every batch until each event is acknowledged,
+//! always with the same event ids, moving to another live node on errors —
+//! what a careful application does, and what must never double count.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use tally_proto::v1::ingest_client::IngestClient;
+use tally_proto::v1::{Event, IngestRequest};
+use tonic::transport::Channel;
+
+#[derive(Clone)]
+pub struct RetryingIngestor {
+    addrs: Vec<(u64, String)>,
+    live: Arc<Mutex<BTreeSet<u64>>>,
+    clients: Arc<Mutex<HashMap<u64, IngestClient<Channel>>>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Acked {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub attempts: u64,
+}
+
+impl RetryingIngestor {
+    pub fn new(addrs: Vec<(u64, String)>) -> RetryingIngestor {
+        let live = addrs.iter().map(|(id, _)| *id).collect();
+        RetryingIngestor { addrs, live: Arc::new(Mutex::new(live)), clients: Arc::default() }
+    }
+
+    pub fn mark_dead(&self, id: u64) {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    pub fn mark_live(&self, id: u64) {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+    }
+
+    fn pick(&self, attempt: u64) -> Option<(u64, String)> {
+        let live: Vec<u64> = self.live.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        let id = *live.get(attempt as usize % live.len().max(1))?;
+        self.addrs.iter().find(|(n, _)| *n == id).cloned()
+    }
+
+    async fn client(&self, id: u64, addr: &str) -> anyhow::Result<IngestClient<Channel>> {
+        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            return Ok(c.clone());
+        }
+        let c = IngestClient::new(tally_client::connect(addr).await?);
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).insert(id, c.clone());
+        Ok(c)
+    }
+
+    /// Send until every event is accepted or reported duplicate.
+    pub async fn send(&self, events: Vec<Event>, start_node: u64) -> anyhow::Result<Acked> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut remaining = events;
+        let mut acked = Acked::default();
+        let mut attempt = start_node;
+        while !remaining.is_empty() {
+            if Instant::now() > deadline {
+                bail!("{} events still unacknowledged after 120s", remaining.len());
+            }
+            acked.attempts += 1;
+            let Some((id, addr)) = self.pick(attempt) else { bail!("no live node") };
+            attempt += 1;
+            let mut client = match self.client(id, &addr).await {
+                Ok(c) => c,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let mut req = tonic::Request::new(IngestRequest { events: remaining.clone() });
+            req.set_timeout(Duration::from_secs(15));
+            match client.ingest(req).await {
+                Ok(resp) => {
+                    let resp = resp.into_inner();
+                    acked.accepted += resp.accepted as u64;
+                    acked.duplicates += resp.duplicates as u64;
+                    if let Some(bad) = resp.rejected.iter().find(|r| !r.retryable) {
+                        bail!("valid event rejected: {bad:?}");
+                    }
+                    let retry: BTreeSet<u32> = resp.rejected.iter().map(|r| r.index).collect();
+                    remaining = remaining
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(i, _)| retry.contains(&(*i as u32)))
+                        .map(|(_, e)| e)
+                        .collect();
+                    if !remaining.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(50 + rand::random::<u64>() % 150)).await;
+                    }
+                }
+                Err(_) => {
+                    // Unknown outcome: resend everything with the same ids.
+                    tokio::time::sleep(Duration::from_millis(50 + rand::random::<u64>() % 150)).await;
+                }
+            }
+        }
+        Ok(acked)
+    }
+}

@@ -1,0 +1,144 @@
+//! State machine behaviour on a real RocksDB: apply, dedup determinism,
+//! snapshot → install on another node, restart, interrupted install.
+
+use std::sync::Arc;
+
+use openraft::impls::leader_id_adv::LeaderId;
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, RaftSnapshotBuilder};
+use tally_proto::time::{DAY_MS, HOUR_MS, MINUTE_MS};
+
+use super::read::{read_series, read_stats, state_digest};
+use super::state_machine::GroupStateMachine;
+use super::Engine;
+use crate::dedup::DedupIndex;
+use crate::raft::types::{Command, Entry, IngestBatch, LogId, MinuteDelta};
+
+const GROUP: u32 = 3;
+/// 2024-02-29T23:59:00Z: a minute whose hour, day and month all end with it.
+const T: i64 = 1_709_251_140_000;
+
+fn log_id(index: u64) -> LogId {
+    LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index }
+}
+
+fn ingest(index: u64, proposed_at_ms: u64, deltas: Vec<MinuteDelta>, keys: Vec<u128>) -> Entry {
+    Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(Command::Ingest(IngestBatch {
+            proposed_at_ms,
+            dedup_window_ms: 600_000,
+            deltas,
+            dedup_keys: keys,
+        })),
+    }
+}
+
+fn delta(entity: &str, minute_ms: i64, count: u64, sum: i64) -> MinuteDelta {
+    MinuteDelta { entity_id: entity.as_bytes().to_vec(), event_type: "view".into(), minute_ms, count, sum }
+}
+
+async fn open(dir: &std::path::Path) -> (Arc<Engine>, GroupStateMachine, Arc<DedupIndex>) {
+    let engine = Engine::open(&dir.join("db")).unwrap();
+    let dedup = Arc::new(DedupIndex::default());
+    let (sm, _) = GroupStateMachine::open(engine.clone(), GROUP, &dir.join("snapshots"), dedup.clone(), None).await.unwrap();
+    (engine, sm, dedup)
+}
+
+async fn apply(sm: &mut GroupStateMachine, entries: Vec<Entry>) {
+    let stream = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
+    sm.apply(stream).await.unwrap();
+}
+
+#[tokio::test]
+async fn apply_aggregates_into_every_granularity() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, mut sm, dedup) = open(dir.path()).await;
+    apply(
+        &mut sm,
+        vec![
+            ingest(1, 1_000, vec![delta("v", T, 2, 10), delta("v", T - MINUTE_MS, 1, 1)], vec![1, 2, 3]),
+            ingest(2, 2_000, vec![delta("v", T, 1, 5), delta("w", T, 7, 7)], vec![4]),
+        ],
+    )
+    .await;
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(2)));
+    assert_eq!(dedup.lock().len(), 4);
+
+    let stats = |from, to| read_stats(&engine, GROUP, b"v", "view", from, to).unwrap();
+    assert_eq!((stats(T, T + MINUTE_MS).count, stats(T, T + MINUTE_MS).sum), (3, 15));
+    // A whole month (February 2024) is one bucket read.
+    let feb = 1_706_745_600_000;
+    assert_eq!(stats(feb, feb + 29 * DAY_MS).count, 4);
+    // Ranges that cut through buckets still add up exactly.
+    assert_eq!(stats(T - HOUR_MS, T).count, 1);
+    assert_eq!(stats(T + MINUTE_MS, T + DAY_MS).count, 0);
+    let hours = read_series(&engine, GROUP, b"v", "view", tally_proto::time::Granularity::Hour, T - HOUR_MS, T + HOUR_MS).unwrap();
+    assert_eq!(hours.iter().map(|(_, c)| c.count).collect::<Vec<_>>(), vec![0, 4, 0]);
+}
+
+#[tokio::test]
+async fn dedup_keys_expire_by_the_leaders_stamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_engine, mut sm, dedup) = open(dir.path()).await;
+    apply(&mut sm, vec![ingest(1, 1_000, vec![], vec![1]), ingest(2, 500_000, vec![], vec![2])]).await;
+    assert!(dedup.lock().contains(&1));
+    // 10 minutes after the first stamp, its keys go; later ones stay.
+    apply(&mut sm, vec![ingest(3, 601_001, vec![], vec![3])]).await;
+    let index = dedup.lock();
+    assert!(!index.contains(&1) && index.contains(&2) && index.contains(&3));
+}
+
+#[tokio::test]
+async fn snapshot_installs_identically_and_survives_restart() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let (leader_engine, mut leader, _) = open(leader_dir.path()).await;
+    let entries: Vec<Entry> = (1..=50)
+        .map(|i| ingest(i, i * 1_000, vec![delta(&format!("e{}", i % 7), T - (i as i64) * MINUTE_MS, i, i as i64)], vec![i as u128]))
+        .collect();
+    apply(&mut leader, entries).await;
+    let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snapshot.meta.last_log_id, Some(log_id(50)));
+    // Applying more after the builder was made does not leak into it.
+    apply(&mut leader, vec![ingest(51, 60_000, vec![delta("late", T, 1, 1)], vec![999])]).await;
+
+    let follower_dir = tempfile::tempdir().unwrap();
+    {
+        let (follower_engine, mut follower, dedup) = open(follower_dir.path()).await;
+        follower.install_snapshot(&snapshot.meta, snapshot.snapshot.clone()).await.unwrap();
+        assert_eq!(follower.applied_state().await.unwrap().0, Some(log_id(50)));
+        assert_eq!(dedup.lock().len(), 50);
+        assert_eq!(read_stats(&follower_engine, GROUP, b"late", "view", 0, T + DAY_MS).unwrap().count, 0);
+        apply(&mut follower, vec![ingest(51, 60_000, vec![delta("late", T, 1, 1)], vec![999])]).await;
+        assert_eq!(state_digest(&follower_engine, GROUP).unwrap(), state_digest(&leader_engine, GROUP).unwrap());
+    }
+    // Restart: everything comes back from disk.
+    let (engine, mut sm, dedup) = open(follower_dir.path()).await;
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(51)));
+    assert_eq!(dedup.lock().len(), 51);
+    assert_eq!(state_digest(&engine, GROUP).unwrap(), state_digest(&leader_engine, GROUP).unwrap());
+    assert!(sm.get_current_snapshot().await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn interrupted_install_restores_the_local_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let digest_at_snapshot;
+    {
+        let (engine, mut sm, _) = open(dir.path()).await;
+        apply(&mut sm, vec![ingest(1, 1_000, vec![delta("a", T, 3, 3)], vec![1])]).await;
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        digest_at_snapshot = state_digest(&engine, GROUP).unwrap();
+        apply(&mut sm, vec![ingest(2, 2_000, vec![delta("a", T, 1, 1)], vec![2])]).await;
+        // Simulate a crash in the middle of installing a snapshot.
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(engine.cf(super::keys::CF_STATE).unwrap(), super::keys::tagged(GROUP, super::keys::STATE_INSTALLING), []);
+        batch.delete_range_cf(engine.cf(super::keys::CF_COUNTS).unwrap(), super::keys::group_prefix(GROUP), super::keys::group_end(GROUP));
+        engine.write(batch).unwrap();
+        engine.sync().await.unwrap();
+    }
+    let (engine, mut sm, _) = open(dir.path()).await;
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1)));
+    assert_eq!(state_digest(&engine, GROUP).unwrap(), digest_at_snapshot);
+}
