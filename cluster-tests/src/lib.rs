@@ -7,6 +7,7 @@
 
 pub mod ingestor;
 pub mod model;
+pub mod netproxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -52,7 +52,8 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
     let err = ingest.ingest(IngestRequest { events: too_many }).await.expect_err("over the event limit");
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("10000"), "{}", err.message());
-    let big: Vec<Event> = (0..5_000).map(|i| event(&"e".repeat(250), "view", now, &format!("{i:0>60}"))).collect();
+    // Valid events top out near 400 bytes, so oversized ids make a > 4 MiB batch.
+    let big: Vec<Event> = (0..9_000).map(|i| event(&"e".repeat(250), "view", now, &format!("{i:0>500}"))).collect();
     let err = ingest.ingest(IngestRequest { events: big }).await.expect_err("over the byte limit");
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("bytes"), "{}", err.message());
@@ -124,36 +125,28 @@ async fn stats(cluster: &TestCluster, node: u64, entity: &str, event_type: &str,
     Ok(s.count)
 }
 
-async fn list_services_v1(cluster: &TestCluster) -> anyhow::Result<Vec<String>> {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let mut client = ServerReflectionClient::new(cluster.channel(1).await?);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = client.server_reflection_info(futures::stream::iter([req])).await?.into_inner();
-    let mut names = Vec::new();
-    while let Some(msg) = stream.message().await? {
-        if let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response {
-            names.extend(list.service.into_iter().map(|s| s.name));
+/// Service names listed by one reflection version (v1 and v1alpha share
+/// the message shapes but not the types).
+macro_rules! list_services {
+    ($name:ident, $pb:path) => {
+        async fn $name(cluster: &TestCluster) -> anyhow::Result<Vec<String>> {
+            use $pb as pb;
+            use pb::server_reflection_client::ServerReflectionClient;
+            use pb::server_reflection_request::MessageRequest;
+            use pb::server_reflection_response::MessageResponse;
+            let mut client = ServerReflectionClient::new(cluster.channel(1).await?);
+            let req = pb::ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+            let mut stream = client.server_reflection_info(futures::stream::iter([req])).await?.into_inner();
+            let mut names = Vec::new();
+            while let Some(msg) = stream.message().await? {
+                if let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response {
+                    names.extend(list.service.into_iter().map(|s| s.name));
+                }
+            }
+            Ok(names)
         }
-    }
-    Ok(names)
+    };
 }
 
-async fn list_services_v1alpha(cluster: &TestCluster) -> anyhow::Result<Vec<String>> {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    let mut client = ServerReflectionClient::new(cluster.channel(1).await?);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = client.server_reflection_info(futures::stream::iter([req])).await?.into_inner();
-    let mut names = Vec::new();
-    while let Some(msg) = stream.message().await? {
-        if let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response {
-            names.extend(list.service.into_iter().map(|s| s.name));
-        }
-    }
-    Ok(names)
-}
+list_services!(list_services_v1, tonic_reflection::pb::v1);
+list_services!(list_services_v1alpha, tonic_reflection::pb::v1alpha);

@@ -37,6 +37,9 @@ pub struct NodeConfig {
     pub linger_us: u64,
     /// Seconds to wait for in-flight requests on SIGTERM.
     pub drain_secs: u64,
+    /// `ID=ADDR`: reach peer ID at ADDR instead of its advertised address
+    /// (a NAT, a sidecar, or a test's fault proxy on that one link).
+    pub peer_routes: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -56,6 +59,7 @@ impl Default for NodeConfig {
             max_inflight: 4,
             linger_us: 1_000,
             drain_secs: 10,
+            peer_routes: Vec::new(),
         }
     }
 }
@@ -63,6 +67,18 @@ impl Default for NodeConfig {
 impl NodeConfig {
     pub fn advertise_addr(&self) -> &str {
         self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+
+    /// Parsed `peer_routes`.
+    pub fn peer_route_map(&self) -> Result<std::collections::HashMap<u64, String>, String> {
+        self.peer_routes
+            .iter()
+            .map(|r| {
+                let (id, addr) = r.split_once('=').ok_or_else(|| format!("peer_routes: {r:?} is not ID=ADDR"))?;
+                let id = id.trim().parse::<u64>().map_err(|_| format!("peer_routes: {id:?} is not a node id"))?;
+                Ok((id, addr.trim().to_string()))
+            })
+            .collect()
     }
 }
 
@@ -111,6 +127,10 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub linger_us: Option<u64>,
+    /// Reach peer ID at ADDR: `--peer-route 2=127.0.0.1:9002` (repeatable).
+    #[arg(long = "peer-route")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peer_routes: Vec<String>,
 }
 
 impl Cli {

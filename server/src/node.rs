@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -35,6 +36,10 @@ pub struct PartitionReplica {
     pub raft: RaftInstance,
     pub ingest: mpsc::Sender<IngestJob>,
     pub applied: watch::Receiver<u64>,
+    /// Set once the replica has re-applied everything the cluster had
+    /// committed for its log when it started (openraft `wait_for_recovery`);
+    /// stale reads before that could go backwards, so they are forwarded.
+    pub recovered: Arc<AtomicBool>,
 }
 
 pub struct Node {
@@ -69,7 +74,8 @@ impl Node {
             .validate()
             .context("raft configuration")?,
         );
-        let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms));
+        let routes = config.peer_route_map().map_err(|e| anyhow::anyhow!(e))?;
+        let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes);
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
         let (metadata, _) = open_group(&engine, &data_dir, &peers, &raft_config, config.node_id, METADATA_GROUP, Arc::default(), Some(map_tx))
             .await
@@ -142,7 +148,16 @@ impl Node {
                 }
             }
             let ingest = processor::spawn(raft.clone(), dedup, self.processor_config());
-            let replica = Arc::new(PartitionReplica { partition, raft, ingest, applied });
+            let recovered = Arc::new(AtomicBool::new(false));
+            tokio::spawn({
+                let (raft, recovered) = (raft.clone(), recovered.clone());
+                async move {
+                    if raft.wait_for_recovery(None).await.is_ok() {
+                        recovered.store(true, Ordering::Release);
+                    }
+                }
+            });
+            let replica = Arc::new(PartitionReplica { partition, raft, ingest, applied, recovered });
             if let Ok(mut m) = self.partitions.write() {
                 m.insert(partition, replica);
             }
@@ -177,7 +192,7 @@ impl Node {
         self.cluster_map.borrow().addr_of(node).map(str::to_string)
     }
 
-    /// Every group this node hosts has a known leader.
+    /// Leader of the metadata group, if known.
     pub fn metadata_leader(&self) -> Option<NodeId> {
         self.metadata.metrics().borrow_watched().current_leader
     }

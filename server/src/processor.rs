@@ -119,6 +119,11 @@ async fn wait_until_ready_leader(
                 Ok(Err(e)) => tracing::debug!(error = %e, "not ready to lead yet"),
                 Err(_) => tracing::warn!(term, "leader not ready in time"),
             }
+            // Not ready (e.g. no quorum): answer waiting callers and retry.
+            while let Ok(job) = rx.try_recv() {
+                let _ = job.reply.send(ProposeOutcome::NotLeader { leader: leader_hint(raft) });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
         tokio::select! {
@@ -299,4 +304,48 @@ fn build_proposal(
         dedup_keys: keys.clone(),
     };
     Proposal { jobs: answered, keys, command: Command::Ingest(batch) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(entity: &str, t: i64, id: &str, value: Option<i64>) -> Event {
+        Event { entity_id: entity.into(), event_type: "view".into(), event_time_ms: t, event_id: id.into(), value }
+    }
+
+    #[test]
+    fn proposal_drops_duplicates_and_aggregates_per_minute() {
+        let index = DedupIndex::default();
+        index.lock().insert_batch((0, 1), vec![dedup_key(b"a", "view", b"old")]);
+        let mut pending = HashSet::new();
+        pending.insert(dedup_key(b"a", "view", b"inflight"));
+        let (tx1, _rx1) = oneshot::channel();
+        let (tx2, _rx2) = oneshot::channel();
+        let jobs = vec![
+            IngestJob {
+                events: vec![
+                    ev("a", 60_000, "1", None),
+                    ev("a", 60_500, "2", Some(5)),
+                    ev("a", 60_700, "1", None),   // same batch
+                    ev("a", 61_000, "old", None), // already applied
+                ],
+                reply: tx1,
+            },
+            IngestJob {
+                events: vec![ev("a", 120_000, "inflight", None), ev("a", 119_999, "", Some(2)), ev("a", 119_999, "", Some(2))],
+                reply: tx2,
+            },
+        ];
+        let p = build_proposal(&index, &mut pending, jobs, &ProcessorConfig::default());
+        let counts: Vec<(u32, u32)> = p.jobs.iter().map(|(_, a, d)| (*a, *d)).collect();
+        assert_eq!(counts, vec![(2, 2), (2, 1)]);
+        let Command::Ingest(batch) = p.command else { panic!("not an ingest") };
+        let mut deltas: Vec<_> = batch.deltas.iter().map(|d| (d.minute_ms, d.count, d.sum)).collect();
+        deltas.sort();
+        // Events without an id are never duplicates; the four accepted land in one minute.
+        assert_eq!(deltas, vec![(60_000, 4, 10)]);
+        assert_eq!(batch.dedup_keys.len(), 2);
+        assert_eq!(pending.len(), 3);
+    }
 }

@@ -38,7 +38,7 @@ impl QueryService {
         let stale = consistency == Consistency::Stale as i32;
         let local = self.node.partition(partition);
         if let Some(replica) = local {
-            if stale {
+            if stale && replica.recovered.load(std::sync::atomic::Ordering::Acquire) {
                 return Ok(Ok(replica));
             }
             let leader = replica.raft.metrics().borrow_watched().current_leader;

@@ -10,19 +10,21 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::raft::types::NodeId;
 
-#[derive(Default)]
 pub struct PeerPool {
     channels: RwLock<HashMap<NodeId, (String, Channel)>>,
     connect_timeout: Duration,
+    /// Per-peer address overrides (`--peer-route`).
+    routes: HashMap<NodeId, String>,
 }
 
 impl PeerPool {
-    pub fn new(connect_timeout: Duration) -> Arc<PeerPool> {
-        Arc::new(PeerPool { channels: RwLock::default(), connect_timeout })
+    pub fn new(connect_timeout: Duration, routes: HashMap<NodeId, String>) -> Arc<PeerPool> {
+        Arc::new(PeerPool { channels: RwLock::default(), connect_timeout, routes })
     }
 
     /// The channel to `node` at `addr`; replaced if the address changed.
     pub fn channel(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let addr = self.routes.get(&node).map(String::as_str).unwrap_or(addr);
         if let Ok(map) = self.channels.read() {
             if let Some((known, ch)) = map.get(&node) {
                 if known == addr {

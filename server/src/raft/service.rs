@@ -27,6 +27,22 @@ impl RaftService {
         RaftService { node }
     }
 
+    /// Decode a group's request, hand it to the group's Raft, encode the reply.
+    async fn dispatch<Req, Resp, E, F, Fut>(&self, request: Request<RaftMessage>, call: F) -> Result<Response<RaftMessage>, Status>
+    where
+        Req: serde::de::DeserializeOwned,
+        Resp: serde::Serialize,
+        E: std::fmt::Display,
+        F: FnOnce(RaftInstance, Req) -> Fut,
+        Fut: std::future::Future<Output = Result<Resp, E>>,
+    {
+        let msg = request.into_inner();
+        let raft = self.group(msg.group_id)?;
+        let rpc: Req = decode(&msg.payload).map_err(bad_payload)?;
+        let resp = call(raft, rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        reply(msg.group_id, &resp)
+    }
+
     fn group(&self, group: u32) -> Result<RaftInstance, Status> {
         self.node.group(group).ok_or_else(|| Status::unavailable(format!("group {group} is not open on this node")))
     }
@@ -44,27 +60,15 @@ fn reply<T: serde::Serialize>(group: u32, value: &T) -> Result<Response<RaftMess
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let msg = request.into_inner();
-        let raft = self.group(msg.group_id)?;
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
-        let resp = raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        reply(msg.group_id, &resp)
+        self.dispatch(request, |raft, rpc: AppendEntriesRequest<TypeConfig>| async move { raft.append_entries(rpc).await }).await
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let msg = request.into_inner();
-        let raft = self.group(msg.group_id)?;
-        let rpc: VoteRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
-        let resp = raft.vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        reply(msg.group_id, &resp)
+        self.dispatch(request, |raft, rpc: VoteRequest<TypeConfig>| async move { raft.vote(rpc).await }).await
     }
 
     async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let msg = request.into_inner();
-        let raft = self.group(msg.group_id)?;
-        let rpc: VoteRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
-        let resp = raft.pre_vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        reply(msg.group_id, &resp)
+        self.dispatch(request, |raft, rpc: VoteRequest<TypeConfig>| async move { raft.pre_vote(rpc).await }).await
     }
 
     async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {

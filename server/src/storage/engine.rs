@@ -103,13 +103,25 @@ impl SyncWaiter {
 }
 
 struct WalSyncer {
-    tx: mpsc::Sender<SyncWaiter>,
+    tx: Option<mpsc::Sender<SyncWaiter>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for WalSyncer {
+    /// Closing the queue ends the thread after a last fsync; joining it
+    /// releases its handle on the database, so the directory can be reopened.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl WalSyncer {
     fn start(db: Arc<DB>) -> Result<WalSyncer, StorageError> {
         let (tx, mut rx) = mpsc::channel::<SyncWaiter>(SYNC_QUEUE_CAPACITY);
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("tally-wal-sync".into())
             .spawn(move || {
                 let mut waiters = Vec::new();
@@ -130,10 +142,11 @@ impl WalSyncer {
                 }
             })
             .map_err(|e| StorageError::Io(format!("spawn WAL syncer: {e}")))?;
-        Ok(WalSyncer { tx })
+        Ok(WalSyncer { tx: Some(tx), thread: Some(thread) })
     }
 
     async fn submit(&self, waiter: SyncWaiter) -> Result<(), StorageError> {
-        self.tx.send(waiter).await.map_err(|_| StorageError::Io("WAL syncer stopped".into()))
+        let tx = self.tx.as_ref().ok_or_else(|| StorageError::Io("WAL syncer stopped".into()))?;
+        tx.send(waiter).await.map_err(|_| StorageError::Io("WAL syncer stopped".into()))
     }
 }

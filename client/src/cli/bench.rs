@@ -1,0 +1,536 @@
+//! `tally bench`: a load generator that also checks the cluster's answers.
+//!
+//! Workload: `--ids` entities drawn from a Zipf distribution (`--zipf`
+//! exponent; 0 is uniform), event types mixed by weight (`--types
+//! view=8,like=1`), values 1..=10, and a fraction (`--duplicates`) of sends
+//! that re-send an earlier event with its original id, which the cluster
+//! must recognise. It runs for `--duration` or `--events`, from
+//! `--concurrency` producer tasks sharing one [`TallyClient`], either as
+//! fast as the client accepts events or at a fixed `--rate`.
+//!
+//! Latency is the time from an event's *intended* send time to its
+//! acknowledgement. At a fixed rate the intended time comes from the
+//! schedule, so when the system stalls, the events that should have been
+//! sent meanwhile are charged the stall too: the correction for
+//! coordinated omission (as in wrk2), done by construction rather than
+//! with HdrHistogram's after-the-fact `record_correct`, because the
+//! schedule is known exactly. As fast as possible there is no schedule,
+//! and the send call's start is used. Values go into an HDR histogram
+//! (microseconds, 3 significant digits).
+//!
+//! Verification: the bench knows every event it originated and whether any
+//! send of it was acknowledged. Afterwards it queries count and sum of every
+//! (entity, type) it used and compares them with the acknowledged events.
+//! Events that failed after all retries may or may not have been counted,
+//! so they widen the accepted range instead of failing the run. Anything
+//! outside the range is a mismatch and fails the run (exit status 3).
+//! Entities carry a per-run prefix, so earlier runs do not disturb the
+//! comparison.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use futures::stream::{self, FuturesUnordered, StreamExt};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::distr::weighted::WeightedIndex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Zipf};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::{print_json, Cli, EXIT_MISMATCH};
+use crate::time_arg::now_ms;
+use crate::{ClientConfig, Consistency, Event, IngestSummary, Outcome, TallyClient, Ticket};
+
+/// Arguments of `tally bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Events per second in total; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// How long to send (ignored when --events is given).
+    #[arg(long, default_value = "10s")]
+    pub duration: humantime::Duration,
+    /// Send exactly this many events (re-sent duplicates included).
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Number of distinct entity ids.
+    #[arg(long, default_value_t = 1000)]
+    pub ids: u64,
+    /// Zipf exponent of the entity popularity (0 = uniform).
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf: f64,
+    /// Event types and weights, e.g. view=8,like=1,comment=1.
+    #[arg(long, default_value = "view=8,like=1,comment=1")]
+    pub types: String,
+    /// Fraction of sends that re-send an earlier event (same id).
+    #[arg(long, default_value_t = 0.05)]
+    pub duplicates: f64,
+    /// Producer tasks.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "tally-bench.json")]
+    pub out: PathBuf,
+    /// Skip the verification queries.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Client batch size in events.
+    #[arg(long)]
+    pub batch_events: Option<usize>,
+    /// Client linger before a partial batch is sent.
+    #[arg(long)]
+    pub linger: Option<humantime::Duration>,
+    /// Client buffer (events buffered or in flight).
+    #[arg(long)]
+    pub buffer: Option<usize>,
+    /// Random seed (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Parses `view=8,like=1` into names and weights.
+pub fn parse_types(spec: &str) -> anyhow::Result<Vec<(String, u32)>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, weight) = match part.split_once('=') {
+            Some((n, w)) => (n.trim(), w.trim().parse::<u32>().with_context(|| format!("weight of {n}"))?),
+            None => (part, 1),
+        };
+        tally_proto::validate::validate_query_key(b"x", name).map_err(|e| anyhow::anyhow!("--types: {e}"))?;
+        out.push((name.to_owned(), weight));
+    }
+    if out.is_empty() || out.iter().all(|(_, w)| *w == 0) {
+        bail!("--types needs at least one type with a positive weight");
+    }
+    Ok(out)
+}
+
+/// What the bench sent, one entry per originated event.
+#[derive(Debug, Clone, Copy)]
+struct Original {
+    entity: u64,
+    event_type: u16,
+    value: i64,
+    stored: bool,
+    failed: bool,
+}
+
+enum Sent {
+    New(Original),
+    /// Re-send of the producer's original number `n`.
+    Again(usize),
+}
+
+/// One producer's results.
+struct ProducerResult {
+    originals: Vec<Original>,
+    histogram: Histogram<u64>,
+    outcomes: IngestSummary,
+    resent: u64,
+}
+
+struct Shared {
+    client: TallyClient,
+    args: BenchArgs,
+    types: Vec<(String, u32)>,
+    prefix: String,
+    start: Instant,
+    deadline: Option<Instant>,
+    claimed: AtomicU64,
+    acked: AtomicU64,
+    stop: AtomicBool,
+}
+
+fn entity_name(prefix: &str, entity: u64) -> String {
+    format!("{prefix}-{entity}")
+}
+
+async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<ProducerResult> {
+    let args = &shared.args;
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(k as u64));
+    let zipf = Zipf::new(args.ids as f64, args.zipf).map_err(|e| anyhow::anyhow!("--zipf: {e}"))?;
+    let weights = WeightedIndex::new(shared.types.iter().map(|(_, w)| *w)).context("--types weights")?;
+    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate));
+    let offset = interval.map(|i| i.mul_f64(k as f64 / args.concurrency as f64)).unwrap_or_default();
+
+    // Outcomes are awaited by a collector so sending never waits on them.
+    let (tx, mut rx) = mpsc::channel::<(Sent, Instant, Ticket)>(16_384);
+    let collector_shared = shared.clone();
+    let collector = tokio::spawn(async move {
+        let mut originals: Vec<Original> = Vec::new();
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)
+            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+        let mut outcomes = IngestSummary::default();
+        let mut resent = 0;
+        let mut pending = FuturesUnordered::new();
+        let mut handle = |index: usize, intended: Instant, outcome: Outcome, originals: &mut Vec<Original>| {
+            let micros = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX);
+            histogram.saturating_record(micros.max(1));
+            outcomes.add(&outcome);
+            collector_shared.acked.fetch_add(1, Ordering::Relaxed);
+            if let Some(o) = originals.get_mut(index) {
+                match outcome {
+                    o2 if o2.is_stored() => o.stored = true,
+                    Outcome::Failed { .. } => o.failed = true,
+                    _ => {}
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                next = rx.recv() => match next {
+                    Some((sent, intended, ticket)) => {
+                        let index = match sent {
+                            Sent::New(o) => {
+                                originals.push(o);
+                                originals.len() - 1
+                            }
+                            Sent::Again(n) => {
+                                resent += 1;
+                                n
+                            }
+                        };
+                        pending.push(async move { (index, intended, ticket.await) });
+                    }
+                    None => break,
+                },
+                Some((index, intended, outcome)) = pending.next() => handle(index, intended, outcome, &mut originals),
+            }
+        }
+        while let Some((index, intended, outcome)) = pending.next().await {
+            handle(index, intended, outcome, &mut originals);
+        }
+        anyhow::Ok(ProducerResult { originals, histogram, outcomes, resent })
+    });
+
+    // Recent originals a re-send can pick from: the last few thousand, so
+    // re-sends stay well inside the server's dedup window.
+    let mut recent: Vec<(usize, Event)> = Vec::new();
+    const RECENT: usize = 4096;
+    let mut originated = 0usize;
+    for j in 0u64.. {
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if let Some(total) = args.events {
+            if shared.claimed.fetch_add(1, Ordering::Relaxed) >= total {
+                break;
+            }
+        }
+        let now = Instant::now();
+        if shared.deadline.is_some_and(|d| now >= d) {
+            break;
+        }
+        let intended = match interval {
+            Some(interval) => {
+                let at = shared.start + offset + interval.mul_f64(j as f64);
+                if at > now + Duration::from_millis(1) {
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                at
+            }
+            None => now,
+        };
+        let resend = !recent.is_empty() && rng.random_bool(args.duplicates.clamp(0.0, 1.0));
+        let (sent, event) = if resend {
+            let (n, event) = &recent[rng.random_range(0..recent.len())];
+            (Sent::Again(*n), event.clone())
+        } else {
+            let entity = (zipf.sample(&mut rng) as u64).clamp(1, args.ids) - 1;
+            let event_type = weights.sample(&mut rng);
+            let value = rng.random_range(1..=10);
+            let event = Event {
+                entity_id: entity_name(&shared.prefix, entity).into_bytes(),
+                event_type: shared.types[event_type].0.clone(),
+                event_time_ms: now_ms(),
+                event_id: format!("{k}-{originated}").into_bytes(),
+                value: Some(value),
+            };
+            let original =
+                Original { entity, event_type: event_type as u16, value, stored: false, failed: false };
+            if recent.len() < RECENT {
+                recent.push((originated, event.clone()));
+            } else {
+                let slot = rng.random_range(0..RECENT);
+                recent[slot] = (originated, event.clone());
+            }
+            originated += 1;
+            (Sent::New(original), event)
+        };
+        let ticket = shared.client.send(event).await?;
+        if tx.send((sent, intended, ticket)).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    collector.await.context("collector")?
+}
+
+fn progress(cli: &Cli, args: &BenchArgs) -> ProgressBar {
+    if cli.json {
+        return ProgressBar::hidden();
+    }
+    let (len, template) = match args.events {
+        Some(n) => (n, "{bar:40} {pos}/{len} events  {msg}"),
+        None => (args.duration.as_secs().max(1), "{bar:40} {pos}/{len} s  {msg}"),
+    };
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr())
+        .with_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar
+}
+
+/// Runs `tally bench`.
+pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
+    let types = parse_types(&args.types)?;
+    if args.concurrency == 0 || args.ids == 0 {
+        bail!("--concurrency and --ids must be at least 1");
+    }
+    if !(args.rate >= 0.0 && args.rate.is_finite()) {
+        bail!("--rate must be 0 (as fast as possible) or a positive number");
+    }
+    let mut config = ClientConfig::new(cli.seeds());
+    if let Some(n) = args.batch_events {
+        config.batch.max_events = n;
+    }
+    if let Some(l) = args.linger {
+        config.batch.linger = *l;
+    }
+    if let Some(b) = args.buffer {
+        config.batch.buffer_events = b;
+    }
+    let client = TallyClient::with_config(config).await.with_context(|| format!("connecting to {}", cli.addr))?;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let prefix = format!("bench-{:08x}", rand::random::<u32>());
+    let start = Instant::now();
+    let start_ms = now_ms();
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        args: clone_args(args),
+        types: types.clone(),
+        prefix: prefix.clone(),
+        start,
+        deadline: if args.events.is_some() { None } else { Some(start + *args.duration) },
+        claimed: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+
+    let bar = progress(cli, args);
+    let ticker = {
+        let shared = shared.clone();
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let acked = shared.acked.load(Ordering::Relaxed);
+                let now = Instant::now();
+                let rate = (acked - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-9);
+                last = (now, acked);
+                match shared.args.events {
+                    Some(_) => bar.set_position(acked),
+                    None => bar.set_position(now.duration_since(shared.start).as_secs()),
+                }
+                bar.set_message(format!("{acked} acked, {rate:.0} ev/s, {} in flight", shared.client.pending()));
+            }
+        })
+    };
+
+    let producers: Vec<_> =
+        (0..args.concurrency).map(|k| tokio::spawn(producer(shared.clone(), k, seed))).collect();
+    let mut results = Vec::new();
+    for p in producers {
+        results.push(p.await.context("producer")??);
+    }
+    client.flush().await?;
+    let elapsed = start.elapsed();
+    ticker.abort();
+    bar.finish_and_clear();
+    let end_ms = now_ms();
+
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut outcomes = IngestSummary::default();
+    let mut resent = 0;
+    for r in &results {
+        histogram.add(&r.histogram).map_err(|e| anyhow::anyhow!("merging histograms: {e}"))?;
+        let o = r.outcomes;
+        outcomes.accepted += o.accepted;
+        outcomes.duplicates += o.duplicates;
+        outcomes.stored += o.stored;
+        outcomes.rejected += o.rejected;
+        outcomes.failed += o.failed;
+        resent += r.resent;
+    }
+    let sent = outcomes.total();
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let latency = json!({
+        "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
+        "max": histogram.max() as f64 / 1000.0, "mean": histogram.mean() / 1000.0,
+    });
+    let verify = if args.no_verify { None } else { Some(verify(&client, &prefix, &types, &results, start_ms, end_ms).await?) };
+    let ok = verify.as_ref().is_none_or(|v| v["ok"] == json!(true));
+    let report = json!({
+        "prefix": prefix,
+        "config": {
+            "rate": args.rate, "duration_s": args.duration.as_secs_f64(), "events": args.events, "ids": args.ids,
+            "zipf": args.zipf, "types": args.types, "duplicates": args.duplicates, "concurrency": args.concurrency,
+            "seed": seed,
+        },
+        "elapsed_s": elapsed.as_secs_f64(),
+        "sent": sent,
+        "resent_duplicates": resent,
+        "throughput_eps": sent as f64 / elapsed.as_secs_f64().max(1e-9),
+        "outcomes": outcomes,
+        "server_totals": {"accepted": client.totals().accepted(), "duplicates": client.totals().duplicates()},
+        "latency_ms": latency,
+        "corrected_for_coordinated_omission": args.rate > 0.0,
+        "verify": verify,
+        "ok": ok,
+    });
+    std::fs::write(&args.out, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    if cli.json {
+        print_json(&report);
+    } else {
+        println!(
+            "sent {sent} events ({resent} re-sent duplicates) in {:.1} s: {:.0} events/s",
+            elapsed.as_secs_f64(),
+            report["throughput_eps"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "ack latency ms: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}{}",
+            latency["p50"], latency["p90"], latency["p99"], latency["p999"], latency["max"],
+            if args.rate > 0.0 { "  (corrected for coordinated omission)" } else { "" }
+        );
+        println!(
+            "outcomes: accepted {}, duplicates {}, stored {}, rejected {}, failed {}",
+            outcomes.accepted, outcomes.duplicates, outcomes.stored, outcomes.rejected, outcomes.failed
+        );
+        if let Some(v) = &report["verify"].as_object() {
+            if v.get("ok") == Some(&json!(true)) {
+                println!("verify: {} keys, {} events: every count and sum matches", v["keys"], v["expected_events"]);
+            } else {
+                println!("verify: MISMATCH on {} of {} keys: {}", v["mismatched_keys"], v["keys"], v["mismatches"]);
+            }
+        }
+        println!("results written to {}", args.out.display());
+    }
+    Ok(if ok { 0 } else { EXIT_MISMATCH })
+}
+
+fn clone_args(a: &BenchArgs) -> BenchArgs {
+    BenchArgs {
+        rate: a.rate,
+        duration: a.duration,
+        events: a.events,
+        ids: a.ids,
+        zipf: a.zipf,
+        types: a.types.clone(),
+        duplicates: a.duplicates,
+        concurrency: a.concurrency,
+        out: a.out.clone(),
+        no_verify: a.no_verify,
+        batch_events: a.batch_events,
+        linger: a.linger,
+        buffer: a.buffer,
+        seed: a.seed,
+    }
+}
+
+/// Expected (count, sum) per key and the unknown (failed) range on top.
+#[derive(Debug, Default, Clone, Copy)]
+struct Expect {
+    count: u64,
+    sum: i64,
+    unknown_count: u64,
+    unknown_sum: i64,
+}
+
+async fn verify(
+    client: &TallyClient,
+    prefix: &str,
+    types: &[(String, u32)],
+    results: &[ProducerResult],
+    start_ms: i64,
+    end_ms: i64,
+) -> anyhow::Result<serde_json::Value> {
+    let mut expected: BTreeMap<(u64, u16), Expect> = BTreeMap::new();
+    for r in results {
+        for o in &r.originals {
+            let e = expected.entry((o.entity, o.event_type)).or_default();
+            if o.stored {
+                e.count += 1;
+                e.sum += o.value;
+            } else if o.failed {
+                e.unknown_count += 1;
+                e.unknown_sum += o.value;
+            }
+        }
+    }
+    let range = (start_ms - 120_000)..(end_ms + 120_000);
+    let checks = stream::iter(expected.iter())
+        .map(|(&(entity, t), &e)| {
+            let name = entity_name(prefix, entity);
+            let event_type = types[t as usize].0.clone();
+            let range = range.clone();
+            async move {
+                let s = client.stats(&name, &event_type, range, Consistency::Linearizable).await;
+                (name, event_type, e, s)
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let mut mismatches = Vec::new();
+    let mut mismatched = 0u64;
+    let (mut expected_events, mut counted_events) = (0u64, 0u64);
+    for (name, event_type, e, s) in checks {
+        let s = s.with_context(|| format!("querying {name}/{event_type}"))?;
+        expected_events += e.count;
+        counted_events += s.count;
+        let count_ok = s.count >= e.count && s.count <= e.count + e.unknown_count;
+        let sum_ok = s.sum >= e.sum && s.sum <= e.sum + e.unknown_sum;
+        if !(count_ok && sum_ok) {
+            mismatched += 1;
+            if mismatches.len() < 10 {
+                mismatches.push(json!({
+                    "entity": name, "event_type": event_type,
+                    "expected_count": e.count, "unknown_count": e.unknown_count, "count": s.count,
+                    "expected_sum": e.sum, "sum": s.sum,
+                }));
+            }
+        }
+    }
+    Ok(json!({
+        "ok": mismatched == 0,
+        "keys": expected.len(),
+        "expected_events": expected_events,
+        "counted_events": counted_events,
+        "unknown_events": expected.values().map(|e| e.unknown_count).sum::<u64>(),
+        "mismatched_keys": mismatched,
+        "mismatches": mismatches,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_mix_parsing() {
+        let t = parse_types("view=8, like=1,comment").expect("valid");
+        assert_eq!(t, vec![("view".into(), 8), ("like".into(), 1), ("comment".into(), 1)]);
+        assert!(parse_types("View=1").is_err());
+        assert!(parse_types("view=0").is_err());
+        assert!(parse_types("").is_err());
+        assert!(parse_types("view=x").is_err());
+    }
+}

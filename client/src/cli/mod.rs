@@ -1,0 +1,86 @@
+//! The `tally` command line, as a library module so that its pieces are
+//! unit-testable and `src/bin/tally.rs` stays a two-line `main`.
+//!
+//! Conventions every subcommand follows: `--addr` (or `TALLY_ADDR`) names one
+//! or more seed nodes, comma-separated; `--json` replaces the human output
+//! with exactly one JSON document on stdout (progress bars and notes go to
+//! stderr and are hidden when it is not a terminal); times accept `now`,
+//! relative offsets (`-1h`, `+5m`), RFC 3339 or epoch milliseconds. Exit
+//! status: 0 success, 1 error, 2 when some events were rejected or failed,
+//! 3 when `bench` verification found a mismatch.
+//!
+//! This module is the CLI's implementation, not a stable library API.
+
+pub mod bench;
+pub mod cluster;
+pub mod ingest;
+pub mod query;
+pub mod table;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for "ran, but some events were rejected or failed".
+pub const EXIT_PARTIAL: i32 = 2;
+/// Exit status for a failed `bench` verification.
+pub const EXIT_MISMATCH: i32 = 3;
+
+/// `tally`: exact real-time event counts.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about = "Tally: exact real-time event counts")]
+pub struct Cli {
+    /// Node(s) to talk to, host:port, comma-separated.
+    #[arg(long, global = true, env = "TALLY_ADDR", default_value = "127.0.0.1:7001")]
+    pub addr: String,
+    /// Machine-readable JSON output (one document on stdout).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Cluster administration: init, status, wait.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
+    /// Ingest events from arguments, or NDJSON/CSV from a file or stdin.
+    Ingest(ingest::IngestArgs),
+    /// Count, sum and average over [from, to).
+    Stats(query::StatsArgs),
+    /// Buckets of one granularity over [from, to).
+    Series(query::SeriesArgs),
+    /// Load generator with latency percentiles and count verification.
+    Bench(bench::BenchArgs),
+}
+
+impl Cli {
+    /// The seed addresses of `--addr`.
+    pub fn seeds(&self) -> Vec<String> {
+        self.addr.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+    }
+}
+
+/// Runs the parsed command; returns the process exit status.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match &cli.command {
+        Command::Cluster { command } => cluster::run(&cli, command).await,
+        Command::Ingest(args) => ingest::run(&cli, args).await,
+        Command::Stats(args) => query::stats(&cli, args).await,
+        Command::Series(args) => query::series(&cli, args).await,
+        Command::Bench(args) => bench::run(&cli, args).await,
+    }
+}
+
+/// Connects a [`TallyClient`](crate::TallyClient) to `--addr`.
+pub(crate) async fn client(cli: &Cli) -> anyhow::Result<crate::TallyClient> {
+    use anyhow::Context;
+    crate::TallyClient::connect(cli.seeds()).await.with_context(|| format!("connecting to {}", cli.addr))
+}
+
+/// Prints a JSON document on stdout.
+pub(crate) fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
