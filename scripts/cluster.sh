@@ -75,7 +75,7 @@ cmd_up() {
   echo
   echo "Tally is running: $n nodes, $PARTITIONS partitions, data and logs in $TALLY_HOME"
   for i in $(seq 1 "$n"); do echo "  node $i  $(addr_of "$i")  (pid $(pid_of "$i"))"; done
-  if [[ "${TALLY_NO_DEMO:-}" == "" ]]; then demo; fi
+  if [[ "${TALLY_NO_DEMO:-}" == "" ]]; then demo "$n"; fi
   echo
   echo "Try:  export TALLY_ADDR=$(addr_of 1)"
   echo "      $TALLY ingest video-42 view --repeat 10"
@@ -85,17 +85,18 @@ cmd_up() {
 }
 
 demo() {
-  local a; a=$(addr_of 1)
+  local n=${1:-3} a other
+  a=$(addr_of 1); other=$(addr_of $(( n > 1 ? 2 : 1 )))
   echo
-  echo "Counting: 1000 views of demo-video (100 sent twice with the same event id), 25 likes"
+  echo "Counting: 900 views of demo-video, then one more view sent 100 times with the same event id"
+  echo "(counted once), and 25 likes sent to another node"
   "$TALLY" --addr "$a" ingest demo-video view --repeat 900
-  for k in $(seq 1 100); do "$TALLY" --addr "$a" ingest demo-video view --id "dup-$k" >/dev/null; done
-  "$TALLY" --addr "$a" ingest demo-video view --id dup-1 --repeat 1
-  "$TALLY" --addr "$(addr_of 2)" ingest demo-video like --repeat 25
+  "$TALLY" --addr "$a" ingest demo-video view --id "demo-once-$(date +%s%N)" --repeat 100
+  "$TALLY" --addr "$other" ingest demo-video like --repeat 25
   echo "stats demo-video view (last hour):"
   "$TALLY" --addr "$a" stats demo-video view --from -1h --to +1m
-  echo "stats demo-video like, read from another node:"
-  "$TALLY" --addr "$(addr_of 3 2>/dev/null || addr_of 1)" stats demo-video like --from -1h --to +1m
+  echo "stats demo-video like (last hour), read from node $n:"
+  "$TALLY" --addr "$(addr_of "$n")" stats demo-video like --from -1h --to +1m
 }
 
 case "${1:-}" in
@@ -106,6 +107,6 @@ case "${1:-}" in
   status) "$TALLY" --addr "${TALLY_ADDR:-$(addr_of 1)}" cluster status ;;
   kill) stop_node "${2:?node}" KILL; echo "node $2 killed" ;;
   restart) stop_node "${2:?node}" TERM; start_node "$2"; echo "node $2 restarted" ;;
-  demo) demo ;;
+  demo) demo "${2:-3}" ;;
   *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
 esac

@@ -155,7 +155,9 @@ impl Batcher {
 
 #[derive(Default)]
 struct PartitionBuffer {
-    items: Vec<Item>,
+    /// A deque: batches are taken from the front while new events arrive
+    /// at the back, without moving the rest.
+    items: VecDeque<Item>,
     bytes: usize,
     /// When the oldest buffered event arrived.
     since: Option<Instant>,
@@ -234,12 +236,21 @@ impl Task {
     }
 
     fn add(&mut self, item: Item, linger: std::time::Duration) {
-        let partition = self.router.with_map(|m| m.partition_of(&item.event.entity_id));
+        // The partition count is fixed for the cluster's life and the
+        // buffers were sized from it; computing with the buffer count keeps
+        // the index in range even if a map ever disagreed.
+        let partition = crate::partition_of(&item.event.entity_id, self.buffers.len() as u32);
         let now = Instant::now();
-        let Some(buffer) = self.buffers.get_mut(partition as usize) else { return };
+        let Some(buffer) = self.buffers.get_mut(partition as usize) else {
+            // Unreachable (partition < buffers.len()); resolving keeps the
+            // buffer permit accounting right even so.
+            self.permits.add_permits(1);
+            drop(item);
+            return;
+        };
         // Field tag + length prefix + the event itself.
         buffer.bytes += item.event.encoded_len() + 4;
-        buffer.items.push(item);
+        buffer.items.push_back(item);
         if buffer.since.is_none() {
             buffer.since = Some(now);
             self.lingering.push_back((now + linger, partition));
@@ -285,8 +296,7 @@ impl Task {
                 bytes += size;
                 take += 1;
             }
-            let rest = buffer.items.split_off(take);
-            let items = std::mem::replace(&mut buffer.items, rest);
+            let items: Vec<Item> = buffer.items.drain(..take).collect();
             buffer.bytes -= bytes;
             buffer.in_flight += 1;
             let remaining_since = if buffer.items.is_empty() { None } else { Some(now) };

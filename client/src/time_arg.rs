@@ -4,12 +4,15 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// A time argument in none of the accepted forms.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read {input:?} as a time: use now, -1h, +30m, 2026-11-26T10:00:00Z or milliseconds since the epoch")]
 pub struct TimeArgError {
     input: String,
 }
 
+/// The current time in milliseconds since the Unix epoch (0 if the clock
+/// is before 1970).
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -35,6 +38,7 @@ pub fn parse_time_at(input: &str, now_ms: i64) -> Result<i64, TimeArgError> {
     Ok(d.as_millis() as i64)
 }
 
+/// Parses a time argument relative to the current time.
 pub fn parse_time(input: &str) -> Result<i64, TimeArgError> {
     parse_time_at(input, now_ms())
 }

@@ -10,6 +10,7 @@ pub mod model;
 pub mod netproxy;
 
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -128,7 +129,8 @@ impl TestCluster {
         let args = self.args.clone();
         let node = self.node_mut(id)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .arg("--node-id")
             .arg(id.to_string())
             .arg("--listen")
@@ -139,7 +141,16 @@ impl TestCluster {
             .env("RUST_LOG", std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
             .stdout(log.try_clone()?)
             .stderr(log)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        // A test killed mid-run must not leave nodes running.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
             .spawn()
             .context("starting tallyd")?;
         node.child = Some(child);

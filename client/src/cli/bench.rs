@@ -282,9 +282,8 @@ fn progress(cli: &Cli, args: &BenchArgs) -> ProgressBar {
         Some(n) => (n, "{bar:40} {pos}/{len} events  {msg}"),
         None => (args.duration.as_secs().max(1), "{bar:40} {pos}/{len} s  {msg}"),
     };
-    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr())
-        .with_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
-    bar
+    ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr())
+        .with_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()))
 }
 
 /// Runs `tally bench`.
@@ -411,8 +410,12 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
             if args.rate > 0.0 { "  (corrected for coordinated omission)" } else { "" }
         );
         println!(
-            "outcomes: accepted {}, duplicates {}, stored {}, rejected {}, failed {}",
-            outcomes.accepted, outcomes.duplicates, outcomes.stored, outcomes.rejected, outcomes.failed
+            "server totals: accepted {}, duplicates {}; per event: {} stored, {} rejected, {} failed",
+            client.totals().accepted(),
+            client.totals().duplicates(),
+            outcomes.accepted + outcomes.duplicates + outcomes.stored,
+            outcomes.rejected,
+            outcomes.failed
         );
         if let Some(v) = &report["verify"].as_object() {
             if v.get("ok") == Some(&json!(true)) {

@@ -54,7 +54,7 @@ pub struct IngestArgs {
     /// Event type of a single event.
     pub event_type: Option<String>,
     /// Event time of the single event (default now).
-    #[arg(long, default_value = "now")]
+    #[arg(long, default_value = "now", allow_hyphen_values = true)]
     pub time: String,
     /// Idempotency key of the single event.
     #[arg(long)]
@@ -282,7 +282,7 @@ pub(crate) async fn run(cli: &Cli, args: &IngestArgs) -> anyhow::Result<i32> {
         if ticket_tx.send((line, ticket)).await.is_err() {
             break;
         }
-        if events % 1024 == 0 {
+        if events & 1023 == 0 {
             bar.set_message(format!("{events} events"));
         }
     }

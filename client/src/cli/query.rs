@@ -20,10 +20,10 @@ pub struct StatsArgs {
     /// Event type, e.g. view.
     pub event_type: String,
     /// Range start (inclusive): now, -1h, RFC 3339 or epoch ms.
-    #[arg(long, default_value = "-30d")]
+    #[arg(long, default_value = "-30d", allow_hyphen_values = true)]
     pub from: String,
     /// Range end (exclusive).
-    #[arg(long, default_value = "+1m")]
+    #[arg(long, default_value = "+1m", allow_hyphen_values = true)]
     pub to: String,
     /// Read from any replica (cheaper, may lag).
     #[arg(long)]
@@ -38,10 +38,10 @@ pub struct SeriesArgs {
     /// Event type.
     pub event_type: String,
     /// Range start (inclusive).
-    #[arg(long, default_value = "-1h")]
+    #[arg(long, default_value = "-1h", allow_hyphen_values = true)]
     pub from: String,
     /// Range end (exclusive).
-    #[arg(long, default_value = "+1m")]
+    #[arg(long, default_value = "+1m", allow_hyphen_values = true)]
     pub to: String,
     /// minute, hour, day or month.
     #[arg(long, default_value = "minute")]

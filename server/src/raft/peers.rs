@@ -40,8 +40,10 @@ impl PeerPool {
         let channel = Endpoint::from_shared(uri)?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+            // Generous: a node starved of CPU for a few seconds must not have
+            // every stream on its peer connection cut.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
             .connect_lazy();
         if let Ok(mut map) = self.channels.write() {
             map.insert(node, (addr.to_string(), channel.clone()));
