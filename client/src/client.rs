@@ -28,6 +28,10 @@ use crate::routing::PartitionMap;
 /// A connection to a Tally cluster: batched, routed, retried ingestion and
 /// typed queries.
 ///
+/// Clones share one buffer and one set of connections. Dropping the last
+/// clone still sends whatever is buffered, in the background, but nothing
+/// waits for it: call [`flush`](Self::flush) first to know the outcomes.
+///
 /// ```no_run
 /// # async fn demo() -> Result<(), tally_client::ClientError> {
 /// use tally_client::{Consistency, TallyClient};

@@ -35,6 +35,8 @@
 //! `TALLY_ADDR`, default `127.0.0.1:7001`; `scripts/cluster.sh up` starts
 //! one).
 
+#![warn(missing_docs)]
+
 pub use tally_proto as proto;
 pub use tally_proto::partition::partition_of;
 pub use tally_proto::v1::{Consistency, Event, Granularity, SeriesResponse, StatsResponse, StatusResponse};

@@ -7,6 +7,7 @@
 
 pub mod ingestor;
 pub mod model;
+pub mod nemesis;
 pub mod netproxy;
 
 use std::path::{Path, PathBuf};
@@ -67,11 +68,24 @@ pub struct TestCluster {
     pub partitions: u32,
     args: Vec<String>,
     binary: PathBuf,
+    /// (from, to) → the proxy node `from` reaches node `to` through.
+    pub links: std::collections::BTreeMap<(u64, u64), netproxy::LinkProxy>,
 }
 
 impl TestCluster {
     /// Start the nodes, initialise the cluster and wait for every leader.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
+        Self::start_with(options, false).await
+    }
+
+    /// Like [`TestCluster::start`], with every peer link routed through a
+    /// [`netproxy::LinkProxy`] so the test can cut, delay or blackhole links
+    /// one by one.
+    pub async fn start_proxied(options: ClusterOptions) -> anyhow::Result<TestCluster> {
+        Self::start_with(options, true).await
+    }
+
+    async fn start_with(options: ClusterOptions, proxied: bool) -> anyhow::Result<TestCluster> {
         let dir = tempfile::Builder::new().prefix("tally-test").tempdir()?;
         let binary = tallyd_binary()?;
         let mut nodes = Vec::new();
@@ -85,7 +99,18 @@ impl TestCluster {
                 child: None,
             });
         }
-        let mut cluster = TestCluster { _dir: dir, nodes, partitions: options.partitions, args: options.args, binary };
+        let mut links = std::collections::BTreeMap::new();
+        if proxied {
+            for from in &nodes {
+                for to in &nodes {
+                    if from.id != to.id {
+                        links.insert((from.id, to.id), netproxy::LinkProxy::start(to.addr.clone()).await?);
+                    }
+                }
+            }
+        }
+        let mut cluster =
+            TestCluster { _dir: dir, nodes, partitions: options.partitions, args: options.args, binary, links };
         for id in 1..=options.nodes {
             cluster.spawn(id)?;
         }
@@ -126,7 +151,13 @@ impl TestCluster {
 
     fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
         let binary = self.binary.clone();
-        let args = self.args.clone();
+        let mut args = self.args.clone();
+        for ((from, to), proxy) in &self.links {
+            if *from == id {
+                args.push("--peer-route".into());
+                args.push(format!("{to}={}", proxy.listen_addr));
+            }
+        }
         let node = self.node_mut(id)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
         let mut command = Command::new(binary);
@@ -253,6 +284,56 @@ impl TestCluster {
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         self.spawn(id)?;
         self.wait_listening(id, Duration::from_secs(30)).await
+    }
+
+    /// SIGSTOP: the process freezes, its sockets stay open.
+    pub fn pause(&self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, "-STOP")
+    }
+
+    /// SIGCONT after [`TestCluster::pause`].
+    pub fn resume(&self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, "-CONT")
+    }
+
+    fn signal(&self, id: u64, sig: &str) -> anyhow::Result<()> {
+        let node = self.node(id)?;
+        let child = node.child.as_ref().context("node not running")?;
+        let status = Command::new("kill").arg(sig).arg(child.id().to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill {sig} failed");
+        Ok(())
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.node(id).map(|n| n.child.is_some()).unwrap_or(false)
+    }
+
+    /// Set both directions of the link between `a` and `b`.
+    pub fn set_link(&self, a: u64, b: u64, mode: netproxy::LinkMode) {
+        for key in [(a, b), (b, a)] {
+            if let Some(p) = self.links.get(&key) {
+                p.set(mode);
+            }
+        }
+    }
+
+    /// Cut every link between the two sides (a network partition).
+    pub fn partition(&self, side_a: &[u64], side_b: &[u64], mode: netproxy::LinkMode) {
+        for a in side_a {
+            for b in side_b {
+                self.set_link(*a, *b, mode);
+            }
+        }
+    }
+
+    pub fn heal(&self) {
+        for p in self.links.values() {
+            p.set(netproxy::LinkMode::Pass);
+        }
+    }
+
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
     }
 
     pub fn log_tail(&self, id: u64, lines: usize) -> String {

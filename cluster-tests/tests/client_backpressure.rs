@@ -32,8 +32,11 @@ async fn full_buffer_makes_send_wait_and_nothing_is_lost() -> anyhow::Result<()>
         assert!(client.pending() <= BUFFER, "{} pending", client.pending());
     }
 
-    // Without a quorum nothing commits: the buffer fills and send waits.
+    // flush returns only once everything sent before it is resolved.
     client.flush().await?;
+    assert_eq!(client.pending(), 0);
+
+    // Without a quorum nothing commits: the buffer fills and send waits.
     cluster.kill9(2)?;
     cluster.kill9(3)?;
     let mut sent = 2_000;

@@ -39,12 +39,13 @@ async fn breaker_opens_on_a_dead_node_and_recovers() -> anyhow::Result<()> {
     // Probe the dead node directly until its breaker opens (a couple of
     // connection refusals are enough with these settings).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while state_of(&client, &victim_addr) == Some(BreakerState::Closed) {
-        assert!(Instant::now() < deadline, "breaker of the dead node never opened");
+    let mut seen = Vec::new();
+    while !seen.contains(&Some(BreakerState::Open)) {
+        assert!(Instant::now() < deadline, "breaker of the dead node never opened: {seen:?}");
         let _ = client.node_status().await;
+        seen.push(state_of(&client, &victim_addr));
     }
-    eprintln!("breaker of node {victim}: {:?}", state_of(&client, &victim_addr));
-    assert_ne!(state_of(&client, &victim_addr), Some(BreakerState::Closed));
+    eprintln!("breakers after node {victim} died: {:?}", client.breaker_states());
 
     // While it is open, every request still succeeds elsewhere.
     for i in 0..20 {

@@ -34,6 +34,7 @@ pub struct Cli {
     /// Machine-readable JSON output (one document on stdout).
     #[arg(long, global = true)]
     pub json: bool,
+    #[allow(missing_docs)] // a doc comment here would change clap's help text
     #[command(subcommand)]
     pub command: Command,
 }
@@ -43,6 +44,7 @@ pub struct Cli {
 pub enum Command {
     /// Cluster administration: init, status, wait.
     Cluster {
+        #[allow(missing_docs)]
         #[command(subcommand)]
         command: cluster::ClusterCommand,
     },

@@ -1,0 +1,141 @@
+//! Faults for Jepsen-style runs against a proxied [`TestCluster`], a seeded
+//! schedule that reproduces a run, and the probes that time recovery.
+
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tally_proto::partition::partition_of;
+use tally_proto::v1::{Event, IngestRequest};
+
+use crate::netproxy::LinkMode;
+use crate::TestCluster;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// kill -9 the busiest leader, restart it after the hold.
+    KillRestart,
+    /// SIGSTOP the busiest leader for longer than an election timeout.
+    Pause,
+    /// Cut every link of the busiest leader (connections reset).
+    IsolateLeader,
+    /// One node against the other two, the links silently blackholed.
+    MinorityBlackhole,
+    /// Cut one link only: two nodes that cannot talk, both reaching a third.
+    Bridge,
+    /// Slow every link by 50 ms each way.
+    SlowNetwork,
+}
+
+pub const ALL_FAULTS: [Fault; 6] =
+    [Fault::KillRestart, Fault::Pause, Fault::IsolateLeader, Fault::MinorityBlackhole, Fault::Bridge, Fault::SlowNetwork];
+
+/// Run settings, from `TALLY_NEMESIS_SEED` and `TALLY_NEMESIS_SECS`.
+#[derive(Debug, Clone)]
+pub struct NemesisConfig {
+    pub seed: u64,
+    pub duration: Duration,
+    /// How long a fault is held before healing.
+    pub hold: Duration,
+}
+
+impl NemesisConfig {
+    pub fn from_env(default_secs: u64) -> NemesisConfig {
+        let seed = std::env::var("TALLY_NEMESIS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+        let secs = std::env::var("TALLY_NEMESIS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(default_secs);
+        NemesisConfig { seed, duration: Duration::from_secs(secs), hold: Duration::from_secs(4) }
+    }
+
+    /// Every fault once in a seeded order, then seeded random faults.
+    pub fn schedule(&self) -> impl Iterator<Item = Fault> {
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        let mut first = ALL_FAULTS.to_vec();
+        first.shuffle(&mut rng);
+        first.into_iter().chain(std::iter::repeat_with(move || ALL_FAULTS[rng.random_range(0..ALL_FAULTS.len())]))
+    }
+}
+
+/// An entity id that lands in `partition`, for probing that partition.
+pub fn probe_entity(partition: u32, partition_count: u32) -> Vec<u8> {
+    (0u64..)
+        .map(|k| format!("probe-{k}").into_bytes())
+        .find(|e| partition_of(e, partition_count) == partition)
+        .unwrap_or_default()
+}
+
+/// Write one probe event to `partition` through `via` until it is
+/// acknowledged; returns when it was, or None after `timeout`.
+pub async fn time_to_first_write(
+    cluster: &TestCluster,
+    via: u64,
+    partition: u32,
+    started: Instant,
+    timeout: Duration,
+) -> Option<Duration> {
+    let entity = probe_entity(partition, cluster.partitions);
+    let mut n = 0u64;
+    while started.elapsed() < timeout {
+        n += 1;
+        if let Ok(mut client) = cluster.ingest_client(via).await {
+            let event = Event {
+                entity_id: entity.clone(),
+                event_type: "probe".into(),
+                event_time_ms: 0,
+                event_id: format!("probe-{}-{n}-{}", partition, rand::random::<u64>()).into_bytes(),
+                value: None,
+            };
+            let mut req = tonic::Request::new(IngestRequest { events: vec![event] });
+            req.set_timeout(Duration::from_secs(2));
+            if let Ok(resp) = client.ingest(req).await {
+                let resp = resp.into_inner();
+                if resp.accepted + resp.duplicates == 1 {
+                    return Some(started.elapsed());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Apply the link part of a fault (process faults are the test's).
+pub fn apply_links(cluster: &TestCluster, fault: Fault, victim: u64, rng: &mut StdRng) -> String {
+    let ids = cluster.node_ids();
+    let others: Vec<u64> = ids.iter().copied().filter(|i| *i != victim).collect();
+    match fault {
+        Fault::IsolateLeader => {
+            cluster.partition(&[victim], &others, LinkMode::Drop);
+            format!("isolated node {victim}")
+        }
+        Fault::MinorityBlackhole => {
+            cluster.partition(&[victim], &others, LinkMode::Blackhole);
+            format!("blackholed node {victim} from {others:?}")
+        }
+        Fault::Bridge => {
+            let (a, b) = (others[0], if rng.random_bool(0.5) { victim } else { others[others.len() - 1] });
+            cluster.set_link(a, b, LinkMode::Drop);
+            format!("cut link {a}-{b}; the third node bridges")
+        }
+        Fault::SlowNetwork => {
+            for a in &ids {
+                for b in &ids {
+                    if a < b {
+                        cluster.set_link(*a, *b, LinkMode::Delay(Duration::from_millis(50)));
+                    }
+                }
+            }
+            "delayed every link by 50 ms".into()
+        }
+        Fault::KillRestart | Fault::Pause => String::new(),
+    }
+}
+
+/// p-th percentile (0..=100) of a sorted slice.
+pub fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted.get(rank.min(sorted.len() - 1)).copied()
+}
