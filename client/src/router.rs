@@ -11,6 +11,7 @@
 //! node accepts any request and forwards it, so the fallbacks are correct,
 //! only one hop slower.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,9 @@ pub(crate) struct Router {
     pub(crate) pool: NodePool,
     map: RwLock<PartitionMap>,
     last_refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// A background refresh is scheduled: at most one task at a time, however
+    /// many failures ask for one.
+    refresh_scheduled: AtomicBool,
 }
 
 impl Router {
@@ -61,6 +65,7 @@ impl Router {
             pool,
             map: RwLock::new(PartitionMap::default()),
             last_refresh: tokio::sync::Mutex::new(None),
+            refresh_scheduled: AtomicBool::new(false),
         });
         router.refresh(true).await?;
         Ok(router)
@@ -144,10 +149,14 @@ impl Router {
 
     /// Starts a refresh in the background (coalesced, rate-limited).
     pub(crate) fn refresh_soon(self: &Arc<Self>) {
+        if self.refresh_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let router = self.clone();
         tokio::spawn(async move {
             // A failed refresh keeps the old map; the next failure retries.
             let _ = router.refresh(false).await;
+            router.refresh_scheduled.store(false, Ordering::Release);
         });
     }
 

@@ -9,7 +9,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::BasicNode;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::cluster_server::Cluster;
-use tally_proto::v1::{DigestRequest, DigestResponse, PartitionDigest, InitializeRequest, InitializeResponse, NodeInfo, PartitionInfo, StatusRequest, StatusResponse};
+use tally_proto::v1::{RebalanceRequest, RebalanceResponse, TransferLeaderRequest, TransferLeaderResponse, DigestRequest, DigestResponse, PartitionDigest, InitializeRequest, InitializeResponse, NodeInfo, PartitionInfo, StatusRequest, StatusResponse};
 use tonic::{Request, Response, Status};
 
 use crate::meta::{ClusterMap, DEFAULT_PARTITIONS, MAX_PARTITIONS};
@@ -68,6 +68,47 @@ impl Cluster for ClusterService {
         Ok(Response::new(DigestResponse { node_id: self.node.id, partitions }))
     }
 
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let req = request.into_inner();
+        let map = self.node.map();
+        if req.partition >= map.partition_count {
+            return Err(Status::invalid_argument(format!("partition: {} is not below {}", req.partition, map.partition_count)));
+        }
+        if !map.replicas_of(req.partition).contains(&req.node_id) {
+            return Err(Status::invalid_argument(format!(
+                "node_id: node {} holds no replica of partition {} (replicas {:?})",
+                req.node_id,
+                req.partition,
+                map.replicas_of(req.partition)
+            )));
+        }
+        let leader = transfer_leadership(&self.node, req.partition, req.node_id).await?;
+        Ok(Response::new(TransferLeaderResponse { leader_node_id: leader }))
+    }
+
+    async fn rebalance(&self, _request: Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
+        let map = self.node.map();
+        let mut response = RebalanceResponse::default();
+        for partition in 0..map.partition_count {
+            let Some(&preferred) = map.replicas_of(partition).first() else { continue };
+            let current = self
+                .node
+                .partition(partition)
+                .and_then(|r| r.raft.metrics().borrow_watched().current_leader);
+            if current == Some(preferred) {
+                continue;
+            }
+            match transfer_leadership(&self.node, partition, preferred).await {
+                Ok(l) if l == preferred => response.moved += 1,
+                Ok(_) | Err(_) => response.failed += 1,
+            }
+        }
+        Ok(Response::new(response))
+    }
+
     async fn initialize(&self, request: Request<InitializeRequest>) -> Result<Response<InitializeResponse>, Status> {
         let req = request.into_inner();
         let nodes: BTreeMap<NodeId, String> = req.nodes.iter().map(|n| (n.node_id, n.addr.clone())).collect();
@@ -116,4 +157,36 @@ impl Cluster for ClusterService {
         tracing::info!(nodes = nodes.len(), partitions, "cluster initialised");
         Ok(Response::new(InitializeResponse { already_initialized: false }))
     }
+}
+
+/// Ask the partition's leader to hand over to `to`, and wait (bounded) until
+/// this node sees the new leader. Returns the leader it saw last.
+async fn transfer_leadership(node: &Arc<Node>, partition: u32, to: NodeId) -> Result<NodeId, Status> {
+    let replica = node.partition(partition);
+    let leader = replica.as_ref().and_then(|r| r.raft.metrics().borrow_watched().current_leader);
+    match (&replica, leader) {
+        (_, Some(l)) if l == to => return Ok(l),
+        (Some(r), Some(l)) if l == node.id => {
+            r.raft.trigger().transfer_leader(to).await.map_err(|e| Status::internal(e.to_string()))?;
+        }
+        (_, Some(l)) => {
+            // Only the leader can hand over: ask it.
+            let addr = node.addr_of(l).ok_or_else(|| Status::unavailable(format!("leader {l} has no address")))?;
+            let channel = node.peers.channel(l, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
+            let resp = ClusterClient::new(channel)
+                .transfer_leader(TransferLeaderRequest { partition, node_id: to })
+                .await?
+                .into_inner();
+            return Ok(resp.leader_node_id);
+        }
+        (_, None) => return Err(Status::unavailable(format!("partition {partition} has no leader right now; retry"))),
+    }
+    let Some(r) = replica else { return Err(Status::unavailable("replica closed")) };
+    let seen = r
+        .raft
+        .wait(Some(Duration::from_secs(5)))
+        .metrics(|m| m.current_leader == Some(to), "leadership transferred")
+        .await
+        .map_err(|e| Status::unavailable(format!("partition {partition}: leadership did not move to node {to}: {e}")))?;
+    Ok(seen.current_leader.unwrap_or(0))
 }

@@ -22,6 +22,7 @@ use crate::storage::read::{read_series, read_stats};
 /// Most buckets one series answer may hold.
 pub const MAX_SERIES_BUCKETS: usize = 10_000;
 const FORWARDED: &str = "x-tally-forwarded";
+const READ_INDEX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct QueryService {
     node: Arc<Node>,
@@ -43,10 +44,10 @@ impl QueryService {
             }
             let leader = replica.raft.metrics().borrow_watched().current_leader;
             if leader == Some(self.node.id) {
-                replica
-                    .raft
-                    .ensure_linearizable(ReadPolicy::ReadIndex)
+                // Without a quorum the read-index round never completes.
+                tokio::time::timeout(READ_INDEX_TIMEOUT, replica.raft.ensure_linearizable(ReadPolicy::ReadIndex))
                     .await
+                    .map_err(|_| Status::unavailable(format!("partition {partition}: no quorum for a linearizable read; retry or read STALE")))?
                     .map_err(|e| Status::unavailable(format!("partition {partition}: {e}")))?;
                 return Ok(Ok(replica));
             }
