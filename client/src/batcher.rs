@@ -43,6 +43,14 @@ pub(crate) struct EpochToken {
     done: Option<oneshot::Sender<()>>,
 }
 
+#[cfg(test)]
+impl EpochToken {
+    /// A token of no epoch, for unit tests of delivery.
+    pub(crate) fn detached() -> Arc<EpochToken> {
+        Arc::new(EpochToken { done: None })
+    }
+}
+
 impl Drop for EpochToken {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
@@ -121,7 +129,7 @@ impl Batcher {
     pub(crate) async fn send(&self, event: Event, reply: oneshot::Sender<Outcome>) -> Result<()> {
         let permit = self.permits.acquire().await.map_err(|_| ClientError::Closed)?;
         let epoch = self.lock_epochs().current.clone();
-        let item = Item { event, reply: Some(reply), ambiguous: false, _epoch: epoch };
+        let item = Item { event, reply: Some(reply), _epoch: epoch };
         self.commands.send(Command::Event(item)).await.map_err(|_| ClientError::Closed)?;
         // From here the delivery task returns the permit when the event is
         // resolved. (Cancelled before this line, the permit is dropped and

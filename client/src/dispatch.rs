@@ -12,6 +12,10 @@
 //! Why retrying ingest is safe: every event carries an id (the client fills
 //! in missing ones), so an event that was in fact committed before its
 //! answer got lost comes back as a duplicate instead of being counted again.
+//!
+//! Every answer says which events were accepted, which were duplicates
+//! (`duplicate_indexes`) and which were rejected (`rejected`), by index in
+//! the request, so each event's [`Outcome`] is exact.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,15 +34,16 @@ use crate::router::{Route, Router};
 pub(crate) struct Item {
     pub(crate) event: Event,
     pub(crate) reply: Option<oneshot::Sender<Outcome>>,
-    /// An earlier attempt may have stored it (its answer was lost), so a
-    /// later "duplicate" may be this event's own first write.
-    pub(crate) ambiguous: bool,
     /// Keeps the flush epoch the event was sent in open until it resolves.
     pub(crate) _epoch: Arc<crate::batcher::EpochToken>,
 }
 
 impl Item {
-    fn resolve(mut self, outcome: Outcome) {
+    /// Returns the event's buffer slot, then its outcome. In this order:
+    /// resolving drops the item's epoch token, which may end a `flush`, and
+    /// the caller of `flush` must then see the slot free.
+    fn resolve(mut self, outcome: Outcome, permits: &Semaphore) {
+        permits.add_permits(1);
         if let Some(reply) = self.reply.take() {
             // The caller may have dropped its ticket; that is allowed.
             let _ = reply.send(outcome);
@@ -145,10 +150,8 @@ pub(crate) async fn deliver(
                                 router.refresh_soon();
                             }
                             // The request may have been applied before the
-                            // answer was lost.
-                            for item in &mut items {
-                                item.ambiguous = true;
-                            }
+                            // answer was lost: the retry then reports those
+                            // events as duplicates.
                             ClientError::rpc(node.addr(), &status).to_string()
                         }
                     },
@@ -170,16 +173,15 @@ pub(crate) async fn deliver(
 }
 
 fn resolve_all(items: Vec<Item>, permits: &Semaphore, outcome: impl Fn(&Item) -> Outcome) {
-    let n = items.len();
     for item in items {
         let o = outcome(&item);
-        item.resolve(o);
+        item.resolve(o, permits);
     }
-    permits.add_permits(n);
 }
 
 /// Resolves the items an answer settled; returns those to retry and the
-/// reason they need it.
+/// reason they need it. `items` are in request order, so an index in the
+/// answer is an index into `items`.
 fn settle(items: Vec<Item>, answer: &IngestResponse, permits: &Semaphore) -> (Vec<Item>, String) {
     let mut rejection = vec![None; items.len()];
     for r in &answer.rejected {
@@ -187,30 +189,95 @@ fn settle(items: Vec<Item>, answer: &IngestResponse, permits: &Semaphore) -> (Ve
             *slot = Some(r);
         }
     }
+    let mut duplicate = vec![false; items.len()];
+    for &i in &answer.duplicate_indexes {
+        if let Some(slot) = duplicate.get_mut(i as usize) {
+            *slot = true;
+        }
+    }
     let mut retry = Vec::new();
     let mut last = String::new();
-    let mut resolved = 0;
-    for (item, rejected) in items.into_iter().zip(rejection) {
+    for ((item, rejected), duplicate) in items.into_iter().zip(rejection).zip(duplicate) {
         match rejected {
             Some(r) if r.retryable => {
                 last.clone_from(&r.reason);
                 retry.push(item);
             }
-            Some(r) => {
-                resolved += 1;
-                item.resolve(Outcome::Rejected { field: r.field.clone(), reason: r.reason.clone() });
-            }
-            None => {
-                resolved += 1;
-                let outcome = match (answer.accepted, answer.duplicates) {
-                    (_, 0) => Outcome::Accepted,
-                    (0, _) if !item.ambiguous => Outcome::Duplicate,
-                    _ => Outcome::Stored,
-                };
-                item.resolve(outcome);
-            }
+            Some(r) => item.resolve(Outcome::Rejected { field: r.field.clone(), reason: r.reason.clone() }, permits),
+            None => item.resolve(if duplicate { Outcome::Duplicate } else { Outcome::Accepted }, permits),
         }
     }
-    permits.add_permits(resolved);
     (retry, last)
+}
+
+#[cfg(test)]
+mod tests {
+    use tally_proto::v1::Rejection;
+
+    use super::*;
+    use crate::batcher::EpochToken;
+
+    fn items(n: usize) -> (Vec<Item>, Vec<oneshot::Receiver<Outcome>>) {
+        (0..n)
+            .map(|i| {
+                let (tx, rx) = oneshot::channel();
+                let event = Event { event_id: vec![i as u8], ..crate::event("e", "view") };
+                (Item { event, reply: Some(tx), _epoch: EpochToken::detached() }, rx)
+            })
+            .unzip()
+    }
+
+    fn rejection(index: u32, retryable: bool) -> Rejection {
+        Rejection { index, field: if retryable { String::new() } else { "event_type".into() }, reason: format!("r{index}"), retryable }
+    }
+
+    #[test]
+    fn every_event_of_a_mixed_batch_gets_its_exact_outcome() {
+        let (items, mut rxs) = items(6);
+        let answer = IngestResponse {
+            accepted: 2,
+            duplicates: 2,
+            rejected: vec![rejection(2, false), rejection(4, true)],
+            leaders: vec![],
+            duplicate_indexes: vec![1, 5],
+        };
+        let permits = Semaphore::new(0);
+        let (retry, last) = settle(items, &answer, &permits);
+        assert_eq!(permits.available_permits(), 5, "every resolved event frees its slot");
+        assert_eq!(retry.len(), 1);
+        assert_eq!(retry[0].event.event_id, vec![4]);
+        assert_eq!(last, "r4");
+        let outcomes: Vec<Option<Outcome>> = rxs.iter_mut().map(|rx| rx.try_recv().ok()).collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                Some(Outcome::Accepted),
+                Some(Outcome::Duplicate),
+                Some(Outcome::Rejected { field: "event_type".into(), reason: "r2".into() }),
+                Some(Outcome::Accepted),
+                None, // to be retried
+                Some(Outcome::Duplicate),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_resent_batch_is_duplicate_per_event() {
+        let (items, mut rxs) = items(3);
+        let answer = IngestResponse { duplicates: 3, duplicate_indexes: vec![0, 1, 2], ..Default::default() };
+        let permits = Semaphore::new(0);
+        let (retry, _) = settle(items, &answer, &permits);
+        assert!(retry.is_empty());
+        assert_eq!(permits.available_permits(), 3);
+        assert!(rxs.iter_mut().all(|rx| rx.try_recv() == Ok(Outcome::Duplicate)));
+    }
+
+    #[test]
+    fn out_of_range_indexes_are_ignored() {
+        let (items, mut rxs) = items(1);
+        let answer = IngestResponse { accepted: 1, duplicate_indexes: vec![7], rejected: vec![rejection(9, false)], ..Default::default() };
+        let (retry, _) = settle(items, &answer, &Semaphore::new(0));
+        assert!(retry.is_empty());
+        assert_eq!(rxs[0].try_recv(), Ok(Outcome::Accepted));
+    }
 }

@@ -5,11 +5,12 @@
 //! reported [`Outcome::Failed`] may or may not have been counted (if it was,
 //! re-sending it with the same id reports a duplicate).
 //!
-//! Accepted versus duplicate is exact when a whole batch had one or the other.
-//! The server's answer gives only the two totals of a batch, not which events
-//! were which, so events of a batch that had both are reported
-//! [`Outcome::Stored`]: counted once, without saying whether by this send.
-//! Totals (see [`IngestSummary`]) are always exact.
+//! Accepted versus duplicate is exact for every event: the server's answer
+//! lists the indexes of the events it recognised as duplicates
+//! (`IngestResponse.duplicate_indexes`), and every other event of the batch
+//! that was not rejected was accepted. An event whose earlier attempt was
+//! stored but whose answer got lost comes back as [`Outcome::Duplicate`] on
+//! the retry: from the server's point of view it *is* a duplicate by then.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,9 +29,6 @@ pub enum Outcome {
     /// within the dedup window, possibly an earlier attempt of this very
     /// send whose answer was lost.
     Duplicate,
-    /// Counted exactly once, but the batch mixed new and duplicate events
-    /// and the server reports only totals.
-    Stored,
     /// Invalid; never counted. `field` names the offending field.
     Rejected {
         /// Field name as spelled in the proto, e.g. `event_type`.
@@ -49,9 +47,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Whether the event is known to be counted (once).
+    /// Whether the event is known to be counted (once): [`Outcome::Accepted`]
+    /// or [`Outcome::Duplicate`].
     pub fn is_stored(&self) -> bool {
-        matches!(self, Outcome::Accepted | Outcome::Duplicate | Outcome::Stored)
+        matches!(self, Outcome::Accepted | Outcome::Duplicate)
     }
 }
 
@@ -62,8 +61,6 @@ pub struct IngestSummary {
     pub accepted: u64,
     /// Recognised as already counted.
     pub duplicates: u64,
-    /// Counted once, new or duplicate unknown (mixed batches).
-    pub stored: u64,
     /// Invalid input.
     pub rejected: u64,
     /// Unconfirmed after retries.
@@ -76,7 +73,6 @@ impl IngestSummary {
         match outcome {
             Outcome::Accepted => self.accepted += 1,
             Outcome::Duplicate => self.duplicates += 1,
-            Outcome::Stored => self.stored += 1,
             Outcome::Rejected { .. } => self.rejected += 1,
             Outcome::Failed { .. } => self.failed += 1,
         }
@@ -84,13 +80,14 @@ impl IngestSummary {
 
     /// Events accounted for.
     pub fn total(&self) -> u64 {
-        self.accepted + self.duplicates + self.stored + self.rejected + self.failed
+        self.accepted + self.duplicates + self.rejected + self.failed
     }
 }
 
-/// Running totals of what the servers answered for this client's batches:
-/// exact, unlike per-event attribution in mixed batches. A retried event
-/// whose first attempt was in fact stored is counted in `duplicates`.
+/// Running totals of what the servers answered for this client's batches,
+/// summed over every answer. They agree with the per-event outcomes: a
+/// retried event whose first attempt was in fact stored (its answer lost) is
+/// counted in `duplicates`, as its [`Outcome::Duplicate`] says.
 #[derive(Debug, Default)]
 pub struct ServerTotals {
     accepted: std::sync::atomic::AtomicU64,

@@ -30,6 +30,25 @@ pub struct PartitionRoute {
     pub term: u64,
     /// Replica node ids.
     pub replicas: Vec<u64>,
+    /// Voters of the partition's Raft group, as reported by the replica
+    /// with the most recent view (highest term, the leader's own report
+    /// preferred); empty when no replica reported. They differ from
+    /// `replicas` while a membership change moves the partition.
+    pub voters: Vec<u64>,
+}
+
+impl PartitionRoute {
+    /// Whether the partition's Raft voters are known and differ from its
+    /// replicas in the cluster map: a membership change is moving it.
+    pub fn changing(&self) -> bool {
+        let sorted = |v: &[u64]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        !self.voters.is_empty() && sorted(&self.voters) != sorted(&self.replicas)
+    }
 }
 
 /// Partition count, nodes and per-partition leaders.
@@ -51,6 +70,8 @@ impl PartitionMap {
             nodes: BTreeMap::new(),
             partitions: vec![PartitionRoute::default(); partition_count as usize],
         };
+        // (term, reported by the leader itself) of the voters taken so far.
+        let mut voters_seen: Vec<Option<(u64, bool)>> = vec![None; partition_count as usize];
         for status in &initialized {
             for node in &status.nodes {
                 if !node.addr.is_empty() {
@@ -61,6 +82,14 @@ impl PartitionMap {
                 let Some(route) = map.partitions.get_mut(p.partition as usize) else { continue };
                 if route.replicas.is_empty() {
                     route.replicas = p.replicas.clone();
+                }
+                if !p.voters.is_empty() {
+                    let rank = (p.term, p.leader_node_id == status.node_id);
+                    let seen = &mut voters_seen[p.partition as usize];
+                    if seen.is_none_or(|s| rank > s) {
+                        *seen = Some(rank);
+                        route.voters = p.voters.clone();
+                    }
                 }
                 // A known leader beats an unknown one; a higher term beats a
                 // lower one (the older report is from before an election).
@@ -167,6 +196,7 @@ mod tests {
                     term,
                     commit_index: 0,
                     applied_index: 0,
+                    voters: vec![1, 2, 3],
                 })
                 .collect(),
             metadata_leader_node_id: 1,
@@ -184,6 +214,29 @@ mod tests {
         assert_eq!(map.leader(2), Some((2, "n2:1")));
         assert_eq!(map.leaderless(), 0);
         assert_eq!(map.nodes().count(), 3);
+    }
+
+    #[test]
+    fn merge_takes_the_most_recent_voters() {
+        let mut a = status(1, &[(1, 5), (2, 4)]);
+        let mut b = status(2, &[(1, 5), (2, 4)]);
+        let mut c = status(3, &[(0, 0), (2, 4)]);
+        // Partition 0: node 2's report is as recent but node 1 leads.
+        a.partitions[0].voters = vec![1, 2, 3, 4];
+        b.partitions[0].voters = vec![1, 2, 3];
+        // Partition 1: a report from an older term loses; node 3
+        // holds no replica (reports no voters).
+        b.partitions[1].voters = vec![2, 3, 1];
+        a.partitions[1].voters = vec![4];
+        a.partitions[1].term = 3;
+        c.partitions[1].voters = vec![];
+        let map = PartitionMap::merge(&[a, b, c]).expect("initialised");
+        assert_eq!(map.partitions()[0].voters, vec![1, 2, 3, 4]);
+        assert!(map.partitions()[0].changing());
+        assert_eq!(map.partitions()[1].voters, vec![2, 3, 1]);
+        assert!(!map.partitions()[1].changing(), "same set, other order");
+        let unknown = PartitionRoute { replicas: vec![1, 2, 3], ..Default::default() };
+        assert!(!unknown.changing(), "no voters reported: nothing to say");
     }
 
     #[test]

@@ -1,7 +1,5 @@
 //! Running the `tally` CLI against a test cluster, for tests of what a
-//! user of the command line sees. Used by the `client_*` tests through
-//! `#[path]` (not declared in lib.rs, so the harness's own files stay as
-//! they are).
+//! user of the command line sees (`client_cli` and friends).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -9,14 +7,14 @@ use std::process::Stdio;
 use anyhow::{bail, Context};
 use tokio::io::AsyncWriteExt;
 
-use cluster_tests::TestCluster;
+use crate::TestCluster;
 
 /// The `tally` binary: `TALLY_BIN`, else next to `tallyd`.
 pub fn tally_binary() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("TALLY_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let tallyd = cluster_tests::tallyd_binary()?;
+    let tallyd = crate::tallyd_binary()?;
     let candidate = tallyd.with_file_name("tally");
     if candidate.exists() {
         return Ok(candidate);

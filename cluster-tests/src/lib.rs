@@ -5,6 +5,7 @@
 //! The binary is taken from `TALLYD_BIN`, else from the cargo target
 //! directory the tests were built in (`scripts/test.sh` builds it first).
 
+pub mod cli;
 pub mod ingestor;
 pub mod model;
 pub mod nemesis;
@@ -347,8 +348,8 @@ impl TestCluster {
         self.node(id).map(|n| std::fs::read_to_string(&n.log_path).unwrap_or_default()).unwrap_or_default()
     }
 
-    /// Wait until all live replicas of every partition have applied the same
-    /// index, then return each node's (partition → (applied, digest)).
+    /// Wait until, for every partition, all live replicas report the same
+    /// applied index; returns each node's (partition → (applied, digest)).
     pub async fn converged_digests(
         &self,
         timeout: Duration,
@@ -360,11 +361,13 @@ impl TestCluster {
                 let d = self.cluster_client(n.id).await?.digest(DigestRequest { partitions: vec![] }).await?.into_inner();
                 per_node.push((n.id, d.partitions.iter().map(|p| (p.partition, (p.applied_index, p.digest))).collect::<std::collections::BTreeMap<_, _>>()));
             }
-            let converged = per_node.windows(2).all(|w| {
-                w[0].1.iter().all(|(p, (applied, _))| w[1].1.get(p).map(|(a, _)| a) == Some(applied))
-                    && w[0].1.len() == w[1].1.len()
-            });
-            if converged {
+            let mut applied: std::collections::BTreeMap<u32, std::collections::BTreeSet<u64>> = Default::default();
+            for (_, parts) in &per_node {
+                for (p, (a, _)) in parts {
+                    applied.entry(*p).or_default().insert(*a);
+                }
+            }
+            if applied.values().all(|s| s.len() == 1) {
                 return Ok(per_node);
             }
             if Instant::now() > deadline {
@@ -372,6 +375,49 @@ impl TestCluster {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// Every partition's replicas hold identical state (after convergence).
+    /// Returns how many replicas were compared.
+    pub async fn assert_replicas_identical(&self, timeout: Duration) -> anyhow::Result<usize> {
+        let per_node = self.converged_digests(timeout).await?;
+        let mut by_partition: std::collections::BTreeMap<u32, Vec<(u64, u64)>> = Default::default();
+        for (node, parts) in &per_node {
+            for (p, (_, digest)) in parts {
+                by_partition.entry(*p).or_default().push((*node, *digest));
+            }
+        }
+        let mut compared = 0;
+        for (p, digests) in &by_partition {
+            compared += digests.len();
+            anyhow::ensure!(digests.iter().all(|(_, d)| *d == digests[0].1), "partition {p}: replicas differ: {digests:?}");
+        }
+        Ok(compared)
+    }
+
+    /// Start one more node, not part of the cluster yet (for add-node).
+    pub async fn spawn_extra_node(&mut self) -> anyhow::Result<u64> {
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let base = self.nodes.first().and_then(|n| n.data_dir.parent().map(Path::to_path_buf)).context("cluster dir")?;
+        self.nodes.push(TestNode {
+            id,
+            addr,
+            data_dir: base.join(format!("node{id}")),
+            log_path: base.join(format!("node{id}.log")),
+            child: None,
+        });
+        self.spawn(id)?;
+        self.wait_listening(id, Duration::from_secs(30)).await?;
+        Ok(id)
+    }
+
+    /// Delete a stopped node's data directory (a disk lost for good).
+    pub fn wipe(&self, id: u64) -> anyhow::Result<()> {
+        let node = self.node(id)?;
+        anyhow::ensure!(node.child.is_none(), "stop node {id} first");
+        let _ = std::fs::remove_dir_all(&node.data_dir);
+        Ok(())
     }
 }
 

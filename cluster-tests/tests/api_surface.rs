@@ -112,6 +112,7 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!((resp.accepted, resp.duplicates), (0, 1));
+    assert_eq!(resp.duplicate_indexes, vec![0]);
     Ok(())
 }
 

@@ -1,11 +1,11 @@
 //! The `tally` CLI against a real cluster: every command's `--json` output
 //! has the documented shape and the right numbers, files and stdin stream
-//! through `ingest`, and `bench` verifies its own counts.
+//! through `ingest`, `bench` verifies its own counts, and `cluster
+//! transfer-leader` / `cluster rebalance` move leaderships.
 
-#[path = "../src/cli.rs"]
-mod cli;
+use std::time::{Duration, Instant};
 
-use cli::{all_addrs, tally};
+use cluster_tests::cli::{all_addrs, tally};
 use cluster_tests::{ClusterOptions, TestCluster};
 use serde_json::json;
 
@@ -30,6 +30,10 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     assert_eq!(p0["replicas"].as_array().map(Vec::len), Some(3));
     assert_eq!(p0["lag"].as_object().map(|m| m.len()), Some(3), "{p0}");
     assert!(p0["leader"].as_u64().is_some_and(|l| l > 0));
+    // No membership change: every partition's voters are its replicas.
+    assert_eq!(s["changing"], json!(0));
+    assert_eq!(sorted(&p0["voters"]), sorted(&p0["replicas"]), "{p0}");
+    assert_eq!(p0["changing"], json!(false));
     // The human table names every node.
     let table = tally(&addr, &["cluster", "status", "--partitions"], None).await?;
     assert_eq!(table.code, 0);
@@ -135,5 +139,77 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     assert_eq!(j["verify"]["ok"], json!(true));
     let sent = j["sent"].as_u64().unwrap_or(0);
     assert!((600..=1000).contains(&sent), "about 800 events at 400/s for 2 s: {sent}");
+
+    // cluster transfer-leader: move partition 0's leadership to a replica
+    // that is neither its leader nor its preferred leader (the first
+    // replica), so that rebalance has something to move back.
+    let s = tally(&addr, &["--json", "cluster", "status"], None).await?.json()?;
+    let p0 = &s["partitions"][0];
+    let replicas: Vec<u64> = p0["replicas"].as_array().into_iter().flatten().filter_map(|r| r.as_u64()).collect();
+    let (leader, preferred) = (p0["leader"].as_u64().unwrap_or(0), replicas[0]);
+    let target = *replicas.iter().find(|&&r| r != leader && r != preferred).expect("3 replicas");
+    let target_arg = target.to_string();
+    let r = tally(&addr, &["--json", "cluster", "transfer-leader", "0", &target_arg], None).await?;
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.json()?, json!({"partition": 0, "requested": target, "leader": target, "moved": true}));
+    let s = status_until(&addr, |s| s["partitions"][0]["leader"] == json!(target)).await?;
+    assert_eq!(s["partitions"][0]["leader"], json!(target), "status after transfer-leader: {}", s["partitions"][0]);
+    // Asking again is a no-op that still succeeds.
+    let r = tally(&addr, &["--json", "cluster", "transfer-leader", "0", &target_arg], None).await?;
+    assert_eq!((r.code, r.json()?["leader"].clone()), (0, json!(target)), "{}", r.stderr);
+    // Errors: not a replica, no such partition, with context and status 1.
+    let r = tally(&addr, &["--json", "cluster", "transfer-leader", "0", "99"], None).await?;
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.is_empty(), "no JSON on failure: {}", r.stdout);
+    assert!(
+        r.stderr.contains("moving the leadership of partition 0 to node 99") && r.stderr.contains("InvalidArgument"),
+        "{}",
+        r.stderr
+    );
+    let r = tally(&addr, &["cluster", "transfer-leader", "999", &target_arg], None).await?;
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("partition 999") && r.stderr.contains("InvalidArgument"), "{}", r.stderr);
+
+    // cluster rebalance: every partition back on its preferred leader.
+    let r = tally(&addr, &["--json", "cluster", "rebalance"], None).await?;
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let j = r.json()?;
+    assert_eq!(j.as_object().map(|o| o.len()), Some(2), "{j}");
+    assert!(j["moved"].as_u64().is_some_and(|m| m >= 1), "partition 0 at least: {j}");
+    assert_eq!(j["failed"], json!(0));
+    let on_preferred = |s: &serde_json::Value| {
+        s["partitions"].as_array().is_some_and(|ps| ps.iter().all(|p| p["leader"] == p["replicas"][0]))
+    };
+    let s = status_until(&addr, on_preferred).await?;
+    assert!(on_preferred(&s), "every partition led by its first replica: {}", s["partitions"]);
+    let leads: Vec<u64> = s["nodes"].as_array().into_iter().flatten().filter_map(|n| n["leads"].as_u64()).collect();
+    assert_eq!(leads.iter().sum::<u64>(), 8, "{leads:?}");
+    // Balanced already: nothing to move.
+    let j = tally(&addr, &["--json", "cluster", "rebalance"], None).await?.json()?;
+    assert_eq!(j, json!({"moved": 0, "failed": 0}));
+    // The readable forms.
+    let r = tally(&addr, &["cluster", "transfer-leader", "0", &target_arg], None).await?;
+    assert_eq!(r.stdout.trim(), format!("partition 0: node {target} leads"), "{}", r.stderr);
+    let r = tally(&addr, &["cluster", "rebalance"], None).await?;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("leadership moved for 1 partitions"), "{}", r.stdout);
     Ok(())
+}
+
+fn sorted(v: &serde_json::Value) -> Vec<u64> {
+    let mut v: Vec<u64> = v.as_array().into_iter().flatten().filter_map(|x| x.as_u64()).collect();
+    v.sort_unstable();
+    v
+}
+
+/// `cluster status --json` once `done` holds, or the last one after 10 s.
+async fn status_until(addr: &str, done: impl Fn(&serde_json::Value) -> bool) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = tally(addr, &["--json", "cluster", "status"], None).await?.json()?;
+        if done(&s) || Instant::now() > deadline {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

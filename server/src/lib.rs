@@ -15,6 +15,7 @@ pub mod meta;
 pub mod node;
 pub mod processor;
 pub mod raft;
+pub mod reconciler;
 pub mod server;
 pub mod storage;
 

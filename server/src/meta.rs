@@ -38,6 +38,85 @@ impl ClusterMap {
         ClusterMap { version: 1, nodes, partition_count, replication_factor: rf as u32, replicas }
     }
 
+    /// The map after `id` joins: the new node takes over replicas from the
+    /// most loaded nodes until loads are even, one partition at a time, in
+    /// place (so a partition's preferred leader only changes if it moved).
+    /// Deterministic, so any node computes the same map.
+    pub fn with_node_added(&self, id: NodeId, addr: String) -> ClusterMap {
+        let mut next = self.clone();
+        next.version += 1;
+        next.nodes.insert(id, addr);
+        let mut load = next.loads();
+        let total: usize = load.values().sum();
+        let target = total / next.nodes.len().max(1);
+        for replicas in next.replicas.iter_mut() {
+            if load.get(&id).copied().unwrap_or(0) >= target || replicas.contains(&id) {
+                continue;
+            }
+            // Most loaded replica of this partition; ties go to the higher id.
+            let Some((slot, &from)) = replicas.iter().enumerate().max_by_key(|(_, n)| (load.get(n).copied().unwrap_or(0), **n))
+            else {
+                continue;
+            };
+            if load.get(&from).copied().unwrap_or(0) <= target {
+                continue;
+            }
+            replicas[slot] = id;
+            *load.entry(from).or_default() -= 1;
+            *load.entry(id).or_default() += 1;
+        }
+        next
+    }
+
+    /// The map after `id` leaves: each of its replicas moves to the least
+    /// loaded node not already holding the partition. Fails when too few
+    /// nodes would remain to keep the replication factor.
+    pub fn with_node_removed(&self, id: NodeId) -> Result<ClusterMap, String> {
+        if !self.nodes.contains_key(&id) {
+            return Err(format!("node {id} is not in the cluster"));
+        }
+        if self.nodes.len() <= self.replication_factor as usize {
+            return Err(format!(
+                "removing node {id} would leave {} nodes for replication factor {}; add a node first",
+                self.nodes.len() - 1,
+                self.replication_factor
+            ));
+        }
+        let mut next = self.clone();
+        next.version += 1;
+        next.nodes.remove(&id);
+        let mut load = next.loads();
+        load.remove(&id);
+        for replicas in next.replicas.iter_mut() {
+            let Some(slot) = replicas.iter().position(|n| *n == id) else { continue };
+            let to = next
+                .nodes
+                .keys()
+                .filter(|n| !replicas.contains(n))
+                .min_by_key(|n| (load.get(n).copied().unwrap_or(0), **n))
+                .copied();
+            match to {
+                Some(to) => {
+                    replicas[slot] = to;
+                    *load.entry(to).or_default() += 1;
+                }
+                None => {
+                    replicas.remove(slot);
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// Replicas held per node (every node of the map listed, even at 0).
+    fn loads(&self) -> BTreeMap<NodeId, usize> {
+        let mut load: BTreeMap<NodeId, usize> = self.nodes.keys().map(|n| (*n, 0)).collect();
+        for r in self.replicas.iter().flatten() {
+            *load.entry(*r).or_default() += 1;
+        }
+        load
+    }
+
     pub fn is_initialized(&self) -> bool {
         self.partition_count > 0
     }
@@ -76,6 +155,34 @@ mod tests {
         let mut distinct = map.replicas[5].clone();
         distinct.dedup();
         assert_eq!(distinct.len(), 3);
+    }
+
+    #[test]
+    fn adding_a_node_evens_the_load_and_moves_few_replicas() {
+        let nodes: BTreeMap<_, _> = (1..=3).map(|i| (i, format!("n{i}"))).collect();
+        let map = ClusterMap::initial(nodes, 64, 3);
+        let next = map.with_node_added(4, "n4".into());
+        assert_eq!(next.version, map.version + 1);
+        for node in 1..=4 {
+            assert_eq!(next.partitions_of(node).count(), 48, "node {node}");
+        }
+        let moved: usize = map.replicas.iter().zip(&next.replicas).map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count()).sum();
+        assert_eq!(moved, 48, "only the new node's share moves");
+        assert!(next.replicas.iter().all(|r| { let mut s = r.clone(); s.sort(); s.dedup(); s.len() == 3 }));
+    }
+
+    #[test]
+    fn removing_a_node_moves_its_replicas_to_the_others() {
+        let nodes: BTreeMap<_, _> = (1..=4).map(|i| (i, format!("n{i}"))).collect();
+        let map = ClusterMap::initial(nodes, 64, 3);
+        let next = map.with_node_removed(2).unwrap();
+        assert!(next.replicas.iter().all(|r| r.len() == 3 && !r.contains(&2)));
+        for node in [1, 3, 4] {
+            assert_eq!(next.partitions_of(node).count(), 64, "node {node}");
+        }
+        let three = ClusterMap::initial((1..=3).map(|i| (i, format!("n{i}"))).collect(), 8, 3);
+        assert!(three.with_node_removed(1).unwrap_err().contains("add a node first"));
+        assert!(three.with_node_removed(9).is_err());
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct Node {
     partitions: RwLock<HashMap<u32, Arc<PartitionReplica>>>,
     /// Serialises group creation so two map updates never open one group twice.
     opening: tokio::sync::Mutex<()>,
+    /// Serialises membership changes coordinated by this node.
+    pub admin: tokio::sync::Mutex<()>,
 }
 
 impl Node {
@@ -90,9 +92,11 @@ impl Node {
             cluster_map: map_rx,
             partitions: RwLock::default(),
             opening: tokio::sync::Mutex::new(()),
+            admin: tokio::sync::Mutex::new(()),
         });
         node.clone().sync_groups_with_map().await?;
         tokio::spawn(node.clone().follow_cluster_map());
+        crate::reconciler::spawn(node.clone());
         Ok(node)
     }
 
@@ -138,7 +142,10 @@ impl Node {
                     .await
                     .with_context(|| format!("opening partition {partition}"))?;
             let replicas = map.replicas_of(partition);
-            if replicas.first() == Some(&self.id) && !raft.is_initialized().await.unwrap_or(true) {
+            // Only the first map creates groups. Replicas placed by later maps
+            // join existing groups as learners (see reconciler); initialising
+            // them here would start a second, divergent group.
+            if map.version == 1 && replicas.first() == Some(&self.id) && !raft.is_initialized().await.unwrap_or(true) {
                 let members: BTreeMap<NodeId, BasicNode> = replicas
                     .iter()
                     .filter_map(|id| map.addr_of(*id).map(|addr| (*id, BasicNode::new(addr))))
@@ -173,6 +180,20 @@ impl Node {
             dedup_window_ms: self.config.dedup_window_secs * 1000,
             ..Default::default()
         }
+    }
+
+    /// Stop and forget a replica this node no longer holds, deleting its data.
+    pub async fn drop_partition(&self, partition: u32) -> anyhow::Result<()> {
+        let _guard = self.opening.lock().await;
+        let replica = self.partitions.write().ok().and_then(|mut m| m.remove(&partition));
+        let Some(replica) = replica else { return Ok(()) };
+        let _ = replica.raft.shutdown().await;
+        let group = group_of_partition(partition);
+        LogStore::new(self.engine.clone(), group).delete_all()?;
+        crate::storage::state_machine::delete_group_state(&self.engine, group)?;
+        let _ = std::fs::remove_dir_all(self.snapshot_root().join(format!("g{group}")));
+        tracing::info!(partition, "replica removed from this node");
+        Ok(())
     }
 
     /// Raft instance of a group, for the internal Raft service.

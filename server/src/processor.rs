@@ -69,7 +69,9 @@ pub struct IngestJob {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProposeOutcome {
-    Done { accepted: u32, duplicates: u32 },
+    /// `duplicates` holds the positions, within the job's events, of the
+    /// events that were already counted.
+    Done { accepted: u32, duplicates: Vec<u32> },
     NotLeader { leader: Option<NodeId> },
     Unavailable(String),
 }
@@ -142,7 +144,7 @@ async fn wait_until_ready_leader(
 
 /// One proposal: the jobs it answers and what each contributed.
 struct Proposal {
-    jobs: Vec<(oneshot::Sender<ProposeOutcome>, u32, u32)>,
+    jobs: Vec<(oneshot::Sender<ProposeOutcome>, u32, Vec<u32>)>,
     keys: Vec<u128>,
     command: Command,
 }
@@ -274,12 +276,12 @@ fn build_proposal(
     let mut answered = Vec::with_capacity(jobs.len());
     let index = dedup.lock();
     for job in jobs {
-        let (mut accepted, mut duplicates) = (0u32, 0u32);
-        for event in job.events {
+        let (mut accepted, mut duplicates) = (0u32, Vec::new());
+        for (position, event) in job.events.into_iter().enumerate() {
             if !event.event_id.is_empty() {
                 let key = dedup_key(&event.entity_id, &event.event_type, &event.event_id);
                 if index.contains(&key) || !pending.insert(key) {
-                    duplicates += 1;
+                    duplicates.push(position as u32);
                     continue;
                 }
                 keys.push(key);
@@ -338,8 +340,8 @@ mod tests {
             },
         ];
         let p = build_proposal(&index, &mut pending, jobs, &ProcessorConfig::default());
-        let counts: Vec<(u32, u32)> = p.jobs.iter().map(|(_, a, d)| (*a, *d)).collect();
-        assert_eq!(counts, vec![(2, 2), (2, 1)]);
+        let counts: Vec<(u32, Vec<u32>)> = p.jobs.iter().map(|(_, a, d)| (*a, d.clone())).collect();
+        assert_eq!(counts, vec![(2, vec![2, 3]), (2, vec![0])]);
         let Command::Ingest(batch) = p.command else { panic!("not an ingest") };
         let mut deltas: Vec<_> = batch.deltas.iter().map(|d| (d.minute_ms, d.count, d.sum)).collect();
         deltas.sort();

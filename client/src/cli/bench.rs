@@ -365,7 +365,6 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         let o = r.outcomes;
         outcomes.accepted += o.accepted;
         outcomes.duplicates += o.duplicates;
-        outcomes.stored += o.stored;
         outcomes.rejected += o.rejected;
         outcomes.failed += o.failed;
         resent += r.resent;
@@ -412,12 +411,13 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
             if args.rate > 0.0 { "  (corrected for coordinated omission)" } else { "" }
         );
         println!(
-            "server totals: accepted {}, duplicates {}; per event: {} stored, {} rejected, {} failed",
-            client.totals().accepted(),
-            client.totals().duplicates(),
-            outcomes.accepted + outcomes.duplicates + outcomes.stored,
+            "outcomes: accepted {}, duplicates {}, rejected {}, failed {} (server totals: accepted {}, duplicates {})",
+            outcomes.accepted,
+            outcomes.duplicates,
             outcomes.rejected,
-            outcomes.failed
+            outcomes.failed,
+            client.totals().accepted(),
+            client.totals().duplicates()
         );
         if let Some(v) = &report["verify"].as_object() {
             if v.get("ok") == Some(&json!(true)) {

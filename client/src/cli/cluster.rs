@@ -1,10 +1,19 @@
-//! `tally cluster init | status | wait`.
+//! `tally cluster init | status | wait | transfer-leader | rebalance |
+//! add-node | remove-node`.
 //!
 //! `status` asks every node, not just `--addr`: a node only knows the
 //! leaders of the partitions it replicates, and only the node itself knows
 //! how far its replicas have applied. Merging all answers gives the leader
 //! of every partition and each replica's lag (the leader's commit index
-//! minus the replica's applied index, in log entries).
+//! minus the replica's applied index, in log entries). It also shows each
+//! partition's Raft voters, which differ from its replicas while a
+//! membership change (`add-node`, `remove-node`) is moving it.
+//!
+//! The changing commands call one node (the first of `--addr` that accepts
+//! a connection), which forwards to whoever must act: the partition's leader
+//! for `transfer-leader`, the metadata leader for `add-node` and
+//! `remove-node`. They are not retried automatically (a membership change
+//! must not run twice); each has a `--timeout` for the whole call.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -13,7 +22,10 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use serde_json::json;
 use tally_proto::v1::cluster_client::ClusterClient;
-use tally_proto::v1::{InitializeRequest, NodeInfo, StatusRequest, StatusResponse};
+use tally_proto::v1::{
+    AddNodeRequest, InitializeRequest, NodeInfo, RebalanceRequest, RemoveNodeRequest, StatusRequest, StatusResponse,
+    TransferLeaderRequest,
+};
 
 use super::table::Table;
 use super::{print_json, Cli};
@@ -46,6 +58,38 @@ pub enum ClusterCommand {
         #[arg(long, default_value = "60s")]
         timeout: humantime::Duration,
     },
+    /// Move a partition's leadership to one of its replicas.
+    TransferLeader {
+        /// The partition.
+        partition: u32,
+        /// The node to lead it (one of its replicas).
+        node: u64,
+        /// Give up after this long.
+        #[arg(long, default_value = "30s")]
+        timeout: humantime::Duration,
+    },
+    /// Move leaderships so every node leads an even share of the partitions.
+    Rebalance {
+        /// Give up after this long.
+        #[arg(long, default_value = "5m")]
+        timeout: humantime::Duration,
+    },
+    /// Add a running, empty node; returns once its replicas have caught up.
+    AddNode {
+        /// The new node's address, HOST:PORT (its id is read from the node).
+        addr: String,
+        /// Give up after this long (moving replicas can take minutes).
+        #[arg(long, default_value = "5m")]
+        timeout: humantime::Duration,
+    },
+    /// Move every replica off a node, then drop it from the cluster.
+    RemoveNode {
+        /// The node's id.
+        id: u64,
+        /// Give up after this long (moving replicas can take minutes).
+        #[arg(long, default_value = "5m")]
+        timeout: humantime::Duration,
+    },
 }
 
 pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i32> {
@@ -55,7 +99,121 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
         }
         ClusterCommand::Status { partitions } => status(cli, *partitions).await,
         ClusterCommand::Wait { timeout } => wait(cli, **timeout).await,
+        ClusterCommand::TransferLeader { partition, node, timeout } => {
+            transfer_leader(cli, *partition, *node, **timeout).await
+        }
+        ClusterCommand::Rebalance { timeout } => rebalance(cli, **timeout).await,
+        ClusterCommand::AddNode { addr, timeout } => add_node(cli, addr, **timeout).await,
+        ClusterCommand::RemoveNode { id, timeout } => remove_node(cli, *id, **timeout).await,
     }
+}
+
+/// A cluster stub on the first seed that accepts a connection, and its
+/// address.
+async fn admin_client(cli: &Cli) -> anyhow::Result<(String, ClusterClient<tonic::transport::Channel>)> {
+    let mut errors = Vec::new();
+    for addr in cli.seeds() {
+        match crate::connect(&addr).await {
+            Ok(channel) => return Ok((addr, ClusterClient::new(channel))),
+            Err(e) => errors.push(format!("{addr}: {e}")),
+        }
+    }
+    if errors.is_empty() {
+        bail!("--addr is empty");
+    }
+    bail!("no node could be reached: {}", errors.join("; "))
+}
+
+/// Runs one admin call bounded by `timeout` (also sent as the gRPC
+/// deadline), turning a gRPC error into a readable one.
+async fn admin_call<T, F, Fut>(
+    cli: &Cli,
+    what: &str,
+    timeout: Duration,
+    f: F,
+) -> anyhow::Result<T>
+where
+    F: FnOnce(ClusterClient<tonic::transport::Channel>, Duration) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let (addr, client) = admin_client(cli).await?;
+    match tokio::time::timeout(timeout, f(client, timeout)).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(anyhow::Error::new(crate::ClientError::Rpc {
+            addr: addr.clone(),
+            code: status.code(),
+            message: status.message().to_owned(),
+        }))
+        .context(what.to_owned()),
+        Err(_) => bail!("{what}: no answer from {addr} within {}", humantime::format_duration(timeout)),
+    }
+}
+
+/// A request with `timeout` as its gRPC deadline.
+fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+async fn transfer_leader(cli: &Cli, partition: u32, node: u64, timeout: Duration) -> anyhow::Result<i32> {
+    let what = format!("moving the leadership of partition {partition} to node {node}");
+    let resp = admin_call(cli, &what, timeout, |mut c, t| async move {
+        c.transfer_leader(with_deadline(TransferLeaderRequest { partition, node_id: node }, t)).await
+    })
+    .await?;
+    let moved = resp.leader_node_id == node;
+    if cli.json {
+        print_json(&json!({"partition": partition, "requested": node, "leader": resp.leader_node_id, "moved": moved}));
+    } else if moved {
+        println!("partition {partition}: node {node} leads");
+    } else {
+        println!("partition {partition}: leader is node {}", resp.leader_node_id);
+    }
+    if !moved {
+        eprintln!("error: {what}: the leader is node {} when the call returned", resp.leader_node_id);
+    }
+    Ok(if moved { 0 } else { 1 })
+}
+
+async fn rebalance(cli: &Cli, timeout: Duration) -> anyhow::Result<i32> {
+    let resp = admin_call(cli, "rebalancing leaderships", timeout, |mut c, t| async move {
+        c.rebalance(with_deadline(RebalanceRequest {}, t)).await
+    })
+    .await?;
+    if cli.json {
+        print_json(&json!({"moved": resp.moved, "failed": resp.failed}));
+    } else {
+        println!("leadership moved for {} partitions, {} could not be moved", resp.moved, resp.failed);
+    }
+    Ok(if resp.failed == 0 { 0 } else { super::EXIT_PARTIAL })
+}
+
+async fn add_node(cli: &Cli, addr: &str, timeout: Duration) -> anyhow::Result<i32> {
+    let what = format!("adding the node at {addr}");
+    let request = AddNodeRequest { addr: addr.to_owned() };
+    let resp = admin_call(cli, &what, timeout, |mut c, t| async move { c.add_node(with_deadline(request, t)).await })
+        .await?;
+    if cli.json {
+        print_json(&json!({"node_id": resp.node_id, "addr": addr, "replicas_moved": resp.replicas_moved}));
+    } else {
+        println!("node {} ({addr}) added; {} replicas moved to it", resp.node_id, resp.replicas_moved);
+    }
+    Ok(0)
+}
+
+async fn remove_node(cli: &Cli, id: u64, timeout: Duration) -> anyhow::Result<i32> {
+    let what = format!("removing node {id}");
+    let resp = admin_call(cli, &what, timeout, |mut c, t| async move {
+        c.remove_node(with_deadline(RemoveNodeRequest { node_id: id }, t)).await
+    })
+    .await?;
+    if cli.json {
+        print_json(&json!({"node_id": id, "replicas_moved": resp.replicas_moved}));
+    } else {
+        println!("node {id} removed; {} replicas moved off it", resp.replicas_moved);
+    }
+    Ok(0)
 }
 
 async fn raw_client(cli: &Cli) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
@@ -183,7 +341,7 @@ impl StatusView {
                 let commit = indexes.get(&(route.leader, p)).map(|(c, _)| *c);
                 json!({
                     "partition": p, "leader": route.leader, "term": route.term, "replicas": route.replicas,
-                    "commit_index": commit,
+                    "voters": route.voters, "changing": route.changing(), "commit_index": commit,
                     "lag": lags.iter().map(|(n, l)| (n.to_string(), json!(l))).collect::<serde_json::Map<_, _>>(),
                 })
             })
@@ -211,6 +369,7 @@ impl StatusView {
             "metadata_leader": self.reports().map(|s| s.metadata_leader_node_id).find(|id| *id != 0).unwrap_or(0),
             "answered_by": answered.values().collect::<Vec<_>>(),
             "leaderless": map.leaderless(),
+            "changing": map.partitions().iter().filter(|r| r.changing()).count(),
             "nodes": nodes,
             "partitions": partitions,
         })
@@ -228,9 +387,17 @@ impl StatusView {
             return out;
         }
         out.push_str(&format!(
-            "{} partitions, replication factor {}, metadata leader {}, partitions without a leader: {}\n\n",
+            "{} partitions, replication factor {}, metadata leader {}, partitions without a leader: {}\n",
             doc["partition_count"], doc["replication_factor"], doc["metadata_leader"], doc["leaderless"]
         ));
+        if doc["changing"].as_u64().is_some_and(|n| n > 0) {
+            out.push_str(&format!(
+                "membership change in progress: {} partitions have voters other than their replicas{}\n",
+                doc["changing"],
+                if with_partitions { " (marked *)" } else { " (see --partitions)" }
+            ));
+        }
+        out.push('\n');
         let mut nodes = Table::new(["NODE", "ADDR", "UP", "LEADS", "REPLICAS", "MAX_LAG"]);
         for n in doc["nodes"].as_array().into_iter().flatten() {
             nodes.row([
@@ -245,7 +412,13 @@ impl StatusView {
         out.push_str(&nodes.render());
         if with_partitions {
             out.push('\n');
-            let mut parts = Table::new(["PARTITION", "LEADER", "TERM", "COMMIT", "REPLICAS (node:lag)"]);
+            // VOTERS only while a membership change is moving partitions.
+            let any_changing = doc["changing"].as_u64().is_some_and(|n| n > 0);
+            let mut header = vec!["PARTITION", "LEADER", "TERM", "COMMIT", "REPLICAS (node:lag)"];
+            if any_changing {
+                header.push("VOTERS");
+            }
+            let mut parts = Table::new(header);
             for p in doc["partitions"].as_array().into_iter().flatten() {
                 let lag = p["lag"].as_object();
                 let replicas: Vec<String> = p["replicas"]
@@ -257,13 +430,24 @@ impl StatusView {
                         format!("{r}:{}", l.map_or("?".to_owned(), |l| l.to_string()))
                     })
                     .collect();
-                parts.row([
+                let changing = p["changing"] == json!(true);
+                let voters = if changing {
+                    let v: Vec<String> = p["voters"].as_array().into_iter().flatten().map(|v| v.to_string()).collect();
+                    format!("{} *", v.join(","))
+                } else {
+                    String::new()
+                };
+                let mut row = vec![
                     p["partition"].to_string(),
                     if p["leader"] == json!(0) { "-".to_owned() } else { p["leader"].to_string() },
                     p["term"].to_string(),
                     p["commit_index"].as_u64().map_or("-".to_owned(), |c| c.to_string()),
                     replicas.join(" "),
-                ]);
+                ];
+                if any_changing {
+                    row.push(voters);
+                }
+                parts.row(row);
             }
             out.push_str(&parts.render());
         }
@@ -308,4 +492,52 @@ async fn status(cli: &Cli, with_partitions: bool) -> anyhow::Result<i32> {
     // Success when some node answered, initialised or not: scripts probe a
     // freshly started node with this command before `cluster init`.
     Ok(if view.answers.iter().any(|(_, r)| r.is_ok()) { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use tally_proto::v1::PartitionInfo;
+
+    use super::*;
+
+    fn report(node: u64, voters0: Vec<u64>) -> StatusResponse {
+        StatusResponse {
+            node_id: node,
+            initialized: true,
+            partition_count: 2,
+            replication_factor: 3,
+            nodes: (1..=4).map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true }).collect(),
+            partitions: vec![
+                PartitionInfo { partition: 0, replicas: vec![1, 2, 4], leader_node_id: 1, term: 2, voters: voters0, ..Default::default() },
+                PartitionInfo { partition: 1, replicas: vec![2, 3, 1], leader_node_id: 2, term: 2, voters: vec![1, 2, 3], ..Default::default() },
+            ],
+            metadata_leader_node_id: 1,
+        }
+    }
+
+    fn view(reports: Vec<StatusResponse>) -> StatusView {
+        let map = PartitionMap::merge(&reports);
+        StatusView { answers: reports.into_iter().map(|r| (format!("n{}:1", r.node_id), Ok(r))).collect(), map }
+    }
+
+    #[test]
+    fn status_shows_voters_and_marks_membership_changes() {
+        let v = view(vec![report(1, vec![1, 2, 3, 4])]);
+        let doc = v.to_json();
+        assert_eq!(doc["partitions"][0]["voters"], json!([1, 2, 3, 4]));
+        assert_eq!(doc["partitions"][0]["changing"], json!(true));
+        assert_eq!(doc["partitions"][1]["voters"], json!([1, 2, 3]));
+        assert_eq!(doc["partitions"][1]["changing"], json!(false));
+        assert_eq!(doc["changing"], json!(1));
+        let text = v.render(true);
+        assert!(text.contains("membership change in progress: 1 partitions"), "{text}");
+        assert!(text.contains("VOTERS") && text.contains("1,2,3,4 *"), "{text}");
+        assert!(v.render(false).contains("(see --partitions)"));
+
+        // Settled: no mark, no column.
+        let v = view(vec![report(1, vec![4, 2, 1])]);
+        assert_eq!(v.to_json()["changing"], json!(0));
+        let text = v.render(true);
+        assert!(!text.contains("VOTERS") && !text.contains("membership change"), "{text}");
+    }
 }

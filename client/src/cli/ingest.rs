@@ -293,9 +293,8 @@ pub(crate) async fn run(cli: &Cli, args: &IngestArgs) -> anyhow::Result<i32> {
     bar.finish_and_clear();
 
     let s = collected.summary;
-    // Exact server totals; per-event outcomes cannot always tell accepted
-    // from duplicate (see `Outcome::Stored`).
-    let (accepted, duplicates) = (client.totals().accepted(), client.totals().duplicates());
+    // Per-event outcomes are exact (and agree with `client.totals()`).
+    let (accepted, duplicates) = (s.accepted, s.duplicates);
     let elapsed = started.elapsed();
     if cli.json {
         print_json(&json!({

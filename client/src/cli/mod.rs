@@ -6,8 +6,9 @@
 //! with exactly one JSON document on stdout (progress bars and notes go to
 //! stderr and are hidden when it is not a terminal); times accept `now`,
 //! relative offsets (`-1h`, `+5m`), RFC 3339 or epoch milliseconds. Exit
-//! status: 0 success, 1 error, 2 when some events were rejected or failed,
-//! 3 when `bench` verification found a mismatch.
+//! status: 0 success, 1 error, 2 when some events were rejected or failed
+//! (or `cluster rebalance` could not move every leadership), 3 when `bench`
+//! verification found a mismatch.
 //!
 //! This module is the CLI's implementation, not a stable library API.
 
@@ -19,7 +20,8 @@ pub mod table;
 
 use clap::{Parser, Subcommand};
 
-/// Exit status for "ran, but some events were rejected or failed".
+/// Exit status for "ran, but some events were rejected or failed" (or, for
+/// `cluster rebalance`, some leaderships could not be moved).
 pub const EXIT_PARTIAL: i32 = 2;
 /// Exit status for a failed `bench` verification.
 pub const EXIT_MISMATCH: i32 = 3;
@@ -42,7 +44,7 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Cluster administration: init, status, wait.
+    /// Cluster administration: init, status, wait, leaderships, membership.
     Cluster {
         #[allow(missing_docs)]
         #[command(subcommand)]

@@ -9,7 +9,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::BasicNode;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::cluster_server::Cluster;
-use tally_proto::v1::{RebalanceRequest, RebalanceResponse, TransferLeaderRequest, TransferLeaderResponse, DigestRequest, DigestResponse, PartitionDigest, InitializeRequest, InitializeResponse, NodeInfo, PartitionInfo, StatusRequest, StatusResponse};
+use tally_proto::v1::{AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, RebalanceRequest, RebalanceResponse, TransferLeaderRequest, TransferLeaderResponse, DigestRequest, DigestResponse, PartitionDigest, InitializeRequest, InitializeResponse, NodeInfo, PartitionInfo, StatusRequest, StatusResponse};
 use tonic::{Request, Response, Status};
 
 use crate::meta::{ClusterMap, DEFAULT_PARTITIONS, MAX_PARTITIONS};
@@ -29,28 +29,7 @@ impl ClusterService {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let map = self.node.map();
-        let mut partitions = Vec::with_capacity(map.partition_count as usize);
-        for p in 0..map.partition_count {
-            let mut info = PartitionInfo { partition: p, replicas: map.replicas_of(p).to_vec(), ..Default::default() };
-            if let Some(replica) = self.node.partition(p) {
-                let m = replica.raft.metrics().borrow_watched().clone();
-                info.leader_node_id = m.current_leader.unwrap_or(0);
-                info.term = m.current_term;
-                info.commit_index = m.cluster_committed.map(|l| l.index).unwrap_or(0);
-                info.applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
-            }
-            partitions.push(info);
-        }
-        Ok(Response::new(StatusResponse {
-            node_id: self.node.id,
-            initialized: map.is_initialized(),
-            partition_count: map.partition_count,
-            replication_factor: map.replication_factor,
-            nodes: map.nodes.iter().map(|(id, addr)| NodeInfo { node_id: *id, addr: addr.clone(), reachable: *id == self.node.id }).collect(),
-            partitions,
-            metadata_leader_node_id: self.node.metadata_leader().unwrap_or(0),
-        }))
+        Ok(Response::new(local_status(&self.node)))
     }
 
     async fn digest(&self, request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
@@ -107,6 +86,14 @@ impl Cluster for ClusterService {
             }
         }
         Ok(Response::new(response))
+    }
+
+    async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<AddNodeResponse>, Status> {
+        Ok(Response::new(super::membership::add_node(&self.node, request.into_inner()).await?))
+    }
+
+    async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
+        Ok(Response::new(super::membership::remove_node(&self.node, request.into_inner()).await?))
     }
 
     async fn initialize(&self, request: Request<InitializeRequest>) -> Result<Response<InitializeResponse>, Status> {
@@ -189,4 +176,32 @@ async fn transfer_leadership(node: &Arc<Node>, partition: u32, to: NodeId) -> Re
         .await
         .map_err(|e| Status::unavailable(format!("partition {partition}: leadership did not move to node {to}: {e}")))?;
     Ok(seen.current_leader.unwrap_or(0))
+}
+
+/// This node's view: the cluster map plus, for partitions it replicates, the
+/// Raft state it sees.
+pub fn local_status(node: &Arc<Node>) -> StatusResponse {
+    let map = node.map();
+    let mut partitions = Vec::with_capacity(map.partition_count as usize);
+    for p in 0..map.partition_count {
+        let mut info = PartitionInfo { partition: p, replicas: map.replicas_of(p).to_vec(), ..Default::default() };
+        if let Some(replica) = node.partition(p) {
+            let m = replica.raft.metrics().borrow_watched().clone();
+            info.leader_node_id = m.current_leader.unwrap_or(0);
+            info.term = m.current_term;
+            info.commit_index = m.cluster_committed.map(|l| l.index).unwrap_or(0);
+            info.applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
+            info.voters = m.membership_config.voter_ids().collect();
+        }
+        partitions.push(info);
+    }
+    StatusResponse {
+        node_id: node.id,
+        initialized: map.is_initialized(),
+        partition_count: map.partition_count,
+        replication_factor: map.replication_factor,
+        nodes: map.nodes.iter().map(|(id, addr)| NodeInfo { node_id: *id, addr: addr.clone(), reachable: *id == node.id }).collect(),
+        partitions,
+        metadata_leader_node_id: node.metadata_leader().unwrap_or(0),
+    }
 }

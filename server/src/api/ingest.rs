@@ -110,6 +110,9 @@ impl Ingest for IngestService {
             if outcome.status == ProposeStatus::Ok as i32 {
                 response.accepted += outcome.accepted;
                 response.duplicates += outcome.duplicates;
+                response
+                    .duplicate_indexes
+                    .extend(outcome.duplicate_positions.iter().filter_map(|p| indexes.get(*p as usize).copied()));
             } else {
                 let reason = if outcome.message.is_empty() {
                     format!("partition {partition} has no reachable leader; retry with the same event_id")
@@ -125,6 +128,7 @@ impl Ingest for IngestService {
             }
         }
         response.rejected.sort_by_key(|r| r.index);
+        response.duplicate_indexes.sort_unstable();
         Ok(Response::new(response))
     }
 }
@@ -202,7 +206,15 @@ pub async fn propose_local(node: &Node, partition: u32, events: Vec<Event>) -> P
     match outcome {
         ProposeOutcome::Done { accepted, duplicates } => {
             let (id, addr) = leader_of(Some(node.id));
-            ProposeResponse { status: ProposeStatus::Ok as i32, accepted, duplicates, leader_node_id: id, leader_addr: addr, message: String::new() }
+            ProposeResponse {
+                status: ProposeStatus::Ok as i32,
+                accepted,
+                duplicates: duplicates.len() as u32,
+                leader_node_id: id,
+                leader_addr: addr,
+                message: String::new(),
+                duplicate_positions: duplicates,
+            }
         }
         ProposeOutcome::NotLeader { leader } => {
             let (id, addr) = leader_of(leader);

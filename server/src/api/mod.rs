@@ -3,4 +3,5 @@
 
 pub mod cluster;
 pub mod ingest;
+pub mod membership;
 pub mod query;

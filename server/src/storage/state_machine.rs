@@ -306,3 +306,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         }
     }
 }
+
+/// Delete a group's state machine data (the node no longer replicates it).
+pub fn delete_group_state(engine: &Engine, group: u32) -> Result<(), StorageError> {
+    let mut batch = WriteBatch::default();
+    batch.delete_range_cf(engine.cf(CF_STATE)?, keys::group_prefix(group), keys::group_end(group));
+    batch.delete_range_cf(engine.cf(CF_COUNTS)?, keys::group_prefix(group), keys::group_end(group));
+    engine.write(batch)
+}

@@ -1,0 +1,152 @@
+//! Adding and removing nodes. The metadata leader validates the change and
+//! commits the new cluster map; the reconciler on each group's leader then
+//! moves the replicas (see `reconciler.rs`), and the call returns once every
+//! group matches the map. Changes are serialised: one runs at a time, and a
+//! new one is refused until the previous has settled.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::BasicNode;
+use tally_proto::v1::cluster_client::ClusterClient;
+use tally_proto::v1::{AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, StatusRequest};
+use tonic::Status;
+
+use crate::meta::ClusterMap;
+use crate::node::Node;
+use crate::raft::types::{Command, NodeId};
+use crate::reconciler::{partitions_settled, unsettled_partition};
+
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Where the change must run: here, or the metadata leader to forward to.
+pub enum Coordinator {
+    Here,
+    Forward(ClusterClient<tonic::transport::Channel>),
+}
+
+pub async fn coordinator(node: &Arc<Node>) -> Result<Coordinator, Status> {
+    let leader = node
+        .metadata
+        .wait(Some(Duration::from_secs(5)))
+        .metrics(|m| m.current_leader.is_some(), "metadata leader")
+        .await
+        .map_err(|e| Status::unavailable(format!("no metadata leader: {e}")))?
+        .current_leader
+        .unwrap_or(0);
+    if leader == node.id {
+        return Ok(Coordinator::Here);
+    }
+    let addr = node.addr_of(leader).ok_or_else(|| Status::unavailable(format!("metadata leader {leader} has no address")))?;
+    let channel = node.peers.channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(Coordinator::Forward(ClusterClient::new(channel)))
+}
+
+fn moved_replicas(before: &ClusterMap, after: &ClusterMap) -> u32 {
+    before
+        .replicas
+        .iter()
+        .zip(&after.replicas)
+        .map(|(a, b)| b.iter().filter(|n| !a.contains(n)).count() as u32)
+        .sum()
+}
+
+fn metadata_voters(node: &Node) -> BTreeSet<NodeId> {
+    node.metadata.metrics().borrow_watched().membership_config.voter_ids().collect()
+}
+
+async fn ensure_settled(node: &Arc<Node>, map: &ClusterMap) -> Result<(), Status> {
+    let nodes: BTreeSet<NodeId> = map.nodes.keys().copied().collect();
+    // Give a transient state (an election, a status call that timed out) a
+    // few seconds to pass before refusing.
+    let started = Instant::now();
+    let problem = loop {
+        let voters = metadata_voters(node);
+        let problem = if voters != nodes {
+            Some(format!("metadata group voters {voters:?}, nodes {nodes:?}"))
+        } else {
+            unsettled_partition(node, map).await
+        };
+        if problem.is_none() || started.elapsed() > Duration::from_secs(10) {
+            break problem;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    match problem {
+        None => Ok(()),
+        Some(p) => Err(Status::failed_precondition(format!(
+            "a membership change is still in progress ({p}); retry when `tally cluster status` shows every partition's voters equal to its replicas"
+        ))),
+    }
+}
+
+async fn commit_and_wait(node: &Arc<Node>, next: ClusterMap) -> Result<(), Status> {
+    node.metadata
+        .client_write(Command::SetClusterMap(next.clone()))
+        .await
+        .map_err(|e| Status::unavailable(format!("committing the new cluster map: {e}")))?;
+    let started = Instant::now();
+    let nodes: BTreeSet<NodeId> = next.nodes.keys().copied().collect();
+    loop {
+        if metadata_voters(node) == nodes && partitions_settled(node, &next).await {
+            return Ok(());
+        }
+        if started.elapsed() > SETTLE_TIMEOUT {
+            return Err(Status::deadline_exceeded(
+                "the new cluster map is committed and replicas are still moving; the change will complete on its own — watch `tally cluster status`",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+pub async fn add_node(node: &Arc<Node>, req: AddNodeRequest) -> Result<AddNodeResponse, Status> {
+    if let Coordinator::Forward(mut leader) = coordinator(node).await? {
+        return Ok(leader.add_node(req).await?.into_inner());
+    }
+    let _one_at_a_time = node.admin.lock().await;
+    let map = node.map();
+    ensure_settled(node, &map).await?;
+    let channel = node
+        .peers
+        .channel(u64::MAX, &req.addr)
+        .map_err(|e| Status::invalid_argument(format!("addr: {e}")))?;
+    let status = ClusterClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .map_err(|e| Status::unavailable(format!("addr: cannot reach a tallyd at {}: {}", req.addr, e.message())))?
+        .into_inner();
+    let id = status.node_id;
+    if status.initialized || map.nodes.contains_key(&id) {
+        return Err(Status::already_exists(format!(
+            "addr: the node at {} (id {id}) already belongs to a cluster; start it with a new --node-id and an empty --data-dir",
+            req.addr
+        )));
+    }
+    // The metadata log first, so the new node learns the map it is joining.
+    tokio::time::timeout(Duration::from_secs(60), node.metadata.add_learner(id, BasicNode::new(&req.addr), true))
+        .await
+        .map_err(|_| Status::deadline_exceeded("the new node did not catch up with the metadata group in 60 s"))?
+        .map_err(|e| Status::unavailable(format!("adding node {id} to the metadata group: {e}")))?;
+    let next = map.with_node_added(id, req.addr.clone());
+    let moved = moved_replicas(&map, &next);
+    tracing::info!(node = id, addr = %req.addr, moved, "adding node");
+    commit_and_wait(node, next).await?;
+    Ok(AddNodeResponse { node_id: id, replicas_moved: moved })
+}
+
+pub async fn remove_node(node: &Arc<Node>, req: RemoveNodeRequest) -> Result<RemoveNodeResponse, Status> {
+    if let Coordinator::Forward(mut leader) = coordinator(node).await? {
+        return Ok(leader.remove_node(req).await?.into_inner());
+    }
+    let _one_at_a_time = node.admin.lock().await;
+    let map = node.map();
+    let next = map.with_node_removed(req.node_id).map_err(|e| Status::failed_precondition(format!("node_id: {e}")))?;
+    ensure_settled(node, &map).await?;
+    let moved = moved_replicas(&map, &next);
+    tracing::info!(node = req.node_id, moved, "removing node");
+    commit_and_wait(node, next).await?;
+    Ok(RemoveNodeResponse { replicas_moved: moved })
+}
