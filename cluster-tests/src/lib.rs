@@ -337,6 +337,11 @@ impl TestCluster {
         self.nodes.iter().map(|n| n.id).collect()
     }
 
+    /// Nodes whose process is running.
+    pub fn live_node_ids(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect()
+    }
+
     pub fn log_tail(&self, id: u64, lines: usize) -> String {
         let Ok(node) = self.node(id) else { return String::new() };
         let text = std::fs::read_to_string(&node.log_path).unwrap_or_default();

@@ -20,7 +20,7 @@ use cluster_tests::{ClusterOptions, TestCluster};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tally_proto::time::{align_range, DAY_MS};
-use tally_proto::v1::StatsRequest;
+use tally_proto::v1::{AddNodeRequest, RemoveNodeRequest, StatsRequest};
 
 #[derive(Default)]
 struct History {
@@ -118,6 +118,20 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    // Last, a membership change under load: a new node joins, then the
+    // busiest leader's node is removed (its replicas move while writes go on).
+    let joined = cluster.spawn_extra_node().await?;
+    let leaving = cluster.busiest_leader().await?;
+    let coordinator = cluster.live_node_ids().into_iter().find(|id| *id != leaving && *id != joined).unwrap_or(joined);
+    let mut admin = cluster.cluster_client(coordinator).await?;
+    let added = admin.add_node(AddNodeRequest { addr: cluster.addr(joined)? }).await?.into_inner();
+    eprintln!("nemesis: node {joined} joined under load ({} replicas moved)", added.replicas_moved);
+    let removed = admin.remove_node(RemoveNodeRequest { node_id: leaving }).await?.into_inner();
+    eprintln!("nemesis: node {leaving} removed under load ({} replicas moved)", removed.replicas_moved);
+    *applied.entry("MembershipChange".into()).or_default() += 1;
+    ingestor.mark_dead(leaving);
+    cluster.stop(leaving)?;
+
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.await?;
@@ -128,7 +142,8 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     // Checker.
     let h = history.lock().unwrap_or_else(|p| p.into_inner());
     let mut violations = Vec::new();
-    let mut query = cluster.query_client(1).await?;
+    let probe_via = cluster.live_node_ids()[0];
+    let mut query = cluster.query_client(probe_via).await?;
     let (from, to) = align_range(end - 11 * DAY_MS, end + 60_000);
     let exact = h.batches_failed == 0;
     for (entity, event_type) in h.attempted.keys() {
@@ -148,26 +163,23 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
             ));
         }
     }
-    let digests = cluster.converged_digests(Duration::from_secs(60)).await?;
-    for w in digests.windows(2) {
-        for (p, d) in &w[0].1 {
-            if w[1].1.get(p) != Some(d) {
-                violations.push(format!("partition {p}: node {} has {d:?}, node {} has {:?}", w[0].0, w[1].0, w[1].1.get(p)));
-            }
-        }
+    if let Err(e) = cluster.assert_replicas_identical(Duration::from_secs(60)).await {
+        violations.push(format!("{e}"));
     }
-    // One agreed leader per partition, and it accepts a write.
+    // One agreed leader per partition among its replicas, and it accepts a write.
     let mut leaders: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-    for id in cluster.node_ids() {
+    for id in cluster.live_node_ids() {
         for p in cluster.status(id).await?.partitions {
-            leaders.entry(p.partition).or_default().push(p.leader_node_id);
+            if p.replicas.contains(&id) {
+                leaders.entry(p.partition).or_default().push(p.leader_node_id);
+            }
         }
     }
     for (p, ls) in &leaders {
         if ls.iter().any(|l| *l == 0 || *l != ls[0]) {
             violations.push(format!("partition {p}: nodes disagree on its leader: {ls:?}"));
         }
-        if time_to_first_write(&cluster, 1, *p, Instant::now(), Duration::from_secs(10)).await.is_none() {
+        if time_to_first_write(&cluster, probe_via, *p, Instant::now(), Duration::from_secs(10)).await.is_none() {
             violations.push(format!("partition {p}: accepts no write after healing"));
         }
     }

@@ -63,6 +63,7 @@ pub enum ClusterCommand {
         /// The partition.
         partition: u32,
         /// The node to lead it (one of its replicas).
+        #[arg(value_name = "NODE")]
         node: u64,
         /// Give up after this long.
         #[arg(long, default_value = "30s")]
@@ -77,7 +78,10 @@ pub enum ClusterCommand {
     /// Add a running, empty node; returns once its replicas have caught up.
     AddNode {
         /// The new node's address, HOST:PORT (its id is read from the node).
-        addr: String,
+        // Not named `addr`: that id is the global --addr, which clap would
+        // then fill from this positional.
+        #[arg(value_name = "ADDR")]
+        node_addr: String,
         /// Give up after this long (moving replicas can take minutes).
         #[arg(long, default_value = "5m")]
         timeout: humantime::Duration,
@@ -85,7 +89,8 @@ pub enum ClusterCommand {
     /// Move every replica off a node, then drop it from the cluster.
     RemoveNode {
         /// The node's id.
-        id: u64,
+        #[arg(value_name = "ID")]
+        node_id: u64,
         /// Give up after this long (moving replicas can take minutes).
         #[arg(long, default_value = "5m")]
         timeout: humantime::Duration,
@@ -103,8 +108,8 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
             transfer_leader(cli, *partition, *node, **timeout).await
         }
         ClusterCommand::Rebalance { timeout } => rebalance(cli, **timeout).await,
-        ClusterCommand::AddNode { addr, timeout } => add_node(cli, addr, **timeout).await,
-        ClusterCommand::RemoveNode { id, timeout } => remove_node(cli, *id, **timeout).await,
+        ClusterCommand::AddNode { node_addr, timeout } => add_node(cli, node_addr, **timeout).await,
+        ClusterCommand::RemoveNode { node_id, timeout } => remove_node(cli, *node_id, **timeout).await,
     }
 }
 
@@ -518,6 +523,23 @@ mod tests {
     fn view(reports: Vec<StatusResponse>) -> StatusView {
         let map = PartitionMap::merge(&reports);
         StatusView { answers: reports.into_iter().map(|r| (format!("n{}:1", r.node_id), Ok(r))).collect(), map }
+    }
+
+    #[test]
+    fn positional_addresses_do_not_clobber_addr() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["tally", "--addr", "a:1", "cluster", "add-node", "b:2"]).expect("parses");
+        assert_eq!(cli.addr, "a:1");
+        match cli.command {
+            super::super::Command::Cluster { command: ClusterCommand::AddNode { node_addr, timeout } } => {
+                assert_eq!(node_addr, "b:2");
+                assert_eq!(*timeout, Duration::from_secs(300));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["tally", "cluster", "transfer-leader", "3", "2", "--addr", "a:1"]).expect("parses");
+        assert!(matches!(cli.command, super::super::Command::Cluster { command: ClusterCommand::TransferLeader { partition: 3, node: 2, .. } }));
+        assert_eq!(cli.addr, "a:1");
     }
 
     #[test]
