@@ -202,14 +202,16 @@ impl TestCluster {
         bail!("node {id} did not come up; log:\n{}", self.log_tail(id, 30))
     }
 
-    /// Until every live node reports a leader for every partition.
+    /// Until every live node reports a leader for every partition it replicates.
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut ready = true;
             for n in self.nodes.iter().filter(|n| n.child.is_some()) {
                 match self.status(n.id).await {
-                    Ok(s) if s.initialized && s.partitions.iter().all(|p| p.leader_node_id != 0) => {}
+                    // A node knows the leaders of the partitions it replicates.
+                    Ok(s) if s.initialized
+                        && s.partitions.iter().filter(|p| p.replicas.contains(&n.id)).all(|p| p.leader_node_id != 0) => {}
                     _ => ready = false,
                 }
             }

@@ -1,7 +1,7 @@
 //! The public Query service. Linearizable reads run on the partition leader
 //! after a read-index round; stale reads on any replica. A node without a
-//! suitable replica forwards the query once, marked so it is never
-//! forwarded again.
+//! suitable replica forwards the query, at most twice (a replica it asks
+//! may point at the leader), counting hops in a header so it never loops.
 
 use std::sync::Arc;
 
@@ -83,28 +83,34 @@ fn invalid(e: tally_proto::validate::FieldError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-fn was_forwarded<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(FORWARDED)
+/// Hops a query may take: a node without a replica asks one that has, which
+/// may point at the leader once more.
+const MAX_HOPS: u32 = 2;
+
+fn hops<T>(req: &Request<T>) -> u32 {
+    req.metadata().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-fn mark_forwarded<T>(inner: T) -> Request<T> {
+fn forwarded<T>(inner: T, hops: u32) -> Request<T> {
     let mut req = Request::new(inner);
-    req.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from((hops + 1).to_string()) {
+        req.metadata_mut().insert(FORWARDED, v);
+    }
     req
 }
 
 #[tonic::async_trait]
 impl Query for QueryService {
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
-        let forwarded = was_forwarded(&request);
+        let hops = hops(&request);
         let req = request.into_inner();
         validate_query_key(&req.entity_id, &req.event_type).map_err(invalid)?;
         validate_range(req.from_ms, req.to_ms).map_err(invalid)?;
         let partition = partition_of(&req.entity_id, self.partition_count()?);
         let replica = match self.replica_for(partition, req.consistency).await? {
             Ok(r) => r,
-            Err(_) if forwarded => return Err(Status::unavailable(format!("partition {partition}: leader moved; retry"))),
-            Err(to) => return self.forward_client(to)?.stats(mark_forwarded(req)).await,
+            Err(_) if hops >= MAX_HOPS => return Err(Status::unavailable(format!("partition {partition}: leader moved; retry"))),
+            Err(to) => return self.forward_client(to)?.stats(forwarded(req, hops)).await,
         };
         let (from, to) = align_range(req.from_ms, req.to_ms);
         let applied = *replica.applied.borrow();
@@ -122,7 +128,7 @@ impl Query for QueryService {
     }
 
     async fn series(&self, request: Request<SeriesRequest>) -> Result<Response<SeriesResponse>, Status> {
-        let forwarded = was_forwarded(&request);
+        let hops = hops(&request);
         let req = request.into_inner();
         validate_query_key(&req.entity_id, &req.event_type).map_err(invalid)?;
         validate_range(req.from_ms, req.to_ms).map_err(invalid)?;
@@ -141,8 +147,8 @@ impl Query for QueryService {
         let partition = partition_of(&req.entity_id, self.partition_count()?);
         let replica = match self.replica_for(partition, req.consistency).await? {
             Ok(r) => r,
-            Err(_) if forwarded => return Err(Status::unavailable(format!("partition {partition}: leader moved; retry"))),
-            Err(to) => return self.forward_client(to)?.series(mark_forwarded(req)).await,
+            Err(_) if hops >= MAX_HOPS => return Err(Status::unavailable(format!("partition {partition}: leader moved; retry"))),
+            Err(to) => return self.forward_client(to)?.series(forwarded(req, hops)).await,
         };
         let applied = *replica.applied.borrow();
         let series = read_series(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, granularity, from, to)
