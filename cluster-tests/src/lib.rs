@@ -245,6 +245,31 @@ impl TestCluster {
         Ok(self.cluster_client(id).await?.status(StatusRequest {}).await?.into_inner())
     }
 
+    /// Linearizable count of `event_type` events of `entities` over
+    /// [from, to), asked through node `via`.
+    pub async fn total_count(
+        &self,
+        via: u64,
+        entities: impl IntoIterator<Item = String>,
+        event_type: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> anyhow::Result<u64> {
+        let mut q = self.query_client(via).await?;
+        let mut total = 0;
+        for entity in entities {
+            let req = tally_proto::v1::StatsRequest {
+                entity_id: entity.into_bytes(),
+                event_type: event_type.into(),
+                from_ms,
+                to_ms,
+                consistency: 0,
+            };
+            total += q.stats(req).await?.into_inner().count;
+        }
+        Ok(total)
+    }
+
     /// The node currently leading the most partitions.
     pub async fn busiest_leader(&self) -> anyhow::Result<u64> {
         let live = self.nodes.iter().find(|n| n.child.is_some()).context("no live node")?;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cluster_tests::{ClusterOptions, TestCluster};
-use tally_proto::v1::{Event, IngestRequest, RebalanceRequest, StatsRequest, TransferLeaderRequest};
+use tally_proto::v1::{Event, IngestRequest, RebalanceRequest, TransferLeaderRequest};
 use tonic::Code;
 
 async fn write_and_count(cluster: &TestCluster, n: u32, tag: &str) -> anyhow::Result<u64> {
@@ -22,22 +22,7 @@ async fn write_and_count(cluster: &TestCluster, n: u32, tag: &str) -> anyhow::Re
         .collect();
     let resp = cluster.ingest_client(2).await?.ingest(IngestRequest { events }).await?.into_inner();
     anyhow::ensure!(resp.rejected.is_empty(), "rejected: {:?}", resp.rejected);
-    let mut total = 0;
-    let mut q = cluster.query_client(3).await?;
-    for e in 0..7 {
-        total += q
-            .stats(StatsRequest {
-                entity_id: format!("video-{e}").into_bytes(),
-                event_type: "view".into(),
-                from_ms: now - 3_600_000,
-                to_ms: now + 60_000,
-                consistency: 0,
-            })
-            .await?
-            .into_inner()
-            .count;
-    }
-    Ok(total)
+    cluster.total_count(3, (0..7).map(|e| format!("video-{e}")), "view", now - 3_600_000, now + 60_000).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

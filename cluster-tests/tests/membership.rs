@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use cluster_tests::{ClusterOptions, TestCluster};
-use tally_proto::v1::{AddNodeRequest, Event, IngestRequest, RemoveNodeRequest, StatsRequest};
+use tally_proto::v1::{AddNodeRequest, Event, IngestRequest, RemoveNodeRequest};
 use tonic::Code;
 
 const ENTITIES: u32 = 40;
@@ -27,22 +27,7 @@ async fn ingest(cluster: &TestCluster, via: u64, n: u32, tag: &str, now: i64) ->
 }
 
 async fn total(cluster: &TestCluster, via: u64, now: i64) -> anyhow::Result<u64> {
-    let mut q = cluster.query_client(via).await?;
-    let mut sum = 0;
-    for e in 0..ENTITIES {
-        sum += q
-            .stats(StatsRequest {
-                entity_id: format!("video-{e}").into_bytes(),
-                event_type: "view".into(),
-                from_ms: now - 3_600_000,
-                to_ms: now + 60_000,
-                consistency: 0,
-            })
-            .await?
-            .into_inner()
-            .count;
-    }
-    Ok(sum)
+    cluster.total_count(via, (0..ENTITIES).map(|e| format!("video-{e}")), "view", now - 3_600_000, now + 60_000).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

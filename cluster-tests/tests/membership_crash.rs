@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use cluster_tests::{ClusterOptions, TestCluster};
-use tally_proto::v1::{AddNodeRequest, Event, IngestRequest, StatsRequest};
+use tally_proto::v1::{AddNodeRequest, Event, IngestRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_node_completes_after_its_coordinator_is_killed() -> anyhow::Result<()> {
@@ -66,21 +66,7 @@ async fn add_node_completes_after_its_coordinator_is_killed() -> anyhow::Result<
     }
     cluster.restart(coordinator).await?;
     cluster.wait_ready(Duration::from_secs(30)).await?;
-    let mut total = 0;
-    let mut q = cluster.query_client(four).await?;
-    for e in 0..10 {
-        total += q
-            .stats(StatsRequest {
-                entity_id: format!("video-{e}").into_bytes(),
-                event_type: "view".into(),
-                from_ms: now - 60_000,
-                to_ms: now + 60_000,
-                consistency: 0,
-            })
-            .await?
-            .into_inner()
-            .count;
-    }
+    let total = cluster.total_count(four, (0..10).map(|e| format!("video-{e}")), "view", now - 60_000, now + 60_000).await?;
     assert_eq!(total, 2_000);
     assert!(cluster.assert_replicas_identical(Duration::from_secs(60)).await? >= 24);
     Ok(())
