@@ -10,7 +10,9 @@
 #
 # Environment: TALLY_HOME (data and logs, default ./.tally), TALLY_HOST
 # (127.0.0.1), TALLY_BASE_PORT (7001: node i listens on base+i-1),
-# TALLY_PARTITIONS (64), TALLY_PROFILE (dev or release; default dev).
+# TALLY_PARTITIONS (64), TALLY_PROFILE (dev or release; default dev),
+# TALLY_NO_BUILD=1 (up: use the binaries already built, e.g. by bench.sh),
+# TALLY_NO_DEMO=1 (up: skip the demo).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 
@@ -31,6 +33,10 @@ alive() { local p; p=$(pid_of "$1"); [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; 
 count_nodes() { ls "$TALLY_HOME"/node*.addr 2>/dev/null | wc -l; }
 
 build() {
+  if [[ -n "${TALLY_NO_BUILD:-}" ]]; then
+    [[ -x "$TALLYD" && -x "$TALLY" ]] || { echo "TALLY_NO_BUILD is set but $BIN_DIR has no tallyd/tally" >&2; exit 1; }
+    return
+  fi
   "$TALLY_ROOT/scripts/setup.sh"
   (cd "$TALLY_ROOT" && cargo build --profile "$PROFILE" --workspace --all-targets)
 }
@@ -108,5 +114,5 @@ case "${1:-}" in
   kill) stop_node "${2:?node}" KILL; echo "node $2 killed" ;;
   restart) stop_node "${2:?node}" TERM; start_node "$2"; echo "node $2 restarted" ;;
   demo) demo "${2:-3}" ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
+  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
 esac

@@ -56,6 +56,7 @@ async fn nodes_join_leave_and_rejoin_without_losing_a_count() -> anyhow::Result<
     assert_eq!(status.partitions.iter().filter(|p| p.replicas.contains(&four)).count(), 6);
     assert!(status.partitions.iter().all(|p| { let mut v = p.voters.clone(); v.sort(); let mut r = p.replicas.clone(); r.sort(); !p.replicas.contains(&four) || v == r }));
     assert_eq!(total(&cluster, four, now).await?, 4_000);
+    assert!(cluster.log(four).contains("installed snapshot"), "the new node caught up through snapshots");
     assert!(cluster.assert_replicas_identical(Duration::from_secs(30)).await? >= 24);
     // Adding it twice is refused with a reason.
     let err = admin.add_node(AddNodeRequest { addr: cluster.addr(four)? }).await.expect_err("already a member");

@@ -8,6 +8,14 @@
 //! `--concurrency` producer tasks sharing one [`TallyClient`], either as
 //! fast as the client accepts events or at a fixed `--rate`.
 //!
+//! Targets: `--target tally` (the default) drives a Tally cluster through
+//! [`TallyClient`]; `redis-incr`, `redis-dedup` and `etcd` drive the peers
+//! `scripts/bench.sh` compares Tally with (see [`super::bench_targets`]).
+//! Everything but the "send a batch, get acks" step is this module's, the
+//! same for every target, so only the system under test differs.
+//! `--time-spread` spreads event times uniformly over that much of the
+//! past (the comparison uses 2 hours, so events fall into many buckets).
+//!
 //! Latency is the time from an event's *intended* send time to its
 //! acknowledgement. At a fixed rate the intended time comes from the
 //! schedule, so when the system stalls, the events that should have been
@@ -18,7 +26,9 @@
 //! and the send call's start is used. Values go into an HDR histogram
 //! (microseconds, 3 significant digits).
 //!
-//! Verification: the bench knows every event it originated and whether any
+//! Verification (Tally and `redis-dedup` only; `redis-incr` does not dedup
+//! and `etcd` does not count, so for them it is skipped and the report says
+//! why): the bench knows every event it originated and whether any
 //! send of it was acknowledged. Afterwards it queries count and sum of every
 //! (entity, type) it used and compares them with the acknowledged events.
 //! Events that failed after all retries may or may not have been counted,
@@ -47,9 +57,10 @@ use rand_distr::{Distribution, Zipf};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::bench_targets::{BatchSettings, Target, TargetKind};
 use super::{print_json, Cli, EXIT_MISMATCH};
 use crate::time_arg::now_ms;
-use crate::{ClientConfig, Consistency, Event, IngestSummary, Outcome, TallyClient, Ticket};
+use crate::{ClientConfig, Consistency, Event, IngestSummary, Outcome, Ticket};
 
 /// Arguments of `tally bench`.
 #[derive(Debug, Args)]
@@ -96,6 +107,19 @@ pub struct BenchArgs {
     /// Random seed (default: random).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The system to drive: tally (--addr), redis-incr, redis-dedup, etcd.
+    #[arg(long, value_enum, default_value = "tally")]
+    pub target: TargetKind,
+    /// Address(es) of a redis or etcd target, host:port (etcd: comma-separated
+    /// members). Default 127.0.0.1:6379 (redis), 127.0.0.1:2379 (etcd).
+    #[arg(long)]
+    pub target_addr: Option<String>,
+    /// Batches in flight at once for redis and etcd targets.
+    #[arg(long, default_value_t = 32)]
+    pub inflight: usize,
+    /// Spread event times uniformly over this much of the past (0 = now).
+    #[arg(long, default_value = "0s")]
+    pub time_spread: humantime::Duration,
 }
 
 /// Parses `view=8,like=1` into names and weights.
@@ -140,7 +164,7 @@ struct ProducerResult {
 }
 
 struct Shared {
-    client: TallyClient,
+    target: Target,
     args: BenchArgs,
     types: Vec<(String, u32)>,
     prefix: String,
@@ -162,6 +186,7 @@ async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<Pr
     let weights = WeightedIndex::new(shared.types.iter().map(|(_, w)| *w)).context("--types weights")?;
     let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate));
     let offset = interval.map(|i| i.mul_f64(k as f64 / args.concurrency as f64)).unwrap_or_default();
+    let spread_ms = i64::try_from(args.time_spread.as_millis()).unwrap_or(i64::MAX);
 
     // Outcomes are awaited by a collector so sending never waits on them.
     let (tx, mut rx) = mpsc::channel::<(Sent, Instant, Ticket)>(16_384);
@@ -252,7 +277,7 @@ async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<Pr
             let event = Event {
                 entity_id: entity_name(&shared.prefix, entity).into_bytes(),
                 event_type: shared.types[event_type].0.clone(),
-                event_time_ms: now_ms(),
+                event_time_ms: if spread_ms > 0 { now_ms() - rng.random_range(0..spread_ms) } else { now_ms() },
                 event_id: format!("{k}-{originated}").into_bytes(),
                 value: Some(value),
             };
@@ -267,7 +292,7 @@ async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<Pr
             originated += 1;
             (Sent::New(original), event)
         };
-        let ticket = shared.client.send(event).await?;
+        let ticket = shared.target.send(event).await?;
         if tx.send((sent, intended, ticket)).await.is_err() {
             break;
         }
@@ -307,13 +332,27 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
     if let Some(b) = args.buffer {
         config.batch.buffer_events = b;
     }
-    let client = TallyClient::with_config(config).await.with_context(|| format!("connecting to {}", cli.addr))?;
+    // Peers batch like the Tally client: same linger and buffer defaults,
+    // their own batch size (etcd caps a transaction at 128 operations).
+    let batch = BatchSettings {
+        max_events: args.batch_events.unwrap_or(args.target.default_batch()),
+        linger: config.batch.linger,
+        inflight: args.inflight.max(1),
+        buffer_events: config.batch.buffer_events,
+    };
+    let target_addr = match args.target {
+        TargetKind::Tally => cli.addr.clone(),
+        kind => args.target_addr.clone().unwrap_or_else(|| kind.default_addr().to_owned()),
+    };
+    let target = Target::connect(args.target, &target_addr, config, batch)
+        .await
+        .with_context(|| format!("connecting to the {} target at {target_addr}", args.target.name()))?;
     let seed = args.seed.unwrap_or_else(rand::random);
     let prefix = format!("bench-{:08x}", rand::random::<u32>());
     let start = Instant::now();
     let start_ms = now_ms();
     let shared = Arc::new(Shared {
-        client: client.clone(),
+        target,
         args: clone_args(args),
         types: types.clone(),
         prefix: prefix.clone(),
@@ -340,7 +379,7 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
                     Some(_) => bar.set_position(acked),
                     None => bar.set_position(now.duration_since(shared.start).as_secs()),
                 }
-                bar.set_message(format!("{acked} acked, {rate:.0} ev/s, {} in flight", shared.client.pending()));
+                bar.set_message(format!("{acked} acked, {rate:.0} ev/s, {} in flight", shared.target.pending()));
             }
         })
     };
@@ -351,7 +390,7 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
     for p in producers {
         results.push(p.await.context("producer")??);
     }
-    client.flush().await?;
+    shared.target.flush().await?;
     let elapsed = start.elapsed();
     ticker.abort();
     bar.finish_and_clear();
@@ -375,24 +414,44 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
         "max": histogram.max() as f64 / 1000.0, "mean": histogram.mean() / 1000.0,
     });
-    let verify = if args.no_verify { None } else { Some(verify(&client, &prefix, &types, &results, start_ms, end_ms).await?) };
+    let verify_skipped = match (&shared.target, args.no_verify) {
+        (_, true) => Some("--no-verify"),
+        (Target::Tally(_) | Target::RedisDedup(..), false) => None,
+        (Target::RedisIncr(_), false) => Some("redis-incr does not dedup: re-sent events are counted again"),
+        (Target::Etcd(_), false) => Some("etcd stores events but does not count them"),
+    };
+    let range = (start_ms - time_spread_ms(args) - 120_000)..(end_ms + 120_000);
+    let verify = match verify_skipped {
+        Some(_) => None,
+        None => Some(verify(&shared.target, &prefix, &types, &results, range).await?),
+    };
     let ok = verify.as_ref().is_none_or(|v| v["ok"] == json!(true));
+    let server_totals = match &shared.target {
+        Target::Tally(client) => {
+            json!({"accepted": client.totals().accepted(), "duplicates": client.totals().duplicates()})
+        }
+        _ => serde_json::Value::Null,
+    };
     let report = json!({
+        "target": args.target.name(),
+        "target_addr": target_addr,
         "prefix": prefix,
         "config": {
             "rate": args.rate, "duration_s": args.duration.as_secs_f64(), "events": args.events, "ids": args.ids,
             "zipf": args.zipf, "types": args.types, "duplicates": args.duplicates, "concurrency": args.concurrency,
-            "seed": seed,
+            "seed": seed, "time_spread_s": args.time_spread.as_secs_f64(),
+            "batch_events": batch.max_events, "inflight": batch.inflight,
         },
         "elapsed_s": elapsed.as_secs_f64(),
         "sent": sent,
         "resent_duplicates": resent,
         "throughput_eps": sent as f64 / elapsed.as_secs_f64().max(1e-9),
         "outcomes": outcomes,
-        "server_totals": {"accepted": client.totals().accepted(), "duplicates": client.totals().duplicates()},
+        "server_totals": server_totals,
         "latency_ms": latency,
         "corrected_for_coordinated_omission": args.rate > 0.0,
         "verify": verify,
+        "verify_skipped": verify_skipped,
         "ok": ok,
     });
     std::fs::write(&args.out, serde_json::to_vec_pretty(&report)?)
@@ -411,14 +470,24 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
             if args.rate > 0.0 { "  (corrected for coordinated omission)" } else { "" }
         );
         println!(
-            "outcomes: accepted {}, duplicates {}, rejected {}, failed {} (server totals: accepted {}, duplicates {})",
+            "target {}: outcomes: accepted {}, duplicates {}, rejected {}, failed {}{}",
+            args.target.name(),
             outcomes.accepted,
             outcomes.duplicates,
             outcomes.rejected,
             outcomes.failed,
-            client.totals().accepted(),
-            client.totals().duplicates()
+            match &shared.target {
+                Target::Tally(client) => format!(
+                    " (server totals: accepted {}, duplicates {})",
+                    client.totals().accepted(),
+                    client.totals().duplicates()
+                ),
+                _ => String::new(),
+            }
         );
+        if let Some(why) = verify_skipped {
+            println!("verify: skipped ({why})");
+        }
         if let Some(v) = &report["verify"].as_object() {
             if v.get("ok") == Some(&json!(true)) {
                 println!("verify: {} keys, {} events: every count and sum matches", v["keys"], v["expected_events"]);
@@ -447,7 +516,15 @@ fn clone_args(a: &BenchArgs) -> BenchArgs {
         linger: a.linger,
         buffer: a.buffer,
         seed: a.seed,
+        target: a.target,
+        target_addr: a.target_addr.clone(),
+        inflight: a.inflight,
+        time_spread: a.time_spread,
     }
+}
+
+fn time_spread_ms(args: &BenchArgs) -> i64 {
+    i64::try_from(args.time_spread.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
 /// Expected (count, sum) per key and the unknown (failed) range on top.
@@ -459,13 +536,29 @@ struct Expect {
     unknown_sum: i64,
 }
 
+/// Count and sum of one (entity, type) as the target has it.
+async fn count_of(
+    target: &Target,
+    entity: &str,
+    event_type: &str,
+    range: std::ops::Range<i64>,
+) -> anyhow::Result<(u64, i64)> {
+    match target {
+        Target::Tally(client) => {
+            let s = client.stats(entity, event_type, range, Consistency::Linearizable).await?;
+            Ok((s.count, s.sum))
+        }
+        Target::RedisDedup(_, redis) => redis.count_of(entity, event_type).await,
+        Target::RedisIncr(_) | Target::Etcd(_) => bail!("this target cannot be verified"),
+    }
+}
+
 async fn verify(
-    client: &TallyClient,
+    target: &Target,
     prefix: &str,
     types: &[(String, u32)],
     results: &[ProducerResult],
-    start_ms: i64,
-    end_ms: i64,
+    range: std::ops::Range<i64>,
 ) -> anyhow::Result<serde_json::Value> {
     let mut expected: BTreeMap<(u64, u16), Expect> = BTreeMap::new();
     for r in results {
@@ -480,14 +573,13 @@ async fn verify(
             }
         }
     }
-    let range = (start_ms - 120_000)..(end_ms + 120_000);
     let checks = stream::iter(expected.iter())
         .map(|(&(entity, t), &e)| {
             let name = entity_name(prefix, entity);
             let event_type = types[t as usize].0.clone();
             let range = range.clone();
             async move {
-                let s = client.stats(&name, &event_type, range, Consistency::Linearizable).await;
+                let s = count_of(target, &name, &event_type, range).await;
                 (name, event_type, e, s)
             }
         })
@@ -498,18 +590,18 @@ async fn verify(
     let mut mismatched = 0u64;
     let (mut expected_events, mut counted_events) = (0u64, 0u64);
     for (name, event_type, e, s) in checks {
-        let s = s.with_context(|| format!("querying {name}/{event_type}"))?;
+        let (count, sum) = s.with_context(|| format!("querying {name}/{event_type}"))?;
         expected_events += e.count;
-        counted_events += s.count;
-        let count_ok = s.count >= e.count && s.count <= e.count + e.unknown_count;
-        let sum_ok = s.sum >= e.sum && s.sum <= e.sum + e.unknown_sum;
+        counted_events += count;
+        let count_ok = count >= e.count && count <= e.count + e.unknown_count;
+        let sum_ok = sum >= e.sum && sum <= e.sum + e.unknown_sum;
         if !(count_ok && sum_ok) {
             mismatched += 1;
             if mismatches.len() < 10 {
                 mismatches.push(json!({
                     "entity": name, "event_type": event_type,
-                    "expected_count": e.count, "unknown_count": e.unknown_count, "count": s.count,
-                    "expected_sum": e.sum, "sum": s.sum,
+                    "expected_count": e.count, "unknown_count": e.unknown_count, "count": count,
+                    "expected_sum": e.sum, "sum": sum,
                 }));
             }
         }

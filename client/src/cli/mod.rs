@@ -13,6 +13,7 @@
 //! This module is the CLI's implementation, not a stable library API.
 
 pub mod bench;
+pub mod bench_targets;
 pub mod cluster;
 pub mod ingest;
 pub mod query;

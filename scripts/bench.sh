@@ -1,0 +1,415 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: Tally, Redis and etcd on one workload.
+#
+#   scripts/bench.sh [--smoke] [--duration 120s]
+#
+# Installs redis-server and etcd-server (Debian packages) if missing, builds
+# Tally, then for each system in turn — Tally (3 nodes, RF 3, acks after
+# quorum commit of fsync'd logs), Redis with pipelined INCR (an upper bound
+# that does less work), Redis with Tally's semantics (Lua: SET NX EX dedup +
+# HINCRBY of minute/hour/day/month buckets), etcd (3 members, a durable put
+# per event, batched into transactions) — starts it on loopback, runs the
+# SAME `tally bench` workload through that system's target adapter (first as
+# fast as it goes, then at 50% of that rate for latency), samples CPU time
+# and peak RSS of its server processes from /proc, and stops it. Results go
+# to docs/BENCHMARKS.md (markdown table + JSON block) with the machine,
+# versions and settings.
+#
+# --smoke: dev build (`cargo build --workspace --all-targets`), a few
+# seconds per run, results to a temp file; exits non-zero only if a system
+# fails to start or a target fails to run at all. No assertions on speed:
+# benchmarks are not timed tests.
+#
+# Environment: BENCH_CONCURRENCY (producer tasks, 8), BENCH_INFLIGHT (batches
+# in flight for redis/etcd, 32), BENCH_KEEP=1 (keep the work directory).
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+
+SMOKE=""
+DURATION=120s
+while (($#)); do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --duration) DURATION="${2:?--duration needs a value}"; shift ;;
+    --duration=*) DURATION="${1#*=}" ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ -n "$SMOKE" && "$DURATION" == 120s ]] && DURATION=3s
+
+# The workload, identical for every system.
+IDS=1000000
+ZIPF=1.1
+TYPES="view=8,like=1,comment=1"
+DUPLICATES=0.01
+SPREAD=2h
+CONCURRENCY="${BENCH_CONCURRENCY:-8}"
+INFLIGHT="${BENCH_INFLIGHT:-32}"
+SEED=42
+TALLY_PARTITIONS=64
+TALLY_PORT=7101
+REDIS_PORT=7201
+ETCD_CLIENT_PORT=7301 # members use 7301-7303, peers 7311-7313
+
+log() { echo "bench: $*" >&2; }
+
+# --- prerequisites -----------------------------------------------------------
+install_missing() {
+  local need=()
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+  command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+  command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+  command -v python3 >/dev/null 2>&1 || need+=(python3)
+  if ((${#need[@]})); then
+    log "installing ${need[*]}"
+    local sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq || log "apt-get update failed; trying the install anyway"
+    # policy-rc.d may or may not stop the packages' own services from
+    # starting; ours use other ports either way.
+    $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+}
+install_missing
+"$TALLY_ROOT/scripts/setup.sh"
+
+cd "$TALLY_ROOT"
+if [[ -n "$SMOKE" ]]; then
+  PROFILE=dev
+  BIN_DIR="$CARGO_TARGET_DIR/debug"
+  # Exactly the test command's build, so features unify as they do there.
+  cargo build --workspace --all-targets
+else
+  PROFILE=release
+  BIN_DIR="$CARGO_TARGET_DIR/release"
+  cargo build --release --workspace --bins
+fi
+TALLY="$BIN_DIR/tally"
+TALLYD="$BIN_DIR/tallyd"
+
+# --- bookkeeping and cleanup -------------------------------------------------
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/tally-bench.XXXXXX")"
+STARTED=()        # every server pid this script started (tally's via cluster.sh)
+SERVER_PIDS=()    # the running system's server pids
+FAILED=()
+
+tally_env() { env TALLY_HOME="$WORK/tally" TALLY_BASE_PORT="$TALLY_PORT" TALLY_PROFILE="$PROFILE" \
+  TALLY_PARTITIONS="$TALLY_PARTITIONS" TALLY_NO_DEMO=1 TALLY_NO_BUILD=1 "$@"; }
+
+cleanup() {
+  local rc=$?
+  set +e
+  [[ -d "$WORK/tally" ]] && tally_env "$TALLY_ROOT/scripts/cluster.sh" down >/dev/null 2>&1
+  local p
+  for p in "${STARTED[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for p in "${STARTED[@]}"; do
+    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null
+  done
+  if [[ -z "${BENCH_KEEP:-}" ]]; then rm -rf "$WORK"; else log "work directory kept: $WORK"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+stop_pids() {
+  local p
+  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "$@"; do
+    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+}
+
+# utime + stime (clock ticks) summed over the given pids.
+cpu_ticks() {
+  local total=0 p f a
+  for p in "$@"; do
+    # Field 2 (comm) may hold spaces; strip through its closing parenthesis.
+    f=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null) || continue
+    read -r -a a <<<"$f"
+    total=$((total + a[11] + a[12]))
+  done
+  echo "$total"
+}
+# Peak RSS (VmHWM, kB) per pid, comma-separated.
+peak_rss() {
+  local out=() p
+  for p in "$@"; do out+=("$(awk '/^VmHWM:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)"); done
+  (IFS=,; echo "${out[*]}")
+}
+
+# --- systems -----------------------------------------------------------------
+start_tally() {
+  log "starting Tally: 3 nodes on 127.0.0.1:$TALLY_PORT-$((TALLY_PORT + 2)), RF 3, $TALLY_PARTITIONS partitions"
+  tally_env "$TALLY_ROOT/scripts/cluster.sh" up 3 >"$WORK/tally-up.log" 2>&1 || { cat "$WORK/tally-up.log" >&2; return 1; }
+  SERVER_PIDS=()
+  local i
+  for i in 1 2 3; do SERVER_PIDS+=("$(cat "$WORK/tally/node$i.pid")"); done
+  STARTED+=("${SERVER_PIDS[@]}")
+  BENCH_ADDR=(--addr "127.0.0.1:$TALLY_PORT,127.0.0.1:$((TALLY_PORT + 1)),127.0.0.1:$((TALLY_PORT + 2))")
+}
+stop_tally() { tally_env "$TALLY_ROOT/scripts/cluster.sh" down >/dev/null 2>&1 || true; rm -rf "$WORK/tally"; }
+
+start_redis() {
+  log "starting redis-server on 127.0.0.1:$REDIS_PORT (no persistence, no replication)"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize no \
+    --logfile "$WORK/redis.log" --dir "$WORK" &
+  SERVER_PIDS=($!)
+  STARTED+=("${SERVER_PIDS[@]}")
+  for _ in $(seq 1 100); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+    kill -0 "${SERVER_PIDS[0]}" 2>/dev/null || { tail -5 "$WORK/redis.log" >&2; return 1; }
+    sleep 0.1
+  done
+  redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || { log "redis did not answer"; return 1; }
+  BENCH_ADDR=(--target-addr "127.0.0.1:$REDIS_PORT")
+}
+stop_redis() { stop_pids "${SERVER_PIDS[@]}"; }
+
+ETCD_FLAGS=(--max-txn-ops 128 --quota-backend-bytes 8589934592 --snapshot-count 100000)
+start_etcd() {
+  local i cluster="" endpoints=""
+  for i in 1 2 3; do
+    cluster+="${cluster:+,}m$i=http://127.0.0.1:$((ETCD_CLIENT_PORT + 9 + i))"
+    endpoints+="${endpoints:+,}127.0.0.1:$((ETCD_CLIENT_PORT + i - 1))"
+  done
+  log "starting etcd: 3 members, clients on $endpoints"
+  SERVER_PIDS=()
+  for i in 1 2 3; do
+    local client="http://127.0.0.1:$((ETCD_CLIENT_PORT + i - 1))" peer="http://127.0.0.1:$((ETCD_CLIENT_PORT + 9 + i))"
+    etcd --name "m$i" --data-dir "$WORK/etcd/m$i" \
+      --listen-client-urls "$client" --advertise-client-urls "$client" \
+      --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
+      --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token tally-bench \
+      --logger zap --log-level warn "${ETCD_FLAGS[@]}" >"$WORK/etcd-m$i.log" 2>&1 &
+    SERVER_PIDS+=($!)
+  done
+  STARTED+=("${SERVER_PIDS[@]}")
+  for _ in $(seq 1 150); do
+    ETCDCTL_API=3 etcdctl --endpoints "$endpoints" --dial-timeout 1s endpoint health >/dev/null 2>&1 && break
+    for i in 0 1 2; do kill -0 "${SERVER_PIDS[$i]}" 2>/dev/null || { tail -5 "$WORK/etcd-m$((i + 1)).log" >&2; return 1; }; done
+    sleep 0.2
+  done
+  ETCDCTL_API=3 etcdctl --endpoints "$endpoints" --dial-timeout 1s endpoint health >/dev/null 2>&1 || { log "etcd did not become healthy"; return 1; }
+  BENCH_ADDR=(--target-addr "$endpoints")
+}
+stop_etcd() { stop_pids "${SERVER_PIDS[@]}"; rm -rf "$WORK/etcd"; }
+
+# --- one target --------------------------------------------------------------
+# run_target NAME TARGET SYSTEM: start SYSTEM, saturate, measure latency at
+# 50% of the saturated rate, sample /proc, stop; writes $WORK/NAME.json.
+run_target() {
+  local name=$1 target=$2 system=$3
+  if ! "start_$system"; then
+    log "$name: the system did not start"; FAILED+=("$name"); "stop_$system"; return
+  fi
+  local common=(bench --target "$target" "${BENCH_ADDR[@]}" --json --duration "$DURATION" --ids "$IDS" --zipf "$ZIPF"
+    --types "$TYPES" --duplicates "$DUPLICATES" --time-spread "$SPREAD" --concurrency "$CONCURRENCY"
+    --inflight "$INFLIGHT" --seed "$SEED")
+  local t0 t1 w0 w1 rc=0 ok=1
+  log "$name: saturation run ($DURATION, as fast as it goes)"
+  t0=$(cpu_ticks "${SERVER_PIDS[@]}"); w0=$(date +%s.%N)
+  "$TALLY" "${common[@]}" --rate 0 --no-verify --out "$WORK/$name-max.json" >"$WORK/$name-max.out" 2>"$WORK/$name-max.err" || rc=$?
+  t1=$(cpu_ticks "${SERVER_PIDS[@]}"); w1=$(date +%s.%N)
+  if ((rc != 0 && rc != 3)) || [[ ! -s "$WORK/$name-max.json" ]]; then
+    log "$name: saturation run failed (exit $rc):"; tail -5 "$WORK/$name-max.err" >&2; ok=""
+  fi
+  local max="0"
+  [[ -n "$ok" ]] && max=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["throughput_eps"])' "$WORK/$name-max.json")
+  local half
+  half=$(python3 -c 'import sys; print(max(1.0, float(sys.argv[1]) / 2))' "$max")
+  rc=0
+  if [[ -n "$ok" ]]; then
+    log "$name: latency run at $half events/s (50% of $max)"
+    "$TALLY" "${common[@]}" --rate "$half" --out "$WORK/$name-half.json" >"$WORK/$name-half.out" 2>"$WORK/$name-half.err" || rc=$?
+    if ((rc != 0 && rc != 3)) || [[ ! -s "$WORK/$name-half.json" ]]; then
+      log "$name: latency run failed (exit $rc):"; tail -5 "$WORK/$name-half.err" >&2; ok=""
+    fi
+  fi
+  local rss
+  rss=$(peak_rss "${SERVER_PIDS[@]}")
+  "stop_$system"
+  python3 - "$WORK" "$name" "$target" "$system" "$((t1 - t0))" "$(getconf CLK_TCK)" "$w0" "$w1" "$rss" "${ok:-0}" <<'PY'
+import json, os, sys
+work, name, target, system, ticks, hz, w0, w1, rss, ok = sys.argv[1:]
+def load(suffix):
+    p = os.path.join(work, f"{name}-{suffix}.json")
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+mx, half = load("max"), load("half")
+cpu_s = int(ticks) / int(hz)
+sent = (mx or {}).get("sent", 0)
+acked = 0
+if mx:
+    o = mx["outcomes"]
+    acked = o["accepted"] + o["duplicates"]
+res = {
+    "name": name, "target": target, "system": system, "ran": ok == "1" and acked > 0,
+    "max_eps": mx and mx["throughput_eps"],
+    "max_run": mx and {k: mx[k] for k in ("elapsed_s", "sent", "outcomes", "latency_ms")},
+    "half_rate_eps": half and half["config"]["rate"],
+    "half_run": half and {k: half[k] for k in ("elapsed_s", "sent", "throughput_eps", "outcomes", "latency_ms",
+                                              "verify", "verify_skipped", "ok")},
+    "latency_ms": half and half["latency_ms"],
+    "server_cpu_s": cpu_s,
+    "cpu_s_per_million_events": (cpu_s / sent * 1e6) if sent else None,
+    "peak_rss_kb_per_process": [int(x) for x in rss.split(",") if x],
+    "verified": None if not half or half.get("verify") is None else half["verify"]["ok"],
+    "verify_skipped": half and half.get("verify_skipped"),
+}
+with open(os.path.join(work, f"{name}.json"), "w") as f:
+    json.dump(res, f, indent=2)
+PY
+  if ! python3 -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["ran"] else 1)' "$WORK/$name.json"; then
+    log "$name: no event was acknowledged"; FAILED+=("$name")
+  fi
+}
+
+run_target tally tally tally
+run_target redis-incr redis-incr redis
+run_target redis-dedup redis-dedup redis
+run_target etcd etcd etcd
+
+# --- report ------------------------------------------------------------------
+if [[ -n "$SMOKE" ]]; then
+  OUT="$(mktemp "${TMPDIR:-/tmp}/tally-bench-smoke.XXXXXX.md")"
+else
+  OUT="$TALLY_ROOT/docs/BENCHMARKS.md"
+fi
+MODEL=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+MEM_KB=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+python3 - "$WORK" "$OUT" "${SMOKE:-0}" "$DURATION" "$PROFILE" "$(nproc)" "${MODEL:-unknown}" "$MEM_KB" \
+  "$("$TALLYD" --version 2>&1 | head -1)" "$(redis-server --version 2>&1 | head -1)" "$(etcd --version 2>&1 | head -1)" \
+  "$IDS" "$ZIPF" "$TYPES" "$DUPLICATES" "$SPREAD" "$CONCURRENCY" "$INFLIGHT" "$SEED" "$TALLY_PARTITIONS" \
+  "${ETCD_FLAGS[*]}" "$(uname -sr)" <<'PY'
+import datetime, json, os, sys
+(work, out, smoke, duration, profile, nproc, model, mem_kb, v_tally, v_redis, v_etcd,
+ ids, zipf, types, dups, spread, conc, inflight, seed, partitions, etcd_flags, kernel) = sys.argv[1:]
+names = ["tally", "redis-incr", "redis-dedup", "etcd"]
+rows = []
+for n in names:
+    try:
+        with open(os.path.join(work, f"{n}.json")) as f:
+            rows.append(json.load(f))
+    except (OSError, ValueError):
+        rows.append({"name": n, "ran": False})
+by = {r["name"]: r for r in rows}
+tally = by.get("tally", {})
+
+def num(x, fmt="{:,.0f}"):
+    return "—" if x is None else fmt.format(x)
+def lat(r, q):
+    l = r.get("latency_ms")
+    return None if not l else l.get(q)
+def ratio(a, b):
+    return None if a in (None, 0) or b in (None, 0) else a / b
+def peak(r):
+    v = r.get("peak_rss_kb_per_process") or []
+    return max(v) / 1024 if v else None
+
+desc = {
+    "tally": "Tally, 3 nodes, RF 3, ack after quorum commit of fsync'd logs",
+    "redis-incr": "Redis, 1 node, pipelined INCR (no dedup, no buckets, no persistence)",
+    "redis-dedup": "Redis, 1 node, Lua SET NX EX + 4× HINCRBY count/sum, pipelined (no persistence)",
+    "etcd": "etcd, 3 members, a put per event in txns of ≤128, fsync'd",
+}
+lines = []
+lines.append("| system | events/s at saturation | p50 ms | p99 ms | p99.9 ms | at events/s | CPU-s per M events (servers) | peak RSS per process (MiB) | verified |")
+lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+for r in rows:
+    n = r["name"]
+    if not r.get("max_eps"):
+        lines.append(f"| {desc[n]} | failed | | | | | | | |")
+        continue
+    rss = ", ".join(f"{v/1024:.0f}" for v in r.get("peak_rss_kb_per_process") or [])
+    v = r.get("verified")
+    ver = "yes" if v is True else ("MISMATCH" if v is False else f"no ({r.get('verify_skipped') or 'not run'})")
+    lines.append(f"| {desc[n]} | {num(r['max_eps'])} | {num(lat(r,'p50'),'{:.2f}')} | {num(lat(r,'p99'),'{:.2f}')} | "
+                 f"{num(lat(r,'p999'),'{:.2f}')} | {num(r.get('half_rate_eps'))} | {num(r.get('cpu_s_per_million_events'),'{:.1f}')} | {rss} | {ver} |")
+ratios = {}
+rl = ["| Tally ÷ | throughput | p99 latency | CPU-s per M events | peak RSS per process |", "|---|---:|---:|---:|---:|"]
+for r in rows:
+    n = r["name"]
+    if n == "tally":
+        continue
+    q = {
+        "throughput": ratio(tally.get("max_eps"), r.get("max_eps")),
+        "p99_latency": ratio(lat(tally, "p99"), lat(r, "p99")),
+        "cpu_per_event": ratio(tally.get("cpu_s_per_million_events"), r.get("cpu_s_per_million_events")),
+        "peak_rss": ratio(peak(tally), peak(r)),
+    }
+    ratios[n] = q
+    rl.append(f"| {n} | {num(q['throughput'],'{:.2f}')} | {num(q['p99_latency'],'{:.2f}')} | "
+              f"{num(q['cpu_per_event'],'{:.2f}')} | {num(q['peak_rss'],'{:.2f}')} |")
+
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+machine = {"nproc": int(nproc), "cpu_model": model, "mem_total_mib": int(mem_kb) // 1024, "kernel": kernel}
+versions = {"tally": v_tally, "redis": v_redis, "etcd": v_etcd}
+settings = {
+    "smoke": smoke == "1", "duration_per_run": duration, "tally_profile": profile,
+    "workload": {"ids": int(ids), "zipf": float(zipf), "types": types, "duplicates": float(dups),
+                 "event_time_spread": spread, "seed": int(seed), "producer_tasks": int(conc)},
+    "tally": {"nodes": 3, "replication_factor": 3, "partitions": int(partitions), "client_batch_events": 2000, "linger_ms": 5},
+    "redis": {"flags": "--save '' --appendonly no", "batch_events": 1000, "batches_in_flight": int(inflight)},
+    "etcd": {"members": 3, "flags": etcd_flags, "batch_events": 128, "batches_in_flight": int(inflight)},
+}
+doc = {"generated": now, "machine": machine, "versions": versions, "settings": settings, "results": rows, "ratios_tally_over": ratios}
+
+md = []
+md.append("# Benchmarks" + (" (smoke run: seconds per system, numbers meaningless)" if smoke == "1" else ""))
+md.append("")
+md.append(f"Generated by `scripts/bench.sh{' --smoke' if smoke == '1' else ''}` on {now}. "
+          "Every system ran the same `tally bench` workload through its target adapter, one system at a time, "
+          "on loopback, with the load generator on the same machine.")
+md.append("")
+md.append(f"**Machine:** {nproc} CPUs ({model}), {int(mem_kb)//1024} MiB RAM, {kernel}.  ")
+md.append(f"**Versions:** {v_tally}; {v_redis}; {v_etcd}.  ")
+md.append(f"**Workload:** Zipf({zipf}) over {int(ids):,} entity ids, types {types}, every event with an event_id, "
+          f"{float(dups)*100:g}% re-sent duplicates, event times uniform over the last {spread}, {conc} producer tasks, "
+          f"seed {seed}; {duration} per run. Saturation run as fast as the system acknowledges; then a run at 50% of "
+          "that rate for latency (measured from each event's scheduled send time, so corrected for coordinated omission).")
+md.append("")
+md.append("\n".join(lines))
+md.append("")
+md.append("\n".join(rl))
+md.append("")
+md.append("How to read it:")
+md.append("")
+md.append("* events/s: events acknowledged per second in the saturation run (re-sent duplicates included).")
+md.append("* Latency: ack latency of the 50% run. Tally and etcd acknowledge after a quorum has the write on disk; "
+          "Redis acknowledges from memory.")
+md.append("* CPU-s per M events: utime+stime of all server processes (from /proc/<pid>/stat) during the saturation run, "
+          "per million events sent. The load generator's own CPU is not included, but it shares the machine.")
+md.append("* Peak RSS: VmHWM of each server process at the end of its runs.")
+md.append("* Verified: counts queried back and compared with the acknowledged events (Tally: Stats; redis-dedup: "
+          "month buckets via HGETALL). redis-incr does not dedup and etcd does not count, so they are not verified.")
+md.append("* Ratios are Tally ÷ peer from the same run: above 1 means Tally is faster (throughput) or costlier "
+          "(latency, CPU, memory).")
+md.append("")
+md.append(f"Settings: Tally {profile} build, 3 nodes, RF 3, {partitions} partitions, client batches of ≤2000 events, "
+          f"5 ms linger. Redis `--save '' --appendonly no`, pipelines of ≤1000 commands, {inflight} in flight over ≤8 "
+          f"connections. etcd `{etcd_flags}`, transactions of ≤128 puts, {inflight} in flight over 2 connections per member.")
+md.append("")
+md.append("```json")
+md.append(json.dumps(doc, indent=2))
+md.append("```")
+md.append("")
+with open(out, "w") as f:
+    f.write("\n".join(md))
+print("\n".join(lines))
+print()
+print("\n".join(rl))
+PY
+log "results written to $OUT"
+if ((${#FAILED[@]})); then
+  log "failed to run: ${FAILED[*]}"
+  exit 1
+fi
