@@ -10,10 +10,13 @@ use tally_proto::v1::Event;
 
 pub const EVENT_TYPES: [&str; 3] = ["view", "like", "comment"];
 
+/// (entity, type).
+type Key = (Vec<u8>, String);
+
 #[derive(Default)]
 pub struct Model {
     /// (entity, type) → (event time, value) of each distinct event.
-    events: BTreeMap<(Vec<u8>, String), Vec<(i64, i64)>>,
+    events: BTreeMap<Key, Vec<(i64, i64)>>,
     /// Every event id recorded, to catch a test recording one twice.
     ids: HashMap<Vec<u8>, ()>,
 }

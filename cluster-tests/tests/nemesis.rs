@@ -140,7 +140,8 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     cluster.wait_ready(Duration::from_secs(60)).await?;
 
     // Checker.
-    let h = history.lock().unwrap_or_else(|p| p.into_inner());
+    // The workers are done: take the history out of its lock.
+    let h = std::mem::take(&mut *history.lock().unwrap_or_else(|p| p.into_inner()));
     let mut violations = Vec::new();
     let probe_via = cluster.live_node_ids()[0];
     let mut query = cluster.query_client(probe_via).await?;
@@ -206,7 +207,6 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     }
     assert!(violations.is_empty(), "{} violations (see above)", violations.len());
     assert!(h.acknowledged.distinct_events() > 0, "the workload made progress");
-    drop(h);
     cluster.heal();
     Ok(())
 }
