@@ -287,10 +287,7 @@ mod tests {
     #[test]
     fn half_open_allows_exactly_one_probe_and_success_closes() {
         let t0 = Instant::now();
-        let b = CircuitBreaker::new(config(), t0);
-        for _ in 0..4 {
-            b.on_failure(t0);
-        }
+        let b = opened(t0);
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(b.state(t1), BreakerState::HalfOpen);
         assert!(b.would_allow(t1));
@@ -304,13 +301,19 @@ mod tests {
         assert_eq!(b.state(t1), BreakerState::Closed);
     }
 
-    #[test]
-    fn failed_probe_reopens() {
-        let t0 = Instant::now();
+    /// A breaker opened by four failures at `t0`.
+    fn opened(t0: Instant) -> CircuitBreaker {
         let b = CircuitBreaker::new(config(), t0);
         for _ in 0..4 {
             b.on_failure(t0);
         }
+        b
+    }
+
+    #[test]
+    fn failed_probe_reopens() {
+        let t0 = Instant::now();
+        let b = opened(t0);
         let t1 = t0 + Duration::from_secs(1);
         assert!(b.try_acquire(t1));
         b.on_failure(t1);
@@ -322,10 +325,7 @@ mod tests {
     #[test]
     fn lost_probe_expires() {
         let t0 = Instant::now();
-        let b = CircuitBreaker::new(config(), t0);
-        for _ in 0..4 {
-            b.on_failure(t0);
-        }
+        let b = opened(t0);
         let t1 = t0 + Duration::from_secs(1);
         assert!(b.try_acquire(t1));
         // The probe's outcome is never reported.
@@ -363,10 +363,7 @@ mod tests {
     #[test]
     fn late_success_while_open_closes() {
         let t0 = Instant::now();
-        let b = CircuitBreaker::new(config(), t0);
-        for _ in 0..4 {
-            b.on_failure(t0);
-        }
+        let b = opened(t0);
         b.on_success(t0 + Duration::from_millis(10));
         assert_eq!(b.state(t0 + Duration::from_millis(10)), BreakerState::Closed);
     }

@@ -55,6 +55,25 @@ impl RetryingIngestor {
         Ok(c)
     }
 
+    /// Send every batch (batch i starting at node i, `concurrency` at a time)
+    /// until acknowledged; returns the summed acknowledgements.
+    pub async fn send_all(&self, batches: Vec<Vec<Event>>, concurrency: usize) -> anyhow::Result<Acked> {
+        use futures::stream::{self, StreamExt};
+        let results: Vec<anyhow::Result<Acked>> = stream::iter(batches.into_iter().enumerate())
+            .map(|(i, events)| async move { self.send(events, i as u64).await })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let mut total = Acked::default();
+        for r in results {
+            let a = r?;
+            total.accepted += a.accepted;
+            total.duplicates += a.duplicates;
+            total.attempts += a.attempts;
+        }
+        Ok(total)
+    }
+
     /// Send until every event is accepted or reported duplicate.
     pub async fn send(&self, events: Vec<Event>, start_node: u64) -> anyhow::Result<Acked> {
         let deadline = Instant::now() + Duration::from_secs(120);

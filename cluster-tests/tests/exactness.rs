@@ -7,7 +7,6 @@ use std::time::Duration;
 use cluster_tests::ingestor::{Acked, RetryingIngestor};
 use cluster_tests::model::{Model, Workload};
 use cluster_tests::{ClusterOptions, TestCluster};
-use futures::stream::{self, StreamExt};
 use rand::Rng;
 use tally_proto::time::{align_range, Granularity, DAY_MS, HOUR_MS};
 use tally_proto::v1::{Consistency, Event, Granularity as PbGranularity, SeriesRequest, StatsRequest};
@@ -54,21 +53,7 @@ async fn counts_are_exact_at_every_granularity_and_replicas_agree() -> anyhow::R
     let total_sent: usize = batches.iter().map(Vec::len).sum();
     let batch_count = batches.len() as u64;
     let ingestor = RetryingIngestor::new((1..=3).map(|id| (id, cluster.addr(id).unwrap_or_default())).collect());
-    let results: Vec<anyhow::Result<Acked>> = stream::iter(batches.into_iter().enumerate())
-        .map(|(i, events)| {
-            let ingestor = ingestor.clone();
-            async move { ingestor.send(events, i as u64).await }
-        })
-        .buffer_unordered(4)
-        .collect()
-        .await;
-    let (mut accepted, mut duplicates, mut attempts) = (0u64, 0u64, 0u64);
-    for r in results {
-        let a = r?;
-        accepted += a.accepted;
-        duplicates += a.duplicates;
-        attempts += a.attempts;
-    }
+    let Acked { accepted, duplicates, attempts } = ingestor.send_all(batches, 4).await?;
     assert_eq!(accepted + duplicates, total_sent as u64, "every event is acknowledged one way or the other");
     assert!(accepted <= DISTINCT as u64, "never more accepted than distinct events");
     if attempts == batch_count {

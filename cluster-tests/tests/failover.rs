@@ -8,28 +8,14 @@ use std::time::Duration;
 use cluster_tests::ingestor::RetryingIngestor;
 use cluster_tests::model::{Model, Workload};
 use cluster_tests::{ClusterOptions, TestCluster};
-use futures::stream::{self, StreamExt};
 use tally_proto::time::{align_range, DAY_MS};
 use tally_proto::v1::{Consistency, Event, StatsRequest};
 
 const BATCH: usize = 500;
 
 async fn ingest_all(ingestor: &RetryingIngestor, batches: Vec<Vec<Event>>) -> anyhow::Result<(u64, u64)> {
-    let results: Vec<_> = stream::iter(batches.into_iter().enumerate())
-        .map(|(i, b)| {
-            let ing = ingestor.clone();
-            async move { ing.send(b, i as u64).await }
-        })
-        .buffer_unordered(4)
-        .collect()
-        .await;
-    let (mut accepted, mut attempts) = (0, 0);
-    for r in results {
-        let a = r?;
-        accepted += a.accepted;
-        attempts += a.attempts;
-    }
-    Ok((accepted, attempts))
+    let acked = ingestor.send_all(batches, 4).await?;
+    Ok((acked.accepted, acked.attempts))
 }
 
 async fn check_counts(cluster: &TestCluster, node: u64, model: &Model, end: i64, consistency: Consistency) -> anyhow::Result<()> {

@@ -35,7 +35,6 @@ pub struct PartitionReplica {
     pub partition: u32,
     pub raft: RaftInstance,
     pub ingest: mpsc::Sender<IngestJob>,
-    pub applied: watch::Receiver<u64>,
     /// Set once the replica has re-applied everything the cluster had
     /// committed for its log when it started (openraft `wait_for_recovery`);
     /// stale reads before that could go backwards, so they are forwarded.
@@ -79,7 +78,7 @@ impl Node {
         let routes = config.peer_route_map().map_err(|e| anyhow::anyhow!(e))?;
         let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes);
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
-        let (metadata, _) = open_group(&engine, &data_dir, &peers, &raft_config, config.node_id, METADATA_GROUP, Arc::default(), Some(map_tx))
+        let metadata = open_group(&engine, &data_dir, &peers, &raft_config, config.node_id, METADATA_GROUP, Arc::default(), Some(map_tx))
             .await
             .context("opening the metadata group")?;
         let node = Arc::new(Node {
@@ -137,7 +136,7 @@ impl Node {
             }
             let group = group_of_partition(partition);
             let dedup = Arc::new(DedupIndex::default());
-            let (raft, applied) =
+            let raft =
                 open_group(&self.engine, &data_dir, &self.peers, &self.raft_config, self.id, group, dedup.clone(), None)
                     .await
                     .with_context(|| format!("opening partition {partition}"))?;
@@ -164,7 +163,7 @@ impl Node {
                     }
                 }
             });
-            let replica = Arc::new(PartitionReplica { partition, raft, ingest, applied, recovered });
+            let replica = Arc::new(PartitionReplica { partition, raft, ingest, recovered });
             if let Ok(mut m) = self.partitions.write() {
                 m.insert(partition, replica);
             }
@@ -240,10 +239,10 @@ async fn open_group(
     group: u32,
     dedup: Arc<DedupIndex>,
     map_tx: Option<watch::Sender<ClusterMap>>,
-) -> anyhow::Result<(RaftInstance, watch::Receiver<u64>)> {
-    let (sm, applied) = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, map_tx).await?;
+) -> anyhow::Result<RaftInstance> {
+    let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, map_tx).await?;
     let log = LogStore::new(engine.clone(), group);
     let network = NetworkFactory::new(group, peers.clone());
     let raft = Raft::new(node_id, raft_config.clone(), network, log, sm).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((raft, applied))
+    Ok(raft)
 }

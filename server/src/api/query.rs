@@ -113,7 +113,7 @@ impl Query for QueryService {
             Err(to) => return self.forward_client(to)?.stats(forwarded(req, hops)).await,
         };
         let (from, to) = align_range(req.from_ms, req.to_ms);
-        let applied = *replica.applied.borrow();
+        let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let total = read_stats(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, from, to)
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(StatsResponse {
@@ -150,7 +150,7 @@ impl Query for QueryService {
             Err(_) if hops >= MAX_HOPS => return Err(Status::unavailable(format!("partition {partition}: leader moved; retry"))),
             Err(to) => return self.forward_client(to)?.series(forwarded(req, hops)).await,
         };
-        let applied = *replica.applied.borrow();
+        let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let series = read_series(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, granularity, from, to)
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(SeriesResponse {

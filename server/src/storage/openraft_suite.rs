@@ -19,7 +19,7 @@ impl StoreBuilder<TypeConfig, LogStore, GroupStateMachine, tempfile::TempDir> fo
         let dir = tempfile::tempdir().map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
         let engine = Engine::open(&dir.path().join("db")).map_err(|e| StorageError::read(TypeConfig::err_from_error(&std::io::Error::from(e))))?;
         // Group 7 rather than 0, so the key prefixes are exercised.
-        let (sm, _) = GroupStateMachine::open(engine.clone(), 7, &dir.path().join("snapshots"), Arc::default(), None)
+        let sm = GroupStateMachine::open(engine.clone(), 7, &dir.path().join("snapshots"), Arc::default(), None)
             .await
             .map_err(|e| StorageError::read(TypeConfig::err_from_error(&std::io::Error::from(e))))?;
         Ok((dir, LogStore::new(engine, 7), sm))

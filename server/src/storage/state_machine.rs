@@ -46,8 +46,6 @@ pub struct GroupStateMachine {
     snapshots: SnapshotDir,
     /// Metadata group only: publishes every applied cluster map.
     cluster_map: Option<watch::Sender<ClusterMap>>,
-    /// Applied-index watchers (queries report what they read).
-    applied_tx: watch::Sender<u64>,
 }
 
 impl GroupStateMachine {
@@ -57,10 +55,9 @@ impl GroupStateMachine {
         snapshot_root: &std::path::Path,
         dedup: Arc<DedupIndex>,
         cluster_map: Option<watch::Sender<ClusterMap>>,
-    ) -> Result<(GroupStateMachine, watch::Receiver<u64>), StorageError> {
+    ) -> Result<GroupStateMachine, StorageError> {
         let snapshots = SnapshotDir::new(snapshot_root, group)?;
         snapshots.remove_temp_files()?;
-        let (applied_tx, applied_rx) = watch::channel(0);
         let mut sm = GroupStateMachine {
             group,
             engine,
@@ -69,7 +66,6 @@ impl GroupStateMachine {
             dedup,
             snapshots,
             cluster_map,
-            applied_tx,
         };
         let installing = sm
             .engine
@@ -92,7 +88,7 @@ impl GroupStateMachine {
             }
         }
         sm.load_from_db()?;
-        Ok((sm, applied_rx))
+        Ok(sm)
     }
 
     fn get_state<T: serde::de::DeserializeOwned>(&self, tag: u8) -> Result<Option<T>, StorageError> {
@@ -125,7 +121,6 @@ impl GroupStateMachine {
                 tx.send_replace(map);
             }
         }
-        self.applied_tx.send_replace(self.applied.map(|l| l.index).unwrap_or(0));
         Ok(())
     }
 
@@ -169,7 +164,6 @@ impl GroupStateMachine {
         if let (Some(map), Some(tx)) = (new_map, &self.cluster_map) {
             tx.send_replace(map);
         }
-        self.applied_tx.send_replace(self.applied.map(|l| l.index).unwrap_or(0));
         Ok(replies)
     }
 

@@ -41,7 +41,7 @@ fn delta(entity: &str, minute_ms: i64, count: u64, sum: i64) -> MinuteDelta {
 async fn open(dir: &std::path::Path) -> (Arc<Engine>, GroupStateMachine, Arc<DedupIndex>) {
     let engine = Engine::open(&dir.join("db")).unwrap();
     let dedup = Arc::new(DedupIndex::default());
-    let (sm, _) = GroupStateMachine::open(engine.clone(), GROUP, &dir.join("snapshots"), dedup.clone(), None).await.unwrap();
+    let sm = GroupStateMachine::open(engine.clone(), GROUP, &dir.join("snapshots"), dedup.clone(), None).await.unwrap();
     (engine, sm, dedup)
 }
 
