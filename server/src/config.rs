@@ -23,9 +23,15 @@ pub struct NodeConfig {
     pub dedup_window_secs: u64,
     /// Raft entries between snapshots of a group.
     pub snapshot_logs: u64,
+    /// Leader heartbeat interval of an active Raft group.
     pub heartbeat_ms: u64,
-    /// Minimum election timeout; the maximum is twice this.
+    /// Minimum election timeout; the maximum, which is also openraft's
+    /// leader lease, is twice this. Bounds failover of an active group.
     pub election_timeout_ms: u64,
+    /// Node-level liveness probe interval (one ping per peer).
+    pub ping_ms: u64,
+    /// A group idle this long quiesces: no heartbeats, no timers. 0 never.
+    pub quiesce_after_ms: u64,
     pub connect_timeout_ms: u64,
     /// Time a partition's share of an ingest request may take to commit.
     pub ingest_timeout_ms: u64,
@@ -51,8 +57,10 @@ impl Default for NodeConfig {
             data_dir: "./.tally/node1".into(),
             dedup_window_secs: 600,
             snapshot_logs: 10_000,
-            heartbeat_ms: 250,
-            election_timeout_ms: 1_000,
+            heartbeat_ms: 100,
+            election_timeout_ms: 300,
+            ping_ms: 100,
+            quiesce_after_ms: 2_000,
             connect_timeout_ms: 1_000,
             ingest_timeout_ms: 10_000,
             max_batch_events: 20_000,
@@ -115,6 +123,12 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub election_timeout_ms: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ping_ms: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quiesce_after_ms: Option<u64>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ingest_timeout_ms: Option<u64>,

@@ -22,8 +22,10 @@ use crate::config::NodeConfig;
 use crate::dedup::DedupIndex;
 use crate::meta::ClusterMap;
 use crate::processor::{self, IngestJob, ProcessorConfig};
+use crate::raft::liveness::Liveness;
 use crate::raft::network::NetworkFactory;
 use crate::raft::peers::PeerPool;
+use crate::raft::quiesce::{QuiesceConfig, Quiescence};
 use crate::raft::types::NodeId;
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::GroupStateMachine;
@@ -49,6 +51,8 @@ pub struct Node {
     pub raft_config: Arc<openraft::Config>,
     pub metadata: RaftInstance,
     pub cluster_map: watch::Receiver<ClusterMap>,
+    pub liveness: Arc<Liveness>,
+    pub quiescence: Arc<Quiescence>,
     partitions: RwLock<HashMap<u32, Arc<PartitionReplica>>>,
     /// Serialises group creation so two map updates never open one group twice.
     opening: tokio::sync::Mutex<()>,
@@ -69,6 +73,9 @@ impl Node {
                 snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
                 max_in_snapshot_log_to_keep: config.snapshot_logs / 2,
                 max_payload_entries: 64,
+                // Under load, appends already prove liveness; skip the
+                // heartbeats they make redundant.
+                heartbeat_min_interval: Some(config.heartbeat_ms),
                 enable_pre_vote: Some(true),
                 ..Default::default()
             }
@@ -78,9 +85,23 @@ impl Node {
         let routes = config.peer_route_map().map_err(|e| anyhow::anyhow!(e))?;
         let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes);
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
-        let metadata = open_group(&engine, &data_dir, &peers, &raft_config, config.node_id, METADATA_GROUP, Arc::default(), Some(map_tx))
+        let metadata = open_group(&engine, &data_dir, &peers, &raft_config, config.node_id, METADATA_GROUP, Arc::default(), Some(map_tx), None)
             .await
             .context("opening the metadata group")?;
+        let election_max = Duration::from_millis(config.election_timeout_ms * 2);
+        let ping = Duration::from_millis(config.ping_ms.max(1));
+        let (liveness, peer_changes) =
+            Liveness::spawn(config.node_id, ping, Duration::from_millis(config.election_timeout_ms), peers.clone(), map_rx.clone());
+        let quiescence = Quiescence::new(
+            config.node_id,
+            QuiesceConfig {
+                after: Duration::from_millis(config.quiesce_after_ms),
+                startup_grace: election_max + 3 * ping,
+                backup_delay: election_max,
+            },
+            liveness.clone(),
+        );
+        quiescence.clone().spawn(peer_changes, ping);
         let node = Arc::new(Node {
             id: config.node_id,
             config,
@@ -89,6 +110,8 @@ impl Node {
             raft_config,
             metadata,
             cluster_map: map_rx,
+            liveness,
+            quiescence,
             partitions: RwLock::default(),
             opening: tokio::sync::Mutex::new(()),
             admin: tokio::sync::Mutex::new(()),
@@ -136,10 +159,21 @@ impl Node {
             }
             let group = group_of_partition(partition);
             let dedup = Arc::new(DedupIndex::default());
-            let raft =
-                open_group(&self.engine, &data_dir, &self.peers, &self.raft_config, self.id, group, dedup.clone(), None)
-                    .await
-                    .with_context(|| format!("opening partition {partition}"))?;
+            let quiet = self.quiescence.register(group);
+            let raft = open_group(
+                &self.engine,
+                &data_dir,
+                &self.peers,
+                &self.raft_config,
+                self.id,
+                group,
+                dedup.clone(),
+                None,
+                Some(quiet.clone()),
+            )
+            .await
+            .with_context(|| format!("opening partition {partition}"))?;
+            self.quiescence.attach(&quiet, raft.clone());
             let replicas = map.replicas_of(partition);
             // Only the first map creates groups. Replicas placed by later maps
             // join existing groups as learners (see reconciler); initialising
@@ -153,7 +187,7 @@ impl Node {
                     tracing::debug!(partition, error = %e, "partition already initialised");
                 }
             }
-            let ingest = processor::spawn(raft.clone(), dedup, self.processor_config());
+            let ingest = processor::spawn(raft.clone(), dedup, self.processor_config(), quiet);
             let recovered = Arc::new(AtomicBool::new(false));
             tokio::spawn({
                 let (raft, recovered) = (raft.clone(), recovered.clone());
@@ -188,6 +222,7 @@ impl Node {
         let Some(replica) = replica else { return Ok(()) };
         let _ = replica.raft.shutdown().await;
         let group = group_of_partition(partition);
+        self.quiescence.remove(group);
         LogStore::new(self.engine.clone(), group).delete_all()?;
         crate::storage::state_machine::delete_group_state(&self.engine, group)?;
         let _ = std::fs::remove_dir_all(self.snapshot_root().join(format!("g{group}")));
@@ -239,10 +274,11 @@ async fn open_group(
     group: u32,
     dedup: Arc<DedupIndex>,
     map_tx: Option<watch::Sender<ClusterMap>>,
+    quiescence: Option<Arc<crate::raft::quiesce::GroupQuiescence>>,
 ) -> anyhow::Result<RaftInstance> {
     let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, map_tx).await?;
     let log = LogStore::new(engine.clone(), group);
-    let network = NetworkFactory::new(group, peers.clone());
+    let network = NetworkFactory::new(group, peers.clone(), quiescence);
     let raft = Raft::new(node_id, raft_config.clone(), network, log, sm).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(raft)
 }

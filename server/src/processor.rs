@@ -24,6 +24,8 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{ReadPolicy, ServerState};
+
+use crate::raft::quiesce::GroupQuiescence;
 use tally_proto::time::{bucket_start, Granularity};
 use tally_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot};
@@ -76,18 +78,31 @@ pub enum ProposeOutcome {
     Unavailable(String),
 }
 
-pub fn spawn(raft: RaftInstance, dedup: Arc<DedupIndex>, config: ProcessorConfig) -> mpsc::Sender<IngestJob> {
+/// `quiet`: the group's quiescence, woken (and its lease renewed) before a
+/// proposal to a quiesced leader.
+pub fn spawn(
+    raft: RaftInstance,
+    dedup: Arc<DedupIndex>,
+    config: ProcessorConfig,
+    quiet: Arc<GroupQuiescence>,
+) -> mpsc::Sender<IngestJob> {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    tokio::spawn(run(raft, dedup, config, rx));
+    tokio::spawn(run(raft, dedup, config, quiet, rx));
     tx
 }
 
-async fn run(raft: RaftInstance, dedup: Arc<DedupIndex>, config: ProcessorConfig, mut rx: mpsc::Receiver<IngestJob>) {
+async fn run(
+    raft: RaftInstance,
+    dedup: Arc<DedupIndex>,
+    config: ProcessorConfig,
+    quiet: Arc<GroupQuiescence>,
+    mut rx: mpsc::Receiver<IngestJob>,
+) {
     loop {
         let Some(term) = wait_until_ready_leader(&raft, &config, &mut rx).await else {
             return;
         };
-        if !lead_session(&raft, &dedup, &config, &mut rx, term).await {
+        if !lead_session(&raft, &dedup, &config, &quiet, &mut rx, term).await {
             return;
         }
     }
@@ -143,10 +158,11 @@ async fn wait_until_ready_leader(
 }
 
 /// One proposal: the jobs it answers and what each contributed.
-struct Proposal {
+pub struct Proposal {
     jobs: Vec<(oneshot::Sender<ProposeOutcome>, u32, Vec<u32>)>,
     keys: Vec<u128>,
-    command: Command,
+    /// The Raft command: per-minute deltas and the new dedup keys.
+    pub command: Command,
 }
 
 /// Lead one term. Returns false when the queue is closed.
@@ -154,6 +170,7 @@ async fn lead_session(
     raft: &RaftInstance,
     dedup: &DedupIndex,
     config: &ProcessorConfig,
+    quiet: &GroupQuiescence,
     rx: &mut mpsc::Receiver<IngestJob>,
     term: u64,
 ) -> bool {
@@ -193,6 +210,7 @@ async fn lead_session(
                     }
                 }
             }
+            quiet.prepare_write().await;
             let proposal = build_proposal(dedup, &mut pending, std::mem::take(&mut queued), config);
             queued_events = 0;
             let raft = raft.clone();
@@ -264,8 +282,8 @@ fn now_ms() -> u64 {
 }
 
 /// Dedup and aggregate queued jobs into one command. Per-event work is in
-/// memory only.
-fn build_proposal(
+/// memory only. Public for the micro-benchmarks (`benches/hot_path.rs`).
+pub fn build_proposal(
     dedup: &DedupIndex,
     pending: &mut HashSet<u128>,
     jobs: Vec<IngestJob>,

@@ -65,6 +65,10 @@ async fn reconcile_once(node: &Arc<Node>, unwanted_since: &mut BTreeMap<u32, Ins
             let have = voters(&replica.raft);
             if have != want {
                 tracing::info!(partition = replica.partition, ?have, ?want, "moving replicas");
+                let group = tally_proto::partition::group_of_partition(replica.partition);
+                if let Some(q) = node.quiescence.group(group) {
+                    q.prepare_write().await;
+                }
                 if let Err(e) = change_voters(&replica.raft, &map, &want, &have).await {
                     tracing::warn!(partition = replica.partition, error = %e, "partition membership change");
                 }

@@ -358,7 +358,10 @@ impl StatusView {
             .map(|(id, addr)| {
                 let reachable = answered.values().any(|n| *n == id);
                 let error = self.answers.iter().find(|(a, _)| a == addr).and_then(|(_, r)| r.as_ref().err());
+                // Replicas this node has quiesced (idle groups with timers off).
+                let quiesced = self.reports().find(|s| s.node_id == id).map(|s| s.partitions.iter().filter(|p| p.quiesced).count());
                 json!({
+                    "quiesced": quiesced,
                     "node_id": id, "addr": addr, "reachable": reachable,
                     "leads": map.partitions().iter().filter(|r| r.leader == id).count(),
                     "replicas": map.partitions().iter().filter(|r| r.replicas.contains(&id)).count(),
@@ -403,7 +406,7 @@ impl StatusView {
             ));
         }
         out.push('\n');
-        let mut nodes = Table::new(["NODE", "ADDR", "UP", "LEADS", "REPLICAS", "MAX_LAG"]);
+        let mut nodes = Table::new(["NODE", "ADDR", "UP", "LEADS", "REPLICAS", "QUIESCED", "MAX_LAG"]);
         for n in doc["nodes"].as_array().into_iter().flatten() {
             nodes.row([
                 n["node_id"].to_string(),
@@ -411,6 +414,7 @@ impl StatusView {
                 if n["reachable"] == json!(true) { "yes".to_owned() } else { "NO".to_owned() },
                 n["leads"].to_string(),
                 n["replicas"].to_string(),
+                n["quiesced"].as_u64().map_or("-".to_owned(), |q| q.to_string()),
                 n["max_lag"].as_u64().map_or("-".to_owned(), |l| l.to_string()),
             ]);
         }

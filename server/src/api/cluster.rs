@@ -192,6 +192,8 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
             info.commit_index = m.cluster_committed.map(|l| l.index).unwrap_or(0);
             info.applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
             info.voters = m.membership_config.voter_ids().collect();
+            let group = tally_proto::partition::group_of_partition(p);
+            info.quiesced = node.quiescence.group(group).is_some_and(|q| q.is_quiesced());
         }
         partitions.push(info);
     }

@@ -1,7 +1,9 @@
 //! Raft plumbing shared by every group: type configuration, network client,
 //! peer channel pool and the internal gRPC service.
 
+pub mod liveness;
 pub mod network;
 pub mod peers;
+pub mod quiesce;
 pub mod service;
 pub mod types;

@@ -1,9 +1,12 @@
 //! openraft's network for one group: requests are encoded with postcard,
 //! wrapped with the group id and sent over the pooled channel to the peer's
 //! internal Raft service. Snapshots stream from their file in chunks.
+//! AppendEntries pass through the group's quiescence (`quiesce.rs`), which
+//! counts entries as activity and flags the heartbeats of idle groups.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -18,22 +21,27 @@ use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
 use super::peers::PeerPool;
+use super::quiesce::GroupQuiescence;
 use super::types::{NodeId, TypeConfig, Vote};
 use crate::storage::codec::{decode, encode};
 use crate::storage::snapshot::SnapshotFile;
 use crate::storage::state_machine::Snapshot;
 
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Deadline of an AppendEntries that carries entries (see `append_entries`).
+const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct NetworkFactory {
     group: u32,
     peers: Arc<PeerPool>,
+    quiescence: Option<Arc<GroupQuiescence>>,
 }
 
 impl NetworkFactory {
-    pub fn new(group: u32, peers: Arc<PeerPool>) -> NetworkFactory {
-        NetworkFactory { group, peers }
+    /// `quiescence`: None for groups that never quiesce (the metadata group).
+    pub fn new(group: u32, peers: Arc<PeerPool>, quiescence: Option<Arc<GroupQuiescence>>) -> NetworkFactory {
+        NetworkFactory { group, peers, quiescence }
     }
 }
 
@@ -41,7 +49,12 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> GroupNetwork {
-        GroupNetwork { group: self.group, target, channel: self.peers.channel(target, &node.addr).map_err(|e| e.to_string()) }
+        GroupNetwork {
+            group: self.group,
+            target,
+            channel: self.peers.channel(target, &node.addr).map_err(|e| e.to_string()),
+            quiescence: self.quiescence.clone(),
+        }
     }
 }
 
@@ -49,6 +62,7 @@ pub struct GroupNetwork {
     group: u32,
     target: NodeId,
     channel: Result<Channel, String>,
+    quiescence: Option<Arc<GroupQuiescence>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +88,9 @@ impl GroupNetwork {
         Ok(RaftClient::new(channel.clone()).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
     }
 
-    fn message<T: serde::Serialize>(&self, value: &T) -> Result<tonic::Request<RaftMessage>, RPCError<TypeConfig>> {
+    fn message<T: serde::Serialize>(&self, value: &T, quiesce: bool) -> Result<tonic::Request<RaftMessage>, RPCError<TypeConfig>> {
         let payload = encode(value).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        Ok(tonic::Request::new(RaftMessage { group_id: self.group, payload }))
+        Ok(tonic::Request::new(RaftMessage { group_id: self.group, payload, quiesce }))
     }
 
     async fn call<Req, Resp, F, Fut>(&self, req: &Req, option: &RPCOption, f: F) -> Result<Resp, RPCError<TypeConfig>>
@@ -86,10 +100,26 @@ impl GroupNetwork {
         F: FnOnce(RaftClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
-        let mut request = self.message(req)?;
-        request.set_timeout(option.hard_ttl());
+        self.call_flagged(req, false, option.hard_ttl(), f).await
+    }
+
+    async fn call_flagged<Req, Resp, F, Fut>(
+        &self,
+        req: &Req,
+        quiesce: bool,
+        ttl: Duration,
+        f: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(RaftClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
+    {
+        let mut request = self.message(req, quiesce)?;
+        request.set_timeout(ttl);
         let client = self.client()?;
-        let reply = tokio::time::timeout(option.hard_ttl(), f(client, request))
+        let reply = tokio::time::timeout(ttl, f(client, request))
             .await
             .map_err(|_| RPCError::Unreachable(unreachable(format!("node {} timed out", self.target))))?
             .map_err(status_to_rpc)?;
@@ -105,7 +135,21 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
+        let has_entries = !rpc.entries.is_empty();
+        let flagged = self.quiescence.as_ref().is_some_and(|q| q.before_send(self.target, has_entries));
+        // openraft gives replication RPCs the heartbeat interval (100 ms) as
+        // their deadline. A batch of entries on a loaded follower (fsync,
+        // a starved CPU) can take longer; timing it out only re-sends the
+        // same batch after a backoff, so entries get a longer deadline.
+        let ttl = if has_entries { option.hard_ttl().max(APPEND_TIMEOUT) } else { option.hard_ttl() };
+        let resp: AppendEntriesResponse<TypeConfig> =
+            self.call_flagged(&rpc, flagged, ttl, |mut c, r| async move { c.append_entries(r).await }).await?;
+        if flagged && resp.is_success() {
+            if let Some(q) = &self.quiescence {
+                q.flagged_heartbeat_acked(self.target);
+            }
+        }
+        Ok(resp)
     }
 
     async fn vote(

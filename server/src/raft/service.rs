@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tally_proto::internal::raft_server::Raft as RaftRpc;
-use tally_proto::internal::{ProposeRequest, ProposeResponse, RaftMessage, SnapshotChunk};
+use tally_proto::internal::{PingRequest, PingResponse, ProposeRequest, ProposeResponse, RaftMessage, SnapshotChunk};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -54,13 +54,26 @@ fn bad_payload(e: impl std::fmt::Display) -> Status {
 
 fn reply<T: serde::Serialize>(group: u32, value: &T) -> Result<Response<RaftMessage>, Status> {
     let payload = encode(value).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(RaftMessage { group_id: group, payload }))
+    Ok(Response::new(RaftMessage { group_id: group, payload, quiesce: false }))
 }
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.dispatch(request, |raft, rpc: AppendEntriesRequest<TypeConfig>| async move { raft.append_entries(rpc).await }).await
+        let msg = request.into_inner();
+        let raft = self.group(msg.group_id)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
+        let leader = rpc.vote.leader_id().node_id;
+        let resp = raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        if let Some(q) = self.node.quiescence.group(msg.group_id) {
+            q.received(leader, msg.quiesce, resp.is_success());
+        }
+        reply(msg.group_id, &resp)
+    }
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        let _from = request.into_inner().from_node_id;
+        Ok(Response::new(PingResponse { node_id: self.node.id, boot_id: self.node.liveness.boot_id() }))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

@@ -1,0 +1,220 @@
+//! Node-level liveness: one small `Ping` to every peer per interval,
+//! whatever the number of Raft groups.
+//!
+//! Per-group heartbeats are what makes many Raft groups expensive: with
+//! 1,000 partitions every node would wake 1,000 timers and send hundreds of
+//! heartbeats per interval. Idle groups therefore quiesce (see
+//! `quiesce.rs`): their leader stops heartbeating and followers stop their
+//! election timers. What still has to be detected — a leader's node dying
+//! or becoming unreachable — is a property of the node, not of the group,
+//! so this module detects it once per peer and reports changes:
+//!
+//! - `Down(peer)` after pings have failed for `suspect_after` and at least
+//!   twice in a row (one slow reply on a starved machine must not move the
+//!   leadership of hundreds of groups);
+//! - `Up(peer)` when a peer answers after being down;
+//! - `Restarted(peer)` when it answers with a new boot id: it lost every
+//!   group's in-memory state (leadership, quiescence), possibly faster than
+//!   `Down` could notice.
+//!
+//! Pings travel on the pooled peer channel, so they take the same path, and
+//! the same faults, as Raft traffic.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tally_proto::internal::raft_client::RaftClient;
+use tally_proto::internal::PingRequest;
+use tokio::sync::{mpsc, watch};
+
+use super::peers::PeerPool;
+use super::types::NodeId;
+use crate::meta::ClusterMap;
+
+/// A change in a peer's reachability, as seen from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerChange {
+    /// Answering again after being reported down.
+    Up(NodeId),
+    /// Answering with a new boot id: the process restarted, whether or not
+    /// it was reported down in between.
+    Restarted(NodeId),
+    Down(NodeId),
+}
+
+#[derive(Debug)]
+struct PeerState {
+    last_ok: Instant,
+    consecutive_failures: u32,
+    up: bool,
+    boot_id: u64,
+}
+
+pub struct Liveness {
+    node_id: NodeId,
+    boot_id: u64,
+    interval: Duration,
+    suspect_after: Duration,
+    peers: Mutex<HashMap<NodeId, PeerState>>,
+}
+
+/// Bound on undelivered changes; a consumer that falls this far behind has
+/// bigger problems, and a full queue only delays (never loses) a wake-up
+/// because the sender waits.
+const CHANGE_QUEUE: usize = 256;
+
+impl Liveness {
+    /// Start probing the peers of the current cluster map.
+    pub fn spawn(
+        node_id: NodeId,
+        interval: Duration,
+        suspect_after: Duration,
+        peers: Arc<PeerPool>,
+        map: watch::Receiver<ClusterMap>,
+    ) -> (Arc<Liveness>, mpsc::Receiver<PeerChange>) {
+        let liveness = Arc::new(Liveness {
+            node_id,
+            boot_id: rand::random::<u64>() | 1,
+            interval,
+            suspect_after,
+            peers: Mutex::default(),
+        });
+        let (tx, rx) = mpsc::channel(CHANGE_QUEUE);
+        tokio::spawn(liveness.clone().probe_loop(peers, map, tx));
+        (liveness, rx)
+    }
+
+    pub fn boot_id(&self) -> u64 {
+        self.boot_id
+    }
+
+    /// Whether `node` answered recently. Unknown peers count as up: nothing
+    /// says otherwise yet, and this node itself is always up.
+    pub fn is_up(&self, node: NodeId) -> bool {
+        node == self.node_id || self.peers.lock().map(|p| p.get(&node).is_none_or(|s| s.up)).unwrap_or(true)
+    }
+
+    async fn probe_loop(self: Arc<Self>, pool: Arc<PeerPool>, map: watch::Receiver<ClusterMap>, tx: mpsc::Sender<PeerChange>) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Every peer ever in the map stays probed: a node removed from the
+        // map can still lead groups whose membership has not moved yet, and
+        // if it dies, only its `Down` wakes those groups' followers.
+        let mut known: HashMap<NodeId, String> = HashMap::new();
+        loop {
+            ticker.tick().await;
+            {
+                let m = map.borrow();
+                for (id, addr) in m.nodes.iter().filter(|(id, _)| **id != self.node_id) {
+                    known.insert(*id, addr.clone());
+                }
+            }
+            let probes = known.iter().map(|(id, addr)| (*id, addr.clone())).map(|(id, addr)| {
+                let pool = pool.clone();
+                let me = self.clone();
+                async move { (id, me.ping(&pool, id, &addr).await) }
+            });
+            let results = futures::future::join_all(probes).await;
+            let changes = self.record(results, Instant::now());
+            for change in changes {
+                if tx.send(change).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn ping(&self, pool: &PeerPool, node: NodeId, addr: &str) -> Option<u64> {
+        let channel = pool.channel(node, addr).ok()?;
+        let mut request = tonic::Request::new(PingRequest { from_node_id: self.node_id, boot_id: self.boot_id });
+        request.set_timeout(self.interval);
+        let mut client = RaftClient::new(channel);
+        let reply = tokio::time::timeout(self.interval, client.ping(request)).await.ok()?.ok()?;
+        Some(reply.into_inner().boot_id)
+    }
+
+    /// Fold one round of probe results into the peer table; return what changed.
+    fn record(&self, results: Vec<(NodeId, Option<u64>)>, now: Instant) -> Vec<PeerChange> {
+        let mut changes = Vec::new();
+        let Ok(mut peers) = self.peers.lock() else { return changes };
+        for (node, result) in results {
+            let state = peers.entry(node).or_insert(PeerState { last_ok: now, consecutive_failures: 0, up: true, boot_id: 0 });
+            match result {
+                Some(boot_id) => {
+                    if state.boot_id != 0 && state.boot_id != boot_id {
+                        changes.push(PeerChange::Restarted(node));
+                    } else if !state.up {
+                        changes.push(PeerChange::Up(node));
+                    }
+                    *state = PeerState { last_ok: now, consecutive_failures: 0, up: true, boot_id };
+                }
+                None => {
+                    state.consecutive_failures += 1;
+                    if state.up && state.consecutive_failures >= 2 && now.duration_since(state.last_ok) >= self.suspect_after {
+                        state.up = false;
+                        changes.push(PeerChange::Down(node));
+                    }
+                }
+            }
+        }
+        changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn liveness() -> Liveness {
+        Liveness {
+            node_id: 1,
+            boot_id: 11,
+            interval: Duration::from_millis(100),
+            suspect_after: Duration::from_millis(300),
+            peers: Mutex::default(),
+        }
+    }
+
+    #[test]
+    fn down_needs_both_repeated_failures_and_elapsed_time() {
+        let l = liveness();
+        let t0 = Instant::now();
+        assert!(l.record(vec![(2, Some(7))], t0).is_empty());
+        // Two quick failures: not long enough.
+        assert!(l.record(vec![(2, None)], t0 + Duration::from_millis(100)).is_empty());
+        assert!(l.record(vec![(2, None)], t0 + Duration::from_millis(200)).is_empty());
+        assert!(l.is_up(2));
+        assert_eq!(l.record(vec![(2, None)], t0 + Duration::from_millis(300)), vec![PeerChange::Down(2)]);
+        assert!(!l.is_up(2));
+        // Reported once, not every round.
+        assert!(l.record(vec![(2, None)], t0 + Duration::from_millis(400)).is_empty());
+        assert_eq!(l.record(vec![(2, Some(7))], t0 + Duration::from_millis(500)), vec![PeerChange::Up(2)]);
+        assert!(l.is_up(2));
+    }
+
+    #[test]
+    fn one_slow_reply_after_a_pause_is_not_down() {
+        let l = liveness();
+        let t0 = Instant::now();
+        l.record(vec![(2, Some(7))], t0);
+        // This node was paused for 5 s; the first probe after it fails once.
+        assert!(l.record(vec![(2, None)], t0 + Duration::from_secs(5)).is_empty());
+        assert!(l.record(vec![(2, Some(7))], t0 + Duration::from_millis(5100)).is_empty());
+    }
+
+    #[test]
+    fn a_new_boot_id_reports_a_restart() {
+        let l = liveness();
+        let t0 = Instant::now();
+        l.record(vec![(2, Some(7)), (3, Some(8))], t0);
+        assert_eq!(l.record(vec![(2, Some(9)), (3, Some(8))], t0 + Duration::from_millis(100)), vec![PeerChange::Restarted(2)]);
+    }
+
+    #[test]
+    fn unknown_peers_and_self_count_as_up() {
+        let l = liveness();
+        assert!(l.is_up(1));
+        assert!(l.is_up(42));
+    }
+}

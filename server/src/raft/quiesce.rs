@@ -1,0 +1,411 @@
+//! Quiescing idle Raft groups, so that a node with 1,000 partitions costs
+//! next to nothing while they are idle.
+//!
+//! An openraft group that is merely idle still wakes its tick timer every
+//! `heartbeat × 13/64` ms on every replica and sends a heartbeat to every
+//! follower each interval. Multiplied by a thousand groups that is most of a
+//! core per node. Following CockroachDB's design, an idle group goes quiet
+//! and a node-level failure detector (`liveness.rs`) stands in for its
+//! heartbeats:
+//!
+//! 1. The leader of a group whose log has been idle for `after`, with every
+//!    member caught up and everything applied, starts *quiescing*: its
+//!    heartbeats carry the `quiesce` flag.
+//! 2. A follower that accepts a flagged heartbeat stops its tick (hence its
+//!    election timer) and remembers the leader. The heartbeat also carried
+//!    the leader's commit index, so the follower's reads are current.
+//! 3. Once every member acknowledged a flagged heartbeat, the leader stops
+//!    its own tick: no timers, no messages.
+//!
+//! Anything else wakes a group, i.e. turns its tick back on:
+//! - the leader sends entries (a write, a membership change): followers see
+//!   an unflagged message and wake on receipt;
+//! - liveness reports the leader's node down (or restarted): the surviving
+//!   voter with the lowest id wakes and starts a pre-vote election at once;
+//!   the others wake a little later, in case it cannot;
+//! - liveness reports a follower up again or restarted: its leaders wake so
+//!   it hears heartbeats before its own timer could fire;
+//! - a replica sees a leader other than the one it quiesced under.
+//!
+//! Read-index requests on a quiesced leader send flagged heartbeats, which
+//! keep followers quiet. A freshly opened replica starts *dormant* (tick
+//! off) until it hears from its leader or a grace period passes: a
+//! restarting node opens its groups before it can answer pings, and timers
+//! running then would start elections against leaders that are healthy but
+//! quiet.
+//!
+//! Raft safety never depends on any of this: timers only decide *when* an
+//! election starts, and votes, terms and leases are openraft's. A mistake
+//! here costs an unneeded election or a slower failover, never a lost or
+//! doubled count.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::ServerState;
+
+use super::liveness::{Liveness, PeerChange};
+use super::types::NodeId;
+use crate::RaftInstance;
+
+#[derive(Debug, Clone, Copy)]
+pub struct QuiesceConfig {
+    /// Idle time after which a leader quiesces its group; zero disables.
+    pub after: Duration,
+    /// How long a freshly opened replica stays dormant without hearing from
+    /// its leader.
+    pub startup_grace: Duration,
+    /// When a quiesced group's leader is lost, how long replicas other than
+    /// the designated one wait before their own timers may elect.
+    pub backup_delay: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// Timers on; the ordinary Raft group.
+    Active,
+    /// Timers off since the replica was opened at `since`.
+    Dormant { since: Instant },
+    /// Leader only: heartbeats carry the flag; members that acknowledged one.
+    Quiescing { acked: BTreeSet<NodeId> },
+    /// Timers off. `leader` is this node for the leader itself. `wake_at`:
+    /// the leader was lost; wake at that time unless something else did.
+    Quiesced { leader: NodeId, wake_at: Option<Instant> },
+}
+
+/// Quiescence of one group on this node; shared by the group's network
+/// (leader side), the Raft service (follower side) and the sweeper.
+pub struct GroupQuiescence {
+    group: u32,
+    node_id: NodeId,
+    enabled: bool,
+    raft: OnceLock<RaftInstance>,
+    state: Mutex<State>,
+    /// When the leader last sent entries, ms on the registry's clock.
+    last_activity_ms: AtomicU64,
+    epoch: Instant,
+    liveness: Arc<Liveness>,
+}
+
+impl GroupQuiescence {
+    fn raft(&self) -> Option<&RaftInstance> {
+        self.raft.get()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn set(&self, state: &mut State, next: State) {
+        let ticking = |s: &State| matches!(s, State::Active | State::Quiescing { .. });
+        let (was, will) = (ticking(state), ticking(&next));
+        *state = next;
+        if was != will {
+            if let Some(raft) = self.raft() {
+                raft.runtime_config().tick(will);
+            }
+        }
+    }
+
+    fn wake_locked(&self, state: &mut State) {
+        if *state != State::Active {
+            tracing::debug!(group = self.group, from = ?state, "group wakes");
+            self.set(state, State::Active);
+        }
+    }
+
+    /// Turn the group's timers back on, whatever its state.
+    pub fn wake(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            self.wake_locked(&mut s);
+        }
+    }
+
+    /// Make this leader writable before a proposal. openraft refuses writes
+    /// once the leader lease has expired, and a quiesced leader's has: no
+    /// heartbeats, no acknowledgements. Wake the group, then one read-index
+    /// round (a heartbeat answered by a quorum) renews the lease. Costs one
+    /// round trip on the first write after a quiet period; nothing when the
+    /// group is awake.
+    pub async fn prepare_write(&self) {
+        let quiesced_leader = self
+            .state
+            .lock()
+            .map(|s| matches!(*s, State::Quiesced { leader, .. } if leader == self.node_id))
+            .unwrap_or(false);
+        if !quiesced_leader {
+            return;
+        }
+        self.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.wake();
+        if let Some(raft) = self.raft() {
+            let renew = raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(2), renew).await {
+                tracing::debug!(group = self.group, error = %e, "lease renewal before a write timed out");
+            }
+        }
+    }
+
+    pub fn is_quiesced(&self) -> bool {
+        self.state.lock().map(|s| matches!(*s, State::Quiesced { .. } | State::Dormant { .. })).unwrap_or(false)
+    }
+
+    /// Leader side, before an AppendEntries goes to `target`: entries are
+    /// activity and wake the group; returns whether a heartbeat carries the
+    /// flag. Entries re-sent to a node liveness reports down are not
+    /// activity: openraft retries them forever, and a dead follower must
+    /// not keep its groups awake.
+    pub fn before_send(&self, target: NodeId, has_entries: bool) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        if has_entries && !self.liveness.is_up(target) {
+            return false;
+        }
+        let Ok(mut s) = self.state.lock() else { return false };
+        if has_entries {
+            self.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
+            self.wake_locked(&mut s);
+            return false;
+        }
+        match &*s {
+            State::Quiescing { .. } => true,
+            State::Quiesced { leader, .. } => *leader == self.node_id,
+            _ => false,
+        }
+    }
+
+    /// Leader side, after `target` answered a flagged heartbeat. Members
+    /// liveness reports down do not hold quiescence up: a cluster with a
+    /// dead node would otherwise keep every group it hosted awake. When the
+    /// node answers again, `Up`/`Restarted` wakes its groups.
+    pub fn flagged_heartbeat_acked(&self, target: NodeId) {
+        let Some(raft) = self.raft() else { return };
+        let members: BTreeSet<NodeId> = {
+            let m = raft.metrics();
+            let m = m.borrow_watched();
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .filter(|id| *id != self.node_id && self.liveness.is_up(*id))
+                .collect()
+        };
+        let Ok(mut s) = self.state.lock() else { return };
+        if let State::Quiescing { acked } = &mut *s {
+            acked.insert(target);
+            if members.is_subset(acked) {
+                tracing::debug!(group = self.group, "group quiesced (leader)");
+                let leader = self.node_id;
+                self.set(&mut s, State::Quiesced { leader, wake_at: None });
+            }
+        }
+    }
+
+    /// Follower side, after this replica handled an AppendEntries from
+    /// `leader`. Only accepted messages count: a stale leader (say, a node
+    /// that restarted believing it still leads) is refused by openraft and
+    /// must not wake the group, since a replica that wakes long after it
+    /// last heard from its leader starts an election at its first tick.
+    pub fn received(&self, leader: NodeId, flagged: bool, accepted: bool) {
+        if !self.enabled || !accepted {
+            return;
+        }
+        let Ok(mut s) = self.state.lock() else { return };
+        if !flagged {
+            self.wake_locked(&mut s);
+        } else if leader != self.node_id {
+            match &*s {
+                State::Quiesced { leader: l, wake_at: None } if *l == leader => {}
+                _ => self.set(&mut s, State::Quiesced { leader, wake_at: None }),
+            }
+        }
+    }
+}
+
+/// Every group's quiescence on this node, and the sweeper that drives it.
+pub struct Quiescence {
+    node_id: NodeId,
+    config: QuiesceConfig,
+    epoch: Instant,
+    liveness: Arc<Liveness>,
+    groups: RwLock<HashMap<u32, Arc<GroupQuiescence>>>,
+}
+
+impl Quiescence {
+    pub fn new(node_id: NodeId, config: QuiesceConfig, liveness: Arc<Liveness>) -> Arc<Quiescence> {
+        Arc::new(Quiescence { node_id, config, epoch: Instant::now(), liveness, groups: RwLock::default() })
+    }
+
+    fn enabled(&self) -> bool {
+        !self.config.after.is_zero()
+    }
+
+    /// Register a group about to be opened. It starts dormant (see the
+    /// module docs) once `attach` hands it its Raft instance.
+    pub fn register(&self, group: u32) -> Arc<GroupQuiescence> {
+        let g = Arc::new(GroupQuiescence {
+            group,
+            node_id: self.node_id,
+            enabled: self.enabled(),
+            raft: OnceLock::new(),
+            state: Mutex::new(State::Active),
+            last_activity_ms: AtomicU64::new(0),
+            epoch: self.epoch,
+            liveness: self.liveness.clone(),
+        });
+        if let Ok(mut m) = self.groups.write() {
+            m.insert(group, g.clone());
+        }
+        g
+    }
+
+    /// Hand the group its Raft instance; a dormant start stops its timer
+    /// before the first tick (openraft's first tick waits at least one
+    /// period).
+    pub fn attach(&self, g: &GroupQuiescence, raft: RaftInstance) {
+        let _ = g.raft.set(raft);
+        if self.enabled() {
+            if let Ok(mut s) = g.state.lock() {
+                g.set(&mut s, State::Dormant { since: Instant::now() });
+            }
+        }
+    }
+
+    pub fn remove(&self, group: u32) {
+        if let Ok(mut m) = self.groups.write() {
+            m.remove(&group);
+        }
+    }
+
+    pub fn group(&self, group: u32) -> Option<Arc<GroupQuiescence>> {
+        self.groups.read().ok()?.get(&group).cloned()
+    }
+
+    fn all(&self) -> Vec<Arc<GroupQuiescence>> {
+        self.groups.read().map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Drive every group: start quiescing idle ones, end dormancy, wake
+    /// replicas whose leader changed or was lost. Runs until the change
+    /// stream ends.
+    pub fn spawn(self: Arc<Self>, mut changes: tokio::sync::mpsc::Receiver<PeerChange>, every: Duration) {
+        if !self.enabled() {
+            return;
+        }
+        let liveness = self.liveness.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => self.sweep(&liveness, Instant::now()),
+                    change = changes.recv() => match change {
+                        Some(change) => self.peer_changed(change, &liveness, Instant::now()),
+                        None => return,
+                    },
+                }
+            }
+        });
+    }
+
+    fn sweep(&self, liveness: &Liveness, now: Instant) {
+        for g in self.all() {
+            let Some(raft) = g.raft() else { continue };
+            let (state, leader, idle_and_caught_up, voters) = {
+                let m = raft.metrics();
+                let m = m.borrow_watched();
+                let applied = m.last_applied.as_ref().map(|l| l.index);
+                let caught_up = m.state == ServerState::Leader
+                    && applied == m.last_log_index
+                    && m.replication.as_ref().is_some_and(|r| {
+                        r.iter().all(|(id, matched)| {
+                            matched.as_ref().map(|l| l.index) == m.last_log_index || !liveness.is_up(*id)
+                        })
+                    });
+                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+                (m.state, m.current_leader, caught_up, voters)
+            };
+            let Ok(mut s) = g.state.lock() else { continue };
+            match &*s {
+                State::Active if idle_and_caught_up => {
+                    let idle_for = g.now_ms().saturating_sub(g.last_activity_ms.load(Ordering::Relaxed));
+                    if idle_for >= self.config.after.as_millis() as u64 {
+                        g.set(&mut s, State::Quiescing { acked: BTreeSet::new() });
+                    }
+                }
+                State::Quiescing { .. } if state != ServerState::Leader => g.wake_locked(&mut s),
+                State::Dormant { since } if now.duration_since(*since) >= self.config.startup_grace => g.wake_locked(&mut s),
+                State::Quiesced { leader: l, wake_at } => {
+                    let l = *l;
+                    let still_leader = if l == self.node_id {
+                        state == ServerState::Leader
+                    } else {
+                        state != ServerState::Leader && state != ServerState::Candidate && leader.is_none_or(|c| c == l)
+                    };
+                    if !still_leader || wake_at.is_some_and(|t| now >= t) {
+                        g.wake_locked(&mut s);
+                    } else if wake_at.is_none() && l != self.node_id && !liveness.is_up(l) {
+                        // Missed the Down report (quiesced after it fired).
+                        self.leader_lost(&g, &mut s, l, &voters, liveness, now);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn peer_changed(&self, change: PeerChange, liveness: &Liveness, now: Instant) {
+        tracing::info!(?change, "peer liveness changed");
+        for g in self.all() {
+            let Some(raft) = g.raft() else { continue };
+            let (members, voters): (BTreeSet<NodeId>, Vec<NodeId>) = {
+                let m = raft.metrics();
+                let m = m.borrow_watched();
+                let membership = m.membership_config.membership();
+                (membership.nodes().map(|(id, _)| *id).collect(), membership.voter_ids().collect())
+            };
+            let Ok(mut s) = g.state.lock() else { continue };
+            let led_by = match &*s {
+                State::Quiesced { leader, .. } => Some(*leader),
+                State::Quiescing { .. } => Some(self.node_id),
+                _ => None,
+            };
+            match change {
+                // A follower is back, or restarted and lost its quiesced
+                // state: let it hear heartbeats before its timer fires.
+                PeerChange::Up(peer) | PeerChange::Restarted(peer)
+                    if led_by == Some(self.node_id) && members.contains(&peer) =>
+                {
+                    g.last_activity_ms.store(g.now_ms(), Ordering::Relaxed);
+                    g.wake_locked(&mut s);
+                }
+                // The leader is gone, or restarted and forgot it led.
+                PeerChange::Down(peer) | PeerChange::Restarted(peer) if led_by == Some(peer) => {
+                    self.leader_lost(&g, &mut s, peer, &voters, liveness, now);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A quiesced group lost its leader: the lowest-id surviving voter wakes
+    /// and starts a pre-vote election now; the others wake after
+    /// `backup_delay` in case it cannot. One candidate avoids split votes.
+    fn leader_lost(&self, g: &GroupQuiescence, s: &mut State, lost: NodeId, voters: &[NodeId], liveness: &Liveness, now: Instant) {
+        let designated = voters.iter().copied().filter(|v| *v != lost && liveness.is_up(*v)).min();
+        if designated == Some(self.node_id) {
+            g.wake_locked(s);
+            if let Some(raft) = g.raft().cloned() {
+                tokio::spawn(async move {
+                    let _ = raft.trigger().elect(true).await;
+                });
+            }
+        } else {
+            *s = State::Quiesced { leader: lost, wake_at: Some(now + self.config.backup_delay) };
+        }
+    }
+}
