@@ -20,6 +20,18 @@
 # fails to start or a target fails to run at all. No assertions on speed:
 # benchmarks are not timed tests.
 #
+# Tally alone is also measured for what the comparison cannot show:
+# * reads under load: the 50% run adds 50 queries/s (a linearizable 30-day
+#   Stats and a 2-hour minute Series, alternately) and 20 probes/s of the
+#   delay from an event's ack to its visibility in a stale read on a
+#   follower (`tally bench --query-rate --visibility-rate`);
+# * failover: a fresh cluster under 50% ingest; kill -9 of the node leading
+#   the most partitions, then the time from the kill to the first
+#   acknowledged write on each partition it led (`tally probe-writes`);
+# * idle cost: a fresh cluster of 1000 partitions (64 in --smoke) and no
+#   load, CPU and peak RSS per node, once with quiescence (the default) and
+#   once with it off (`tallyd --quiesce-after-ms 0`).
+#
 # Environment: BENCH_CONCURRENCY (producer tasks, 8), BENCH_INFLIGHT (batches
 # in flight for redis/etcd, 32), BENCH_KEEP=1 (keep the work directory).
 set -euo pipefail
@@ -32,7 +44,7 @@ while (($#)); do
     --smoke) SMOKE=1 ;;
     --duration) DURATION="${2:?--duration needs a value}"; shift ;;
     --duration=*) DURATION="${1#*=}" ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -49,6 +61,15 @@ CONCURRENCY="${BENCH_CONCURRENCY:-8}"
 INFLIGHT="${BENCH_INFLIGHT:-32}"
 SEED=42
 TALLY_PARTITIONS=64
+# Tally-only phases (see the header).
+READ_FLAGS=(--query-rate 50 --visibility-rate 20)
+if [[ -n "$SMOKE" ]]; then
+  FAILOVER_RUN=8s FAILOVER_KILL_AFTER=3 IDLE_PARTITIONS=64 IDLE_SAMPLE=3 IDLE_SETTLE=1
+else
+  FAILOVER_RUN=30s FAILOVER_KILL_AFTER=8 IDLE_PARTITIONS=1000 IDLE_SAMPLE=20 IDLE_SETTLE=5
+fi
+FAILOVER_PROBE_TIMEOUT=30s
+IDLE_QUIESCE_WAIT=60 # seconds
 TALLY_PORT=7101
 REDIS_PORT=7201
 ETCD_CLIENT_PORT=7301 # members use 7301-7303, peers 7311-7313
@@ -97,8 +118,12 @@ STARTED=()        # every server pid this script started (tally's via cluster.sh
 SERVER_PIDS=()    # the running system's server pids
 FAILED=()
 
+# RUN_PARTITIONS and RUN_EXTRA_ARGS (extra tallyd flags) override the
+# cluster's settings for one phase.
+RUN_PARTITIONS="" RUN_EXTRA_ARGS=""
 tally_env() { env TALLY_HOME="$WORK/tally" TALLY_BASE_PORT="$TALLY_PORT" TALLY_PROFILE="$PROFILE" \
-  TALLY_PARTITIONS="$TALLY_PARTITIONS" TALLY_NO_DEMO=1 TALLY_NO_BUILD=1 "$@"; }
+  TALLY_PARTITIONS="${RUN_PARTITIONS:-$TALLY_PARTITIONS}" TALLY_EXTRA_ARGS="$RUN_EXTRA_ARGS" \
+  TALLY_NO_DEMO=1 TALLY_NO_BUILD=1 "$@"; }
 
 cleanup() {
   local rc=$?
@@ -144,14 +169,25 @@ peak_rss() {
 }
 
 # --- systems -----------------------------------------------------------------
+# RUN_UP_GRACE (seconds): if cluster.sh gives up waiting for every partition
+# to elect a leader (it waits 60 s, which many partitions on a small machine
+# can exceed) but all three nodes run, wait this much longer before failing.
+RUN_UP_GRACE=0
 start_tally() {
-  log "starting Tally: 3 nodes on 127.0.0.1:$TALLY_PORT-$((TALLY_PORT + 2)), RF 3, $TALLY_PARTITIONS partitions"
-  tally_env "$TALLY_ROOT/scripts/cluster.sh" up 3 >"$WORK/tally-up.log" 2>&1 || { cat "$WORK/tally-up.log" >&2; return 1; }
-  SERVER_PIDS=()
-  local i
-  for i in 1 2 3; do SERVER_PIDS+=("$(cat "$WORK/tally/node$i.pid")"); done
-  STARTED+=("${SERVER_PIDS[@]}")
+  log "starting Tally: 3 nodes on 127.0.0.1:$TALLY_PORT-$((TALLY_PORT + 2)), RF 3, ${RUN_PARTITIONS:-$TALLY_PARTITIONS} partitions${RUN_EXTRA_ARGS:+, tallyd $RUN_EXTRA_ARGS}"
   BENCH_ADDR=(--addr "127.0.0.1:$TALLY_PORT,127.0.0.1:$((TALLY_PORT + 1)),127.0.0.1:$((TALLY_PORT + 2))")
+  SERVER_PIDS=()
+  local i up=1
+  tally_env "$TALLY_ROOT/scripts/cluster.sh" up 3 >"$WORK/tally-up.log" 2>&1 || up=""
+  for i in 1 2 3; do
+    [[ -s "$WORK/tally/node$i.pid" ]] && SERVER_PIDS+=("$(cat "$WORK/tally/node$i.pid")")
+  done
+  ((${#SERVER_PIDS[@]})) && STARTED+=("${SERVER_PIDS[@]}")
+  if [[ -z "$up" && "$RUN_UP_GRACE" -gt 0 && ${#SERVER_PIDS[@]} -eq 3 ]] && kill -0 "${SERVER_PIDS[@]}" 2>/dev/null; then
+    log "not every partition has a leader yet; waiting up to ${RUN_UP_GRACE}s more"
+    "$TALLY" "${BENCH_ADDR[@]}" cluster wait --timeout "${RUN_UP_GRACE}s" >>"$WORK/tally-up.log" 2>&1 && up=1
+  fi
+  [[ -n "$up" ]] || { cat "$WORK/tally-up.log" >&2; return 1; }
 }
 stop_tally() { tally_env "$TALLY_ROOT/scripts/cluster.sh" down >/dev/null 2>&1 || true; rm -rf "$WORK/tally"; }
 
@@ -211,6 +247,9 @@ run_target() {
   local common=(bench --target "$target" "${BENCH_ADDR[@]}" --json --duration "$DURATION" --ids "$IDS" --zipf "$ZIPF"
     --types "$TYPES" --duplicates "$DUPLICATES" --time-spread "$SPREAD" --concurrency "$CONCURRENCY"
     --inflight "$INFLIGHT" --seed "$SEED")
+  # Reads beside the writes are Tally's alone (the peers have no such API).
+  local half_extra=()
+  [[ "$target" == tally ]] && half_extra=("${READ_FLAGS[@]}")
   local t0 t1 w0 w1 rc=0 ok=1
   log "$name: saturation run ($DURATION, as fast as it goes)"
   t0=$(cpu_ticks "${SERVER_PIDS[@]}"); w0=$(date +%s.%N)
@@ -225,8 +264,8 @@ run_target() {
   half=$(python3 -c 'import sys; print(max(1.0, float(sys.argv[1]) / 2))' "$max")
   rc=0
   if [[ -n "$ok" ]]; then
-    log "$name: latency run at $half events/s (50% of $max)"
-    "$TALLY" "${common[@]}" --rate "$half" --out "$WORK/$name-half.json" >"$WORK/$name-half.out" 2>"$WORK/$name-half.err" || rc=$?
+    log "$name: latency run at $half events/s (50% of $max)${half_extra[*]:+ with ${half_extra[*]}}"
+    "$TALLY" "${common[@]}" ${half_extra[@]+"${half_extra[@]}"} --rate "$half" --out "$WORK/$name-half.json" >"$WORK/$name-half.out" 2>"$WORK/$name-half.err" || rc=$?
     if ((rc != 0 && rc != 3)) || [[ ! -s "$WORK/$name-half.json" ]]; then
       log "$name: latency run failed (exit $rc):"; tail -5 "$WORK/$name-half.err" >&2; ok=""
     fi
@@ -256,9 +295,13 @@ res = {
     "max_eps": mx and mx["throughput_eps"],
     "max_run": mx and {k: mx[k] for k in ("elapsed_s", "sent", "outcomes", "latency_ms")},
     "half_rate_eps": half and half["config"]["rate"],
-    "half_run": half and {k: half[k] for k in ("elapsed_s", "sent", "throughput_eps", "outcomes", "latency_ms",
-                                              "verify", "verify_skipped", "ok")},
+    "half_run": half and {k: half.get(k) for k in ("elapsed_s", "sent", "throughput_eps", "outcomes", "latency_ms",
+                                                  "verify", "verify_skipped", "ok", "query_latency_ms",
+                                                  "visibility_ms")},
     "latency_ms": half and half["latency_ms"],
+    # Tally only (null for the peers): reads during the 50% run.
+    "query_latency_ms": half and half.get("query_latency_ms"),
+    "visibility_ms": half and half.get("visibility_ms"),
     "server_cpu_s": cpu_s,
     "cpu_s_per_million_events": (cpu_s / sent * 1e6) if sent else None,
     "peak_rss_kb_per_process": [int(x) for x in rss.split(",") if x],
@@ -273,7 +316,148 @@ PY
   fi
 }
 
+# --- Tally alone: failover ---------------------------------------------------
+# A fresh cluster under 50% of Tally's saturated rate; kill -9 the node that
+# leads the most partitions, then time, per partition it led, the first
+# acknowledged write after the kill (`tally probe-writes` through the two
+# survivors, measured from the kill). Writes $WORK/failover.json.
+run_failover() {
+  local max
+  max=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("max_eps") or 0)' "$WORK/tally.json" 2>/dev/null || echo 0)
+  if [[ "$max" == 0 ]]; then log "failover: skipped (Tally's saturation run gave no rate)"; return; fi
+  local half
+  half=$(python3 -c 'import sys; print(max(1.0, float(sys.argv[1]) / 2))' "$max")
+  if ! start_tally; then log "failover: the cluster did not start"; FAILED+=(failover); stop_tally; return; fi
+  log "failover: ingest at $half events/s for $FAILOVER_RUN; kill -9 of the busiest leader after ${FAILOVER_KILL_AFTER}s"
+  "$TALLY" bench "${BENCH_ADDR[@]}" --json --rate "$half" --duration "$FAILOVER_RUN" --no-verify --ids "$IDS" \
+    --zipf "$ZIPF" --types "$TYPES" --duplicates "$DUPLICATES" --time-spread "$SPREAD" --concurrency "$CONCURRENCY" \
+    --seed "$SEED" --out "$WORK/failover-bench.json" >"$WORK/failover-bench.out" 2>"$WORK/failover-bench.err" &
+  local bench_pid=$! victim="" led="" rc=0
+  sleep "$FAILOVER_KILL_AFTER"
+  if "$TALLY" "${BENCH_ADDR[@]}" cluster status --json >"$WORK/failover-status.json" 2>"$WORK/failover-status.err"; then
+    # "NODE P1,P2,...": the node leading the most partitions and those partitions.
+    read -r victim led < <(python3 - "$WORK/failover-status.json" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+nodes = [n for n in doc.get("nodes", []) if n.get("reachable")]
+if nodes:
+    v = max(nodes, key=lambda n: n.get("leads", 0))["node_id"]
+    led = [p["partition"] for p in doc.get("partitions", []) if p.get("leader") == v]
+    if led:
+        print(v, ",".join(map(str, led)))
+PY
+    ) || true
+  fi
+  if [[ -z "$victim" ]]; then
+    log "failover: no node leads a partition; see $WORK/failover-status.err"; FAILED+=(failover)
+  else
+    local survivors="" i
+    for i in 1 2 3; do [[ "$i" != "$victim" ]] && survivors+="${survivors:+,}127.0.0.1:$((TALLY_PORT + i - 1))"; done
+    local t_kill
+    t_kill=$(date +%s%3N)
+    kill -KILL "$(cat "$WORK/tally/node$victim.pid")" || log "failover: node $victim was already gone"
+    "$TALLY" --addr "$survivors" probe-writes --partitions "$led" --since "$t_kill" --timeout "$FAILOVER_PROBE_TIMEOUT" \
+      --json >"$WORK/failover-probe.json" 2>"$WORK/failover-probe.err" || rc=$?
+    # Exit 2: some partition never took a write; that is a result, not a failure to run.
+    if ((rc != 0 && rc != 2)) || [[ ! -s "$WORK/failover-probe.json" ]]; then
+      log "failover: probe-writes failed (exit $rc):"; tail -5 "$WORK/failover-probe.err" >&2; FAILED+=(failover)
+    fi
+    log "failover: killed node $victim (led partitions $led)"
+  fi
+  wait "$bench_pid" || log "failover: the background ingest exited with $? (see $WORK/failover-bench.err)"
+  stop_tally
+  python3 - "$WORK" "${victim:-0}" "$half" "$FAILOVER_RUN" "$FAILOVER_KILL_AFTER" <<'PY'
+import json, os, sys
+work, victim, half, run, kill_after = sys.argv[1:]
+def load(name):
+    try:
+        with open(os.path.join(work, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+probe, bench = load("failover-probe.json"), load("failover-bench.json")
+res = {
+    "ran": probe is not None, "killed_node": int(victim), "ingest_rate_eps": float(half), "ingest_duration": run,
+    "killed_after_s": float(kill_after),
+    "partitions_led": probe and probe["probed"], "partition_count": probe and probe["partition_count"],
+    "first_ack_after_kill_ms": probe and probe["first_ack_ms"],
+    "never_acknowledged": probe and probe["failed"], "probe_timeout_s": probe and probe["timeout_s"],
+    "ingest_outcomes": bench and bench["outcomes"],
+    "ingest_latency_ms": bench and bench["latency_ms"],
+}
+with open(os.path.join(work, "failover.json"), "w") as f:
+    json.dump(res, f, indent=2)
+PY
+}
+
+# --- Tally alone: idle cost -------------------------------------------------
+# run_idle LABEL [TALLYD FLAGS]: a fresh cluster of IDLE_PARTITIONS
+# partitions and no load. With quiescence on, wait until every node reports
+# all its replicas quiesced (or IDLE_QUIESCE_WAIT s); with it off, settle a
+# moment. Then CPU per node over IDLE_SAMPLE s and peak RSS per node.
+# Writes $WORK/idle-LABEL.json.
+run_idle() {
+  local label=$1
+  RUN_PARTITIONS=$IDLE_PARTITIONS RUN_EXTRA_ARGS=${2:-} RUN_UP_GRACE=240
+  if ! start_tally; then
+    log "idle ($label): the cluster did not start"; FAILED+=("idle-$label"); stop_tally
+    RUN_PARTITIONS="" RUN_EXTRA_ARGS="" RUN_UP_GRACE=0; return
+  fi
+  local w0 waited quiet=0
+  w0=$(date +%s)
+  if [[ -z "$RUN_EXTRA_ARGS" ]]; then
+    log "idle ($label): waiting up to ${IDLE_QUIESCE_WAIT}s for every replica to quiesce"
+    while (($(date +%s) - w0 < IDLE_QUIESCE_WAIT)); do
+      if "$TALLY" "${BENCH_ADDR[@]}" cluster status --json >"$WORK/idle-$label-status.json" 2>/dev/null &&
+        python3 -c '
+import json, sys
+nodes = json.load(open(sys.argv[1])).get("nodes", [])
+sys.exit(0 if nodes and all(n.get("quiesced") == n.get("replicas") for n in nodes) else 1)' "$WORK/idle-$label-status.json"; then
+        quiet=1; break
+      fi
+      sleep 1
+    done
+  else
+    sleep "$IDLE_SETTLE"
+  fi
+  waited=$(($(date +%s) - w0))
+  log "idle ($label): sampling CPU for ${IDLE_SAMPLE}s"
+  local before=() after=() p
+  for p in "${SERVER_PIDS[@]}"; do before+=("$(cpu_ticks "$p")"); done
+  sleep "$IDLE_SAMPLE"
+  for p in "${SERVER_PIDS[@]}"; do after+=("$(cpu_ticks "$p")"); done
+  local rss
+  rss=$(peak_rss "${SERVER_PIDS[@]}")
+  "$TALLY" "${BENCH_ADDR[@]}" cluster status --json >"$WORK/idle-$label-status.json" 2>/dev/null || true
+  stop_tally
+  python3 - "$WORK" "$label" "$RUN_PARTITIONS" "$RUN_EXTRA_ARGS" "$waited" "$quiet" "$IDLE_SAMPLE" "$(getconf CLK_TCK)" \
+    "$(IFS=,; echo "${before[*]}")" "$(IFS=,; echo "${after[*]}")" "$rss" <<'PY'
+import json, os, sys
+work, label, partitions, extra, waited, quiet, sample, hz, before, after, rss = sys.argv[1:]
+ints = lambda s: [int(x) for x in s.split(",") if x]
+try:
+    with open(os.path.join(work, f"idle-{label}-status.json")) as f:
+        nodes = json.load(f).get("nodes", [])
+except (OSError, ValueError):
+    nodes = []
+res = {
+    "label": label, "partitions": int(partitions), "tallyd_flags": extra, "sample_s": float(sample),
+    "waited_s": int(waited), "all_quiesced_before_sample": quiet == "1" if not extra else None,
+    "quiesced_per_node": [n.get("quiesced") for n in nodes], "replicas_per_node": [n.get("replicas") for n in nodes],
+    "cpu_pct_of_one_core_per_node": [round((a - b) / int(hz) / float(sample) * 100, 2)
+                                     for b, a in zip(ints(before), ints(after))],
+    "peak_rss_mib_per_node": [round(v / 1024, 1) for v in ints(rss)],
+}
+with open(os.path.join(work, f"idle-{label}.json"), "w") as f:
+    json.dump(res, f, indent=2)
+PY
+  RUN_PARTITIONS="" RUN_EXTRA_ARGS="" RUN_UP_GRACE=0
+}
+
 run_target tally tally tally
+run_failover
+run_idle quiescence
+run_idle no-quiescence "--quiesce-after-ms 0"
 run_target redis-incr redis-incr redis
 run_target redis-dedup redis-dedup redis
 run_target etcd etcd etcd
@@ -351,6 +535,57 @@ for r in rows:
     rl.append(f"| {n} | {num(q['throughput'],'{:.2f}')} | {num(q['p99_latency'],'{:.2f}')} | "
               f"{num(q['cpu_per_event'],'{:.2f}')} | {num(q['peak_rss'],'{:.2f}')} |")
 
+# Tally alone: reads under load, failover, idle cost.
+def load(name):
+    try:
+        with open(os.path.join(work, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+ms2 = lambda x: num(x, "{:.2f}")
+tl = []
+q, v = tally.get("query_latency_ms") or {}, tally.get("visibility_ms") or {}
+if q or v:
+    rates = ", ".join(([f"{q['rate']:g} queries/s, Stats and Series alternately"] if q else []) +
+                      ([f"{v['rate']:g} visibility probes/s"] if v else []))
+    tl.append(f"| Tally, during the 50% run ({rates}) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | count | failed |")
+    tl.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for kind, what in (("stats", "Stats over 30 days"), ("series", "Series of minute buckets over 2 hours")):
+        k = q.get(kind)
+        if k:
+            tl.append(f"| {what}, linearizable | {ms2(k.get('p50'))} | "
+                      f"{ms2(k.get('p90'))} | {ms2(k.get('p99'))} | {ms2(k.get('p999'))} | {ms2(k.get('max'))} | "
+                      f"{k.get('count')} | {k.get('errors')} errors |")
+    if v:
+        tl.append(f"| ack → visible in a stale read on a follower | {ms2(v.get('p50'))} | "
+                  f"{ms2(v.get('p90'))} | {ms2(v.get('p99'))} | {ms2(v.get('p999'))} | {ms2(v.get('max'))} | "
+                  f"{v.get('count')} | {v.get('timeouts')} timeouts, {v.get('errors')} errors |")
+failover = load("failover.json")
+fl = []
+if failover and failover.get("ran"):
+    fa = failover.get("first_ack_after_kill_ms") or {}
+    fl.append(f"Failover: kill -9 of node {failover['killed_node']}, leader of {failover['partitions_led']} of "
+              f"{failover['partition_count']} partitions, {failover['killed_after_s']:g} s into ingest at "
+              f"{failover['ingest_rate_eps']:,.0f} events/s. Time from the kill to the first acknowledged write on each "
+              f"partition it led: p50 {ms2(fa.get('p50'))} ms, p99 {ms2(fa.get('p99'))} ms, max {ms2(fa.get('max'))} ms; "
+              f"never acknowledged within {failover['probe_timeout_s']:g} s: {failover['never_acknowledged']}. "
+              f"Ack latency of the background ingest over its whole run: p99 {ms2((failover.get('ingest_latency_ms') or {}).get('p99'))} ms.")
+elif failover is not None:
+    fl.append("Failover: did not run (see the log).")
+idle = [x for x in (load("idle-quiescence.json"), load("idle-no-quiescence.json")) if x]
+il = []
+if idle:
+    il.append(f"| idle cluster, {idle[0]['partitions']} partitions, no load | replicas quiesced per node | "
+              f"CPU % of one core per node ({idle[0]['sample_s']:g} s) | peak RSS per node (MiB) |")
+    il.append("|---|---:|---:|---:|")
+    for r in idle:
+        what = f"quiescence off (`tallyd {r['tallyd_flags']}`)" if r["tallyd_flags"] else "quiescence on (default)"
+        qz = ", ".join(f"{a if a is not None else '?'}/{b}" for a, b in zip(r["quiesced_per_node"], r["replicas_per_node"]))
+        il.append(f"| {what} | {qz or '—'} | {', '.join(f'{c:.1f}' for c in r['cpu_pct_of_one_core_per_node'])} | "
+                  f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mib_per_node'])} |")
+tally_only = {"reads_during_half_run": {"query_latency_ms": q or None, "visibility_ms": v or None},
+              "failover": failover, "idle": idle}
+
 now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 machine = {"nproc": int(nproc), "cpu_model": model, "mem_total_mib": int(mem_kb) // 1024, "kernel": kernel}
 versions = {"tally": v_tally, "redis": v_redis, "etcd": v_etcd}
@@ -362,7 +597,8 @@ settings = {
     "redis": {"flags": "--save '' --appendonly no", "batch_events": 1000, "batches_in_flight": int(inflight)},
     "etcd": {"members": 3, "flags": etcd_flags, "batch_events": 128, "batches_in_flight": int(inflight)},
 }
-doc = {"generated": now, "machine": machine, "versions": versions, "settings": settings, "results": rows, "ratios_tally_over": ratios}
+doc = {"generated": now, "machine": machine, "versions": versions, "settings": settings, "results": rows,
+       "ratios_tally_over": ratios, "tally_only": tally_only}
 
 md = []
 md.append("# Benchmarks" + (" (smoke run: seconds per system, numbers meaningless)" if smoke == "1" else ""))
@@ -382,6 +618,13 @@ md.append("\n".join(lines))
 md.append("")
 md.append("\n".join(rl))
 md.append("")
+if tl or fl or il:
+    md.append("## Tally alone")
+    md.append("")
+    for block in (tl, fl, il):
+        if block:
+            md.append("\n".join(block))
+            md.append("")
 md.append("How to read it:")
 md.append("")
 md.append("* events/s: events acknowledged per second in the saturation run (re-sent duplicates included).")
@@ -396,6 +639,17 @@ md.append("* Verified: counts queried back and compared with the acknowledged ev
           "month buckets via HGETALL). redis-incr does not dedup and etcd does not count, so they are not verified.")
 md.append("* Ratios are Tally ÷ peer from the same run: above 1 means Tally is faster (throughput) or costlier "
           "(latency, CPU, memory).")
+md.append("* Tally alone, reads: during the 50% run, `tally bench --query-rate 50` issued linearizable queries on the "
+          "producers' keys (same Zipf), latency from each query's scheduled time; `--visibility-rate 20` wrote one event "
+          "per probe to a fresh entity and, after its ack, polled a stale Stats on a follower of its partition every "
+          "millisecond: the delay is ack → visible there.")
+md.append("* Tally alone, failover: `tally probe-writes` writes one event at a time (raw gRPC, no client retries, 500 ms "
+          "per attempt) to every partition the killed node led, through the survivors, until one is acknowledged: the "
+          "next attempt 10 ms after a failure, or beside an attempt that has hung for 100 ms. Times run from just "
+          "before the kill. If the background ingest's latency is high, the survivors were saturated and the probes "
+          "queued behind it.")
+md.append("* Tally alone, idle: a fresh cluster with no load, CPU (utime+stime) and peak RSS per tallyd, with quiescence "
+          "on (sampled once every replica reports quiesced) and off.")
 md.append("")
 md.append(f"Settings: Tally {profile} build, 3 nodes, RF 3, {partitions} partitions, client batches of ≤2000 events, "
           f"5 ms linger. Redis `--save '' --appendonly no`, pipelines of ≤1000 commands, {inflight} in flight over ≤8 "
@@ -405,11 +659,28 @@ md.append("```json")
 md.append(json.dumps(doc, indent=2))
 md.append("```")
 md.append("")
+# The hand-written analysis (what each change bought, what limits the
+# targets) lives below a marker in the same file and survives a new run.
+MARKER = "<!-- analysis: kept by scripts/bench.sh -->"
+kept = ""
+try:
+    with open(out) as f:
+        old = f.read()
+    if MARKER in old:
+        kept = old[old.index(MARKER):]
+except OSError:
+    pass
 with open(out, "w") as f:
     f.write("\n".join(md))
+    if kept:
+        f.write("\n" + kept)
 print("\n".join(lines))
 print()
 print("\n".join(rl))
+for block in (tl, fl, il):
+    if block:
+        print()
+        print("\n".join(block))
 PY
 log "results written to $OUT"
 if ((${#FAILED[@]})); then

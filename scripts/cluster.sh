@@ -12,7 +12,8 @@
 # (127.0.0.1), TALLY_BASE_PORT (7001: node i listens on base+i-1),
 # TALLY_PARTITIONS (64), TALLY_PROFILE (dev or release; default dev),
 # TALLY_NO_BUILD=1 (up: use the binaries already built, e.g. by bench.sh),
-# TALLY_NO_DEMO=1 (up: skip the demo).
+# TALLY_NO_DEMO=1 (up: skip the demo), TALLY_EXTRA_ARGS (more tallyd flags,
+# split on spaces, e.g. "--quiesce-after-ms 0").
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 
@@ -46,8 +47,10 @@ start_node() {
   addr=$(addr_of "$i")
   if alive "$i"; then echo "node $i already running (pid $(pid_of "$i"))"; return; fi
   echo "$addr" > "$TALLY_HOME/node$i.addr"
-  RUST_LOG="${RUST_LOG:-info,openraft=warn}" nohup "$TALLYD" --node-id "$i" --listen "$addr" \
-    --data-dir "$TALLY_HOME/node$i" >>"$TALLY_HOME/node$i.log" 2>&1 &
+  local extra=()
+  read -r -a extra <<<"${TALLY_EXTRA_ARGS:-}"
+  RUST_LOG="${RUST_LOG:-info,openraft=error}" nohup "$TALLYD" --node-id "$i" --listen "$addr" \
+    --data-dir "$TALLY_HOME/node$i" ${extra[@]+"${extra[@]}"} >>"$TALLY_HOME/node$i.log" 2>&1 &
   echo $! > "$TALLY_HOME/node$i.pid"
   for _ in $(seq 1 100); do
     if "$TALLY" --addr "$addr" cluster status >/dev/null 2>&1; then return; fi
@@ -114,5 +117,5 @@ case "${1:-}" in
   kill) stop_node "${2:?node}" KILL; echo "node $2 killed" ;;
   restart) stop_node "${2:?node}" TERM; start_node "$2"; echo "node $2 restarted" ;;
   demo) demo "${2:-3}" ;;
-  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
 esac

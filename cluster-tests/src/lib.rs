@@ -170,7 +170,7 @@ impl TestCluster {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&args)
-            .env("RUST_LOG", std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .env("RUST_LOG", std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "info,openraft=error".into()))
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null());

@@ -57,8 +57,13 @@ impl Default for NodeConfig {
             data_dir: "./.tally/node1".into(),
             dedup_window_secs: 600,
             snapshot_logs: 10_000,
-            heartbeat_ms: 100,
-            election_timeout_ms: 300,
+            // Not shorter: openraft ticks every heartbeat × 13/64 ms per group,
+            // and at 100 ms the ticks of 1,000 unquiesced groups (a cluster
+            // starting, or all partitions busy) saturate a core — a fresh
+            // 1,000-partition cluster did not elect its leaders within a
+            // minute at 100/300, and did in 4 s at 200/500.
+            heartbeat_ms: 200,
+            election_timeout_ms: 400,
             ping_ms: 100,
             quiesce_after_ms: 2_000,
             connect_timeout_ms: 1_000,

@@ -8,7 +8,9 @@
 //! (plus its own in-flight keys) to decide what is a duplicate; see
 //! ARCHITECTURE.md for why that decision is complete.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use xxhash_rust::xxh3::Xxh3;

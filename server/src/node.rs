@@ -75,7 +75,7 @@ impl Node {
                 max_payload_entries: 64,
                 // Under load, appends already prove liveness; skip the
                 // heartbeats they make redundant.
-                heartbeat_min_interval: Some(config.heartbeat_ms),
+                heartbeat_min_interval: Some(config.heartbeat_ms / 2),
                 enable_pre_vote: Some(true),
                 ..Default::default()
             }
@@ -101,7 +101,9 @@ impl Node {
             },
             liveness.clone(),
         );
-        quiescence.clone().spawn(peer_changes, ping);
+        // The sweep only ends dormancy and notices idle groups: a few times a
+        // second is plenty, and it visits every group each time.
+        quiescence.clone().spawn(peer_changes, Duration::from_millis(250));
         let node = Arc::new(Node {
             id: config.node_id,
             config,

@@ -16,13 +16,13 @@
 //!    empty `pending` and rule 1 again, so keys of entries that were never
 //!    committed are forgotten and keys of entries that were are re-read.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use openraft::{ReadPolicy, ServerState};
 
 use crate::raft::quiesce::GroupQuiescence;

@@ -21,7 +21,7 @@ use crate::node::Node;
 use crate::raft::types::NodeId;
 use crate::RaftInstance;
 
-const TICK: Duration = Duration::from_millis(300);
+const TICK: Duration = Duration::from_millis(500);
 /// A removed follower may never see the membership entry that removed it
 /// (the leader stops replicating to it), so it also drops its replica this
 /// long after the map stopped assigning it. Dropping is safe for Raft: the

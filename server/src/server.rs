@@ -20,6 +20,8 @@ use crate::raft::service::RaftService;
 /// Largest message accepted; batch limits are checked against the decoded
 /// request so the error can say which limit was exceeded.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// HTTP/2 streams per connection (see `run`).
+const MAX_CONCURRENT_STREAMS: u32 = 16_384;
 
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;
@@ -47,6 +49,11 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // Every Raft group of a peer shares its one connection: with 1,000
+        // partitions, elections and heartbeats alone exceed hyper's default
+        // of 200 concurrent streams, and refused streams time out as
+        // failed heartbeats and votes. Streams are small; bound them high.
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -26,6 +26,12 @@
 //! and the send call's start is used. Values go into an HDR histogram
 //! (microseconds, 3 significant digits).
 //!
+//! Readers beside the writers (`--target tally` only): `--query-rate`
+//! adds linearizable Stats and Series queries on the producers' keys and
+//! `--visibility-rate` times how long an acknowledged event takes to show
+//! in a stale read on a follower; see [`super::bench_probes`]. Their
+//! entities are not the producers', so verification is unaffected.
+//!
 //! Verification (Tally and `redis-dedup` only; `redis-incr` does not dedup
 //! and `etcd` does not count, so for them it is skipped and the report says
 //! why): the bench knows every event it originated and whether any
@@ -57,6 +63,7 @@ use rand_distr::{Distribution, Zipf};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::bench_probes::{Probes, Workload};
 use super::bench_targets::{BatchSettings, Target, TargetKind};
 use super::{print_json, Cli, EXIT_MISMATCH};
 use crate::time_arg::now_ms;
@@ -120,6 +127,14 @@ pub struct BenchArgs {
     /// Spread event times uniformly over this much of the past (0 = now).
     #[arg(long, default_value = "0s")]
     pub time_spread: humantime::Duration,
+    /// Tally only: queries per second beside the ingest, alternately a
+    /// 30-day Stats and a 2-hour minute Series (0 = none).
+    #[arg(long, default_value_t = 0.0)]
+    pub query_rate: f64,
+    /// Tally only: write-to-visible probes per second, each one event whose
+    /// visibility on a follower (stale read) is timed (0 = none).
+    #[arg(long, default_value_t = 0.0)]
+    pub visibility_rate: f64,
 }
 
 /// Parses `view=8,like=1` into names and weights.
@@ -175,7 +190,7 @@ struct Shared {
     stop: AtomicBool,
 }
 
-fn entity_name(prefix: &str, entity: u64) -> String {
+pub(crate) fn entity_name(prefix: &str, entity: u64) -> String {
     format!("{prefix}-{entity}")
 }
 
@@ -322,6 +337,14 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
     if !(args.rate >= 0.0 && args.rate.is_finite()) {
         bail!("--rate must be 0 (as fast as possible) or a positive number");
     }
+    for (flag, rate) in [("--query-rate", args.query_rate), ("--visibility-rate", args.visibility_rate)] {
+        if !(rate >= 0.0 && rate.is_finite()) {
+            bail!("{flag} must be 0 (off) or a positive number");
+        }
+        if rate > 0.0 && args.target != TargetKind::Tally {
+            bail!("{flag} is for --target tally only");
+        }
+    }
     let mut config = ClientConfig::new(cli.seeds());
     if let Some(n) = args.batch_events {
         config.batch.max_events = n;
@@ -363,6 +386,16 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         stop: AtomicBool::new(false),
     });
 
+    // Readers beside the writers (Tally only, checked above).
+    let probes = match &shared.target {
+        Target::Tally(client) if args.query_rate > 0.0 || args.visibility_rate > 0.0 => {
+            let workload =
+                Workload { prefix: prefix.clone(), ids: args.ids, zipf: args.zipf, types: types.clone(), seed };
+            Some(Probes::start(client, cli.seeds(), workload, args.query_rate, args.visibility_rate).await?)
+        }
+        _ => None,
+    };
+
     let bar = progress(cli, args);
     let ticker = {
         let shared = shared.clone();
@@ -395,6 +428,12 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
     ticker.abort();
     bar.finish_and_clear();
     let end_ms = now_ms();
+    let probes = match probes {
+        Some(p) => Some(p.finish().await?),
+        None => None,
+    };
+    let (query_latency_ms, visibility_ms) =
+        probes.map_or((serde_json::Value::Null, serde_json::Value::Null), |p| (p.query_latency_ms, p.visibility_ms));
 
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut outcomes = IngestSummary::default();
@@ -441,6 +480,7 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
             "zipf": args.zipf, "types": args.types, "duplicates": args.duplicates, "concurrency": args.concurrency,
             "seed": seed, "time_spread_s": args.time_spread.as_secs_f64(),
             "batch_events": batch.max_events, "inflight": batch.inflight,
+            "query_rate": args.query_rate, "visibility_rate": args.visibility_rate,
         },
         "elapsed_s": elapsed.as_secs_f64(),
         "sent": sent,
@@ -450,6 +490,8 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         "server_totals": server_totals,
         "latency_ms": latency,
         "corrected_for_coordinated_omission": args.rate > 0.0,
+        "query_latency_ms": query_latency_ms,
+        "visibility_ms": visibility_ms,
         "verify": verify,
         "verify_skipped": verify_skipped,
         "ok": ok,
@@ -485,6 +527,23 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
                 _ => String::new(),
             }
         );
+        for kind in ["stats", "series"] {
+            let q = &report["query_latency_ms"][kind];
+            if q.is_object() {
+                println!(
+                    "{kind} query latency ms (linearizable, {}): p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  ({} answered, {} errors)",
+                    if kind == "stats" { "30-day range" } else { "2 h of minute buckets" },
+                    q["p50"], q["p90"], q["p99"], q["p999"], q["max"], q["count"], q["errors"]
+                );
+            }
+        }
+        let v = &report["visibility_ms"];
+        if v.is_object() {
+            println!(
+                "ack to visible on a follower (stale read) ms: p50 {}  p90 {}  p99 {}  max {}  ({} probes, {} timeouts, {} errors)",
+                v["p50"], v["p90"], v["p99"], v["max"], v["count"], v["timeouts"], v["errors"]
+            );
+        }
         if let Some(why) = verify_skipped {
             println!("verify: skipped ({why})");
         }
@@ -520,6 +579,8 @@ fn clone_args(a: &BenchArgs) -> BenchArgs {
         target_addr: a.target_addr.clone(),
         inflight: a.inflight,
         time_spread: a.time_spread,
+        query_rate: a.query_rate,
+        visibility_rate: a.visibility_rate,
     }
 }
 

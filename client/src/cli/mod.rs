@@ -7,15 +7,18 @@
 //! stderr and are hidden when it is not a terminal); times accept `now`,
 //! relative offsets (`-1h`, `+5m`), RFC 3339 or epoch milliseconds. Exit
 //! status: 0 success, 1 error, 2 when some events were rejected or failed
-//! (or `cluster rebalance` could not move every leadership), 3 when `bench`
+//! (or `cluster rebalance` could not move every leadership, or
+//! `probe-writes` found partitions that never acknowledged), 3 when `bench`
 //! verification found a mismatch.
 //!
 //! This module is the CLI's implementation, not a stable library API.
 
 pub mod bench;
+pub mod bench_probes;
 pub mod bench_targets;
 pub mod cluster;
 pub mod ingest;
+pub mod probe_writes;
 pub mod query;
 pub mod table;
 
@@ -59,6 +62,8 @@ pub enum Command {
     Series(query::SeriesArgs),
     /// Load generator with latency percentiles and count verification.
     Bench(bench::BenchArgs),
+    /// Time until each partition acknowledges a write (e.g. after a leader dies).
+    ProbeWrites(probe_writes::ProbeWritesArgs),
 }
 
 impl Cli {
@@ -76,6 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Stats(args) => query::stats(&cli, args).await,
         Command::Series(args) => query::series(&cli, args).await,
         Command::Bench(args) => bench::run(&cli, args).await,
+        Command::ProbeWrites(args) => probe_writes::run(&cli, args).await,
     }
 }
 

@@ -127,10 +127,15 @@ impl Liveness {
 
     async fn ping(&self, pool: &PeerPool, node: NodeId, addr: &str) -> Option<u64> {
         let channel = pool.channel(node, addr).ok()?;
+        // A ping shares its connection with every group's traffic; on a
+        // loaded node it can wait behind thousands of streams. Give it the
+        // whole suspicion window rather than one interval, or load alone
+        // would read as a dead peer and move leaderships around.
+        let deadline = self.suspect_after.max(self.interval);
         let mut request = tonic::Request::new(PingRequest { from_node_id: self.node_id, boot_id: self.boot_id });
-        request.set_timeout(self.interval);
+        request.set_timeout(deadline);
         let mut client = RaftClient::new(channel);
-        let reply = tokio::time::timeout(self.interval, client.ping(request)).await.ok()?.ok()?;
+        let reply = tokio::time::timeout(deadline, client.ping(request)).await.ok()?.ok()?;
         Some(reply.into_inner().boot_id)
     }
 

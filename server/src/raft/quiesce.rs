@@ -313,43 +313,44 @@ impl Quiescence {
     }
 
     fn sweep(&self, liveness: &Liveness, now: Instant) {
+        // Runs over every group several times a second: read only what the
+        // group's state needs, and allocate nothing on the common paths.
         for g in self.all() {
             let Some(raft) = g.raft() else { continue };
-            let (state, leader, idle_and_caught_up, voters) = {
-                let m = raft.metrics();
-                let m = m.borrow_watched();
-                let applied = m.last_applied.as_ref().map(|l| l.index);
-                let caught_up = m.state == ServerState::Leader
-                    && applied == m.last_log_index
-                    && m.replication.as_ref().is_some_and(|r| {
-                        r.iter().all(|(id, matched)| {
-                            matched.as_ref().map(|l| l.index) == m.last_log_index || !liveness.is_up(*id)
-                        })
-                    });
-                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-                (m.state, m.current_leader, caught_up, voters)
-            };
             let Ok(mut s) = g.state.lock() else { continue };
+            let metrics = raft.metrics();
+            let m = metrics.borrow_watched();
             match &*s {
-                State::Active if idle_and_caught_up => {
+                State::Active if m.state == ServerState::Leader => {
                     let idle_for = g.now_ms().saturating_sub(g.last_activity_ms.load(Ordering::Relaxed));
-                    if idle_for >= self.config.after.as_millis() as u64 {
+                    let caught_up = || {
+                        m.last_applied.as_ref().map(|l| l.index) == m.last_log_index
+                            && m.replication.as_ref().is_some_and(|r| {
+                                r.iter().all(|(id, matched)| {
+                                    matched.as_ref().map(|l| l.index) == m.last_log_index || !liveness.is_up(*id)
+                                })
+                            })
+                    };
+                    if idle_for >= self.config.after.as_millis() as u64 && caught_up() {
                         g.set(&mut s, State::Quiescing { acked: BTreeSet::new() });
                     }
                 }
-                State::Quiescing { .. } if state != ServerState::Leader => g.wake_locked(&mut s),
+                State::Quiescing { .. } if m.state != ServerState::Leader => g.wake_locked(&mut s),
                 State::Dormant { since } if now.duration_since(*since) >= self.config.startup_grace => g.wake_locked(&mut s),
                 State::Quiesced { leader: l, wake_at } => {
                     let l = *l;
                     let still_leader = if l == self.node_id {
-                        state == ServerState::Leader
+                        m.state == ServerState::Leader
                     } else {
-                        state != ServerState::Leader && state != ServerState::Candidate && leader.is_none_or(|c| c == l)
+                        m.state != ServerState::Leader
+                            && m.state != ServerState::Candidate
+                            && m.current_leader.is_none_or(|c| c == l)
                     };
                     if !still_leader || wake_at.is_some_and(|t| now >= t) {
                         g.wake_locked(&mut s);
                     } else if wake_at.is_none() && l != self.node_id && !liveness.is_up(l) {
                         // Missed the Down report (quiesced after it fired).
+                        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
                         self.leader_lost(&g, &mut s, l, &voters, liveness, now);
                     }
                 }

@@ -88,6 +88,14 @@ pub fn series_prefix(group: u32, entity_id: &[u8], event_type: &str, granularity
     k
 }
 
+/// The counts key of one bucket in a single allocation (the apply hot path
+/// builds four per delta).
+pub fn bucket_key(group: u32, entity_id: &[u8], event_type: &str, granularity: Granularity, bucket_start_ms: i64) -> Vec<u8> {
+    let mut k = series_prefix(group, entity_id, event_type, granularity);
+    k.extend_from_slice(&(bucket_start_ms.max(0) as u64).to_be_bytes());
+    k
+}
+
 pub fn counts_key(prefix: &[u8], bucket_start_ms: i64) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + 8);
     k.extend_from_slice(prefix);

@@ -7,10 +7,10 @@
 //! log id, so state and applied id can never disagree after a crash: an
 //! entry is either fully applied or re-applied from the log.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 
+use foldhash::{HashMap, HashMapExt};
 use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
@@ -204,8 +204,7 @@ impl GroupStateMachine {
         for d in ingest.deltas {
             let delta = CountSum { count: d.count, sum: d.sum };
             for g in Granularity::ALL {
-                let prefix = keys::series_prefix(self.group, &d.entity_id, &d.event_type, g);
-                let key = keys::counts_key(&prefix, bucket_start(g, d.minute_ms));
+                let key = keys::bucket_key(self.group, &d.entity_id, &d.event_type, g, bucket_start(g, d.minute_ms));
                 let slot = merged.entry(key).or_default();
                 *slot = slot.add(delta);
             }
