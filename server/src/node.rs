@@ -90,14 +90,15 @@ impl Node {
             .context("opening the metadata group")?;
         let election_max = Duration::from_millis(config.election_timeout_ms * 2);
         let ping = Duration::from_millis(config.ping_ms.max(1));
-        let (liveness, peer_changes) =
-            Liveness::spawn(config.node_id, ping, Duration::from_millis(config.election_timeout_ms), peers.clone(), map_rx.clone());
+        let suspect_after = Duration::from_millis(config.election_timeout_ms);
+        let (liveness, peer_changes) = Liveness::spawn(config.node_id, ping, suspect_after, peers.clone(), map_rx.clone());
         let quiescence = Quiescence::new(
             config.node_id,
             QuiesceConfig {
                 after: Duration::from_millis(config.quiesce_after_ms),
                 startup_grace: election_max + 3 * ping,
                 backup_delay: election_max,
+                lease_wait: election_max.saturating_sub(suspect_after) + Duration::from_millis(50),
             },
             liveness.clone(),
         );

@@ -61,6 +61,10 @@ pub struct QuiesceConfig {
     /// When a quiesced group's leader is lost, how long replicas other than
     /// the designated one wait before their own timers may elect.
     pub backup_delay: Duration,
+    /// When an *active* group's leader is reported down, how long until
+    /// openraft's leader lease has surely expired on the voters (lease minus
+    /// the time liveness took to notice, plus a margin).
+    pub lease_wait: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -363,11 +367,16 @@ impl Quiescence {
         tracing::info!(?change, "peer liveness changed");
         for g in self.all() {
             let Some(raft) = g.raft() else { continue };
-            let (members, voters): (BTreeSet<NodeId>, Vec<NodeId>) = {
+            let (members, voters, leader, follower): (BTreeSet<NodeId>, Vec<NodeId>, Option<NodeId>, bool) = {
                 let m = raft.metrics();
                 let m = m.borrow_watched();
                 let membership = m.membership_config.membership();
-                (membership.nodes().map(|(id, _)| *id).collect(), membership.voter_ids().collect())
+                (
+                    membership.nodes().map(|(id, _)| *id).collect(),
+                    membership.voter_ids().collect(),
+                    m.current_leader,
+                    m.state == ServerState::Follower,
+                )
             };
             let Ok(mut s) = g.state.lock() else { continue };
             let led_by = match &*s {
@@ -387,6 +396,26 @@ impl Quiescence {
                 // The leader is gone, or restarted and forgot it led.
                 PeerChange::Down(peer) | PeerChange::Restarted(peer) if led_by == Some(peer) => {
                     self.leader_lost(&g, &mut s, peer, &voters, liveness, now);
+                }
+                // A busy group lost its leader. Voters refuse a successor
+                // until openraft's lease (election timeout max) has run out
+                // since they last heard the leader, and a follower whose
+                // randomised timer fires earlier is refused and waits a whole
+                // timeout again. The designated voter elects right when the
+                // lease is over instead; if that is still too early, the
+                // pre-vote is refused without a term change and the timers
+                // go on as before.
+                PeerChange::Down(peer) if *s == State::Active && follower && leader == Some(peer) => {
+                    let designated = voters.iter().copied().filter(|v| *v != peer && liveness.is_up(*v)).min();
+                    if designated == Some(self.node_id) {
+                        let (raft, wait) = (raft.clone(), self.config.lease_wait);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            if raft.metrics().borrow_watched().current_leader == Some(peer) {
+                                let _ = raft.trigger().elect(true).await;
+                            }
+                        });
+                    }
                 }
                 _ => {}
             }
