@@ -23,6 +23,9 @@ use crate::storage::read::{read_series, read_stats};
 pub const MAX_SERIES_BUCKETS: usize = 10_000;
 const FORWARDED: &str = "x-tally-forwarded";
 const READ_INDEX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a read waits for a partition without a known leader to elect
+/// one: a few election timeouts.
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub struct QueryService {
     node: Arc<Node>,
@@ -42,7 +45,18 @@ impl QueryService {
             if stale && replica.recovered.load(std::sync::atomic::Ordering::Acquire) {
                 return Ok(Ok(replica));
             }
-            let leader = replica.raft.metrics().borrow_watched().current_leader;
+            let mut leader = replica.raft.metrics().borrow_watched().current_leader;
+            if leader.is_none() {
+                // An election is under way (a leader died, or a replica just
+                // restarted): absorb it here rather than fail the read.
+                leader = replica
+                    .raft
+                    .wait(Some(LEADER_WAIT))
+                    .metrics(|m| m.current_leader.is_some(), "a leader to be elected")
+                    .await
+                    .ok()
+                    .and_then(|m| m.current_leader);
+            }
             if leader == Some(self.node.id) {
                 // Without a quorum the read-index round never completes.
                 tokio::time::timeout(READ_INDEX_TIMEOUT, replica.raft.ensure_linearizable(ReadPolicy::ReadIndex))
