@@ -63,17 +63,16 @@ impl Ingest for IngestService {
                 "events: batch is {size} bytes; the limit is {MAX_BATCH_BYTES} bytes per request"
             )));
         }
-        let map = self.node.map();
-        if !map.is_initialized() {
+        let Some(partition_count) = self.node.partition_count() else {
             return Err(Status::unavailable("the cluster is not initialised yet (see `tally cluster init`)"));
-        }
+        };
         let mut response = IngestResponse::default();
         let mut by_partition: BTreeMap<u32, (Vec<u32>, Vec<Event>)> = BTreeMap::new();
         for (index, event) in req.events.into_iter().enumerate() {
             let index = index as u32;
             match validate_event(&event) {
                 Ok(()) => {
-                    let slot = by_partition.entry(partition_of(&event.entity_id, map.partition_count)).or_default();
+                    let slot = by_partition.entry(partition_of(&event.entity_id, partition_count)).or_default();
                     slot.0.push(index);
                     slot.1.push(event);
                 }
@@ -165,7 +164,7 @@ fn first_guess(node: &Node, partition: u32) -> Option<NodeId> {
             return Some(leader);
         }
     }
-    node.map().replicas_of(partition).first().copied()
+    node.preferred_replica(partition)
 }
 
 async fn forward(node: &Node, to: NodeId, partition: u32, events: Vec<Event>) -> ProposeResponse {
@@ -189,7 +188,7 @@ pub async fn propose_local(node: &Node, partition: u32, events: Vec<Event>) -> P
     let Some(replica) = node.partition(partition) else {
         return ProposeResponse {
             status: ProposeStatus::NotLeader as i32,
-            leader_node_id: node.map().replicas_of(partition).first().copied().unwrap_or(0),
+            leader_node_id: node.preferred_replica(partition).unwrap_or(0),
             message: format!("node {} holds no replica of partition {partition}", node.id),
             ..Default::default()
         };

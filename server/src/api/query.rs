@@ -70,12 +70,10 @@ impl QueryService {
                 None => Err(Status::unavailable(format!("partition {partition} has no leader right now; retry"))),
             };
         }
-        let map = self.node.map();
-        map.replicas_of(partition)
-            .first()
-            .map(|n| Err(*n))
-            .ok_or_else(|| Status::unavailable(format!("partition {partition} has no replicas")))
-            .map(Ok)?
+        self.node
+            .preferred_replica(partition)
+            .map(|n| Ok(Err(n)))
+            .ok_or_else(|| Status::unavailable(format!("partition {partition} has no replicas")))?
     }
 
     fn forward_client(&self, to: NodeId) -> Result<QueryClient<tonic::transport::Channel>, Status> {
@@ -85,11 +83,7 @@ impl QueryService {
     }
 
     fn partition_count(&self) -> Result<u32, Status> {
-        let map = self.node.map();
-        if !map.is_initialized() {
-            return Err(Status::unavailable("the cluster is not initialised yet"));
-        }
-        Ok(map.partition_count)
+        self.node.partition_count().ok_or_else(|| Status::unavailable("the cluster is not initialised yet"))
     }
 }
 

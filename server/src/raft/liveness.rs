@@ -110,9 +110,8 @@ impl Liveness {
                     known.insert(*id, addr.clone());
                 }
             }
-            let probes = known.iter().map(|(id, addr)| (*id, addr.clone())).map(|(id, addr)| {
-                let pool = pool.clone();
-                let me = self.clone();
+            let probes = known.iter().map(|(&id, addr)| {
+                let (pool, me, addr) = (pool.clone(), self.clone(), addr.clone());
                 async move { (id, me.ping(&pool, id, &addr).await) }
             });
             let results = futures::future::join_all(probes).await;
