@@ -6,7 +6,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use tally_proto::v1::ingest_client::IngestClient;
 use tally_proto::v1::{Event, IngestRequest};
 use tonic::transport::Channel;
@@ -76,16 +75,32 @@ impl RetryingIngestor {
 
     /// Send until every event is accepted or reported duplicate.
     pub async fn send(&self, events: Vec<Event>, start_node: u64) -> anyhow::Result<Acked> {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let tracked = self.send_tracked(events, start_node, Duration::from_secs(120)).await;
+        match tracked.given_up {
+            Some(e) => Err(e),
+            None => Ok(tracked.acked),
+        }
+    }
+
+    /// Send until every event is acknowledged or `patience` runs out, and
+    /// say exactly which events were acknowledged (accepted or duplicate):
+    /// a checker can then hold each of them to exactly once even when the
+    /// rest of its batch was given up.
+    pub async fn send_tracked(&self, events: Vec<Event>, start_node: u64, patience: Duration) -> Tracked {
+        let deadline = Instant::now() + patience;
         let mut remaining = events;
-        let mut acked = Acked::default();
+        let mut tracked = Tracked::default();
         let mut attempt = start_node;
         while !remaining.is_empty() {
             if Instant::now() > deadline {
-                bail!("{} events still unacknowledged after 120s", remaining.len());
+                tracked.given_up = Some(anyhow::anyhow!("{} events still unacknowledged after {patience:?}", remaining.len()));
+                break;
             }
-            acked.attempts += 1;
-            let Some((id, addr)) = self.pick(attempt) else { bail!("no live node") };
+            tracked.acked.attempts += 1;
+            let Some((id, addr)) = self.pick(attempt) else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
             attempt += 1;
             let mut client = match self.client(id, &addr).await {
                 Ok(c) => c,
@@ -99,18 +114,17 @@ impl RetryingIngestor {
             match client.ingest(req).await {
                 Ok(resp) => {
                     let resp = resp.into_inner();
-                    acked.accepted += resp.accepted as u64;
-                    acked.duplicates += resp.duplicates as u64;
+                    tracked.acked.accepted += resp.accepted as u64;
+                    tracked.acked.duplicates += resp.duplicates as u64;
                     if let Some(bad) = resp.rejected.iter().find(|r| !r.retryable) {
-                        bail!("valid event rejected: {bad:?}");
+                        tracked.given_up = Some(anyhow::anyhow!("valid event rejected: {bad:?}"));
+                        break;
                     }
                     let retry: BTreeSet<u32> = resp.rejected.iter().map(|r| r.index).collect();
-                    remaining = remaining
-                        .into_iter()
-                        .enumerate()
-                        .filter(|(i, _)| retry.contains(&(*i as u32)))
-                        .map(|(_, e)| e)
-                        .collect();
+                    let (again, done): (Vec<_>, Vec<_>) =
+                        remaining.into_iter().enumerate().partition(|(i, _)| retry.contains(&(*i as u32)));
+                    tracked.acknowledged.extend(done.into_iter().map(|(_, e)| e));
+                    remaining = again.into_iter().map(|(_, e)| e).collect();
                     if !remaining.is_empty() {
                         tokio::time::sleep(Duration::from_millis(50 + rand::random::<u64>() % 150)).await;
                     }
@@ -121,6 +135,16 @@ impl RetryingIngestor {
                 }
             }
         }
-        Ok(acked)
+        tracked
     }
+}
+
+/// What [`RetryingIngestor::send_tracked`] achieved.
+#[derive(Debug, Default)]
+pub struct Tracked {
+    /// Events the cluster acknowledged (each exactly once in here).
+    pub acknowledged: Vec<Event>,
+    pub acked: Acked,
+    /// Why the rest were given up, if any were.
+    pub given_up: Option<anyhow::Error>,
 }

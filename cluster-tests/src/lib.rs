@@ -5,6 +5,7 @@
 //! The binary is taken from `TALLYD_BIN`, else from the cargo target
 //! directory the tests were built in (`scripts/test.sh` builds it first).
 
+pub mod checker;
 pub mod cli;
 pub mod ingestor;
 pub mod model;
@@ -48,6 +49,8 @@ pub struct TestNode {
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
+    /// Flags for this node only (after the cluster's), e.g. a clock offset.
+    extra_args: Vec<String>,
 }
 
 pub struct ClusterOptions {
@@ -98,6 +101,7 @@ impl TestCluster {
                 data_dir: dir.path().join(format!("node{id}")),
                 log_path: dir.path().join(format!("node{id}.log")),
                 child: None,
+                extra_args: Vec::new(),
             });
         }
         let mut links = std::collections::BTreeMap::new();
@@ -119,7 +123,7 @@ impl TestCluster {
             cluster.wait_listening(id, Duration::from_secs(30)).await?;
         }
         let init = InitializeRequest {
-            nodes: cluster.nodes.iter().map(|n| NodeInfo { node_id: n.id, addr: n.addr.clone(), reachable: false }).collect(),
+            nodes: cluster.nodes.iter().map(|n| NodeInfo { node_id: n.id, addr: n.addr.clone(), ..Default::default() }).collect(),
             partitions: options.partitions,
             replication_factor: 3,
         };
@@ -170,6 +174,7 @@ impl TestCluster {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&args)
+            .args(&node.extra_args)
             .env("RUST_LOG", std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "info,openraft=error".into()))
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -314,6 +319,32 @@ impl TestCluster {
         self.wait_listening(id, Duration::from_secs(30)).await
     }
 
+    /// Flags for one node from its next (re)start on, e.g.
+    /// `--clock-offset-ms 660000`; empty to clear.
+    pub fn set_node_args(&mut self, id: u64, args: Vec<String>) -> anyhow::Result<()> {
+        self.node_mut(id)?.extra_args = args;
+        Ok(())
+    }
+
+    /// Cut (or otherwise set) only the direction in which `from` connects to
+    /// `to`: `to` still reaches `from` (a one-way link failure).
+    pub fn set_link_one_way(&self, from: u64, to: u64, mode: netproxy::LinkMode) {
+        if let Some(p) = self.links.get(&(from, to)) {
+            p.set(mode);
+        }
+    }
+
+    /// Sum of `dedup_conflicts` over every live node: events a state machine
+    /// refused to count twice. Anything but 0 means the leader-side argument
+    /// failed somewhere (and the state machine caught it).
+    pub async fn dedup_conflicts(&self) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for id in self.live_node_ids() {
+            total += self.status(id).await?.dedup_conflicts;
+        }
+        Ok(total)
+    }
+
     /// SIGSTOP: the process freezes, its sockets stay open.
     pub fn pause(&self, id: u64) -> anyhow::Result<()> {
         self.signal(id, "-STOP")
@@ -438,6 +469,7 @@ impl TestCluster {
             data_dir: base.join(format!("node{id}")),
             log_path: base.join(format!("node{id}.log")),
             child: None,
+                extra_args: Vec::new(),
         });
         self.spawn(id)?;
         self.wait_listening(id, Duration::from_secs(30)).await?;

@@ -41,15 +41,22 @@ impl Model {
         self.events.keys()
     }
 
-    /// Count and sum of events with time in [from, to).
+    /// Count and sum of events with time in [from, to). Panics if the sum
+    /// leaves the i64 range: use [`Model::exact_stats`] for extreme values.
     pub fn stats(&self, entity: &[u8], event_type: &str, from: i64, to: i64) -> (u64, i64) {
+        let (count, sum) = self.exact_stats(entity, event_type, from, to);
+        (count, i64::try_from(sum).unwrap_or_else(|_| panic!("model sum {sum} is outside i64: use exact_stats")))
+    }
+
+    /// Count and exact (128-bit) sum of events with time in [from, to).
+    pub fn exact_stats(&self, entity: &[u8], event_type: &str, from: i64, to: i64) -> (u64, i128) {
         let mut count = 0;
-        let mut sum = 0;
+        let mut sum = 0i128;
         if let Some(evs) = self.events.get(&(entity.to_vec(), event_type.to_string())) {
             for (t, v) in evs {
                 if *t >= from && *t < to {
                     count += 1;
-                    sum += v;
+                    sum += *v as i128;
                 }
             }
         }
@@ -84,11 +91,28 @@ pub struct Workload {
     pub span_ms: i64,
     next_id: u64,
     prefix: String,
+    extreme: bool,
 }
 
 impl Workload {
     pub fn new(seed: u64, entities: u32, end_ms: i64, span_ms: i64) -> Workload {
-        Workload { rng: StdRng::seed_from_u64(seed), entities, end_ms, span_ms, next_id: 0, prefix: format!("s{seed}") }
+        Workload {
+            rng: StdRng::seed_from_u64(seed),
+            entities,
+            end_ms,
+            span_ms,
+            next_id: 0,
+            prefix: format!("s{seed}"),
+            extreme: false,
+        }
+    }
+
+    /// Values at and near the i64 limits (sums leave the i64 range, and any
+    /// non-associative arithmetic shows), on entities of their own.
+    pub fn with_extreme_values(mut self) -> Workload {
+        self.extreme = true;
+        self.prefix = format!("{}x", self.prefix);
+        self
     }
 
     pub fn event(&mut self) -> Event {
@@ -98,12 +122,21 @@ impl Workload {
         let event_type = EVENT_TYPES[self.rng.random_range(0..EVENT_TYPES.len())];
         let time = self.end_ms - self.rng.random_range(0..self.span_ms);
         self.next_id += 1;
+        let value = if self.extreme {
+            const EXTREMES: [i64; 6] = [i64::MAX, i64::MIN, i64::MAX - 1, i64::MIN + 1, -1, 1];
+            Some(EXTREMES[self.rng.random_range(0..EXTREMES.len())])
+        } else if self.rng.random_bool(0.5) {
+            Some(self.rng.random_range(1..=100))
+        } else {
+            None
+        };
+        let kind = if self.extreme { "extreme" } else { "video" };
         Event {
-            entity_id: format!("video-{entity}").into_bytes(),
+            entity_id: format!("{kind}-{entity}").into_bytes(),
             event_type: event_type.to_string(),
             event_time_ms: time,
             event_id: format!("{}-{}", self.prefix, self.next_id).into_bytes(),
-            value: if self.rng.random_bool(0.5) { Some(self.rng.random_range(1..=100)) } else { None },
+            value,
         }
     }
 

@@ -16,20 +16,42 @@ use crate::TestCluster;
 pub enum Fault {
     /// kill -9 the busiest leader, restart it after the hold.
     KillRestart,
+    /// kill -9 the busiest leader and restart it 0–300 ms later, before
+    /// anyone else is elected, three times in a row.
+    RestartAtOnce,
     /// SIGSTOP the busiest leader for longer than an election timeout.
     Pause,
     /// Cut every link of the busiest leader (connections reset).
     IsolateLeader,
+    /// Cut only the leader's outgoing links: it cannot reach its followers,
+    /// they still reach it.
+    OneWayCut,
     /// One node against the other two, the links silently blackholed.
     MinorityBlackhole,
     /// Cut one link only: two nodes that cannot talk, both reaching a third.
     Bridge,
     /// Slow every link by 50 ms each way.
     SlowNetwork,
+    /// Restart the busiest leader with its clock 11 minutes off (either
+    /// way), let it lead again, then restore its clock.
+    ClockSkew,
+    /// kill -9 a node, then ask for leadership transfers to it and a
+    /// rebalance; every partition must keep accepting writes.
+    TransferToDead,
 }
 
-pub const ALL_FAULTS: [Fault; 6] =
-    [Fault::KillRestart, Fault::Pause, Fault::IsolateLeader, Fault::MinorityBlackhole, Fault::Bridge, Fault::SlowNetwork];
+pub const ALL_FAULTS: [Fault; 10] = [
+    Fault::KillRestart,
+    Fault::RestartAtOnce,
+    Fault::Pause,
+    Fault::IsolateLeader,
+    Fault::OneWayCut,
+    Fault::MinorityBlackhole,
+    Fault::Bridge,
+    Fault::SlowNetwork,
+    Fault::ClockSkew,
+    Fault::TransferToDead,
+];
 
 /// Run settings, from `TALLY_NEMESIS_SEED` and `TALLY_NEMESIS_SECS`.
 #[derive(Debug, Clone)]
@@ -127,7 +149,13 @@ pub fn apply_links(cluster: &TestCluster, fault: Fault, victim: u64, rng: &mut S
             }
             "delayed every link by 50 ms".into()
         }
-        Fault::KillRestart | Fault::Pause => String::new(),
+        Fault::OneWayCut => {
+            for other in &others {
+                cluster.set_link_one_way(victim, *other, LinkMode::Drop);
+            }
+            format!("cut node {victim}'s links to {others:?}, one way")
+        }
+        Fault::KillRestart | Fault::RestartAtOnce | Fault::Pause | Fault::ClockSkew | Fault::TransferToDead => String::new(),
     }
 }
 

@@ -16,13 +16,15 @@ use tally_proto::partition::partition_of;
 use tally_proto::v1::{Event, IngestRequest};
 use tally_proto::validate::validate_event;
 use tally_server::dedup::DedupIndex;
-use tally_server::processor::{build_proposal, IngestJob, ProcessorConfig};
+use tally_server::processor::{build_proposal, IngestJob};
 use tally_server::raft::types::{Entry, LogId};
 use tally_server::storage::codec::encode;
 use tally_server::storage::state_machine::GroupStateMachine;
 use tally_server::storage::Engine;
 
 const EVENTS: usize = 1_000;
+const STAMP: u64 = 1_795_680_000_000;
+const WINDOW: u64 = 600_000;
 
 /// Zipf-like ids over a large space and times spread over two hours, as in
 /// the comparison benchmark: most (entity, type, minute) keys are distinct.
@@ -55,16 +57,15 @@ fn per_event(c: &mut Criterion) {
     g.bench_function("decode_request", |b| b.iter(|| IngestRequest::decode(bytes.as_slice())));
     g.bench_function("validate", |b| b.iter(|| batch.iter().filter(|e| validate_event(e).is_ok()).count()));
     g.bench_function("partition", |b| b.iter(|| batch.iter().map(|e| partition_of(&e.entity_id, 1_000)).sum::<u32>()));
-    let config = ProcessorConfig::default();
     g.bench_function("dedup_and_aggregate", |b| {
         let dedup = DedupIndex::default();
         b.iter_batched(
             || jobs(batch.clone()),
-            |jobs| build_proposal(&dedup, &mut HashSet::new(), jobs, &config),
+            |jobs| build_proposal(&dedup, &mut HashSet::new(), jobs, STAMP, WINDOW),
             BatchSize::SmallInput,
         )
     });
-    let command = build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(batch.clone()), &config).command;
+    let command = build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(batch.clone()), STAMP, WINDOW).command;
     g.bench_function("encode_log_entry", |b| b.iter(|| encode(&command)));
     g.finish();
 }
@@ -82,7 +83,6 @@ fn apply(c: &mut Criterion) {
     )) else {
         return;
     };
-    let config = ProcessorConfig::default();
     let mut index = 0u64;
     let mut g = c.benchmark_group("per_1000_events");
     g.throughput(Throughput::Elements(EVENTS as u64));
@@ -91,7 +91,7 @@ fn apply(c: &mut Criterion) {
             || {
                 index += 1;
                 let command =
-                    build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(events(index)), &config).command;
+                    build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(events(index)), STAMP, WINDOW).command;
                 Entry { log_id: LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index }, payload: EntryPayload::Normal(command) }
             },
             |entry: Entry| {

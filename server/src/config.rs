@@ -46,6 +46,12 @@ pub struct NodeConfig {
     /// `ID=ADDR`: reach peer ID at ADDR instead of its advertised address
     /// (a NAT, a sidecar, or a test's fault proxy on that one link).
     pub peer_routes: Vec<String>,
+    /// How far this node's clock may be from the cluster's before dedup
+    /// stamps follow the cluster's clock instead (see `clock.rs`).
+    pub max_clock_skew_ms: u64,
+    /// Testing only: shift this node's wall clock by this many ms, to check
+    /// that a skewed clock cannot break deduplication.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for NodeConfig {
@@ -73,6 +79,8 @@ impl Default for NodeConfig {
             linger_us: 1_000,
             drain_secs: 10,
             peer_routes: Vec::new(),
+            max_clock_skew_ms: 2_000,
+            clock_offset_ms: 0,
         }
     }
 }
@@ -150,6 +158,13 @@ pub struct Cli {
     #[arg(long = "peer-route")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peer_routes: Vec<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_clock_skew_ms: Option<u64>,
+    /// Testing only: shift this node's wall clock (ms, may be negative).
+    #[arg(long, hide = true, allow_hyphen_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_offset_ms: Option<i64>,
 }
 
 impl Cli {

@@ -30,10 +30,25 @@ pub fn dedup_key(entity_id: &[u8], event_type: &str, event_id: &[u8]) -> u128 {
 
 #[derive(Default)]
 pub struct DedupState {
-    /// key → (proposed_at, log index) of the batch that inserted it.
+    /// key → (stamp, log index) of the batch that inserted it.
     keys: HashMap<u128, (u64, u64)>,
     /// Batches by stamp, for expiry in time order.
     batches: BTreeMap<(u64, u64), Vec<u128>>,
+    /// The log's clock: the highest stamp applied. Stamps never go below it,
+    /// so a leader with a slow clock cannot move expiry backwards.
+    log_clock_ms: u64,
+    /// Events the state machine refused to count because their key was
+    /// already counted (see `admit`). Replicated state, so equal everywhere.
+    conflicts: u64,
+}
+
+/// What [`DedupState::admit`] decided for an entry's keyed events.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Admitted {
+    /// Keys counted now, in entry order.
+    pub keys: Vec<u128>,
+    /// Positions (in the entry's keyed events) of events already counted.
+    pub skipped: Vec<u32>,
 }
 
 impl DedupState {
@@ -47,6 +62,28 @@ impl DedupState {
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    pub fn log_clock_ms(&self) -> u64 {
+        self.log_clock_ms
+    }
+
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts
+    }
+
+    /// Restore the persisted clock and conflict counter (start-up, snapshot).
+    pub fn restore_counters(&mut self, log_clock_ms: u64, conflicts: u64) {
+        self.log_clock_ms = log_clock_ms;
+        self.conflicts = conflicts;
+    }
+
+    /// The stamp an entry proposed at `proposed_at_ms` really gets: never
+    /// below an earlier entry's, so expiry only moves forward along the log.
+    /// Advances the log clock.
+    pub fn stamp(&mut self, proposed_at_ms: u64) -> u64 {
+        self.log_clock_ms = self.log_clock_ms.max(proposed_at_ms);
+        self.log_clock_ms
     }
 
     /// Drop batches stamped before `cutoff_ms`. Returns whether any were.
@@ -64,23 +101,43 @@ impl DedupState {
         any
     }
 
-    /// Record a batch's keys; returns how many were already present.
-    pub fn insert_batch(&mut self, stamp: (u64, u64), keys: Vec<u128>) -> u32 {
-        let mut conflicts = 0;
-        for &k in &keys {
-            if self.keys.insert(k, stamp).is_some() {
-                conflicts += 1;
+    /// The state machine's dedup decision for one entry: each key not yet in
+    /// the index (nor earlier in the entry) is recorded under `stamp`; the
+    /// others are skipped and counted as conflicts. Deterministic, so every
+    /// replica skips the same events.
+    pub fn admit(&mut self, stamp: (u64, u64), keys: impl Iterator<Item = u128>) -> Admitted {
+        let mut admitted = Admitted::default();
+        for (position, k) in keys.enumerate() {
+            match self.keys.entry(k) {
+                std::collections::hash_map::Entry::Occupied(_) => admitted.skipped.push(position as u32),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(stamp);
+                    admitted.keys.push(k);
+                }
             }
+        }
+        self.conflicts += admitted.skipped.len() as u64;
+        if !admitted.keys.is_empty() {
+            self.batches.insert(stamp, admitted.keys.clone());
+        }
+        admitted
+    }
+
+    /// Record a batch's keys as loaded from disk (already admitted once).
+    pub fn insert_batch(&mut self, stamp: (u64, u64), keys: Vec<u128>) {
+        for &k in &keys {
+            self.keys.insert(k, stamp);
         }
         if !keys.is_empty() {
             self.batches.insert(stamp, keys);
         }
-        conflicts
     }
 
     pub fn clear(&mut self) {
         self.keys.clear();
         self.batches.clear();
+        self.log_clock_ms = 0;
+        self.conflicts = 0;
     }
 }
 
@@ -90,6 +147,11 @@ pub struct DedupIndex {
 }
 
 impl DedupIndex {
+    /// Events skipped at apply because their key was already counted.
+    pub fn conflicts(&self) -> u64 {
+        self.lock().conflicts()
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, DedupState> {
         // A panic while holding the lock leaves a consistent map (every
         // method finishes its own updates), so poisoning is safe to ignore.
@@ -111,16 +173,33 @@ mod tests {
     #[test]
     fn expiry_removes_only_old_batches() {
         let mut s = DedupState::default();
-        assert_eq!(s.insert_batch((1_000, 1), vec![1, 2]), 0);
-        assert_eq!(s.insert_batch((5_000, 2), vec![3]), 0);
-        assert_eq!(s.insert_batch((6_000, 3), vec![3]), 1);
+        s.insert_batch((1_000, 1), vec![1, 2]);
+        s.insert_batch((5_000, 2), vec![3]);
         assert!(s.expire_before(2_000));
         assert!(!s.contains(&1) && !s.contains(&2));
         assert!(s.contains(&3));
-        // Key 3 was re-stamped by batch 3, so expiring batch 2 keeps it.
-        s.expire_before(5_500);
-        assert!(s.contains(&3));
         s.expire_before(7_000);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn admit_skips_keys_already_counted_and_repeats_within_an_entry() {
+        let mut s = DedupState::default();
+        s.insert_batch((1_000, 1), vec![7]);
+        let a = s.admit((2_000, 2), [5, 7, 6, 5].into_iter());
+        assert_eq!(a, Admitted { keys: vec![5, 6], skipped: vec![1, 3] });
+        assert_eq!(s.conflicts(), 2);
+        // Key 7 keeps its first stamp: expiring batch 1 removes it.
+        s.expire_before(1_500);
+        assert!(!s.contains(&7) && s.contains(&5) && s.contains(&6));
+    }
+
+    #[test]
+    fn the_log_clock_never_goes_back() {
+        let mut s = DedupState::default();
+        assert_eq!(s.stamp(10_000), 10_000);
+        // A leader whose clock is behind cannot move expiry backwards.
+        assert_eq!(s.stamp(4_000), 10_000);
+        assert_eq!(s.stamp(12_000), 12_000);
     }
 }

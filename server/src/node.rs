@@ -18,6 +18,7 @@ use openraft::{BasicNode, Raft};
 use tally_proto::partition::{group_of_partition, METADATA_GROUP};
 use tokio::sync::{mpsc, watch};
 
+use crate::clock::ClusterClock;
 use crate::config::NodeConfig;
 use crate::dedup::DedupIndex;
 use crate::meta::ClusterMap;
@@ -41,6 +42,8 @@ pub struct PartitionReplica {
     /// committed for its log when it started (openraft `wait_for_recovery`);
     /// stale reads before that could go backwards, so they are forwarded.
     pub recovered: Arc<AtomicBool>,
+    /// The replica's dedup index (replicated state; read for its counters).
+    pub dedup: Arc<DedupIndex>,
 }
 
 pub struct Node {
@@ -53,6 +56,7 @@ pub struct Node {
     pub cluster_map: watch::Receiver<ClusterMap>,
     pub liveness: Arc<Liveness>,
     pub quiescence: Arc<Quiescence>,
+    pub clock: Arc<ClusterClock>,
     partitions: RwLock<HashMap<u32, Arc<PartitionReplica>>>,
     /// Serialises group creation so two map updates never open one group twice.
     opening: tokio::sync::Mutex<()>,
@@ -77,6 +81,13 @@ impl Node {
                 // heartbeats they make redundant.
                 heartbeat_min_interval: Some(config.heartbeat_ms / 2),
                 enable_pre_vote: Some(true),
+                // A leader restarted before anyone else is elected must not come
+                // back as leader of its old term: its log may hold entries of the
+                // old term it has not applied, and a leader restored into the
+                // same term could start a session whose dedup view misses them.
+                // Off, it joins a new election and its new term's blank entry
+                // orders everything before (see processor.rs, rule 1).
+                enable_leader_restore: Some(false),
                 ..Default::default()
             }
             .validate()
@@ -91,7 +102,9 @@ impl Node {
         let election_max = Duration::from_millis(config.election_timeout_ms * 2);
         let ping = Duration::from_millis(config.ping_ms.max(1));
         let suspect_after = Duration::from_millis(config.election_timeout_ms);
-        let (liveness, peer_changes) = Liveness::spawn(config.node_id, ping, suspect_after, peers.clone(), map_rx.clone());
+        let clock = Arc::new(ClusterClock::new(config.clock_offset_ms, Duration::from_millis(config.max_clock_skew_ms)));
+        let (liveness, peer_changes) =
+            Liveness::spawn(config.node_id, ping, suspect_after, peers.clone(), map_rx.clone(), clock.clone());
         let quiescence = Quiescence::new(
             config.node_id,
             QuiesceConfig {
@@ -115,6 +128,7 @@ impl Node {
             cluster_map: map_rx,
             liveness,
             quiescence,
+            clock,
             partitions: RwLock::default(),
             opening: tokio::sync::Mutex::new(()),
             admin: tokio::sync::Mutex::new(()),
@@ -203,7 +217,7 @@ impl Node {
                     tracing::debug!(partition, error = %e, "partition already initialised");
                 }
             }
-            let ingest = processor::spawn(raft.clone(), dedup, self.processor_config(), quiet);
+            let ingest = processor::spawn(raft.clone(), dedup.clone(), self.processor_config(), quiet, self.clock.clone());
             let recovered = Arc::new(AtomicBool::new(false));
             tokio::spawn({
                 let (raft, recovered) = (raft.clone(), recovered.clone());
@@ -213,7 +227,7 @@ impl Node {
                     }
                 }
             });
-            let replica = Arc::new(PartitionReplica { partition, raft, ingest, recovered });
+            let replica = Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup });
             if let Ok(mut m) = self.partitions.write() {
                 m.insert(partition, replica);
             }

@@ -6,40 +6,62 @@
 //! deltas and proposes ONE Raft entry for the batch. Requests are answered
 //! only after their entry is committed and applied.
 //!
-//! Exactly-once rests on three rules (argued in ARCHITECTURE.md):
-//! 1. A leadership session starts only after `ensure_linearizable` succeeds
-//!    in the session's term, i.e. after every entry committed before the term
-//!    is applied — so the state machine's dedup index is complete.
-//! 2. Within a session, keys of in-flight proposals are held in `pending`
+//! Exactly-once rests on these rules (argued in ARCHITECTURE.md):
+//! 1. A leadership session starts only when its dedup view is complete:
+//!    `ensure_linearizable` succeeded in the session's term AND everything in
+//!    the leader's log at that moment is applied. The second half matters
+//!    when a leader keeps its term across a failed session (or, were leader
+//!    restore on, across a restart): entries it appended earlier in the term
+//!    may still commit, so they must be in the index before it decides.
+//! 2. Every proposal is bound to the session's leader id (term and node,
+//!    openraft's `with_leader`): a proposal built from one term's view can
+//!    never be appended in another.
+//! 3. Within a session, keys of in-flight proposals are held in `pending`
 //!    until their entry is applied (when the index has them).
-//! 3. Any failed proposal ends the session; the next one begins with an
-//!    empty `pending` and rule 1 again, so keys of entries that were never
-//!    committed are forgotten and keys of entries that were are re-read.
+//! 4. Any failed proposal ends the session; the next one begins with an
+//!    empty `pending` and rule 1 again.
+//! 5. The state machine has the last word: an entry lists each keyed event
+//!    with its delta, and apply takes back out any event whose key is
+//!    already counted. A mistake in rules 1–4 costs a wrong "accepted" reply
+//!    at worst (and the reply is corrected from apply's outcome), never a
+//!    count.
+//!
+//! Dedup keys are stamped with the cluster-checked clock (`clock.rs`), never
+//! below the previous stamp of the log.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use openraft::error::ClientWriteError;
+use openraft::impls::ProgressResponder;
 use openraft::{ReadPolicy, ServerState};
-
-use crate::raft::quiesce::GroupQuiescence;
 use tally_proto::time::{bucket_start, Granularity};
 use tally_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::clock::ClusterClock;
 use crate::dedup::{dedup_key, DedupIndex};
-use crate::raft::types::{Command, IngestBatch, MinuteDelta, NodeId};
+use crate::raft::quiesce::GroupQuiescence;
+use crate::raft::types::{Command, CommandOutcome, IngestBatch, KeyedEvent, MinuteDelta, NodeId, MAX_ENTRY_BYTES};
 use crate::RaftInstance;
 
 /// Queued ingest requests per partition before senders wait.
 pub const QUEUE_CAPACITY: usize = 4096;
 
+/// Estimated entry bytes an event adds beyond its entity and type: its share
+/// of a delta (minute, count, sum, lengths) and its keyed record (key, delta
+/// index, value). Generous, so the estimate bounds the encoded size.
+const EVENT_OVERHEAD_BYTES: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
-    /// Events per Raft entry at most.
+    /// Events per Raft entry at most (a single request larger than this
+    /// still goes as one entry).
     pub max_batch_events: usize,
     /// Entries proposed but not yet applied, per partition.
     pub max_inflight: usize,
@@ -69,6 +91,13 @@ pub struct IngestJob {
     pub reply: oneshot::Sender<ProposeOutcome>,
 }
 
+impl IngestJob {
+    /// Upper estimate of what this job adds to an entry.
+    fn entry_bytes(&self) -> usize {
+        self.events.iter().map(|e| e.entity_id.len() + e.event_type.len() + EVENT_OVERHEAD_BYTES).sum()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProposeOutcome {
     /// `duplicates` holds the positions, within the job's events, of the
@@ -85,245 +114,378 @@ pub fn spawn(
     dedup: Arc<DedupIndex>,
     config: ProcessorConfig,
     quiet: Arc<GroupQuiescence>,
+    clock: Arc<ClusterClock>,
 ) -> mpsc::Sender<IngestJob> {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    tokio::spawn(run(raft, dedup, config, quiet, rx));
+    let processor = Processor { raft, dedup, config, quiet, clock };
+    tokio::spawn(processor.run(rx));
     tx
 }
 
-async fn run(
+struct Processor {
     raft: RaftInstance,
     dedup: Arc<DedupIndex>,
     config: ProcessorConfig,
     quiet: Arc<GroupQuiescence>,
-    mut rx: mpsc::Receiver<IngestJob>,
-) {
-    loop {
-        let Some(term) = wait_until_ready_leader(&raft, &config, &mut rx).await else {
-            return;
-        };
-        if !lead_session(&raft, &dedup, &config, &quiet, &mut rx, term).await {
-            return;
-        }
-    }
+    clock: Arc<ClusterClock>,
 }
 
-fn leader_hint(raft: &RaftInstance) -> Option<NodeId> {
-    raft.metrics().borrow_watched().current_leader
+/// A leadership session: what every proposal of it is bound to.
+#[derive(Debug, Clone)]
+struct Session {
+    term: u64,
+    /// Committed leader id (term, node): proposals carry it (rule 2).
+    leader_id: openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+    /// Highest dedup stamp proposed so far (starts at the log's clock).
+    last_stamp: u64,
 }
 
-/// Answers jobs with NotLeader until this node leads and rule 1 holds.
-/// Returns the session's term, or None when the queue is closed.
-async fn wait_until_ready_leader(
-    raft: &RaftInstance,
-    config: &ProcessorConfig,
-    rx: &mut mpsc::Receiver<IngestJob>,
-) -> Option<u64> {
-    let mut metrics = raft.metrics();
-    loop {
-        let (is_leader, term) = {
-            let m = metrics.borrow_watched();
-            (m.state == ServerState::Leader, m.current_term)
-        };
-        if is_leader {
-            match tokio::time::timeout(config.ready_timeout, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
-                Ok(Ok(_)) => {
-                    let m = raft.metrics().borrow_watched().clone();
-                    if m.state == ServerState::Leader && m.current_term == term {
-                        return Some(term);
-                    }
-                }
-                Ok(Err(e)) => tracing::debug!(error = %e, "not ready to lead yet"),
-                Err(_) => tracing::warn!(term, "leader not ready in time"),
-            }
-            // Not ready (e.g. no quorum): answer waiting callers and retry.
-            while let Ok(job) = rx.try_recv() {
-                let _ = job.reply.send(ProposeOutcome::NotLeader { leader: leader_hint(raft) });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        }
-        tokio::select! {
-            job = rx.recv() => {
-                let job = job?;
-                let _ = job.reply.send(ProposeOutcome::NotLeader { leader: leader_hint(raft) });
-            }
-            changed = metrics.changed() => {
-                if changed.is_err() {
-                    return None;
-                }
-            }
-        }
-    }
+/// The answer to one job, adjusted by the state machine's outcome.
+struct JobReply {
+    reply: oneshot::Sender<ProposeOutcome>,
+    accepted: u32,
+    duplicates: Vec<u32>,
 }
 
 /// One proposal: the jobs it answers and what each contributed.
 pub struct Proposal {
-    jobs: Vec<(oneshot::Sender<ProposeOutcome>, u32, Vec<u32>)>,
+    jobs: Vec<JobReply>,
+    /// Per keyed event of the command: (job, position in the job).
+    keyed_owner: Vec<(u32, u32)>,
     keys: Vec<u128>,
-    /// The Raft command: per-minute deltas and the new dedup keys.
+    /// The Raft command: per-minute deltas and the keyed events.
     pub command: Command,
 }
 
-/// Lead one term. Returns false when the queue is closed.
-async fn lead_session(
-    raft: &RaftInstance,
-    dedup: &DedupIndex,
-    config: &ProcessorConfig,
-    quiet: &GroupQuiescence,
-    rx: &mut mpsc::Receiver<IngestJob>,
-    term: u64,
-) -> bool {
-    tracing::debug!(term, "leading partition");
-    let mut pending: HashSet<u128> = HashSet::new();
-    let mut inflight = FuturesUnordered::new();
-    let mut queued: Vec<IngestJob> = Vec::new();
-    let mut queued_events = 0usize;
-    let mut failed = false;
-    let mut open = true;
-    let mut metrics = raft.metrics();
+impl Proposal {
+    /// The command, to hand to Raft; the bookkeeping stays here.
+    pub fn take_command(&mut self) -> Command {
+        std::mem::replace(&mut self.command, Command::Ingest(IngestBatch::default()))
+    }
 
-    loop {
-        let still_leader = {
+    /// Answer every job. Events the state machine skipped (already counted)
+    /// move from accepted to duplicates.
+    fn answer(mut self, outcome: &CommandOutcome) {
+        for &k in &outcome.skipped {
+            if let Some(&(job, position)) = self.keyed_owner.get(k as usize) {
+                if let Some(j) = self.jobs.get_mut(job as usize) {
+                    j.accepted = j.accepted.saturating_sub(1);
+                    j.duplicates.push(position);
+                }
+            }
+        }
+        for mut j in self.jobs {
+            j.duplicates.sort_unstable();
+            let _ = j.reply.send(ProposeOutcome::Done { accepted: j.accepted, duplicates: j.duplicates });
+        }
+    }
+
+    fn fail(self, outcome: ProposeOutcome) {
+        for j in self.jobs {
+            let _ = j.reply.send(outcome.clone());
+        }
+    }
+}
+
+impl Processor {
+    async fn run(self, mut rx: mpsc::Receiver<IngestJob>) {
+        loop {
+            let Some(session) = self.wait_until_ready_leader(&mut rx).await else {
+                return;
+            };
+            if !self.lead_session(&mut rx, session).await {
+                return;
+            }
+        }
+    }
+
+    fn leader_hint(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// Answers jobs with NotLeader until this node leads and rule 1 holds.
+    /// Returns the session, or None when the queue is closed.
+    async fn wait_until_ready_leader(&self, rx: &mut mpsc::Receiver<IngestJob>) -> Option<Session> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let (is_leader, term) = {
+                let m = metrics.borrow_watched();
+                (m.state == ServerState::Leader, m.current_term)
+            };
+            if is_leader {
+                match tokio::time::timeout(self.config.ready_timeout, self.dedup_view_complete(term)).await {
+                    Ok(Ok(session)) => return Some(session),
+                    Ok(Err(why)) => tracing::debug!(term, why, "not ready to lead yet"),
+                    Err(_) => tracing::warn!(term, "leader not ready in time"),
+                }
+                // Not ready (e.g. no quorum): answer waiting callers and retry.
+                while let Ok(job) = rx.try_recv() {
+                    let _ = job.reply.send(ProposeOutcome::NotLeader { leader: self.leader_hint() });
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            tokio::select! {
+                job = rx.recv() => {
+                    let job = job?;
+                    let _ = job.reply.send(ProposeOutcome::NotLeader { leader: self.leader_hint() });
+                }
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rule 1: leadership confirmed in `term` (its blank entry committed and
+    /// applied), then everything in the leader's log applied too.
+    async fn dedup_view_complete(&self, term: u64) -> Result<Session, String> {
+        self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| e.to_string())?;
+        let mut metrics = self.raft.metrics();
+        let (leader_id, log_end) = {
             let m = metrics.borrow_watched();
-            m.state == ServerState::Leader && m.current_term == term
+            if m.state != ServerState::Leader || m.current_term != term || !m.vote.is_committed() {
+                return Err("leadership changed".into());
+            }
+            (m.vote.leader_id().clone(), m.last_log_index.unwrap_or(0))
         };
-        if !still_leader {
-            failed = true;
-        }
-        // Propose when there is room; with proposals already in flight, give
-        // more requests `linger` to join the batch.
-        if !failed && !queued.is_empty() && inflight.len() < config.max_inflight {
-            if !inflight.is_empty() && queued_events < config.max_batch_events / 2 {
-                let deadline = tokio::time::sleep(config.linger);
-                tokio::pin!(deadline);
-                loop {
-                    tokio::select! {
-                        _ = &mut deadline => break,
-                        job = rx.recv() => match job {
-                            Some(job) => { queued_events += job.events.len(); queued.push(job); }
-                            None => { open = false; break; }
-                        }
-                    }
-                    if queued_events >= config.max_batch_events {
-                        break;
-                    }
+        loop {
+            {
+                let m = metrics.borrow_watched();
+                if m.state != ServerState::Leader || m.vote.leader_id() != &leader_id {
+                    return Err("leadership changed".into());
+                }
+                if m.last_applied.as_ref().map(|l| l.index).unwrap_or(0) >= log_end {
+                    break;
                 }
             }
-            quiet.prepare_write().await;
-            let proposal = build_proposal(dedup, &mut pending, std::mem::take(&mut queued), config);
-            queued_events = 0;
-            let raft = raft.clone();
-            inflight.push(async move {
-                let result = raft.client_write(proposal.command).await;
-                (result, proposal.jobs, proposal.keys)
-            });
+            metrics.changed().await.map_err(|_| "raft stopped".to_string())?;
         }
-        if failed || !open {
-            for job in queued.drain(..) {
-                let _ = job.reply.send(ProposeOutcome::NotLeader { leader: leader_hint(raft) });
-            }
-            queued_events = 0;
-            if inflight.is_empty() {
-                return open;
-            }
+        let last_stamp = self.dedup.lock().log_clock_ms();
+        Ok(Session { term, leader_id, last_stamp })
+    }
+
+    /// The stamp of the next proposal: the cluster-checked clock, never
+    /// below the previous stamp.
+    fn next_stamp(&self, session: &mut Session, warned: &mut bool) -> u64 {
+        let t = self.clock.trusted();
+        if t.correction_ms != 0 && !*warned {
+            *warned = true;
+            tracing::warn!(
+                correction_ms = t.correction_ms,
+                "this node's clock is off from its peers'; dedup stamps follow the cluster's clock"
+            );
         }
-        tokio::select! {
-            job = rx.recv(), if open && !failed && queued_events < config.max_batch_events => match job {
-                Some(job) => {
-                    queued_events += job.events.len();
-                    queued.push(job);
-                    while queued_events < config.max_batch_events {
-                        match rx.try_recv() {
-                            Ok(job) => { queued_events += job.events.len(); queued.push(job); }
-                            Err(_) => break,
+        session.last_stamp = session.last_stamp.max(t.now_ms);
+        session.last_stamp
+    }
+
+    /// Lead one session. Returns false when the queue is closed.
+    async fn lead_session(&self, rx: &mut mpsc::Receiver<IngestJob>, mut session: Session) -> bool {
+        let term = session.term;
+        tracing::debug!(term, "leading partition");
+        let config = &self.config;
+        let mut pending: HashSet<u128> = HashSet::new();
+        let mut inflight = FuturesUnordered::new();
+        let mut queued: VecDeque<IngestJob> = VecDeque::new();
+        let mut queued_events = 0usize;
+        let mut failed = false;
+        let mut open = true;
+        let mut warned_clock = false;
+        let mut metrics = self.raft.metrics();
+
+        loop {
+            let still_leader = {
+                let m = metrics.borrow_watched();
+                m.state == ServerState::Leader && m.vote.leader_id() == &session.leader_id
+            };
+            if !still_leader {
+                failed = true;
+            }
+            // Propose when there is room; with proposals already in flight, give
+            // more requests `linger` to join the batch.
+            if !failed && !queued.is_empty() && inflight.len() < config.max_inflight {
+                if !inflight.is_empty() && queued_events < config.max_batch_events / 2 {
+                    let deadline = tokio::time::sleep(config.linger);
+                    tokio::pin!(deadline);
+                    loop {
+                        tokio::select! {
+                            _ = &mut deadline => break,
+                            job = rx.recv() => match job {
+                                Some(job) => { queued_events += job.events.len(); queued.push_back(job); }
+                                None => { open = false; break; }
+                            }
+                        }
+                        if queued_events >= config.max_batch_events {
+                            break;
                         }
                     }
                 }
-                None => open = false,
-            },
-            Some((result, jobs, keys)) = inflight.next() => {
-                match result {
-                    Ok(_) => {
-                        // Applied: the index has these keys now (rule 2).
-                        for k in &keys {
-                            pending.remove(k);
-                        }
-                        for (reply, accepted, duplicates) in jobs {
-                            let _ = reply.send(ProposeOutcome::Done { accepted, duplicates });
+                self.quiet.prepare_write().await;
+                let jobs = take_batch(&mut queued, config.max_batch_events, MAX_ENTRY_BYTES);
+                queued_events = queued.iter().map(|j| j.events.len()).sum();
+                let stamp = self.next_stamp(&mut session, &mut warned_clock);
+                let proposal = build_proposal(&self.dedup, &mut pending, jobs, stamp, config.dedup_window_ms);
+                let raft = self.raft.clone();
+                let leader_id = session.leader_id.clone();
+                let mut proposal = proposal;
+                let command = proposal.take_command();
+                inflight.push(async move {
+                    let result = propose(&raft, command, leader_id).await;
+                    (result, proposal)
+                });
+                continue;
+            }
+            if failed || !open {
+                for job in queued.drain(..) {
+                    let _ = job.reply.send(ProposeOutcome::NotLeader { leader: self.leader_hint() });
+                }
+                queued_events = 0;
+                if inflight.is_empty() {
+                    return open;
+                }
+            }
+            tokio::select! {
+                job = rx.recv(), if open && !failed && queued_events < config.max_batch_events => match job {
+                    Some(job) => {
+                        queued_events += job.events.len();
+                        queued.push_back(job);
+                        while queued_events < config.max_batch_events {
+                            match rx.try_recv() {
+                                Ok(job) => { queued_events += job.events.len(); queued.push_back(job); }
+                                Err(_) => break,
+                            }
                         }
                     }
-                    Err(e) => {
-                        // Rule 3. The entry may still commit under the next
-                        // leader; callers retry with the same event ids.
-                        tracing::debug!(term, error = %e, "proposal failed; ending leadership session");
+                    None => open = false,
+                },
+                Some((result, proposal)) = inflight.next() => {
+                    match result {
+                        Ok(outcome) => {
+                            // Applied: the index has these keys now (rule 3).
+                            for k in &proposal.keys {
+                                pending.remove(k);
+                            }
+                            proposal.answer(&outcome);
+                        }
+                        Err(outcome) => {
+                            // Rule 4. The entry may still commit under the next
+                            // leader; callers retry with the same event ids.
+                            tracing::debug!(term, ?outcome, "proposal failed; ending leadership session");
+                            failed = true;
+                            proposal.fail(outcome);
+                        }
+                    }
+                },
+                changed = metrics.changed() => {
+                    if changed.is_err() {
                         failed = true;
-                        let outcome = match e.forward_to_leader() {
-                            Some(f) => ProposeOutcome::NotLeader { leader: f.leader_id },
-                            None => ProposeOutcome::Unavailable(e.to_string()),
-                        };
-                        for (reply, _, _) in jobs {
-                            let _ = reply.send(outcome.clone());
-                        }
                     }
-                }
-            },
-            changed = metrics.changed() => {
-                if changed.is_err() {
-                    failed = true;
                 }
             }
         }
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+/// Append `command` only under `leader_id` (rule 2), wait until applied.
+async fn propose(
+    raft: &RaftInstance,
+    command: Command,
+    leader_id: openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+) -> Result<CommandOutcome, ProposeOutcome> {
+    let (responder, applied) = ProgressResponder::complete_only();
+    raft.write(command)
+        .with_leader(leader_id)
+        .responder(responder)
+        .await
+        .map_err(|fatal| ProposeOutcome::Unavailable(format!("raft stopped: {fatal}")))?;
+    match applied.await {
+        Ok(Ok(response)) => Ok(response.data),
+        Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(ProposeOutcome::NotLeader { leader: f.leader_id }),
+        Ok(Err(e)) => Err(ProposeOutcome::Unavailable(e.to_string())),
+        Err(_) => Err(ProposeOutcome::Unavailable("raft stopped before answering".into())),
+    }
 }
 
-/// Dedup and aggregate queued jobs into one command. Per-event work is in
-/// memory only. Public for the micro-benchmarks (`benches/hot_path.rs`).
+/// Jobs from the front of the queue for one entry: up to `max_events`
+/// events and `max_bytes` estimated entry bytes, and always at least one job
+/// (a single request is bounded by the API's limits, which fit an entry).
+pub fn take_batch(queued: &mut VecDeque<IngestJob>, max_events: usize, max_bytes: usize) -> Vec<IngestJob> {
+    let mut taken = Vec::new();
+    let (mut events, mut bytes) = (0usize, 0usize);
+    while let Some(job) = queued.front() {
+        let (e, b) = (job.events.len(), job.entry_bytes());
+        if !taken.is_empty() && (events + e > max_events || bytes + b > max_bytes) {
+            break;
+        }
+        events += e;
+        bytes += b;
+        if let Some(job) = queued.pop_front() {
+            taken.push(job);
+        }
+    }
+    taken
+}
+
+/// Dedup and aggregate jobs into one command. Per-event work is in memory
+/// only. Public for the micro-benchmarks (`benches/hot_path.rs`).
 pub fn build_proposal(
     dedup: &DedupIndex,
     pending: &mut HashSet<u128>,
     jobs: Vec<IngestJob>,
-    config: &ProcessorConfig,
+    stamp_ms: u64,
+    dedup_window_ms: u64,
 ) -> Proposal {
-    let mut deltas: HashMap<(Vec<u8>, String, i64), (u64, i64)> = HashMap::new();
+    let mut slots: HashMap<(Vec<u8>, String, i64), u32> = HashMap::new();
+    let mut deltas: Vec<MinuteDelta> = Vec::new();
+    let mut keyed = Vec::new();
+    let mut keyed_owner = Vec::new();
     let mut keys = Vec::new();
     let mut answered = Vec::with_capacity(jobs.len());
     let index = dedup.lock();
-    for job in jobs {
+    for (job_index, job) in jobs.into_iter().enumerate() {
         let (mut accepted, mut duplicates) = (0u32, Vec::new());
         for (position, event) in job.events.into_iter().enumerate() {
-            if !event.event_id.is_empty() {
-                let key = dedup_key(&event.entity_id, &event.event_type, &event.event_id);
+            let key = (!event.event_id.is_empty()).then(|| dedup_key(&event.entity_id, &event.event_type, &event.event_id));
+            if let Some(key) = key {
                 if index.contains(&key) || !pending.insert(key) {
                     duplicates.push(position as u32);
                     continue;
                 }
-                keys.push(key);
             }
             accepted += 1;
+            let value = event.value.unwrap_or(1);
             let minute = bucket_start(Granularity::Minute, event.event_time_ms);
-            let slot = deltas.entry((event.entity_id, event.event_type, minute)).or_default();
-            slot.0 += 1;
-            slot.1 = slot.1.saturating_add(event.value.unwrap_or(1));
+            let next = deltas.len() as u32;
+            let slot = *slots.entry((event.entity_id, event.event_type, minute)).or_insert(next);
+            if slot == next {
+                // First event of this (entity, type, minute): the map took the
+                // key's strings; the delta gets them back at the end.
+                deltas.push(MinuteDelta { entity_id: Vec::new(), event_type: String::new(), minute_ms: minute, count: 0, sum: 0 });
+            }
+            if let Some(d) = deltas.get_mut(slot as usize) {
+                d.count += 1;
+                d.sum += value as i128;
+            }
+            if let Some(key) = key {
+                keyed.push(KeyedEvent { key, delta: slot, value });
+                keyed_owner.push((job_index as u32, position as u32));
+                keys.push(key);
+            }
         }
-        answered.push((job.reply, accepted, duplicates));
+        answered.push(JobReply { reply: job.reply, accepted, duplicates });
     }
     drop(index);
-    let deltas = deltas
-        .into_iter()
-        .map(|((entity_id, event_type, minute_ms), (count, sum))| MinuteDelta { entity_id, event_type, minute_ms, count, sum })
-        .collect();
-    let batch = IngestBatch {
-        proposed_at_ms: now_ms(),
-        dedup_window_ms: config.dedup_window_ms,
-        deltas,
-        dedup_keys: keys.clone(),
-    };
-    Proposal { jobs: answered, keys, command: Command::Ingest(batch) }
+    for ((entity_id, event_type, _), slot) in slots {
+        if let Some(d) = deltas.get_mut(slot as usize) {
+            d.entity_id = entity_id;
+            d.event_type = event_type;
+        }
+    }
+    let batch = IngestBatch { proposed_at_ms: stamp_ms, dedup_window_ms, deltas, keyed };
+    Proposal { jobs: answered, keyed_owner, keys, command: Command::Ingest(batch) }
 }
 
 #[cfg(test)]
@@ -334,38 +496,57 @@ mod tests {
         Event { entity_id: entity.into(), event_type: "view".into(), event_time_ms: t, event_id: id.into(), value }
     }
 
+    fn job(events: Vec<Event>) -> (IngestJob, oneshot::Receiver<ProposeOutcome>) {
+        let (reply, rx) = oneshot::channel();
+        (IngestJob { events, reply }, rx)
+    }
+
     #[test]
     fn proposal_drops_duplicates_and_aggregates_per_minute() {
         let index = DedupIndex::default();
         index.lock().insert_batch((0, 1), vec![dedup_key(b"a", "view", b"old")]);
         let mut pending = HashSet::new();
         pending.insert(dedup_key(b"a", "view", b"inflight"));
-        let (tx1, _rx1) = oneshot::channel();
-        let (tx2, _rx2) = oneshot::channel();
-        let jobs = vec![
-            IngestJob {
-                events: vec![
-                    ev("a", 60_000, "1", None),
-                    ev("a", 60_500, "2", Some(5)),
-                    ev("a", 60_700, "1", None),   // same batch
-                    ev("a", 61_000, "old", None), // already applied
-                ],
-                reply: tx1,
-            },
-            IngestJob {
-                events: vec![ev("a", 120_000, "inflight", None), ev("a", 119_999, "", Some(2)), ev("a", 119_999, "", Some(2))],
-                reply: tx2,
-            },
-        ];
-        let p = build_proposal(&index, &mut pending, jobs, &ProcessorConfig::default());
-        let counts: Vec<(u32, Vec<u32>)> = p.jobs.iter().map(|(_, a, d)| (*a, d.clone())).collect();
+        let (j1, _rx1) = job(vec![
+            ev("a", 60_000, "1", None),
+            ev("a", 60_500, "2", Some(5)),
+            ev("a", 60_700, "1", None),   // same batch
+            ev("a", 61_000, "old", None), // already applied
+        ]);
+        let (j2, _rx2) = job(vec![ev("a", 120_000, "inflight", None), ev("a", 119_999, "", Some(2)), ev("a", 119_999, "", Some(2))]);
+        let p = build_proposal(&index, &mut pending, vec![j1, j2], 7_000, 600_000);
+        let counts: Vec<(u32, Vec<u32>)> = p.jobs.iter().map(|j| (j.accepted, j.duplicates.clone())).collect();
         assert_eq!(counts, vec![(2, vec![2, 3]), (2, vec![0])]);
-        let Command::Ingest(batch) = p.command else { panic!("not an ingest") };
-        let mut deltas: Vec<_> = batch.deltas.iter().map(|d| (d.minute_ms, d.count, d.sum)).collect();
-        deltas.sort();
+        let Command::Ingest(batch) = &p.command else { panic!("not an ingest") };
+        let deltas: Vec<_> = batch.deltas.iter().map(|d| (d.minute_ms, d.count, d.sum, d.entity_id.clone())).collect();
         // Events without an id are never duplicates; the four accepted land in one minute.
-        assert_eq!(deltas, vec![(60_000, 4, 10)]);
-        assert_eq!(batch.dedup_keys.len(), 2);
+        assert_eq!(deltas, vec![(60_000, 4, 10, b"a".to_vec())]);
+        assert_eq!(batch.proposed_at_ms, 7_000);
+        // Each keyed event names its delta and value, for apply to check.
+        assert_eq!(batch.keyed.iter().map(|k| (k.delta, k.value)).collect::<Vec<_>>(), vec![(0, 1), (0, 5)]);
+        assert_eq!(p.keyed_owner, vec![(0, 0), (0, 1)]);
         assert_eq!(pending.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn events_skipped_at_apply_are_answered_as_duplicates() {
+        let index = DedupIndex::default();
+        let mut pending = HashSet::new();
+        let (j1, rx1) = job(vec![ev("a", 0, "x", None), ev("a", 0, "y", None), ev("a", 0, "", None)]);
+        let p = build_proposal(&index, &mut pending, vec![j1], 1, 600_000);
+        p.answer(&CommandOutcome { skipped: vec![1] });
+        assert_eq!(rx1.await.unwrap(), ProposeOutcome::Done { accepted: 2, duplicates: vec![1] });
+    }
+
+    #[test]
+    fn batches_stay_under_the_event_and_byte_caps() {
+        let mut queued: VecDeque<IngestJob> = (0..5).map(|_| job(vec![ev("e", 0, "", None); 400]).0).collect();
+        // 400 events a job: at most two jobs fit 1,000 events.
+        assert_eq!(take_batch(&mut queued, 1_000, usize::MAX).len(), 2);
+        // A byte cap below one job still takes that job, alone.
+        assert_eq!(take_batch(&mut queued, usize::MAX, 10).len(), 1);
+        let one_job = queued.front().map(|j| j.entry_bytes()).unwrap();
+        assert_eq!(take_batch(&mut queued, usize::MAX, 2 * one_job).len(), 2);
+        assert!(queued.is_empty());
     }
 }

@@ -233,7 +233,7 @@ async fn init(cli: &Cli, nodes: &[String], partitions: u32, replication_factor: 
         .iter()
         .map(|n| {
             let (id, addr) = n.split_once('=').context("--node takes ID=HOST:PORT")?;
-            Ok(NodeInfo { node_id: id.parse().context("node id")?, addr: addr.to_string(), reachable: false })
+            Ok(NodeInfo { node_id: id.parse().context("node id")?, addr: addr.to_string(), ..Default::default() })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let resp = raw_client(cli)
@@ -359,9 +359,11 @@ impl StatusView {
                 let reachable = answered.values().any(|n| *n == id);
                 let error = self.answers.iter().find(|(a, _)| a == addr).and_then(|(_, r)| r.as_ref().err());
                 // Replicas this node has quiesced (idle groups with timers off).
-                let quiesced = self.reports().find(|s| s.node_id == id).map(|s| s.partitions.iter().filter(|p| p.quiesced).count());
+                let report = self.reports().find(|s| s.node_id == id);
+                let quiesced = report.map(|s| s.partitions.iter().filter(|p| p.quiesced).count());
                 json!({
                     "quiesced": quiesced,
+                    "dedup_conflicts": report.map(|s| s.dedup_conflicts),
                     "node_id": id, "addr": addr, "reachable": reachable,
                     "leads": map.partitions().iter().filter(|r| r.leader == id).count(),
                     "replicas": map.partitions().iter().filter(|r| r.replicas.contains(&id)).count(),
@@ -406,7 +408,7 @@ impl StatusView {
             ));
         }
         out.push('\n');
-        let mut nodes = Table::new(["NODE", "ADDR", "UP", "LEADS", "REPLICAS", "QUIESCED", "MAX_LAG"]);
+        let mut nodes = Table::new(["NODE", "ADDR", "UP", "LEADS", "REPLICAS", "QUIESCED", "MAX_LAG", "DEDUP_CONFLICTS"]);
         for n in doc["nodes"].as_array().into_iter().flatten() {
             nodes.row([
                 n["node_id"].to_string(),
@@ -416,6 +418,7 @@ impl StatusView {
                 n["replicas"].to_string(),
                 n["quiesced"].as_u64().map_or("-".to_owned(), |q| q.to_string()),
                 n["max_lag"].as_u64().map_or("-".to_owned(), |l| l.to_string()),
+                n["dedup_conflicts"].as_u64().map_or("-".to_owned(), |c| c.to_string()),
             ]);
         }
         out.push_str(&nodes.render());
@@ -515,12 +518,13 @@ mod tests {
             initialized: true,
             partition_count: 2,
             replication_factor: 3,
-            nodes: (1..=4).map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true }).collect(),
+            nodes: (1..=4).map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true, ..Default::default() }).collect(),
             partitions: vec![
                 PartitionInfo { partition: 0, replicas: vec![1, 2, 4], leader_node_id: 1, term: 2, voters: voters0, ..Default::default() },
                 PartitionInfo { partition: 1, replicas: vec![2, 3, 1], leader_node_id: 2, term: 2, voters: vec![1, 2, 3], ..Default::default() },
             ],
             metadata_leader_node_id: 1,
+            ..Default::default()
         }
     }
 

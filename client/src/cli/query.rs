@@ -70,6 +70,16 @@ pub fn parse_granularity(s: &str) -> anyhow::Result<Granularity> {
     })
 }
 
+/// The exact sum when the server sent one (sums beyond int64 are clamped in
+/// `sum`), else the int64 sum.
+fn exact_sum(sum: i64, exact: &str) -> String {
+    if exact.is_empty() {
+        sum.to_string()
+    } else {
+        exact.to_string()
+    }
+}
+
 pub(crate) async fn stats(cli: &Cli, args: &StatsArgs) -> anyhow::Result<i32> {
     let (from, to) = (parse_time(&args.from)?, parse_time(&args.to)?);
     let client = super::client(cli).await?;
@@ -77,7 +87,8 @@ pub(crate) async fn stats(cli: &Cli, args: &StatsArgs) -> anyhow::Result<i32> {
     if cli.json {
         print_json(&json!({
             "entity": args.entity, "event_type": args.event_type,
-            "count": s.count, "sum": s.sum, "average": s.average,
+            "count": s.count, "sum": s.sum, "sum_exact": s.sum_exact, "sum_overflow": s.sum_overflow,
+            "average": s.average,
             "from_ms": s.effective_from_ms, "to_ms": s.effective_to_ms,
             "served_by": s.served_by_node_id, "applied_index": s.applied_index,
         }));
@@ -85,7 +96,7 @@ pub(crate) async fn stats(cli: &Cli, args: &StatsArgs) -> anyhow::Result<i32> {
         println!(
             "count {}  sum {}  average {:.3}   [{} .. {})",
             s.count,
-            s.sum,
+            exact_sum(s.sum, &s.sum_exact),
             s.average,
             format_ms(s.effective_from_ms),
             format_ms(s.effective_to_ms)
@@ -101,14 +112,17 @@ pub(crate) async fn series(cli: &Cli, args: &SeriesArgs) -> anyhow::Result<i32> 
     let s = client.series(&args.entity, &args.event_type, from..to, granularity, consistency(args.stale)).await?;
     if cli.json {
         let buckets: Vec<_> =
-            s.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "count": b.count, "sum": b.sum})).collect();
+            s.buckets
+                .iter()
+                .map(|b| json!({"start_ms": b.start_ms, "count": b.count, "sum": b.sum, "sum_exact": b.sum_exact, "sum_overflow": b.sum_overflow}))
+                .collect();
         print_json(&json!({
             "entity": args.entity, "event_type": args.event_type, "granularity": args.granularity,
             "buckets": buckets, "served_by": s.served_by_node_id, "applied_index": s.applied_index,
         }));
     } else {
         for b in &s.buckets {
-            println!("{}  {:>10}  {:>12}", format_ms(b.start_ms), b.count, b.sum);
+            println!("{}  {:>10}  {:>12}", format_ms(b.start_ms), b.count, exact_sum(b.sum, &b.sum_exact));
         }
     }
     Ok(0)

@@ -202,8 +202,9 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         initialized: map.is_initialized(),
         partition_count: map.partition_count,
         replication_factor: map.replication_factor,
-        nodes: map.nodes.iter().map(|(id, addr)| NodeInfo { node_id: *id, addr: addr.clone(), reachable: *id == node.id }).collect(),
+        nodes: map.nodes.iter().map(|(id, addr)| NodeInfo { node_id: *id, addr: addr.clone(), reachable: *id == node.id, ..Default::default() }).collect(),
         partitions,
         metadata_leader_node_id: node.metadata_leader().unwrap_or(0),
+        dedup_conflicts: node.local_partitions().iter().map(|r| r.dedup.conflicts()).sum(),
     }
 }

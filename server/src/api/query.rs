@@ -124,14 +124,17 @@ impl Query for QueryService {
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let total = read_stats(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, from, to)
             .map_err(|e| Status::internal(e.to_string()))?;
+        let (sum, sum_overflow) = total.sum_i64();
         Ok(Response::new(StatsResponse {
             count: total.count,
-            sum: total.sum,
-            average: if total.count == 0 { 0.0 } else { total.sum as f64 / total.count as f64 },
+            sum,
+            average: total.average(),
             effective_from_ms: from,
             effective_to_ms: to,
             served_by_node_id: self.node.id,
             applied_index: applied,
+            sum_overflow,
+            sum_exact: total.sum.to_string(),
         }))
     }
 
@@ -162,7 +165,13 @@ impl Query for QueryService {
         let series = read_series(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, granularity, from, to)
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(SeriesResponse {
-            buckets: series.into_iter().map(|(start_ms, c)| Bucket { start_ms, count: c.count, sum: c.sum }).collect(),
+            buckets: series
+                .into_iter()
+                .map(|(start_ms, c)| {
+                    let (sum, sum_overflow) = c.sum_i64();
+                    Bucket { start_ms, count: c.count, sum, sum_overflow, sum_exact: c.sum.to_string() }
+                })
+                .collect(),
             served_by_node_id: self.node.id,
             applied_index: applied,
         }))

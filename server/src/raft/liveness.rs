@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use tally_proto::internal::raft_client::RaftClient;
 use tally_proto::internal::PingRequest;
+
+use crate::clock::ClusterClock;
 use tokio::sync::{mpsc, watch};
 
 use super::peers::PeerPool;
@@ -57,6 +59,8 @@ pub struct Liveness {
     interval: Duration,
     suspect_after: Duration,
     peers: Mutex<HashMap<NodeId, PeerState>>,
+    /// Fed with the peer clocks each ping carries.
+    clock: Arc<ClusterClock>,
 }
 
 /// Bound on undelivered changes; a consumer that falls this far behind has
@@ -72,6 +76,7 @@ impl Liveness {
         suspect_after: Duration,
         peers: Arc<PeerPool>,
         map: watch::Receiver<ClusterMap>,
+        clock: Arc<ClusterClock>,
     ) -> (Arc<Liveness>, mpsc::Receiver<PeerChange>) {
         let liveness = Arc::new(Liveness {
             node_id,
@@ -79,6 +84,7 @@ impl Liveness {
             interval,
             suspect_after,
             peers: Mutex::default(),
+            clock,
         });
         let (tx, rx) = mpsc::channel(CHANGE_QUEUE);
         tokio::spawn(liveness.clone().probe_loop(peers, map, tx));
@@ -134,8 +140,10 @@ impl Liveness {
         let mut request = tonic::Request::new(PingRequest { from_node_id: self.node_id, boot_id: self.boot_id });
         request.set_timeout(deadline);
         let mut client = RaftClient::new(channel);
-        let reply = tokio::time::timeout(deadline, client.ping(request)).await.ok()?.ok()?;
-        Some(reply.into_inner().boot_id)
+        let sent_ms = self.clock.local_ms();
+        let reply = tokio::time::timeout(deadline, client.ping(request)).await.ok()?.ok()?.into_inner();
+        self.clock.observe(node, sent_ms, reply.wall_ms, self.clock.local_ms());
+        Some(reply.boot_id)
     }
 
     /// Fold one round of probe results into the peer table; return what changed.
@@ -177,6 +185,7 @@ mod tests {
             interval: Duration::from_millis(100),
             suspect_after: Duration::from_millis(300),
             peers: Mutex::default(),
+            clock: Arc::new(ClusterClock::new(0, Duration::from_secs(2))),
         }
     }
 

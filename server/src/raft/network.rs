@@ -28,6 +28,13 @@ use crate::storage::snapshot::SnapshotFile;
 use crate::storage::state_machine::Snapshot;
 
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Encoded bytes of one AppendEntries at most. Larger runs of entries are
+/// sent in prefixes (openraft's `PartialSuccess`), so a request can never
+/// exceed what the receiver decodes (`server.rs`, 64 MiB) and be re-sent
+/// forever. One entry is at most about `MAX_ENTRY_BYTES` (8 MiB) plus one
+/// request, so it always fits alone.
+pub const MAX_APPEND_BYTES: usize = 16 << 20;
+const _: () = assert!(crate::raft::types::MAX_ENTRY_BYTES + (5 << 20) < MAX_APPEND_BYTES);
 /// Deadline of an AppendEntries that carries entries (see `append_entries`).
 const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -88,11 +95,6 @@ impl GroupNetwork {
         Ok(RaftClient::new(channel.clone()).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
     }
 
-    fn message<T: serde::Serialize>(&self, value: &T, quiesce: bool) -> Result<tonic::Request<RaftMessage>, RPCError<TypeConfig>> {
-        let payload = encode(value).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        Ok(tonic::Request::new(RaftMessage { group_id: self.group, payload, quiesce }))
-    }
-
     async fn call<Req, Resp, F, Fut>(&self, req: &Req, option: &RPCOption, f: F) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: serde::Serialize,
@@ -116,7 +118,23 @@ impl GroupNetwork {
         F: FnOnce(RaftClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
-        let mut request = self.message(req, quiesce)?;
+        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.call_encoded(payload, quiesce, ttl, f).await
+    }
+
+    async fn call_encoded<Resp, F, Fut>(
+        &self,
+        payload: Vec<u8>,
+        quiesce: bool,
+        ttl: Duration,
+        f: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(RaftClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
+    {
+        let mut request = tonic::Request::new(RaftMessage { group_id: self.group, payload, quiesce });
         request.set_timeout(ttl);
         let client = self.client()?;
         let reply = tokio::time::timeout(ttl, f(client, request))
@@ -124,6 +142,24 @@ impl GroupNetwork {
             .map_err(|_| RPCError::Unreachable(unreachable(format!("node {} timed out", self.target))))?
             .map_err(status_to_rpc)?;
         decode(&reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+/// Encode an AppendEntries of at most `max_bytes`, dropping entries from the
+/// end (halving) while it is larger and more than one entry is left. Returns
+/// the payload and, if entries were dropped, the last log id it carries.
+fn encode_within(
+    mut rpc: AppendEntriesRequest<TypeConfig>,
+    max_bytes: usize,
+) -> Result<(Vec<u8>, Option<crate::raft::types::LogId>), RPCError<TypeConfig>> {
+    let mut sent_up_to = None;
+    loop {
+        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if payload.len() <= max_bytes || rpc.entries.len() <= 1 {
+            return Ok((payload, sent_up_to));
+        }
+        rpc.entries.truncate(rpc.entries.len() / 2);
+        sent_up_to = rpc.entries.last().map(|e| e.log_id);
     }
 }
 
@@ -142,8 +178,13 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         // a starved CPU) can take longer; timing it out only re-sends the
         // same batch after a backoff, so entries get a longer deadline.
         let ttl = if has_entries { option.hard_ttl().max(APPEND_TIMEOUT) } else { option.hard_ttl() };
-        let resp: AppendEntriesResponse<TypeConfig> =
-            self.call_flagged(&rpc, flagged, ttl, |mut c, r| async move { c.append_entries(r).await }).await?;
+        let (payload, sent_up_to) = encode_within(rpc, MAX_APPEND_BYTES)?;
+        let mut resp: AppendEntriesResponse<TypeConfig> =
+            self.call_encoded(payload, flagged, ttl, |mut c, r| async move { c.append_entries(r).await }).await?;
+        if let (Some(last), true) = (sent_up_to, resp.is_success()) {
+            // Only a prefix went; openraft sends the rest next.
+            resp = AppendEntriesResponse::PartialSuccess(Some(last));
+        }
         if flagged && resp.is_success() {
             if let Some(q) = &self.quiescence {
                 q.flagged_heartbeat_acked(self.target);
@@ -228,3 +269,37 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use openraft::impls::leader_id_adv::LeaderId;
+    use openraft::EntryPayload;
+
+    use super::*;
+    use crate::raft::types::{Command, Entry, IngestBatch, LogId, MinuteDelta};
+
+    fn entry(index: u64, bytes: usize) -> Entry {
+        let delta = MinuteDelta { entity_id: vec![b'e'; bytes], event_type: "view".into(), minute_ms: 0, count: 1, sum: 1 };
+        let batch = IngestBatch { deltas: vec![delta], ..Default::default() };
+        Entry { log_id: LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index }, payload: EntryPayload::Normal(Command::Ingest(batch)) }
+    }
+
+    #[test]
+    fn append_entries_are_cut_to_the_byte_budget() {
+        let vote = openraft::Vote::new_committed(1, 1);
+        let rpc = |n: u64| AppendEntriesRequest::<TypeConfig> {
+            vote,
+            prev_log_id: None,
+            leader_commit: None,
+            entries: (1..=n).map(|i| entry(i, 1_000)).collect(),
+        };
+        let (payload, cut) = encode_within(rpc(64), 10_000).unwrap();
+        assert!(payload.len() <= 10_000, "{}", payload.len());
+        assert_eq!(cut.map(|l| l.index), Some(8));
+        // Within budget: sent whole.
+        assert_eq!(encode_within(rpc(4), 10_000).unwrap().1, None);
+        // One entry over the budget still goes (alone), never dropped.
+        let (payload, cut) = encode_within(rpc(1), 100).unwrap();
+        assert!(payload.len() > 100 && cut.is_none());
+    }
+}

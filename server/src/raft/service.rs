@@ -73,7 +73,11 @@ impl RaftRpc for RaftService {
 
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         let _from = request.into_inner().from_node_id;
-        Ok(Response::new(PingResponse { node_id: self.node.id, boot_id: self.node.liveness.boot_id() }))
+        Ok(Response::new(PingResponse {
+            node_id: self.node.id,
+            boot_id: self.node.liveness.boot_id(),
+            wall_ms: self.node.clock.local_ms(),
+        }))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

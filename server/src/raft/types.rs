@@ -32,6 +32,13 @@ pub type StoredMembership = openraft::StoredMembership<
 pub type SnapshotMeta =
     openraft::SnapshotMeta<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, openraft::BasicNode>;
 
+/// Estimated encoded bytes of one ingest entry at most. The processor stops
+/// adding requests to an entry at this size (one request alone — at most
+/// 10,000 events and 4 MiB — always fits), and AppendEntries carry at most
+/// `network::MAX_APPEND_BYTES`, well below what a peer decodes: an entry can
+/// never be too big to replicate.
+pub const MAX_ENTRY_BYTES: usize = 8 << 20;
+
 /// A replicated command. Entries are per batch, never per event.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Command {
@@ -42,20 +49,39 @@ pub enum Command {
 }
 
 /// What the leader commits for a group of coalesced ingest requests: the
-/// aggregated deltas and the dedup keys of the events they contain.
+/// aggregated deltas, and for every event that carried an event_id its dedup
+/// key and what it contributed — so the state machine, not only the leader,
+/// decides what counts (see `KeyedEvent`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct IngestBatch {
-    /// Leader wall clock when proposed. It stamps the dedup keys, so every
-    /// replica expires them at the same log position (determinism).
+    /// Leader's (cluster-checked) wall clock when proposed. It stamps the
+    /// dedup keys, so every replica expires them at the same log position.
+    /// The state machine never lets it go below an earlier entry's stamp.
     pub proposed_at_ms: u64,
-    /// The leader's dedup window; keys stamped before proposed_at − window
-    /// expire when this entry is applied.
+    /// The leader's dedup window; keys stamped before stamp − window expire
+    /// when this entry is applied.
     pub dedup_window_ms: u64,
-    /// Per (entity, type, minute) sums of the new (non-duplicate) events.
+    /// Per (entity, type, minute) totals of the events the leader accepted,
+    /// keyed and keyless alike.
     pub deltas: Vec<MinuteDelta>,
-    /// 128-bit hashes of (entity, type, event_id) of events in `deltas` that
-    /// carried an event_id.
-    pub dedup_keys: Vec<u128>,
+    /// One per accepted event with an event_id, in the order of the leader's
+    /// reply bookkeeping.
+    pub keyed: Vec<KeyedEvent>,
+}
+
+/// An accepted event with an idempotency key. At apply, an event whose key
+/// is already in the dedup index (or earlier in the same entry) is taken
+/// back out of its delta — deterministically on every replica — so a leader
+/// whose dedup view was incomplete costs a wrong "accepted" at worst, never
+/// a count.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyedEvent {
+    /// 128-bit hash of (entity, type, event_id).
+    pub key: u128,
+    /// Index into `IngestBatch::deltas` of the delta that counts it.
+    pub delta: u32,
+    /// Its value (also included in that delta's sum).
+    pub value: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -65,22 +91,24 @@ pub struct MinuteDelta {
     /// Start of the minute, ms since epoch.
     pub minute_ms: i64,
     pub count: u64,
-    pub sum: i64,
+    /// Exact: i64 values summed in 128 bits never overflow.
+    pub sum: i128,
 }
 
 /// The state machine's answer to one applied command.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CommandOutcome {
-    /// Dedup keys in the entry that the state machine had already seen. Always
-    /// zero when the leader's dedup invariant holds; counted and logged so a
-    /// violation can never pass silently.
-    pub dedup_conflicts: u32,
+    /// Positions in `IngestBatch::keyed` of events the state machine did not
+    /// count because their key was already counted. Always empty when the
+    /// leader's dedup argument holds; the leader reports them as duplicates,
+    /// and every node counts them (`dedup_conflicts`) so a violation is seen.
+    pub skipped: Vec<u32>,
 }
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Command::Ingest(b) => write!(f, "Ingest({} deltas, {} keys)", b.deltas.len(), b.dedup_keys.len()),
+            Command::Ingest(b) => write!(f, "Ingest({} deltas, {} keys)", b.deltas.len(), b.keyed.len()),
             Command::SetClusterMap(m) => write!(f, "SetClusterMap(v{})", m.version),
         }
     }
@@ -88,6 +116,6 @@ impl fmt::Display for Command {
 
 impl fmt::Display for CommandOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CommandOutcome(conflicts={})", self.dedup_conflicts)
+        write!(f, "CommandOutcome(skipped={})", self.skipped.len())
     }
 }

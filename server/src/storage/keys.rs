@@ -29,8 +29,25 @@ pub const STATE_CLUSTER_MAP: u8 = 3;
 /// Present while a snapshot is being installed: state of the group is then
 /// incomplete and must be discarded if the node restarts.
 pub const STATE_INSTALLING: u8 = 4;
-/// Dedup keys of one applied batch: tag, proposed_at (8), log index (8).
+/// Dedup keys of one applied batch: tag, stamp (8), log index (8).
 pub const STATE_DEDUP: u8 = 5;
+/// The log's clock: the highest dedup stamp applied (u64).
+pub const STATE_LOG_CLOCK: u8 = 6;
+/// Events skipped at apply because their key was already counted (u64).
+pub const STATE_CONFLICTS: u8 = 7;
+
+/// A value the key layout cannot represent. Validation keeps requests far
+/// inside these limits; the encoder refuses rather than truncate a length
+/// prefix into a key that aliases another series.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("entity_id is {0} bytes; keys hold at most {max}", max = u16::MAX)]
+    EntityTooLong(usize),
+    #[error("event_type is {0} bytes; keys hold at most {max}", max = u8::MAX)]
+    TypeTooLong(usize),
+    #[error("bucket start {0} ms is before the epoch")]
+    NegativeTime(i64),
+}
 
 pub fn group_prefix(group: u32) -> [u8; 4] {
     group.to_be_bytes()
@@ -76,30 +93,33 @@ pub fn dedup_stamp_of(key: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// Prefix of every counts key of one (entity, type, granularity) series.
-pub fn series_prefix(group: u32, entity_id: &[u8], event_type: &str, granularity: Granularity) -> Vec<u8> {
+pub fn series_prefix(group: u32, entity_id: &[u8], event_type: &str, granularity: Granularity) -> Result<Vec<u8>, KeyError> {
+    let entity_len = u16::try_from(entity_id.len()).map_err(|_| KeyError::EntityTooLong(entity_id.len()))?;
+    let type_len = u8::try_from(event_type.len()).map_err(|_| KeyError::TypeTooLong(event_type.len()))?;
     let mut k = Vec::with_capacity(4 + 2 + entity_id.len() + 1 + event_type.len() + 1 + 8);
     k.extend_from_slice(&group.to_be_bytes());
-    // Lengths are bounded by validation (256 bytes, 64 chars), so they fit.
-    k.extend_from_slice(&(entity_id.len() as u16).to_be_bytes());
+    k.extend_from_slice(&entity_len.to_be_bytes());
     k.extend_from_slice(entity_id);
-    k.push(event_type.len() as u8);
+    k.push(type_len);
     k.extend_from_slice(event_type.as_bytes());
     k.push(granularity.as_u8());
-    k
+    Ok(k)
 }
 
 /// The counts key of one bucket in a single allocation (the apply hot path
-/// builds four per delta).
-pub fn bucket_key(group: u32, entity_id: &[u8], event_type: &str, granularity: Granularity, bucket_start_ms: i64) -> Vec<u8> {
-    let mut k = series_prefix(group, entity_id, event_type, granularity);
-    k.extend_from_slice(&(bucket_start_ms.max(0) as u64).to_be_bytes());
-    k
+/// builds several per delta).
+pub fn bucket_key(group: u32, entity_id: &[u8], event_type: &str, granularity: Granularity, bucket_start_ms: i64) -> Result<Vec<u8>, KeyError> {
+    let start = u64::try_from(bucket_start_ms).map_err(|_| KeyError::NegativeTime(bucket_start_ms))?;
+    let mut k = series_prefix(group, entity_id, event_type, granularity)?;
+    k.extend_from_slice(&start.to_be_bytes());
+    Ok(k)
 }
 
+/// A counts key from a series prefix; times before the epoch (only ever a
+/// query bound: events are validated to be >= 0) sort as the epoch.
 pub fn counts_key(prefix: &[u8], bucket_start_ms: i64) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + 8);
     k.extend_from_slice(prefix);
-    // Event times are validated to be >= 0, so the cast keeps the order.
     k.extend_from_slice(&(bucket_start_ms.max(0) as u64).to_be_bytes());
     k
 }
@@ -122,13 +142,23 @@ mod tests {
 
     #[test]
     fn counts_keys_sort_by_time_within_a_series() {
-        let p = series_prefix(3, b"video", "view", Granularity::Minute);
+        let p = series_prefix(3, b"video", "view", Granularity::Minute).unwrap();
         let a = counts_key(&p, 60_000);
         let b = counts_key(&p, 120_000);
         assert!(a < b);
         assert_eq!(bucket_of_counts_key(&b), Some(120_000));
         // A longer entity id sharing a prefix is a different series.
-        let q = series_prefix(3, b"video1", "view", Granularity::Minute);
+        let q = series_prefix(3, b"video1", "view", Granularity::Minute).unwrap();
         assert!(!counts_key(&q, 0).starts_with(&p));
+    }
+
+    #[test]
+    fn the_encoder_refuses_what_its_length_prefixes_cannot_hold() {
+        let long_entity = vec![b'x'; 70_000];
+        assert_eq!(series_prefix(1, &long_entity, "view", Granularity::Hour), Err(KeyError::EntityTooLong(70_000)));
+        let long_type = "t".repeat(300);
+        assert_eq!(series_prefix(1, b"e", &long_type, Granularity::Hour), Err(KeyError::TypeTooLong(300)));
+        assert_eq!(bucket_key(1, b"e", "view", Granularity::Minute, -60_000), Err(KeyError::NegativeTime(-60_000)));
+        assert!(series_prefix(1, &vec![b'x'; 65_535], &"t".repeat(255), Granularity::Day).is_ok());
     }
 }

@@ -27,6 +27,8 @@ pub enum StorageError {
     Io(String),
     #[error("corrupt data: {0}")]
     Corrupt(String),
+    #[error("cannot encode a storage key: {0}")]
+    Key(#[from] keys::KeyError),
 }
 
 impl From<std::io::Error> for StorageError {

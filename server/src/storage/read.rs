@@ -19,8 +19,10 @@ pub fn read_stats(
     to_ms: i64,
 ) -> Result<CountSum, StorageError> {
     let cf = engine.cf(CF_COUNTS)?;
-    let prefixes: Vec<Vec<u8>> =
-        Granularity::ALL.iter().map(|g| keys::series_prefix(group, entity_id, event_type, *g)).collect();
+    let prefixes: Vec<Vec<u8>> = Granularity::ALL
+        .iter()
+        .map(|g| keys::series_prefix(group, entity_id, event_type, *g))
+        .collect::<Result<_, _>>()?;
     let keys: Vec<Vec<u8>> = decompose(from_ms, to_ms)
         .into_iter()
         .map(|(g, start)| keys::counts_key(&prefixes[g.as_u8() as usize], start))
@@ -49,7 +51,7 @@ pub fn read_series(
         return Ok(Vec::new());
     };
     let cf = engine.cf(CF_COUNTS)?;
-    let prefix = keys::series_prefix(group, entity_id, event_type, granularity);
+    let prefix = keys::series_prefix(group, entity_id, event_type, granularity)?;
     let mut opts = ReadOptions::default();
     opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
     let from_key = keys::counts_key(&prefix, first);
@@ -70,7 +72,7 @@ pub fn read_series(
 /// applied index it corresponds to, read from one RocksDB snapshot.
 pub fn state_digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), StorageError> {
     use super::codec::decode;
-    use super::keys::{CF_STATE, STATE_APPLIED, STATE_DEDUP};
+    use super::keys::{CF_STATE, STATE_APPLIED, STATE_CONFLICTS, STATE_DEDUP};
     let db = engine.db();
     let snap = db.snapshot();
     let applied: Option<crate::raft::types::LogId> = match snap.get_cf(engine.cf(CF_STATE)?, keys::tagged(group, STATE_APPLIED))? {
@@ -81,7 +83,8 @@ pub fn state_digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), Stor
     let mut count = 0u64;
     let ranges = [
         (CF_COUNTS, keys::group_prefix(group).to_vec(), keys::group_end(group).to_vec()),
-        (CF_STATE, keys::tagged(group, STATE_DEDUP).to_vec(), keys::tagged(group, STATE_DEDUP + 1).to_vec()),
+        // Dedup keys, the log clock and the conflict counter.
+        (CF_STATE, keys::tagged(group, STATE_DEDUP).to_vec(), keys::tagged(group, STATE_CONFLICTS + 1).to_vec()),
     ];
     for (cf_name, start, end) in ranges {
         let mut opts = ReadOptions::default();

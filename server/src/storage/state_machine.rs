@@ -116,6 +116,9 @@ impl GroupStateMachine {
             dedup.insert_batch(stamp, decode(&value)?);
         }
         drop(dedup);
+        let clock = self.get_state::<u64>(keys::STATE_LOG_CLOCK)?.unwrap_or(0);
+        let conflicts = self.get_state::<u64>(keys::STATE_CONFLICTS)?.unwrap_or(0);
+        self.dedup.lock().restore_counters(clock, conflicts);
         if let Some(tx) = &self.cluster_map {
             if let Some(map) = self.get_state::<ClusterMap>(keys::STATE_CLUSTER_MAP)? {
                 tx.send_replace(map);
@@ -145,8 +148,7 @@ impl GroupStateMachine {
                     batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_MEMBERSHIP), encode(&self.membership)?);
                 }
                 EntryPayload::Normal(Command::Ingest(ingest)) => {
-                    outcome.dedup_conflicts =
-                        self.apply_ingest(&mut batch, &mut merged, entry.log_id.index, ingest)?;
+                    outcome.skipped = self.apply_ingest(&mut batch, &mut merged, entry.log_id.index, ingest)?;
                 }
                 EntryPayload::Normal(Command::SetClusterMap(map)) => {
                     batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_CLUSTER_MAP), encode(&map)?);
@@ -167,19 +169,23 @@ impl GroupStateMachine {
         Ok(replies)
     }
 
+    /// Apply one ingest entry; returns the positions of keyed events not
+    /// counted because their key already was (see `KeyedEvent`).
     fn apply_ingest(
         &mut self,
         batch: &mut WriteBatch,
         merged: &mut HashMap<Vec<u8>, CountSum>,
         log_index: u64,
         ingest: IngestBatch,
-    ) -> Result<u32, StorageError> {
+    ) -> Result<Vec<u32>, StorageError> {
         let engine = self.engine.clone();
         let state_cf = engine.cf(CF_STATE)?;
-        // Expire by the leader's stamp, never the local clock: replicas must
-        // agree on the index at every log position.
-        let cutoff = ingest.proposed_at_ms.saturating_sub(ingest.dedup_window_ms);
+        let IngestBatch { proposed_at_ms, dedup_window_ms, mut deltas, keyed } = ingest;
         let mut dedup = self.dedup.lock();
+        // Expire by the log's clock, never the local one: replicas must agree
+        // on the index at every log position. The stamp never goes back.
+        let stamp = dedup.stamp(proposed_at_ms);
+        let cutoff = stamp.saturating_sub(dedup_window_ms);
         if dedup.expire_before(cutoff) {
             batch.delete_range_cf(
                 state_cf,
@@ -187,29 +193,52 @@ impl GroupStateMachine {
                 &keys::dedup_key(self.group, cutoff, 0)[..],
             );
         }
-        let conflicts = if ingest.dedup_keys.is_empty() {
-            0
-        } else {
-            batch.put_cf(
-                state_cf,
-                keys::dedup_key(self.group, ingest.proposed_at_ms, log_index),
-                encode(&ingest.dedup_keys)?,
-            );
-            dedup.insert_batch((ingest.proposed_at_ms, log_index), ingest.dedup_keys)
-        };
-        drop(dedup);
-        if conflicts > 0 {
-            tracing::error!(group = self.group, log_index, conflicts, "dedup keys applied twice");
+        batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_LOG_CLOCK), encode(&stamp)?);
+        let admitted = dedup.admit((stamp, log_index), keyed.iter().map(|k| k.key));
+        if !admitted.keys.is_empty() {
+            batch.put_cf(state_cf, keys::dedup_key(self.group, stamp, log_index), encode(&admitted.keys)?);
         }
-        for d in ingest.deltas {
+        if !admitted.skipped.is_empty() {
+            batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_CONFLICTS), encode(&dedup.conflicts())?);
+        }
+        drop(dedup);
+        if !admitted.skipped.is_empty() {
+            tracing::error!(
+                group = self.group,
+                log_index,
+                skipped = admitted.skipped.len(),
+                "entry carried events whose key was already counted; not counted again"
+            );
+        }
+        // Take the skipped events back out of the deltas that include them.
+        for &position in &admitted.skipped {
+            let Some(event) = keyed.get(position as usize) else { continue };
+            if let Some(d) = deltas.get_mut(event.delta as usize) {
+                d.count = d.count.wrapping_sub(1);
+                d.sum = d.sum.wrapping_sub(event.value as i128);
+            }
+        }
+        for d in deltas {
+            if d.count == 0 && d.sum == 0 {
+                continue;
+            }
             let delta = CountSum { count: d.count, sum: d.sum };
             for g in Granularity::ALL {
-                let key = keys::bucket_key(self.group, &d.entity_id, &d.event_type, g, bucket_start(g, d.minute_ms));
+                let key = match keys::bucket_key(self.group, &d.entity_id, &d.event_type, g, bucket_start(g, d.minute_ms)) {
+                    Ok(key) => key,
+                    Err(e) => {
+                        // Validation keeps such deltas out of the log; if one got in
+                        // anyway, every replica skips it alike (failing the apply
+                        // would stop the group for good).
+                        tracing::error!(group = self.group, log_index, error = %e, "delta not counted");
+                        break;
+                    }
+                };
                 let slot = merged.entry(key).or_default();
                 *slot = slot.add(delta);
             }
         }
-        Ok(conflicts)
+        Ok(admitted.skipped)
     }
 }
 

@@ -12,7 +12,7 @@ use super::read::{read_series, read_stats, state_digest};
 use super::state_machine::GroupStateMachine;
 use super::Engine;
 use crate::dedup::DedupIndex;
-use crate::raft::types::{Command, Entry, IngestBatch, LogId, MinuteDelta};
+use crate::raft::types::{Command, Entry, IngestBatch, KeyedEvent, LogId, MinuteDelta};
 
 const GROUP: u32 = 3;
 /// 2024-02-29T23:59:00Z: a minute whose hour, day and month all end with it.
@@ -22,20 +22,22 @@ fn log_id(index: u64) -> LogId {
     LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index }
 }
 
+/// An entry whose keys belong to events outside its deltas (value 0, no
+/// delta): for tests of the index alone.
 fn ingest(index: u64, proposed_at_ms: u64, deltas: Vec<MinuteDelta>, keys: Vec<u128>) -> Entry {
+    let keyed = keys.into_iter().map(|key| KeyedEvent { key, delta: u32::MAX, value: 0 }).collect();
+    keyed_ingest(index, proposed_at_ms, deltas, keyed)
+}
+
+fn keyed_ingest(index: u64, proposed_at_ms: u64, deltas: Vec<MinuteDelta>, keyed: Vec<KeyedEvent>) -> Entry {
     Entry {
         log_id: log_id(index),
-        payload: EntryPayload::Normal(Command::Ingest(IngestBatch {
-            proposed_at_ms,
-            dedup_window_ms: 600_000,
-            deltas,
-            dedup_keys: keys,
-        })),
+        payload: EntryPayload::Normal(Command::Ingest(IngestBatch { proposed_at_ms, dedup_window_ms: 600_000, deltas, keyed })),
     }
 }
 
 fn delta(entity: &str, minute_ms: i64, count: u64, sum: i64) -> MinuteDelta {
-    MinuteDelta { entity_id: entity.as_bytes().to_vec(), event_type: "view".into(), minute_ms, count, sum }
+    MinuteDelta { entity_id: entity.as_bytes().to_vec(), event_type: "view".into(), minute_ms, count, sum: sum as i128 }
 }
 
 async fn open(dir: &std::path::Path) -> (Arc<Engine>, GroupStateMachine, Arc<DedupIndex>) {
@@ -141,4 +143,70 @@ async fn interrupted_install_restores_the_local_snapshot() {
     let (engine, mut sm, _) = open(dir.path()).await;
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1)));
     assert_eq!(state_digest(&engine, GROUP).unwrap(), digest_at_snapshot);
+}
+
+#[tokio::test]
+async fn apply_skips_events_whose_key_is_already_counted() {
+    // Two replicas apply the same log; the second entry repeats key 1 (a
+    // leader whose dedup view was incomplete). Neither counts it twice.
+    let k = |key, value| KeyedEvent { key, delta: 0, value };
+    let log = || {
+        vec![
+            keyed_ingest(1, 1_000, vec![delta("v", T, 2, 10)], vec![k(1, 4), k(2, 6)]),
+            // Key 1 again, key 3 twice, and one event without a key (value 1).
+            keyed_ingest(2, 2_000, vec![delta("v", T, 4, 17)], vec![k(1, 4), k(3, 6), k(3, 6)]),
+        ]
+    };
+    let mut digests = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (engine, mut sm, dedup) = open(dir.path()).await;
+            apply(&mut sm, log()).await;
+            let s = read_stats(&engine, GROUP, b"v", "view", T, T + MINUTE_MS).unwrap();
+            // Entry 2 counts key 3 once and the keyless event: 2 + 2 events.
+            assert_eq!((s.count, s.sum), (4, 10 + 6 + 1));
+            assert_eq!(dedup.conflicts(), 2);
+            digests.push(state_digest(&engine, GROUP).unwrap());
+        }
+        // The counter is replicated state: it survives a restart.
+        let (_engine, _sm, dedup) = open(dir.path()).await;
+        assert_eq!(dedup.conflicts(), 2);
+    }
+    assert_eq!(digests[0], digests[1]);
+}
+
+#[tokio::test]
+async fn a_leader_with_a_slow_clock_cannot_expire_keys_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_engine, mut sm, dedup) = open(dir.path()).await;
+    // The second leader's clock is 16 minutes behind the first's.
+    apply(&mut sm, vec![ingest(1, 1_000_000, vec![], vec![1]), ingest(2, 40_000, vec![], vec![2])]).await;
+    assert_eq!(dedup.lock().log_clock_ms(), 1_000_000);
+    // Stamped with the log's clock, key 2 lives a whole window from there.
+    apply(&mut sm, vec![ingest(3, 1_000_001, vec![], vec![])]).await;
+    assert!(dedup.lock().contains(&2));
+    apply(&mut sm, vec![ingest(4, 1_600_001, vec![], vec![])]).await;
+    assert!(!dedup.lock().contains(&1) && !dedup.lock().contains(&2));
+}
+
+#[tokio::test]
+async fn sums_at_the_i64_limits_are_exact_whatever_rocksdb_merges_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, mut sm, _) = open(dir.path()).await;
+    let big = |i, sum: i64| ingest(i, i * 1_000, vec![delta("x", T, 1, sum)], vec![]);
+    apply(&mut sm, vec![big(1, i64::MAX), big(2, i64::MAX)]).await;
+    // Flush and compact between operands, so RocksDB folds them in another
+    // grouping than a replica that never flushed.
+    engine.db().flush_cf(engine.cf(super::keys::CF_COUNTS).unwrap()).unwrap();
+    apply(&mut sm, vec![big(3, i64::MIN)]).await;
+    engine.db().compact_range_cf(engine.cf(super::keys::CF_COUNTS).unwrap(), None::<&[u8]>, None::<&[u8]>);
+    apply(&mut sm, vec![big(4, i64::MIN)]).await;
+    let s = read_stats(&engine, GROUP, b"x", "view", T, T + MINUTE_MS).unwrap();
+    assert_eq!((s.count, s.sum), (4, -2));
+    // Over a day (another bucket, merged in another order) it agrees.
+    let day = read_stats(&engine, GROUP, b"x", "view", T - 23 * HOUR_MS - 59 * MINUTE_MS, T + MINUTE_MS).unwrap();
+    assert_eq!(day.sum, -2);
+    let partial = read_series(&engine, GROUP, b"x", "view", tally_proto::time::Granularity::Minute, T, T + MINUTE_MS).unwrap();
+    assert_eq!(partial[0].1.sum, -2);
 }

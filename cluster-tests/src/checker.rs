@@ -1,0 +1,114 @@
+//! The exactly-once checker shared by the fault tests: writers that retry
+//! with the same ids and record, per event, what was attempted and what was
+//! acknowledged; and the check that the cluster counts each acknowledged
+//! event exactly once — counts and exact sums — on identical replicas, with
+//! no event caught by the state machine's dedup tripwire.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tally_proto::v1::{Event, StatsRequest};
+
+use crate::ingestor::RetryingIngestor;
+use crate::model::{Model, Workload};
+use crate::TestCluster;
+
+#[derive(Default)]
+pub struct History {
+    pub attempted: Model,
+    pub acknowledged: Model,
+    pub batches_attempted: u64,
+    /// Batches with at least one event given up (its other events may
+    /// still be acknowledged, and are checked exactly).
+    pub batches_given_up: u64,
+}
+
+/// Writers ingesting until stopped.
+pub struct Writers {
+    pub history: Arc<Mutex<History>>,
+    stop: Arc<AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    /// `workloads.len()` writers, each sending batches of `batch` events
+    /// from its workload and retrying each for up to `patience`.
+    pub fn spawn(ingestor: &RetryingIngestor, workloads: Vec<Workload>, batch: usize, patience: Duration) -> Writers {
+        let history = Arc::new(Mutex::new(History::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles = workloads
+            .into_iter()
+            .enumerate()
+            .map(|(w, mut workload)| {
+                let (history, stop, ingestor) = (history.clone(), stop.clone(), ingestor.clone());
+                tokio::spawn(async move {
+                    let mut i = w as u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let events: Vec<Event> = (0..batch).map(|_| workload.event()).collect();
+                        {
+                            let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
+                            h.batches_attempted += 1;
+                            events.iter().for_each(|e| h.attempted.record(e));
+                        }
+                        let tracked = ingestor.send_tracked(events, i, patience).await;
+                        let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
+                        tracked.acknowledged.iter().for_each(|e| h.acknowledged.record(e));
+                        if let Some(e) = tracked.given_up {
+                            eprintln!("writer {w}: part of a batch given up: {e}");
+                            h.batches_given_up += 1;
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        Writers { history, stop, handles }
+    }
+
+    /// Stop and wait for the writers; returns what they did.
+    pub async fn finish(self) -> History {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            let _ = h.await;
+        }
+        std::mem::take(&mut *self.history.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Every violation of exactly-once the cluster shows for `history` over
+/// [from, to) (minute-aligned), read linearizably through `via`:
+/// - an (entity, type) whose events were all acknowledged must have exactly
+///   their count and exact sum;
+/// - otherwise acknowledged ≤ count ≤ attempted;
+/// - replica digests identical; the dedup tripwire at 0 on every node.
+pub async fn violations(cluster: &TestCluster, history: &History, via: u64, from: i64, to: i64) -> anyhow::Result<Vec<String>> {
+    let mut violations = Vec::new();
+    let mut query = cluster.query_client(via).await?;
+    for (entity, event_type) in history.attempted.keys() {
+        let s = query
+            .stats(StatsRequest { entity_id: entity.clone(), event_type: event_type.clone(), from_ms: from, to_ms: to, consistency: 0 })
+            .await?
+            .into_inner();
+        let sum: i128 = s.sum_exact.parse().unwrap_or(s.sum as i128);
+        let (acked, acked_sum) = history.acknowledged.exact_stats(entity, event_type, from, to);
+        let (attempted, _) = history.attempted.exact_stats(entity, event_type, from, to);
+        let ok = if acked == attempted { (s.count, sum) == (acked, acked_sum) } else { acked <= s.count && s.count <= attempted };
+        if !ok {
+            let partition = tally_proto::partition::partition_of(entity, cluster.partitions);
+            violations.push(format!(
+                "{}/{event_type} (partition {partition}): count {} sum {sum}, but acknowledged {acked} (sum {acked_sum}), attempted {attempted}",
+                String::from_utf8_lossy(entity),
+                s.count
+            ));
+        }
+    }
+    if let Err(e) = cluster.assert_replicas_identical(Duration::from_secs(60)).await {
+        violations.push(format!("{e}"));
+    }
+    let conflicts = cluster.dedup_conflicts().await?;
+    if conflicts != 0 {
+        violations.push(format!("the state machines refused {conflicts} events as already counted (dedup_conflicts)"));
+    }
+    Ok(violations)
+}
