@@ -4,6 +4,10 @@
 //! decode limit: once a follower fell that far behind, replication re-sent
 //! the same oversized request forever and the follower never caught up.
 //! Now entries stop at 8 MiB (estimated) and AppendEntries at 16 MiB.
+//!
+//! It moves ~70 MiB through a debug build (about two minutes on 2 cores), so
+//! it runs from `scripts/nemesis.sh`; the test command covers the same caps
+//! with unit tests (`processor::tests`, `raft::network::tests`).
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +28,7 @@ fn big_request(r: usize) -> Vec<Event> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: run by scripts/nemesis.sh"]
 async fn a_follower_far_behind_catches_up_through_big_entries() -> anyhow::Result<()> {
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 1, args: vec![] }).await?;
     let leader = cluster.busiest_leader().await?;
@@ -33,8 +38,9 @@ async fn a_follower_far_behind_catches_up_through_big_entries() -> anyhow::Resul
         cluster.node_ids().into_iter().filter(|id| *id != follower).map(|id| (id, cluster.addr(id).unwrap_or_default())).collect();
     let ingestor = RetryingIngestor::new(live);
     // ~24 × 3 MiB: far more than one 64 MiB AppendEntries could carry.
+    // Slow acks may be retried; a retry of a committed event is a duplicate.
     let acked = ingestor.send_all((0..24).map(big_request).collect(), 4).await?;
-    assert_eq!(acked.accepted, 240_000);
+    assert_eq!(acked.accepted + acked.duplicates, 240_000);
     cluster.resume(follower)?;
 
     let deadline = Instant::now() + Duration::from_secs(120);
