@@ -549,4 +549,31 @@ mod tests {
         assert_eq!(take_batch(&mut queued, usize::MAX, 2 * one_job).len(), 2);
         assert!(queued.is_empty());
     }
+
+    /// The entry-size estimate must bound the encoded entry (the 8 MiB cap
+    /// relies on it), for the worst case of one delta per event; and what
+    /// the per-event records for apply's dedup check cost, in bytes.
+    #[test]
+    fn the_size_estimate_bounds_the_encoded_entry() {
+        let events: Vec<Event> = (0..1_000)
+            .map(|i| Event {
+                entity_id: vec![b'e'; 200 + i % 57],
+                event_type: "view".into(),
+                event_time_ms: 1_790_000_000_000 + i as i64 * 61_000,
+                event_id: format!("id-{i}").into_bytes(),
+                value: Some(i64::MIN + i as i64),
+            })
+            .collect();
+        let (j, _rx) = job(events);
+        let estimate = j.entry_bytes();
+        let p = build_proposal(&DedupIndex::default(), &mut HashSet::new(), vec![j], u64::MAX, u64::MAX);
+        let encoded = crate::storage::codec::encode(&p.command).unwrap().len();
+        assert!(encoded <= estimate, "encoded {encoded} > estimate {estimate}");
+        let Command::Ingest(mut batch) = p.command else { panic!("not an ingest") };
+        batch.keyed.clear();
+        let without = crate::storage::codec::encode(&Command::Ingest(batch)).unwrap().len();
+        let per_event = (encoded - without) as f64 / 1_000.0;
+        eprintln!("keyed records: {per_event:.1} bytes per event ({encoded} bytes per 1,000 events with them, {without} without)");
+        assert!(per_event <= 32.0);
+    }
 }
