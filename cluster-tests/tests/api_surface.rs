@@ -93,7 +93,11 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
     }
     let services = list_services_v1(&cluster).await?;
     assert!(services.iter().any(|s| s == "tally.v1.Ingest"), "{services:?}");
-    assert!(list_services_v1alpha(&cluster).await?.iter().any(|s| s == "tally.v1.Query"));
+    // The public port does not serve the peer protocol, nor list it.
+    assert!(!services.iter().any(|s| s.starts_with("tally.internal")), "{services:?}");
+    let services = list_services_v1alpha(&cluster).await?;
+    assert!(services.iter().any(|s| s == "tally.v1.Query"), "{services:?}");
+    assert!(!services.iter().any(|s| s.starts_with("tally.internal")), "{services:?}");
 
     // Graceful stop and restart: exit 0, every count intact.
     let before = stats(&cluster, 1, "video-1", "view", now).await?;

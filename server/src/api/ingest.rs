@@ -8,17 +8,17 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use openraft::async_runtime::WatchReceiver;
-use prost::Message;
 use tally_proto::internal::propose_response::Status as ProposeStatus;
 use tally_proto::internal::raft_client::RaftClient;
 use tally_proto::internal::{ProposeRequest, ProposeResponse};
 use tally_proto::partition::partition_of;
 use tally_proto::v1::ingest_server::Ingest;
 use tally_proto::v1::{Event, IngestRequest, IngestResponse, LeaderHint, Rejection};
-use tally_proto::validate::{validate_event, MAX_BATCH_BYTES, MAX_BATCH_EVENTS};
+use tally_proto::validate::validate_event;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
+use super::batch_limits;
 use crate::node::Node;
 use crate::processor::{IngestJob, ProposeOutcome};
 use crate::raft::types::NodeId;
@@ -51,18 +51,7 @@ impl Ingest for IngestService {
             _ => return Err(Status::resource_exhausted("node busy: too many ingest requests in flight; retry with back-off")),
         };
         let req = request.into_inner();
-        if req.events.len() > MAX_BATCH_EVENTS {
-            return Err(Status::resource_exhausted(format!(
-                "events: batch has {} events; the limit is {MAX_BATCH_EVENTS} per request",
-                req.events.len()
-            )));
-        }
-        let size = req.encoded_len();
-        if size > MAX_BATCH_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "events: batch is {size} bytes; the limit is {MAX_BATCH_BYTES} bytes per request"
-            )));
-        }
+        batch_limits::check(&req.events)?;
         let Some(partition_count) = self.node.partition_count() else {
             return Err(Status::unavailable("the cluster is not initialised yet (see `tally cluster init`)"));
         };
@@ -169,7 +158,8 @@ fn first_guess(node: &Node, partition: u32) -> Option<NodeId> {
 
 async fn forward(node: &Node, to: NodeId, partition: u32, events: Vec<Event>) -> ProposeResponse {
     let unavailable = |message: String| ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() };
-    let Some(addr) = node.addr_of(to) else {
+    // Propose is peer traffic: the leader's peer port.
+    let Some(addr) = node.peer_addr_of(to) else {
         return unavailable(format!("node {to} is not in the cluster map"));
     };
     let channel = match node.peers.channel(to, &addr) {
