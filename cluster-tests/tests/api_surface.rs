@@ -69,7 +69,8 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
         )
         .await
         .expect_err("malformed request");
-    assert_ne!(err.code(), Code::Ok);
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().starts_with("/tally.v1.Ingest/Ingest: request is not a valid tally.v1.IngestRequest"), "{}", err.message());
 
     // Bad queries name their field.
     let mut query = cluster.query_client(3).await?;

@@ -3,7 +3,10 @@
 //!
 //! * The public listener (`--listen`) serves what clients may call: Ingest,
 //!   Query, Cluster, gRPC health and reflection (v1 and v1alpha, listing the
-//!   public services only). It is built by [`public_server`].
+//!   public services only). It is built by [`public_server`]: per-service
+//!   decode limits (Ingest just above the 4 MiB batch limit, the rest 1 MiB),
+//!   admission control in front of Ingest's body, a moderate stream limit,
+//!   and the layer that gives decode failures the codes the API promises.
 //! * The peer listener (`--peer-listen`) serves only the internal Raft
 //!   service (and health): Raft RPCs, snapshots, forwarded proposals and
 //!   liveness pings. Nothing on it is reachable from the public port, so it
@@ -23,21 +26,30 @@ use tally_proto::internal::raft_server::RaftServer;
 use tally_proto::v1::cluster_server::ClusterServer;
 use tally_proto::v1::ingest_server::IngestServer;
 use tally_proto::v1::query_server::QueryServer;
+use tally_proto::validate::MAX_BATCH_BYTES;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::server::Router;
 use tonic_health::pb::health_server::{Health, HealthServer};
+use tower::layer::util::{Identity, Stack};
+use tower::Layer;
 
+use crate::api::admission::{AdmissionLayer, ADMISSION_WAIT, MAX_CONCURRENT_REQUESTS};
+use crate::api::decode_errors::DecodeErrorLayer;
 use crate::api::{cluster::ClusterService, ingest::IngestService, query::QueryService};
 use crate::config::NodeConfig;
 use crate::node::Node;
 use crate::raft::service::RaftService;
 
-/// Largest Ingest message accepted; batch limits are checked against the
-/// decoded request so the error can say which limit was exceeded.
-const INGEST_DECODE_LIMIT: usize = 64 << 20;
-/// HTTP/2 streams per public connection.
-const PUBLIC_MAX_CONCURRENT_STREAMS: u32 = 16_384;
+/// Largest Ingest message decoded: a little above the batch limit, so a
+/// batch just over it is decoded and answered with its exact size, while
+/// anything much larger is refused from its 5-byte length prefix, unread.
+const INGEST_DECODE_LIMIT: usize = MAX_BATCH_BYTES + (64 << 10);
+/// Largest Query or Cluster request decoded (they are a few hundred bytes).
+const SMALL_DECODE_LIMIT: usize = 1 << 20;
+/// HTTP/2 streams per public connection: enough for a pipelining client,
+/// not a 16k-stream amplifier.
+const PUBLIC_MAX_CONCURRENT_STREAMS: u32 = 1_024;
 /// Largest peer message: Raft entries batch up to 64 entries of group
 /// commits; snapshots travel in 1 MiB chunks.
 const PEER_MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -102,8 +114,11 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
 }
 
 /// The public listener's server: Ingest, Query, Cluster, health and
-/// reflection.
-fn public_server(node: &std::sync::Arc<Node>, health: HealthServer<impl Health>) -> anyhow::Result<Router> {
+/// reflection, with the limits described in the module docs.
+fn public_server(
+    node: &std::sync::Arc<Node>,
+    health: HealthServer<impl Health>,
+) -> anyhow::Result<Router<Stack<DecodeErrorLayer, Identity>>> {
     let descriptors = public_descriptors().context("public file descriptors")?;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(&descriptors)
@@ -115,17 +130,19 @@ fn public_server(node: &std::sync::Arc<Node>, health: HealthServer<impl Health>)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("reflection service")?;
-    let ingest = IngestServer::new(IngestService::new(node.clone())).max_decoding_message_size(INGEST_DECODE_LIMIT);
+    let ingest = AdmissionLayer::new(MAX_CONCURRENT_REQUESTS, ADMISSION_WAIT)
+        .layer(IngestServer::new(IngestService::new(node.clone())).max_decoding_message_size(INGEST_DECODE_LIMIT));
     Ok(tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(PUBLIC_MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .layer(DecodeErrorLayer::new(&[tally_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET]))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ingest)
-        .add_service(QueryServer::new(QueryService::new(node.clone())))
-        .add_service(ClusterServer::new(ClusterService::new(node.clone()))))
+        .add_service(QueryServer::new(QueryService::new(node.clone())).max_decoding_message_size(SMALL_DECODE_LIMIT))
+        .add_service(ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(SMALL_DECODE_LIMIT)))
 }
 
 /// The peer listener's server: the internal Raft service and health, nothing

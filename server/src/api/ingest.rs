@@ -26,30 +26,21 @@ use crate::raft::types::NodeId;
 /// Hops to follow "not leader" hints before giving up on a sub-batch.
 const MAX_ROUTING_ATTEMPTS: u32 = 4;
 
-/// Ingest requests served at once per node; more wait up to
-/// [`ADMISSION_WAIT`] for a slot, then get RESOURCE_EXHAUSTED. Bounds the
-/// memory of decoded batches (each up to 4 MiB).
-const MAX_CONCURRENT_REQUESTS: usize = 256;
-const ADMISSION_WAIT: Duration = Duration::from_secs(2);
-
 pub struct IngestService {
     node: Arc<Node>,
-    admission: Arc<tokio::sync::Semaphore>,
 }
 
 impl IngestService {
     pub fn new(node: Arc<Node>) -> IngestService {
-        IngestService { node, admission: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS)) }
+        IngestService { node }
     }
 }
 
 #[tonic::async_trait]
 impl Ingest for IngestService {
     async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
-        let _slot = match tokio::time::timeout(ADMISSION_WAIT, self.admission.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            _ => return Err(Status::resource_exhausted("node busy: too many ingest requests in flight; retry with back-off")),
-        };
+        // Admission (how many requests at once) is the layer in front of
+        // this service (`admission.rs`): it ran before the body was read.
         let req = request.into_inner();
         batch_limits::check(&req.events)?;
         let Some(partition_count) = self.node.partition_count() else {
