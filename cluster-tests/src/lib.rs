@@ -11,6 +11,7 @@ pub mod ingestor;
 pub mod model;
 pub mod nemesis;
 pub mod netproxy;
+pub mod python;
 
 use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;

@@ -39,6 +39,7 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
     ];
     let resp = ingest.ingest(IngestRequest { events }).await?.into_inner();
     assert_eq!(resp.accepted, 3, "valid events survive invalid neighbours: {resp:?}");
+    assert_eq!(resp.dedup_window_ms, 600_000, "the reply states the dedup window");
     let fields: Vec<(u32, &str)> = resp.rejected.iter().map(|r| (r.index, r.field.as_str())).collect();
     assert_eq!(
         fields,

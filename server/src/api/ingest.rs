@@ -46,7 +46,8 @@ impl Ingest for IngestService {
         let Some(partition_count) = self.node.partition_count() else {
             return Err(Status::unavailable("the cluster is not initialised yet (see `tally cluster init`)"));
         };
-        let mut response = IngestResponse::default();
+        let dedup_window_ms = self.node.config.dedup_window_secs * 1000;
+        let mut response = IngestResponse { dedup_window_ms, ..Default::default() };
         let mut by_partition: BTreeMap<u32, (Vec<u32>, Vec<Event>)> = BTreeMap::new();
         for (index, event) in req.events.into_iter().enumerate() {
             let index = index as u32;
@@ -93,10 +94,11 @@ impl Ingest for IngestService {
                     .duplicate_indexes
                     .extend(outcome.duplicate_positions.iter().filter_map(|p| indexes.get(*p as usize).copied()));
             } else {
+                let retry = retry_advice(dedup_window_ms);
                 let reason = if outcome.message.is_empty() {
-                    format!("partition {partition} has no reachable leader; retry with the same event_id")
+                    format!("partition {partition} has no reachable leader; {retry}")
                 } else {
-                    format!("partition {partition}: {}; retry with the same event_id", outcome.message)
+                    format!("partition {partition}: {}; {retry}", outcome.message)
                 };
                 response.rejected.extend(indexes.into_iter().map(|index| Rejection {
                     index,
@@ -110,6 +112,17 @@ impl Ingest for IngestService {
         response.duplicate_indexes.sort_unstable();
         Ok(Response::new(response))
     }
+}
+
+/// What a retryable rejection tells the client: a retry is safe only with
+/// the same event_id and within the dedup window.
+fn retry_advice(dedup_window_ms: u64) -> String {
+    let window = if dedup_window_ms % 1000 == 0 {
+        format!("{} s", dedup_window_ms / 1000)
+    } else {
+        format!("{dedup_window_ms} ms")
+    };
+    format!("retry with the same event_id within the dedup window ({window}) of the first attempt")
 }
 
 /// Send one partition's events to its leader, following leader hints.
@@ -203,5 +216,19 @@ pub async fn propose_local(node: &Node, partition: u32, events: Vec<Event>) -> P
         ProposeOutcome::Unavailable(message) => {
             ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_advice;
+
+    #[test]
+    fn retry_advice_names_the_window() {
+        assert_eq!(
+            retry_advice(600_000),
+            "retry with the same event_id within the dedup window (600 s) of the first attempt"
+        );
+        assert!(retry_advice(1_500).contains("(1500 ms)"));
     }
 }
