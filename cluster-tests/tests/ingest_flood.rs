@@ -62,7 +62,11 @@ async fn raw_ingest(mut channel: Channel, body: tonic::body::Body) -> anyhow::Re
 /// Peak resident set (VmHWM) of a process, KiB.
 fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).ok_or_else(|| anyhow::anyhow!("no VmHWM"))?;
+    // A process that has exited (a zombie) has no memory figures left.
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or_else(|| anyhow::anyhow!("tallyd (pid {pid}) has no VmHWM: it died"))?;
     Ok(line.split_whitespace().nth(1).ok_or_else(|| anyhow::anyhow!("bad VmHWM line"))?.parse()?)
 }
 
