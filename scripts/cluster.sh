@@ -9,8 +9,10 @@
 #   scripts/cluster.sh restart NODE  stop one node gracefully and start it again
 #
 # Environment: TALLY_HOME (data and logs, default ./.tally), TALLY_HOST
-# (127.0.0.1), TALLY_BASE_PORT (7001: node i listens on base+i-1),
-# TALLY_PARTITIONS (64), TALLY_PROFILE (dev or release; default dev),
+# (127.0.0.1), TALLY_BASE_PORT (7001: node i serves clients on base+i-1),
+# TALLY_PEER_BASE_PORT (default base+100: node i's peer port, for Raft
+# traffic between nodes, is peer_base+i-1, so 7101..), TALLY_PARTITIONS
+# (64), TALLY_PROFILE (dev or release; default dev),
 # TALLY_NO_BUILD=1 (up: use the binaries already built, e.g. by bench.sh),
 # TALLY_NO_DEMO=1 (up: skip the demo), TALLY_EXTRA_ARGS (more tallyd flags,
 # split on spaces, e.g. "--quiesce-after-ms 0").
@@ -22,6 +24,7 @@ mkdir -p "$TALLY_HOME"
 TALLY_HOME="$(cd "$TALLY_HOME" && pwd)"
 HOST="${TALLY_HOST:-127.0.0.1}"
 BASE_PORT="${TALLY_BASE_PORT:-7001}"
+PEER_BASE_PORT="${TALLY_PEER_BASE_PORT:-$((BASE_PORT + 100))}"
 PARTITIONS="${TALLY_PARTITIONS:-64}"
 PROFILE="${TALLY_PROFILE:-dev}"
 if [[ "$PROFILE" == dev ]]; then BIN_DIR="$CARGO_TARGET_DIR/debug"; else BIN_DIR="$CARGO_TARGET_DIR/$PROFILE"; fi
@@ -29,6 +32,7 @@ TALLYD="$BIN_DIR/tallyd"
 TALLY="$BIN_DIR/tally"
 
 addr_of() { echo "$HOST:$((BASE_PORT + $1 - 1))"; }
+peer_addr_of() { echo "$HOST:$((PEER_BASE_PORT + $1 - 1))"; }
 pid_of() { cat "$TALLY_HOME/node$1.pid" 2>/dev/null || true; }
 alive() { local p; p=$(pid_of "$1"); [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; }
 count_nodes() { ls "$TALLY_HOME"/node*.addr 2>/dev/null | wc -l; }
@@ -50,7 +54,7 @@ start_node() {
   local extra=()
   read -r -a extra <<<"${TALLY_EXTRA_ARGS:-}"
   RUST_LOG="${RUST_LOG:-info,openraft=error}" nohup "$TALLYD" --node-id "$i" --listen "$addr" \
-    --data-dir "$TALLY_HOME/node$i" ${extra[@]+"${extra[@]}"} >>"$TALLY_HOME/node$i.log" 2>&1 &
+    --peer-listen "$(peer_addr_of "$i")" --data-dir "$TALLY_HOME/node$i" ${extra[@]+"${extra[@]}"} >>"$TALLY_HOME/node$i.log" 2>&1 &
   echo $! > "$TALLY_HOME/node$i.pid"
   for _ in $(seq 1 100); do
     if "$TALLY" --addr "$addr" cluster status >/dev/null 2>&1; then return; fi
@@ -83,7 +87,7 @@ cmd_up() {
   "$TALLY" --addr "$(addr_of 1)" cluster wait --timeout 60s
   echo
   echo "Tally is running: $n nodes, $PARTITIONS partitions, data and logs in $TALLY_HOME"
-  for i in $(seq 1 "$n"); do echo "  node $i  $(addr_of "$i")  (pid $(pid_of "$i"))"; done
+  for i in $(seq 1 "$n"); do echo "  node $i  $(addr_of "$i")  peers $(peer_addr_of "$i")  (pid $(pid_of "$i"))"; done
   if [[ "${TALLY_NO_DEMO:-}" == "" ]]; then demo "$n"; fi
   echo
   echo "Try:  export TALLY_ADDR=$(addr_of 1)"
@@ -117,5 +121,5 @@ case "${1:-}" in
   kill) stop_node "${2:?node}" KILL; echo "node $2 killed" ;;
   restart) stop_node "${2:?node}" TERM; start_node "$2"; echo "node $2 restarted" ;;
   demo) demo "${2:-3}" ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
+  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
 esac

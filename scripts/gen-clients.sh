@@ -4,6 +4,9 @@
 #   scripts/gen-clients.sh python            venv + grpcio-tools, generate into client/python/gen/
 #   scripts/gen-clients.sh python-test ADDRS generate, then run client/python/tally_smoke.py
 #                                            against a running cluster (ADDRS: host:port,...)
+#   scripts/gen-clients.sh python-contract ADDRS
+#                                            generate, then run client/python/tally_contract.py
+#                                            (error codes and limits as a grpcio client sees them)
 #   scripts/gen-clients.sh go                generate Go stubs into gen/go/ (needs protoc,
 #                                            protoc-gen-go and protoc-gen-go-grpc; see below)
 #
@@ -68,6 +71,11 @@ case "${1:-python}" in
     gen_python
     exec "$VENV/bin/python" "$ROOT/client/python/tally_smoke.py" --addr "$addrs"
     ;;
+  python-contract)
+    addrs="${2:?usage: gen-clients.sh python-contract HOST:PORT[,HOST:PORT...]}"
+    gen_python
+    exec "$VENV/bin/python" "$ROOT/client/python/tally_contract.py" --addr "$addrs"
+    ;;
   go)
     command -v protoc >/dev/null 2>&1 && command -v protoc-gen-go >/dev/null 2>&1 \
       && command -v protoc-gen-go-grpc >/dev/null 2>&1 \
@@ -78,5 +86,5 @@ case "${1:-python}" in
       --go-grpc_out="$ROOT/gen/go" --go-grpc_opt=module=github.com/tally-dev/tally/gen/go \
       "$ROOT/proto/tally/v1/tally.proto"
     ;;
-  *) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
+  *) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
 esac

@@ -12,31 +12,19 @@ partitioner (xxh3_64(entity_id) mod partition_count).
 Prints "N passed, N failed" and exits non-zero on any failure.
 """
 
-import argparse
-import os
 import sys
 import time
 import uuid
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gen"))
+from tally_checks import Checks, addrs_from_args  # also puts gen/ on the path
 
 import grpc  # noqa: E402
 import xxhash  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from tally.v1 import tally_pb2, tally_pb2_grpc  # noqa: E402
 
-passed = 0
-failed = 0
-
-
-def check(name, condition, detail=""):
-    global passed, failed
-    if condition:
-        passed += 1
-        print(f"ok    {name}")
-    else:
-        failed += 1
-        print(f"FAIL  {name} {detail}")
+checks = Checks()
+check = checks.check
 
 
 def partition_of(entity_id: bytes, partition_count: int) -> int:
@@ -45,10 +33,7 @@ def partition_of(entity_id: bytes, partition_count: int) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--addr", required=True, help="host:port[,host:port...]")
-    args = parser.parse_args()
-    addrs = [a.strip() for a in args.addr.split(",") if a.strip()]
+    addrs = addrs_from_args()
     channels = {a: grpc.insecure_channel(a) for a in addrs}
     first = channels[addrs[0]]
 
@@ -133,8 +118,7 @@ def main() -> int:
     except grpc.RpcError as e:
         check("empty entity is INVALID_ARGUMENT", e.code() == grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
-    print(f"{passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    return checks.summary()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 //! Harness for tests against real Tally clusters: starts `tallyd` processes
-//! on free loopback ports with their own data directories, kills and
-//! restarts them, and offers gRPC clients to each node.
+//! on free loopback ports (a public and a peer port each) with their own
+//! data directories, kills and restarts them, and offers gRPC clients to
+//! each node.
 //!
 //! The binary is taken from `TALLYD_BIN`, else from the cargo target
 //! directory the tests were built in (`scripts/test.sh` builds it first).
@@ -11,6 +12,7 @@ pub mod ingestor;
 pub mod model;
 pub mod nemesis;
 pub mod netproxy;
+pub mod python;
 
 use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
@@ -38,14 +40,26 @@ pub fn tallyd_binary() -> anyhow::Result<PathBuf> {
     bail!("tallyd not found at {}; run `cargo build --bins` first or set TALLYD_BIN", candidate.display())
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// `n` distinct free loopback ports (held open together while picked, so
+/// no two are the same).
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
+    Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?)
+}
+
+/// A public and a peer address on free loopback ports.
+fn free_addr_pair() -> anyhow::Result<(String, String)> {
+    let ports = free_ports(2)?;
+    Ok((format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1])))
 }
 
 pub struct TestNode {
     pub id: u64,
+    /// Public address (`--listen`): clients.
     pub addr: String,
+    /// Peer address (`--peer-listen`): Raft traffic, behind the link proxies.
+    pub peer_addr: String,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
@@ -72,7 +86,8 @@ pub struct TestCluster {
     pub partitions: u32,
     args: Vec<String>,
     binary: PathBuf,
-    /// (from, to) → the proxy node `from` reaches node `to` through.
+    /// (from, to) → the proxy node `from` reaches node `to`'s peer port
+    /// through.
     pub links: std::collections::BTreeMap<(u64, u64), netproxy::LinkProxy>,
 }
 
@@ -94,10 +109,11 @@ impl TestCluster {
         let binary = tallyd_binary()?;
         let mut nodes = Vec::new();
         for id in 1..=options.nodes {
-            let addr = format!("127.0.0.1:{}", free_port()?);
+            let (addr, peer_addr) = free_addr_pair()?;
             nodes.push(TestNode {
                 id,
                 addr,
+                peer_addr,
                 data_dir: dir.path().join(format!("node{id}")),
                 log_path: dir.path().join(format!("node{id}.log")),
                 child: None,
@@ -109,7 +125,7 @@ impl TestCluster {
             for from in &nodes {
                 for to in &nodes {
                     if from.id != to.id {
-                        links.insert((from.id, to.id), netproxy::LinkProxy::start(to.addr.clone()).await?);
+                        links.insert((from.id, to.id), netproxy::LinkProxy::start(to.peer_addr.clone()).await?);
                     }
                 }
             }
@@ -122,6 +138,8 @@ impl TestCluster {
         for id in 1..=options.nodes {
             cluster.wait_listening(id, Duration::from_secs(30)).await?;
         }
+        // Public addresses only, as an operator gives them: the node called
+        // learns each peer address from the node itself.
         let init = InitializeRequest {
             nodes: cluster.nodes.iter().map(|n| NodeInfo { node_id: n.id, addr: n.addr.clone(), ..Default::default() }).collect(),
             partitions: options.partitions,
@@ -154,6 +172,15 @@ impl TestCluster {
         Ok(self.node(id)?.addr.clone())
     }
 
+    pub fn peer_addr(&self, id: u64) -> anyhow::Result<String> {
+        Ok(self.node(id)?.peer_addr.clone())
+    }
+
+    /// Process id of a running node.
+    pub fn pid(&self, id: u64) -> anyhow::Result<u32> {
+        Ok(self.node(id)?.child.as_ref().context("node not running")?.id())
+    }
+
     fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
         let binary = self.binary.clone();
         let mut args = self.args.clone();
@@ -171,6 +198,8 @@ impl TestCluster {
             .arg(id.to_string())
             .arg("--listen")
             .arg(&node.addr)
+            .arg("--peer-listen")
+            .arg(&node.peer_addr)
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&args)
@@ -461,11 +490,12 @@ impl TestCluster {
     /// Start one more node, not part of the cluster yet (for add-node).
     pub async fn spawn_extra_node(&mut self) -> anyhow::Result<u64> {
         let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let (addr, peer_addr) = free_addr_pair()?;
         let base = self.nodes.first().and_then(|n| n.data_dir.parent().map(Path::to_path_buf)).context("cluster dir")?;
         self.nodes.push(TestNode {
             id,
             addr,
+            peer_addr,
             data_dir: base.join(format!("node{id}")),
             log_path: base.join(format!("node{id}.log")),
             child: None,

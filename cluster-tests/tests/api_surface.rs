@@ -39,6 +39,7 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
     ];
     let resp = ingest.ingest(IngestRequest { events }).await?.into_inner();
     assert_eq!(resp.accepted, 3, "valid events survive invalid neighbours: {resp:?}");
+    assert_eq!(resp.dedup_window_ms, 600_000, "the reply states the dedup window");
     let fields: Vec<(u32, &str)> = resp.rejected.iter().map(|r| (r.index, r.field.as_str())).collect();
     assert_eq!(
         fields,
@@ -69,7 +70,8 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
         )
         .await
         .expect_err("malformed request");
-    assert_ne!(err.code(), Code::Ok);
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().starts_with("/tally.v1.Ingest/Ingest: request is not a valid tally.v1.IngestRequest"), "{}", err.message());
 
     // Bad queries name their field.
     let mut query = cluster.query_client(3).await?;
@@ -93,7 +95,11 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
     }
     let services = list_services_v1(&cluster).await?;
     assert!(services.iter().any(|s| s == "tally.v1.Ingest"), "{services:?}");
-    assert!(list_services_v1alpha(&cluster).await?.iter().any(|s| s == "tally.v1.Query"));
+    // The public port does not serve the peer protocol, nor list it.
+    assert!(!services.iter().any(|s| s.starts_with("tally.internal")), "{services:?}");
+    let services = list_services_v1alpha(&cluster).await?;
+    assert!(services.iter().any(|s| s == "tally.v1.Query"), "{services:?}");
+    assert!(!services.iter().any(|s| s.starts_with("tally.internal")), "{services:?}");
 
     // Graceful stop and restart: exit 0, every count intact.
     let before = stats(&cluster, 1, "video-1", "view", now).await?;

@@ -13,10 +13,17 @@ use serde::{Deserialize, Serialize};
 pub struct NodeConfig {
     /// This node's id, unique and non-zero.
     pub node_id: u64,
-    /// gRPC listen address (public API and peer traffic).
+    /// gRPC listen address of the public API (Ingest, Query, Cluster).
     pub listen: String,
-    /// Address peers and clients use to reach this node (default: listen).
+    /// Address clients use to reach this node (default: listen).
     pub advertise: Option<String>,
+    /// gRPC listen address of peer traffic (the internal Raft service).
+    /// Kept apart from the public port so it can be firewalled, and later
+    /// given mutual TLS, on its own.
+    pub peer_listen: String,
+    /// Address peers use to reach this node's peer port (default:
+    /// peer_listen).
+    pub peer_advertise: Option<String>,
     /// Where RocksDB and snapshots live.
     pub data_dir: String,
     /// Dedup window for event ids, seconds (at least 600 recommended).
@@ -43,8 +50,9 @@ pub struct NodeConfig {
     pub linger_us: u64,
     /// Seconds to wait for in-flight requests on SIGTERM.
     pub drain_secs: u64,
-    /// `ID=ADDR`: reach peer ID at ADDR instead of its advertised address
-    /// (a NAT, a sidecar, or a test's fault proxy on that one link).
+    /// `ID=ADDR`: reach peer ID's peer port at ADDR instead of its
+    /// advertised peer address (a NAT, a sidecar, or a test's fault proxy on
+    /// that one link). Public calls between nodes are not rerouted.
     pub peer_routes: Vec<String>,
     /// How far this node's clock may be from the cluster's before dedup
     /// stamps follow the cluster's clock instead (see `clock.rs`).
@@ -60,6 +68,8 @@ impl Default for NodeConfig {
             node_id: 1,
             listen: "127.0.0.1:7001".into(),
             advertise: None,
+            peer_listen: "127.0.0.1:7101".into(),
+            peer_advertise: None,
             data_dir: "./.tally/node1".into(),
             dedup_window_secs: 600,
             snapshot_logs: 10_000,
@@ -88,6 +98,10 @@ impl Default for NodeConfig {
 impl NodeConfig {
     pub fn advertise_addr(&self) -> &str {
         self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+
+    pub fn peer_advertise_addr(&self) -> &str {
+        self.peer_advertise.as_deref().unwrap_or(&self.peer_listen)
     }
 
     /// Parsed `peer_routes`.
@@ -121,6 +135,14 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// Listen address of peer (Raft) traffic, e.g. 127.0.0.1:7101.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_listen: Option<String>,
+    /// Address peers use to reach --peer-listen (default: --peer-listen).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_advertise: Option<String>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<String>,
@@ -154,7 +176,8 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub linger_us: Option<u64>,
-    /// Reach peer ID at ADDR: `--peer-route 2=127.0.0.1:9002` (repeatable).
+    /// Reach peer ID's peer port at ADDR: `--peer-route 2=127.0.0.1:9002`
+    /// (repeatable).
     #[arg(long = "peer-route")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peer_routes: Vec<String>,
@@ -195,5 +218,15 @@ mod tests {
         assert_eq!(cfg.listen, "127.0.0.1:7100");
         assert_eq!(cfg.snapshot_logs, 50);
         assert_eq!(cfg.heartbeat_ms, NodeConfig::default().heartbeat_ms);
+        assert_eq!(cfg.peer_listen, "127.0.0.1:7101");
+    }
+
+    #[test]
+    fn peer_port_flags() {
+        let cli = Cli::parse_from(["tallyd", "--peer-listen", "0.0.0.0:9101", "--peer-advertise", "10.0.0.5:9101"]);
+        let cfg = cli.load().unwrap();
+        assert_eq!(cfg.peer_listen, "0.0.0.0:9101");
+        assert_eq!(cfg.peer_advertise_addr(), "10.0.0.5:9101");
+        assert_eq!(NodeConfig::default().peer_advertise_addr(), "127.0.0.1:7101");
     }
 }

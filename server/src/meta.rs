@@ -1,6 +1,10 @@
 //! The cluster map: which nodes exist and where each partition's replicas
 //! live. It is the state of the metadata Raft group (group 0), replicated to
 //! every node, so no external coordinator is needed.
+//!
+//! Each node has two addresses: the public one clients use, and the peer one
+//! Raft traffic uses (`tallyd --peer-listen`). Raft memberships hold the peer
+//! address; leader hints and status answers give clients the public one.
 
 use std::collections::BTreeMap;
 
@@ -11,12 +15,27 @@ use crate::raft::types::NodeId;
 pub const DEFAULT_PARTITIONS: u32 = 64;
 pub const MAX_PARTITIONS: u32 = 4096;
 
+/// Where a node is reached.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeAddrs {
+    /// Public API (Ingest, Query, Cluster): what clients use.
+    pub addr: String,
+    /// Peer port (the internal Raft service): what other nodes use.
+    pub peer_addr: String,
+}
+
+impl NodeAddrs {
+    pub fn new(addr: impl Into<String>, peer_addr: impl Into<String>) -> NodeAddrs {
+        NodeAddrs { addr: addr.into(), peer_addr: peer_addr.into() }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ClusterMap {
     /// Bumped by every change, so nodes can tell old maps from new.
     pub version: u64,
-    /// Node id → gRPC address.
-    pub nodes: BTreeMap<NodeId, String>,
+    /// Node id → its public and peer addresses.
+    pub nodes: BTreeMap<NodeId, NodeAddrs>,
     pub partition_count: u32,
     pub replication_factor: u32,
     /// Replica node ids of each partition; the first is the preferred leader.
@@ -28,7 +47,7 @@ impl ClusterMap {
     /// p mod n and takes the next `rf` nodes, so every node holds the same
     /// number of replicas and is preferred leader of the same number of
     /// partitions.
-    pub fn initial(nodes: BTreeMap<NodeId, String>, partition_count: u32, replication_factor: u32) -> Self {
+    pub fn initial(nodes: BTreeMap<NodeId, NodeAddrs>, partition_count: u32, replication_factor: u32) -> Self {
         let ids: Vec<NodeId> = nodes.keys().copied().collect();
         let n = ids.len().max(1);
         let rf = (replication_factor as usize).clamp(1, n);
@@ -42,7 +61,7 @@ impl ClusterMap {
     /// most loaded nodes until loads are even, one partition at a time, in
     /// place (so a partition's preferred leader only changes if it moved).
     /// Deterministic, so any node computes the same map.
-    pub fn with_node_added(&self, id: NodeId, addr: String) -> ClusterMap {
+    pub fn with_node_added(&self, id: NodeId, addr: NodeAddrs) -> ClusterMap {
         let mut next = self.clone();
         next.version += 1;
         next.nodes.insert(id, addr);
@@ -117,6 +136,44 @@ impl ClusterMap {
         load
     }
 
+    /// How `wanted` (an [`ClusterMap::initial`] map, so with the effective
+    /// replication factor) differs in shape from this map: nodes and their
+    /// addresses, partition count, replication factor. A peer address left
+    /// empty in `wanted` matches any. Empty when the shapes agree.
+    pub fn shape_differences(&self, wanted: &ClusterMap) -> Vec<String> {
+        let mut differences = Vec::new();
+        let ids = |m: &ClusterMap| m.nodes.keys().copied().collect::<Vec<_>>();
+        if ids(self) != ids(wanted) {
+            differences.push(format!("nodes: the cluster has nodes {:?}, the request names {:?}", ids(self), ids(wanted)));
+        } else {
+            for (id, want) in &wanted.nodes {
+                let Some(have) = self.nodes.get(id) else { continue };
+                if have.addr != want.addr {
+                    differences.push(format!("nodes: node {id} has addr {}, the request gives {}", have.addr, want.addr));
+                }
+                if !want.peer_addr.is_empty() && have.peer_addr != want.peer_addr {
+                    differences.push(format!(
+                        "nodes: node {id} has peer_addr {}, the request gives {}",
+                        have.peer_addr, want.peer_addr
+                    ));
+                }
+            }
+        }
+        if self.partition_count != wanted.partition_count {
+            differences.push(format!(
+                "partitions: the cluster has {}, the request asks for {}",
+                self.partition_count, wanted.partition_count
+            ));
+        }
+        if self.replication_factor != wanted.replication_factor {
+            differences.push(format!(
+                "replication_factor: the cluster has {}, the request asks for {} (capped by the number of nodes)",
+                self.replication_factor, wanted.replication_factor
+            ));
+        }
+        differences
+    }
+
     pub fn is_initialized(&self) -> bool {
         self.partition_count > 0
     }
@@ -125,8 +182,14 @@ impl ClusterMap {
         self.replicas.get(partition as usize).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// The public (client) address of a node.
     pub fn addr_of(&self, node: NodeId) -> Option<&str> {
-        self.nodes.get(&node).map(String::as_str)
+        self.nodes.get(&node).map(|n| n.addr.as_str())
+    }
+
+    /// The peer (Raft) address of a node.
+    pub fn peer_addr_of(&self, node: NodeId) -> Option<&str> {
+        self.nodes.get(&node).map(|n| n.peer_addr.as_str())
     }
 
     /// Partitions that `node` holds a replica of.
@@ -143,9 +206,13 @@ impl ClusterMap {
 mod tests {
     use super::*;
 
+    fn addrs(i: u64) -> NodeAddrs {
+        NodeAddrs::new(format!("n{i}"), format!("n{i}-peer"))
+    }
+
     #[test]
     fn placement_is_even() {
-        let nodes: BTreeMap<_, _> = (1..=4).map(|i| (i, format!("n{i}"))).collect();
+        let nodes: BTreeMap<_, _> = (1..=4).map(|i| (i, addrs(i))).collect();
         let map = ClusterMap::initial(nodes, 64, 3);
         for node in 1..=4 {
             assert_eq!(map.partitions_of(node).count(), 48);
@@ -159,9 +226,9 @@ mod tests {
 
     #[test]
     fn adding_a_node_evens_the_load_and_moves_few_replicas() {
-        let nodes: BTreeMap<_, _> = (1..=3).map(|i| (i, format!("n{i}"))).collect();
+        let nodes: BTreeMap<_, _> = (1..=3).map(|i| (i, addrs(i))).collect();
         let map = ClusterMap::initial(nodes, 64, 3);
-        let next = map.with_node_added(4, "n4".into());
+        let next = map.with_node_added(4, addrs(4));
         assert_eq!(next.version, map.version + 1);
         for node in 1..=4 {
             assert_eq!(next.partitions_of(node).count(), 48, "node {node}");
@@ -173,21 +240,47 @@ mod tests {
 
     #[test]
     fn removing_a_node_moves_its_replicas_to_the_others() {
-        let nodes: BTreeMap<_, _> = (1..=4).map(|i| (i, format!("n{i}"))).collect();
+        let nodes: BTreeMap<_, _> = (1..=4).map(|i| (i, addrs(i))).collect();
         let map = ClusterMap::initial(nodes, 64, 3);
         let next = map.with_node_removed(2).unwrap();
         assert!(next.replicas.iter().all(|r| r.len() == 3 && !r.contains(&2)));
         for node in [1, 3, 4] {
             assert_eq!(next.partitions_of(node).count(), 64, "node {node}");
         }
-        let three = ClusterMap::initial((1..=3).map(|i| (i, format!("n{i}"))).collect(), 8, 3);
+        let three = ClusterMap::initial((1..=3).map(|i| (i, addrs(i))).collect(), 8, 3);
         assert!(three.with_node_removed(1).unwrap_err().contains("add a node first"));
         assert!(three.with_node_removed(9).is_err());
     }
 
     #[test]
+    fn both_addresses_are_kept() {
+        let map = ClusterMap::initial((1..=3).map(|i| (i, addrs(i))).collect(), 8, 3).with_node_added(4, addrs(4));
+        assert_eq!(map.addr_of(4), Some("n4"));
+        assert_eq!(map.peer_addr_of(4), Some("n4-peer"));
+        assert_eq!(map.peer_addr_of(9), None);
+    }
+
+    #[test]
+    fn shape_differences_name_what_differs() {
+        let map = ClusterMap::initial((1..=3).map(|i| (i, addrs(i))).collect(), 8, 3);
+        let same_without_peers = (1..=3).map(|i| (i, NodeAddrs::new(format!("n{i}"), ""))).collect();
+        assert!(map.shape_differences(&ClusterMap::initial(same_without_peers, 8, 3)).is_empty());
+        // rf 5 on 3 nodes is rf 3: the same shape.
+        assert!(map.shape_differences(&ClusterMap::initial((1..=3).map(|i| (i, addrs(i))).collect(), 8, 5)).is_empty());
+        let rf2 = map.shape_differences(&ClusterMap::initial((1..=3).map(|i| (i, addrs(i))).collect(), 8, 2));
+        assert_eq!(rf2.len(), 1);
+        assert!(rf2[0].starts_with("replication_factor: the cluster has 3, the request asks for 2"), "{rf2:?}");
+        let parts = map.shape_differences(&ClusterMap::initial((1..=3).map(|i| (i, addrs(i))).collect(), 16, 3));
+        assert!(parts[0].starts_with("partitions:"), "{parts:?}");
+        let two = map.shape_differences(&ClusterMap::initial((1..=2).map(|i| (i, addrs(i))).collect(), 8, 2));
+        assert!(two[0].starts_with("nodes:") && two.iter().any(|d| d.starts_with("replication_factor")), "{two:?}");
+        let moved = (1..=3).map(|i| (i, NodeAddrs::new(format!("n{i}"), "elsewhere"))).collect();
+        assert!(map.shape_differences(&ClusterMap::initial(moved, 8, 3))[0].contains("peer_addr"));
+    }
+
+    #[test]
     fn replication_factor_is_capped_by_node_count() {
-        let nodes: BTreeMap<_, _> = (1..=2).map(|i| (i, format!("n{i}"))).collect();
+        let nodes: BTreeMap<_, _> = (1..=2).map(|i| (i, addrs(i))).collect();
         let map = ClusterMap::initial(nodes, 8, 3);
         assert_eq!(map.replication_factor, 2);
         assert!(map.replicas.iter().all(|r| r.len() == 2));

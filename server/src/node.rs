@@ -211,7 +211,7 @@ impl Node {
             if map.version == 1 && replicas.first() == Some(&self.id) && !raft.is_initialized().await.unwrap_or(true) {
                 let members: BTreeMap<NodeId, BasicNode> = replicas
                     .iter()
-                    .filter_map(|id| map.addr_of(*id).map(|addr| (*id, BasicNode::new(addr))))
+                    .filter_map(|id| map.peer_addr_of(*id).map(|addr| (*id, BasicNode::new(addr))))
                     .collect();
                 if let Err(e) = raft.initialize(members).await {
                     tracing::debug!(partition, error = %e, "partition already initialised");
@@ -272,9 +272,14 @@ impl Node {
         PathBuf::from(&self.config.data_dir).join("snapshots")
     }
 
-    /// Address of a node, from the cluster map.
+    /// Public (client) address of a node, from the cluster map.
     pub fn addr_of(&self, node: NodeId) -> Option<String> {
         self.cluster_map.borrow().addr_of(node).map(str::to_string)
+    }
+
+    /// Peer (Raft) address of a node, from the cluster map.
+    pub fn peer_addr_of(&self, node: NodeId) -> Option<String> {
+        self.cluster_map.borrow().peer_addr_of(node).map(str::to_string)
     }
 
     /// Leader of the metadata group, if known.

@@ -115,7 +115,7 @@ async fn change_voters(
     }
     let known = members(raft);
     for id in want.difference(have) {
-        let addr = map.addr_of(*id).ok_or_else(|| anyhow::anyhow!("node {id} has no address"))?;
+        let addr = map.peer_addr_of(*id).ok_or_else(|| anyhow::anyhow!("node {id} has no address"))?;
         if !known.contains(id) {
             // Blocking: returns once the learner has caught up, so the voter
             // change below never waits on a replica that is far behind.
@@ -137,12 +137,12 @@ pub async fn partitions_settled(node: &Arc<Node>, map: &ClusterMap) -> bool {
 /// The first reason the partitions have not settled on `map`, if any.
 pub async fn unsettled_partition(node: &Arc<Node>, map: &ClusterMap) -> Option<String> {
     let mut seen: BTreeMap<u32, Option<String>> = BTreeMap::new();
-    for (id, addr) in &map.nodes {
+    for (id, addrs) in &map.nodes {
         let status = if *id == node.id {
             crate::api::cluster::local_status(node)
         } else {
             // A dead node is skipped: its partitions have new leaders that report.
-            let Ok(channel) = node.peers.channel(*id, addr) else { continue };
+            let Ok(channel) = node.peers.public_channel(*id, &addrs.addr) else { continue };
             let mut client = tally_proto::v1::cluster_client::ClusterClient::new(channel);
             let mut req = tonic::Request::new(tally_proto::v1::StatusRequest {});
             req.set_timeout(Duration::from_secs(2));

@@ -1,84 +1,172 @@
-//! Serving: one tonic server per node with the public services, the
-//! internal Raft service, gRPC health and reflection; graceful shutdown on
+//! Serving: two gRPC listeners per node, and graceful shutdown on
 //! SIGTERM/SIGINT.
+//!
+//! * The public listener (`--listen`) serves what clients may call: Ingest,
+//!   Query, Cluster, gRPC health and reflection (v1 and v1alpha, listing the
+//!   public services only). It is built by [`public_server`]: per-service
+//!   decode limits (Ingest just above the 4 MiB batch limit, the rest 1 MiB),
+//!   admission control in front of Ingest's body, a moderate stream limit,
+//!   and the layer that gives decode failures the codes the API promises.
+//! * The peer listener (`--peer-listen`) serves only the internal Raft
+//!   service (and health): Raft RPCs, snapshots, forwarded proposals and
+//!   liveness pings. Nothing on it is reachable from the public port, so it
+//!   can be firewalled to the cluster's own hosts; [`peer_server`] is the one
+//!   place that builds it, where mutual TLS for peers will go.
+//!
+//! On SIGTERM the public listener stops accepting and drains its requests
+//! while the peer listener keeps serving, so this node's Raft groups still
+//! hear their peers (and commit what is being drained); then the peer
+//! listener stops and the groups shut down.
 
 use std::time::Duration;
 
 use anyhow::Context;
+use prost::Message;
 use tally_proto::internal::raft_server::RaftServer;
 use tally_proto::v1::cluster_server::ClusterServer;
 use tally_proto::v1::ingest_server::IngestServer;
 use tally_proto::v1::query_server::QueryServer;
+use tally_proto::validate::MAX_BATCH_BYTES;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::Router;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tower::layer::util::{Identity, Stack};
+use tower::Layer;
 
+use crate::api::admission::{AdmissionLayer, ADMISSION_WAIT, MAX_CONCURRENT_REQUESTS};
+use crate::api::decode_errors::DecodeErrorLayer;
 use crate::api::{cluster::ClusterService, ingest::IngestService, query::QueryService};
 use crate::config::NodeConfig;
 use crate::node::Node;
 use crate::raft::service::RaftService;
 
-/// Largest message accepted; batch limits are checked against the decoded
-/// request so the error can say which limit was exceeded.
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
-/// HTTP/2 streams per connection (see `run`).
-const MAX_CONCURRENT_STREAMS: u32 = 16_384;
+/// Largest Ingest message decoded: a little above the batch limit, so a
+/// batch just over it is decoded and answered with its exact size, while
+/// anything much larger is refused from its 5-byte length prefix, unread.
+const INGEST_DECODE_LIMIT: usize = MAX_BATCH_BYTES + (64 << 10);
+/// Largest Query or Cluster request decoded (they are a few hundred bytes).
+const SMALL_DECODE_LIMIT: usize = 1 << 20;
+/// HTTP/2 streams per public connection: enough for a pipelining client,
+/// not a 16k-stream amplifier.
+const PUBLIC_MAX_CONCURRENT_STREAMS: u32 = 1_024;
+/// Largest peer message: Raft entries batch up to 64 entries of group
+/// commits; snapshots travel in 1 MiB chunks.
+const PEER_MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// HTTP/2 streams per peer connection. Every Raft group of a peer shares its
+/// one connection: with 1,000 partitions, elections and heartbeats alone
+/// exceed hyper's default of 200 concurrent streams, and refused streams
+/// time out as failed heartbeats and votes. Streams are small; bound them
+/// high.
+const PEER_MAX_CONCURRENT_STREAMS: u32 = 16_384;
+
 
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let public_listener =
+        TcpListener::bind(&config.listen).await.with_context(|| format!("binding --listen {}", config.listen))?;
+    let peer_listener = TcpListener::bind(&config.peer_listen)
+        .await
+        .with_context(|| format!("binding --peer-listen {}", config.peer_listen))?;
     let node = Node::start(config.clone()).await?;
-    tracing::info!(node_id = node.id, listen = %config.listen, "tallyd started");
+    tracing::info!(node_id = node.id, listen = %config.listen, peer_listen = %config.peer_listen, "tallyd started");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<IngestServer<IngestService>>().await;
     health_reporter.set_serving::<QueryServer<QueryService>>().await;
     health_reporter.set_serving::<ClusterServer<ClusterService>>().await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("reflection service")?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .context("reflection service")?;
 
+    let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut peer_serving = tokio::spawn(peer_server(&node, health_service.clone()).serve_with_incoming_shutdown(
+        TcpListenerStream::new(peer_listener),
+        async move {
+            let _ = peers_stopped.await;
+        },
+    ));
     let shutdown = async {
         wait_for_signal().await;
         tracing::info!("shutdown requested: no new requests; draining");
     };
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        // Every Raft group of a peer shares its one connection: with 1,000
-        // partitions, elections and heartbeats alone exceed hyper's default
-        // of 200 concurrent streams, and refused streams time out as
-        // failed heartbeats and votes. Streams are small; bound them high.
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            IngestServer::new(IngestService::new(node.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(QueryServer::new(QueryService::new(node.clone())))
-        .add_service(ClusterServer::new(ClusterService::new(node.clone())))
-        .add_service(
-            RaftServer::new(RaftService::new(node.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .context("gRPC server")?;
-    // In-flight requests are done (tonic waits for them); stop the groups.
-    let drained = tokio::time::timeout(Duration::from_secs(config.drain_secs), node.shutdown()).await;
-    if drained.is_err() {
+    let public_serving =
+        public_server(&node, health_service)?.serve_with_incoming_shutdown(TcpListenerStream::new(public_listener), shutdown);
+    tokio::select! {
+        served = public_serving => served.context("public gRPC server")?,
+        served = &mut peer_serving => {
+            // The node cannot take part in Raft any more: stop rather than
+            // serve clients with groups that hear nobody.
+            match served {
+                Ok(Ok(())) => anyhow::bail!("peer gRPC server stopped"),
+                Ok(Err(e)) => return Err(e).context("peer gRPC server"),
+                Err(e) => return Err(e).context("peer gRPC server task"),
+            }
+        }
+    }
+    // Public requests are done (tonic waits for them); now peers, then groups.
+    let _ = stop_peers.send(());
+    let drain = Duration::from_secs(config.drain_secs);
+    if tokio::time::timeout(drain, peer_serving).await.is_err() {
+        tracing::warn!("peer connections still open after {}s", config.drain_secs);
+    }
+    if tokio::time::timeout(drain, node.shutdown()).await.is_err() {
         tracing::warn!("shutdown took longer than {}s", config.drain_secs);
     }
     tracing::info!("tallyd stopped");
     Ok(())
+}
+
+/// The public listener's server: Ingest, Query, Cluster, health and
+/// reflection, with the limits described in the module docs.
+fn public_server(
+    node: &std::sync::Arc<Node>,
+    health: HealthServer<impl Health>,
+) -> anyhow::Result<Router<Stack<DecodeErrorLayer, Identity>>> {
+    let descriptors = public_descriptors().context("public file descriptors")?;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(&descriptors)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(&descriptors)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("reflection service")?;
+    let ingest = AdmissionLayer::new(MAX_CONCURRENT_REQUESTS, ADMISSION_WAIT)
+        .layer(IngestServer::new(IngestService::new(node.clone())).max_decoding_message_size(INGEST_DECODE_LIMIT));
+    Ok(tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(PUBLIC_MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .layer(DecodeErrorLayer::new(&[tally_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET]))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ingest)
+        .add_service(QueryServer::new(QueryService::new(node.clone())).max_decoding_message_size(SMALL_DECODE_LIMIT))
+        .add_service(ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(SMALL_DECODE_LIMIT)))
+}
+
+/// The peer listener's server: the internal Raft service and health, nothing
+/// a client calls. Peer authentication (mTLS: `tls_config` with a client CA)
+/// belongs on this builder alone.
+fn peer_server(node: &std::sync::Arc<Node>, health: HealthServer<impl Health>) -> Router {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(PEER_MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(health)
+        .add_service(
+            RaftServer::new(RaftService::new(node.clone()))
+                .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES),
+        )
+}
+
+/// Tally's file descriptors without the internal ones, for reflection on
+/// the public port: it lists only what that port serves.
+fn public_descriptors() -> Result<Vec<u8>, prost::DecodeError> {
+    let mut set = prost_types::FileDescriptorSet::decode(tally_proto::FILE_DESCRIPTOR_SET)?;
+    set.file.retain(|f| !f.package().starts_with("tally.internal."));
+    Ok(set.encode_to_vec())
 }
 
 async fn wait_for_signal() {

@@ -233,6 +233,7 @@ async fn init(cli: &Cli, nodes: &[String], partitions: u32, replication_factor: 
         .iter()
         .map(|n| {
             let (id, addr) = n.split_once('=').context("--node takes ID=HOST:PORT")?;
+            // Peer addresses are left to the nodes: each reports its own.
             Ok(NodeInfo { node_id: id.parse().context("node id")?, addr: addr.to_string(), ..Default::default() })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -9,10 +9,11 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::BasicNode;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::cluster_server::Cluster;
-use tally_proto::v1::{AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, RebalanceRequest, RebalanceResponse, TransferLeaderRequest, TransferLeaderResponse, DigestRequest, DigestResponse, PartitionDigest, InitializeRequest, InitializeResponse, NodeInfo, PartitionInfo, StatusRequest, StatusResponse};
+use tally_proto::v1::{AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, RebalanceRequest, RebalanceResponse, TransferLeaderRequest, TransferLeaderResponse, DigestRequest, DigestResponse, PartitionDigest, InitializeRequest, InitializeResponse, PartitionInfo, StatusRequest, StatusResponse};
 use tonic::{Request, Response, Status};
 
-use crate::meta::{ClusterMap, DEFAULT_PARTITIONS, MAX_PARTITIONS};
+use super::node_addrs;
+use crate::meta::{ClusterMap, NodeAddrs, DEFAULT_PARTITIONS, MAX_PARTITIONS};
 use crate::node::Node;
 use crate::raft::types::{Command, NodeId};
 
@@ -97,12 +98,16 @@ impl Cluster for ClusterService {
     }
 
     async fn initialize(&self, request: Request<InitializeRequest>) -> Result<Response<InitializeResponse>, Status> {
-        let req = request.into_inner();
-        let nodes: BTreeMap<NodeId, String> = req.nodes.iter().map(|n| (n.node_id, n.addr.clone())).collect();
-        if nodes.is_empty() || nodes.len() != req.nodes.len() || nodes.contains_key(&0) {
+        let mut req = request.into_inner();
+        let requested: BTreeMap<NodeId, NodeAddrs> =
+            req.nodes.iter().map(|n| (n.node_id, NodeAddrs::new(&n.addr, &n.peer_addr))).collect();
+        if requested.is_empty() || requested.len() != req.nodes.len() || requested.contains_key(&0) {
             return Err(Status::invalid_argument("nodes: give each node once, with a non-zero node_id"));
         }
-        if !nodes.contains_key(&self.node.id) {
+        if let Some(id) = requested.iter().find(|(_, a)| a.addr.is_empty()).map(|(id, _)| id) {
+            return Err(Status::invalid_argument(format!("nodes: node {id} has no addr")));
+        }
+        if !requested.contains_key(&self.node.id) {
             return Err(Status::invalid_argument(format!("nodes: must include the node called (id {})", self.node.id)));
         }
         let partitions = if req.partitions == 0 { DEFAULT_PARTITIONS } else { req.partitions };
@@ -110,17 +115,32 @@ impl Cluster for ClusterService {
             return Err(Status::invalid_argument(format!("partitions: at most {MAX_PARTITIONS}")));
         }
         let rf = if req.replication_factor == 0 { 3 } else { req.replication_factor };
-        let wanted = ClusterMap::initial(nodes.clone(), partitions, rf);
         let current = self.node.map();
         if current.is_initialized() {
-            if current.nodes == wanted.nodes && current.partition_count == wanted.partition_count {
+            // Peer addresses left empty are not compared: they were to be learnt.
+            let differences = current.shape_differences(&ClusterMap::initial(requested, partitions, rf));
+            if differences.is_empty() {
                 return Ok(Response::new(InitializeResponse { already_initialized: true }));
             }
-            return Err(Status::failed_precondition("the cluster is already initialised with a different shape"));
+            return Err(Status::failed_precondition(format!(
+                "the cluster is already initialised with a different shape: {}",
+                differences.join("; ")
+            )));
+        }
+        let resolved = futures::future::join_all(
+            requested.iter().map(|(id, a)| node_addrs::resolve(&self.node, "nodes", *id, &a.addr, &a.peer_addr)),
+        )
+        .await;
+        let mut nodes = BTreeMap::new();
+        for (id, addrs) in requested.keys().zip(resolved) {
+            nodes.insert(*id, addrs?);
+        }
+        for info in &mut req.nodes {
+            info.peer_addr = nodes.get(&info.node_id).map(|a| a.peer_addr.clone()).unwrap_or_default();
         }
         let metadata = &self.node.metadata;
         if !metadata.is_initialized().await.map_err(|e| Status::internal(e.to_string()))? {
-            let members: BTreeMap<NodeId, BasicNode> = nodes.iter().map(|(id, addr)| (*id, BasicNode::new(addr))).collect();
+            let members: BTreeMap<NodeId, BasicNode> = nodes.iter().map(|(id, a)| (*id, BasicNode::new(&a.peer_addr))).collect();
             if let Err(e) = metadata.initialize(members).await {
                 tracing::debug!(error = %e, "metadata group already initialised");
             }
@@ -133,15 +153,21 @@ impl Cluster for ClusterService {
             .current_leader
             .unwrap_or(0);
         if leader != self.node.id {
-            let addr = self.node.addr_of(leader).or_else(|| nodes.get(&leader).cloned()).ok_or_else(|| Status::unavailable("metadata leader unknown"))?;
-            let channel = self.node.peers.channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
+            // Initialize is a public call: forward it to the leader's public port.
+            let addr = self
+                .node
+                .addr_of(leader)
+                .or_else(|| nodes.get(&leader).map(|a| a.addr.clone()))
+                .ok_or_else(|| Status::unavailable("metadata leader unknown"))?;
+            let channel = self.node.peers.public_channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
             return ClusterClient::new(channel).initialize(req).await;
         }
+        let count = nodes.len();
         metadata
-            .client_write(Command::SetClusterMap(wanted))
+            .client_write(Command::SetClusterMap(ClusterMap::initial(nodes, partitions, rf)))
             .await
             .map_err(|e| Status::unavailable(format!("writing the cluster map: {e}")))?;
-        tracing::info!(nodes = nodes.len(), partitions, "cluster initialised");
+        tracing::info!(nodes = count, partitions, "cluster initialised");
         Ok(Response::new(InitializeResponse { already_initialized: false }))
     }
 }
@@ -159,7 +185,7 @@ async fn transfer_leadership(node: &Arc<Node>, partition: u32, to: NodeId) -> Re
         (_, Some(l)) => {
             // Only the leader can hand over: ask it.
             let addr = node.addr_of(l).ok_or_else(|| Status::unavailable(format!("leader {l} has no address")))?;
-            let channel = node.peers.channel(l, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
+            let channel = node.peers.public_channel(l, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
             let resp = ClusterClient::new(channel)
                 .transfer_leader(TransferLeaderRequest { partition, node_id: to })
                 .await?
@@ -202,7 +228,7 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         initialized: map.is_initialized(),
         partition_count: map.partition_count,
         replication_factor: map.replication_factor,
-        nodes: map.nodes.iter().map(|(id, addr)| NodeInfo { node_id: *id, addr: addr.clone(), reachable: *id == node.id, ..Default::default() }).collect(),
+        nodes: super::node_addrs::node_infos(node, &map),
         partitions,
         metadata_leader_node_id: node.metadata_leader().unwrap_or(0),
         dedup_conflicts: node.local_partitions().iter().map(|r| r.dedup.conflicts()).sum(),

@@ -8,17 +8,17 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use openraft::async_runtime::WatchReceiver;
-use prost::Message;
 use tally_proto::internal::propose_response::Status as ProposeStatus;
 use tally_proto::internal::raft_client::RaftClient;
 use tally_proto::internal::{ProposeRequest, ProposeResponse};
 use tally_proto::partition::partition_of;
 use tally_proto::v1::ingest_server::Ingest;
 use tally_proto::v1::{Event, IngestRequest, IngestResponse, LeaderHint, Rejection};
-use tally_proto::validate::{validate_event, MAX_BATCH_BYTES, MAX_BATCH_EVENTS};
+use tally_proto::validate::validate_event;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
+use super::batch_limits;
 use crate::node::Node;
 use crate::processor::{IngestJob, ProposeOutcome};
 use crate::raft::types::NodeId;
@@ -26,47 +26,28 @@ use crate::raft::types::NodeId;
 /// Hops to follow "not leader" hints before giving up on a sub-batch.
 const MAX_ROUTING_ATTEMPTS: u32 = 4;
 
-/// Ingest requests served at once per node; more wait up to
-/// [`ADMISSION_WAIT`] for a slot, then get RESOURCE_EXHAUSTED. Bounds the
-/// memory of decoded batches (each up to 4 MiB).
-const MAX_CONCURRENT_REQUESTS: usize = 256;
-const ADMISSION_WAIT: Duration = Duration::from_secs(2);
-
 pub struct IngestService {
     node: Arc<Node>,
-    admission: Arc<tokio::sync::Semaphore>,
 }
 
 impl IngestService {
     pub fn new(node: Arc<Node>) -> IngestService {
-        IngestService { node, admission: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS)) }
+        IngestService { node }
     }
 }
 
 #[tonic::async_trait]
 impl Ingest for IngestService {
     async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
-        let _slot = match tokio::time::timeout(ADMISSION_WAIT, self.admission.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            _ => return Err(Status::resource_exhausted("node busy: too many ingest requests in flight; retry with back-off")),
-        };
+        // Admission (how many requests at once) is the layer in front of
+        // this service (`admission.rs`): it ran before the body was read.
         let req = request.into_inner();
-        if req.events.len() > MAX_BATCH_EVENTS {
-            return Err(Status::resource_exhausted(format!(
-                "events: batch has {} events; the limit is {MAX_BATCH_EVENTS} per request",
-                req.events.len()
-            )));
-        }
-        let size = req.encoded_len();
-        if size > MAX_BATCH_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "events: batch is {size} bytes; the limit is {MAX_BATCH_BYTES} bytes per request"
-            )));
-        }
+        batch_limits::check(&req.events)?;
         let Some(partition_count) = self.node.partition_count() else {
             return Err(Status::unavailable("the cluster is not initialised yet (see `tally cluster init`)"));
         };
-        let mut response = IngestResponse::default();
+        let dedup_window_ms = self.node.config.dedup_window_secs * 1000;
+        let mut response = IngestResponse { dedup_window_ms, ..Default::default() };
         let mut by_partition: BTreeMap<u32, (Vec<u32>, Vec<Event>)> = BTreeMap::new();
         for (index, event) in req.events.into_iter().enumerate() {
             let index = index as u32;
@@ -113,10 +94,11 @@ impl Ingest for IngestService {
                     .duplicate_indexes
                     .extend(outcome.duplicate_positions.iter().filter_map(|p| indexes.get(*p as usize).copied()));
             } else {
+                let retry = retry_advice(dedup_window_ms);
                 let reason = if outcome.message.is_empty() {
-                    format!("partition {partition} has no reachable leader; retry with the same event_id")
+                    format!("partition {partition} has no reachable leader; {retry}")
                 } else {
-                    format!("partition {partition}: {}; retry with the same event_id", outcome.message)
+                    format!("partition {partition}: {}; {retry}", outcome.message)
                 };
                 response.rejected.extend(indexes.into_iter().map(|index| Rejection {
                     index,
@@ -130,6 +112,17 @@ impl Ingest for IngestService {
         response.duplicate_indexes.sort_unstable();
         Ok(Response::new(response))
     }
+}
+
+/// What a retryable rejection tells the client: a retry is safe only with
+/// the same event_id and within the dedup window.
+fn retry_advice(dedup_window_ms: u64) -> String {
+    let window = if dedup_window_ms % 1000 == 0 {
+        format!("{} s", dedup_window_ms / 1000)
+    } else {
+        format!("{dedup_window_ms} ms")
+    };
+    format!("retry with the same event_id within the dedup window ({window}) of the first attempt")
 }
 
 /// Send one partition's events to its leader, following leader hints.
@@ -169,7 +162,8 @@ fn first_guess(node: &Node, partition: u32) -> Option<NodeId> {
 
 async fn forward(node: &Node, to: NodeId, partition: u32, events: Vec<Event>) -> ProposeResponse {
     let unavailable = |message: String| ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() };
-    let Some(addr) = node.addr_of(to) else {
+    // Propose is peer traffic: the leader's peer port.
+    let Some(addr) = node.peer_addr_of(to) else {
         return unavailable(format!("node {to} is not in the cluster map"));
     };
     let channel = match node.peers.channel(to, &addr) {
@@ -222,5 +216,19 @@ pub async fn propose_local(node: &Node, partition: u32, events: Vec<Event>) -> P
         ProposeOutcome::Unavailable(message) => {
             ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_advice;
+
+    #[test]
+    fn retry_advice_names_the_window() {
+        assert_eq!(
+            retry_advice(600_000),
+            "retry with the same event_id within the dedup window (600 s) of the first attempt"
+        );
+        assert!(retry_advice(1_500).contains("(1500 ms)"));
     }
 }

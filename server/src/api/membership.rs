@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use openraft::async_runtime::WatchReceiver;
 use openraft::BasicNode;
 use tally_proto::v1::cluster_client::ClusterClient;
-use tally_proto::v1::{AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, StatusRequest};
+use tally_proto::v1::{AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse};
 use tonic::Status;
 
-use crate::meta::ClusterMap;
+use super::node_addrs;
+use crate::meta::{ClusterMap, NodeAddrs};
 use crate::node::Node;
 use crate::raft::types::{Command, NodeId};
 use crate::reconciler::{partitions_settled, unsettled_partition};
@@ -40,7 +41,7 @@ pub async fn coordinator(node: &Arc<Node>) -> Result<Coordinator, Status> {
         return Ok(Coordinator::Here);
     }
     let addr = node.addr_of(leader).ok_or_else(|| Status::unavailable(format!("metadata leader {leader} has no address")))?;
-    let channel = node.peers.channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
+    let channel = node.peers.public_channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
     Ok(Coordinator::Forward(ClusterClient::new(channel)))
 }
 
@@ -109,15 +110,8 @@ pub async fn add_node(node: &Arc<Node>, req: AddNodeRequest) -> Result<AddNodeRe
     let _one_at_a_time = node.admin.lock().await;
     let map = node.map();
     ensure_settled(node, &map).await?;
-    let channel = node
-        .peers
-        .channel(u64::MAX, &req.addr)
-        .map_err(|e| Status::invalid_argument(format!("addr: {e}")))?;
-    let status = ClusterClient::new(channel)
-        .status(StatusRequest {})
-        .await
-        .map_err(|e| Status::unavailable(format!("addr: cannot reach a tallyd at {}: {}", req.addr, e.message())))?
-        .into_inner();
+    // The new node tells its id and its peer address (`--peer-advertise`).
+    let status = node_addrs::status_of(node, "addr", &req.addr).await?;
     let id = status.node_id;
     if status.initialized || map.nodes.contains_key(&id) {
         return Err(Status::already_exists(format!(
@@ -125,14 +119,15 @@ pub async fn add_node(node: &Arc<Node>, req: AddNodeRequest) -> Result<AddNodeRe
             req.addr
         )));
     }
+    let peer_addr = node_addrs::reported_peer_addr(&status, "addr", &req.addr)?;
     // The metadata log first, so the new node learns the map it is joining.
-    tokio::time::timeout(Duration::from_secs(60), node.metadata.add_learner(id, BasicNode::new(&req.addr), true))
+    tokio::time::timeout(Duration::from_secs(60), node.metadata.add_learner(id, BasicNode::new(&peer_addr), true))
         .await
         .map_err(|_| Status::deadline_exceeded("the new node did not catch up with the metadata group in 60 s"))?
         .map_err(|e| Status::unavailable(format!("adding node {id} to the metadata group: {e}")))?;
-    let next = map.with_node_added(id, req.addr.clone());
+    let next = map.with_node_added(id, NodeAddrs::new(&req.addr, &peer_addr));
     let moved = moved_replicas(&map, &next);
-    tracing::info!(node = id, addr = %req.addr, moved, "adding node");
+    tracing::info!(node = id, addr = %req.addr, peer_addr = %peer_addr, moved, "adding node");
     commit_and_wait(node, next).await?;
     Ok(AddNodeResponse { node_id: id, replicas_moved: moved })
 }

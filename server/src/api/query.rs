@@ -78,7 +78,7 @@ impl QueryService {
 
     fn forward_client(&self, to: NodeId) -> Result<QueryClient<tonic::transport::Channel>, Status> {
         let addr = self.node.addr_of(to).ok_or_else(|| Status::unavailable(format!("node {to} unknown")))?;
-        let channel = self.node.peers.channel(to, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
+        let channel = self.node.peers.public_channel(to, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(QueryClient::new(channel))
     }
 

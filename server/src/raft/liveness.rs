@@ -113,7 +113,7 @@ impl Liveness {
             {
                 let m = map.borrow();
                 for (id, addr) in m.nodes.iter().filter(|(id, _)| **id != self.node_id) {
-                    known.insert(*id, addr.clone());
+                    known.insert(*id, addr.peer_addr.clone());
                 }
             }
             let probes = known.iter().map(|(&id, addr)| {

@@ -1,5 +1,9 @@
-//! Server side of peer traffic: the internal Raft service. Each message
-//! names its group; the node hands it to that group's Raft instance.
+//! Server side of peer traffic: the internal Raft service, served on the
+//! peer port only (`server.rs`). Each message names its group; the node
+//! hands it to that group's Raft instance. Nothing here trusts the sender:
+//! payloads that do not decode are INVALID_ARGUMENT, unknown groups
+//! NOT_FOUND, and forwarded proposals are checked like client batches
+//! (`api/propose.rs`).
 
 use std::sync::Arc;
 
@@ -11,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::types::{SnapshotMeta, TypeConfig, Vote};
-use crate::api::ingest::propose_local;
+use crate::api::propose;
 use crate::node::Node;
 use crate::storage::codec::{decode, encode};
 use crate::storage::snapshot::{SnapshotDir, SnapshotFile};
@@ -43,8 +47,20 @@ impl RaftService {
         reply(msg.group_id, &resp)
     }
 
+    /// The group's Raft: NOT_FOUND for a group the cluster does not have,
+    /// UNAVAILABLE for one not open here (yet: the map that places it may
+    /// not have reached this node, so the sender retries).
     fn group(&self, group: u32) -> Result<RaftInstance, Status> {
-        self.node.group(group).ok_or_else(|| Status::unavailable(format!("group {group} is not open on this node")))
+        if let Some(raft) = self.node.group(group) {
+            return Ok(raft);
+        }
+        let partition = tally_proto::partition::partition_of_group(group);
+        match (partition, self.node.partition_count()) {
+            (Some(p), Some(count)) if p >= count => Err(Status::not_found(format!(
+                "group {group}: the cluster has no partition {p} (groups 0 to {count})"
+            ))),
+            _ => Err(Status::unavailable(format!("group {group} is not open on this node"))),
+        }
     }
 }
 
@@ -128,7 +144,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
-        let req = request.into_inner();
-        Ok(Response::new(propose_local(&self.node, req.partition, req.events).await))
+        // Checked like a client's Ingest batch before anything is counted.
+        propose::serve(&self.node, request.into_inner()).await.map(Response::new)
     }
 }

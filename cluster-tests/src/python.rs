@@ -1,0 +1,29 @@
+//! Running the generated Python client's scripts (client/python/) against a
+//! test cluster, through `scripts/gen-clients.sh`, which sets up the virtual
+//! environment and generates the stubs on first use. A script prints one
+//! line per check and "N passed, N failed"; anything but a clean run fails
+//! the test (never a skip).
+
+use std::path::Path;
+
+use crate::TestCluster;
+
+/// `scripts/gen-clients.sh MODE ADDRS` against every node of `cluster`
+/// (`python-test`: tally_smoke.py, `python-contract`: tally_contract.py).
+pub async fn run_checks(cluster: &TestCluster, mode: &str) -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-clients.sh");
+    let out = tokio::process::Command::new("bash")
+        .arg(&script)
+        .arg(mode)
+        .arg(crate::cli::all_addrs(cluster))
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}\n{stderr}");
+    anyhow::ensure!(out.status.success(), "gen-clients.sh {mode} failed ({}):\n{stdout}\n{stderr}", out.status);
+    let failed = stdout.lines().any(|l| l.starts_with("FAIL "));
+    anyhow::ensure!(stdout.contains(" passed, 0 failed") && !failed, "gen-clients.sh {mode}:\n{stdout}");
+    Ok(())
+}
