@@ -240,6 +240,7 @@ mod tests {
             rejected: vec![rejection(2, false), rejection(4, true)],
             leaders: vec![],
             duplicate_indexes: vec![1, 5],
+            ..Default::default()
         };
         let permits = Semaphore::new(0);
         let (retry, last) = settle(items, &answer, &permits);

@@ -185,7 +185,7 @@ mod tests {
             initialized: true,
             partition_count: leaders.len() as u32,
             replication_factor: 3,
-            nodes: (1..=3).map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true }).collect(),
+            nodes: (1..=3).map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true, ..Default::default() }).collect(),
             partitions: leaders
                 .iter()
                 .enumerate()
@@ -201,6 +201,7 @@ mod tests {
                 })
                 .collect(),
             metadata_leader_node_id: 1,
+            ..Default::default()
         }
     }
 

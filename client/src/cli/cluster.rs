@@ -187,11 +187,18 @@ async fn rebalance(cli: &Cli, timeout: Duration) -> anyhow::Result<i32> {
     })
     .await?;
     if cli.json {
-        print_json(&json!({"moved": resp.moved, "failed": resp.failed}));
+        print_json(&json!({"moved": resp.moved, "failed": resp.failed, "skipped": resp.skipped}));
     } else {
         println!("leadership moved for {} partitions, {} could not be moved", resp.moved, resp.failed);
+        if !resp.skipped.is_empty() {
+            println!(
+                "skipped {} partitions whose preferred leader is down or behind: {:?}; rebalance again once it is back",
+                resp.skipped.len(),
+                resp.skipped
+            );
+        }
     }
-    Ok(if resp.failed == 0 { 0 } else { super::EXIT_PARTIAL })
+    Ok(if resp.failed == 0 && resp.skipped.is_empty() { 0 } else { super::EXIT_PARTIAL })
 }
 
 async fn add_node(cli: &Cli, addr: &str, timeout: Duration) -> anyhow::Result<i32> {
@@ -233,7 +240,7 @@ async fn init(cli: &Cli, nodes: &[String], partitions: u32, replication_factor: 
         .iter()
         .map(|n| {
             let (id, addr) = n.split_once('=').context("--node takes ID=HOST:PORT")?;
-            Ok(NodeInfo { node_id: id.parse().context("node id")?, addr: addr.to_string(), reachable: false })
+            Ok(NodeInfo { node_id: id.parse().context("node id")?, addr: addr.to_string(), ..Default::default() })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let resp = raw_client(cli)
@@ -515,12 +522,13 @@ mod tests {
             initialized: true,
             partition_count: 2,
             replication_factor: 3,
-            nodes: (1..=4).map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true }).collect(),
+            nodes: (1..=4).map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true, ..Default::default() }).collect(),
             partitions: vec![
                 PartitionInfo { partition: 0, replicas: vec![1, 2, 4], leader_node_id: 1, term: 2, voters: voters0, ..Default::default() },
                 PartitionInfo { partition: 1, replicas: vec![2, 3, 1], leader_node_id: 2, term: 2, voters: vec![1, 2, 3], ..Default::default() },
             ],
             metadata_leader_node_id: 1,
+            ..Default::default()
         }
     }
 

@@ -5,3 +5,4 @@ pub mod cluster;
 pub mod ingest;
 pub mod membership;
 pub mod query;
+pub mod transfer;

@@ -132,6 +132,7 @@ impl Query for QueryService {
             effective_to_ms: to,
             served_by_node_id: self.node.id,
             applied_index: applied,
+            ..Default::default()
         }))
     }
 
@@ -162,7 +163,7 @@ impl Query for QueryService {
         let series = read_series(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, granularity, from, to)
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(SeriesResponse {
-            buckets: series.into_iter().map(|(start_ms, c)| Bucket { start_ms, count: c.count, sum: c.sum }).collect(),
+            buckets: series.into_iter().map(|(start_ms, c)| Bucket { start_ms, count: c.count, sum: c.sum, ..Default::default() }).collect(),
             served_by_node_id: self.node.id,
             applied_index: applied,
         }))
