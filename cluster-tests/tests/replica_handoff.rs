@@ -21,6 +21,16 @@ const ENTITIES: u32 = 40;
 /// The delay after which the old reconciler dropped a replica that was still a voter.
 const OLD_DROP_AFTER: Duration = Duration::from_secs(20);
 
+/// Partition → leader, as reported by each leader itself among `nodes`.
+async fn self_reported_leaders(cluster: &TestCluster, nodes: &[u64]) -> anyhow::Result<BTreeMap<u32, u64>> {
+    let mut leaders = BTreeMap::new();
+    for n in nodes {
+        let s = cluster.status(*n).await?;
+        leaders.extend(s.partitions.iter().filter(|p| p.leader_node_id == *n).map(|p| (p.partition, *n)));
+    }
+    Ok(leaders)
+}
+
 async fn held_by(cluster: &TestCluster, node: u64) -> anyhow::Result<BTreeSet<u32>> {
     let digest = cluster.cluster_client(node).await?.digest(DigestRequest { partitions: vec![] }).await?.into_inner();
     Ok(digest.partitions.iter().map(|p| p.partition).collect())
@@ -53,23 +63,26 @@ async fn a_replica_moved_away_stays_a_voter_until_its_replacement_is_promoted() 
     ensure!(!waiting.is_empty(), "node {slow} gains no replica: {newcomer:?}");
     eprintln!("node 4 → replacements {newcomer:?}; node {slow} (paused) replaces it for {waiting:?}");
 
-    // Node 4 follows in every group (a leader moves the membership itself),
-    // and never hands leadership to the node about to be paused.
-    let mut admin = cluster.cluster_client(coordinator).await?;
-    for p in status.partitions.iter().filter(|p| p.leader_node_id == 4) {
-        let to = p.replicas.iter().copied().find(|r| *r != 4 && *r != slow).context("a third replica")?;
-        admin.transfer_leader(TransferLeaderRequest { partition: p.partition, node_id: to }).await?;
-    }
-
+    // Pause the slow node; its partitions fail over. Then node 4 must follow
+    // in every group (a leader moves the membership itself, so node 4 would
+    // never drop a group it leads): hand its leaderships to the third replica.
     cluster.pause(slow)?;
-    // Let the slow node's partitions fail over before asking for the change.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let live: Vec<u64> = cluster.node_ids().into_iter().filter(|n| *n != slow).collect();
+    let mut admin = cluster.cluster_client(coordinator).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = cluster.status(coordinator).await?;
-        if s.partitions.iter().all(|p| p.leader_node_id != 0 && p.leader_node_id != slow && p.leader_node_id != 4) {
+        let leaders = self_reported_leaders(&cluster, &live).await?;
+        if leaders.len() == PARTITIONS as usize && leaders.values().all(|l| *l != 4) {
             break;
         }
-        ensure!(Instant::now() < deadline, "no failover from node {slow}: {:?}", s.partitions);
+        ensure!(Instant::now() < deadline, "partitions still led by node {slow} or 4, or leaderless: {leaders:?}");
+        for (p, _) in leaders.iter().filter(|(_, l)| **l == 4) {
+            let replicas = &status.partitions[*p as usize].replicas;
+            let to = replicas.iter().copied().find(|r| *r != 4 && *r != slow).context("a third replica")?;
+            if let Err(e) = admin.transfer_leader(TransferLeaderRequest { partition: *p, node_id: to }).await {
+                eprintln!("partition {p} to node {to}: {e}; retrying");
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let call = tokio::spawn(async move {
@@ -96,14 +109,16 @@ async fn a_replica_moved_away_stays_a_voter_until_its_replacement_is_promoted() 
             "{:?} after the change, node 4 dropped replicas still waiting for node {slow}: holds {held:?}, waiting {waiting:?}",
             committed.elapsed()
         );
-        let s = cluster.status(coordinator).await?;
-        let other = (1..=3).find(|n| *n != coordinator && *n != slow).context("3 nodes")?;
-        let s_other = cluster.status(other).await?;
-        for p in &waiting {
-            // Whichever live node leads it counts node 4 among the voters.
-            let led = [&s, &s_other].into_iter().map(|s| &s.partitions[*p as usize]).find(|i| i.leader_node_id == s.node_id);
-            if let Some(info) = led {
-                ensure!(info.voters.contains(&4), "partition {p}: voters {:?} without node 4 before node {slow} joined", info.voters);
+        // Whichever live node leads a waiting partition counts node 4 among its voters.
+        for n in &live {
+            let s = cluster.status(*n).await?;
+            for info in s.partitions.iter().filter(|i| waiting.contains(&i.partition) && i.leader_node_id == *n) {
+                ensure!(
+                    info.voters.contains(&4),
+                    "partition {}: voters {:?} without node 4 before node {slow} joined",
+                    info.partition,
+                    info.voters
+                );
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

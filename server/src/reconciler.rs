@@ -3,8 +3,8 @@
 //! Membership changes are declarative: an operator's change commits a new
 //! cluster map to the metadata group, and this loop — on every node, for the
 //! groups it leads — makes reality match: new replicas are added as learners
-//! (caught up through log or snapshot), then the voter set is replaced with
-//! joint consensus. Because the target lives in the replicated map, a change
+//! (caught up through log or snapshot), then, once their logs have caught up
+//! with the leader's, the voter set is replaced with joint consensus. Because the target lives in the replicated map, a change
 //! survives the crash of whoever started it: the next leader of each group
 //! picks it up.
 //!
@@ -97,7 +97,7 @@ async fn reconcile_once(node: &Arc<Node>, kept_logged: &mut BTreeMap<u32, Instan
         let joining: Vec<NodeId> = want.difference(&have).copied().collect();
         let leaving = !have.is_subset(&want);
         if !joining.is_empty() || (leaving && partitions_settled(node, &map).await) {
-            if let Err(e) = change_voters(&node.metadata, &map, &want, &have, |id| node.liveness.is_up(id)).await {
+            if let Err(e) = change_voters(&node.metadata, &map, &want, &have).await {
                 tracing::warn!(error = %e, "metadata membership change");
             }
         }
@@ -113,12 +113,12 @@ async fn reconcile_once(node: &Arc<Node>, kept_logged: &mut BTreeMap<u32, Instan
         if is_leader(&replica.raft, node.id) {
             let have = voters(&replica.raft);
             if have != want {
-                tracing::info!(partition = replica.partition, ?have, ?want, "moving replicas");
+                tracing::debug!(partition = replica.partition, ?have, ?want, "moving replicas");
                 let group = tally_proto::partition::group_of_partition(replica.partition);
                 if let Some(q) = node.quiescence.group(group) {
                     q.prepare_write().await;
                 }
-                if let Err(e) = change_voters(&replica.raft, &map, &want, &have, |id| node.liveness.is_up(id)).await {
+                if let Err(e) = change_voters(&replica.raft, &map, &want, &have).await {
                     tracing::warn!(partition = replica.partition, error = %e, "partition membership change");
                 }
             }
@@ -214,36 +214,63 @@ fn members(raft: &RaftInstance) -> BTreeSet<NodeId> {
     raft.metrics().borrow_watched().membership_config.nodes().map(|(id, _)| *id).collect()
 }
 
-async fn change_voters(
-    raft: &RaftInstance,
-    map: &ClusterMap,
-    want: &BTreeSet<NodeId>,
-    have: &BTreeSet<NodeId>,
-    is_up: impl Fn(NodeId) -> bool,
-) -> anyhow::Result<()> {
+/// One step toward `want` as the voters of a group this node leads: add the
+/// missing replicas as learners, then — once every one of them has caught
+/// up — replace the voters (joint consensus). Never blocks on a learner: a
+/// slow one (a large snapshot, a paused node) is waited for tick after tick
+/// while the other groups this node leads move on.
+///
+/// openraft's "blocking" `add_learner` is no catch-up wait: it returns once
+/// the learner is within `replication_lag_threshold` (5,000 entries) of the
+/// leader, which for a partition's short log is at once — an empty, even
+/// paused learner would be promoted and count toward the quorum. So
+/// promotion waits on the learner's matched log itself (`lagging_learner`).
+async fn change_voters(raft: &RaftInstance, map: &ClusterMap, want: &BTreeSet<NodeId>, have: &BTreeSet<NodeId>) -> anyhow::Result<()> {
     if raft.metrics().borrow_watched().membership_config.get_joint_config().len() > 1 {
         return Ok(()); // a change is still being committed
     }
     let known = members(raft);
-    // A learner that does not answer would block this loop — and every
-    // other group this node leads — for the whole catch-up timeout below;
-    // try again once liveness hears from it.
-    if let Some(down) = want.difference(&known).find(|id| !is_up(**id)) {
-        tracing::debug!(node = down, "not adding a learner that is down; retrying later");
+    for id in want.difference(&known) {
+        let addr = map.addr_of(*id).ok_or_else(|| anyhow::anyhow!("node {id} has no address"))?;
+        tracing::info!(node = id, "adding a learner");
+        raft.add_learner(*id, BasicNode::new(addr), false).await?;
+    }
+    let (matched, last) = {
+        let m = raft.metrics();
+        let m = m.borrow_watched();
+        let matched: BTreeMap<NodeId, Option<u64>> =
+            m.replication.iter().flatten().map(|(id, l)| (*id, l.as_ref().map(|l| l.index))).collect();
+        (matched, m.last_log_index.unwrap_or(0))
+    };
+    if let Some(id) = lagging_learner(want.difference(have).copied(), &matched, last) {
+        tracing::debug!(node = id, matched = ?matched.get(&id), last, "learner still catching up");
         return Ok(());
     }
-    for id in want.difference(have) {
-        let addr = map.addr_of(*id).ok_or_else(|| anyhow::anyhow!("node {id} has no address"))?;
-        if !known.contains(id) {
-            // Blocking: returns once the learner has caught up, so the voter
-            // change below never waits on a replica that is far behind.
-            tokio::time::timeout(Duration::from_secs(120), raft.add_learner(*id, BasicNode::new(addr), true))
-                .await
-                .map_err(|_| anyhow::anyhow!("learner {id} did not catch up in 120s"))??;
-        }
-    }
+    tracing::info!(?have, ?want, "replacing the voters");
     raft.change_membership(want.clone(), false).await?;
     Ok(())
+}
+
+/// Entries a replica's matched log may trail the leader's and still count
+/// as caught up: one replication batch (`max_payload_entries`), which it
+/// receives in one round trip.
+pub const CAUGHT_UP_LAG: u64 = 64;
+
+/// Whether a replica whose matched log index is `matched` (as its leader
+/// sees it; `None`: nothing acknowledged yet) has caught up with the
+/// leader's `last_log_index`.
+pub fn is_caught_up(matched: Option<u64>, last_log_index: u64) -> bool {
+    matched.is_some_and(|m| m.saturating_add(CAUGHT_UP_LAG) >= last_log_index)
+}
+
+/// The first of `joining` that has not caught up (see [`is_caught_up`]),
+/// given the leader's matched index per replica.
+pub fn lagging_learner(
+    mut joining: impl Iterator<Item = NodeId>,
+    matched: &BTreeMap<NodeId, Option<u64>>,
+    last_log_index: u64,
+) -> Option<NodeId> {
+    joining.find(|id| !is_caught_up(matched.get(id).copied().flatten(), last_log_index))
 }
 
 /// Every partition group's voters equal its replicas in `map`, as reported by
@@ -284,6 +311,19 @@ mod tests {
 
     fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
         ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_learner_is_promoted_only_once_its_log_has_caught_up() {
+        let matched = BTreeMap::from([(4, Some(1_000)), (5, Some(10)), (6, None)]);
+        assert_eq!(lagging_learner([4].into_iter(), &matched, 1_000 + CAUGHT_UP_LAG), None);
+        assert_eq!(lagging_learner([4, 5].into_iter(), &matched, 1_000), Some(5));
+        // Nothing acknowledged yet: lagging, however short the leader's log
+        // (openraft's own threshold would call it caught up).
+        assert_eq!(lagging_learner([6].into_iter(), &matched, 3), Some(6));
+        assert_eq!(lagging_learner([7].into_iter(), &matched, 3), Some(7), "not replicated to at all");
+        assert!(!is_caught_up(Some(1_000 - CAUGHT_UP_LAG - 1), 1_000));
+        assert!(is_caught_up(Some(1_000 - CAUGHT_UP_LAG), 1_000));
     }
 
     #[test]

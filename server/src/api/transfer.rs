@@ -36,13 +36,8 @@ use tonic::{Code, Status};
 
 use crate::node::Node;
 use crate::raft::types::{NodeId, TypeConfig};
+use crate::reconciler::is_caught_up;
 use crate::RaftInstance;
-
-/// How many entries a target's matched log may trail the leader's and still
-/// be handed the leadership: one replication batch (`max_payload_entries`).
-/// A transfer stops new proposals, so such a target catches up at once; one
-/// further behind would make the partition wait (or be ignored by openraft).
-pub const MAX_TRANSFER_LAG: u64 = 64;
 
 /// gRPC metadata key set on a refused transfer (value: `down` or `behind`),
 /// so that `rebalance`, possibly on another node, can tell "skipped, the
@@ -56,7 +51,11 @@ pub enum Ineligible {
     NotVoter,
     /// Liveness reports the node down: it does not answer pings.
     Down,
-    /// Its matched log index trails the leader's by more than [`MAX_TRANSFER_LAG`].
+    /// Its matched log index trails the leader's by more than one batch
+    /// ([`is_caught_up`]): a transfer stops new proposals, so a target that
+    /// close catches up at once; one further behind would make the
+    /// partition wait, and openraft's target ignores a transfer whose log it
+    /// lacks.
     Behind { matched: Option<u64>, last: u64 },
 }
 
@@ -170,7 +169,7 @@ pub fn check_target(to: NodeId, view: &LeaderView, is_up: impl Fn(NodeId) -> boo
         return Err(Ineligible::Down);
     }
     let matched = view.matched.get(&to).copied().flatten();
-    if matched.unwrap_or(0).saturating_add(MAX_TRANSFER_LAG) < view.last_log_index {
+    if !is_caught_up(matched, view.last_log_index) {
         return Err(Ineligible::Behind { matched, last: view.last_log_index });
     }
     Ok(())
@@ -294,6 +293,7 @@ async fn successor(raft: &RaftInstance, me: NodeId, bound: Duration) -> Option<N
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconciler::CAUGHT_UP_LAG;
 
     fn view() -> LeaderView {
         LeaderView {
@@ -317,11 +317,11 @@ mod tests {
         assert_eq!(check_target(3, &view(), |id| id != 3), Err(Ineligible::Down));
         assert_eq!(check_target(4, &view(), |_| true), Err(Ineligible::NotVoter), "a learner");
         let mut v = view();
-        v.matched.insert(3, Some(1_000 - MAX_TRANSFER_LAG - 1));
+        v.matched.insert(3, Some(1_000 - CAUGHT_UP_LAG - 1));
         assert_eq!(check_target(3, &v, |_| true), Err(Ineligible::Behind { matched: Some(935), last: 1_000 }));
         v.matched.remove(&3);
         assert_eq!(check_target(3, &v, |_| true), Err(Ineligible::Behind { matched: None, last: 1_000 }));
-        v.matched.insert(3, Some(1_000 - MAX_TRANSFER_LAG));
+        v.matched.insert(3, Some(1_000 - CAUGHT_UP_LAG));
         assert_eq!(check_target(3, &v, |_| true), Ok(()));
     }
 
