@@ -191,7 +191,7 @@ async fn leader_voters(node: &Arc<Node>, map: &ClusterMap, partitions: &[u32]) -
 }
 
 /// A peer's `Cluster.Status`, or `None` if it does not answer within `timeout`.
-async fn peer_status(node: &Node, id: NodeId, addr: &str, timeout: Duration) -> Option<tally_proto::v1::StatusResponse> {
+pub async fn peer_status(node: &Node, id: NodeId, addr: &str, timeout: Duration) -> Option<tally_proto::v1::StatusResponse> {
     let channel = node.peers.channel(id, addr).ok()?;
     let mut client = tally_proto::v1::cluster_client::ClusterClient::new(channel);
     let mut req = tonic::Request::new(tally_proto::v1::StatusRequest {});
