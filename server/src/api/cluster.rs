@@ -74,18 +74,19 @@ impl Cluster for ClusterService {
         let mut response = RebalanceResponse::default();
         for partition in 0..self.node.partition_count().unwrap_or(0) {
             let Some(preferred) = self.node.preferred_replica(partition) else { continue };
+            // A node liveness calls down cannot take over (and if this node
+            // still sees it lead, that view is stale); trying would only stall
+            // the partition (see transfer.rs). The partition's leader checks
+            // again, and also refuses a preferred replica that is behind.
+            if !self.node.liveness.is_up(preferred) {
+                response.skipped.push(partition);
+                continue;
+            }
             let current = self
                 .node
                 .partition(partition)
                 .and_then(|r| r.raft.metrics().borrow_watched().current_leader);
             if current == Some(preferred) {
-                continue;
-            }
-            // A node liveness calls down cannot take over; trying would only
-            // stall the partition (see transfer.rs). Its leader checks again,
-            // and also refuses a preferred replica that is behind.
-            if !self.node.liveness.is_up(preferred) {
-                response.skipped.push(partition);
                 continue;
             }
             match transfer_leadership(&self.node, partition, preferred).await {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::ServerState;
+use openraft::{RaftMetrics, ServerState};
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::TransferLeaderRequest;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -139,8 +139,10 @@ pub struct LeaderView {
 impl LeaderView {
     /// The view of `raft` if this node (`me`) leads it.
     pub fn of(raft: &RaftInstance, me: NodeId) -> Option<LeaderView> {
-        let m = raft.metrics();
-        let m = m.borrow_watched();
+        LeaderView::from_metrics(&raft.metrics().borrow_watched(), me)
+    }
+
+    fn from_metrics(m: &RaftMetrics<TypeConfig>, me: NodeId) -> Option<LeaderView> {
         if m.state != ServerState::Leader || m.current_leader != Some(me) {
             return None;
         }
@@ -216,6 +218,9 @@ pub async fn transfer_leadership(node: &Arc<Node>, partition: u32, to: NodeId) -
     };
     let leader = replica.raft.metrics().borrow_watched().current_leader;
     match leader {
+        // A leader liveness calls down is a stale view: it is being replaced.
+        Some(l) if l == to && !node.liveness.is_up(l) => Err(TransferError::Refused { partition, node: to, why: Ineligible::Down }),
+        Some(l) if l != node.id && !node.liveness.is_up(l) => Err(TransferError::NoLeader { partition }),
         Some(l) if l == to => Ok(l),
         Some(l) if l == node.id => transfer_from_here(node, &replica.raft, partition, to).await,
         // Only the leader can hand over: ask it.
@@ -238,8 +243,26 @@ async fn forward(node: &Arc<Node>, via: NodeId, partition: u32, to: NodeId) -> R
 /// This node leads `raft`: check the target, then start and supervise the
 /// transfer in a task of its own (see the module docs).
 async fn transfer_from_here(node: &Arc<Node>, raft: &RaftInstance, partition: u32, to: NodeId) -> Result<NodeId, TransferError> {
-    let view = LeaderView::of(raft, node.id).ok_or(TransferError::NoLeader { partition })?;
-    check_target(to, &view, |id| node.liveness.is_up(id)).map_err(|why| TransferError::Refused { partition, node: to, why })?;
+    let me = node.id;
+    let is_up = |id| node.liveness.is_up(id);
+    let view = LeaderView::of(raft, me).ok_or(TransferError::NoLeader { partition })?;
+    match check_target(to, &view, is_up) {
+        Ok(()) => {}
+        // A leader learns its followers' matched logs from their replies:
+        // just after an election it has not heard them yet. Give the target
+        // one replication round before calling it behind.
+        Err(Ineligible::Behind { .. }) => {
+            let wait = Duration::from_millis(node.raft_config.election_timeout_max);
+            // Timing out is an answer too: the check below then refuses.
+            let _ = raft
+                .wait(Some(wait))
+                .metrics(|m| LeaderView::from_metrics(m, me).is_some_and(|v| check_target(to, &v, is_up).is_ok()), "target caught up")
+                .await;
+            let view = LeaderView::of(raft, me).ok_or(TransferError::NoLeader { partition })?;
+            check_target(to, &view, is_up).map_err(|why| TransferError::Refused { partition, node: to, why })?;
+        }
+        Err(why) => return Err(TransferError::Refused { partition, node: to, why }),
+    }
     let group = tally_proto::partition::group_of_partition(partition);
     // A quiesced leader's timers are off; the group is busy from here on.
     if let Some(q) = node.quiescence.group(group) {
