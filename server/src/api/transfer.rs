@@ -234,8 +234,10 @@ async fn forward(node: &Arc<Node>, via: NodeId, partition: u32, to: NodeId) -> R
     let addr = node.addr_of(via).ok_or_else(|| remote(Status::unavailable(format!("node {via} has no address"))))?;
     let channel = node.peers.channel(via, &addr).map_err(|e| remote(Status::unavailable(e.to_string())))?;
     let mut request = tonic::Request::new(TransferLeaderRequest { partition, node_id: to });
-    // The leader may wait twice (the target, then a fallback).
-    request.set_timeout(2 * transfer_bound(node) + Duration::from_secs(2));
+    // The leader may wait for the target to qualify (one election timeout),
+    // then twice (the target, then a fallback).
+    let catch_up = Duration::from_millis(node.raft_config.election_timeout_max);
+    request.set_timeout(catch_up + 2 * transfer_bound(node) + Duration::from_secs(2));
     let resp = ClusterClient::new(channel).transfer_leader(request).await.map_err(remote)?;
     Ok(resp.into_inner().leader_node_id)
 }
