@@ -54,6 +54,20 @@ fn free_addr_pair() -> anyhow::Result<(String, String)> {
     Ok((format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1])))
 }
 
+/// `n` distinct "view" events at `now_ms`, spread over the entities
+/// `video-0` … `video-{entities - 1}`, with event ids `{tag}{i}`.
+pub fn view_events(n: u32, entities: u32, now_ms: i64, tag: &str) -> Vec<tally_proto::v1::Event> {
+    (0..n)
+        .map(|i| tally_proto::v1::Event {
+            entity_id: format!("video-{}", i % entities).into_bytes(),
+            event_type: "view".into(),
+            event_time_ms: now_ms,
+            event_id: format!("{tag}{i}").into_bytes(),
+            value: None,
+        })
+        .collect()
+}
+
 pub struct TestNode {
     pub id: u64,
     /// Public address (`--listen`): clients.
@@ -254,6 +268,29 @@ impl TestCluster {
             }
             if Instant::now() > deadline {
                 bail!("cluster not ready within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Until every live node reports each of its replicas quiesced; returns
+    /// how long that took.
+    pub async fn wait_all_quiesced(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let mut pending = Vec::new();
+            for id in self.live_node_ids() {
+                let s = self.status(id).await?;
+                let awake = s.partitions.iter().filter(|p| p.replicas.contains(&id) && !p.quiesced).count();
+                if awake > 0 {
+                    pending.push((id, awake));
+                }
+            }
+            if pending.is_empty() {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                bail!("replicas still awake after {timeout:?} (node, count): {pending:?}");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -174,7 +174,7 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     let r = tally(&addr, &["--json", "cluster", "rebalance"], None).await?;
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     let j = r.json()?;
-    assert_eq!(j.as_object().map(|o| o.len()), Some(2), "{j}");
+    assert_eq!(j.as_object().map(|o| o.len()), Some(3), "{j}");
     assert!(j["moved"].as_u64().is_some_and(|m| m >= 1), "partition 0 at least: {j}");
     assert_eq!(j["failed"], json!(0));
     let on_preferred = |s: &serde_json::Value| {
@@ -186,7 +186,7 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     assert_eq!(leads.iter().sum::<u64>(), 8, "{leads:?}");
     // Balanced already: nothing to move.
     let j = tally(&addr, &["--json", "cluster", "rebalance"], None).await?.json()?;
-    assert_eq!(j, json!({"moved": 0, "failed": 0}));
+    assert_eq!(j, json!({"moved": 0, "failed": 0, "skipped": []}));
     // The readable forms.
     let r = tally(&addr, &["cluster", "transfer-leader", "0", &target_arg], None).await?;
     assert_eq!(r.stdout.trim(), format!("partition 0: node {target} leads"), "{}", r.stderr);

@@ -5,21 +5,13 @@
 use std::time::{Duration, Instant};
 
 use cluster_tests::{ClusterOptions, TestCluster};
-use tally_proto::v1::{AddNodeRequest, Event, IngestRequest};
+use tally_proto::v1::{AddNodeRequest, IngestRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_node_completes_after_its_coordinator_is_killed() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 8, args: vec![] }).await?;
     let now = tally_client::time_arg::now_ms();
-    let events: Vec<Event> = (0..2_000)
-        .map(|i| Event {
-            entity_id: format!("video-{}", i % 10).into_bytes(),
-            event_type: "view".into(),
-            event_time_ms: now,
-            event_id: format!("e{i}").into_bytes(),
-            value: None,
-        })
-        .collect();
+    let events = cluster_tests::view_events(2_000, 10, now, "e");
     let resp = cluster.ingest_client(1).await?.ingest(IngestRequest { events }).await?.into_inner();
     assert_eq!(resp.accepted, 2_000);
 

@@ -12,28 +12,6 @@ use cluster_tests::{ClusterOptions, TestCluster};
 
 const PARTITIONS: u32 = 16;
 
-/// Until every live node reports each of its replicas quiesced.
-async fn wait_all_quiesced(cluster: &TestCluster, timeout: Duration) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    loop {
-        let mut pending = Vec::new();
-        for id in cluster.live_node_ids() {
-            let s = cluster.status(id).await?;
-            let awake = s.partitions.iter().filter(|p| p.replicas.contains(&id) && !p.quiesced).count();
-            if awake > 0 {
-                pending.push((id, awake));
-            }
-        }
-        if pending.is_empty() {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            bail!("replicas still awake after {timeout:?} (node, count): {pending:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn leaders(cluster: &TestCluster, via: u64) -> anyhow::Result<BTreeMap<u32, u64>> {
     Ok(cluster.status(via).await?.partitions.iter().map(|p| (p.partition, p.leader_node_id)).collect())
 }
@@ -42,7 +20,7 @@ async fn leaders(cluster: &TestCluster, via: u64) -> anyhow::Result<BTreeMap<u32
 async fn idle_partitions_quiesce_wake_on_writes_and_fail_over_through_liveness() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args: Vec::new() }).await?;
 
-    let took = wait_all_quiesced(&cluster, Duration::from_secs(30)).await?;
+    let took = cluster.wait_all_quiesced(Duration::from_secs(30)).await?;
     eprintln!("all replicas quiesced {took:?} after the cluster was ready");
 
     // A write to a quiesced partition is acknowledged and wakes it.
@@ -57,7 +35,7 @@ async fn idle_partitions_quiesce_wake_on_writes_and_fail_over_through_liveness()
         s.partitions.iter().filter(|p| !p.quiesced).count()
     };
     assert!(awake > 0, "writes to every partition left none of node 1's replicas awake");
-    wait_all_quiesced(&cluster, Duration::from_secs(30)).await?;
+    cluster.wait_all_quiesced(Duration::from_secs(30)).await?;
 
     // Kill the busiest leader while everything is quiesced: no follower has
     // an election timer running, so only liveness can start the failover.
@@ -81,11 +59,11 @@ async fn idle_partitions_quiesce_wake_on_writes_and_fail_over_through_liveness()
     // Let the survivors quiesce, restart the victim: its replicas start
     // dormant, the leaders wake when liveness reports the restart, and no
     // partition changes leader because a follower came back.
-    wait_all_quiesced(&cluster, Duration::from_secs(30)).await?;
+    cluster.wait_all_quiesced(Duration::from_secs(30)).await?;
     let before_restart = leaders(&cluster, survivor).await?;
     cluster.restart(victim).await?;
     cluster.wait_ready(Duration::from_secs(30)).await?;
-    wait_all_quiesced(&cluster, Duration::from_secs(30)).await?;
+    cluster.wait_all_quiesced(Duration::from_secs(30)).await?;
     let after_restart = leaders(&cluster, survivor).await?;
     assert_eq!(before_restart, after_restart, "a restarted follower took leadership away");
     let log = cluster.log(survivor);

@@ -3,11 +3,19 @@
 //! Membership changes are declarative: an operator's change commits a new
 //! cluster map to the metadata group, and this loop — on every node, for the
 //! groups it leads — makes reality match: new replicas are added as learners
-//! (caught up through log or snapshot), then the voter set is replaced with
-//! joint consensus. Because the target lives in the replicated map, a change
+//! (caught up through log or snapshot), then, once their logs have caught up
+//! with the leader's, the voter set is replaced with joint consensus. Because the target lives in the replicated map, a change
 //! survives the crash of whoever started it: the next leader of each group
-//! picks it up. Replicas a node no longer holds are deleted once the group's
-//! membership no longer includes the node.
+//! picks it up.
+//!
+//! A replica the map no longer assigns to a node is deleted only once the
+//! group's voters no longer include the node. Until then it may still be
+//! needed for a quorum: its replacement joins as a learner and can take
+//! minutes to catch up (a snapshot of a large partition), and dropping the
+//! old voter earlier would run a 3-replica group on 2 for all that time. A
+//! removed follower may never see the entry that removed it (the leader
+//! stops replicating to it), so when its own log still lists it as a voter
+//! it asks the group's leader (`Cluster.Status`) for the current voters.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -22,23 +30,61 @@ use crate::raft::types::NodeId;
 use crate::RaftInstance;
 
 const TICK: Duration = Duration::from_millis(500);
-/// A removed follower may never see the membership entry that removed it
-/// (the leader stops replicating to it), so it also drops its replica this
-/// long after the map stopped assigning it. Dropping is safe for Raft: the
-/// group never runs on this node again, like a node that failed for good.
-const DROP_AFTER: Duration = Duration::from_secs(20);
+/// How long a peer gets to answer the status call that asks for a group's
+/// current voters.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a replica kept because it is still a voter is logged.
+const KEEP_LOG_EVERY: Duration = Duration::from_secs(30);
 
 pub fn spawn(node: Arc<Node>) {
     tokio::spawn(async move {
-        let mut unwanted_since = BTreeMap::new();
+        let mut kept_logged: BTreeMap<u32, Instant> = BTreeMap::new();
         loop {
             tokio::time::sleep(TICK).await;
-            reconcile_once(&node, &mut unwanted_since).await;
+            reconcile_once(&node, &mut kept_logged).await;
         }
     });
 }
 
-async fn reconcile_once(node: &Arc<Node>, unwanted_since: &mut BTreeMap<u32, Instant>) {
+/// What to do with a replica the cluster map no longer assigns to this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unwanted {
+    /// Delete it: the group's membership no longer counts on it.
+    Drop,
+    /// This node's log still lists it as a voter, which may be stale: ask
+    /// the group's leader for the current voters.
+    AskLeader,
+    /// Keep it: it is still a voter (or no leader could say otherwise).
+    Keep,
+}
+
+/// The drop decision for an unwanted replica of node `me`. `members` and
+/// `voters` are the group's membership in this node's log; `leader_voters`
+/// the voters reported by the group's current leader, once asked (`None`:
+/// not asked yet, or no leader answered).
+///
+/// A node that is no member, or only a learner, counts for no quorum and
+/// may go at once. A voter goes only once the leader's voter set — which
+/// contains its replacement only after the replacement was promoted —
+/// excludes it. During joint consensus the voters are both configurations',
+/// so the old voter stays until the change has completed.
+pub fn unwanted_replica(
+    me: NodeId,
+    members: &BTreeSet<NodeId>,
+    voters: &BTreeSet<NodeId>,
+    leader_voters: Option<&BTreeSet<NodeId>>,
+) -> Unwanted {
+    if !members.contains(&me) || !voters.contains(&me) {
+        return Unwanted::Drop;
+    }
+    match leader_voters {
+        None => Unwanted::AskLeader,
+        Some(v) if !v.contains(&me) => Unwanted::Drop,
+        Some(_) => Unwanted::Keep,
+    }
+}
+
+async fn reconcile_once(node: &Arc<Node>, kept_logged: &mut BTreeMap<u32, Instant>) {
     let map = node.map();
     if !map.is_initialized() {
         return;
@@ -56,6 +102,9 @@ async fn reconcile_once(node: &Arc<Node>, unwanted_since: &mut BTreeMap<u32, Ins
             }
         }
     }
+    // Unwanted replicas whose own log still lists this node as a voter:
+    // the leaders are asked about them together, below.
+    let mut ask = Vec::new();
     for replica in node.local_partitions() {
         let want: BTreeSet<NodeId> = map.replicas_of(replica.partition).iter().copied().collect();
         if want.is_empty() {
@@ -64,7 +113,7 @@ async fn reconcile_once(node: &Arc<Node>, unwanted_since: &mut BTreeMap<u32, Ins
         if is_leader(&replica.raft, node.id) {
             let have = voters(&replica.raft);
             if have != want {
-                tracing::info!(partition = replica.partition, ?have, ?want, "moving replicas");
+                tracing::debug!(partition = replica.partition, ?have, ?want, "moving replicas");
                 let group = tally_proto::partition::group_of_partition(replica.partition);
                 if let Some(q) = node.quiescence.group(group) {
                     q.prepare_write().await;
@@ -74,19 +123,81 @@ async fn reconcile_once(node: &Arc<Node>, unwanted_since: &mut BTreeMap<u32, Ins
                 }
             }
         } else if !want.contains(&node.id) {
-            let since = *unwanted_since.entry(replica.partition).or_insert_with(Instant::now);
-            if !members(&replica.raft).contains(&node.id) || since.elapsed() > DROP_AFTER {
-                match node.drop_partition(replica.partition).await {
-                    Ok(()) => {
-                        unwanted_since.remove(&replica.partition);
-                    }
-                    Err(e) => tracing::warn!(partition = replica.partition, error = %e, "dropping replica"),
-                }
+            match unwanted_replica(node.id, &members(&replica.raft), &voters(&replica.raft), None) {
+                Unwanted::Drop => drop_replica(node, replica.partition, kept_logged).await,
+                Unwanted::AskLeader => ask.push(replica.partition),
+                Unwanted::Keep => {}
             }
-        } else {
-            unwanted_since.remove(&replica.partition);
         }
     }
+    if ask.is_empty() {
+        kept_logged.clear();
+        return;
+    }
+    let reported = leader_voters(node, &map, &ask).await;
+    for partition in ask {
+        let Some(replica) = node.partition(partition) else { continue };
+        let leader_view = reported.get(&partition).map(|(_, _, v)| v);
+        match unwanted_replica(node.id, &members(&replica.raft), &voters(&replica.raft), leader_view) {
+            Unwanted::Drop => drop_replica(node, partition, kept_logged).await,
+            Unwanted::AskLeader | Unwanted::Keep => {
+                let due = kept_logged.get(&partition).is_none_or(|t| t.elapsed() >= KEEP_LOG_EVERY);
+                if due {
+                    kept_logged.insert(partition, Instant::now());
+                    match reported.get(&partition) {
+                        Some((leader, _, v)) => tracing::info!(
+                            partition,
+                            leader,
+                            voters = ?v,
+                            "keeping a replica the map moved away: still a voter until its replacement is promoted"
+                        ),
+                        None => tracing::info!(partition, "keeping a replica the map moved away: no leader reachable to confirm it left the voters"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn drop_replica(node: &Arc<Node>, partition: u32, kept_logged: &mut BTreeMap<u32, Instant>) {
+    match node.drop_partition(partition).await {
+        Ok(()) => {
+            kept_logged.remove(&partition);
+        }
+        Err(e) => tracing::warn!(partition, error = %e, "dropping replica"),
+    }
+}
+
+/// For each of `partitions`, (leader, term, voters) as reported by the node
+/// that leads it — the one with the highest term if several claim to (a
+/// stale leader cut off from the others may not know it was deposed).
+/// Every other node of the map is asked at once, each call bounded, so a
+/// dead or paused node costs one timeout per round, not one per partition.
+async fn leader_voters(node: &Arc<Node>, map: &ClusterMap, partitions: &[u32]) -> BTreeMap<u32, (NodeId, u64, BTreeSet<NodeId>)> {
+    let calls = map.nodes.iter().filter(|(id, _)| **id != node.id).map(|(id, addr)| {
+        let (id, addr, node) = (*id, addr.clone(), node.clone());
+        async move { Some((id, peer_status(&node, id, &addr.addr, STATUS_TIMEOUT).await?)) }
+    });
+    let mut reported: BTreeMap<u32, (NodeId, u64, BTreeSet<NodeId>)> = BTreeMap::new();
+    for (id, status) in futures::future::join_all(calls).await.into_iter().flatten() {
+        for p in status.partitions.iter().filter(|p| p.leader_node_id == id && partitions.contains(&p.partition)) {
+            let newer = reported.get(&p.partition).is_none_or(|(_, term, _)| p.term > *term);
+            if newer {
+                reported.insert(p.partition, (id, p.term, p.voters.iter().copied().collect()));
+            }
+        }
+    }
+    reported
+}
+
+/// A peer's `Cluster.Status`, or `None` if it does not answer within `timeout`.
+pub async fn peer_status(node: &Node, id: NodeId, addr: &str, timeout: Duration) -> Option<tally_proto::v1::StatusResponse> {
+    // Cluster is a public service: it is served on the public port.
+    let channel = node.peers.public_channel(id, addr).ok()?;
+    let mut client = tally_proto::v1::cluster_client::ClusterClient::new(channel);
+    let mut req = tonic::Request::new(tally_proto::v1::StatusRequest {});
+    req.set_timeout(timeout);
+    Some(tokio::time::timeout(timeout, client.status(req)).await.ok()?.ok()?.into_inner())
 }
 
 fn is_leader(raft: &RaftInstance, me: NodeId) -> bool {
@@ -104,28 +215,63 @@ fn members(raft: &RaftInstance) -> BTreeSet<NodeId> {
     raft.metrics().borrow_watched().membership_config.nodes().map(|(id, _)| *id).collect()
 }
 
-async fn change_voters(
-    raft: &RaftInstance,
-    map: &ClusterMap,
-    want: &BTreeSet<NodeId>,
-    have: &BTreeSet<NodeId>,
-) -> anyhow::Result<()> {
+/// One step toward `want` as the voters of a group this node leads: add the
+/// missing replicas as learners, then — once every one of them has caught
+/// up — replace the voters (joint consensus). Never blocks on a learner: a
+/// slow one (a large snapshot, a paused node) is waited for tick after tick
+/// while the other groups this node leads move on.
+///
+/// openraft's "blocking" `add_learner` is no catch-up wait: it returns once
+/// the learner is within `replication_lag_threshold` (5,000 entries) of the
+/// leader, which for a partition's short log is at once — an empty, even
+/// paused learner would be promoted and count toward the quorum. So
+/// promotion waits on the learner's matched log itself (`lagging_learner`).
+async fn change_voters(raft: &RaftInstance, map: &ClusterMap, want: &BTreeSet<NodeId>, have: &BTreeSet<NodeId>) -> anyhow::Result<()> {
     if raft.metrics().borrow_watched().membership_config.get_joint_config().len() > 1 {
         return Ok(()); // a change is still being committed
     }
     let known = members(raft);
-    for id in want.difference(have) {
+    for id in want.difference(&known) {
         let addr = map.peer_addr_of(*id).ok_or_else(|| anyhow::anyhow!("node {id} has no address"))?;
-        if !known.contains(id) {
-            // Blocking: returns once the learner has caught up, so the voter
-            // change below never waits on a replica that is far behind.
-            tokio::time::timeout(Duration::from_secs(120), raft.add_learner(*id, BasicNode::new(addr), true))
-                .await
-                .map_err(|_| anyhow::anyhow!("learner {id} did not catch up in 120s"))??;
-        }
+        tracing::info!(node = id, "adding a learner");
+        raft.add_learner(*id, BasicNode::new(addr), false).await?;
     }
+    let (matched, last) = {
+        let m = raft.metrics();
+        let m = m.borrow_watched();
+        let matched: BTreeMap<NodeId, Option<u64>> =
+            m.replication.iter().flatten().map(|(id, l)| (*id, l.as_ref().map(|l| l.index))).collect();
+        (matched, m.last_log_index.unwrap_or(0))
+    };
+    if let Some(id) = lagging_learner(want.difference(have).copied(), &matched, last) {
+        tracing::debug!(node = id, matched = ?matched.get(&id), last, "learner still catching up");
+        return Ok(());
+    }
+    tracing::info!(?have, ?want, "replacing the voters");
     raft.change_membership(want.clone(), false).await?;
     Ok(())
+}
+
+/// Entries a replica's matched log may trail the leader's and still count
+/// as caught up: one replication batch (`max_payload_entries`), which it
+/// receives in one round trip.
+pub const CAUGHT_UP_LAG: u64 = 64;
+
+/// Whether a replica whose matched log index is `matched` (as its leader
+/// sees it; `None`: nothing acknowledged yet) has caught up with the
+/// leader's `last_log_index`.
+pub fn is_caught_up(matched: Option<u64>, last_log_index: u64) -> bool {
+    matched.is_some_and(|m| m.saturating_add(CAUGHT_UP_LAG) >= last_log_index)
+}
+
+/// The first of `joining` that has not caught up (see [`is_caught_up`]),
+/// given the leader's matched index per replica.
+pub fn lagging_learner(
+    mut joining: impl Iterator<Item = NodeId>,
+    matched: &BTreeMap<NodeId, Option<u64>>,
+    last_log_index: u64,
+) -> Option<NodeId> {
+    joining.find(|id| !is_caught_up(matched.get(id).copied().flatten(), last_log_index))
 }
 
 /// Every partition group's voters equal its replicas in `map`, as reported by
@@ -142,13 +288,9 @@ pub async fn unsettled_partition(node: &Arc<Node>, map: &ClusterMap) -> Option<S
             crate::api::cluster::local_status(node)
         } else {
             // A dead node is skipped: its partitions have new leaders that report.
-            let Ok(channel) = node.peers.public_channel(*id, &addrs.addr) else { continue };
-            let mut client = tally_proto::v1::cluster_client::ClusterClient::new(channel);
-            let mut req = tonic::Request::new(tally_proto::v1::StatusRequest {});
-            req.set_timeout(Duration::from_secs(2));
-            match client.status(req).await {
-                Ok(s) => s.into_inner(),
-                Err(_) => continue,
+            match peer_status(node, *id, &addrs.addr, Duration::from_secs(2)).await {
+                Some(s) => s,
+                None => continue,
             }
         };
         for p in status.partitions.iter().filter(|p| p.leader_node_id == *id) {
@@ -162,4 +304,48 @@ pub async fn unsettled_partition(node: &Arc<Node>, map: &ClusterMap) -> Option<S
         return Some(format!("partition {p}: no reachable leader"));
     }
     seen.into_values().flatten().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_learner_is_promoted_only_once_its_log_has_caught_up() {
+        let matched = BTreeMap::from([(4, Some(1_000)), (5, Some(10)), (6, None)]);
+        assert_eq!(lagging_learner([4].into_iter(), &matched, 1_000 + CAUGHT_UP_LAG), None);
+        assert_eq!(lagging_learner([4, 5].into_iter(), &matched, 1_000), Some(5));
+        // Nothing acknowledged yet: lagging, however short the leader's log
+        // (openraft's own threshold would call it caught up).
+        assert_eq!(lagging_learner([6].into_iter(), &matched, 3), Some(6));
+        assert_eq!(lagging_learner([7].into_iter(), &matched, 3), Some(7), "not replicated to at all");
+        assert!(!is_caught_up(Some(1_000 - CAUGHT_UP_LAG - 1), 1_000));
+        assert!(is_caught_up(Some(1_000 - CAUGHT_UP_LAG), 1_000));
+    }
+
+    #[test]
+    fn a_replica_that_is_no_voter_goes_at_once() {
+        // Out of the membership in this node's own log.
+        assert_eq!(unwanted_replica(4, &set(&[1, 2, 3]), &set(&[1, 2, 3]), None), Unwanted::Drop);
+        // A learner that the map moved away again before it was promoted.
+        assert_eq!(unwanted_replica(4, &set(&[1, 2, 3, 4]), &set(&[1, 2, 3]), None), Unwanted::Drop);
+    }
+
+    #[test]
+    fn a_voter_stays_until_the_leader_reports_it_gone() {
+        let members = set(&[1, 2, 4, 5]);
+        let voters = set(&[1, 2, 4]);
+        // Its own log says voter: ask the leader.
+        assert_eq!(unwanted_replica(4, &members, &voters, None), Unwanted::AskLeader);
+        // The replacement (5) is still a learner: the leader's voters include 4.
+        assert_eq!(unwanted_replica(4, &members, &voters, Some(&set(&[1, 2, 4]))), Unwanted::Keep);
+        // Joint consensus: both configurations' voters, 4 among them.
+        assert_eq!(unwanted_replica(4, &members, &voters, Some(&set(&[1, 2, 4, 5]))), Unwanted::Keep);
+        // Promoted: 5 replaced 4.
+        assert_eq!(unwanted_replica(4, &members, &voters, Some(&set(&[1, 2, 5]))), Unwanted::Drop);
+    }
 }

@@ -187,11 +187,18 @@ async fn rebalance(cli: &Cli, timeout: Duration) -> anyhow::Result<i32> {
     })
     .await?;
     if cli.json {
-        print_json(&json!({"moved": resp.moved, "failed": resp.failed}));
+        print_json(&json!({"moved": resp.moved, "failed": resp.failed, "skipped": resp.skipped}));
     } else {
         println!("leadership moved for {} partitions, {} could not be moved", resp.moved, resp.failed);
+        if !resp.skipped.is_empty() {
+            println!(
+                "skipped {} partitions whose preferred leader is down or behind: {:?}; rebalance again once it is back",
+                resp.skipped.len(),
+                resp.skipped
+            );
+        }
     }
-    Ok(if resp.failed == 0 { 0 } else { super::EXIT_PARTIAL })
+    Ok(if resp.failed == 0 && resp.skipped.is_empty() { 0 } else { super::EXIT_PARTIAL })
 }
 
 async fn add_node(cli: &Cli, addr: &str, timeout: Duration) -> anyhow::Result<i32> {

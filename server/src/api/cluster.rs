@@ -1,5 +1,7 @@
 //! The public Cluster service: status for routing and operators, and the
-//! one-time initialisation of a new cluster.
+//! one-time initialisation of a new cluster. Leadership moves
+//! (`TransferLeader`, `Rebalance`) go through `transfer.rs`, which never
+//! leaves a partition without a leader that serves writes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use tonic::{Request, Response, Status};
 use super::node_addrs;
 use crate::meta::{ClusterMap, NodeAddrs, DEFAULT_PARTITIONS, MAX_PARTITIONS};
 use crate::node::Node;
+use crate::api::transfer::transfer_leadership;
 use crate::raft::types::{Command, NodeId};
 
 pub struct ClusterService {
@@ -53,16 +56,15 @@ impl Cluster for ClusterService {
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let req = request.into_inner();
-        let map = self.node.map();
-        if req.partition >= map.partition_count {
-            return Err(Status::invalid_argument(format!("partition: {} is not below {}", req.partition, map.partition_count)));
+        let count = self.node.partition_count().unwrap_or(0);
+        if req.partition >= count {
+            return Err(Status::invalid_argument(format!("partition: {} is not below {count}", req.partition)));
         }
-        if !map.replicas_of(req.partition).contains(&req.node_id) {
+        let replicas = self.node.cluster_map.borrow().replicas_of(req.partition).to_vec();
+        if !replicas.contains(&req.node_id) {
             return Err(Status::invalid_argument(format!(
-                "node_id: node {} holds no replica of partition {} (replicas {:?})",
-                req.node_id,
-                req.partition,
-                map.replicas_of(req.partition)
+                "node_id: node {} holds no replica of partition {} (replicas {replicas:?})",
+                req.node_id, req.partition
             )));
         }
         let leader = transfer_leadership(&self.node, req.partition, req.node_id).await?;
@@ -70,10 +72,17 @@ impl Cluster for ClusterService {
     }
 
     async fn rebalance(&self, _request: Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
-        let map = self.node.map();
         let mut response = RebalanceResponse::default();
-        for partition in 0..map.partition_count {
-            let Some(&preferred) = map.replicas_of(partition).first() else { continue };
+        for partition in 0..self.node.partition_count().unwrap_or(0) {
+            let Some(preferred) = self.node.preferred_replica(partition) else { continue };
+            // A node liveness calls down cannot take over (and if this node
+            // still sees it lead, that view is stale); trying would only stall
+            // the partition (see transfer.rs). The partition's leader checks
+            // again, and also refuses a preferred replica that is behind.
+            if !self.node.liveness.is_up(preferred) {
+                response.skipped.push(partition);
+                continue;
+            }
             let current = self
                 .node
                 .partition(partition)
@@ -83,8 +92,16 @@ impl Cluster for ClusterService {
             }
             match transfer_leadership(&self.node, partition, preferred).await {
                 Ok(l) if l == preferred => response.moved += 1,
-                Ok(_) | Err(_) => response.failed += 1,
+                Err(e) if e.is_refusal() => response.skipped.push(partition),
+                Ok(_) => response.failed += 1,
+                Err(e) => {
+                    tracing::info!(partition, error = %e, "rebalance: leadership not moved");
+                    response.failed += 1;
+                }
             }
+        }
+        if !response.skipped.is_empty() {
+            tracing::info!(skipped = ?response.skipped, "rebalance skipped partitions whose preferred leader is down or behind");
         }
         Ok(Response::new(response))
     }
@@ -172,38 +189,6 @@ impl Cluster for ClusterService {
     }
 }
 
-/// Ask the partition's leader to hand over to `to`, and wait (bounded) until
-/// this node sees the new leader. Returns the leader it saw last.
-async fn transfer_leadership(node: &Arc<Node>, partition: u32, to: NodeId) -> Result<NodeId, Status> {
-    let replica = node.partition(partition);
-    let leader = replica.as_ref().and_then(|r| r.raft.metrics().borrow_watched().current_leader);
-    match (&replica, leader) {
-        (_, Some(l)) if l == to => return Ok(l),
-        (Some(r), Some(l)) if l == node.id => {
-            r.raft.trigger().transfer_leader(to).await.map_err(|e| Status::internal(e.to_string()))?;
-        }
-        (_, Some(l)) => {
-            // Only the leader can hand over: ask it.
-            let addr = node.addr_of(l).ok_or_else(|| Status::unavailable(format!("leader {l} has no address")))?;
-            let channel = node.peers.public_channel(l, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
-            let resp = ClusterClient::new(channel)
-                .transfer_leader(TransferLeaderRequest { partition, node_id: to })
-                .await?
-                .into_inner();
-            return Ok(resp.leader_node_id);
-        }
-        (_, None) => return Err(Status::unavailable(format!("partition {partition} has no leader right now; retry"))),
-    }
-    let Some(r) = replica else { return Err(Status::unavailable("replica closed")) };
-    let seen = r
-        .raft
-        .wait(Some(Duration::from_secs(5)))
-        .metrics(|m| m.current_leader == Some(to), "leadership transferred")
-        .await
-        .map_err(|e| Status::unavailable(format!("partition {partition}: leadership did not move to node {to}: {e}")))?;
-    Ok(seen.current_leader.unwrap_or(0))
-}
-
 /// This node's view: the cluster map plus, for partitions it replicates, the
 /// Raft state it sees.
 pub fn local_status(node: &Arc<Node>) -> StatusResponse {
@@ -234,3 +219,4 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         dedup_conflicts: node.local_partitions().iter().map(|r| r.dedup.conflicts()).sum(),
     }
 }
+

@@ -18,9 +18,11 @@ use super::node_addrs;
 use crate::meta::{ClusterMap, NodeAddrs};
 use crate::node::Node;
 use crate::raft::types::{Command, NodeId};
-use crate::reconciler::{partitions_settled, unsettled_partition};
+use crate::reconciler::{partitions_settled, peer_status, unsettled_partition};
 
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long `remove_node` waits for the others to see a new metadata leader.
+const METADATA_HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the change must run: here, or the metadata leader to forward to.
 pub enum Coordinator {
@@ -142,6 +144,41 @@ pub async fn remove_node(node: &Arc<Node>, req: RemoveNodeRequest) -> Result<Rem
     ensure_settled(node, &map).await?;
     let moved = moved_replicas(&map, &next);
     tracing::info!(node = req.node_id, moved, "removing node");
-    commit_and_wait(node, next).await?;
+    commit_and_wait(node, next.clone()).await?;
+    metadata_led_by_others(node, &next, req.node_id).await;
     Ok(RemoveNodeResponse { replicas_moved: moved })
+}
+
+/// After `removed` left the metadata group: until every remaining node that
+/// answers sees another node lead it. openraft lets a removed leader step
+/// down only after the change commits, and followers learn the new leader
+/// later still; returning earlier, an operator who stops the removed node
+/// right away leaves the others forwarding to it. Bounded: the change itself
+/// is complete, so this only logs if it takes long.
+async fn metadata_led_by_others(node: &Arc<Node>, map: &ClusterMap, removed: NodeId) {
+    let started = Instant::now();
+    loop {
+        // Leader ids as each remaining node sees them, 0 for none yet. A
+        // node that does not answer has no view to wait for, nor has the
+        // removed node (this one, if it coordinated its own removal): the
+        // group no longer tells it who leads.
+        let mut views = Vec::new();
+        if node.id != removed {
+            views.push(node.metadata_leader().unwrap_or(0));
+        }
+        for (id, addr) in map.nodes.iter().filter(|(id, _)| **id != node.id) {
+            if let Some(s) = peer_status(node, *id, &addr.addr, Duration::from_secs(1)).await {
+                views.push(s.metadata_leader_node_id);
+            }
+        }
+        let settled = views.iter().all(|l| *l != removed && *l != 0);
+        if settled {
+            return;
+        }
+        if started.elapsed() > METADATA_HANDOVER_TIMEOUT {
+            tracing::warn!(removed, ?views, "the removed node may still be seen as the metadata leader");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -16,3 +16,4 @@ pub mod membership;
 pub mod node_addrs;
 pub mod propose;
 pub mod query;
+pub mod transfer;

@@ -25,7 +25,12 @@
 //!   the others wake a little later, in case it cannot;
 //! - liveness reports a follower up again or restarted: its leaders wake so
 //!   it hears heartbeats before its own timer could fire;
-//! - a replica sees a leader other than the one it quiesced under.
+//! - a replica sees a leader other than the one it quiesced under;
+//! - the leader steps aside (a leadership transfer): the target wakes at
+//!   once, the others a little later, so that the group elects even if the
+//!   target never takes over. A leader in transfer sends no heartbeats and
+//!   refuses writes until someone else leads, so it must not keep its
+//!   followers asleep.
 //!
 //! Read-index requests on a quiesced leader send flagged heartbeats, which
 //! keep followers quiet. A freshly opened replica starts *dormant* (tick
@@ -422,6 +427,42 @@ impl Quiescence {
         }
     }
 
+    /// A replica of `group` heard its leader `leader` step aside for `to`
+    /// (a leadership transfer; openraft has just dropped this replica's
+    /// leader lease). The target wakes at once: it elects now and needs its
+    /// timers as the leader. A quiesced or dormant other replica schedules a
+    /// wake-up — the lowest-id live voter besides the two after
+    /// `backup_delay`, the others after twice that — since until someone
+    /// else leads the group takes no writes. If the target takes over
+    /// first, its entries wake them anyway. An awake replica needs nothing:
+    /// its election timer runs, and the leader no longer heartbeats.
+    pub fn leader_stepping_aside(&self, group: u32, leader: NodeId, to: NodeId) {
+        if !self.enabled() {
+            return;
+        }
+        let Some(g) = self.group(group) else { return };
+        let Some(raft) = g.raft() else { return };
+        let voters: Vec<NodeId> = raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+        let Ok(mut s) = g.state.lock() else { return };
+        if to == self.node_id {
+            g.wake_locked(&mut s);
+            return;
+        }
+        // Only the leader this replica quiesced under counts: a stale one
+        // (say, one that restarted believing it led) must not wake a group
+        // whose real leader is healthy and quiet.
+        let asleep_under_it = match &*s {
+            State::Quiesced { leader: l, .. } => *l == leader,
+            State::Dormant { .. } => true,
+            _ => false,
+        };
+        if asleep_under_it {
+            let delay = wake_delay_after_step_aside(self.node_id, leader, to, &voters, |id| self.liveness.is_up(id), self.config.backup_delay);
+            tracing::debug!(group, leader, to, ?delay, "leader stepping aside; waking later unless the target takes over");
+            g.set(&mut s, State::Quiesced { leader, wake_at: Some(Instant::now() + delay) });
+        }
+    }
+
     /// A quiesced group lost its leader: the lowest-id surviving voter wakes
     /// and starts a pre-vote election now; the others wake after
     /// `backup_delay` in case it cannot. One candidate avoids split votes.
@@ -437,5 +478,43 @@ impl Quiescence {
         } else {
             *s = State::Quiesced { leader: lost, wake_at: Some(now + self.config.backup_delay) };
         }
+    }
+}
+
+/// When a replica other than the target wakes after its leader stepped
+/// aside: the designated one (lowest-id live voter other than the leader and
+/// the target) after `backup`, the others after twice that, so that one
+/// candidate runs first and they do not split the vote.
+fn wake_delay_after_step_aside(
+    me: NodeId,
+    leader: NodeId,
+    to: NodeId,
+    voters: &[NodeId],
+    is_up: impl Fn(NodeId) -> bool,
+    backup: Duration,
+) -> Duration {
+    let designated = voters.iter().copied().filter(|v| *v != leader && *v != to && is_up(*v)).min();
+    if designated == Some(me) {
+        backup
+    } else {
+        backup * 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_replica_wakes_first_after_its_leader_steps_aside() {
+        let backup = Duration::from_millis(800);
+        let voters = [1, 2, 3, 4, 5];
+        // Leader 1 hands over to 3: 2 is the designated replica.
+        assert_eq!(wake_delay_after_step_aside(2, 1, 3, &voters, |_| true, backup), backup);
+        assert_eq!(wake_delay_after_step_aside(4, 1, 3, &voters, |_| true, backup), backup * 2);
+        // 2 is down: 4 goes first.
+        assert_eq!(wake_delay_after_step_aside(4, 1, 3, &voters, |id| id != 2, backup), backup);
+        // A learner (not among the voters) never goes first.
+        assert_eq!(wake_delay_after_step_aside(6, 1, 3, &voters, |_| true, backup), backup * 2);
     }
 }

@@ -105,8 +105,15 @@ impl RaftRpc for RaftService {
     }
 
     async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.dispatch(request, |raft, rpc: TransferLeaderRequest<TypeConfig>| async move { raft.handle_transfer_leader(rpc).await })
-            .await
+        let (group, node) = (request.get_ref().group_id, self.node.clone());
+        self.dispatch(request, |raft, rpc: TransferLeaderRequest<TypeConfig>| async move {
+            let (leader, to) = (rpc.from_leader().leader_id().node_id, *rpc.to_node_id());
+            let resp = raft.handle_transfer_leader(rpc).await;
+            // The leader stepped aside: a quiesced replica must not sleep through it.
+            node.quiescence.leader_stepping_aside(group, leader, to);
+            resp
+        })
+        .await
     }
 
     async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {
