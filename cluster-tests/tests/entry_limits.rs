@@ -1,19 +1,30 @@
-//! Entries near the size limits, and a follower far behind. Before the fix
+//! Entries near the size limits, and a follower far behind (its links cut). Before the fix
 //! an entry could grow past its cap by a whole request, and one
 //! AppendEntries carried up to 64 entries against the receiver's 64 MiB
 //! decode limit: once a follower fell that far behind, replication re-sent
 //! the same oversized request forever and the follower never caught up.
 //! Now entries stop at 8 MiB (estimated) and AppendEntries at 16 MiB.
 //!
-//! It moves ~70 MiB through a debug build (about two minutes on 2 cores), so
-//! it runs from `scripts/nemesis.sh`; the test command covers the same caps
-//! with unit tests (`processor::tests`, `raft::network::tests`).
+//! It moves ~85 MiB through a debug build, so it is not in the test command
+//! (which covers the caps with unit tests: `processor::tests`,
+//! `raft::network::tests`). KNOWN TO FAIL on this 2-core machine: the code
+//! before the caps stayed stuck for good (applied index 7 of 40: every retry
+//! of the oversized AppendEntries was refused by the decoder); with them the
+//! follower progresses (25 of 48 in 120 s) but does not finish, because
+//! heartbeats with a 200 ms deadline time out while dev-build nodes decode and
+//! fsync multi-MiB appends, and leadership churns — the overload cliff of the
+//! multi-Raft issue. Run by hand: `cargo test -p cluster-tests --test
+//! entry_limits -- --ignored`.
 
 use std::time::{Duration, Instant};
 
 use cluster_tests::ingestor::RetryingIngestor;
+use cluster_tests::netproxy::LinkMode;
 use cluster_tests::{ClusterOptions, TestCluster};
 use tally_proto::v1::{Consistency, Event, StatsRequest};
+
+/// Requests sent while the follower is cut off.
+const REQUESTS: usize = 32;
 
 /// A request near the API's limits: 10,000 events, each with a 256-byte
 /// entity id of its own (about 3 MiB encoded; every event its own delta).
@@ -28,26 +39,33 @@ fn big_request(r: usize) -> Vec<Event> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long: run by scripts/nemesis.sh"]
+#[ignore = "long, and fails until heartbeats survive big appends (see the module docs)"]
 async fn a_follower_far_behind_catches_up_through_big_entries() -> anyhow::Result<()> {
-    let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 1, args: vec![] }).await?;
+    let cluster = TestCluster::start_proxied(ClusterOptions { nodes: 3, partitions: 1, args: vec![] }).await?;
     let leader = cluster.busiest_leader().await?;
     let follower = cluster.node_ids().into_iter().find(|id| *id != leader).unwrap_or(2);
-    cluster.pause(follower)?;
+    let others: Vec<u64> = cluster.node_ids().into_iter().filter(|id| *id != follower).collect();
+    // Cut, not paused: a paused follower's socket buffers would take the
+    // entries a few at a time. Cut, it is far behind when it comes back, and
+    // the leader sends it everything from its matched index at once.
+    cluster.partition(&[follower], &others, LinkMode::Drop);
     let live: Vec<(u64, String)> =
         cluster.node_ids().into_iter().filter(|id| *id != follower).map(|id| (id, cluster.addr(id).unwrap_or_default())).collect();
     let ingestor = RetryingIngestor::new(live);
-    // ~24 × 3 MiB: far more than one 64 MiB AppendEntries could carry.
+    // ~32 × 2.6 MiB of entries: more than one 64 MiB AppendEntries can carry.
     // Slow acks may be retried; a retry of a committed event is a duplicate.
-    let acked = ingestor.send_all((0..24).map(big_request).collect(), 4).await?;
-    assert_eq!(acked.accepted + acked.duplicates, 240_000);
-    cluster.resume(follower)?;
+    let acked = ingestor.send_all((0..REQUESTS).map(big_request).collect(), 4).await?;
+    assert_eq!(acked.accepted + acked.duplicates, REQUESTS as u64 * 10_000);
+    cluster.heal();
 
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let leader_status = cluster.status(leader).await?;
-        let follower_status = cluster.status(follower).await?;
-        let (want, have) = (leader_status.partitions[0].commit_index, follower_status.partitions[0].applied_index);
+        // Everything acknowledged is applied on the nodes that were not cut.
+        let mut want = 0;
+        for id in &others {
+            want = want.max(cluster.status(*id).await?.partitions[0].applied_index);
+        }
+        let have = cluster.status(follower).await?.partitions[0].applied_index;
         if have >= want && want > 0 {
             break;
         }
@@ -61,7 +79,7 @@ async fn a_follower_far_behind_catches_up_through_big_entries() -> anyhow::Resul
     cluster.assert_replicas_identical(Duration::from_secs(60)).await?;
     // A sample of the events, each counted once, on the follower itself.
     let mut query = cluster.query_client(follower).await?;
-    for r in (0..24).step_by(5) {
+    for r in (0..REQUESTS).step_by(5) {
         for event in big_request(r).into_iter().step_by(997) {
             let s = query
                 .stats(StatsRequest {

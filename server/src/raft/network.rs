@@ -29,12 +29,16 @@ use crate::storage::state_machine::Snapshot;
 
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Encoded bytes of one AppendEntries at most. Larger runs of entries are
-/// sent in prefixes (openraft's `PartialSuccess`), so a request can never
-/// exceed what the receiver decodes (`server.rs`, 64 MiB) and be re-sent
-/// forever. One entry is at most about `MAX_ENTRY_BYTES` (8 MiB) plus one
-/// request, so it always fits alone.
-pub const MAX_APPEND_BYTES: usize = 16 << 20;
-const _: () = assert!(crate::raft::types::MAX_ENTRY_BYTES + (5 << 20) < MAX_APPEND_BYTES);
+/// sent in prefixes (openraft's `PartialSuccess`), so a request never nears
+/// what the receiver decodes (`server::PEER_MAX_MESSAGE_BYTES`, 64 MiB) and
+/// each stays quick to ship, decode and fsync. One entry is at most about
+/// `MAX_ENTRY_BYTES` plus one request; it goes alone if it is larger.
+pub const MAX_APPEND_BYTES: usize = 8 << 20;
+/// Extra deadline per byte of an AppendEntries: a far-behind follower on a
+/// busy machine must be able to take a full one, or replication would time
+/// out and re-send the same request forever.
+const APPEND_BYTES_PER_SEC: usize = 4 << 20;
+const _: () = assert!(crate::raft::types::MAX_ENTRY_BYTES + (5 << 20) < crate::server::PEER_MAX_MESSAGE_BYTES / 2);
 /// Deadline of an AppendEntries that carries entries (see `append_entries`).
 const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -145,14 +149,29 @@ impl GroupNetwork {
     }
 }
 
-/// Encode an AppendEntries of at most `max_bytes`, dropping entries from the
-/// end (halving) while it is larger and more than one entry is left. Returns
-/// the payload and, if entries were dropped, the last log id it carries.
+/// Encode an AppendEntries of at most `max_bytes`: keep the longest prefix
+/// of entries whose estimated size fits (at least one entry), encode once,
+/// and halve further only if the estimate was short. Returns the payload
+/// and, if entries were dropped, the last log id it carries.
 fn encode_within(
     mut rpc: AppendEntriesRequest<TypeConfig>,
     max_bytes: usize,
 ) -> Result<(Vec<u8>, Option<crate::raft::types::LogId>), RPCError<TypeConfig>> {
     let mut sent_up_to = None;
+    let mut total = 0usize;
+    let fitting = rpc
+        .entries
+        .iter()
+        .take_while(|e| {
+            total += entry_bytes(e);
+            total <= max_bytes
+        })
+        .count()
+        .max(1);
+    if fitting < rpc.entries.len() {
+        rpc.entries.truncate(fitting);
+        sent_up_to = rpc.entries.last().map(|e| e.log_id);
+    }
     loop {
         let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         if payload.len() <= max_bytes || rpc.entries.len() <= 1 {
@@ -160,6 +179,15 @@ fn encode_within(
         }
         rpc.entries.truncate(rpc.entries.len() / 2);
         sent_up_to = rpc.entries.last().map(|e| e.log_id);
+    }
+}
+
+/// Estimated encoded size of one entry.
+fn entry_bytes(entry: &crate::raft::types::Entry) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(command) => 32 + command.estimated_bytes(),
+        openraft::EntryPayload::Blank => 32,
+        openraft::EntryPayload::Membership(m) => 64 + 64 * m.nodes().count(),
     }
 }
 
@@ -177,8 +205,13 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         // their deadline. A batch of entries on a loaded follower (fsync,
         // a starved CPU) can take longer; timing it out only re-sends the
         // same batch after a backoff, so entries get a longer deadline.
-        let ttl = if has_entries { option.hard_ttl().max(APPEND_TIMEOUT) } else { option.hard_ttl() };
         let (payload, sent_up_to) = encode_within(rpc, MAX_APPEND_BYTES)?;
+        let ttl = if has_entries {
+            let shipping = Duration::from_millis((payload.len() * 1_000 / APPEND_BYTES_PER_SEC) as u64);
+            option.hard_ttl().max(APPEND_TIMEOUT + shipping)
+        } else {
+            option.hard_ttl()
+        };
         let mut resp: AppendEntriesResponse<TypeConfig> =
             self.call_encoded(payload, flagged, ttl, |mut c, r| async move { c.append_entries(r).await }).await?;
         if let (Some(last), true) = (sent_up_to, resp.is_success()) {

@@ -105,6 +105,19 @@ pub struct CommandOutcome {
     pub skipped: Vec<u32>,
 }
 
+impl Command {
+    /// Upper estimate of the encoded size, without encoding (the network
+    /// layer cuts AppendEntries by it).
+    pub fn estimated_bytes(&self) -> usize {
+        match self {
+            Command::Ingest(b) => {
+                64 + b.deltas.iter().map(|d| d.entity_id.len() + d.event_type.len() + 48).sum::<usize>() + b.keyed.len() * 32
+            }
+            Command::SetClusterMap(m) => 64 + m.replicas.iter().map(|r| 8 + 10 * r.len()).sum::<usize>() + m.nodes.len() * 128,
+        }
+    }
+}
+
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
