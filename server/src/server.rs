@@ -52,7 +52,7 @@ const SMALL_DECODE_LIMIT: usize = 1 << 20;
 const PUBLIC_MAX_CONCURRENT_STREAMS: u32 = 1_024;
 /// Largest peer message: Raft entries batch up to 64 entries of group
 /// commits; snapshots travel in 1 MiB chunks.
-pub const PEER_MAX_MESSAGE_BYTES: usize = 64 << 20;
+use crate::raft::network::PEER_MAX_MESSAGE_BYTES;
 /// HTTP/2 streams per peer connection. Every Raft group of a peer shares its
 /// one connection: with 1,000 partitions, elections and heartbeats alone
 /// exceed hyper's default of 200 concurrent streams, and refused streams

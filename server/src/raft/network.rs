@@ -28,9 +28,12 @@ use crate::storage::snapshot::SnapshotFile;
 use crate::storage::state_machine::Snapshot;
 
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Largest peer message either side encodes or decodes (the peer listener
+/// in `server.rs` uses it too).
+pub const PEER_MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Encoded bytes of one AppendEntries at most. Larger runs of entries are
 /// sent in prefixes (openraft's `PartialSuccess`), so a request never nears
-/// what the receiver decodes (`server::PEER_MAX_MESSAGE_BYTES`, 64 MiB) and
+/// what the receiver decodes (`PEER_MAX_MESSAGE_BYTES`, 64 MiB) and
 /// each stays quick to ship, decode and fsync. One entry is at most about
 /// `MAX_ENTRY_BYTES` plus one request; it goes alone if it is larger.
 pub const MAX_APPEND_BYTES: usize = 8 << 20;
@@ -38,7 +41,7 @@ pub const MAX_APPEND_BYTES: usize = 8 << 20;
 /// busy machine must be able to take a full one, or replication would time
 /// out and re-send the same request forever.
 const APPEND_BYTES_PER_SEC: usize = 4 << 20;
-const _: () = assert!(crate::raft::types::MAX_ENTRY_BYTES + (5 << 20) < crate::server::PEER_MAX_MESSAGE_BYTES / 2);
+const _: () = assert!(crate::raft::types::MAX_ENTRY_BYTES + (5 << 20) < PEER_MAX_MESSAGE_BYTES / 2);
 /// Deadline of an AppendEntries that carries entries (see `append_entries`).
 const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -96,7 +99,10 @@ fn status_to_rpc(status: tonic::Status) -> RPCError<TypeConfig> {
 impl GroupNetwork {
     fn client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
         let channel = self.channel.as_ref().map_err(unreachable)?;
-        Ok(RaftClient::new(channel.clone()).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+        // The peer's decode limit, on both sides: a request it would refuse
+        // fails here instead of crossing the network first.
+        let limit = PEER_MAX_MESSAGE_BYTES;
+        Ok(RaftClient::new(channel.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit))
     }
 
     async fn call<Req, Resp, F, Fut>(&self, req: &Req, option: &RPCOption, f: F) -> Result<Resp, RPCError<TypeConfig>>
@@ -106,24 +112,8 @@ impl GroupNetwork {
         F: FnOnce(RaftClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
-        self.call_flagged(req, false, option.hard_ttl(), f).await
-    }
-
-    async fn call_flagged<Req, Resp, F, Fut>(
-        &self,
-        req: &Req,
-        quiesce: bool,
-        ttl: Duration,
-        f: F,
-    ) -> Result<Resp, RPCError<TypeConfig>>
-    where
-        Req: serde::Serialize,
-        Resp: serde::de::DeserializeOwned,
-        F: FnOnce(RaftClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
-    {
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        self.call_encoded(payload, quiesce, ttl, f).await
+        self.call_encoded(payload, false, option.hard_ttl(), f).await
     }
 
     async fn call_encoded<Resp, F, Fut>(
