@@ -103,6 +103,9 @@ pub struct TestCluster {
     /// (from, to) → the proxy node `from` reaches node `to`'s peer port
     /// through.
     pub links: std::collections::BTreeMap<(u64, u64), netproxy::LinkProxy>,
+    /// From the moment the cluster was initialised until every node knew a
+    /// leader for each of its partitions (at start).
+    pub ready_after: Duration,
 }
 
 impl TestCluster {
@@ -145,7 +148,7 @@ impl TestCluster {
             }
         }
         let mut cluster =
-            TestCluster { _dir: dir, nodes, partitions: options.partitions, args: options.args, binary, links };
+            TestCluster { _dir: dir, nodes, partitions: options.partitions, args: options.args, binary, links, ready_after: Duration::ZERO };
         for id in 1..=options.nodes {
             cluster.spawn(id)?;
         }
@@ -170,7 +173,9 @@ impl TestCluster {
                 Err(e) => return Err(e.into()),
             }
         }
+        let initialized = Instant::now();
         cluster.wait_ready(Duration::from_secs(60)).await?;
+        cluster.ready_after = initialized.elapsed();
         Ok(cluster)
     }
 

@@ -7,16 +7,17 @@
 //!   from the nodes themselves (the harness gives public addresses only).
 //! * Crafted peer RPCs from a process that is not a member — proposals with
 //!   an invalid event, an event of another partition, too many events, a
-//!   partition that does not exist; AppendEntries and Vote with a payload
-//!   that does not decode, or for a group that does not exist — are refused
-//!   with the code that says why, nothing is counted, and the cluster keeps
-//!   working.
+//!   partition that does not exist; AppendEntries and Vote calls (on a
+//!   peer conversation) with a payload that does not decode, of an unknown
+//!   kind, or for a group that does not exist — are refused with the code
+//!   that says why, each call on its own, nothing is counted, and the
+//!   cluster keeps working.
 
 use std::time::Duration;
 
 use cluster_tests::{ClusterOptions, TestCluster};
 use tally_proto::internal::raft_client::RaftClient;
-use tally_proto::internal::{PingRequest, ProposeRequest, RaftMessage, SnapshotChunk};
+use tally_proto::internal::{PeerCall, PeerFrame, PingRequest, ProposeRequest, RaftCallKind, RaftMessage, SnapshotChunk};
 use tally_proto::partition::{group_of_partition, partition_of};
 use tally_proto::v1::ingest_client::IngestClient;
 use tally_proto::v1::{Event, IngestRequest, StatsRequest};
@@ -55,6 +56,29 @@ fn expect_code<T: std::fmt::Debug>(what: &str, result: Result<T, tonic::Status>,
     }
 }
 
+/// Send `calls` as one frame of a fresh conversation; the code and error of
+/// each reply, in the calls' order.
+async fn converse(peer: &mut RaftClient<Channel>, calls: Vec<PeerCall>) -> anyhow::Result<Vec<tonic::Status>> {
+    let ids: Vec<u64> = calls.iter().map(|c| c.id).collect();
+    // The request stream ends after its one frame; replies still come.
+    let mut replies = peer.converse(futures::stream::iter([PeerFrame { calls }])).await?.into_inner();
+    let mut by_id = std::collections::HashMap::new();
+    while by_id.len() < ids.len() {
+        let frame = tokio::time::timeout(Duration::from_secs(10), replies.message())
+            .await?
+            ?
+            .ok_or_else(|| anyhow::anyhow!("conversation ended with {} of {} replies", by_id.len(), ids.len()))?;
+        for r in frame.replies {
+            by_id.insert(r.id, tonic::Status::new(Code::from(r.code), r.error));
+        }
+    }
+    Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+}
+
+fn call(id: u64, kind: RaftCallKind, message: &RaftMessage) -> PeerCall {
+    PeerCall { id, kind: kind as i32, message: Some(message.clone()) }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args: vec![] }).await?;
@@ -85,10 +109,14 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
     // (a) The public port has no Raft service.
     let mut public = RaftClient::new(cluster.channel(1).await?);
     let group = RaftMessage { group_id: group_of_partition(0), payload: vec![1, 2, 3], quiesce: false };
-    expect_code("public AppendEntries", public.append_entries(group.clone()).await, Code::Unimplemented, "")?;
-    expect_code("public Vote", public.vote(group.clone()).await, Code::Unimplemented, "")?;
-    expect_code("public PreVote", public.pre_vote(group.clone()).await, Code::Unimplemented, "")?;
-    expect_code("public TransferLeader", public.transfer_leader(group.clone()).await, Code::Unimplemented, "")?;
+    let public_conversation = converse(&mut public, vec![call(1, RaftCallKind::AppendEntries, &group)]).await;
+    match public_conversation {
+        Err(e) => match e.downcast_ref::<tonic::Status>() {
+            Some(s) if s.code() == Code::Unimplemented => {}
+            _ => anyhow::bail!("public Converse: expected UNIMPLEMENTED, got {e}"),
+        },
+        Ok(replies) => anyhow::bail!("public Converse answered: {replies:?}"),
+    }
     expect_code("public Ping", public.ping(PingRequest { from_node_id: 9, boot_id: 1 }).await, Code::Unimplemented, "")?;
     let propose = ProposeRequest { partition: 0, events: vec![event(&target, "view", now, "via-public")] };
     expect_code("public Propose", public.propose(propose).await, Code::Unimplemented, "")?;
@@ -124,15 +152,30 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
         let nowhere = ProposeRequest { partition: PARTITIONS + 5, events: vec![event(&target, "view", now, "nowhere")] };
         expect_code(&at("Propose to a partition that does not exist"), peer.propose(nowhere).await, Code::InvalidArgument, "does not exist")?;
 
+        // One frame of hostile calls: each refused on its own, with its reason.
+        let mut calls = Vec::new();
+        let mut expected = Vec::new();
         for g in [0, group_of_partition(0), group_of_partition(PARTITIONS - 1)] {
             let garbage = RaftMessage { group_id: g, payload: vec![0xff; 64], quiesce: false };
-            expect_code(&at(&format!("AppendEntries garbage, group {g}")), peer.append_entries(garbage.clone()).await, Code::InvalidArgument, "undecodable")?;
-            expect_code(&at(&format!("Vote garbage, group {g}")), peer.vote(garbage.clone()).await, Code::InvalidArgument, "undecodable")?;
-            expect_code(&at(&format!("PreVote garbage, group {g}")), peer.pre_vote(garbage).await, Code::InvalidArgument, "undecodable")?;
+            for kind in [RaftCallKind::AppendEntries, RaftCallKind::Vote, RaftCallKind::PreVote, RaftCallKind::TransferLeader] {
+                calls.push(call(calls.len() as u64, kind, &garbage));
+                expected.push((format!("{kind:?} garbage, group {g}"), Code::InvalidArgument, "undecodable"));
+            }
         }
         let missing = RaftMessage { group_id: 10_000, payload: vec![0xff; 64], quiesce: false };
-        expect_code(&at("AppendEntries for a group that does not exist"), peer.append_entries(missing.clone()).await, Code::NotFound, "no partition")?;
-        expect_code(&at("Vote for a group that does not exist"), peer.vote(missing).await, Code::NotFound, "no partition")?;
+        for kind in [RaftCallKind::AppendEntries, RaftCallKind::Vote] {
+            calls.push(call(calls.len() as u64, kind, &missing));
+            expected.push((format!("{kind:?} for a group that does not exist"), Code::NotFound, "no partition"));
+        }
+        calls.push(PeerCall { id: calls.len() as u64, kind: 77, message: Some(missing.clone()) });
+        expected.push(("a call of an unknown kind".into(), Code::InvalidArgument, "unknown raft call kind 77"));
+        calls.push(PeerCall { id: calls.len() as u64, kind: 0, message: None });
+        expected.push(("a call without a message".into(), Code::InvalidArgument, "without a message"));
+        let replies = converse(&mut peer, calls).await?;
+        anyhow::ensure!(replies.len() == expected.len(), "{} replies to {} calls", replies.len(), expected.len());
+        for (reply, (what, code, says)) in replies.into_iter().zip(expected) {
+            expect_code::<()>(&at(&what), Err(reply), code, says)?;
+        }
         let chunk = SnapshotChunk { group_id: group_of_partition(0), header: vec![0xff; 8], data: vec![1; 16] };
         let snapshot = peer.install_snapshot(futures::stream::iter([chunk])).await;
         match &snapshot {

@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Raft};
 use tally_proto::partition::{group_of_partition, METADATA_GROUP};
@@ -25,6 +26,7 @@ use crate::meta::ClusterMap;
 use crate::processor::{self, IngestJob, ProcessorConfig};
 use crate::raft::liveness::Liveness;
 use crate::raft::network::NetworkFactory;
+use crate::raft::peer_link::LinkEvent;
 use crate::raft::peers::PeerPool;
 use crate::raft::quiesce::{QuiesceConfig, Quiescence};
 use crate::raft::types::NodeId;
@@ -32,6 +34,9 @@ use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::GroupStateMachine;
 use crate::storage::Engine;
 use crate::RaftInstance;
+
+/// Partition replicas opened at once when a map places many on this node.
+const OPEN_CONCURRENCY: usize = 16;
 
 /// A partition replica hosted here.
 pub struct PartitionReplica {
@@ -105,6 +110,16 @@ impl Node {
         let clock = Arc::new(ClusterClock::new(config.clock_offset_ms, Duration::from_millis(config.max_clock_skew_ms)));
         let (liveness, peer_changes) =
             Liveness::spawn(config.node_id, ping, suspect_after, peers.clone(), map_rx.clone(), clock.clone());
+        peers.set_link_events({
+            let liveness = Arc::downgrade(&liveness);
+            move |node, event| {
+                let Some(liveness) = liveness.upgrade() else { return };
+                match event {
+                    LinkEvent::Heard => liveness.heard_from(node),
+                    LinkEvent::Broken => liveness.probe_soon(),
+                }
+            }
+        });
         let quiescence = Quiescence::new(
             config.node_id,
             QuiesceConfig {
@@ -175,64 +190,88 @@ impl Node {
         }
     }
 
-    /// Open the groups the current map assigns to this node.
+    /// Open the groups the current map assigns to this node, a few at a
+    /// time: opening is mostly waiting on storage, and a node that opens a
+    /// thousand new groups one by one leaves its peers' designated leaders
+    /// asking for votes in groups it has not opened yet.
     async fn sync_groups_with_map(self: Arc<Self>) -> anyhow::Result<()> {
         let _guard = self.opening.lock().await;
         let map = self.map();
         if !map.is_initialized() {
             return Ok(());
         }
-        let data_dir = PathBuf::from(&self.config.data_dir);
-        for partition in map.partitions_of(self.id).collect::<Vec<_>>() {
-            if self.partition(partition).is_some() {
-                continue;
-            }
-            let group = group_of_partition(partition);
-            let dedup = Arc::new(DedupIndex::default());
-            let quiet = self.quiescence.register(group);
-            let raft = open_group(
-                &self.engine,
-                &data_dir,
-                &self.peers,
-                &self.raft_config,
-                self.id,
-                group,
-                dedup.clone(),
-                None,
-                Some(quiet.clone()),
-            )
-            .await
-            .with_context(|| format!("opening partition {partition}"))?;
-            self.quiescence.attach(&quiet, raft.clone());
-            let replicas = map.replicas_of(partition);
-            // Only the first map creates groups. Replicas placed by later maps
-            // join existing groups as learners (see reconciler); initialising
-            // them here would start a second, divergent group.
-            if map.version == 1 && replicas.first() == Some(&self.id) && !raft.is_initialized().await.unwrap_or(true) {
-                let members: BTreeMap<NodeId, BasicNode> = replicas
-                    .iter()
-                    .filter_map(|id| map.peer_addr_of(*id).map(|addr| (*id, BasicNode::new(addr))))
-                    .collect();
-                if let Err(e) = raft.initialize(members).await {
-                    tracing::debug!(partition, error = %e, "partition already initialised");
-                }
-            }
-            let ingest = processor::spawn(raft.clone(), dedup.clone(), self.processor_config(), quiet, self.clock.clone());
-            let recovered = Arc::new(AtomicBool::new(false));
-            tokio::spawn({
-                let (raft, recovered) = (raft.clone(), recovered.clone());
-                async move {
-                    if raft.wait_for_recovery(None).await.is_ok() {
-                        recovered.store(true, Ordering::Release);
-                    }
-                }
-            });
-            let replica = Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup });
+        let started = std::time::Instant::now();
+        let missing: Vec<u32> = map.partitions_of(self.id).filter(|p| self.partition(*p).is_none()).collect();
+        let opened = missing.len();
+        let mut opening = futures::stream::iter(missing)
+            .map(|partition| {
+                let (node, map) = (self.clone(), map.clone());
+                async move { node.open_partition(&map, partition).await.with_context(|| format!("opening partition {partition}")) }
+            })
+            .buffer_unordered(OPEN_CONCURRENCY);
+        while let Some(replica) = opening.next().await {
+            let replica = replica?;
             if let Ok(mut m) = self.partitions.write() {
-                m.insert(partition, replica);
+                m.insert(replica.partition, replica);
             }
         }
+        if opened > 0 {
+            tracing::info!(opened, took_ms = started.elapsed().as_millis() as u64, "opened partition replicas");
+        }
         Ok(())
+    }
+
+    async fn open_partition(&self, map: &ClusterMap, partition: u32) -> anyhow::Result<Arc<PartitionReplica>> {
+        let group = group_of_partition(partition);
+        let dedup = Arc::new(DedupIndex::default());
+        let quiet = self.quiescence.register(group);
+        let data_dir = PathBuf::from(&self.config.data_dir);
+        let raft = open_group(
+            &self.engine,
+            &data_dir,
+            &self.peers,
+            &self.raft_config,
+            self.id,
+            group,
+            dedup.clone(),
+            None,
+            Some(quiet.clone()),
+        )
+        .await?;
+        let replicas = map.replicas_of(partition);
+        // Only the first map creates groups. Replicas placed by later maps
+        // join existing groups as learners (see reconciler); initialising
+        // them here would start a second, divergent group.
+        let creates = map.version == 1 && replicas.first() == Some(&self.id) && !raft.is_initialized().await.unwrap_or(true);
+        // The creator is the designated leader (placement spreads first
+        // replicas evenly): it keeps its timers and elects at once, retrying
+        // on its election timer until the others have opened the group,
+        // while they stay dormant until they hear from it. A thousand new
+        // groups thus take one election each instead of a race of three.
+        self.quiescence.attach(&quiet, raft.clone(), creates);
+        if creates {
+            let members: BTreeMap<NodeId, BasicNode> = replicas
+                .iter()
+                .filter_map(|id| map.peer_addr_of(*id).map(|addr| (*id, BasicNode::new(addr))))
+                .collect();
+            match raft.initialize(members).await {
+                Ok(()) => {
+                    let _ = raft.trigger().elect(false).await;
+                }
+                Err(e) => tracing::debug!(partition, error = %e, "partition already initialised"),
+            }
+        }
+        let ingest = processor::spawn(raft.clone(), dedup.clone(), self.processor_config(), quiet, self.clock.clone());
+        let recovered = Arc::new(AtomicBool::new(false));
+        tokio::spawn({
+            let (raft, recovered) = (raft.clone(), recovered.clone());
+            async move {
+                if raft.wait_for_recovery(None).await.is_ok() {
+                    recovered.store(true, Ordering::Release);
+                }
+            }
+        });
+        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup }))
     }
 
     fn processor_config(&self) -> ProcessorConfig {

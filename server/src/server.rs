@@ -53,12 +53,15 @@ const PUBLIC_MAX_CONCURRENT_STREAMS: u32 = 1_024;
 /// Largest peer message: Raft entries batch up to 64 entries of group
 /// commits; snapshots travel in 1 MiB chunks.
 use crate::raft::network::PEER_MAX_MESSAGE_BYTES;
-/// HTTP/2 streams per peer connection. Every Raft group of a peer shares its
-/// one connection: with 1,000 partitions, elections and heartbeats alone
-/// exceed hyper's default of 200 concurrent streams, and refused streams
-/// time out as failed heartbeats and votes. Streams are small; bound them
-/// high.
+/// HTTP/2 streams per peer connection. Raft messages of every group share
+/// two long-lived streams per peer (`raft/peer_link.rs`); the rest are
+/// snapshots, forwarded proposals and pings. Proposals forwarded under load
+/// are the most numerous; bound them high.
 const PEER_MAX_CONCURRENT_STREAMS: u32 = 16_384;
+/// Streams a peer may reset before their request was even accepted, before
+/// the connection is dropped as abusive. h2's default (20) let a burst of
+/// timed-out calls take every group's traffic down with the connection.
+const PEER_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4_096;
 
 
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
@@ -152,6 +155,9 @@ fn peer_server(node: &std::sync::Arc<Node>, health: HealthServer<impl Health>) -
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(PEER_MAX_CONCURRENT_STREAMS)
+        .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .initial_stream_window_size(crate::raft::peers::PEER_STREAM_WINDOW)
+        .initial_connection_window_size(crate::raft::peers::PEER_CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(health)
         .add_service(

@@ -158,8 +158,13 @@ impl Cluster for ClusterService {
         let metadata = &self.node.metadata;
         if !metadata.is_initialized().await.map_err(|e| Status::internal(e.to_string()))? {
             let members: BTreeMap<NodeId, BasicNode> = nodes.iter().map(|(id, a)| (*id, BasicNode::new(&a.peer_addr))).collect();
-            if let Err(e) = metadata.initialize(members).await {
-                tracing::debug!(error = %e, "metadata group already initialised");
+            match metadata.initialize(members).await {
+                // The node called elects at once rather than waiting out an
+                // election timeout.
+                Ok(()) => {
+                    let _ = metadata.trigger().elect(false).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "metadata group already initialised"),
             }
         }
         let leader = metadata

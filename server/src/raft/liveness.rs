@@ -18,7 +18,11 @@
 //!   `Down` could notice.
 //!
 //! Pings travel on the pooled peer channel, so they take the same path, and
-//! the same faults, as Raft traffic.
+//! the same faults, as Raft traffic. Raft traffic also speaks for the peer
+//! (`peer_link.rs`): a reply from it counts as an answer, so a peer whose
+//! pings are slow on a starved machine while its Raft replies flow is not
+//! reported down (which would wake and re-elect hundreds of groups), and a
+//! conversation that breaks triggers a probe round at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,6 +65,8 @@ pub struct Liveness {
     peers: Mutex<HashMap<NodeId, PeerState>>,
     /// Fed with the peer clocks each ping carries.
     clock: Arc<ClusterClock>,
+    /// Wakes the probe loop before its next tick.
+    probe_now: tokio::sync::Notify,
 }
 
 /// Bound on undelivered changes; a consumer that falls this far behind has
@@ -85,6 +91,7 @@ impl Liveness {
             suspect_after,
             peers: Mutex::default(),
             clock,
+            probe_now: tokio::sync::Notify::new(),
         });
         let (tx, rx) = mpsc::channel(CHANGE_QUEUE);
         tokio::spawn(liveness.clone().probe_loop(peers, map, tx));
@@ -101,6 +108,25 @@ impl Liveness {
         node == self.node_id || self.peers.lock().map(|p| p.get(&node).is_none_or(|s| s.up)).unwrap_or(true)
     }
 
+    /// A conversation with `node` got a reply: as good as an answered ping
+    /// for reachability (restarts are still told by the pings' boot ids).
+    pub fn heard_from(&self, node: NodeId) {
+        if let Ok(mut peers) = self.peers.lock() {
+            if let Some(state) = peers.get_mut(&node) {
+                if state.up {
+                    state.last_ok = Instant::now();
+                    state.consecutive_failures = 0;
+                }
+            }
+        }
+    }
+
+    /// A conversation with `node` broke: probe every peer now rather than
+    /// at the next tick.
+    pub fn probe_soon(&self) {
+        self.probe_now.notify_one();
+    }
+
     async fn probe_loop(self: Arc<Self>, pool: Arc<PeerPool>, map: watch::Receiver<ClusterMap>, tx: mpsc::Sender<PeerChange>) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -109,7 +135,10 @@ impl Liveness {
         // if it dies, only its `Down` wakes those groups' followers.
         let mut known: HashMap<NodeId, String> = HashMap::new();
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.probe_now.notified() => {}
+            }
             {
                 let m = map.borrow();
                 for (id, addr) in m.nodes.iter().filter(|(id, _)| **id != self.node_id) {
@@ -186,7 +215,25 @@ mod tests {
             suspect_after: Duration::from_millis(300),
             peers: Mutex::default(),
             clock: Arc::new(ClusterClock::new(0, Duration::from_secs(2))),
+            probe_now: tokio::sync::Notify::new(),
         }
+    }
+
+    #[test]
+    fn raft_replies_keep_a_peer_with_slow_pings_up() {
+        let l = liveness();
+        let t0 = Instant::now();
+        assert!(l.record(vec![(2, Some(5))], t0).is_empty());
+        // Pings fail for longer than suspect_after, but replies keep coming.
+        for i in 1..=10u64 {
+            l.heard_from(2);
+            let now = Instant::now().max(t0 + Duration::from_millis(100 * i));
+            assert!(l.record(vec![(2, None)], now).is_empty(), "round {i}");
+        }
+        assert!(l.is_up(2));
+        // Then silence: the second failed round past suspect_after is down.
+        let later = Instant::now() + Duration::from_millis(400);
+        assert_eq!(l.record(vec![(2, None)], later), vec![PeerChange::Down(2)]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod liveness;
 pub mod network;
+pub mod peer_link;
 pub mod peers;
 pub mod quiesce;
 pub mod service;

@@ -1,6 +1,8 @@
 //! openraft's network for one group: requests are encoded with postcard,
-//! wrapped with the group id and sent over the pooled channel to the peer's
-//! internal Raft service. Snapshots stream from their file in chunks.
+//! wrapped with the group id and handed to the node's conversation with the
+//! peer (`peer_link.rs`), shared by every group: heartbeats and votes on its
+//! control lane, appends with entries on its data lane. Snapshots stream
+//! from their file in chunks on a call of their own.
 //! AppendEntries pass through the group's quiescence (`quiesce.rs`), which
 //! counts entries as activity and flags the heartbeats of idle groups.
 
@@ -16,11 +18,12 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use tally_proto::internal::raft_client::RaftClient;
-use tally_proto::internal::{RaftMessage, SnapshotChunk};
+use tally_proto::internal::{RaftCallKind, RaftMessage, SnapshotChunk};
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
-use super::peers::PeerPool;
+use super::peer_link::LinkError;
+use super::peers::{PeerLinks, PeerPool};
 use super::quiesce::GroupQuiescence;
 use super::types::{NodeId, TypeConfig, Vote};
 use crate::storage::codec::{decode, encode};
@@ -67,6 +70,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             group: self.group,
             target,
             channel: self.peers.channel(target, &node.addr).map_err(|e| e.to_string()),
+            links: self.peers.links(target, &node.addr).map_err(|e| e.to_string()),
             quiescence: self.quiescence.clone(),
         }
     }
@@ -75,7 +79,9 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct GroupNetwork {
     group: u32,
     target: NodeId,
+    /// For snapshots only.
     channel: Result<Channel, String>,
+    links: Result<PeerLinks, String>,
     quiescence: Option<Arc<GroupQuiescence>>,
 }
 
@@ -96,8 +102,15 @@ fn status_to_rpc(status: tonic::Status) -> RPCError<TypeConfig> {
     }
 }
 
+fn link_to_rpc(e: LinkError) -> RPCError<TypeConfig> {
+    match e {
+        LinkError::Status(status) => status_to_rpc(status),
+        LinkError::TimedOut(_) | LinkError::Unreachable(..) => RPCError::Unreachable(unreachable(e)),
+    }
+}
+
 impl GroupNetwork {
-    fn client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
+    fn snapshot_client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
         let channel = self.channel.as_ref().map_err(unreachable)?;
         // The peer's decode limit, on both sides: a request it would refuse
         // fails here instead of crossing the network first.
@@ -105,37 +118,32 @@ impl GroupNetwork {
         Ok(RaftClient::new(channel.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit))
     }
 
-    async fn call<Req, Resp, F, Fut>(&self, req: &Req, option: &RPCOption, f: F) -> Result<Resp, RPCError<TypeConfig>>
+    async fn call<Req, Resp>(&self, kind: RaftCallKind, req: &Req, option: &RPCOption) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
-        F: FnOnce(RaftClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        self.call_encoded(payload, false, option.hard_ttl(), f).await
+        self.call_encoded(kind, payload, false, option.hard_ttl(), false).await
     }
 
-    async fn call_encoded<Resp, F, Fut>(
+    /// One call on the control lane, or on the data lane if it carries entries.
+    async fn call_encoded<Resp>(
         &self,
+        kind: RaftCallKind,
         payload: Vec<u8>,
         quiesce: bool,
         ttl: Duration,
-        f: F,
+        carries_entries: bool,
     ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Resp: serde::de::DeserializeOwned,
-        F: FnOnce(RaftClient<Channel>, tonic::Request<RaftMessage>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
-        let mut request = tonic::Request::new(RaftMessage { group_id: self.group, payload, quiesce });
-        request.set_timeout(ttl);
-        let client = self.client()?;
-        let reply = tokio::time::timeout(ttl, f(client, request))
-            .await
-            .map_err(|_| RPCError::Unreachable(unreachable(format!("node {} timed out", self.target))))?
-            .map_err(status_to_rpc)?;
-        decode(&reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        let links = self.links.as_ref().map_err(|e| RPCError::Unreachable(unreachable(e)))?;
+        let link = if carries_entries { &links.data } else { &links.control };
+        let message = RaftMessage { group_id: self.group, payload, quiesce };
+        let reply = link.call(kind, message, ttl).await.map_err(link_to_rpc)?;
+        decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }
 
@@ -203,7 +211,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
             option.hard_ttl()
         };
         let mut resp: AppendEntriesResponse<TypeConfig> =
-            self.call_encoded(payload, flagged, ttl, |mut c, r| async move { c.append_entries(r).await }).await?;
+            self.call_encoded(RaftCallKind::AppendEntries, payload, flagged, ttl, has_entries).await?;
         if let (Some(last), true) = (sent_up_to, resp.is_success()) {
             // Only a prefix went; openraft sends the rest next.
             resp = AppendEntriesResponse::PartialSuccess(Some(last));
@@ -221,7 +229,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
+        self.call(RaftCallKind::Vote, &rpc, &option).await
     }
 
     async fn pre_vote(
@@ -229,7 +237,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.pre_vote(r).await }).await
+        self.call(RaftCallKind::PreVote, &rpc, &option).await
     }
 
     async fn transfer_leader(
@@ -237,7 +245,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&req, &option, |mut c, r| async move { c.transfer_leader(r).await }).await
+        self.call(RaftCallKind::TransferLeader, &req, &option).await
     }
 
     async fn full_snapshot(
@@ -277,7 +285,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
             Some((SnapshotChunk { group_id: group, header: Vec::new(), data: buf }, Some(file)))
         });
         let chunks = futures::StreamExt::chain(futures::stream::once(async move { first }), body);
-        let mut client = self.client().map_err(StreamingError::Unreachable)?;
+        let mut client = self.snapshot_client().map_err(StreamingError::Unreachable)?;
         let send = client.install_snapshot(chunks);
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),

@@ -9,7 +9,9 @@
 //! channel alone get client certificates once the peer port has mTLS.
 //!
 //! tonic channels multiplex HTTP/2 streams, so a node with 64 groups talks
-//! to a peer over one connection, not 64. `--peer-route` overrides reroute
+//! to a peer over one connection, not 64; on it, the Raft messages of every
+//! group travel in two conversations (`peer_link.rs`: a control lane and a
+//! data lane), not one stream per message. `--peer-route` overrides reroute
 //! the peer port only: that is the link a test's fault proxy stands on.
 
 use std::collections::HashMap;
@@ -18,7 +20,23 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
+use super::peer_link::{LinkEvent, PeerEvents, PeerLink};
 use crate::raft::types::NodeId;
+
+/// HTTP/2 flow-control windows of peer connections: one conversation
+/// carries every group's appends, so its stream window must hold a full
+/// AppendEntries and the connection a few of them.
+pub const PEER_STREAM_WINDOW: u32 = 16 << 20;
+pub const PEER_CONNECTION_WINDOW: u32 = 64 << 20;
+
+/// The two conversations with one peer.
+#[derive(Clone)]
+pub struct PeerLinks {
+    /// Heartbeats, votes, leadership transfers: small and urgent.
+    pub control: Arc<PeerLink>,
+    /// AppendEntries that carry entries.
+    pub data: Arc<PeerLink>,
+}
 
 pub struct PeerPool {
     /// Peer port channels: node → (address, channel).
@@ -28,11 +46,58 @@ pub struct PeerPool {
     connect_timeout: Duration,
     /// Per-peer overrides of the peer address (`--peer-route`).
     routes: HashMap<NodeId, String>,
+    /// Conversations per peer: node → (peer address, links).
+    links: RwLock<HashMap<NodeId, (String, PeerLinks)>>,
+    /// What the conversations learn about peers (liveness listens).
+    events: Arc<PeerEvents>,
 }
 
 impl PeerPool {
     pub fn new(connect_timeout: Duration, routes: HashMap<NodeId, String>) -> Arc<PeerPool> {
-        Arc::new(PeerPool { peer: RwLock::default(), public: RwLock::default(), connect_timeout, routes })
+        Arc::new(PeerPool {
+            peer: RwLock::default(),
+            public: RwLock::default(),
+            connect_timeout,
+            routes,
+            links: RwLock::default(),
+            events: Arc::default(),
+        })
+    }
+
+    /// Who hears what the conversations learn about peers; set once.
+    pub fn set_link_events(&self, sink: impl Fn(NodeId, LinkEvent) + Send + Sync + 'static) {
+        self.events.set(sink);
+    }
+
+    /// The conversations with `node` at `peer_addr`, started on first use
+    /// and replaced if the address changed.
+    pub fn links(&self, node: NodeId, peer_addr: &str) -> Result<PeerLinks, tonic::transport::Error> {
+        if let Ok(map) = self.links.read() {
+            if let Some((known, links)) = map.get(&node) {
+                if known == peer_addr {
+                    return Ok(links.clone());
+                }
+            }
+        }
+        let channel = self.channel(node, peer_addr)?;
+        let Ok(mut map) = self.links.write() else {
+            // Poisoned: serve unpooled links rather than none.
+            return Ok(PeerLinks {
+                control: PeerLink::start(node, channel.clone(), self.events.clone()),
+                data: PeerLink::start(node, channel, self.events.clone()),
+            });
+        };
+        if let Some((known, links)) = map.get(&node) {
+            if known == peer_addr {
+                return Ok(links.clone());
+            }
+        }
+        let links = PeerLinks {
+            control: PeerLink::start(node, channel.clone(), self.events.clone()),
+            data: PeerLink::start(node, channel, self.events.clone()),
+        };
+        map.insert(node, (peer_addr.to_string(), links.clone()));
+        Ok(links)
     }
 
     /// The channel to `node`'s peer port at `peer_addr` (or its route);
@@ -81,6 +146,8 @@ impl PeerPool {
             // every stream on its peer connection cut.
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
+            .initial_stream_window_size(PEER_STREAM_WINDOW)
+            .initial_connection_window_size(PEER_CONNECTION_WINDOW)
             .connect_lazy())
     }
 }

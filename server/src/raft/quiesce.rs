@@ -274,10 +274,12 @@ impl Quiescence {
 
     /// Hand the group its Raft instance; a dormant start stops its timer
     /// before the first tick (openraft's first tick waits at least one
-    /// period).
-    pub fn attach(&self, g: &GroupQuiescence, raft: RaftInstance) {
+    /// period). `designated_leader`: this replica creates the group and
+    /// elects at once, so it keeps its timers (its election must be retried
+    /// if the others have not opened the group yet).
+    pub fn attach(&self, g: &GroupQuiescence, raft: RaftInstance, designated_leader: bool) {
         let _ = g.raft.set(raft);
-        if self.enabled() {
+        if self.enabled() && !designated_leader {
             if let Ok(mut s) = g.state.lock() {
                 g.set(&mut s, State::Dormant { since: Instant::now() });
             }

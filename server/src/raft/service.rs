@@ -5,14 +5,20 @@
 //! NOT_FOUND, and forwarded proposals are checked like client batches
 //! (`api/propose.rs`).
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tally_proto::internal::raft_server::Raft as RaftRpc;
-use tally_proto::internal::{PingRequest, PingResponse, ProposeRequest, ProposeResponse, RaftMessage, SnapshotChunk};
+use tally_proto::internal::{
+    PeerCall, PeerFrame, PeerReply, PeerReplyFrame, PingRequest, PingResponse, ProposeRequest, ProposeResponse, RaftCallKind,
+    RaftMessage, SnapshotChunk,
+};
 use tokio::io::AsyncWriteExt;
-use tonic::{Request, Response, Status, Streaming};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::types::{SnapshotMeta, TypeConfig, Vote};
 use crate::api::propose;
@@ -21,6 +27,13 @@ use crate::storage::codec::{decode, encode};
 use crate::storage::snapshot::{SnapshotDir, SnapshotFile};
 use crate::storage::state_machine::Snapshot;
 use crate::RaftInstance;
+
+/// Calls of one conversation being handled at once, at most.
+const CONVERSE_CALLS_IN_FLIGHT: usize = 4_096;
+/// Finished replies waiting to be framed.
+const CONVERSE_REPLY_QUEUE: usize = 4_096;
+/// Replies packed into one frame at most.
+const CONVERSE_REPLIES_PER_FRAME: usize = 2_048;
 
 pub struct RaftService {
     node: Arc<Node>,
@@ -31,20 +44,38 @@ impl RaftService {
         RaftService { node }
     }
 
-    /// Decode a group's request, hand it to the group's Raft, encode the reply.
-    async fn dispatch<Req, Resp, E, F, Fut>(&self, request: Request<RaftMessage>, call: F) -> Result<Response<RaftMessage>, Status>
-    where
-        Req: serde::de::DeserializeOwned,
-        Resp: serde::Serialize,
-        E: std::fmt::Display,
-        F: FnOnce(RaftInstance, Req) -> Fut,
-        Fut: std::future::Future<Output = Result<Resp, E>>,
-    {
-        let msg = request.into_inner();
+    /// One Raft call of a conversation: decode it, hand it to its group's
+    /// Raft, encode the reply.
+    async fn handle(&self, kind: RaftCallKind, msg: RaftMessage) -> Result<Vec<u8>, Status> {
         let raft = self.group(msg.group_id)?;
-        let rpc: Req = decode(&msg.payload).map_err(bad_payload)?;
-        let resp = call(raft, rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        reply(msg.group_id, &resp)
+        let group = msg.group_id;
+        match kind {
+            RaftCallKind::AppendEntries => {
+                let rpc: AppendEntriesRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
+                let leader = rpc.vote.leader_id().node_id;
+                let resp = raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+                if let Some(q) = self.node.quiescence.group(group) {
+                    q.received(leader, msg.quiesce, resp.is_success());
+                }
+                encode_reply(&resp)
+            }
+            RaftCallKind::Vote => {
+                let rpc: VoteRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
+                encode_reply(&raft.vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?)
+            }
+            RaftCallKind::PreVote => {
+                let rpc: VoteRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
+                encode_reply(&raft.pre_vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?)
+            }
+            RaftCallKind::TransferLeader => {
+                let rpc: TransferLeaderRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
+                let (leader, to) = (rpc.from_leader().leader_id().node_id, *rpc.to_node_id());
+                let resp = raft.handle_transfer_leader(rpc).await;
+                // The leader stepped aside: a quiesced replica must not sleep through it.
+                self.node.quiescence.leader_stepping_aside(group, leader, to);
+                encode_reply(&resp.map_err(|e| Status::unavailable(e.to_string()))?)
+            }
+        }
     }
 
     /// The group's Raft: NOT_FOUND for a group the cluster does not have,
@@ -68,23 +99,58 @@ fn bad_payload(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("undecodable raft payload: {e}"))
 }
 
+fn encode_reply<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
+    encode(value).map_err(|e| Status::internal(e.to_string()))
+}
+
 fn reply<T: serde::Serialize>(group: u32, value: &T) -> Result<Response<RaftMessage>, Status> {
-    let payload = encode(value).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(RaftMessage { group_id: group, payload, quiesce: false }))
+    Ok(Response::new(RaftMessage { group_id: group, payload: encode_reply(value)?, quiesce: false }))
+}
+
+/// Answer one call of a conversation.
+async fn answer(service: &RaftService, call: PeerCall) -> PeerReply {
+    let id = call.id;
+    let result = match (RaftCallKind::try_from(call.kind), call.message) {
+        (Ok(kind), Some(msg)) => service.handle(kind, msg).await,
+        (Err(_), _) => Err(Status::invalid_argument(format!("unknown raft call kind {}", call.kind))),
+        (_, None) => Err(Status::invalid_argument("raft call without a message")),
+    };
+    match result {
+        Ok(payload) => PeerReply { id, code: Code::Ok as i32, error: String::new(), payload },
+        Err(status) => PeerReply { id, code: status.code() as i32, error: status.message().to_string(), payload: Vec::new() },
+    }
 }
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
-    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let msg = request.into_inner();
-        let raft = self.group(msg.group_id)?;
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
-        let leader = rpc.vote.leader_id().node_id;
-        let resp = raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        if let Some(q) = self.node.quiescence.group(msg.group_id) {
-            q.received(leader, msg.quiesce, resp.is_success());
-        }
-        reply(msg.group_id, &resp)
+    type ConverseStream = Pin<Box<dyn Stream<Item = Result<PeerReplyFrame, Status>> + Send + 'static>>;
+
+    async fn converse(&self, request: Request<Streaming<PeerFrame>>) -> Result<Response<Self::ConverseStream>, Status> {
+        let mut inbound = request.into_inner();
+        let service = Arc::new(RaftService { node: self.node.clone() });
+        let (replies, replies_rx) = mpsc::channel::<PeerReply>(CONVERSE_REPLY_QUEUE);
+        let calls_in_flight = Arc::new(Semaphore::new(CONVERSE_CALLS_IN_FLIGHT));
+        tokio::spawn(async move {
+            // Each call on its own task: a slow one (an fsync, a group busy
+            // applying) holds back only its own reply. Past the in-flight
+            // bound this loop stops reading, and HTTP/2 flow control pushes
+            // back on the sender.
+            while let Ok(Some(frame)) = inbound.message().await {
+                for call in frame.calls {
+                    let Ok(permit) = calls_in_flight.clone().acquire_owned().await else { return };
+                    let (service, replies) = (service.clone(), replies.clone());
+                    tokio::spawn(async move {
+                        let reply = answer(&service, call).await;
+                        let _ = replies.send(reply).await;
+                        drop(permit);
+                    });
+                }
+            }
+        });
+        let frames = ReceiverStream::new(replies_rx)
+            .ready_chunks(CONVERSE_REPLIES_PER_FRAME)
+            .map(|replies| Ok(PeerReplyFrame { replies }));
+        Ok(Response::new(Box::pin(frames)))
     }
 
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
@@ -94,26 +160,6 @@ impl RaftRpc for RaftService {
             boot_id: self.node.liveness.boot_id(),
             wall_ms: self.node.clock.local_ms(),
         }))
-    }
-
-    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.dispatch(request, |raft, rpc: VoteRequest<TypeConfig>| async move { raft.vote(rpc).await }).await
-    }
-
-    async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.dispatch(request, |raft, rpc: VoteRequest<TypeConfig>| async move { raft.pre_vote(rpc).await }).await
-    }
-
-    async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let (group, node) = (request.get_ref().group_id, self.node.clone());
-        self.dispatch(request, |raft, rpc: TransferLeaderRequest<TypeConfig>| async move {
-            let (leader, to) = (rpc.from_leader().leader_id().node_id, *rpc.to_node_id());
-            let resp = raft.handle_transfer_leader(rpc).await;
-            // The leader stepped aside: a quiesced replica must not sleep through it.
-            node.quiescence.leader_stepping_aside(group, leader, to);
-            resp
-        })
-        .await
     }
 
     async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {
