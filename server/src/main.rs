@@ -4,8 +4,25 @@ use clap::Parser;
 use tally_server::config::Cli;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Threads of tokio's blocking pool at most. Storage runs its RocksDB and
+/// file calls there, at most `storage::engine::BLOCKING_PERMITS` +
+/// `BULK_PERMITS` at once, so `tokio::fs` and DNS lookups keep threads of
+/// their own; beyond this many, work queues for a free thread instead of
+/// spawning more. Tokio's default, 512, would let a burst of slow disk
+/// reads start hundreds of threads.
+const MAX_BLOCKING_THREADS: usize = 64;
+
+fn main() -> anyhow::Result<()> {
+    // Worker threads: one per core, tokio's default.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+        .map_err(|e| anyhow::anyhow!("tokio runtime: {e}"))?;
+    runtime.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     // openraft warns on every failed heartbeat and vote: with hundreds of
     // groups a dead peer means thousands of lines a second, which costs more
     // CPU than the failure. `RUST_LOG=info,openraft=warn` brings them back.

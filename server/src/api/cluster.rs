@@ -45,6 +45,7 @@ impl Cluster for ClusterService {
             }
             let group = tally_proto::partition::group_of_partition(replica.partition);
             let (applied_index, digest, keys) = crate::storage::read::state_digest(&self.node.engine, group)
+                .await
                 .map_err(|e| Status::internal(e.to_string()))?;
             partitions.push(PartitionDigest { partition: replica.partition, applied_index, digest, keys });
         }

@@ -123,6 +123,7 @@ impl Query for QueryService {
         let (from, to) = align_range(req.from_ms, req.to_ms);
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let total = read_stats(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, from, to)
+            .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let (sum, sum_overflow) = total.sum_i64();
         Ok(Response::new(StatsResponse {
@@ -163,6 +164,7 @@ impl Query for QueryService {
         };
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let series = read_series(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, granularity, from, to)
+            .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(SeriesResponse {
             buckets: series

@@ -1,10 +1,15 @@
 //! openraft log storage for one group: entries, vote and committed id under
 //! the group's key prefix in the shared RocksDB.
 //!
-//! Appends are written unsynced and acknowledged to openraft through the
-//! engine's WAL syncer once fsync'd; votes and truncations wait for their
-//! fsync before returning, because a forgotten vote or a resurrected
-//! conflicting entry would break Raft's safety.
+//! Nothing here touches RocksDB on the caller's (tokio worker) thread:
+//! writes are encoded here and handed to the engine's log writer thread,
+//! reads run on the engine's blocking pool (see `engine.rs`). Appends return
+//! once written (readable, as openraft requires) and are acknowledged to
+//! openraft through the WAL syncer once fsync'd; votes and truncations wait
+//! for their fsync before returning, because a forgotten vote or a
+//! resurrected conflicting entry would break Raft's safety. All of a group's
+//! writes go through the one FIFO writer, so a truncation is ordered with
+//! the appends around it.
 
 use std::{fmt::Debug, io, ops::RangeBounds, sync::Arc};
 
@@ -28,49 +33,18 @@ impl LogStore {
         LogStore { group, engine }
     }
 
-    fn get_raft_meta<T: serde::de::DeserializeOwned>(&self, tag: u8) -> Result<Option<T>, StorageError> {
-        let cf = self.engine.cf(CF_RAFT)?;
-        match self.engine.db().get_pinned_cf(cf, keys::tagged(self.group, tag))? {
-            Some(bytes) => Ok(Some(decode(&bytes)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn last_log_id_in_store(&self) -> Result<Option<LogId>, StorageError> {
-        let cf = self.engine.cf(CF_LOG)?;
-        let end = keys::log_key(self.group, u64::MAX);
-        let mut iter = self.engine.db().iterator_cf(cf, IteratorMode::From(&end, Direction::Reverse));
-        match iter.next() {
-            Some(item) => {
-                let (key, value) = item?;
-                if !key.starts_with(&keys::group_prefix(self.group)) {
-                    return Ok(None);
-                }
-                let entry: Entry = decode(&value)?;
-                Ok(Some(entry.log_id))
-            }
-            None => Ok(None),
-        }
-    }
-
-    fn read_entries(&self, start: u64, end_exclusive: u64) -> Result<Vec<Entry>, StorageError> {
-        if start >= end_exclusive {
-            return Ok(Vec::new());
-        }
-        let cf = self.engine.cf(CF_LOG)?;
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(keys::log_key(self.group, end_exclusive).to_vec());
-        let from = keys::log_key(self.group, start);
-        let iter = self.engine.db().iterator_cf_opt(cf, opts, IteratorMode::From(&from, Direction::Forward));
-        let mut entries = Vec::new();
-        for item in iter {
-            let (_, value) = item?;
-            entries.push(decode::<Entry>(&value)?);
-        }
-        Ok(entries)
+    /// Run a read of this group's log on the engine's blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, io::Error>
+    where
+        F: FnOnce(&Engine, u32) -> Result<T, StorageError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let group = self.group;
+        Ok(self.engine.blocking(move |engine| f(engine, group)).await?)
     }
 
     /// Remove every trace of this group (the node no longer replicates it).
+    /// Writes on the calling thread: a rare administrative step.
     pub fn delete_all(&self) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         let start = keys::group_prefix(self.group);
@@ -79,6 +53,48 @@ impl LogStore {
         batch.delete_range_cf(self.engine.cf(CF_RAFT)?, start, end);
         self.engine.write(batch)
     }
+}
+
+fn get_raft_meta<T: serde::de::DeserializeOwned>(engine: &Engine, group: u32, tag: u8) -> Result<Option<T>, StorageError> {
+    let cf = engine.cf(CF_RAFT)?;
+    match engine.db().get_pinned_cf(cf, keys::tagged(group, tag))? {
+        Some(bytes) => Ok(Some(decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+fn last_log_id_in_store(engine: &Engine, group: u32) -> Result<Option<LogId>, StorageError> {
+    let cf = engine.cf(CF_LOG)?;
+    let end = keys::log_key(group, u64::MAX);
+    let mut iter = engine.db().iterator_cf(cf, IteratorMode::From(&end, Direction::Reverse));
+    match iter.next() {
+        Some(item) => {
+            let (key, value) = item?;
+            if !key.starts_with(&keys::group_prefix(group)) {
+                return Ok(None);
+            }
+            let entry: Entry = decode(&value)?;
+            Ok(Some(entry.log_id))
+        }
+        None => Ok(None),
+    }
+}
+
+fn read_entries(engine: &Engine, group: u32, start: u64, end_exclusive: u64) -> Result<Vec<Entry>, StorageError> {
+    if start >= end_exclusive {
+        return Ok(Vec::new());
+    }
+    let cf = engine.cf(CF_LOG)?;
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(keys::log_key(group, end_exclusive).to_vec());
+    let from = keys::log_key(group, start);
+    let iter = engine.db().iterator_cf_opt(cf, opts, IteratorMode::From(&from, Direction::Forward));
+    let mut entries = Vec::new();
+    for item in iter {
+        let (_, value) = item?;
+        entries.push(decode::<Entry>(&value)?);
+    }
+    Ok(entries)
 }
 
 fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
@@ -102,11 +118,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
         let (start, end) = bounds(&range);
-        Ok(self.read_entries(start, end)?)
+        self.read(move |engine, group| read_entries(engine, group, start, end)).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.get_raft_meta(RAFT_VOTE)?)
+        self.read(|engine, group| get_raft_meta(engine, group, RAFT_VOTE)).await
     }
 }
 
@@ -114,9 +130,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged: Option<LogId> = self.get_raft_meta(RAFT_PURGED)?;
-        let last = self.last_log_id_in_store()?.or(last_purged);
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        self.read(|engine, group| {
+            let last_purged: Option<LogId> = get_raft_meta(engine, group, RAFT_PURGED)?;
+            let last = last_log_id_in_store(engine, group)?.or(last_purged);
+            Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        })
+        .await
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -126,22 +145,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.engine.cf(CF_RAFT)?, keys::tagged(self.group, RAFT_VOTE), encode(vote)?);
-        self.engine.write(batch)?;
-        self.engine.sync().await?;
+        self.engine.write_durable(batch).await?;
         Ok(())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         // Not synced: openraft only uses it to re-apply sooner after restart;
-        // losing it is safe.
+        // losing it is safe. Awaited until written, so `read_committed`
+        // sees it.
         let mut batch = WriteBatch::default();
         batch.put_cf(self.engine.cf(CF_RAFT)?, keys::tagged(self.group, RAFT_COMMITTED), encode(&committed)?);
-        self.engine.write(batch)?;
+        self.engine.write_queued(batch).await?;
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.get_raft_meta::<Option<LogId>>(RAFT_COMMITTED)?.flatten())
+        self.read(|engine, group| Ok(get_raft_meta::<Option<LogId>>(engine, group, RAFT_COMMITTED)?.flatten())).await
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
@@ -154,8 +173,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             batch.put_cf(cf, keys::log_key(self.group, entry.log_id.index), encode(&entry)?);
         }
-        self.engine.write(batch)?;
-        self.engine.sync_then(callback).await?;
+        // Returns once written (readable); `callback` after the fsync.
+        self.engine.append(batch, callback).await?;
         Ok(())
     }
 
@@ -163,8 +182,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.engine.cf(CF_LOG)?, &keys::log_key(self.group, from)[..], &keys::group_end(self.group)[..]);
-        self.engine.write(batch)?;
-        self.engine.sync().await?;
+        self.engine.write_durable(batch).await?;
         Ok(())
     }
 
@@ -177,7 +195,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             keys::log_key(self.group, log_id.index.saturating_add(1)),
         );
         // Unsynced: if lost, the purged entries come back with it — harmless.
-        self.engine.write(batch)?;
+        self.engine.write_queued(batch).await?;
         Ok(())
     }
 }

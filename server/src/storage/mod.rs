@@ -11,6 +11,8 @@ pub mod snapshot;
 pub mod state_machine;
 
 #[cfg(test)]
+mod log_store_tests;
+#[cfg(test)]
 mod openraft_suite;
 #[cfg(test)]
 mod state_machine_tests;

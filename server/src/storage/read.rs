@@ -1,6 +1,12 @@
 //! Reads of a partition's counts: stats over a range (the fewest
 //! month/day/hour/minute buckets, fetched with one multi-get) and series of
 //! one granularity (one range scan).
+//!
+//! The public functions are async and run their RocksDB reads on the
+//! engine's blocking pool ([`Engine::blocking`]), never on the API's tokio
+//! worker.
+
+use std::sync::Arc;
 
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 use tally_proto::time::{decompose, series_starts, Granularity};
@@ -10,15 +16,14 @@ use super::keys::{self, CF_COUNTS};
 use super::{Engine, StorageError};
 
 /// Total over a minute-aligned [from, to).
-pub fn read_stats(
-    engine: &Engine,
+pub async fn read_stats(
+    engine: &Arc<Engine>,
     group: u32,
     entity_id: &[u8],
     event_type: &str,
     from_ms: i64,
     to_ms: i64,
 ) -> Result<CountSum, StorageError> {
-    let cf = engine.cf(CF_COUNTS)?;
     let prefixes: Vec<Vec<u8>> = Granularity::ALL
         .iter()
         .map(|g| keys::series_prefix(group, entity_id, event_type, *g))
@@ -27,18 +32,22 @@ pub fn read_stats(
         .into_iter()
         .map(|(g, start)| keys::counts_key(&prefixes[g.as_u8() as usize], start))
         .collect();
-    let mut total = CountSum::default();
-    for value in engine.db().batched_multi_get_cf(cf, &keys, false) {
-        if let Some(v) = value? {
-            total = total.add(CountSum::decode(&v));
-        }
-    }
-    Ok(total)
+    engine
+        .blocking(move |engine| {
+            let mut total = CountSum::default();
+            for value in engine.db().batched_multi_get_cf(engine.cf(CF_COUNTS)?, &keys, false) {
+                if let Some(v) = value? {
+                    total = total.add(CountSum::decode(&v));
+                }
+            }
+            Ok(total)
+        })
+        .await
 }
 
 /// Buckets of `granularity` covering [from, to), empty ones included.
-pub fn read_series(
-    engine: &Engine,
+pub async fn read_series(
+    engine: &Arc<Engine>,
     group: u32,
     entity_id: &[u8],
     event_type: &str,
@@ -50,27 +59,36 @@ pub fn read_series(
     let (Some(&first), Some(&last)) = (starts.first(), starts.last()) else {
         return Ok(Vec::new());
     };
-    let cf = engine.cf(CF_COUNTS)?;
     let prefix = keys::series_prefix(group, entity_id, event_type, granularity)?;
-    let mut opts = ReadOptions::default();
-    opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
-    let from_key = keys::counts_key(&prefix, first);
-    let mut found = std::collections::HashMap::new();
-    for item in engine.db().iterator_cf_opt(cf, opts, IteratorMode::From(&from_key, Direction::Forward)) {
-        let (key, value) = item?;
-        if !key.starts_with(&prefix) {
-            break;
-        }
-        if let Some(bucket) = keys::bucket_of_counts_key(&key) {
-            found.insert(bucket, CountSum::decode(&value));
-        }
-    }
+    let found = engine
+        .blocking(move |engine| {
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
+            let from_key = keys::counts_key(&prefix, first);
+            let mut found = std::collections::HashMap::new();
+            let iter = engine.db().iterator_cf_opt(engine.cf(CF_COUNTS)?, opts, IteratorMode::From(&from_key, Direction::Forward));
+            for item in iter {
+                let (key, value) = item?;
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                if let Some(bucket) = keys::bucket_of_counts_key(&key) {
+                    found.insert(bucket, CountSum::decode(&value));
+                }
+            }
+            Ok(found)
+        })
+        .await?;
     Ok(starts.into_iter().map(|s| (s, found.get(&s).copied().unwrap_or_default())).collect())
 }
 
 /// Digest of a group's replicated state (counts and dedup keys) and the
 /// applied index it corresponds to, read from one RocksDB snapshot.
-pub fn state_digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), StorageError> {
+pub async fn state_digest(engine: &Arc<Engine>, group: u32) -> Result<(u64, u64, u64), StorageError> {
+    engine.blocking(move |engine| digest(engine, group)).await
+}
+
+fn digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), StorageError> {
     use super::codec::decode;
     use super::keys::{CF_STATE, STATE_APPLIED, STATE_CONFLICTS, STATE_DEDUP};
     let db = engine.db();

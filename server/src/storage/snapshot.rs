@@ -176,9 +176,13 @@ pub fn write_snapshot_file(
 ///
 /// Crash safety: the first batch deletes the old state and sets the
 /// INSTALLING marker; the last one writes the applied id and clears the
-/// marker. A node that restarts with the marker set reloads its newest local
-/// snapshot file (see the state machine's recovery).
-pub async fn install_snapshot_file(engine: &Engine, group: u32, path: &Path) -> Result<SnapshotMeta, StorageError> {
+/// marker; both are fsync'd before going on. A node that restarts with the
+/// marker set reloads its newest local snapshot file (see the state
+/// machine's recovery).
+///
+/// Blocking (file reads and RocksDB writes): run it on the engine's
+/// blocking pool.
+pub fn install_snapshot_file(engine: &Engine, group: u32, path: &Path) -> Result<SnapshotMeta, StorageError> {
     let state = engine.cf(CF_STATE)?;
     let counts = engine.cf(CF_COUNTS)?;
     let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
@@ -188,8 +192,7 @@ pub async fn install_snapshot_file(engine: &Engine, group: u32, path: &Path) -> 
     batch.delete_range_cf(state, keys::group_prefix(group), keys::group_end(group));
     batch.delete_range_cf(counts, keys::group_prefix(group), keys::group_end(group));
     batch.put_cf(state, keys::tagged(group, STATE_INSTALLING), []);
-    engine.write(batch)?;
-    engine.sync().await?;
+    engine.write_synced(batch)?;
 
     let mut batch = WriteBatch::default();
     loop {
@@ -214,7 +217,6 @@ pub async fn install_snapshot_file(engine: &Engine, group: u32, path: &Path) -> 
     batch.put_cf(state, keys::tagged(group, keys::STATE_APPLIED), encode(&meta.last_log_id)?);
     batch.put_cf(state, keys::tagged(group, keys::STATE_MEMBERSHIP), encode(&meta.last_membership)?);
     batch.delete_cf(state, keys::tagged(group, STATE_INSTALLING));
-    engine.write(batch)?;
-    engine.sync().await?;
+    engine.write_synced(batch)?;
     Ok(meta)
 }

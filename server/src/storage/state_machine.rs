@@ -6,6 +6,15 @@
 //! merged deltas of every entry in the round together with the new applied
 //! log id, so state and applied id can never disagree after a crash: an
 //! entry is either fully applied or re-applied from the log.
+//!
+//! Every RocksDB and file call runs on the engine's blocking pool
+//! ([`Engine::blocking`]), never on a tokio worker. A round's work — dedup,
+//! aggregation, building and writing the batch — is a function of the
+//! round's entries, the shared dedup index and the applied id it starts
+//! from (`apply_chunk`); the state machine awaits it, then takes the new
+//! applied id, membership and cluster map and only then answers the
+//! round's responders, so a client never hears of an entry before its
+//! state is written. Rounds of one group run one after another.
 
 use std::io;
 use std::sync::Arc;
@@ -25,7 +34,7 @@ use super::snapshot::{self, SnapshotDir, SnapshotFile};
 use super::{Engine, StorageError};
 use crate::dedup::DedupIndex;
 use crate::meta::ClusterMap;
-use crate::raft::types::{Command, CommandOutcome, IngestBatch, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::raft::types::{Command, CommandOutcome, Entry, IngestBatch, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
 pub type Snapshot = openraft::storage::Snapshot<
     openraft::impls::leader_id_adv::LeaderId<u64, u64>,
@@ -48,6 +57,23 @@ pub struct GroupStateMachine {
     cluster_map: Option<watch::Sender<ClusterMap>>,
 }
 
+/// A group's state machine as on disk: what [`load_state`] reads back.
+struct Loaded {
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    cluster_map: Option<ClusterMap>,
+}
+
+/// What one apply round changed, for the state machine to take over.
+struct Applied {
+    applied: Option<LogId>,
+    /// The newest membership among the round's entries, if any.
+    membership: Option<StoredMembership>,
+    cluster_map: Option<ClusterMap>,
+    /// One per entry, in order.
+    outcomes: Vec<CommandOutcome>,
+}
+
 impl GroupStateMachine {
     pub async fn open(
         engine: Arc<Engine>,
@@ -56,8 +82,17 @@ impl GroupStateMachine {
         dedup: Arc<DedupIndex>,
         cluster_map: Option<watch::Sender<ClusterMap>>,
     ) -> Result<GroupStateMachine, StorageError> {
-        let snapshots = SnapshotDir::new(snapshot_root, group)?;
-        snapshots.remove_temp_files()?;
+        let root = snapshot_root.to_path_buf();
+        let shared_dedup = dedup.clone();
+        let (snapshots, loaded) = engine
+            .blocking_bulk(move |engine| {
+                let snapshots = SnapshotDir::new(&root, group)?;
+                snapshots.remove_temp_files()?;
+                recover_interrupted_install(engine, group, &snapshots)?;
+                let loaded = load_state(engine, group, &shared_dedup)?;
+                Ok((snapshots, loaded))
+            })
+            .await?;
         let mut sm = GroupStateMachine {
             group,
             engine,
@@ -67,179 +102,185 @@ impl GroupStateMachine {
             snapshots,
             cluster_map,
         };
-        let installing = sm
-            .engine
-            .db()
-            .get_pinned_cf(sm.engine.cf(CF_STATE)?, keys::tagged(group, keys::STATE_INSTALLING))?
-            .is_some();
-        if installing {
-            tracing::warn!(group, "snapshot install was interrupted; restoring the newest local snapshot");
-            match sm.snapshots.newest()? {
-                Some((_, path)) => {
-                    snapshot::install_snapshot_file(&sm.engine, group, &path).await?;
-                }
-                None => {
-                    let mut batch = WriteBatch::default();
-                    batch.delete_range_cf(sm.engine.cf(CF_STATE)?, keys::group_prefix(group), keys::group_end(group));
-                    batch.delete_range_cf(sm.engine.cf(CF_COUNTS)?, keys::group_prefix(group), keys::group_end(group));
-                    sm.engine.write(batch)?;
-                    sm.engine.sync().await?;
-                }
-            }
-        }
-        sm.load_from_db()?;
+        sm.take_loaded(loaded);
         Ok(sm)
     }
 
-    fn get_state<T: serde::de::DeserializeOwned>(&self, tag: u8) -> Result<Option<T>, StorageError> {
-        let cf = self.engine.cf(CF_STATE)?;
-        match self.engine.db().get_pinned_cf(cf, keys::tagged(self.group, tag))? {
-            Some(bytes) => Ok(Some(decode(&bytes)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Rebuild the in-memory view (applied id, membership, dedup index,
-    /// cluster map) from what is on disk.
-    fn load_from_db(&mut self) -> Result<(), StorageError> {
-        self.applied = self.get_state::<Option<LogId>>(keys::STATE_APPLIED)?.flatten();
-        self.membership = self.get_state(keys::STATE_MEMBERSHIP)?.unwrap_or_default();
-        let mut dedup = self.dedup.lock();
-        dedup.clear();
-        let cf = self.engine.cf(CF_STATE)?;
-        let start = keys::tagged(self.group, keys::STATE_DEDUP);
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(keys::tagged(self.group, keys::STATE_DEDUP + 1).to_vec());
-        for item in self.engine.db().iterator_cf_opt(cf, opts, IteratorMode::From(&start, Direction::Forward)) {
-            let (key, value) = item?;
-            let stamp = keys::dedup_stamp_of(&key).ok_or_else(|| StorageError::Corrupt("dedup key".into()))?;
-            dedup.insert_batch(stamp, decode(&value)?);
-        }
-        drop(dedup);
-        let clock = self.get_state::<u64>(keys::STATE_LOG_CLOCK)?.unwrap_or(0);
-        let conflicts = self.get_state::<u64>(keys::STATE_CONFLICTS)?.unwrap_or(0);
-        self.dedup.lock().restore_counters(clock, conflicts);
-        if let Some(tx) = &self.cluster_map {
-            if let Some(map) = self.get_state::<ClusterMap>(keys::STATE_CLUSTER_MAP)? {
-                tx.send_replace(map);
-            }
-        }
-        Ok(())
-    }
-
-    /// Apply a run of entries in one RocksDB write.
-    fn apply_chunk(
-        &mut self,
-        chunk: Vec<EntryResponder<TypeConfig>>,
-    ) -> Result<Vec<(Option<openraft::storage::ApplyResponder<TypeConfig>>, CommandOutcome)>, StorageError> {
-        let engine = self.engine.clone();
-        let state_cf = engine.cf(CF_STATE)?;
-        let counts_cf = engine.cf(CF_COUNTS)?;
-        let mut batch = WriteBatch::default();
-        let mut merged: HashMap<Vec<u8>, CountSum> = HashMap::new();
-        let mut replies = Vec::with_capacity(chunk.len());
-        let mut new_map = None;
-        for (entry, responder) in chunk {
-            let mut outcome = CommandOutcome::default();
-            match entry.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Membership(m) => {
-                    self.membership = StoredMembership::new(Some(entry.log_id), m);
-                    batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_MEMBERSHIP), encode(&self.membership)?);
-                }
-                EntryPayload::Normal(Command::Ingest(ingest)) => {
-                    outcome.skipped = self.apply_ingest(&mut batch, &mut merged, entry.log_id.index, ingest)?;
-                }
-                EntryPayload::Normal(Command::SetClusterMap(map)) => {
-                    batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_CLUSTER_MAP), encode(&map)?);
-                    new_map = Some(map);
-                }
-            }
-            self.applied = Some(entry.log_id);
-            replies.push((responder, outcome));
-        }
-        for (key, delta) in merged {
-            batch.merge_cf(counts_cf, key, delta.encode());
-        }
-        batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_APPLIED), encode(&self.applied)?);
-        self.engine.write(batch)?;
-        if let (Some(map), Some(tx)) = (new_map, &self.cluster_map) {
+    /// Take over the in-memory view read by [`load_state`].
+    fn take_loaded(&mut self, loaded: Loaded) {
+        self.applied = loaded.applied;
+        self.membership = loaded.membership;
+        if let (Some(tx), Some(map)) = (&self.cluster_map, loaded.cluster_map) {
             tx.send_replace(map);
         }
-        Ok(replies)
     }
+}
 
-    /// Apply one ingest entry; returns the positions of keyed events not
-    /// counted because their key already was (see `KeyedEvent`).
-    fn apply_ingest(
-        &mut self,
-        batch: &mut WriteBatch,
-        merged: &mut HashMap<Vec<u8>, CountSum>,
-        log_index: u64,
-        ingest: IngestBatch,
-    ) -> Result<Vec<u32>, StorageError> {
-        let engine = self.engine.clone();
-        let state_cf = engine.cf(CF_STATE)?;
-        let IngestBatch { proposed_at_ms, dedup_window_ms, mut deltas, keyed } = ingest;
-        let mut dedup = self.dedup.lock();
-        // Expire by the log's clock, never the local one: replicas must agree
-        // on the index at every log position. The stamp never goes back.
-        let stamp = dedup.stamp(proposed_at_ms);
-        let cutoff = stamp.saturating_sub(dedup_window_ms);
-        if dedup.expire_before(cutoff) {
-            batch.delete_range_cf(
-                state_cf,
-                &keys::tagged(self.group, keys::STATE_DEDUP)[..],
-                &keys::dedup_key(self.group, cutoff, 0)[..],
-            );
-        }
-        batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_LOG_CLOCK), encode(&stamp)?);
-        let admitted = dedup.admit((stamp, log_index), keyed.iter().map(|k| k.key));
-        if !admitted.keys.is_empty() {
-            batch.put_cf(state_cf, keys::dedup_key(self.group, stamp, log_index), encode(&admitted.keys)?);
-        }
-        if !admitted.skipped.is_empty() {
-            batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_CONFLICTS), encode(&dedup.conflicts())?);
-        }
-        drop(dedup);
-        if !admitted.skipped.is_empty() {
-            tracing::error!(
-                group = self.group,
-                log_index,
-                skipped = admitted.skipped.len(),
-                "entry carried events whose key was already counted; not counted again"
-            );
-        }
-        // Take the skipped events back out of the deltas that include them.
-        for &position in &admitted.skipped {
-            let Some(event) = keyed.get(position as usize) else { continue };
-            if let Some(d) = deltas.get_mut(event.delta as usize) {
-                d.count = d.count.wrapping_sub(1);
-                d.sum = d.sum.wrapping_sub(event.value as i128);
-            }
-        }
-        for d in deltas {
-            if d.count == 0 && d.sum == 0 {
-                continue;
-            }
-            let delta = CountSum { count: d.count, sum: d.sum };
-            for g in Granularity::ALL {
-                let key = match keys::bucket_key(self.group, &d.entity_id, &d.event_type, g, bucket_start(g, d.minute_ms)) {
-                    Ok(key) => key,
-                    Err(e) => {
-                        // Validation keeps such deltas out of the log; if one got in
-                        // anyway, every replica skips it alike (failing the apply
-                        // would stop the group for good).
-                        tracing::error!(group = self.group, log_index, error = %e, "delta not counted");
-                        break;
-                    }
-                };
-                let slot = merged.entry(key).or_default();
-                *slot = slot.add(delta);
-            }
-        }
-        Ok(admitted.skipped)
+/// An install interrupted by a crash left its marker: go back to the newest
+/// local snapshot, or to nothing. Blocking.
+fn recover_interrupted_install(engine: &Engine, group: u32, snapshots: &SnapshotDir) -> Result<(), StorageError> {
+    let installing = engine.db().get_pinned_cf(engine.cf(CF_STATE)?, keys::tagged(group, keys::STATE_INSTALLING))?.is_some();
+    if !installing {
+        return Ok(());
     }
+    tracing::warn!(group, "snapshot install was interrupted; restoring the newest local snapshot");
+    match snapshots.newest()? {
+        Some((_, path)) => {
+            snapshot::install_snapshot_file(engine, group, &path)?;
+        }
+        None => {
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(engine.cf(CF_STATE)?, keys::group_prefix(group), keys::group_end(group));
+            batch.delete_range_cf(engine.cf(CF_COUNTS)?, keys::group_prefix(group), keys::group_end(group));
+            engine.write_synced(batch)?;
+        }
+    }
+    Ok(())
+}
+
+fn get_state<T: serde::de::DeserializeOwned>(engine: &Engine, group: u32, tag: u8) -> Result<Option<T>, StorageError> {
+    let cf = engine.cf(CF_STATE)?;
+    match engine.db().get_pinned_cf(cf, keys::tagged(group, tag))? {
+        Some(bytes) => Ok(Some(decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// Rebuild the in-memory view (applied id, membership, dedup index,
+/// cluster map) from what is on disk. Blocking.
+fn load_state(engine: &Engine, group: u32, dedup: &DedupIndex) -> Result<Loaded, StorageError> {
+    let applied = get_state::<Option<LogId>>(engine, group, keys::STATE_APPLIED)?.flatten();
+    let membership = get_state(engine, group, keys::STATE_MEMBERSHIP)?.unwrap_or_default();
+    let mut index = dedup.lock();
+    index.clear();
+    let cf = engine.cf(CF_STATE)?;
+    let start = keys::tagged(group, keys::STATE_DEDUP);
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(keys::tagged(group, keys::STATE_DEDUP + 1).to_vec());
+    for item in engine.db().iterator_cf_opt(cf, opts, IteratorMode::From(&start, Direction::Forward)) {
+        let (key, value) = item?;
+        let stamp = keys::dedup_stamp_of(&key).ok_or_else(|| StorageError::Corrupt("dedup key".into()))?;
+        index.insert_batch(stamp, decode(&value)?);
+    }
+    drop(index);
+    let clock = get_state::<u64>(engine, group, keys::STATE_LOG_CLOCK)?.unwrap_or(0);
+    let conflicts = get_state::<u64>(engine, group, keys::STATE_CONFLICTS)?.unwrap_or(0);
+    dedup.lock().restore_counters(clock, conflicts);
+    let cluster_map = get_state::<ClusterMap>(engine, group, keys::STATE_CLUSTER_MAP)?;
+    Ok(Loaded { applied, membership, cluster_map })
+}
+
+/// Apply a run of entries in one RocksDB write, starting from `applied`.
+/// Blocking.
+fn apply_chunk(
+    engine: &Engine,
+    group: u32,
+    dedup: &DedupIndex,
+    mut applied: Option<LogId>,
+    chunk: Vec<Entry>,
+) -> Result<Applied, StorageError> {
+    let state_cf = engine.cf(CF_STATE)?;
+    let counts_cf = engine.cf(CF_COUNTS)?;
+    let mut batch = WriteBatch::default();
+    let mut merged: HashMap<Vec<u8>, CountSum> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(chunk.len());
+    let mut membership = None;
+    let mut cluster_map = None;
+    for entry in chunk {
+        let mut outcome = CommandOutcome::default();
+        match entry.payload {
+            EntryPayload::Blank => {}
+            EntryPayload::Membership(m) => {
+                let stored = StoredMembership::new(Some(entry.log_id), m);
+                batch.put_cf(state_cf, keys::tagged(group, keys::STATE_MEMBERSHIP), encode(&stored)?);
+                membership = Some(stored);
+            }
+            EntryPayload::Normal(Command::Ingest(ingest)) => {
+                outcome.skipped = apply_ingest(engine, group, dedup, &mut batch, &mut merged, entry.log_id.index, ingest)?;
+            }
+            EntryPayload::Normal(Command::SetClusterMap(map)) => {
+                batch.put_cf(state_cf, keys::tagged(group, keys::STATE_CLUSTER_MAP), encode(&map)?);
+                cluster_map = Some(map);
+            }
+        }
+        applied = Some(entry.log_id);
+        outcomes.push(outcome);
+    }
+    for (key, delta) in merged {
+        batch.merge_cf(counts_cf, key, delta.encode());
+    }
+    batch.put_cf(state_cf, keys::tagged(group, keys::STATE_APPLIED), encode(&applied)?);
+    engine.write(batch)?;
+    Ok(Applied { applied, membership, cluster_map, outcomes })
+}
+
+/// Apply one ingest entry; returns the positions of keyed events not
+/// counted because their key already was (see `KeyedEvent`).
+fn apply_ingest(
+    engine: &Engine,
+    group: u32,
+    dedup: &DedupIndex,
+    batch: &mut WriteBatch,
+    merged: &mut HashMap<Vec<u8>, CountSum>,
+    log_index: u64,
+    ingest: IngestBatch,
+) -> Result<Vec<u32>, StorageError> {
+    let state_cf = engine.cf(CF_STATE)?;
+    let IngestBatch { proposed_at_ms, dedup_window_ms, mut deltas, keyed } = ingest;
+    let mut dedup = dedup.lock();
+    // Expire by the log's clock, never the local one: replicas must agree
+    // on the index at every log position. The stamp never goes back.
+    let stamp = dedup.stamp(proposed_at_ms);
+    let cutoff = stamp.saturating_sub(dedup_window_ms);
+    if dedup.expire_before(cutoff) {
+        batch.delete_range_cf(state_cf, &keys::tagged(group, keys::STATE_DEDUP)[..], &keys::dedup_key(group, cutoff, 0)[..]);
+    }
+    batch.put_cf(state_cf, keys::tagged(group, keys::STATE_LOG_CLOCK), encode(&stamp)?);
+    let admitted = dedup.admit((stamp, log_index), keyed.iter().map(|k| k.key));
+    if !admitted.keys.is_empty() {
+        batch.put_cf(state_cf, keys::dedup_key(group, stamp, log_index), encode(&admitted.keys)?);
+    }
+    if !admitted.skipped.is_empty() {
+        batch.put_cf(state_cf, keys::tagged(group, keys::STATE_CONFLICTS), encode(&dedup.conflicts())?);
+    }
+    drop(dedup);
+    if !admitted.skipped.is_empty() {
+        tracing::error!(
+            group,
+            log_index,
+            skipped = admitted.skipped.len(),
+            "entry carried events whose key was already counted; not counted again"
+        );
+    }
+    // Take the skipped events back out of the deltas that include them.
+    for &position in &admitted.skipped {
+        let Some(event) = keyed.get(position as usize) else { continue };
+        if let Some(d) = deltas.get_mut(event.delta as usize) {
+            d.count = d.count.wrapping_sub(1);
+            d.sum = d.sum.wrapping_sub(event.value as i128);
+        }
+    }
+    for d in deltas {
+        if d.count == 0 && d.sum == 0 {
+            continue;
+        }
+        let delta = CountSum { count: d.count, sum: d.sum };
+        for g in Granularity::ALL {
+            let key = match keys::bucket_key(group, &d.entity_id, &d.event_type, g, bucket_start(g, d.minute_ms)) {
+                Ok(key) => key,
+                Err(e) => {
+                    // Validation keeps such deltas out of the log; if one got in
+                    // anyway, every replica skips it alike (failing the apply
+                    // would stop the group for good).
+                    tracing::error!(group, log_index, error = %e, "delta not counted");
+                    break;
+                }
+            };
+            let slot = merged.entry(key).or_default();
+            *slot = slot.add(delta);
+        }
+    }
+    Ok(admitted.skipped)
 }
 
 impl RaftStateMachine<TypeConfig> for GroupStateMachine {
@@ -257,7 +298,19 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let mut chunks = entries.ready_chunks(APPLY_CHUNK);
         while let Some(items) = chunks.next().await {
             let chunk = items.into_iter().collect::<Result<Vec<_>, io::Error>>()?;
-            for (responder, outcome) in self.apply_chunk(chunk)? {
+            let (chunk, responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
+            let (group, dedup, applied) = (self.group, self.dedup.clone(), self.applied);
+            let done = self.engine.blocking(move |engine| apply_chunk(engine, group, &dedup, applied, chunk)).await?;
+            // Written: now the in-memory view moves, and only then are
+            // clients answered.
+            self.applied = done.applied;
+            if let Some(membership) = done.membership {
+                self.membership = membership;
+            }
+            if let (Some(map), Some(tx)) = (done.cluster_map, &self.cluster_map) {
+                tx.send_replace(map);
+            }
+            for (responder, outcome) in responders.into_iter().zip(done.outcomes) {
                 if let Some(r) = responder {
                     r.send(outcome);
                 }
@@ -298,18 +351,27 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
-        let installed = snapshot::install_snapshot_file(&self.engine, self.group, &snapshot.path).await?;
-        if installed != *meta {
-            return Err(io::Error::other("snapshot file does not match its metadata"));
-        }
-        self.snapshots.publish(&snapshot.path, meta)?;
-        self.load_from_db()?;
+        let (group, dedup, snapshots, meta) = (self.group, self.dedup.clone(), self.snapshots.clone(), meta.clone());
+        let loaded = self
+            .engine
+            .blocking_bulk(move |engine| {
+                let installed = snapshot::install_snapshot_file(engine, group, &snapshot.path)?;
+                if installed != meta {
+                    return Err(StorageError::Corrupt("snapshot file does not match its metadata".into()));
+                }
+                snapshots.publish(&snapshot.path, &meta)?;
+                load_state(engine, group, &dedup)
+            })
+            .await?;
+        self.take_loaded(loaded);
         tracing::info!(group = self.group, applied = ?self.applied, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(self.snapshots.newest()?.map(|(meta, path)| Snapshot { meta, snapshot: SnapshotFile { path } }))
+        let snapshots = self.snapshots.clone();
+        let newest = self.engine.blocking(move |_| snapshots.newest()).await?;
+        Ok(newest.map(|(meta, path)| Snapshot { meta, snapshot: SnapshotFile { path } }))
     }
 }
 

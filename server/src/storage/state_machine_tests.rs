@@ -68,15 +68,16 @@ async fn apply_aggregates_into_every_granularity() {
     assert_eq!(applied, Some(log_id(2)));
     assert_eq!(dedup.lock().len(), 4);
 
-    let stats = |from, to| read_stats(&engine, GROUP, b"v", "view", from, to).unwrap();
-    assert_eq!((stats(T, T + MINUTE_MS).count, stats(T, T + MINUTE_MS).sum), (3, 15));
+    let stats = async |from, to| read_stats(&engine, GROUP, b"v", "view", from, to).await.unwrap();
+    let minute = stats(T, T + MINUTE_MS).await;
+    assert_eq!((minute.count, minute.sum), (3, 15));
     // A whole month (February 2024) is one bucket read.
     let feb = 1_706_745_600_000;
-    assert_eq!(stats(feb, feb + 29 * DAY_MS).count, 4);
+    assert_eq!(stats(feb, feb + 29 * DAY_MS).await.count, 4);
     // Ranges that cut through buckets still add up exactly.
-    assert_eq!(stats(T - HOUR_MS, T).count, 1);
-    assert_eq!(stats(T + MINUTE_MS, T + DAY_MS).count, 0);
-    let hours = read_series(&engine, GROUP, b"v", "view", tally_proto::time::Granularity::Hour, T - HOUR_MS, T + HOUR_MS).unwrap();
+    assert_eq!(stats(T - HOUR_MS, T).await.count, 1);
+    assert_eq!(stats(T + MINUTE_MS, T + DAY_MS).await.count, 0);
+    let hours = read_series(&engine, GROUP, b"v", "view", tally_proto::time::Granularity::Hour, T - HOUR_MS, T + HOUR_MS).await.unwrap();
     assert_eq!(hours.iter().map(|(_, c)| c.count).collect::<Vec<_>>(), vec![0, 4, 0]);
 }
 
@@ -111,15 +112,15 @@ async fn snapshot_installs_identically_and_survives_restart() {
         follower.install_snapshot(&snapshot.meta, snapshot.snapshot.clone()).await.unwrap();
         assert_eq!(follower.applied_state().await.unwrap().0, Some(log_id(50)));
         assert_eq!(dedup.lock().len(), 50);
-        assert_eq!(read_stats(&follower_engine, GROUP, b"late", "view", 0, T + DAY_MS).unwrap().count, 0);
+        assert_eq!(read_stats(&follower_engine, GROUP, b"late", "view", 0, T + DAY_MS).await.unwrap().count, 0);
         apply(&mut follower, vec![ingest(51, 60_000, vec![delta("late", T, 1, 1)], vec![999])]).await;
-        assert_eq!(state_digest(&follower_engine, GROUP).unwrap(), state_digest(&leader_engine, GROUP).unwrap());
+        assert_eq!(state_digest(&follower_engine, GROUP).await.unwrap(), state_digest(&leader_engine, GROUP).await.unwrap());
     }
     // Restart: everything comes back from disk.
     let (engine, mut sm, dedup) = open(follower_dir.path()).await;
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(51)));
     assert_eq!(dedup.lock().len(), 51);
-    assert_eq!(state_digest(&engine, GROUP).unwrap(), state_digest(&leader_engine, GROUP).unwrap());
+    assert_eq!(state_digest(&engine, GROUP).await.unwrap(), state_digest(&leader_engine, GROUP).await.unwrap());
     assert!(sm.get_current_snapshot().await.unwrap().is_some());
 }
 
@@ -131,7 +132,7 @@ async fn interrupted_install_restores_the_local_snapshot() {
         let (engine, mut sm, _) = open(dir.path()).await;
         apply(&mut sm, vec![ingest(1, 1_000, vec![delta("a", T, 3, 3)], vec![1])]).await;
         sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
-        digest_at_snapshot = state_digest(&engine, GROUP).unwrap();
+        digest_at_snapshot = state_digest(&engine, GROUP).await.unwrap();
         apply(&mut sm, vec![ingest(2, 2_000, vec![delta("a", T, 1, 1)], vec![2])]).await;
         // Simulate a crash in the middle of installing a snapshot.
         let mut batch = rocksdb::WriteBatch::default();
@@ -142,7 +143,7 @@ async fn interrupted_install_restores_the_local_snapshot() {
     }
     let (engine, mut sm, _) = open(dir.path()).await;
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1)));
-    assert_eq!(state_digest(&engine, GROUP).unwrap(), digest_at_snapshot);
+    assert_eq!(state_digest(&engine, GROUP).await.unwrap(), digest_at_snapshot);
 }
 
 #[tokio::test]
@@ -163,11 +164,11 @@ async fn apply_skips_events_whose_key_is_already_counted() {
         {
             let (engine, mut sm, dedup) = open(dir.path()).await;
             apply(&mut sm, log()).await;
-            let s = read_stats(&engine, GROUP, b"v", "view", T, T + MINUTE_MS).unwrap();
+            let s = read_stats(&engine, GROUP, b"v", "view", T, T + MINUTE_MS).await.unwrap();
             // Entry 2 counts key 3 once and the keyless event: 2 + 2 events.
             assert_eq!((s.count, s.sum), (4, 10 + 6 + 1));
             assert_eq!(dedup.conflicts(), 2);
-            digests.push(state_digest(&engine, GROUP).unwrap());
+            digests.push(state_digest(&engine, GROUP).await.unwrap());
         }
         // The counter is replicated state: it survives a restart.
         let (_engine, _sm, dedup) = open(dir.path()).await;
@@ -202,11 +203,11 @@ async fn sums_at_the_i64_limits_are_exact_whatever_rocksdb_merges_first() {
     apply(&mut sm, vec![big(3, i64::MIN)]).await;
     engine.db().compact_range_cf(engine.cf(super::keys::CF_COUNTS).unwrap(), None::<&[u8]>, None::<&[u8]>);
     apply(&mut sm, vec![big(4, i64::MIN)]).await;
-    let s = read_stats(&engine, GROUP, b"x", "view", T, T + MINUTE_MS).unwrap();
+    let s = read_stats(&engine, GROUP, b"x", "view", T, T + MINUTE_MS).await.unwrap();
     assert_eq!((s.count, s.sum), (4, -2));
     // Over a day (another bucket, merged in another order) it agrees.
-    let day = read_stats(&engine, GROUP, b"x", "view", T - 23 * HOUR_MS - 59 * MINUTE_MS, T + MINUTE_MS).unwrap();
+    let day = read_stats(&engine, GROUP, b"x", "view", T - 23 * HOUR_MS - 59 * MINUTE_MS, T + MINUTE_MS).await.unwrap();
     assert_eq!(day.sum, -2);
-    let partial = read_series(&engine, GROUP, b"x", "view", tally_proto::time::Granularity::Minute, T, T + MINUTE_MS).unwrap();
+    let partial = read_series(&engine, GROUP, b"x", "view", tally_proto::time::Granularity::Minute, T, T + MINUTE_MS).await.unwrap();
     assert_eq!(partial[0].1.sum, -2);
 }
