@@ -64,9 +64,9 @@ TALLY_PARTITIONS=64
 # Tally-only phases (see the header).
 READ_FLAGS=(--query-rate 50 --visibility-rate 20)
 if [[ -n "$SMOKE" ]]; then
-  FAILOVER_RUN=8s FAILOVER_KILL_AFTER=3 IDLE_PARTITIONS=64 IDLE_SAMPLE=3 IDLE_SETTLE=1
+  FAILOVER_KILLS=2 FAILOVER_KILL_AFTER=3 FAILOVER_SETTLE=1 IDLE_PARTITIONS=64 IDLE_SAMPLE=3 IDLE_SETTLE=1
 else
-  FAILOVER_RUN=30s FAILOVER_KILL_AFTER=8 IDLE_PARTITIONS=1000 IDLE_SAMPLE=20 IDLE_SETTLE=5
+  FAILOVER_KILLS="${BENCH_FAILOVER_KILLS:-20}" FAILOVER_KILL_AFTER=8 FAILOVER_SETTLE=3 IDLE_PARTITIONS=1000 IDLE_SAMPLE=20 IDLE_SETTLE=5
 fi
 FAILOVER_PROBE_TIMEOUT=30s
 IDLE_QUIESCE_WAIT=60 # seconds
@@ -318,10 +318,14 @@ PY
 }
 
 # --- Tally alone: failover ---------------------------------------------------
-# A fresh cluster under 50% of Tally's saturated rate; kill -9 the node that
-# leads the most partitions, then time, per partition it led, the first
-# acknowledged write after the kill (`tally probe-writes` through the two
-# survivors, measured from the kill). Writes $WORK/failover.json.
+# A fresh cluster under 50% of Tally's saturated rate. FAILOVER_KILLS times:
+# kill -9 the node that leads the most partitions, time per partition it led
+# the first acknowledged write after the kill (`tally probe-writes` through
+# the two survivors, measured from the kill), restart the victim and wait
+# until every partition has a leader again. Victims differ from kill to kill
+# (a restarted node leads nothing until the next kill picks another). Writes
+# $WORK/failover.json: every partition's time over all kills (p50/p99/max,
+# the same nearest-rank percentiles as probe-writes) and each kill's.
 run_failover() {
   local max
   max=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("max_eps") or 0)' "$WORK/tally.json" 2>/dev/null || echo 0)
@@ -329,15 +333,20 @@ run_failover() {
   local half
   half=$(python3 -c 'import sys; print(max(1.0, float(sys.argv[1]) / 2))' "$max")
   if ! start_tally; then log "failover: the cluster did not start"; FAILED+=(failover); stop_tally; return; fi
-  log "failover: ingest at $half events/s for $FAILOVER_RUN; kill -9 of the busiest leader after ${FAILOVER_KILL_AFTER}s"
-  "$TALLY" bench "${BENCH_ADDR[@]}" --json --rate "$half" --duration "$FAILOVER_RUN" --no-verify --ids "$IDS" \
+  # About long enough for every kill (probe, restart, every leader back).
+  local run_s=$((FAILOVER_KILL_AFTER + FAILOVER_KILLS * 12))
+  log "failover: ingest at $half events/s; $FAILOVER_KILLS kills -9 of the busiest leader, the first after ${FAILOVER_KILL_AFTER}s"
+  "$TALLY" bench "${BENCH_ADDR[@]}" --json --rate "$half" --duration "${run_s}s" --no-verify --ids "$IDS" \
     --zipf "$ZIPF" --types "$TYPES" --duplicates "$DUPLICATES" --time-spread "$SPREAD" --concurrency "$CONCURRENCY" \
     --seed "$SEED" --out "$WORK/failover-bench.json" >"$WORK/failover-bench.out" 2>"$WORK/failover-bench.err" &
-  local bench_pid=$! victim="" led="" rc=0
+  local bench_pid=$! k victim led rc
   sleep "$FAILOVER_KILL_AFTER"
-  if "$TALLY" "${BENCH_ADDR[@]}" cluster status --json >"$WORK/failover-status.json" 2>"$WORK/failover-status.err"; then
-    # "NODE P1,P2,...": the node leading the most partitions and those partitions.
-    read -r victim led < <(python3 - "$WORK/failover-status.json" <<'PY'
+  rm -f "$WORK"/failover-probe-*.json
+  for ((k = 1; k <= FAILOVER_KILLS; k++)); do
+    victim="" led="" rc=0
+    if "$TALLY" "${BENCH_ADDR[@]}" cluster status --json >"$WORK/failover-status.json" 2>"$WORK/failover-status.err"; then
+      # "NODE P1,P2,...": the node leading the most partitions and those partitions.
+      read -r victim led < <(python3 - "$WORK/failover-status.json" <<'PY'
 import json, sys
 doc = json.load(open(sys.argv[1]))
 nodes = [n for n in doc.get("nodes", []) if n.get("reachable")]
@@ -347,42 +356,65 @@ if nodes:
     if led:
         print(v, ",".join(map(str, led)))
 PY
-    ) || true
-  fi
-  if [[ -z "$victim" ]]; then
-    log "failover: no node leads a partition; see $WORK/failover-status.err"; FAILED+=(failover)
-  else
-    local survivors="" i
+      ) || true
+    fi
+    if [[ -z "$victim" ]]; then
+      log "failover: kill $k: no node leads a partition; see $WORK/failover-status.err"; FAILED+=(failover); break
+    fi
+    local survivors="" i t_kill
     for i in 1 2 3; do [[ "$i" != "$victim" ]] && survivors+="${survivors:+,}127.0.0.1:$((TALLY_PORT + i - 1))"; done
-    local t_kill
     t_kill=$(date +%s%3N)
     kill -KILL "$(cat "$WORK/tally/node$victim.pid")" || log "failover: node $victim was already gone"
     "$TALLY" --addr "$survivors" probe-writes --partitions "$led" --since "$t_kill" --timeout "$FAILOVER_PROBE_TIMEOUT" \
-      --json >"$WORK/failover-probe.json" 2>"$WORK/failover-probe.err" || rc=$?
+      --json >"$WORK/failover-probe-$k.json" 2>"$WORK/failover-probe.err" || rc=$?
     # Exit 2: some partition never took a write; that is a result, not a failure to run.
-    if ((rc != 0 && rc != 2)) || [[ ! -s "$WORK/failover-probe.json" ]]; then
-      log "failover: probe-writes failed (exit $rc):"; tail -5 "$WORK/failover-probe.err" >&2; FAILED+=(failover)
+    if ((rc != 0 && rc != 2)) || [[ ! -s "$WORK/failover-probe-$k.json" ]]; then
+      log "failover: kill $k: probe-writes failed (exit $rc):"; tail -5 "$WORK/failover-probe.err" >&2; FAILED+=(failover); break
     fi
-    log "failover: killed node $victim (led partitions $led)"
-  fi
+    log "failover: kill $k of $FAILOVER_KILLS: node $victim (led $(tr -cd , <<<"$led" | wc -c | awk '{print $1 + 1}') partitions)"
+    # Back to three nodes and a leader everywhere before the next kill.
+    tally_env "$TALLY_ROOT/scripts/cluster.sh" restart "$victim" >>"$WORK/failover-restart.log" 2>&1 || true
+    SERVER_PIDS=()
+    for i in 1 2 3; do [[ -s "$WORK/tally/node$i.pid" ]] && SERVER_PIDS+=("$(cat "$WORK/tally/node$i.pid")"); done
+    STARTED+=("${SERVER_PIDS[@]}")
+    "$TALLY" "${BENCH_ADDR[@]}" cluster wait --timeout 60s >>"$WORK/failover-restart.log" 2>&1 ||
+      { log "failover: not every partition had a leader 60 s after restarting node $victim"; FAILED+=(failover); break; }
+    sleep "$FAILOVER_SETTLE"
+  done
   wait "$bench_pid" || log "failover: the background ingest exited with $? (see $WORK/failover-bench.err)"
   stop_tally
-  python3 - "$WORK" "${victim:-0}" "$half" "$FAILOVER_RUN" "$FAILOVER_KILL_AFTER" <<'PY'
-import json, os, sys
-work, victim, half, run, kill_after = sys.argv[1:]
-def load(name):
+  python3 - "$WORK" "$half" "$FAILOVER_KILL_AFTER" "$FAILOVER_KILLS" <<'PY'
+import glob, json, math, os, sys
+work, half, kill_after, wanted = sys.argv[1:]
+def load(path):
     try:
-        with open(os.path.join(work, name)) as f:
+        with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
-probe, bench = load("failover-probe.json"), load("failover-bench.json")
+probes = []
+for path in sorted(glob.glob(os.path.join(work, "failover-probe-*.json")), key=lambda p: int(p.rsplit("-", 1)[1].split(".")[0])):
+    p = load(path)
+    if p:
+        probes.append(p)
+def nearest_rank(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[max(0, math.ceil(q * len(values)) - 1)]
+# Every partition's time to its first acknowledged write, over every kill.
+times = [r["first_ack_ms"] for p in probes for r in p.get("partitions", []) if r.get("first_ack_ms") is not None]
+bench = load(os.path.join(work, "failover-bench.json"))
 res = {
-    "ran": probe is not None, "killed_node": int(victim), "ingest_rate_eps": float(half), "ingest_duration": run,
-    "killed_after_s": float(kill_after),
-    "partitions_led": probe and probe["probed"], "partition_count": probe and probe["partition_count"],
-    "first_ack_after_kill_ms": probe and probe["first_ack_ms"],
-    "never_acknowledged": probe and probe["failed"], "probe_timeout_s": probe and probe["timeout_s"],
+    "ran": bool(probes), "kills": len(probes), "kills_wanted": int(wanted), "ingest_rate_eps": float(half),
+    "first_kill_after_s": float(kill_after),
+    "probe_timeout_s": probes[0]["timeout_s"] if probes else None,
+    "first_ack_after_kill_ms": {"count": len(times), "p50": nearest_rank(times, 0.50), "p99": nearest_rank(times, 0.99),
+                                "max": max(times) if times else None},
+    "per_kill": [{"partitions_led": p["probed"], "first_ack_ms": p["first_ack_ms"], "never_acknowledged": p["failed"]}
+                 for p in probes],
+    "never_acknowledged": sum(p["failed"] for p in probes) if probes else None,
+    "partition_count": probes[0]["partition_count"] if probes else None,
     "ingest_outcomes": bench and bench["outcomes"],
     "ingest_latency_ms": bench and bench["latency_ms"],
 }
@@ -400,7 +432,11 @@ PY
 run_idle() {
   local label=$1
   RUN_PARTITIONS=$IDLE_PARTITIONS RUN_EXTRA_ARGS=${2:-} RUN_UP_GRACE=240
-  if ! start_tally; then
+  local t_start elected_ms
+  t_start=$(date +%s%3N)
+  # From starting the processes to every partition led (cluster.sh up waits).
+  if start_tally; then elected_ms=$(($(date +%s%3N) - t_start)); else elected_ms=""; fi
+  if [[ -z "$elected_ms" ]]; then
     log "idle ($label): the cluster did not start"; FAILED+=("idle-$label"); stop_tally
     RUN_PARTITIONS="" RUN_EXTRA_ARGS="" RUN_UP_GRACE=0; return
   fi
@@ -432,9 +468,9 @@ sys.exit(0 if nodes and all(n.get("quiesced") == n.get("replicas") for n in node
   "$TALLY" "${BENCH_ADDR[@]}" cluster status --json >"$WORK/idle-$label-status.json" 2>/dev/null || true
   stop_tally
   python3 - "$WORK" "$label" "$RUN_PARTITIONS" "$RUN_EXTRA_ARGS" "$waited" "$quiet" "$IDLE_SAMPLE" "$(getconf CLK_TCK)" \
-    "$(IFS=,; echo "${before[*]}")" "$(IFS=,; echo "${after[*]}")" "$rss" <<'PY'
+    "$(IFS=,; echo "${before[*]}")" "$(IFS=,; echo "${after[*]}")" "$rss" "$elected_ms" <<'PY'
 import json, os, sys
-work, label, partitions, extra, waited, quiet, sample, hz, before, after, rss = sys.argv[1:]
+work, label, partitions, extra, waited, quiet, sample, hz, before, after, rss, elected_ms = sys.argv[1:]
 ints = lambda s: [int(x) for x in s.split(",") if x]
 try:
     with open(os.path.join(work, f"idle-{label}-status.json")) as f:
@@ -443,6 +479,7 @@ except (OSError, ValueError):
     nodes = []
 res = {
     "label": label, "partitions": int(partitions), "tallyd_flags": extra, "sample_s": float(sample),
+    "start_to_all_leaders_s": round(int(elected_ms) / 1000, 1),
     "waited_s": int(waited), "all_quiesced_before_sample": quiet == "1" if not extra else None,
     "quiesced_per_node": [n.get("quiesced") for n in nodes], "replicas_per_node": [n.get("replicas") for n in nodes],
     "cpu_pct_of_one_core_per_node": [round((a - b) / int(hz) / float(sample) * 100, 2)
@@ -565,10 +602,13 @@ failover = load("failover.json")
 fl = []
 if failover and failover.get("ran"):
     fa = failover.get("first_ack_after_kill_ms") or {}
-    fl.append(f"Failover: kill -9 of node {failover['killed_node']}, leader of {failover['partitions_led']} of "
-              f"{failover['partition_count']} partitions, {failover['killed_after_s']:g} s into ingest at "
-              f"{failover['ingest_rate_eps']:,.0f} events/s. Time from the kill to the first acknowledged write on each "
-              f"partition it led: p50 {ms2(fa.get('p50'))} ms, p99 {ms2(fa.get('p99'))} ms, max {ms2(fa.get('max'))} ms; "
+    led = [k["partitions_led"] for k in failover.get("per_kill", [])]
+    fl.append(f"Failover: {failover['kills']} kills -9 (of {failover['kills_wanted']} planned) of the node leading the most "
+              f"partitions ({min(led, default=0)}–{max(led, default=0)} of {failover['partition_count']}), each victim "
+              f"restarted and every partition led again before the next kill, under ingest at "
+              f"{failover['ingest_rate_eps']:,.0f} events/s. Time from a kill to the first acknowledged write on each "
+              f"partition the victim led, over all {fa.get('count')} (partition, kill) pairs: p50 {ms2(fa.get('p50'))} ms, "
+              f"p99 {ms2(fa.get('p99'))} ms, max {ms2(fa.get('max'))} ms; "
               f"never acknowledged within {failover['probe_timeout_s']:g} s: {failover['never_acknowledged']}. "
               f"Ack latency of the background ingest over its whole run: p99 {ms2((failover.get('ingest_latency_ms') or {}).get('p99'))} ms.")
 elif failover is not None:
@@ -576,13 +616,13 @@ elif failover is not None:
 idle = [x for x in (load("idle-quiescence.json"), load("idle-no-quiescence.json")) if x]
 il = []
 if idle:
-    il.append(f"| idle cluster, {idle[0]['partitions']} partitions, no load | replicas quiesced per node | "
-              f"CPU % of one core per node ({idle[0]['sample_s']:g} s) | peak RSS per node (MiB) |")
-    il.append("|---|---:|---:|---:|")
+    il.append(f"| idle cluster, {idle[0]['partitions']} partitions, no load | start → every partition led (s) | "
+              f"replicas quiesced per node | CPU % of one core per node ({idle[0]['sample_s']:g} s) | peak RSS per node (MiB) |")
+    il.append("|---|---:|---:|---:|---:|")
     for r in idle:
         what = f"quiescence off (`tallyd {r['tallyd_flags']}`)" if r["tallyd_flags"] else "quiescence on (default)"
         qz = ", ".join(f"{a if a is not None else '?'}/{b}" for a, b in zip(r["quiesced_per_node"], r["replicas_per_node"]))
-        il.append(f"| {what} | {qz or '—'} | {', '.join(f'{c:.1f}' for c in r['cpu_pct_of_one_core_per_node'])} | "
+        il.append(f"| {what} | {r.get('start_to_all_leaders_s', '—')} | {qz or '—'} | {', '.join(f'{c:.1f}' for c in r['cpu_pct_of_one_core_per_node'])} | "
                   f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mib_per_node'])} |")
 tally_only = {"reads_during_half_run": {"query_latency_ms": q or None, "visibility_ms": v or None},
               "failover": failover, "idle": idle}

@@ -73,11 +73,13 @@ impl Default for NodeConfig {
             data_dir: "./.tally/node1".into(),
             dedup_window_secs: 600,
             snapshot_logs: 10_000,
-            // Not shorter: openraft ticks every heartbeat × 13/64 ms per group,
-            // and at 100 ms the ticks of 1,000 unquiesced groups (a cluster
-            // starting, or all partitions busy) saturate a core — a fresh
-            // 1,000-partition cluster did not elect its leaders within a
-            // minute at 100/300, and did in 4 s at 200/500.
+            // The lease (twice the election timeout, 800 ms) bounds failover:
+            // voters refuse a new leader until it has run out. Shorter
+            // (150/300, 100/250) kept a 1,000-partition cluster on a 2-core
+            // machine with one core taken from electing within a minute:
+            // heartbeat acks later than the lease make leaders refuse writes
+            // and followers elect. The node ticker (raft/ticker.rs) made
+            // heartbeats cheap; what is left is the machine's latency.
             heartbeat_ms: 200,
             election_timeout_ms: 400,
             ping_ms: 100,

@@ -29,6 +29,7 @@ use crate::raft::network::NetworkFactory;
 use crate::raft::peer_link::LinkEvent;
 use crate::raft::peers::PeerPool;
 use crate::raft::quiesce::{QuiesceConfig, Quiescence};
+use crate::raft::ticker::NodeTicker;
 use crate::raft::types::NodeId;
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::GroupStateMachine;
@@ -36,7 +37,10 @@ use crate::storage::Engine;
 use crate::RaftInstance;
 
 /// Partition replicas opened at once when a map places many on this node.
-const OPEN_CONCURRENCY: usize = 16;
+const OPEN_CONCURRENCY: usize = 32;
+/// Calls queued toward one peer's control lane above which the ticker
+/// starts no elections: the previous round's messages have not left yet.
+const CONTROL_BACKLOG_FOR_ELECTIONS: usize = 512;
 
 /// A partition replica hosted here.
 pub struct PartitionReplica {
@@ -61,6 +65,9 @@ pub struct Node {
     pub cluster_map: watch::Receiver<ClusterMap>,
     pub liveness: Arc<Liveness>,
     pub quiescence: Arc<Quiescence>,
+    /// Drives heartbeats and election timers of every group (openraft's
+    /// per-group ticks are off).
+    pub ticker: Arc<NodeTicker>,
     pub clock: Arc<ClusterClock>,
     partitions: RwLock<HashMap<u32, Arc<PartitionReplica>>>,
     /// Serialises group creation so two map updates never open one group twice.
@@ -93,6 +100,8 @@ impl Node {
                 // Off, it joins a new election and its new term's blank entry
                 // orders everything before (see processor.rs, rule 1).
                 enable_leader_restore: Some(false),
+                // One node-level ticker drives every group (raft/ticker.rs).
+                enable_tick: false,
                 ..Default::default()
             }
             .validate()
@@ -105,6 +114,19 @@ impl Node {
             .await
             .context("opening the metadata group")?;
         let election_max = Duration::from_millis(config.election_timeout_ms * 2);
+        let ticker = NodeTicker::new(
+            Duration::from_millis(config.heartbeat_ms),
+            Duration::from_millis(config.election_timeout_ms),
+            election_max,
+        );
+        ticker.register(METADATA_GROUP, metadata.clone());
+        ticker.clone().spawn(
+            {
+                let peers = peers.clone();
+                move || peers.control_backlog()
+            },
+            CONTROL_BACKLOG_FOR_ELECTIONS,
+        );
         let ping = Duration::from_millis(config.ping_ms.max(1));
         let suspect_after = Duration::from_millis(config.election_timeout_ms);
         let clock = Arc::new(ClusterClock::new(config.clock_offset_ms, Duration::from_millis(config.max_clock_skew_ms)));
@@ -143,6 +165,7 @@ impl Node {
             cluster_map: map_rx,
             liveness,
             quiescence,
+            ticker,
             clock,
             partitions: RwLock::default(),
             opening: tokio::sync::Mutex::new(()),
@@ -248,7 +271,8 @@ impl Node {
         // on its election timer until the others have opened the group,
         // while they stay dormant until they hear from it. A thousand new
         // groups thus take one election each instead of a race of three.
-        self.quiescence.attach(&quiet, raft.clone(), creates);
+        let timer = self.ticker.register(group, raft.clone());
+        self.quiescence.attach(&quiet, raft.clone(), timer, creates);
         if creates {
             let members: BTreeMap<NodeId, BasicNode> = replicas
                 .iter()
@@ -256,6 +280,9 @@ impl Node {
                 .collect();
             match raft.initialize(members).await {
                 Ok(()) => {
+                    // An election in progress must not be superseded by
+                    // this replica's own timer: it starts over from now.
+                    self.ticker.heard(group);
                     let _ = raft.trigger().elect(false).await;
                 }
                 Err(e) => tracing::debug!(partition, error = %e, "partition already initialised"),
@@ -292,6 +319,7 @@ impl Node {
         let _ = replica.raft.shutdown().await;
         let group = group_of_partition(partition);
         self.quiescence.remove(group);
+        self.ticker.remove(group);
         LogStore::new(self.engine.clone(), group).delete_all()?;
         crate::storage::state_machine::delete_group_state(&self.engine, group)?;
         let _ = std::fs::remove_dir_all(self.snapshot_root().join(format!("g{group}")));
@@ -351,7 +379,7 @@ async fn open_group(
     quiescence: Option<Arc<crate::raft::quiesce::GroupQuiescence>>,
 ) -> anyhow::Result<RaftInstance> {
     let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, map_tx).await?;
-    let log = LogStore::new(engine.clone(), group);
+    let log = LogStore::open(engine.clone(), group).await?;
     let network = NetworkFactory::new(group, peers.clone(), quiescence);
     let raft = Raft::new(node_id, raft_config.clone(), network, log, sm).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(raft)

@@ -163,6 +163,7 @@ impl Cluster for ClusterService {
                 // The node called elects at once rather than waiting out an
                 // election timeout.
                 Ok(()) => {
+                    self.node.ticker.heard(tally_proto::partition::METADATA_GROUP);
                     let _ = metadata.trigger().elect(false).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "metadata group already initialised"),
@@ -170,7 +171,12 @@ impl Cluster for ClusterService {
         }
         let leader = metadata
             .wait(Some(Duration::from_secs(15)))
-            .metrics(|m| m.current_leader.is_some(), "metadata leader")
+            // Not merely `current_leader`: right after `initialize` this node's
+            // own vote of term 0 names it, while it is still a candidate.
+            .metrics(
+                |m| m.state == openraft::ServerState::Leader || m.current_leader.is_some_and(|l| l != m.id),
+                "metadata leader",
+            )
             .await
             .map_err(|e| Status::unavailable(format!("no metadata leader yet: {e}")))?
             .current_leader

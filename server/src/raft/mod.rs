@@ -7,4 +7,5 @@ pub mod peer_link;
 pub mod peers;
 pub mod quiesce;
 pub mod service;
+pub mod ticker;
 pub mod types;

@@ -148,6 +148,11 @@ impl PeerLink {
         Arc::new(PeerLink { target, queue, next_id: AtomicU64::new(1) })
     }
 
+    /// Calls queued and not yet packed into a frame.
+    pub fn queued(&self) -> usize {
+        QUEUE_CAPACITY.saturating_sub(self.queue.capacity())
+    }
+
     /// Send one call and wait for its reply, at most `ttl` in all.
     pub async fn call(&self, kind: RaftCallKind, message: RaftMessage, ttl: Duration) -> Reply {
         let deadline = tokio::time::Instant::now() + ttl;

@@ -69,6 +69,12 @@ impl PeerPool {
         self.events.set(sink);
     }
 
+    /// Calls waiting in the most backed-up control lane: how far behind this
+    /// node's messages to its peers are.
+    pub fn control_backlog(&self) -> usize {
+        self.links.read().map(|m| m.values().map(|(_, l)| l.control.queued()).max().unwrap_or(0)).unwrap_or(0)
+    }
+
     /// The conversations with `node` at `peer_addr`, started on first use
     /// and replaced if the address changed.
     pub fn links(&self, node: NodeId, peer_addr: &str) -> Result<PeerLinks, tonic::transport::Error> {

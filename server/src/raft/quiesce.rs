@@ -1,9 +1,9 @@
 //! Quiescing idle Raft groups, so that a node with 1,000 partitions costs
 //! next to nothing while they are idle.
 //!
-//! An openraft group that is merely idle still wakes its tick timer every
-//! `heartbeat × 13/64` ms on every replica and sends a heartbeat to every
-//! follower each interval. Multiplied by a thousand groups that is most of a
+//! A group that is merely idle is still driven by the node ticker
+//! (`ticker.rs`): its election timer runs on every replica and its leader
+//! heartbeats every follower each interval. Multiplied by a thousand groups that is most of a
 //! core per node. Following CockroachDB's design, an idle group goes quiet
 //! and a node-level failure detector (`liveness.rs`) stands in for its
 //! heartbeats:
@@ -11,13 +11,13 @@
 //! 1. The leader of a group whose log has been idle for `after`, with every
 //!    member caught up and everything applied, starts *quiescing*: its
 //!    heartbeats carry the `quiesce` flag.
-//! 2. A follower that accepts a flagged heartbeat stops its tick (hence its
-//!    election timer) and remembers the leader. The heartbeat also carried
+//! 2. A follower that accepts a flagged heartbeat is no longer driven by the
+//!    ticker (no election timer) and remembers the leader. The heartbeat also carried
 //!    the leader's commit index, so the follower's reads are current.
-//! 3. Once every member acknowledged a flagged heartbeat, the leader stops
-//!    its own tick: no timers, no messages.
+//! 3. Once every member acknowledged a flagged heartbeat, the leader is no
+//!    longer driven either: no timers, no messages.
 //!
-//! Anything else wakes a group, i.e. turns its tick back on:
+//! Anything else wakes a group, i.e. has the ticker drive it again:
 //! - the leader sends entries (a write, a membership change): followers see
 //!   an unflagged message and wake on receipt;
 //! - liveness reports the leader's node down (or restarted): the surviving
@@ -33,8 +33,8 @@
 //!   followers asleep.
 //!
 //! Read-index requests on a quiesced leader send flagged heartbeats, which
-//! keep followers quiet. A freshly opened replica starts *dormant* (tick
-//! off) until it hears from its leader or a grace period passes: a
+//! keep followers quiet. A freshly opened replica starts *dormant* (not
+//! driven) until it hears from its leader or a grace period passes: a
 //! restarting node opens its groups before it can answer pings, and timers
 //! running then would start elections against leaders that are healthy but
 //! quiet.
@@ -53,6 +53,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 
 use super::liveness::{Liveness, PeerChange};
+use super::ticker::GroupTimer;
 use super::types::NodeId;
 use crate::RaftInstance;
 
@@ -92,6 +93,9 @@ pub struct GroupQuiescence {
     node_id: NodeId,
     enabled: bool,
     raft: OnceLock<RaftInstance>,
+    /// The node ticker's handle on this group: quiescence decides whether
+    /// the ticker drives it.
+    timer: OnceLock<Arc<GroupTimer>>,
     state: Mutex<State>,
     /// When the leader last sent entries, ms on the registry's clock.
     last_activity_ms: AtomicU64,
@@ -113,8 +117,8 @@ impl GroupQuiescence {
         let (was, will) = (ticking(state), ticking(&next));
         *state = next;
         if was != will {
-            if let Some(raft) = self.raft() {
-                raft.runtime_config().tick(will);
+            if let Some(timer) = self.timer.get() {
+                timer.set_driven(will);
             }
         }
     }
@@ -218,7 +222,7 @@ impl GroupQuiescence {
     /// `leader`. Only accepted messages count: a stale leader (say, a node
     /// that restarted believing it still leads) is refused by openraft and
     /// must not wake the group, since a replica that wakes long after it
-    /// last heard from its leader starts an election at its first tick.
+    /// last heard from its leader starts an election at the next ticker round.
     pub fn received(&self, leader: NodeId, flagged: bool, accepted: bool) {
         if !self.enabled || !accepted {
             return;
@@ -261,6 +265,7 @@ impl Quiescence {
             node_id: self.node_id,
             enabled: self.enabled(),
             raft: OnceLock::new(),
+            timer: OnceLock::new(),
             state: Mutex::new(State::Active),
             last_activity_ms: AtomicU64::new(0),
             epoch: self.epoch,
@@ -272,13 +277,14 @@ impl Quiescence {
         g
     }
 
-    /// Hand the group its Raft instance; a dormant start stops its timer
-    /// before the first tick (openraft's first tick waits at least one
-    /// period). `designated_leader`: this replica creates the group and
+    /// Hand the group its Raft instance and ticker timer; a dormant start
+    /// stops the timer before it can fire (a new timer's first election is
+    /// a whole timeout away). `designated_leader`: this replica creates the group and
     /// elects at once, so it keeps its timers (its election must be retried
     /// if the others have not opened the group yet).
-    pub fn attach(&self, g: &GroupQuiescence, raft: RaftInstance, designated_leader: bool) {
+    pub fn attach(&self, g: &GroupQuiescence, raft: RaftInstance, timer: Arc<GroupTimer>, designated_leader: bool) {
         let _ = g.raft.set(raft);
+        let _ = g.timer.set(timer);
         if self.enabled() && !designated_leader {
             if let Ok(mut s) = g.state.lock() {
                 g.set(&mut s, State::Dormant { since: Instant::now() });
@@ -415,10 +421,13 @@ impl Quiescence {
                 PeerChange::Down(peer) if *s == State::Active && follower && leader == Some(peer) => {
                     let designated = voters.iter().copied().filter(|v| *v != peer && liveness.is_up(*v)).min();
                     if designated == Some(self.node_id) {
-                        let (raft, wait) = (raft.clone(), self.config.lease_wait);
+                        let (raft, wait, timer) = (raft.clone(), self.config.lease_wait, g.timer.get().cloned());
                         tokio::spawn(async move {
                             tokio::time::sleep(wait).await;
                             if raft.metrics().borrow_watched().current_leader == Some(peer) {
+                                if let Some(timer) = timer {
+                                    timer.restart();
+                                }
                                 let _ = raft.trigger().elect(true).await;
                             }
                         });
@@ -472,6 +481,9 @@ impl Quiescence {
         let designated = voters.iter().copied().filter(|v| *v != lost && liveness.is_up(*v)).min();
         if designated == Some(self.node_id) {
             g.wake_locked(s);
+            if let Some(timer) = g.timer.get() {
+                timer.restart();
+            }
             if let Some(raft) = g.raft().cloned() {
                 tokio::spawn(async move {
                     let _ = raft.trigger().elect(true).await;

@@ -54,6 +54,9 @@ impl RaftService {
                 let rpc: AppendEntriesRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
                 let leader = rpc.vote.leader_id().node_id;
                 let resp = raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+                if resp.is_success() {
+                    self.node.ticker.heard(group);
+                }
                 if let Some(q) = self.node.quiescence.group(group) {
                     q.received(leader, msg.quiesce, resp.is_success());
                 }
@@ -61,7 +64,12 @@ impl RaftService {
             }
             RaftCallKind::Vote => {
                 let rpc: VoteRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
-                encode_reply(&raft.vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?)
+                let resp = raft.vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+                // Granting a vote restarts the election timer, as in Raft.
+                if resp.vote_granted {
+                    self.node.ticker.heard(group);
+                }
+                encode_reply(&resp)
             }
             RaftCallKind::PreVote => {
                 let rpc: VoteRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;

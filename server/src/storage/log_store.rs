@@ -11,7 +11,8 @@
 //! writes go through the one FIFO writer, so a truncation is ordered with
 //! the appends around it.
 
-use std::{fmt::Debug, io, ops::RangeBounds, sync::Arc};
+use std::sync::{Arc, Mutex};
+use std::{fmt::Debug, io, ops::RangeBounds};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -26,11 +27,50 @@ use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
 pub struct LogStore {
     group: u32,
     engine: Arc<Engine>,
+    /// Read by [`LogStore::open`], served once each to openraft's start-up.
+    initial: Arc<Mutex<InitialState>>,
+}
+
+/// What openraft reads of a group's log when its Raft starts (vote,
+/// committed id, log state), read in one trip to the blocking pool instead
+/// of one each: a node opening a thousand groups pays the trip, not the read.
+/// Each value is served once; later calls read the store.
+#[derive(Default)]
+struct InitialState {
+    vote: Option<Option<Vote>>,
+    committed: Option<Option<LogId>>,
+    log_state: Option<LogState<TypeConfig>>,
 }
 
 impl LogStore {
     pub fn new(engine: Arc<Engine>, group: u32) -> LogStore {
-        LogStore { group, engine }
+        LogStore { group, engine, initial: Arc::default() }
+    }
+
+    /// A group's log store with its start-up state read ahead, before its
+    /// Raft starts (nothing else writes the group's log until then).
+    pub async fn open(engine: Arc<Engine>, group: u32) -> Result<LogStore, StorageError> {
+        let initial = engine
+            .blocking(move |engine| {
+                Ok(InitialState {
+                    vote: Some(get_raft_meta(engine, group, RAFT_VOTE)?),
+                    committed: Some(get_raft_meta::<Option<LogId>>(engine, group, RAFT_COMMITTED)?.flatten()),
+                    log_state: Some(log_state(engine, group)?),
+                })
+            })
+            .await?;
+        Ok(LogStore { group, engine, initial: Arc::new(Mutex::new(initial)) })
+    }
+
+    /// Once anything is written, what was read ahead is stale.
+    fn forget_initial(&self) {
+        if let Ok(mut i) = self.initial.lock() {
+            *i = InitialState::default();
+        }
+    }
+
+    fn initial<T>(&self, take: impl FnOnce(&mut InitialState) -> Option<T>) -> Option<T> {
+        self.initial.lock().ok().and_then(|mut i| take(&mut i))
     }
 
     /// Run a read of this group's log on the engine's blocking pool.
@@ -80,6 +120,12 @@ fn last_log_id_in_store(engine: &Engine, group: u32) -> Result<Option<LogId>, St
     }
 }
 
+fn log_state(engine: &Engine, group: u32) -> Result<LogState<TypeConfig>, StorageError> {
+    let last_purged: Option<LogId> = get_raft_meta(engine, group, RAFT_PURGED)?;
+    let last = last_log_id_in_store(engine, group)?.or(last_purged);
+    Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+}
+
 fn read_entries(engine: &Engine, group: u32, start: u64, end_exclusive: u64) -> Result<Vec<Entry>, StorageError> {
     if start >= end_exclusive {
         return Ok(Vec::new());
@@ -122,6 +168,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        if let Some(vote) = self.initial(|i| i.vote.take()) {
+            return Ok(vote);
+        }
         self.read(|engine, group| get_raft_meta(engine, group, RAFT_VOTE)).await
     }
 }
@@ -130,12 +179,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        self.read(|engine, group| {
-            let last_purged: Option<LogId> = get_raft_meta(engine, group, RAFT_PURGED)?;
-            let last = last_log_id_in_store(engine, group)?.or(last_purged);
-            Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
-        })
-        .await
+        if let Some(state) = self.initial(|i| i.log_state.take()) {
+            return Ok(state);
+        }
+        self.read(log_state).await
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -143,6 +190,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.forget_initial();
         let mut batch = WriteBatch::default();
         batch.put_cf(self.engine.cf(CF_RAFT)?, keys::tagged(self.group, RAFT_VOTE), encode(vote)?);
         self.engine.write_durable(batch).await?;
@@ -150,6 +198,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.forget_initial();
         // Not synced: openraft only uses it to re-apply sooner after restart;
         // losing it is safe. Awaited until written, so `read_committed`
         // sees it.
@@ -160,6 +209,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        if let Some(committed) = self.initial(|i| i.committed.take()) {
+            return Ok(committed);
+        }
         self.read(|engine, group| Ok(get_raft_meta::<Option<LogId>>(engine, group, RAFT_COMMITTED)?.flatten())).await
     }
 
@@ -168,6 +220,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        self.forget_initial();
         let cf = self.engine.cf(CF_LOG)?;
         let mut batch = WriteBatch::default();
         for entry in entries {
@@ -179,6 +232,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        self.forget_initial();
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.engine.cf(CF_LOG)?, &keys::log_key(self.group, from)[..], &keys::group_end(self.group)[..]);
@@ -187,6 +241,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        self.forget_initial();
         let mut batch = WriteBatch::default();
         batch.put_cf(self.engine.cf(CF_RAFT)?, keys::tagged(self.group, RAFT_PURGED), encode(&log_id)?);
         batch.delete_range_cf(

@@ -67,3 +67,28 @@ async fn a_vote_is_durable_when_save_vote_returns() {
     assert_eq!(log.read_vote().await.unwrap(), Some(vote));
     assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(blank(1).log_id));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_read_ahead_at_open_is_served_once_and_never_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(&dir.path().join("db")).unwrap();
+    let vote = Vote::new(3, 2);
+    {
+        let mut log = LogStore::new(engine.clone(), 9);
+        log.save_vote(&vote).await.unwrap();
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append([blank(1), blank(2)], IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+        log.save_committed(Some(blank(1).log_id)).await.unwrap();
+    }
+    let mut log = LogStore::open(engine.clone(), 9).await.unwrap();
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(log.read_committed().await.unwrap(), Some(blank(1).log_id));
+    assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(blank(2).log_id));
+    // After a write, reads see the store, not what was read ahead.
+    let newer = Vote::new(4, 1);
+    log.save_vote(&newer).await.unwrap();
+    assert_eq!(log.read_vote().await.unwrap(), Some(newer));
+    log.truncate_after(Some(blank(1).log_id)).await.unwrap();
+    assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(blank(1).log_id));
+}

@@ -55,6 +55,9 @@ pub struct GroupStateMachine {
     snapshots: SnapshotDir,
     /// Metadata group only: publishes every applied cluster map.
     cluster_map: Option<watch::Sender<ClusterMap>>,
+    /// The newest snapshot file as found when opening, served once to
+    /// openraft's start-up (one trip to the blocking pool, not two).
+    initial_snapshot: Option<Option<(SnapshotMeta, std::path::PathBuf)>>,
 }
 
 /// A group's state machine as on disk: what [`load_state`] reads back.
@@ -84,13 +87,17 @@ impl GroupStateMachine {
     ) -> Result<GroupStateMachine, StorageError> {
         let root = snapshot_root.to_path_buf();
         let shared_dedup = dedup.clone();
-        let (snapshots, loaded) = engine
-            .blocking_bulk(move |engine| {
+        // Opening is a handful of reads, unless a crash interrupted a
+        // snapshot install (rare): the short pool, so a node opening a
+        // thousand groups is not held to the bulk pool's few permits.
+        let (snapshots, loaded, newest) = engine
+            .blocking(move |engine| {
                 let snapshots = SnapshotDir::new(&root, group)?;
                 snapshots.remove_temp_files()?;
                 recover_interrupted_install(engine, group, &snapshots)?;
                 let loaded = load_state(engine, group, &shared_dedup)?;
-                Ok((snapshots, loaded))
+                let newest = snapshots.newest()?;
+                Ok((snapshots, loaded, newest))
             })
             .await?;
         let mut sm = GroupStateMachine {
@@ -101,6 +108,7 @@ impl GroupStateMachine {
             dedup,
             snapshots,
             cluster_map,
+            initial_snapshot: Some(newest),
         };
         sm.take_loaded(loaded);
         Ok(sm)
@@ -320,6 +328,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        self.initial_snapshot = None;
         let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone() };
         let db = self.engine.shared_db();
         let group = self.group;
@@ -351,6 +360,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
+        self.initial_snapshot = None;
         let (group, dedup, snapshots, meta) = (self.group, self.dedup.clone(), self.snapshots.clone(), meta.clone());
         let loaded = self
             .engine
@@ -369,8 +379,13 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let snapshots = self.snapshots.clone();
-        let newest = self.engine.blocking(move |_| snapshots.newest()).await?;
+        let newest = match self.initial_snapshot.take() {
+            Some(newest) => newest,
+            None => {
+                let snapshots = self.snapshots.clone();
+                self.engine.blocking(move |_| snapshots.newest()).await?
+            }
+        };
         Ok(newest.map(|(meta, path)| Snapshot { meta, snapshot: SnapshotFile { path } }))
     }
 }
