@@ -25,15 +25,18 @@
 #   Stats and a 2-hour minute Series, alternately) and 20 probes/s of the
 #   delay from an event's ack to its visibility in a stale read on a
 #   follower (`tally bench --query-rate --visibility-rate`);
-# * failover: a fresh cluster under 50% ingest; kill -9 of the node leading
-#   the most partitions, then the time from the kill to the first
-#   acknowledged write on each partition it led (`tally probe-writes`);
+# * failover: a fresh cluster under 50% ingest; 20 times (2 in --smoke)
+#   kill -9 of the node leading the most partitions, the time from the kill
+#   to the first acknowledged write on each partition it led (`tally
+#   probe-writes`), then the victim restarted and every leader back;
 # * idle cost: a fresh cluster of 1000 partitions (64 in --smoke) and no
-#   load, CPU and peak RSS per node, once with quiescence (the default) and
-#   once with it off (`tallyd --quiesce-after-ms 0`).
+#   load: time from start to every partition led, CPU and peak RSS per node,
+#   once with quiescence (the default), once with it off (`tallyd
+#   --quiesce-after-ms 0`), and once with 10,000 partitions (not in --smoke).
 #
 # Environment: BENCH_CONCURRENCY (producer tasks, 8), BENCH_INFLIGHT (batches
-# in flight for redis/etcd, 32), BENCH_KEEP=1 (keep the work directory).
+# in flight for redis/etcd, 32), BENCH_FAILOVER_KILLS (20), BENCH_KEEP=1
+# (keep the work directory).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 
@@ -67,6 +70,7 @@ if [[ -n "$SMOKE" ]]; then
   FAILOVER_KILLS=2 FAILOVER_KILL_AFTER=3 FAILOVER_SETTLE=1 IDLE_PARTITIONS=64 IDLE_SAMPLE=3 IDLE_SETTLE=1
 else
   FAILOVER_KILLS="${BENCH_FAILOVER_KILLS:-20}" FAILOVER_KILL_AFTER=8 FAILOVER_SETTLE=3 IDLE_PARTITIONS=1000 IDLE_SAMPLE=20 IDLE_SETTLE=5
+  IDLE_PARTITIONS_LARGE=10000
 fi
 FAILOVER_PROBE_TIMEOUT=30s
 IDLE_QUIESCE_WAIT=60 # seconds
@@ -424,14 +428,14 @@ PY
 }
 
 # --- Tally alone: idle cost -------------------------------------------------
-# run_idle LABEL [TALLYD FLAGS]: a fresh cluster of IDLE_PARTITIONS
+# run_idle LABEL PARTITIONS [TALLYD FLAGS]: a fresh cluster of PARTITIONS
 # partitions and no load. With quiescence on, wait until every node reports
 # all its replicas quiesced (or IDLE_QUIESCE_WAIT s); with it off, settle a
 # moment. Then CPU per node over IDLE_SAMPLE s and peak RSS per node.
 # Writes $WORK/idle-LABEL.json.
 run_idle() {
   local label=$1
-  RUN_PARTITIONS=$IDLE_PARTITIONS RUN_EXTRA_ARGS=${2:-} RUN_UP_GRACE=240
+  RUN_PARTITIONS=$2 RUN_EXTRA_ARGS=${3:-} RUN_UP_GRACE=240
   local t_start elected_ms
   t_start=$(date +%s%3N)
   # From starting the processes to every partition led (cluster.sh up waits).
@@ -494,8 +498,9 @@ PY
 
 run_target tally tally tally
 run_failover
-run_idle quiescence
-run_idle no-quiescence "--quiesce-after-ms 0"
+run_idle quiescence "$IDLE_PARTITIONS"
+run_idle no-quiescence "$IDLE_PARTITIONS" "--quiesce-after-ms 0"
+[[ -n "$SMOKE" ]] || run_idle quiescence-large "$IDLE_PARTITIONS_LARGE"
 run_target redis-incr redis-incr redis
 run_target redis-dedup redis-dedup redis
 run_target etcd etcd etcd
@@ -613,16 +618,16 @@ if failover and failover.get("ran"):
               f"Ack latency of the background ingest over its whole run: p99 {ms2((failover.get('ingest_latency_ms') or {}).get('p99'))} ms.")
 elif failover is not None:
     fl.append("Failover: did not run (see the log).")
-idle = [x for x in (load("idle-quiescence.json"), load("idle-no-quiescence.json")) if x]
+idle = [x for x in (load("idle-quiescence.json"), load("idle-no-quiescence.json"), load("idle-quiescence-large.json")) if x]
 il = []
 if idle:
-    il.append(f"| idle cluster, {idle[0]['partitions']} partitions, no load | start → every partition led (s) | "
+    il.append(f"| idle cluster, no load | partitions | start → every partition led (s) | "
               f"replicas quiesced per node | CPU % of one core per node ({idle[0]['sample_s']:g} s) | peak RSS per node (MiB) |")
-    il.append("|---|---:|---:|---:|---:|")
+    il.append("|---|---:|---:|---:|---:|---:|")
     for r in idle:
         what = f"quiescence off (`tallyd {r['tallyd_flags']}`)" if r["tallyd_flags"] else "quiescence on (default)"
         qz = ", ".join(f"{a if a is not None else '?'}/{b}" for a, b in zip(r["quiesced_per_node"], r["replicas_per_node"]))
-        il.append(f"| {what} | {r.get('start_to_all_leaders_s', '—')} | {qz or '—'} | {', '.join(f'{c:.1f}' for c in r['cpu_pct_of_one_core_per_node'])} | "
+        il.append(f"| {what} | {r['partitions']:,} | {r.get('start_to_all_leaders_s', '—')} | {qz or '—'} | {', '.join(f'{c:.1f}' for c in r['cpu_pct_of_one_core_per_node'])} | "
                   f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mib_per_node'])} |")
 tally_only = {"reads_during_half_run": {"query_latency_ms": q or None, "visibility_ms": v or None},
               "failover": failover, "idle": idle}

@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::raft::types::NodeId;
 
 pub const DEFAULT_PARTITIONS: u32 = 64;
-pub const MAX_PARTITIONS: u32 = 4096;
+/// A node hosts one Raft group per replica; with conversations per peer and
+/// one ticker per node, 10,000 partitions are a question of memory (about
+/// 0.2 MiB per replica), not of timers or streams.
+pub const MAX_PARTITIONS: u32 = 16_384;
 
 /// Where a node is reached.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -320,9 +320,15 @@ impl Node {
         let group = group_of_partition(partition);
         self.quiescence.remove(group);
         self.ticker.remove(group);
-        LogStore::new(self.engine.clone(), group).delete_all()?;
-        crate::storage::state_machine::delete_group_state(&self.engine, group)?;
-        let _ = std::fs::remove_dir_all(self.snapshot_root().join(format!("g{group}")));
+        let snapshots = self.snapshot_root().join(format!("g{group}"));
+        self.engine
+            .blocking(move |engine| {
+                crate::storage::log_store::delete_group_log(engine, group)?;
+                crate::storage::state_machine::delete_group_state(engine, group)?;
+                let _ = std::fs::remove_dir_all(snapshots);
+                Ok(())
+            })
+            .await?;
         tracing::info!(partition, "replica removed from this node");
         Ok(())
     }

@@ -83,16 +83,16 @@ impl LogStore {
         Ok(self.engine.blocking(move |engine| f(engine, group)).await?)
     }
 
-    /// Remove every trace of this group (the node no longer replicates it).
-    /// Writes on the calling thread: a rare administrative step.
-    pub fn delete_all(&self) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        let start = keys::group_prefix(self.group);
-        let end = keys::group_end(self.group);
-        batch.delete_range_cf(self.engine.cf(CF_LOG)?, start, end);
-        batch.delete_range_cf(self.engine.cf(CF_RAFT)?, start, end);
-        self.engine.write(batch)
-    }
+}
+
+/// Remove every trace of `group`'s log (the node no longer replicates it).
+/// Unsynced: a crash before the next fsync brings back a log nothing opens.
+pub fn delete_group_log(engine: &Engine, group: u32) -> Result<(), StorageError> {
+    let mut batch = WriteBatch::default();
+    let (start, end) = (keys::group_prefix(group), keys::group_end(group));
+    batch.delete_range_cf(engine.cf(CF_LOG)?, start, end);
+    batch.delete_range_cf(engine.cf(CF_RAFT)?, start, end);
+    engine.write(batch)
 }
 
 fn get_raft_meta<T: serde::de::DeserializeOwned>(engine: &Engine, group: u32, tag: u8) -> Result<Option<T>, StorageError> {
