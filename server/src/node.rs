@@ -28,7 +28,7 @@ use crate::raft::liveness::Liveness;
 use crate::raft::network::NetworkFactory;
 use crate::raft::peer_link::LinkEvent;
 use crate::raft::peers::PeerPool;
-use crate::raft::quiesce::{QuiesceConfig, Quiescence};
+use crate::raft::quiesce::{QuiesceConfig, Quiescence, ReplicaStart};
 use crate::raft::ticker::NodeTicker;
 use crate::raft::types::NodeId;
 use crate::storage::log_store::LogStore;
@@ -265,14 +265,20 @@ impl Node {
         // Only the first map creates groups. Replicas placed by later maps
         // join existing groups as learners (see reconciler); initialising
         // them here would start a second, divergent group.
-        let creates = map.version == 1 && replicas.first() == Some(&self.id) && !raft.is_initialized().await.unwrap_or(true);
+        let new_group = map.version == 1 && !raft.is_initialized().await.unwrap_or(true);
+        let creates = new_group && replicas.first() == Some(&self.id);
         // The creator is the designated leader (placement spreads first
         // replicas evenly): it keeps its timers and elects at once, retrying
         // on its election timer until the others have opened the group,
         // while they stay dormant until they hear from it. A thousand new
         // groups thus take one election each instead of a race of three.
         let timer = self.ticker.register(group, raft.clone());
-        self.quiescence.attach(&quiet, raft.clone(), timer, creates);
+        let start = match (creates, new_group) {
+            (true, _) => ReplicaStart::Creator,
+            (false, true) => ReplicaStart::AwaitingCreator,
+            (false, false) => ReplicaStart::Existing,
+        };
+        self.quiescence.attach(&quiet, raft.clone(), timer, start);
         if creates {
             let members: BTreeMap<NodeId, BasicNode> = replicas
                 .iter()

@@ -73,12 +73,30 @@ pub struct QuiesceConfig {
     pub lease_wait: Duration,
 }
 
+/// How a replica being opened starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaStart {
+    /// It creates the group (the first replica of the initial map).
+    Creator,
+    /// A replica of a group being created elsewhere: dormant until the
+    /// creator reaches it, or [`CREATION_GRACE`] passes. A node opening a
+    /// thousand new groups takes seconds, and a replica that woke sooner
+    /// would campaign against the creator and split its votes.
+    AwaitingCreator,
+    /// A replica of an existing group (a node restarting or joining).
+    Existing,
+}
+
+/// How long a replica of a group being created waits for its creator
+/// before its own timer may elect (the creator's node could be down).
+pub const CREATION_GRACE: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// Timers on; the ordinary Raft group.
     Active,
-    /// Timers off since the replica was opened at `since`.
-    Dormant { since: Instant },
+    /// Timers off since the replica was opened at `since`, for `grace`.
+    Dormant { since: Instant, grace: Duration },
     /// Leader only: heartbeats carry the flag; members that acknowledged one.
     Quiescing { acked: BTreeSet<NodeId> },
     /// Timers off. `leader` is this node for the leader itself. `wake_at`:
@@ -279,15 +297,20 @@ impl Quiescence {
 
     /// Hand the group its Raft instance and ticker timer; a dormant start
     /// stops the timer before it can fire (a new timer's first election is
-    /// a whole timeout away). `designated_leader`: this replica creates the group and
-    /// elects at once, so it keeps its timers (its election must be retried
-    /// if the others have not opened the group yet).
-    pub fn attach(&self, g: &GroupQuiescence, raft: RaftInstance, timer: Arc<GroupTimer>, designated_leader: bool) {
+    /// a whole timeout away).
+    pub fn attach(&self, g: &GroupQuiescence, raft: RaftInstance, timer: Arc<GroupTimer>, start: ReplicaStart) {
         let _ = g.raft.set(raft);
         let _ = g.timer.set(timer);
-        if self.enabled() && !designated_leader {
+        let grace = match start {
+            // It elects at once and keeps its timers: its election is retried
+            // if the others have not opened the group yet.
+            ReplicaStart::Creator => return,
+            ReplicaStart::AwaitingCreator => CREATION_GRACE,
+            ReplicaStart::Existing => self.config.startup_grace,
+        };
+        if self.enabled() {
             if let Ok(mut s) = g.state.lock() {
-                g.set(&mut s, State::Dormant { since: Instant::now() });
+                g.set(&mut s, State::Dormant { since: Instant::now(), grace });
             }
         }
     }
@@ -353,7 +376,7 @@ impl Quiescence {
                     }
                 }
                 State::Quiescing { .. } if m.state != ServerState::Leader => g.wake_locked(&mut s),
-                State::Dormant { since } if now.duration_since(*since) >= self.config.startup_grace => g.wake_locked(&mut s),
+                State::Dormant { since, grace } if now.duration_since(*since) >= *grace => g.wake_locked(&mut s),
                 State::Quiesced { leader: l, wake_at } => {
                     let l = *l;
                     let still_leader = if l == self.node_id {
