@@ -184,13 +184,7 @@ async fn converse(
     let mut carried: Option<Outgoing> = None;
     loop {
         // Open a stream only when there is something to say.
-        let first = match carried.take() {
-            Some(first) => first,
-            None => match queue.recv().await {
-                Some(first) => first,
-                None => return,
-            },
-        };
+        let Some(first) = next_call(&mut carried, &mut queue).await else { return };
         let in_flight = Arc::new(Mutex::new(InFlight::default()));
         let (frames, frames_rx) = mpsc::channel::<PeerFrame>(FRAMES_IN_FLIGHT);
         let (frame, carry) = pack(first, &mut queue, &in_flight);
@@ -218,13 +212,7 @@ async fn converse(
         let reader = read_replies(replies, &in_flight, || events.emit(target, LinkEvent::Heard));
         let writer = async {
             loop {
-                let first = match carried.take() {
-                    Some(first) => first,
-                    None => match queue.recv().await {
-                        Some(first) => first,
-                        None => return true,
-                    },
-                };
+                let Some(first) = next_call(&mut carried, &mut queue).await else { return true };
                 let (frame, carry) = pack(first, &mut queue, &in_flight);
                 carried = carry;
                 if frame.calls.is_empty() {
@@ -249,6 +237,15 @@ async fn converse(
         events.emit(target, LinkEvent::Broken);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// The call that did not fit the last frame, else the next queued one;
+/// None once every handle on the link is gone.
+async fn next_call(carried: &mut Option<Outgoing>, queue: &mut mpsc::Receiver<Outgoing>) -> Option<Outgoing> {
+    match carried.take() {
+        Some(call) => Some(call),
+        None => queue.recv().await,
     }
 }
 

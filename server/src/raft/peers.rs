@@ -78,65 +78,26 @@ impl PeerPool {
     /// The conversations with `node` at `peer_addr`, started on first use
     /// and replaced if the address changed.
     pub fn links(&self, node: NodeId, peer_addr: &str) -> Result<PeerLinks, tonic::transport::Error> {
-        if let Ok(map) = self.links.read() {
-            if let Some((known, links)) = map.get(&node) {
-                if known == peer_addr {
-                    return Ok(links.clone());
-                }
-            }
-        }
-        let channel = self.channel(node, peer_addr)?;
-        let Ok(mut map) = self.links.write() else {
-            // Poisoned: serve unpooled links rather than none.
-            return Ok(PeerLinks {
+        pooled(&self.links, node, peer_addr, || {
+            let channel = self.channel(node, peer_addr)?;
+            Ok(PeerLinks {
                 control: PeerLink::start(node, channel.clone(), self.events.clone()),
                 data: PeerLink::start(node, channel, self.events.clone()),
-            });
-        };
-        if let Some((known, links)) = map.get(&node) {
-            if known == peer_addr {
-                return Ok(links.clone());
-            }
-        }
-        let links = PeerLinks {
-            control: PeerLink::start(node, channel.clone(), self.events.clone()),
-            data: PeerLink::start(node, channel, self.events.clone()),
-        };
-        map.insert(node, (peer_addr.to_string(), links.clone()));
-        Ok(links)
+            })
+        })
     }
 
     /// The channel to `node`'s peer port at `peer_addr` (or its route);
     /// replaced if the address changed.
     pub fn channel(&self, node: NodeId, peer_addr: &str) -> Result<Channel, tonic::transport::Error> {
         let addr = self.routes.get(&node).map(String::as_str).unwrap_or(peer_addr);
-        self.pooled(&self.peer, node, addr)
+        pooled(&self.peer, node, addr, || self.connect_lazy(addr))
     }
 
     /// The channel to `node`'s public port at `addr`, for calling a public
     /// service (Cluster, Query) on another node.
     pub fn public_channel(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        self.pooled(&self.public, node, addr)
-    }
-
-    fn pooled(
-        &self,
-        pool: &RwLock<HashMap<NodeId, (String, Channel)>>,
-        node: NodeId,
-        addr: &str,
-    ) -> Result<Channel, tonic::transport::Error> {
-        if let Ok(map) = pool.read() {
-            if let Some((known, ch)) = map.get(&node) {
-                if known == addr {
-                    return Ok(ch.clone());
-                }
-            }
-        }
-        let channel = self.connect_lazy(addr)?;
-        if let Ok(mut map) = pool.write() {
-            map.insert(node, (addr.to_string(), channel.clone()));
-        }
-        Ok(channel)
+        pooled(&self.public, node, addr, || self.connect_lazy(addr))
     }
 
     fn connect_lazy(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
@@ -156,4 +117,27 @@ impl PeerPool {
             .initial_connection_window_size(PEER_CONNECTION_WINDOW)
             .connect_lazy())
     }
+}
+
+/// The pooled value for `node` at `addr`, made (and pooled) if there is
+/// none or the address changed. Checked again under the write lock, so two
+/// callers racing never both make one (a link starts a task). A poisoned
+/// pool still serves a fresh, unpooled value rather than none.
+fn pooled<T: Clone, E>(
+    pool: &RwLock<HashMap<NodeId, (String, T)>>,
+    node: NodeId,
+    addr: &str,
+    make: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    let known = |map: &HashMap<NodeId, (String, T)>| map.get(&node).filter(|(a, _)| a == addr).map(|(_, v)| v.clone());
+    if let Some(value) = pool.read().ok().and_then(|map| known(&map)) {
+        return Ok(value);
+    }
+    let Ok(mut map) = pool.write() else { return make() };
+    if let Some(value) = known(&map) {
+        return Ok(value);
+    }
+    let value = make()?;
+    map.insert(node, (addr.to_string(), value.clone()));
+    Ok(value)
 }
