@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{LinearizableReadError, RaftError};
 use openraft::ReadPolicy;
 use tally_proto::partition::{group_of_partition, partition_of};
 use tally_proto::time::{align_range, series_starts, Granularity};
@@ -26,6 +27,10 @@ const READ_INDEX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5
 /// How long a read waits for a partition without a known leader to elect
 /// one: a few election timeouts.
 const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Pause before asking again when this node is about to lead or has just
+/// stopped leading: shorter than a heartbeat, so a settled leader is found
+/// within one.
+const LEADERSHIP_SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
 
 pub struct QueryService {
     node: Arc<Node>,
@@ -40,40 +45,50 @@ impl QueryService {
     /// asked; or the node to forward to.
     async fn replica_for(&self, partition: u32, consistency: i32) -> Result<Result<Arc<PartitionReplica>, NodeId>, Status> {
         let stale = consistency == Consistency::Stale as i32;
-        let local = self.node.partition(partition);
-        if let Some(replica) = local {
-            if stale && replica.recovered.load(std::sync::atomic::Ordering::Acquire) {
-                return Ok(Ok(replica));
-            }
+        let Some(replica) = self.node.partition(partition) else {
+            return self
+                .node
+                .preferred_replica(partition)
+                .map(Err)
+                .ok_or_else(|| Status::unavailable(format!("partition {partition} has no replicas")));
+        };
+        if stale && replica.recovered.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(Ok(replica));
+        }
+        // Leadership in motion (an election, a transfer to or from this
+        // node, a leader that has not yet confirmed its lease) is absorbed
+        // here for a few election timeouts rather than failing the read.
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
             let mut leader = replica.raft.metrics().borrow_watched().current_leader;
             if leader.is_none() {
-                // An election is under way (a leader died, or a replica just
-                // restarted): absorb it here rather than fail the read.
                 leader = replica
                     .raft
-                    .wait(Some(LEADER_WAIT))
+                    .wait(Some(deadline.saturating_duration_since(tokio::time::Instant::now())))
                     .metrics(|m| m.current_leader.is_some(), "a leader to be elected")
                     .await
                     .ok()
                     .and_then(|m| m.current_leader);
             }
-            if leader == Some(self.node.id) {
-                // Without a quorum the read-index round never completes.
-                tokio::time::timeout(READ_INDEX_TIMEOUT, replica.raft.ensure_linearizable(ReadPolicy::ReadIndex))
-                    .await
-                    .map_err(|_| Status::unavailable(format!("partition {partition}: no quorum for a linearizable read; retry or read STALE")))?
-                    .map_err(|e| Status::unavailable(format!("partition {partition}: {e}")))?;
-                return Ok(Ok(replica));
+            match leader {
+                Some(l) if l != self.node.id => return Ok(Err(l)),
+                None => return Err(Status::unavailable(format!("partition {partition} has no leader right now; retry"))),
+                Some(_) => {}
             }
-            return match leader {
-                Some(l) => Ok(Err(l)),
-                None => Err(Status::unavailable(format!("partition {partition} has no leader right now; retry"))),
-            };
+            // Without a quorum the read-index round never completes.
+            let read = tokio::time::timeout(READ_INDEX_TIMEOUT, replica.raft.ensure_linearizable(ReadPolicy::ReadIndex))
+                .await
+                .map_err(|_| Status::unavailable(format!("partition {partition}: no quorum for a linearizable read; retry or read STALE")))?;
+            match read {
+                Ok(_) => return Ok(Ok(replica)),
+                Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => match f.leader_id {
+                    Some(l) if l != self.node.id => return Ok(Err(l)),
+                    _ if tokio::time::Instant::now() < deadline => tokio::time::sleep(LEADERSHIP_SETTLE).await,
+                    _ => return Err(Status::unavailable(format!("partition {partition}: leadership is moving; retry"))),
+                },
+                Err(e) => return Err(Status::unavailable(format!("partition {partition}: {e}"))),
+            }
         }
-        self.node
-            .preferred_replica(partition)
-            .map(|n| Ok(Err(n)))
-            .ok_or_else(|| Status::unavailable(format!("partition {partition} has no replicas")))?
     }
 
     fn forward_client(&self, to: NodeId) -> Result<QueryClient<tonic::transport::Channel>, Status> {
