@@ -11,7 +11,10 @@ use crate::TestCluster;
 /// `scripts/gen-clients.sh MODE ADDRS` against every node of `cluster`
 /// (`python-test`: tally_smoke.py, `python-contract`: tally_contract.py).
 pub async fn run_checks(cluster: &TestCluster, mode: &str) -> anyhow::Result<()> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-clients.sh");
+    // The running checkout's, not the one this library was compiled in: a
+    // shared target dir may hold a build made from another clone.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let script = Path::new(&manifest_dir).join("../scripts/gen-clients.sh");
     let out = tokio::process::Command::new("bash")
         .arg(&script)
         .arg(mode)

@@ -9,6 +9,7 @@
 //!   Knows nothing of gRPC.
 
 pub mod api;
+pub mod checkpointer;
 pub mod clock;
 pub mod config;
 pub mod dedup;

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::ClusterClock;
 use crate::config::NodeConfig;
 use crate::dedup::DedupIndex;
+use crate::storage::write_back::WriteBack;
 use crate::meta::ClusterMap;
 use crate::processor::{self, IngestJob, ProcessorConfig};
 use crate::raft::liveness::Liveness;
@@ -53,6 +54,9 @@ pub struct PartitionReplica {
     pub recovered: Arc<AtomicBool>,
     /// The replica's dedup index (replicated state; read for its counters).
     pub dedup: Arc<DedupIndex>,
+    /// The replica's state in memory not yet checkpointed; reads go
+    /// through it.
+    pub write_back: Arc<WriteBack>,
 }
 
 pub struct Node {
@@ -62,6 +66,7 @@ pub struct Node {
     pub peers: Arc<PeerPool>,
     pub raft_config: Arc<openraft::Config>,
     pub metadata: RaftInstance,
+    metadata_write_back: Arc<WriteBack>,
     pub cluster_map: watch::Receiver<ClusterMap>,
     pub liveness: Arc<Liveness>,
     pub quiescence: Arc<Quiescence>,
@@ -110,7 +115,7 @@ impl Node {
         let routes = config.peer_route_map().map_err(|e| anyhow::anyhow!(e))?;
         let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes);
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
-        let metadata = open_group(&engine, &data_dir, &peers, &raft_config, config.node_id, METADATA_GROUP, Arc::default(), Some(map_tx), None)
+        let (metadata, metadata_write_back) = open_group(&engine, &data_dir, &peers, &raft_config, config.node_id, METADATA_GROUP, Arc::default(), Some(map_tx), None)
             .await
             .context("opening the metadata group")?;
         let election_max = Duration::from_millis(config.election_timeout_ms * 2);
@@ -162,6 +167,7 @@ impl Node {
             peers,
             raft_config,
             metadata,
+            metadata_write_back,
             cluster_map: map_rx,
             liveness,
             quiescence,
@@ -174,11 +180,21 @@ impl Node {
         node.clone().sync_groups_with_map().await?;
         tokio::spawn(node.clone().follow_cluster_map());
         crate::reconciler::spawn(node.clone());
+        crate::checkpointer::spawn(Arc::downgrade(&node));
         Ok(node)
     }
 
     pub fn partition(&self, partition: u32) -> Option<Arc<PartitionReplica>> {
         self.partitions.read().ok()?.get(&partition).cloned()
+    }
+
+    /// Every group's write-back: the metadata group's and each replica's.
+    pub fn write_backs(&self) -> Vec<Arc<WriteBack>> {
+        let mut v = vec![self.metadata_write_back.clone()];
+        if let Ok(m) = self.partitions.read() {
+            v.extend(m.values().map(|r| r.write_back.clone()));
+        }
+        v
     }
 
     pub fn local_partitions(&self) -> Vec<Arc<PartitionReplica>> {
@@ -249,7 +265,7 @@ impl Node {
         let dedup = Arc::new(DedupIndex::default());
         let quiet = self.quiescence.register(group);
         let data_dir = PathBuf::from(&self.config.data_dir);
-        let raft = open_group(
+        let (raft, write_back) = open_group(
             &self.engine,
             &data_dir,
             &self.peers,
@@ -304,7 +320,7 @@ impl Node {
                 }
             }
         });
-        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup }))
+        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup, write_back }))
     }
 
     fn processor_config(&self) -> ProcessorConfig {
@@ -327,10 +343,11 @@ impl Node {
         self.quiescence.remove(group);
         self.ticker.remove(group);
         let snapshots = self.snapshot_root().join(format!("g{group}"));
+        let write_back = replica.write_back.clone();
         self.engine
             .blocking(move |engine| {
                 crate::storage::log_store::delete_group_log(engine, group)?;
-                crate::storage::state_machine::delete_group_state(engine, group)?;
+                crate::storage::state_machine::delete_group_state(engine, &write_back)?;
                 let _ = std::fs::remove_dir_all(snapshots);
                 Ok(())
             })
@@ -389,10 +406,11 @@ async fn open_group(
     dedup: Arc<DedupIndex>,
     map_tx: Option<watch::Sender<ClusterMap>>,
     quiescence: Option<Arc<crate::raft::quiesce::GroupQuiescence>>,
-) -> anyhow::Result<RaftInstance> {
+) -> anyhow::Result<(RaftInstance, Arc<WriteBack>)> {
     let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, map_tx).await?;
+    let write_back = sm.write_back();
     let log = LogStore::open(engine.clone(), group).await?;
     let network = NetworkFactory::new(group, peers.clone(), quiescence);
     let raft = Raft::new(node_id, raft_config.clone(), network, log, sm).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(raft)
+    Ok((raft, write_back))
 }

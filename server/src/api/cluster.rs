@@ -43,8 +43,7 @@ impl Cluster for ClusterService {
             if !wanted.is_empty() && !wanted.contains(&replica.partition) {
                 continue;
             }
-            let group = tally_proto::partition::group_of_partition(replica.partition);
-            let (applied_index, digest, keys) = crate::storage::read::state_digest(&self.node.engine, group)
+            let (applied_index, digest, keys) = crate::storage::read::state_digest(&self.node.engine, &replica.write_back)
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
             partitions.push(PartitionDigest { partition: replica.partition, applied_index, digest, keys });

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{LinearizableReadError, RaftError};
 use openraft::ReadPolicy;
-use tally_proto::partition::{group_of_partition, partition_of};
+use tally_proto::partition::partition_of;
 use tally_proto::time::{align_range, series_starts, Granularity};
 use tally_proto::v1::query_client::QueryClient;
 use tally_proto::v1::query_server::Query;
@@ -137,7 +137,7 @@ impl Query for QueryService {
         };
         let (from, to) = align_range(req.from_ms, req.to_ms);
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
-        let total = read_stats(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, from, to)
+        let total = read_stats(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, from, to)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let (sum, sum_overflow) = total.sum_i64();
@@ -178,7 +178,7 @@ impl Query for QueryService {
             Err(to) => return self.forward_client(to)?.series(forwarded(req, hops)).await,
         };
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
-        let series = read_series(&self.node.engine, group_of_partition(partition), &req.entity_id, &req.event_type, granularity, from, to)
+        let series = read_series(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, granularity, from, to)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(SeriesResponse {

@@ -9,6 +9,7 @@ pub mod log_store;
 pub mod read;
 pub mod snapshot;
 pub mod state_machine;
+pub mod write_back;
 
 #[cfg(test)]
 mod log_store_tests;

@@ -2,28 +2,43 @@
 //! month/day/hour/minute buckets, fetched with one multi-get) and series of
 //! one granularity (one range scan).
 //!
-//! The public functions are async and run their RocksDB reads on the
-//! engine's blocking pool ([`Engine::blocking`]), never on the API's tokio
-//! worker.
+//! Every read is the disk state of a RocksDB snapshot plus what the group's
+//! write-back still holds in memory beyond that snapshot's applied index
+//! (see `write_back.rs` for why that is never torn). The public functions
+//! are async and run their RocksDB reads on the engine's blocking pool
+//! ([`Engine::blocking`]), never on the API's tokio worker.
 
 use std::sync::Arc;
 
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 use tally_proto::time::{decompose, series_starts, Granularity};
 
+use super::codec::decode;
 use super::counts::CountSum;
-use super::keys::{self, CF_COUNTS};
+use super::keys::{self, CF_COUNTS, CF_STATE, STATE_APPLIED};
+use super::write_back::WriteBack;
 use super::{Engine, StorageError};
+use crate::raft::types::LogId;
+
+/// The applied index a RocksDB snapshot holds for `group`.
+fn disk_applied(engine: &Engine, snap: &rocksdb::Snapshot<'_>, group: u32) -> Result<u64, StorageError> {
+    let applied: Option<LogId> = match snap.get_cf(engine.cf(CF_STATE)?, keys::tagged(group, STATE_APPLIED))? {
+        Some(v) => decode(&v)?,
+        None => None,
+    };
+    Ok(applied.map(|l| l.index).unwrap_or(0))
+}
 
 /// Total over a minute-aligned [from, to).
 pub async fn read_stats(
     engine: &Arc<Engine>,
-    group: u32,
+    write_back: &WriteBack,
     entity_id: &[u8],
     event_type: &str,
     from_ms: i64,
     to_ms: i64,
 ) -> Result<CountSum, StorageError> {
+    let group = write_back.group();
     let prefixes: Vec<Vec<u8>> = Granularity::ALL
         .iter()
         .map(|g| keys::series_prefix(group, entity_id, event_type, *g))
@@ -32,13 +47,20 @@ pub async fn read_stats(
         .into_iter()
         .map(|(g, start)| keys::counts_key(&prefixes[g.as_u8() as usize], start))
         .collect();
+    let overlay = write_back.overlay(&keys);
     engine
         .blocking(move |engine| {
+            let db = engine.db();
+            let snap = db.snapshot();
+            let on_disk = disk_applied(engine, &snap, group)?;
+            let mut opts = ReadOptions::default();
+            opts.set_snapshot(&snap);
             let mut total = CountSum::default();
-            for value in engine.db().batched_multi_get_cf(engine.cf(CF_COUNTS)?, &keys, false) {
+            for (i, value) in db.batched_multi_get_cf_opt(engine.cf(CF_COUNTS)?, &keys, false, &opts).into_iter().enumerate() {
                 if let Some(v) = value? {
                     total = total.add(CountSum::decode(&v));
                 }
+                total = total.add(overlay.delta(i, on_disk));
             }
             Ok(total)
         })
@@ -48,7 +70,7 @@ pub async fn read_stats(
 /// Buckets of `granularity` covering [from, to), empty ones included.
 pub async fn read_series(
     engine: &Arc<Engine>,
-    group: u32,
+    write_back: &WriteBack,
     entity_id: &[u8],
     event_type: &str,
     granularity: Granularity,
@@ -59,14 +81,20 @@ pub async fn read_series(
     let (Some(&first), Some(&last)) = (starts.first(), starts.last()) else {
         return Ok(Vec::new());
     };
+    let group = write_back.group();
     let prefix = keys::series_prefix(group, entity_id, event_type, granularity)?;
+    let bucket_keys: Vec<Vec<u8>> = starts.iter().map(|s| keys::counts_key(&prefix, *s)).collect();
+    let overlay = write_back.overlay(&bucket_keys);
     let found = engine
         .blocking(move |engine| {
+            let snap = engine.db().snapshot();
+            let on_disk = disk_applied(engine, &snap, group)?;
             let mut opts = ReadOptions::default();
+            opts.set_snapshot(&snap);
             opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
             let from_key = keys::counts_key(&prefix, first);
             let mut found = std::collections::HashMap::new();
-            let iter = engine.db().iterator_cf_opt(engine.cf(CF_COUNTS)?, opts, IteratorMode::From(&from_key, Direction::Forward));
+            let iter = snap.iterator_cf_opt(engine.cf(CF_COUNTS)?, opts, IteratorMode::From(&from_key, Direction::Forward));
             for item in iter {
                 let (key, value) = item?;
                 if !key.starts_with(&prefix) {
@@ -76,27 +104,35 @@ pub async fn read_series(
                     found.insert(bucket, CountSum::decode(&value));
                 }
             }
-            Ok(found)
+            Ok((found, on_disk))
         })
         .await?;
-    Ok(starts.into_iter().map(|s| (s, found.get(&s).copied().unwrap_or_default())).collect())
+    let (found, on_disk) = found;
+    Ok(starts
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| (s, found.get(&s).copied().unwrap_or_default().add(overlay.delta(i, on_disk))))
+        .collect())
 }
 
 /// Digest of a group's replicated state (counts and dedup keys) and the
-/// applied index it corresponds to, read from one RocksDB snapshot.
-pub async fn state_digest(engine: &Arc<Engine>, group: u32) -> Result<(u64, u64, u64), StorageError> {
-    engine.blocking(move |engine| digest(engine, group)).await
+/// applied index it corresponds to: everything applied is checkpointed
+/// first, then read from one RocksDB snapshot.
+pub async fn state_digest(engine: &Arc<Engine>, write_back: &Arc<WriteBack>) -> Result<(u64, u64, u64), StorageError> {
+    let wb = write_back.clone();
+    engine
+        .blocking(move |engine| {
+            wb.checkpoint(engine, false)?;
+            digest(engine, wb.group())
+        })
+        .await
 }
 
 fn digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), StorageError> {
-    use super::codec::decode;
-    use super::keys::{CF_STATE, STATE_APPLIED, STATE_CONFLICTS, STATE_DEDUP};
+    use super::keys::{STATE_CONFLICTS, STATE_DEDUP};
     let db = engine.db();
     let snap = db.snapshot();
-    let applied: Option<crate::raft::types::LogId> = match snap.get_cf(engine.cf(CF_STATE)?, keys::tagged(group, STATE_APPLIED))? {
-        Some(v) => decode(&v)?,
-        None => None,
-    };
+    let applied = disk_applied(engine, &snap, group)?;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut count = 0u64;
     let ranges = [
@@ -116,5 +152,5 @@ fn digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), StorageError> 
             count += 1;
         }
     }
-    Ok((applied.map(|l| l.index).unwrap_or(0), hasher.digest(), count))
+    Ok((applied, hasher.digest(), count))
 }

@@ -2,24 +2,24 @@
 //!
 //! A partition group's state is its counts (minute/hour/day/month buckets of
 //! every (entity, type)) and its dedup index; the metadata group's state is
-//! the cluster map. Each apply round writes one RocksDB batch holding the
-//! merged deltas of every entry in the round together with the new applied
-//! log id, so state and applied id can never disagree after a crash: an
-//! entry is either fully applied or re-applied from the log.
+//! the cluster map. Apply is in memory: each round's merged deltas and
+//! state writes go to the group's write-back ([`WriteBack`]), which
+//! checkpoints them to RocksDB with the applied log id in one batch every
+//! few seconds, so state and applied id on disk never disagree after a
+//! crash and everything after them is re-applied from the log.
 //!
-//! Every RocksDB and file call runs on the engine's blocking pool
-//! ([`Engine::blocking`]), never on a tokio worker. A round's work — dedup,
-//! aggregation, building and writing the batch — is a function of the
-//! round's entries, the shared dedup index and the applied id it starts
-//! from (`apply_chunk`); the state machine awaits it, then takes the new
-//! applied id, membership and cluster map and only then answers the
-//! round's responders, so a client never hears of an entry before its
-//! state is written. Rounds of one group run one after another.
+//! A round's work — dedup, aggregation, the state writes — is a function of
+//! the round's entries, the shared dedup index and the applied id it starts
+//! from (`apply_chunk`); it runs on the engine's blocking pool
+//! ([`Engine::blocking`]) like every RocksDB and file call, never on a
+//! tokio worker. The state machine awaits it, then takes the new applied
+//! id, membership and cluster map and only then answers the round's
+//! responders, so a client never hears of an entry before reads see it.
+//! Rounds of one group run one after another.
 
 use std::io;
 use std::sync::Arc;
 
-use foldhash::{HashMap, HashMapExt};
 use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
@@ -31,6 +31,7 @@ use super::codec::{decode, encode};
 use super::counts::CountSum;
 use super::keys::{self, CF_COUNTS, CF_STATE};
 use super::snapshot::{self, SnapshotDir, SnapshotFile};
+use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MAX_DIRTY_KEYS};
 use super::{Engine, StorageError};
 use crate::dedup::DedupIndex;
 use crate::meta::ClusterMap;
@@ -52,6 +53,7 @@ pub struct GroupStateMachine {
     applied: Option<LogId>,
     membership: StoredMembership,
     dedup: Arc<DedupIndex>,
+    write_back: Arc<WriteBack>,
     snapshots: SnapshotDir,
     /// Metadata group only: publishes every applied cluster map.
     cluster_map: Option<watch::Sender<ClusterMap>>,
@@ -75,6 +77,8 @@ struct Applied {
     cluster_map: Option<ClusterMap>,
     /// One per entry, in order.
     outcomes: Vec<CommandOutcome>,
+    /// Buckets the write-back holds after the round.
+    dirty_keys: usize,
 }
 
 impl GroupStateMachine {
@@ -100,18 +104,45 @@ impl GroupStateMachine {
                 Ok((snapshots, loaded, newest))
             })
             .await?;
+        let write_back = WriteBack::new(group, loaded.applied);
         let mut sm = GroupStateMachine {
             group,
             engine,
             applied: None,
             membership: StoredMembership::default(),
             dedup,
+            write_back,
             snapshots,
             cluster_map,
             initial_snapshot: Some(newest),
         };
         sm.take_loaded(loaded);
         Ok(sm)
+    }
+
+    /// The group's write-back, which reads and checkpoints go through.
+    pub fn write_back(&self) -> Arc<WriteBack> {
+        self.write_back.clone()
+    }
+
+    /// Start a checkpoint beside apply once the write-back holds an epoch's
+    /// worth of buckets; wait for one when it holds several (the disk fell
+    /// behind, and memory stays bounded).
+    async fn checkpoint_if_full(&self, dirty_keys: usize) -> Result<(), StorageError> {
+        if dirty_keys >= MAX_DIRTY_KEYS {
+            let wb = self.write_back.clone();
+            self.engine.blocking(move |engine| wb.checkpoint(engine, false)).await?;
+        } else if dirty_keys >= CHECKPOINT_KEYS && self.write_back.claim_background() {
+            let (wb, engine) = (self.write_back.clone(), self.engine.clone());
+            tokio::spawn(async move {
+                let bg = wb.clone();
+                if let Err(e) = engine.blocking(move |engine| bg.checkpoint(engine, false)).await {
+                    tracing::warn!(group = wb.group(), error = %e, "checkpoint failed; retried later");
+                }
+                wb.release();
+            });
+        }
+        Ok(())
     }
 
     /// Take over the in-memory view read by [`load_state`].
@@ -178,19 +209,16 @@ fn load_state(engine: &Engine, group: u32, dedup: &DedupIndex) -> Result<Loaded,
     Ok(Loaded { applied, membership, cluster_map })
 }
 
-/// Apply a run of entries in one RocksDB write, starting from `applied`.
-/// Blocking.
+/// Apply a run of entries in memory, starting from `applied`, and hand the
+/// changes to the write-back. Blocking (CPU only).
 fn apply_chunk(
-    engine: &Engine,
     group: u32,
     dedup: &DedupIndex,
+    write_back: &WriteBack,
     mut applied: Option<LogId>,
     chunk: Vec<Entry>,
 ) -> Result<Applied, StorageError> {
-    let state_cf = engine.cf(CF_STATE)?;
-    let counts_cf = engine.cf(CF_COUNTS)?;
-    let mut batch = WriteBatch::default();
-    let mut merged: HashMap<Vec<u8>, CountSum> = HashMap::new();
+    let mut round = RoundChanges::default();
     let mut outcomes = Vec::with_capacity(chunk.len());
     let mut membership = None;
     let mut cluster_map = None;
@@ -200,40 +228,28 @@ fn apply_chunk(
             EntryPayload::Blank => {}
             EntryPayload::Membership(m) => {
                 let stored = StoredMembership::new(Some(entry.log_id), m);
-                batch.put_cf(state_cf, keys::tagged(group, keys::STATE_MEMBERSHIP), encode(&stored)?);
+                round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_MEMBERSHIP).to_vec(), encode(&stored)?));
                 membership = Some(stored);
             }
             EntryPayload::Normal(Command::Ingest(ingest)) => {
-                outcome.skipped = apply_ingest(engine, group, dedup, &mut batch, &mut merged, entry.log_id.index, ingest)?;
+                outcome.skipped = apply_ingest(group, dedup, &mut round, entry.log_id.index, ingest)?;
             }
             EntryPayload::Normal(Command::SetClusterMap(map)) => {
-                batch.put_cf(state_cf, keys::tagged(group, keys::STATE_CLUSTER_MAP), encode(&map)?);
+                round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_CLUSTER_MAP).to_vec(), encode(&map)?));
                 cluster_map = Some(map);
             }
         }
         applied = Some(entry.log_id);
         outcomes.push(outcome);
     }
-    for (key, delta) in merged {
-        batch.merge_cf(counts_cf, key, delta.encode());
-    }
-    batch.put_cf(state_cf, keys::tagged(group, keys::STATE_APPLIED), encode(&applied)?);
-    engine.write(batch)?;
-    Ok(Applied { applied, membership, cluster_map, outcomes })
+    round.applied = applied;
+    let dirty_keys = write_back.absorb(round);
+    Ok(Applied { applied, membership, cluster_map, outcomes, dirty_keys })
 }
 
 /// Apply one ingest entry; returns the positions of keyed events not
 /// counted because their key already was (see `KeyedEvent`).
-fn apply_ingest(
-    engine: &Engine,
-    group: u32,
-    dedup: &DedupIndex,
-    batch: &mut WriteBatch,
-    merged: &mut HashMap<Vec<u8>, CountSum>,
-    log_index: u64,
-    ingest: IngestBatch,
-) -> Result<Vec<u32>, StorageError> {
-    let state_cf = engine.cf(CF_STATE)?;
+fn apply_ingest(group: u32, dedup: &DedupIndex, round: &mut RoundChanges, log_index: u64, ingest: IngestBatch) -> Result<Vec<u32>, StorageError> {
     let IngestBatch { proposed_at_ms, dedup_window_ms, mut deltas, keyed } = ingest;
     let mut dedup = dedup.lock();
     // Expire by the log's clock, never the local one: replicas must agree
@@ -241,15 +257,15 @@ fn apply_ingest(
     let stamp = dedup.stamp(proposed_at_ms);
     let cutoff = stamp.saturating_sub(dedup_window_ms);
     if dedup.expire_before(cutoff) {
-        batch.delete_range_cf(state_cf, &keys::tagged(group, keys::STATE_DEDUP)[..], &keys::dedup_key(group, cutoff, 0)[..]);
+        round.state.push(StateWrite::DeleteRange(keys::tagged(group, keys::STATE_DEDUP).to_vec(), keys::dedup_key(group, cutoff, 0).to_vec()));
     }
-    batch.put_cf(state_cf, keys::tagged(group, keys::STATE_LOG_CLOCK), encode(&stamp)?);
+    round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_LOG_CLOCK).to_vec(), encode(&stamp)?));
     let admitted = dedup.admit((stamp, log_index), keyed.iter().map(|k| k.key));
     if !admitted.keys.is_empty() {
-        batch.put_cf(state_cf, keys::dedup_key(group, stamp, log_index), encode(&admitted.keys)?);
+        round.state.push(StateWrite::Put(keys::dedup_key(group, stamp, log_index).to_vec(), encode(&admitted.keys)?));
     }
     if !admitted.skipped.is_empty() {
-        batch.put_cf(state_cf, keys::tagged(group, keys::STATE_CONFLICTS), encode(&dedup.conflicts())?);
+        round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_CONFLICTS).to_vec(), encode(&dedup.conflicts())?));
     }
     drop(dedup);
     if !admitted.skipped.is_empty() {
@@ -284,7 +300,7 @@ fn apply_ingest(
                     break;
                 }
             };
-            let slot = merged.entry(key).or_default();
+            let slot = round.counts.entry(key).or_default();
             *slot = slot.add(delta);
         }
     }
@@ -307,8 +323,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         while let Some(items) = chunks.next().await {
             let chunk = items.into_iter().collect::<Result<Vec<_>, io::Error>>()?;
             let (chunk, responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
-            let (group, dedup, applied) = (self.group, self.dedup.clone(), self.applied);
-            let done = self.engine.blocking(move |engine| apply_chunk(engine, group, &dedup, applied, chunk)).await?;
+            let (group, dedup, write_back, applied) = (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
+            let done = self.engine.blocking(move |_| apply_chunk(group, &dedup, &write_back, applied, chunk)).await?;
             // Written: now the in-memory view moves, and only then are
             // clients answered.
             self.applied = done.applied;
@@ -323,12 +339,21 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                     r.send(outcome);
                 }
             }
+            self.checkpoint_if_full(done.dirty_keys).await?;
         }
         Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.initial_snapshot = None;
+        // The snapshot is read from RocksDB, and the log is purged behind
+        // it: everything applied goes to disk first, fsynced.
+        let wb = self.write_back.clone();
+        if let Err(e) = self.engine.blocking(move |engine| wb.checkpoint(engine, true)).await {
+            let (done_tx, done_rx) = oneshot::channel();
+            let _ = done_tx.send(Err(e));
+            return SnapshotBuilder { done: Some(done_rx) };
+        }
         let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone() };
         let db = self.engine.shared_db();
         let group = self.group;
@@ -362,15 +387,21 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
         self.initial_snapshot = None;
         let (group, dedup, snapshots, meta) = (self.group, self.dedup.clone(), self.snapshots.clone(), meta.clone());
+        let write_back = self.write_back.clone();
         let loaded = self
             .engine
             .blocking_bulk(move |engine| {
-                let installed = snapshot::install_snapshot_file(engine, group, &snapshot.path)?;
-                if installed != meta {
-                    return Err(StorageError::Corrupt("snapshot file does not match its metadata".into()));
-                }
-                snapshots.publish(&snapshot.path, &meta)?;
-                load_state(engine, group, &dedup)
+                // What memory holds is older than the snapshot: dropped.
+                write_back.replace(|| {
+                    let installed = snapshot::install_snapshot_file(engine, group, &snapshot.path)?;
+                    if installed != meta {
+                        return Err(StorageError::Corrupt("snapshot file does not match its metadata".into()));
+                    }
+                    snapshots.publish(&snapshot.path, &meta)?;
+                    let loaded = load_state(engine, group, &dedup)?;
+                    let applied = loaded.applied;
+                    Ok((loaded, applied))
+                })
             })
             .await?;
         self.take_loaded(loaded);
@@ -406,8 +437,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-/// Delete a group's state machine data (the node no longer replicates it).
-pub fn delete_group_state(engine: &Engine, group: u32) -> Result<(), StorageError> {
+/// Delete a group's state machine data (the node no longer replicates it;
+/// its write-back is closed first, so no checkpoint can follow). Blocking.
+pub fn delete_group_state(engine: &Engine, write_back: &WriteBack) -> Result<(), StorageError> {
+    write_back.close();
+    let group = write_back.group();
     let mut batch = WriteBatch::default();
     batch.delete_range_cf(engine.cf(CF_STATE)?, keys::group_prefix(group), keys::group_end(group));
     batch.delete_range_cf(engine.cf(CF_COUNTS)?, keys::group_prefix(group), keys::group_end(group));

@@ -68,7 +68,7 @@ async fn apply_aggregates_into_every_granularity() {
     assert_eq!(applied, Some(log_id(2)));
     assert_eq!(dedup.lock().len(), 4);
 
-    let stats = async |from, to| read_stats(&engine, GROUP, b"v", "view", from, to).await.unwrap();
+    let stats = async |from, to| read_stats(&engine, &sm.write_back(), b"v", "view", from, to).await.unwrap();
     let minute = stats(T, T + MINUTE_MS).await;
     assert_eq!((minute.count, minute.sum), (3, 15));
     // A whole month (February 2024) is one bucket read.
@@ -77,7 +77,7 @@ async fn apply_aggregates_into_every_granularity() {
     // Ranges that cut through buckets still add up exactly.
     assert_eq!(stats(T - HOUR_MS, T).await.count, 1);
     assert_eq!(stats(T + MINUTE_MS, T + DAY_MS).await.count, 0);
-    let hours = read_series(&engine, GROUP, b"v", "view", tally_proto::time::Granularity::Hour, T - HOUR_MS, T + HOUR_MS).await.unwrap();
+    let hours = read_series(&engine, &sm.write_back(), b"v", "view", tally_proto::time::Granularity::Hour, T - HOUR_MS, T + HOUR_MS).await.unwrap();
     assert_eq!(hours.iter().map(|(_, c)| c.count).collect::<Vec<_>>(), vec![0, 4, 0]);
 }
 
@@ -112,15 +112,15 @@ async fn snapshot_installs_identically_and_survives_restart() {
         follower.install_snapshot(&snapshot.meta, snapshot.snapshot.clone()).await.unwrap();
         assert_eq!(follower.applied_state().await.unwrap().0, Some(log_id(50)));
         assert_eq!(dedup.lock().len(), 50);
-        assert_eq!(read_stats(&follower_engine, GROUP, b"late", "view", 0, T + DAY_MS).await.unwrap().count, 0);
+        assert_eq!(read_stats(&follower_engine, &follower.write_back(), b"late", "view", 0, T + DAY_MS).await.unwrap().count, 0);
         apply(&mut follower, vec![ingest(51, 60_000, vec![delta("late", T, 1, 1)], vec![999])]).await;
-        assert_eq!(state_digest(&follower_engine, GROUP).await.unwrap(), state_digest(&leader_engine, GROUP).await.unwrap());
+        assert_eq!(state_digest(&follower_engine, &follower.write_back()).await.unwrap(), state_digest(&leader_engine, &leader.write_back()).await.unwrap());
     }
     // Restart: everything comes back from disk.
     let (engine, mut sm, dedup) = open(follower_dir.path()).await;
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(51)));
     assert_eq!(dedup.lock().len(), 51);
-    assert_eq!(state_digest(&engine, GROUP).await.unwrap(), state_digest(&leader_engine, GROUP).await.unwrap());
+    assert_eq!(state_digest(&engine, &sm.write_back()).await.unwrap(), state_digest(&leader_engine, &leader.write_back()).await.unwrap());
     assert!(sm.get_current_snapshot().await.unwrap().is_some());
 }
 
@@ -132,7 +132,7 @@ async fn interrupted_install_restores_the_local_snapshot() {
         let (engine, mut sm, _) = open(dir.path()).await;
         apply(&mut sm, vec![ingest(1, 1_000, vec![delta("a", T, 3, 3)], vec![1])]).await;
         sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
-        digest_at_snapshot = state_digest(&engine, GROUP).await.unwrap();
+        digest_at_snapshot = state_digest(&engine, &sm.write_back()).await.unwrap();
         apply(&mut sm, vec![ingest(2, 2_000, vec![delta("a", T, 1, 1)], vec![2])]).await;
         // Simulate a crash in the middle of installing a snapshot.
         let mut batch = rocksdb::WriteBatch::default();
@@ -143,7 +143,7 @@ async fn interrupted_install_restores_the_local_snapshot() {
     }
     let (engine, mut sm, _) = open(dir.path()).await;
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1)));
-    assert_eq!(state_digest(&engine, GROUP).await.unwrap(), digest_at_snapshot);
+    assert_eq!(state_digest(&engine, &sm.write_back()).await.unwrap(), digest_at_snapshot);
 }
 
 #[tokio::test]
@@ -164,11 +164,11 @@ async fn apply_skips_events_whose_key_is_already_counted() {
         {
             let (engine, mut sm, dedup) = open(dir.path()).await;
             apply(&mut sm, log()).await;
-            let s = read_stats(&engine, GROUP, b"v", "view", T, T + MINUTE_MS).await.unwrap();
+            let s = read_stats(&engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap();
             // Entry 2 counts key 3 once and the keyless event: 2 + 2 events.
             assert_eq!((s.count, s.sum), (4, 10 + 6 + 1));
             assert_eq!(dedup.conflicts(), 2);
-            digests.push(state_digest(&engine, GROUP).await.unwrap());
+            digests.push(state_digest(&engine, &sm.write_back()).await.unwrap());
         }
         // The counter is replicated state: it survives a restart.
         let (_engine, _sm, dedup) = open(dir.path()).await;
@@ -196,18 +196,66 @@ async fn sums_at_the_i64_limits_are_exact_whatever_rocksdb_merges_first() {
     let dir = tempfile::tempdir().unwrap();
     let (engine, mut sm, _) = open(dir.path()).await;
     let big = |i, sum: i64| ingest(i, i * 1_000, vec![delta("x", T, 1, sum)], vec![]);
+    let checkpoint = |sm: &GroupStateMachine| sm.write_back().checkpoint(&engine, false).unwrap();
     apply(&mut sm, vec![big(1, i64::MAX), big(2, i64::MAX)]).await;
-    // Flush and compact between operands, so RocksDB folds them in another
-    // grouping than a replica that never flushed.
+    // Checkpoint, flush and compact between operands, so RocksDB folds them
+    // in another grouping than a replica that never flushed.
+    checkpoint(&sm);
     engine.db().flush_cf(engine.cf(super::keys::CF_COUNTS).unwrap()).unwrap();
     apply(&mut sm, vec![big(3, i64::MIN)]).await;
+    checkpoint(&sm);
     engine.db().compact_range_cf(engine.cf(super::keys::CF_COUNTS).unwrap(), None::<&[u8]>, None::<&[u8]>);
     apply(&mut sm, vec![big(4, i64::MIN)]).await;
-    let s = read_stats(&engine, GROUP, b"x", "view", T, T + MINUTE_MS).await.unwrap();
+    let s = read_stats(&engine, &sm.write_back(), b"x", "view", T, T + MINUTE_MS).await.unwrap();
     assert_eq!((s.count, s.sum), (4, -2));
     // Over a day (another bucket, merged in another order) it agrees.
-    let day = read_stats(&engine, GROUP, b"x", "view", T - 23 * HOUR_MS - 59 * MINUTE_MS, T + MINUTE_MS).await.unwrap();
+    let day = read_stats(&engine, &sm.write_back(), b"x", "view", T - 23 * HOUR_MS - 59 * MINUTE_MS, T + MINUTE_MS).await.unwrap();
     assert_eq!(day.sum, -2);
-    let partial = read_series(&engine, GROUP, b"x", "view", tally_proto::time::Granularity::Minute, T, T + MINUTE_MS).await.unwrap();
+    let partial = read_series(&engine, &sm.write_back(), b"x", "view", tally_proto::time::Granularity::Minute, T, T + MINUTE_MS).await.unwrap();
     assert_eq!(partial[0].1.sum, -2);
+}
+
+#[tokio::test]
+async fn reads_add_memory_to_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, mut sm, _) = open(dir.path()).await;
+    apply(&mut sm, vec![ingest(1, 1_000, vec![delta("v", T, 2, 2)], vec![1])]).await;
+    assert!(sm.write_back().checkpoint(&engine, false).unwrap());
+    apply(&mut sm, vec![ingest(2, 2_000, vec![delta("v", T, 3, 3)], vec![2])]).await;
+    // One bucket on disk (2) and in memory (3); the month bucket likewise.
+    assert_eq!(read_stats(&engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap().count, 5);
+    let feb = 1_706_745_600_000;
+    assert_eq!(read_stats(&engine, &sm.write_back(), b"v", "view", feb, feb + 29 * DAY_MS).await.unwrap().count, 5);
+    let minutes = read_series(&engine, &sm.write_back(), b"v", "view", tally_proto::time::Granularity::Minute, T - MINUTE_MS, T + MINUTE_MS).await.unwrap();
+    assert_eq!(minutes.iter().map(|(_, c)| c.count).collect::<Vec<_>>(), vec![0, 5]);
+}
+
+/// A crash loses what memory held since the last checkpoint; openraft
+/// re-applies the log after the checkpoint's applied id, and the result is
+/// exactly the state of a replica that never crashed.
+#[tokio::test]
+async fn a_crash_between_checkpoints_replays_to_the_same_state() {
+    let log: Vec<Entry> = (1..=30)
+        .map(|i| ingest(i, i * 1_000, vec![delta(&format!("e{}", i % 4), T - (i as i64 % 5) * MINUTE_MS, i, i as i64)], vec![i as u128]))
+        .collect();
+    let steady_dir = tempfile::tempdir().unwrap();
+    let (steady_engine, mut steady, _) = open(steady_dir.path()).await;
+    apply(&mut steady, log.clone()).await;
+    let want = state_digest(&steady_engine, &steady.write_back()).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (engine, mut sm, _) = open(dir.path()).await;
+        apply(&mut sm, log[..10].to_vec()).await;
+        assert!(sm.write_back().checkpoint(&engine, false).unwrap());
+        apply(&mut sm, log[10..25].to_vec()).await;
+        // Crash: entries 11..=25 were only in memory.
+    }
+    let (engine, mut sm, dedup) = open(dir.path()).await;
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(10)));
+    assert_eq!(dedup.lock().len(), 10, "the index is the checkpoint's");
+    apply(&mut sm, log[10..].to_vec()).await;
+    assert_eq!(state_digest(&engine, &sm.write_back()).await.unwrap(), want);
+    let total = read_stats(&engine, &sm.write_back(), b"e1", "view", T - DAY_MS, T + MINUTE_MS).await.unwrap();
+    assert_eq!(total.count, (1..=30).filter(|i| i % 4 == 1).sum::<u64>());
 }
