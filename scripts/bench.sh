@@ -24,7 +24,10 @@
 # * reads under load: the 50% run adds 50 queries/s (a linearizable 30-day
 #   Stats and a 2-hour minute Series, alternately) and 20 probes/s of the
 #   delay from an event's ack to its visibility in a stale read on a
-#   follower (`tally bench --query-rate --visibility-rate`);
+#   follower (`tally bench --query-rate --visibility-rate`), and where the
+#   time goes: every node's per-stage latencies over that run (`tally
+#   cluster stages`: queue wait, entry build, Raft write, log write, fsync,
+#   apply, checkpoint, read stages);
 # * failover: a fresh cluster under 50% ingest; 20 times (2 in --smoke)
 #   kill -9 of the node leading the most partitions, the time from the kill
 #   to the first acknowledged write on each partition it led (`tally
@@ -47,7 +50,7 @@ while (($#)); do
     --smoke) SMOKE=1 ;;
     --duration) DURATION="${2:?--duration needs a value}"; shift ;;
     --duration=*) DURATION="${1#*=}" ;;
-    -h|--help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -270,7 +273,10 @@ run_target() {
   rc=0
   if [[ -n "$ok" ]]; then
     log "$name: latency run at $half events/s (50% of $max)${half_extra[*]:+ with ${half_extra[*]}}"
+    # Tally's per-stage latencies cover the 50% run alone: a new window now.
+    [[ "$target" == tally ]] && { "$TALLY" "${BENCH_ADDR[@]}" cluster stages --reset >/dev/null 2>&1 || true; }
     "$TALLY" "${common[@]}" ${half_extra[@]+"${half_extra[@]}"} --rate "$half" --out "$WORK/$name-half.json" >"$WORK/$name-half.out" 2>"$WORK/$name-half.err" || rc=$?
+    [[ "$target" == tally ]] && { "$TALLY" "${BENCH_ADDR[@]}" --json cluster stages >"$WORK/$name-stages.json" 2>/dev/null || true; }
     if ((rc != 0 && rc != 3)) || [[ ! -s "$WORK/$name-half.json" ]]; then
       log "$name: latency run failed (exit $rc):"; tail -5 "$WORK/$name-half.err" >&2; ok=""
     fi
@@ -312,6 +318,8 @@ res = {
     "peak_rss_kb_per_process": [int(x) for x in rss.split(",") if x],
     "verified": None if not half or half.get("verify") is None else half["verify"]["ok"],
     "verify_skipped": half and half.get("verify_skipped"),
+    # Tally only: `tally cluster stages` over the 50% run, every node.
+    "stages_half_run": load("stages"),
 }
 with open(os.path.join(work, f"{name}.json"), "w") as f:
     json.dump(res, f, indent=2)
@@ -629,6 +637,23 @@ if idle:
         qz = ", ".join(f"{a if a is not None else '?'}/{b}" for a, b in zip(r["quiesced_per_node"], r["replicas_per_node"]))
         il.append(f"| {what} | {r['partitions']:,} | {r.get('start_to_all_leaders_s', '—')} | {qz or '—'} | {', '.join(f'{c:.1f}' for c in r['cpu_pct_of_one_core_per_node'])} | "
                   f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mib_per_node'])} |")
+# Per-stage breakdown of the 50% run: per stage, samples summed over the
+# nodes and the worst node's percentiles (a slow node is what acks wait for).
+sl = []
+stages_doc = tally.get("stages_half_run") or {}
+stage_nodes = [n for n in stages_doc.get("nodes", []) if "stages" in n]
+if stage_nodes:
+    sl.append(f"| Tally, stage (50% run, {len(stage_nodes)} nodes: samples summed, worst node's figures) | samples | mean ms | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | what it times |")
+    sl.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    by_name = {}
+    for n in stage_nodes:
+        for st in n["stages"]:
+            by_name.setdefault(st["name"], []).append(st)
+    for name_, sts in by_name.items():
+        worst = max(sts, key=lambda x: x.get("p99_ms") or 0)
+        sl.append(f"| `{name_}` | {sum(x.get('count') or 0 for x in sts):,} | {ms2(worst.get('mean_ms'))} | {ms2(worst.get('p50_ms'))} | "
+                  f"{ms2(worst.get('p90_ms'))} | {ms2(worst.get('p99_ms'))} | {ms2(worst.get('p999_ms'))} | {ms2(worst.get('max_ms'))} | "
+                  f"{worst.get('description', '')} |")
 tally_only = {"reads_during_half_run": {"query_latency_ms": q or None, "visibility_ms": v or None},
               "failover": failover, "idle": idle}
 
@@ -664,10 +689,10 @@ md.append("\n".join(lines))
 md.append("")
 md.append("\n".join(rl))
 md.append("")
-if tl or fl or il:
+if tl or sl or fl or il:
     md.append("## Tally alone")
     md.append("")
-    for block in (tl, fl, il):
+    for block in (tl, sl, fl, il):
         if block:
             md.append("\n".join(block))
             md.append("")

@@ -103,6 +103,25 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
         total += buckets.iter().filter_map(|b| b["count"].as_u64()).sum::<u64>();
     }
     assert_eq!(total, 3_000);
+    // cluster stages: every node reports every stage; the writes and reads
+    // above moved the counters of the stages they pass through, and
+    // --reset starts a new window.
+    let j = tally(&addr, &["--json", "cluster", "stages", "--reset"], None).await?.json()?;
+    let nodes = j["nodes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(nodes.len(), 3, "{j}");
+    let count = |stage: &str| -> u64 {
+        nodes.iter().flat_map(|n| n["stages"].as_array().cloned().unwrap_or_default()).filter(|s| s["name"] == stage).filter_map(|s| s["count"].as_u64()).sum()
+    };
+    for stage in ["ingest.request", "ingest.queue_wait", "ingest.build_entry", "ingest.raft_write", "log.write", "log.fsync", "apply.round", "read.request", "read.storage"] {
+        assert!(count(stage) > 0, "{stage} never recorded: {j}");
+    }
+    assert!(nodes.iter().all(|n| n["stages"].as_array().is_some_and(|s| s.len() == 11 && s.iter().all(|s| s["p99_ms"].is_f64()))), "{j}");
+    let j = tally(&addr, &["--json", "cluster", "stages"], None).await?.json()?;
+    let after: u64 = j["nodes"].as_array().into_iter().flatten().flat_map(|n| n["stages"].as_array().cloned().unwrap_or_default()).filter(|s| s["name"] == "ingest.request").filter_map(|s| s["count"].as_u64()).sum();
+    assert_eq!(after, 0, "reset: no ingest since: {j}");
+    let table = tally(&addr, &["cluster", "stages"], None).await?;
+    assert!(table.stdout.contains("log.fsync") && table.stdout.contains("p99"), "{}", table.stdout);
+
     let bad = tally(&addr, &["series", "x", "view", "--granularity", "week"], None).await?;
     assert_eq!(bad.code, 1);
     assert!(bad.stderr.contains("minute, hour, day or month"), "{}", bad.stderr);

@@ -33,7 +33,8 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     let mut cluster = TestCluster::start_proxied(ClusterOptions {
         nodes: 3,
         partitions: 16,
-        args: vec!["--snapshot-logs".into(), "200".into()],
+        // Frequent snapshots and checkpoints: faults land during both.
+        args: vec!["--snapshot-logs".into(), "200".into(), "--checkpoint-interval-ms".into(), "200".into()],
     })
     .await?;
     let end = tally_client::time_arg::now_ms();

@@ -10,6 +10,10 @@
 //! and restarted 0–300 ms later. Then every acknowledged event must be
 //! counted exactly once (counts and sums), replicas identical, and the state
 //! machines' dedup tripwire at 0 — the leader's argument held on its own.
+//!
+//! Checkpoints run every 50 ms here (5 s by default), so most kills land
+//! during or between checkpoint writes and every restart replays the log
+//! after the last one: the write-back state machine's crash boundary.
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +27,12 @@ use tally_proto::time::{align_range, DAY_MS};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaders_restarted_at_once_count_every_retry_once() -> anyhow::Result<()> {
     let secs = std::env::var("TALLY_RESTART_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
-    let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 16, args: vec![] }).await?;
+    let mut cluster = TestCluster::start(ClusterOptions {
+        nodes: 3,
+        partitions: 16,
+        args: vec!["--checkpoint-interval-ms".into(), "50".into()],
+    })
+    .await?;
     let end = tally_client::time_arg::now_ms();
     let ingestor = RetryingIngestor::new(cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect());
     let seed: u64 = rand::random();

@@ -46,7 +46,7 @@ fn events(seed: u64) -> Vec<Event> {
 
 fn jobs(events: Vec<Event>) -> Vec<IngestJob> {
     let (reply, _) = tokio::sync::oneshot::channel();
-    vec![IngestJob { events, reply }]
+    vec![IngestJob::new(events, reply)]
 }
 
 fn per_event(c: &mut Criterion) {

@@ -1,6 +1,6 @@
-//! The node's checkpointer: once a second it writes the in-memory state of
-//! every group whose oldest unwritten change is older than
-//! [`CHECKPOINT_INTERVAL`] (see `storage/write_back.rs`).
+//! The node's checkpointer: a few times per interval it writes the
+//! in-memory state of every group whose oldest unwritten change is older
+//! than `--checkpoint-interval-ms` (5 s; see `storage/write_back.rs`).
 //!
 //! Apply itself starts a checkpoint when a group's epoch is full; this loop
 //! covers the groups that change slowly or stop changing, so no group
@@ -12,19 +12,18 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::node::Node;
-use crate::storage::write_back::CHECKPOINT_INTERVAL;
 
-const ROUND: Duration = Duration::from_secs(1);
-
-pub fn spawn(node: Weak<Node>) {
+pub fn spawn(node: Weak<Node>, interval: Duration) {
+    // Rounds at a fifth of the interval: a change waits at most 1.2 of it.
+    let every = (interval / 5).clamp(Duration::from_millis(10), Duration::from_secs(1));
     tokio::spawn(async move {
-        let mut round = tokio::time::interval(ROUND);
+        let mut round = tokio::time::interval(every);
         round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             round.tick().await;
             let Some(node) = node.upgrade() else { return };
             for wb in node.write_backs() {
-                if !wb.due(CHECKPOINT_INTERVAL) || !wb.claim_background() {
+                if !wb.due(interval) || !wb.claim_background() {
                     continue;
                 }
                 let job = wb.clone();

@@ -30,6 +30,10 @@ pub struct NodeConfig {
     pub dedup_window_secs: u64,
     /// Raft entries between snapshots of a group.
     pub snapshot_logs: u64,
+    /// A group's applied state is checkpointed to RocksDB once its oldest
+    /// unwritten change is this old (sooner when it holds many buckets).
+    /// Bounds the log replayed after a crash.
+    pub checkpoint_interval_ms: u64,
     /// Leader heartbeat interval of an active Raft group.
     pub heartbeat_ms: u64,
     /// Minimum election timeout; the maximum, which is also openraft's
@@ -73,6 +77,7 @@ impl Default for NodeConfig {
             data_dir: "./.tally/node1".into(),
             dedup_window_secs: 600,
             snapshot_logs: 10_000,
+            checkpoint_interval_ms: 5_000,
             // The lease (twice the election timeout, 800 ms) bounds failover:
             // voters refuse a new leader until it has run out. Shorter
             // (150/300, 100/250) kept a 1,000-partition cluster on a 2-core
@@ -154,6 +159,9 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_logs: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval_ms: Option<u64>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_ms: Option<u64>,

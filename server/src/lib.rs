@@ -19,6 +19,7 @@ pub mod processor;
 pub mod raft;
 pub mod reconciler;
 pub mod server;
+pub mod stages;
 pub mod storage;
 
 /// The Raft instance type of every group.

@@ -180,7 +180,7 @@ impl Node {
         node.clone().sync_groups_with_map().await?;
         tokio::spawn(node.clone().follow_cluster_map());
         crate::reconciler::spawn(node.clone());
-        crate::checkpointer::spawn(Arc::downgrade(&node));
+        crate::checkpointer::spawn(Arc::downgrade(&node), Duration::from_millis(node.config.checkpoint_interval_ms.max(1)));
         Ok(node)
     }
 

@@ -31,7 +31,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use futures::stream::FuturesUnordered;
@@ -47,6 +47,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::ClusterClock;
 use crate::dedup::{dedup_key, DedupIndex};
 use crate::raft::quiesce::GroupQuiescence;
+use crate::stages::{self, Stage};
 use crate::raft::types::{Command, CommandOutcome, IngestBatch, KeyedEvent, MinuteDelta, NodeId, MAX_ENTRY_BYTES};
 use crate::RaftInstance;
 
@@ -89,9 +90,15 @@ impl Default for ProcessorConfig {
 pub struct IngestJob {
     pub events: Vec<Event>,
     pub reply: oneshot::Sender<ProposeOutcome>,
+    /// When it was queued (for `ingest.queue_wait`).
+    pub enqueued: Instant,
 }
 
 impl IngestJob {
+    pub fn new(events: Vec<Event>, reply: oneshot::Sender<ProposeOutcome>) -> IngestJob {
+        IngestJob { events, reply, enqueued: Instant::now() }
+    }
+
     /// Upper estimate of what this job adds to an entry.
     fn entry_bytes(&self) -> usize {
         self.events.iter().map(|e| e.entity_id.len() + e.event_type.len() + EVENT_OVERHEAD_BYTES).sum()
@@ -325,15 +332,22 @@ impl Processor {
                 }
                 self.quiet.prepare_write().await;
                 let jobs = take_batch(&mut queued, config.max_batch_events, MAX_ENTRY_BYTES);
+                for job in &jobs {
+                    stages::record(Stage::IngestQueueWait, job.enqueued.elapsed());
+                }
                 queued_events = queued.iter().map(|j| j.events.len()).sum();
                 let stamp = self.next_stamp(&mut session, &mut warned_clock);
+                let building = stages::Timer::start(Stage::IngestBuildEntry);
                 let proposal = build_proposal(&self.dedup, &mut pending, jobs, stamp, config.dedup_window_ms);
+                drop(building);
                 let raft = self.raft.clone();
                 let leader_id = session.leader_id.clone();
                 let mut proposal = proposal;
                 let command = proposal.take_command();
                 inflight.push(async move {
+                    let writing = Instant::now();
                     let result = propose(&raft, command, leader_id).await;
+                    stages::record(Stage::IngestRaftWrite, writing.elapsed());
                     (result, proposal)
                 });
                 continue;
@@ -498,7 +512,7 @@ mod tests {
 
     fn job(events: Vec<Event>) -> (IngestJob, oneshot::Receiver<ProposeOutcome>) {
         let (reply, rx) = oneshot::channel();
-        (IngestJob { events, reply }, rx)
+        (IngestJob::new(events, reply), rx)
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `tally cluster init | status | wait | transfer-leader | rebalance |
-//! add-node | remove-node`.
+//! add-node | remove-node | stages` (the last in `stages.rs`).
 //!
 //! `status` asks every node, not just `--addr`: a node only knows the
 //! leaders of the partitions it replicates, and only the node itself knows
@@ -86,6 +86,12 @@ pub enum ClusterCommand {
         #[arg(long, default_value = "5m")]
         timeout: humantime::Duration,
     },
+    /// Latency of each stage of every node's write and read paths.
+    Stages {
+        /// Start a new window on every node after reading it.
+        #[arg(long)]
+        reset: bool,
+    },
     /// Move every replica off a node, then drop it from the cluster.
     RemoveNode {
         /// The node's id.
@@ -110,6 +116,7 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
         ClusterCommand::Rebalance { timeout } => rebalance(cli, **timeout).await,
         ClusterCommand::AddNode { node_addr, timeout } => add_node(cli, node_addr, **timeout).await,
         ClusterCommand::RemoveNode { node_id, timeout } => remove_node(cli, *node_id, **timeout).await,
+        ClusterCommand::Stages { reset } => super::stages::run(cli, *reset).await,
     }
 }
 

@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod ingest;
 pub mod probe_writes;
 pub mod query;
+pub mod stages;
 pub mod table;
 
 use clap::{Parser, Subcommand};

@@ -11,7 +11,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::BasicNode;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::cluster_server::Cluster;
-use tally_proto::v1::{AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, RebalanceRequest, RebalanceResponse, TransferLeaderRequest, TransferLeaderResponse, DigestRequest, DigestResponse, PartitionDigest, InitializeRequest, InitializeResponse, PartitionInfo, StatusRequest, StatusResponse};
+use tally_proto::v1::{AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, RebalanceRequest, RebalanceResponse, TransferLeaderRequest, TransferLeaderResponse, DigestRequest, DigestResponse, PartitionDigest, InitializeRequest, InitializeResponse, PartitionInfo, StageLatency, StagesRequest, StagesResponse, StatusRequest, StatusResponse};
 use tonic::{Request, Response, Status};
 
 use super::node_addrs;
@@ -112,6 +112,28 @@ impl Cluster for ClusterService {
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
         Ok(Response::new(super::membership::remove_node(&self.node, request.into_inner()).await?))
+    }
+
+    async fn stages(&self, request: Request<StagesRequest>) -> Result<Response<StagesResponse>, Status> {
+        let (summary, window) = crate::stages::global().summary(request.into_inner().reset);
+        Ok(Response::new(StagesResponse {
+            node_id: self.node.id,
+            window_s: window.as_secs_f64(),
+            stages: summary
+                .into_iter()
+                .map(|s| StageLatency {
+                    name: s.stage.name().into(),
+                    description: s.stage.description().into(),
+                    count: s.count,
+                    mean_ms: s.mean_ms,
+                    p50_ms: s.p50_ms,
+                    p90_ms: s.p90_ms,
+                    p99_ms: s.p99_ms,
+                    p999_ms: s.p999_ms,
+                    max_ms: s.max_ms,
+                })
+                .collect(),
+        }))
     }
 
     async fn initialize(&self, request: Request<InitializeRequest>) -> Result<Response<InitializeResponse>, Status> {

@@ -22,6 +22,7 @@ use super::batch_limits;
 use crate::node::Node;
 use crate::processor::{IngestJob, ProposeOutcome};
 use crate::raft::types::NodeId;
+use crate::stages::{Stage, Timer};
 
 /// Hops to follow "not leader" hints before giving up on a sub-batch.
 const MAX_ROUTING_ATTEMPTS: u32 = 4;
@@ -41,6 +42,7 @@ impl Ingest for IngestService {
     async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
         // Admission (how many requests at once) is the layer in front of
         // this service (`admission.rs`): it ran before the body was read.
+        let _timer = Timer::start(Stage::IngestRequest);
         let req = request.into_inner();
         batch_limits::check(&req.events)?;
         let Some(partition_count) = self.node.partition_count() else {
@@ -188,7 +190,7 @@ pub async fn propose_local(node: &Node, partition: u32, events: Vec<Event>) -> P
         };
     };
     let (reply, rx) = oneshot::channel();
-    if replica.ingest.send(IngestJob { events, reply }).await.is_err() {
+    if replica.ingest.send(IngestJob::new(events, reply)).await.is_err() {
         return ProposeResponse { status: ProposeStatus::Unavailable as i32, message: "processor stopped".into(), ..Default::default() };
     }
     let outcome = rx.await.unwrap_or(ProposeOutcome::Unavailable("processor stopped".into()));

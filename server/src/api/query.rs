@@ -1,5 +1,7 @@
 //! The public Query service. Linearizable reads run on the partition leader
-//! after a read-index round; stale reads on any replica. A node without a
+//! under its lease (after a read-index round when the lease is stale);
+//! stale reads on any replica. Either reads the replica's memory and
+//! RocksDB (`storage/read.rs`), never waiting for a checkpoint. A node without a
 //! suitable replica forwards the query, at most twice (a replica it asks
 //! may point at the leader), counting hops in a header so it never loops.
 
@@ -7,7 +9,7 @@ use std::sync::Arc;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{LinearizableReadError, RaftError};
-use openraft::ReadPolicy;
+use openraft::LinearizerOption;
 use tally_proto::partition::partition_of;
 use tally_proto::time::{align_range, series_starts, Granularity};
 use tally_proto::v1::query_client::QueryClient;
@@ -18,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::node::{Node, PartitionReplica};
 use crate::raft::types::NodeId;
+use crate::stages::{Stage, Timer};
 use crate::storage::read::{read_series, read_stats};
 
 /// Most buckets one series answer may hold.
@@ -75,10 +78,15 @@ impl QueryService {
                 None => return Err(Status::unavailable(format!("partition {partition} has no leader right now; retry"))),
                 Some(_) => {}
             }
-            // Without a quorum the read-index round never completes.
-            let read = tokio::time::timeout(READ_INDEX_TIMEOUT, replica.raft.ensure_linearizable(ReadPolicy::ReadIndex))
+            // Lease read: while a quorum acknowledged this leader within
+            // its lease (followers refuse votes for that long), no round
+            // trip at all; otherwise (a quiesced group) one heartbeat round.
+            // Without a quorum that round never completes.
+            let linearizing = Timer::start(Stage::ReadLinearize);
+            let read = tokio::time::timeout(READ_INDEX_TIMEOUT, replica.raft.ensure_linearizable(LinearizerOption::new(None, true)))
                 .await
                 .map_err(|_| Status::unavailable(format!("partition {partition}: no quorum for a linearizable read; retry or read STALE")))?;
+            drop(linearizing);
             match read {
                 Ok(_) => return Ok(Ok(replica)),
                 Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => match f.leader_id {
@@ -125,6 +133,7 @@ fn forwarded<T>(inner: T, hops: u32) -> Request<T> {
 #[tonic::async_trait]
 impl Query for QueryService {
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let _timer = Timer::start(Stage::ReadRequest);
         let hops = hops(&request);
         let req = request.into_inner();
         validate_query_key(&req.entity_id, &req.event_type).map_err(invalid)?;
@@ -137,9 +146,11 @@ impl Query for QueryService {
         };
         let (from, to) = align_range(req.from_ms, req.to_ms);
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
+        let reading = Timer::start(Stage::ReadStorage);
         let total = read_stats(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, from, to)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
+        drop(reading);
         let (sum, sum_overflow) = total.sum_i64();
         Ok(Response::new(StatsResponse {
             count: total.count,
@@ -155,6 +166,7 @@ impl Query for QueryService {
     }
 
     async fn series(&self, request: Request<SeriesRequest>) -> Result<Response<SeriesResponse>, Status> {
+        let _timer = Timer::start(Stage::ReadRequest);
         let hops = hops(&request);
         let req = request.into_inner();
         validate_query_key(&req.entity_id, &req.event_type).map_err(invalid)?;
@@ -178,9 +190,11 @@ impl Query for QueryService {
             Err(to) => return self.forward_client(to)?.series(forwarded(req, hops)).await,
         };
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
+        let reading = Timer::start(Stage::ReadStorage);
         let series = read_series(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, granularity, from, to)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
+        drop(reading);
         Ok(Response::new(SeriesResponse {
             buckets: series
                 .into_iter()

@@ -51,6 +51,7 @@ use super::counts::merge_counts;
 use super::keys::{CF_COUNTS, CF_LOG, CF_RAFT, CF_STATE};
 use super::StorageError;
 use crate::raft::types::TypeConfig;
+use crate::stages::{Stage, Timer};
 
 /// Write requests waiting for the log writer; senders wait (backpressure)
 /// when it is full. Each group's Raft core has at most a few requests in it
@@ -311,7 +312,10 @@ fn run_writer(db: &DB, mut rx: mpsc::Receiver<WriteRequest>, syncer: mpsc::Sende
     opts.set_sync(false);
     while let Some(request) = rx.blocking_recv() {
         let result = match request.batch {
-            Some(batch) => db.write_opt(batch, &opts).map_err(|e| e.to_string()),
+            Some(batch) => {
+                let _timer = Timer::start(Stage::LogWrite);
+                db.write_opt(batch, &opts).map_err(|e| e.to_string())
+            }
             None => Ok(()),
         };
         if let Err(e) = &result {
@@ -352,7 +356,9 @@ fn run_syncer(db: &DB, mut rx: mpsc::Receiver<SyncWaiter>, fsyncs: &AtomicU64) {
         }
         // Every waiter's write happened before it was queued, so this one
         // fsync covers all of them.
+        let fsync = Timer::start(Stage::LogFsync);
         let result = db.flush_wal(true).map_err(|e| e.to_string());
+        drop(fsync);
         fsyncs.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!(error = %e, "WAL fsync failed");

@@ -34,6 +34,7 @@ use super::snapshot::{self, SnapshotDir, SnapshotFile};
 use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MAX_DIRTY_KEYS};
 use super::{Engine, StorageError};
 use crate::dedup::DedupIndex;
+use crate::stages::{Stage, Timer};
 use crate::meta::ClusterMap;
 use crate::raft::types::{Command, CommandOutcome, Entry, IngestBatch, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -324,7 +325,13 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             let chunk = items.into_iter().collect::<Result<Vec<_>, io::Error>>()?;
             let (chunk, responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
             let (group, dedup, write_back, applied) = (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
-            let done = self.engine.blocking(move |_| apply_chunk(group, &dedup, &write_back, applied, chunk)).await?;
+            let done = self
+                .engine
+                .blocking(move |_| {
+                    let _timer = Timer::start(Stage::ApplyRound);
+                    apply_chunk(group, &dedup, &write_back, applied, chunk)
+                })
+                .await?;
             // Written: now the in-memory view moves, and only then are
             // clients answered.
             self.applied = done.applied;

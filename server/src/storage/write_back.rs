@@ -48,6 +48,7 @@ use super::counts::CountSum;
 use super::keys::{self, CF_COUNTS, CF_STATE};
 use super::{Engine, StorageError};
 use crate::raft::types::LogId;
+use crate::stages::{Stage, Timer};
 
 /// Buckets one epoch may hold before it is checkpointed, whatever its age:
 /// bounds a group's memory (~100 bytes a bucket).
@@ -55,8 +56,6 @@ pub const CHECKPOINT_KEYS: usize = 32_768;
 /// Buckets in memory, all epochs of a group together, beyond which apply
 /// waits for a checkpoint instead of running further ahead of the disk.
 pub const MAX_DIRTY_KEYS: usize = 4 * CHECKPOINT_KEYS;
-/// Age of the oldest change in memory after which a group is checkpointed.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A write to the group's `state` column family, kept in apply order.
 #[derive(Debug, Clone)]
@@ -235,6 +234,7 @@ impl WriteBack {
             epochs.frozen.iter().cloned().collect()
         };
         let Some(last) = pending.last() else { return Ok(false) };
+        let _timer = Timer::start(Stage::Checkpoint);
         let applied = last.applied;
         let mut batch = WriteBatch::default();
         let state_cf = engine.cf(CF_STATE)?;
