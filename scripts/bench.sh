@@ -305,6 +305,8 @@ res = {
     "name": name, "target": target, "system": system, "ran": ok == "1" and acked > 0,
     "max_eps": mx and mx["throughput_eps"],
     "max_run": mx and {k: mx[k] for k in ("elapsed_s", "sent", "outcomes", "latency_ms")},
+    # `tally bench`'s own CPU per event in the saturation run.
+    "generator_cpu_us_per_event": mx and mx.get("generator_cpu_us_per_event"),
     "half_rate_eps": half and half["config"]["rate"],
     "half_run": half and {k: half.get(k) for k in ("elapsed_s", "sent", "throughput_eps", "outcomes", "latency_ms",
                                                   "verify", "verify_skipped", "ok", "query_latency_ms",
@@ -557,19 +559,19 @@ desc = {
     "etcd": "etcd, 3 members, a put per event in txns of ≤128, fsync'd",
 }
 lines = []
-lines.append("| system | events/s at saturation | p50 ms | p99 ms | p99.9 ms | latency run: target (achieved) events/s | CPU-s per M events (servers) | peak RSS per process (MiB) | verified |")
-lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+lines.append("| system | events/s at saturation | p50 ms | p99 ms | p99.9 ms | latency run: target (achieved) events/s | CPU-s per M events (servers) | generator CPU µs per event | peak RSS per process (MiB) | verified |")
+lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 for r in rows:
     n = r["name"]
     if not r.get("max_eps"):
-        lines.append(f"| {desc[n]} | failed | | | | | | | |")
+        lines.append(f"| {desc[n]} | failed | | | | | | | | |")
         continue
     rss = ", ".join(f"{v/1024:.0f}" for v in r.get("peak_rss_kb_per_process") or [])
     v = r.get("verified")
     ver = "yes" if v is True else ("MISMATCH" if v is False else f"no ({r.get('verify_skipped') or 'not run'})")
     lines.append(f"| {desc[n]} | {num(r['max_eps'])} | {num(lat(r,'p50'),'{:.2f}')} | {num(lat(r,'p99'),'{:.2f}')} | "
                  f"{num(lat(r,'p999'),'{:.2f}')} | {num(r.get('half_rate_eps'))} ({num((r.get('half_run') or {}).get('throughput_eps'))}) | "
-                 f"{num(r.get('cpu_s_per_million_events'),'{:.1f}')} | {rss} | {ver} |")
+                 f"{num(r.get('cpu_s_per_million_events'),'{:.1f}')} | {num(r.get('generator_cpu_us_per_event'),'{:.2f}')} | {rss} | {ver} |")
 ratios = {}
 rl = ["| Tally ÷ | throughput | p99 latency | CPU-s per M events | peak RSS per process |", "|---|---:|---:|---:|---:|"]
 for r in rows:
@@ -703,6 +705,8 @@ md.append("* Latency: ack latency of the 50% run; if its achieved rate falls sho
           "not sustain half its burst rate and the latency includes the growing backlog.")
 md.append("* Latency: ack latency of the 50% run. Tally and etcd acknowledge after a quorum has the write on disk; "
           "Redis acknowledges from memory.")
+md.append("* Generator CPU µs per event: `tally bench`'s own CPU (getrusage) over the saturation run's sending phase, "
+          "per event sent; it shares the machine with the servers, so every µs it spends is taken from them.")
 md.append("* CPU-s per M events: utime+stime of all server processes (from /proc/<pid>/stat) during the saturation run, "
           "per million events sent. The load generator's own CPU is not included, but it shares the machine.")
 md.append("* Peak RSS: VmHWM of each server process at the end of its runs.")

@@ -150,6 +150,10 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
         assert!(j["latency_ms"][q].as_f64().is_some_and(|v| v > 0.0), "{q}: {}", j["latency_ms"]);
     }
     assert_eq!(j["corrected_for_coordinated_omission"], json!(false));
+    // The generator reports its own CPU per event (getrusage), a small
+    // positive figure: what each event cost the load generator.
+    let own = j["generator_cpu_us_per_event"].as_f64().unwrap_or(-1.0);
+    assert!(own > 0.0 && own < 100_000.0, "generator CPU per event: {}", j["generator_cpu_us_per_event"]);
     // Fixed rate for a duration.
     let r = tally(&addr, &["--json", "bench", "--rate", "400", "--duration", "2s", "--ids", "20", "--out", out_arg], None).await?;
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);

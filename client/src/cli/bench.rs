@@ -374,6 +374,7 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
     let prefix = format!("bench-{:08x}", rand::random::<u32>());
     let start = Instant::now();
     let start_ms = now_ms();
+    let cpu_at_start = super::cpu_time::process_cpu_time();
     let shared = Arc::new(Shared {
         target,
         args: clone_args(args),
@@ -425,6 +426,9 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
     }
     shared.target.flush().await?;
     let elapsed = start.elapsed();
+    // The generator's own CPU over the sending phase (probes included,
+    // verification not): what each event cost this process.
+    let generator_cpu = super::cpu_time::process_cpu_time().zip(cpu_at_start).map(|(end, begin)| end.saturating_sub(begin));
     ticker.abort();
     bar.finish_and_clear();
     let end_ms = now_ms();
@@ -486,6 +490,8 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         "sent": sent,
         "resent_duplicates": resent,
         "throughput_eps": sent as f64 / elapsed.as_secs_f64().max(1e-9),
+        "generator_cpu_s": generator_cpu.map(|c| c.as_secs_f64()),
+        "generator_cpu_us_per_event": generator_cpu.filter(|_| sent > 0).map(|c| c.as_secs_f64() * 1e6 / sent as f64),
         "outcomes": outcomes,
         "server_totals": server_totals,
         "latency_ms": latency,
@@ -502,9 +508,10 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         print_json(&report);
     } else {
         println!(
-            "sent {sent} events ({resent} re-sent duplicates) in {:.1} s: {:.0} events/s",
+            "sent {sent} events ({resent} re-sent duplicates) in {:.1} s: {:.0} events/s; this generator used {} µs of CPU per event",
             elapsed.as_secs_f64(),
-            report["throughput_eps"].as_f64().unwrap_or(0.0)
+            report["throughput_eps"].as_f64().unwrap_or(0.0),
+            report["generator_cpu_us_per_event"].as_f64().map_or("?".into(), |c| format!("{c:.2}"))
         );
         println!(
             "ack latency ms: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}{}",

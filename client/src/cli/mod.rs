@@ -17,6 +17,7 @@ pub mod bench;
 pub mod bench_probes;
 pub mod bench_targets;
 pub mod cluster;
+pub mod cpu_time;
 pub mod ingest;
 pub mod probe_writes;
 pub mod query;
