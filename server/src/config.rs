@@ -206,10 +206,20 @@ impl Cli {
         if let Some(path) = &self.config {
             fig = fig.merge(Toml::file(path));
         }
-        fig.merge(Env::prefixed("TALLY_").ignore(&["config", "addr", "home"]))
+        let config: NodeConfig = fig
+            .merge(Env::prefixed("TALLY_").ignore(&["config", "addr", "home"]))
             .merge(Serialized::defaults(&self))
             .extract()
-            .map_err(Box::new)
+            .map_err(Box::new)?;
+        let max_window_secs = crate::dedup_table::MAX_WINDOW_MS / 1000;
+        if config.dedup_window_secs == 0 || config.dedup_window_secs > max_window_secs {
+            return Err(Box::new(figment::Error::from(format!(
+                "dedup_window_secs: {} is outside 1..={max_window_secs} (the dedup index keeps generations of a window up to {} hours)",
+                config.dedup_window_secs,
+                max_window_secs / 3600
+            ))));
+        }
+        Ok(config)
     }
 }
 

@@ -8,12 +8,11 @@
 //! (plus its own in-flight keys) to decide what is a duplicate; see
 //! ARCHITECTURE.md for why that decision is complete.
 
-use std::collections::BTreeMap;
-
-use foldhash::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use xxhash_rust::xxh3::Xxh3;
+
+use crate::dedup_table::{KeyTable, GENERATION_MS};
 
 /// Dedup key of an event: a 128-bit hash, so the index costs the same for
 /// every id length. Collisions are ~n²/2¹²⁹: negligible at any real volume.
@@ -30,10 +29,9 @@ pub fn dedup_key(entity_id: &[u8], event_type: &str, event_id: &[u8]) -> u128 {
 
 #[derive(Default)]
 pub struct DedupState {
-    /// key → (stamp, log index) of the batch that inserted it.
-    keys: HashMap<u128, (u64, u64)>,
-    /// Batches by stamp, for expiry in time order.
-    batches: BTreeMap<(u64, u64), Vec<u128>>,
+    /// Live keys, each with the generation (log-clock second) of the entry
+    /// that admitted it; ~19–23 bytes a key (`dedup_table.rs`).
+    keys: KeyTable,
     /// The log's clock: the highest stamp applied. Stamps never go below it,
     /// so a leader with a slow clock cannot move expiry backwards.
     log_clock_ms: u64,
@@ -53,15 +51,21 @@ pub struct Admitted {
 
 impl DedupState {
     pub fn contains(&self, key: &u128) -> bool {
-        self.keys.contains_key(key)
+        self.keys.contains(*key)
     }
 
+    /// Live keys (a scan of the table: for reports and tests).
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// Bytes the index holds, and per live key.
+    pub fn memory(&self) -> (usize, f64) {
+        (self.keys.bytes(), self.keys.bytes_per_key())
     }
 
     pub fn log_clock_ms(&self) -> u64 {
@@ -86,19 +90,17 @@ impl DedupState {
         self.log_clock_ms
     }
 
-    /// Drop batches stamped before `cutoff_ms`. Returns whether any were.
+    /// Keys admitted before `cutoff_ms` (rounded down to a whole
+    /// generation, so never early) expire. Returns whether the boundary
+    /// moved into a new generation — when the state machine deletes the
+    /// persisted batches before it.
     pub fn expire_before(&mut self, cutoff_ms: u64) -> bool {
-        let keep = self.batches.split_off(&(cutoff_ms, 0));
-        let expired = std::mem::replace(&mut self.batches, keep);
-        let any = !expired.is_empty();
-        for (stamp, keys) in expired {
-            for k in keys {
-                if self.keys.get(&k) == Some(&stamp) {
-                    self.keys.remove(&k);
-                }
-            }
-        }
-        any
+        self.keys.expire_before(KeyTable::generation_of(cutoff_ms))
+    }
+
+    /// The first stamp still live: persisted batches before it may go.
+    pub fn live_from_ms(&self, cutoff_ms: u64) -> u64 {
+        KeyTable::generation_of(cutoff_ms) * GENERATION_MS
     }
 
     /// The state machine's dedup decision for one entry: each key not yet in
@@ -106,36 +108,29 @@ impl DedupState {
     /// others are skipped and counted as conflicts. Deterministic, so every
     /// replica skips the same events.
     pub fn admit(&mut self, stamp: (u64, u64), keys: impl Iterator<Item = u128>) -> Admitted {
+        let generation = KeyTable::generation_of(stamp.0);
         let mut admitted = Admitted::default();
         for (position, k) in keys.enumerate() {
-            match self.keys.entry(k) {
-                std::collections::hash_map::Entry::Occupied(_) => admitted.skipped.push(position as u32),
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(stamp);
-                    admitted.keys.push(k);
-                }
+            if self.keys.insert(k, generation) {
+                admitted.keys.push(k);
+            } else {
+                admitted.skipped.push(position as u32);
             }
         }
         self.conflicts += admitted.skipped.len() as u64;
-        if !admitted.keys.is_empty() {
-            self.batches.insert(stamp, admitted.keys.clone());
-        }
         admitted
     }
 
     /// Record a batch's keys as loaded from disk (already admitted once).
     pub fn insert_batch(&mut self, stamp: (u64, u64), keys: Vec<u128>) {
-        for &k in &keys {
-            self.keys.insert(k, stamp);
-        }
-        if !keys.is_empty() {
-            self.batches.insert(stamp, keys);
+        let generation = KeyTable::generation_of(stamp.0);
+        for k in keys {
+            self.keys.insert(k, generation);
         }
     }
 
     pub fn clear(&mut self) {
         self.keys.clear();
-        self.batches.clear();
         self.log_clock_ms = 0;
         self.conflicts = 0;
     }
@@ -171,10 +166,13 @@ mod tests {
     }
 
     #[test]
-    fn expiry_removes_only_old_batches() {
+    fn expiry_removes_only_old_batches_never_early() {
         let mut s = DedupState::default();
         s.insert_batch((1_000, 1), vec![1, 2]);
         s.insert_batch((5_000, 2), vec![3]);
+        // A cutoff inside the first batch's second keeps it (never early).
+        s.expire_before(1_500);
+        assert!(s.contains(&1));
         assert!(s.expire_before(2_000));
         assert!(!s.contains(&1) && !s.contains(&2));
         assert!(s.contains(&3));
@@ -190,7 +188,7 @@ mod tests {
         assert_eq!(a, Admitted { keys: vec![5, 6], skipped: vec![1, 3] });
         assert_eq!(s.conflicts(), 2);
         // Key 7 keeps its first stamp: expiring batch 1 removes it.
-        s.expire_before(1_500);
+        s.expire_before(2_000);
         assert!(!s.contains(&7) && s.contains(&5) && s.contains(&6));
     }
 

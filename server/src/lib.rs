@@ -13,6 +13,7 @@ pub mod checkpointer;
 pub mod clock;
 pub mod config;
 pub mod dedup;
+pub mod dedup_table;
 pub mod meta;
 pub mod node;
 pub mod processor;

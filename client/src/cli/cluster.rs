@@ -379,6 +379,8 @@ impl StatusView {
                 json!({
                     "quiesced": quiesced,
                     "dedup_conflicts": report.map(|s| s.dedup_conflicts),
+                    "dedup_keys": report.map(|s| s.dedup_keys),
+                    "dedup_bytes": report.map(|s| s.dedup_bytes),
                     "node_id": id, "addr": addr, "reachable": reachable,
                     "leads": map.partitions().iter().filter(|r| r.leader == id).count(),
                     "replicas": map.partitions().iter().filter(|r| r.replicas.contains(&id)).count(),
@@ -423,7 +425,7 @@ impl StatusView {
             ));
         }
         out.push('\n');
-        let mut nodes = Table::new(["NODE", "ADDR", "UP", "LEADS", "REPLICAS", "QUIESCED", "MAX_LAG", "DEDUP_CONFLICTS"]);
+        let mut nodes = Table::new(["NODE", "ADDR", "UP", "LEADS", "REPLICAS", "QUIESCED", "MAX_LAG", "DEDUP_KEYS", "DEDUP_MIB", "DEDUP_CONFLICTS"]);
         for n in doc["nodes"].as_array().into_iter().flatten() {
             nodes.row([
                 n["node_id"].to_string(),
@@ -433,6 +435,8 @@ impl StatusView {
                 n["replicas"].to_string(),
                 n["quiesced"].as_u64().map_or("-".to_owned(), |q| q.to_string()),
                 n["max_lag"].as_u64().map_or("-".to_owned(), |l| l.to_string()),
+                n["dedup_keys"].as_u64().map_or("-".to_owned(), |k| k.to_string()),
+                n["dedup_bytes"].as_u64().map_or("-".to_owned(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64)),
                 n["dedup_conflicts"].as_u64().map_or("-".to_owned(), |c| c.to_string()),
             ]);
         }

@@ -250,6 +250,8 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         partitions,
         metadata_leader_node_id: node.metadata_leader().unwrap_or(0),
         dedup_conflicts: node.local_partitions().iter().map(|r| r.dedup.conflicts()).sum(),
+        dedup_keys: node.local_partitions().iter().map(|r| r.dedup.lock().len() as u64).sum(),
+        dedup_bytes: node.local_partitions().iter().map(|r| r.dedup.lock().memory().0 as u64).sum(),
     }
 }
 

@@ -258,7 +258,10 @@ fn apply_ingest(group: u32, dedup: &DedupIndex, round: &mut RoundChanges, log_in
     let stamp = dedup.stamp(proposed_at_ms);
     let cutoff = stamp.saturating_sub(dedup_window_ms);
     if dedup.expire_before(cutoff) {
-        round.state.push(StateWrite::DeleteRange(keys::tagged(group, keys::STATE_DEDUP).to_vec(), keys::dedup_key(group, cutoff, 0).to_vec()));
+        // Only what the index no longer holds: it keeps keys to the start
+        // of the cutoff's second, and a restarted replica must load the same.
+        let live_from = dedup.live_from_ms(cutoff);
+        round.state.push(StateWrite::DeleteRange(keys::tagged(group, keys::STATE_DEDUP).to_vec(), keys::dedup_key(group, live_from, 0).to_vec()));
     }
     round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_LOG_CLOCK).to_vec(), encode(&stamp)?));
     let admitted = dedup.admit((stamp, log_index), keyed.iter().map(|k| k.key));

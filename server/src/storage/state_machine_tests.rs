@@ -87,8 +87,12 @@ async fn dedup_keys_expire_by_the_leaders_stamp() {
     let (_engine, mut sm, dedup) = open(dir.path()).await;
     apply(&mut sm, vec![ingest(1, 1_000, vec![], vec![1]), ingest(2, 500_000, vec![], vec![2])]).await;
     assert!(dedup.lock().contains(&1));
-    // 10 minutes after the first stamp, its keys go; later ones stay.
+    // Keys live to the end of the second the window ends in (never
+    // shorter than the window): a millisecond past 10 minutes, still there.
     apply(&mut sm, vec![ingest(3, 601_001, vec![], vec![3])]).await;
+    assert!(dedup.lock().contains(&1));
+    // A second later its keys go; later ones stay.
+    apply(&mut sm, vec![ingest(4, 602_000, vec![], vec![4])]).await;
     let index = dedup.lock();
     assert!(!index.contains(&1) && index.contains(&2) && index.contains(&3));
 }
@@ -187,7 +191,7 @@ async fn a_leader_with_a_slow_clock_cannot_expire_keys_early() {
     // Stamped with the log's clock, key 2 lives a whole window from there.
     apply(&mut sm, vec![ingest(3, 1_000_001, vec![], vec![])]).await;
     assert!(dedup.lock().contains(&2));
-    apply(&mut sm, vec![ingest(4, 1_600_001, vec![], vec![])]).await;
+    apply(&mut sm, vec![ingest(4, 1_601_000, vec![], vec![])]).await;
     assert!(!dedup.lock().contains(&1) && !dedup.lock().contains(&2));
 }
 
