@@ -10,6 +10,13 @@
 //!   never even start — are answered RESOURCE_EXHAUSTED after the admission
 //!   wait, instead of hanging in decode.
 //!
+//! * The dedup index's memory bound: with `--dedup-memory-mib 1` (~45,000
+//!   keys per node) and a 3 s window, distinct events beyond the bound are
+//!   refused — RESOURCE_EXHAUSTED when nothing of a request could be taken,
+//!   retryable rejections naming the bound otherwise — never counted, never
+//!   dropped from the index early; every accepted event is counted exactly
+//!   once, and once the window passes the same events are accepted.
+//!
 //! Requests are sent raw (a 5-byte gRPC frame header, then the body) over a
 //! tonic channel: one shared 60 MiB buffer serves every request, and bodies
 //! can stall, which a generated client cannot do.
@@ -188,5 +195,73 @@ async fn oversized_and_stalled_ingest_is_refused_before_its_body() -> anyhow::Re
         }
     }
     assert!(peak_rss_kib(pid)? < RSS_LIMIT_KIB);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_dedup_index_refuses_new_events_until_keys_expire() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(ClusterOptions {
+        nodes: 3,
+        partitions: 4,
+        args: vec!["--dedup-memory-mib".into(), "1".into(), "--dedup-window-secs".into(), "3".into()],
+    })
+    .await?;
+    let now = tally_client::time_arg::now_ms();
+    let batch = |r: u32| -> Vec<Event> {
+        (0..5_000u32)
+            .map(|i| Event {
+                entity_id: format!("v{}", i % 50).into_bytes(),
+                event_type: "view".into(),
+                event_time_ms: now,
+                event_id: format!("r{r}-{i}").into_bytes(),
+                value: None,
+            })
+            .collect()
+    };
+    // 20 × 5,000 distinct events against ~45,000 keys a node: the first
+    // ones fit, then the bound is reached.
+    let mut client = cluster.ingest_client(1).await?;
+    let (mut accepted, mut refused_whole, mut refused_events) = (0u64, 0u32, 0usize);
+    let mut refused_batches = Vec::new();
+    for r in 0..20 {
+        match client.ingest(IngestRequest { events: batch(r) }).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                accepted += u64::from(resp.accepted);
+                for rej in &resp.rejected {
+                    assert!(rej.retryable && rej.reason.contains("dedup index is full"), "{rej:?}");
+                }
+                refused_events += resp.rejected.len();
+                if !resp.rejected.is_empty() {
+                    refused_batches.push(r);
+                }
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("--dedup-memory-mib") && status.message().contains("retry"), "{}", status.message());
+                refused_whole += 1;
+                refused_batches.push(r);
+            }
+        }
+    }
+    assert!(accepted >= 30_000 && accepted < 100_000, "accepted {accepted}");
+    assert!(refused_whole > 0 || refused_events > 0, "nothing refused");
+    let total = async || cluster.total_count(1, (0..50).map(|e| format!("v{e}")), "view", now - 60_000, now + 60_000).await;
+    assert_eq!(total().await?, accepted, "exactly the accepted events are counted");
+    let status = cluster.status(1).await?;
+    assert!(status.dedup_keys <= (1 << 20) / 23 + 5_000, "{} keys held", status.dedup_keys);
+
+    // The window passes: keys leave, and the refused events go in on retry.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Expiry moves with the log: one small write per partition moves it.
+    for _ in 0..3 {
+        let _ = client.ingest(IngestRequest { events: (0..50).map(|e| Event { entity_id: format!("v{e}").into_bytes(), event_type: "tick".into(), event_time_ms: now, event_id: Vec::new(), value: None }).collect() }).await?;
+    }
+    let r = refused_batches[refused_batches.len() - 1];
+    let resp = client.ingest(IngestRequest { events: batch(r) }).await?.into_inner();
+    assert!(resp.rejected.is_empty(), "{:?}", resp.rejected.first());
+    let retried = u64::from(resp.accepted);
+    assert!(retried > 0 && retried + u64::from(resp.duplicates) == 5_000, "{resp:?}");
+    assert_eq!(total().await?, accepted + retried);
     Ok(())
 }

@@ -28,6 +28,11 @@ pub struct NodeConfig {
     pub data_dir: String,
     /// Dedup window for event ids, seconds (at least 600 recommended).
     pub dedup_window_secs: u64,
+    /// Memory the dedup indexes of this node's replicas may take together,
+    /// MiB (~23 bytes per event id in the window). At the bound, leaders on
+    /// this node refuse new events (RESOURCE_EXHAUSTED) until keys expire:
+    /// they never forget a key early. 0 = unbounded.
+    pub dedup_memory_mib: u64,
     /// Raft entries between snapshots of a group.
     pub snapshot_logs: u64,
     /// A group's applied state is checkpointed to RocksDB once its oldest
@@ -76,6 +81,7 @@ impl Default for NodeConfig {
             peer_advertise: None,
             data_dir: "./.tally/node1".into(),
             dedup_window_secs: 600,
+            dedup_memory_mib: 1024,
             snapshot_logs: 10_000,
             checkpoint_interval_ms: 5_000,
             // The lease (twice the election timeout, 800 ms) bounds failover:
@@ -156,6 +162,9 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup_window_secs: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup_memory_mib: Option<u64>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_logs: Option<u64>,

@@ -8,7 +8,8 @@
 //! (plus its own in-flight keys) to decide what is a duplicate; see
 //! ARCHITECTURE.md for why that decision is complete.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -136,21 +137,107 @@ impl DedupState {
     }
 }
 
+/// Live dedup keys of every replica of a node together, against which
+/// leaders check the node's memory bound (`--dedup-memory-mib`). Tables
+/// rebuild to 70% full, dropping expired keys, so memory follows the live
+/// keys: ~23 bytes each at most.
+#[derive(Debug, Default)]
+pub struct DedupBudget {
+    keys: AtomicUsize,
+    /// Keys the node may hold; 0 = unbounded.
+    max_keys: usize,
+}
+
+impl DedupBudget {
+    pub fn with_memory_mib(mib: u64) -> Arc<DedupBudget> {
+        let max_keys = (mib.saturating_mul(1 << 20) / 23) as usize;
+        Arc::new(DedupBudget { keys: AtomicUsize::new(0), max_keys })
+    }
+
+    pub fn used(&self) -> usize {
+        self.keys.load(Ordering::Relaxed)
+    }
+
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+
+    /// Whether `more` keys would take the node past its bound.
+    pub fn would_exceed(&self, more: usize) -> bool {
+        self.max_keys > 0 && self.used().saturating_add(more) > self.max_keys
+    }
+
+    fn adjust(&self, before: usize, after: usize) {
+        if after >= before {
+            self.keys.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.keys.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct DedupIndex {
     state: Mutex<DedupState>,
+    budget: Arc<DedupBudget>,
+}
+
+/// The index locked; on release, the node's budget learns how many live
+/// keys it now holds.
+pub struct DedupGuard<'a> {
+    state: MutexGuard<'a, DedupState>,
+    budget: &'a DedupBudget,
+    live_before: usize,
+}
+
+impl std::ops::Deref for DedupGuard<'_> {
+    type Target = DedupState;
+    fn deref(&self) -> &DedupState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for DedupGuard<'_> {
+    fn deref_mut(&mut self) -> &mut DedupState {
+        &mut self.state
+    }
+}
+
+impl Drop for DedupGuard<'_> {
+    fn drop(&mut self) {
+        self.budget.adjust(self.live_before, self.state.keys.len());
+    }
 }
 
 impl DedupIndex {
+    /// An index whose slots count against the node's `budget`.
+    pub fn new(budget: Arc<DedupBudget>) -> DedupIndex {
+        DedupIndex { state: Mutex::default(), budget }
+    }
+
+    pub fn budget(&self) -> &DedupBudget {
+        &self.budget
+    }
+
     /// Events skipped at apply because their key was already counted.
     pub fn conflicts(&self) -> u64 {
         self.lock().conflicts()
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, DedupState> {
+    pub fn lock(&self) -> DedupGuard<'_> {
         // A panic while holding the lock leaves a consistent map (every
         // method finishes its own updates), so poisoning is safe to ignore.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let live_before = state.keys.len();
+        DedupGuard { state, budget: &self.budget, live_before }
+    }
+}
+
+impl Drop for DedupIndex {
+    fn drop(&mut self) {
+        // A dropped replica gives its keys back.
+        let live = self.state.get_mut().map(|s| s.keys.len()).unwrap_or_else(|p| p.into_inner().keys.len());
+        self.budget.adjust(live, 0);
     }
 }
 
@@ -199,5 +286,32 @@ mod tests {
         // A leader whose clock is behind cannot move expiry backwards.
         assert_eq!(s.stamp(4_000), 10_000);
         assert_eq!(s.stamp(12_000), 12_000);
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn replicas_count_against_one_node_budget_and_give_it_back() {
+        let budget = DedupBudget::with_memory_mib(1);
+        assert_eq!(budget.max_keys(), (1 << 20) / 23);
+        let a = DedupIndex::new(budget.clone());
+        let b = DedupIndex::new(budget.clone());
+        a.lock().admit((1_000, 1), 0..1_000u128);
+        b.lock().admit((1_000, 1), 0..500u128);
+        assert_eq!(budget.used(), 1_500);
+        assert!(!budget.would_exceed(1_000));
+        assert!(budget.would_exceed(budget.max_keys()));
+        // Expiry gives keys back as generations pass.
+        b.lock().expire_before(2_000);
+        assert_eq!(budget.used(), 1_000);
+        drop(a);
+        assert_eq!(budget.used(), 0);
+        b.lock().admit((3_000, 2), 0..10u128);
+        assert_eq!(budget.used(), 10);
+        b.lock().clear();
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -24,6 +24,8 @@
 //! bijection of u128 — and its top 112 bits kept. Two keys collide only
 //! with probability ~n²/2¹¹³: none at any real volume.
 
+use std::collections::BTreeMap;
+
 /// Milliseconds of log clock per generation.
 pub const GENERATION_MS: u64 = 1_000;
 /// Longest dedup window the table can hold (generations must fit 16 bits).
@@ -55,11 +57,15 @@ pub struct KeyTable {
     base: u64,
     /// Keys of earlier generations are expired.
     live_from: u64,
+    /// Live keys per generation (one entry per second of the window), so
+    /// the live count is known without a scan as generations expire.
+    per_generation: BTreeMap<u64, usize>,
+    live: usize,
 }
 
 impl Default for KeyTable {
     fn default() -> Self {
-        KeyTable { slots: vec![0; MIN_CAPACITY], occupied: 0, base: 0, live_from: 0 }
+        KeyTable { slots: vec![0; MIN_CAPACITY], occupied: 0, base: 0, live_from: 0, per_generation: BTreeMap::new(), live: 0 }
     }
 }
 
@@ -118,7 +124,15 @@ impl KeyTable {
             return false;
         }
         self.live_from = generation;
+        let still_live = self.per_generation.split_off(&generation);
+        let expired: usize = std::mem::replace(&mut self.per_generation, still_live).values().sum();
+        self.live -= expired.min(self.live);
         true
+    }
+
+    fn count_new_key(&mut self, generation: u64) {
+        *self.per_generation.entry(generation).or_default() += 1;
+        self.live += 1;
     }
 
     /// Insert `key` admitted at `generation` unless it is live already.
@@ -139,7 +153,9 @@ impl KeyTable {
         match self.probe(fp) {
             Probe::Found(_, true) => false,
             Probe::Found(i, false) => {
+                // Its old generation's count went when it expired.
                 self.slots[i] = fp | (generation - self.base) as u128;
+                self.count_new_key(generation);
                 true
             }
             Probe::Absent(i) => {
@@ -147,6 +163,7 @@ impl KeyTable {
                     self.occupied += 1;
                 }
                 self.slots[i] = fp | (generation - self.base) as u128;
+                self.count_new_key(generation);
                 if self.occupied as f64 > self.slots.len() as f64 * MAX_LOAD {
                     self.rebuild(0, generation);
                 }
@@ -184,9 +201,9 @@ impl KeyTable {
         }
     }
 
-    /// Live keys (a scan: for reports and tests, not the hot path).
+    /// Live keys.
     pub fn len(&self) -> usize {
-        self.slots.iter().filter(|s| **s != 0 && self.generation(**s) >= self.live_from).count()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
@@ -200,11 +217,10 @@ impl KeyTable {
 
     /// Bytes per live key (0 when empty).
     pub fn bytes_per_key(&self) -> f64 {
-        let live = self.len();
-        if live == 0 {
+        if self.live == 0 {
             0.0
         } else {
-            self.bytes() as f64 / live as f64
+            self.bytes() as f64 / self.live as f64
         }
     }
 
@@ -271,6 +287,21 @@ mod tests {
         }
         assert_eq!(t.len(), 500, "only the newest generation is live");
         assert!(t.bytes() <= 16 * 4 * 1_000, "{} bytes for 500 live keys", t.bytes());
+    }
+
+    #[test]
+    fn the_live_count_matches_a_scan_through_expiry_and_rebuilds() {
+        let mut t = KeyTable::default();
+        for g in 0..300u64 {
+            t.expire_before(g.saturating_sub(60));
+            for k in 0..(g % 7 + 1) * 40 {
+                t.insert((g as u128) << 40 | k as u128, g);
+                // Re-sends of recent keys are not new.
+                t.insert(((g.saturating_sub(3)) as u128) << 40 | k as u128, g);
+            }
+            let scanned = t.slots.iter().filter(|s| **s != 0 && t.generation(**s) >= t.live_from).count();
+            assert_eq!(t.len(), scanned, "generation {g}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::clock::ClusterClock;
 use crate::config::NodeConfig;
-use crate::dedup::DedupIndex;
+use crate::dedup::{DedupBudget, DedupIndex};
 use crate::storage::write_back::WriteBack;
 use crate::meta::ClusterMap;
 use crate::processor::{self, IngestJob, ProcessorConfig};
@@ -74,6 +74,8 @@ pub struct Node {
     /// per-group ticks are off).
     pub ticker: Arc<NodeTicker>,
     pub clock: Arc<ClusterClock>,
+    /// Dedup slots of every replica here, against `--dedup-memory-mib`.
+    pub dedup_budget: Arc<DedupBudget>,
     partitions: RwLock<HashMap<u32, Arc<PartitionReplica>>>,
     /// Serialises group creation so two map updates never open one group twice.
     opening: tokio::sync::Mutex<()>,
@@ -160,6 +162,7 @@ impl Node {
         // The sweep only ends dormancy and notices idle groups: a few times a
         // second is plenty, and it visits every group each time.
         quiescence.clone().spawn(peer_changes, Duration::from_millis(250));
+        let dedup_budget = DedupBudget::with_memory_mib(config.dedup_memory_mib);
         let node = Arc::new(Node {
             id: config.node_id,
             config,
@@ -173,6 +176,7 @@ impl Node {
             quiescence,
             ticker,
             clock,
+            dedup_budget,
             partitions: RwLock::default(),
             opening: tokio::sync::Mutex::new(()),
             admin: tokio::sync::Mutex::new(()),
@@ -262,7 +266,7 @@ impl Node {
 
     async fn open_partition(&self, map: &ClusterMap, partition: u32) -> anyhow::Result<Arc<PartitionReplica>> {
         let group = group_of_partition(partition);
-        let dedup = Arc::new(DedupIndex::default());
+        let dedup = Arc::new(DedupIndex::new(self.dedup_budget.clone()));
         let quiet = self.quiescence.register(group);
         let data_dir = PathBuf::from(&self.config.data_dir);
         let (raft, write_back) = open_group(

@@ -112,6 +112,9 @@ pub enum ProposeOutcome {
     Done { accepted: u32, duplicates: Vec<u32> },
     NotLeader { leader: Option<NodeId> },
     Unavailable(String),
+    /// The node's dedup index is at its memory bound: nothing of the job
+    /// was proposed; the message says so and when to retry.
+    Exhausted(String),
 }
 
 /// `quiet`: the group's quiescence, woken (and its lease renewed) before a
@@ -334,6 +337,23 @@ impl Processor {
                 let jobs = take_batch(&mut queued, config.max_batch_events, MAX_ENTRY_BYTES);
                 for job in &jobs {
                     stages::record(Stage::IngestQueueWait, job.enqueued.elapsed());
+                }
+                // The memory bound: refuse rather than forget a key early
+                // or grow without limit. Keys in flight count too.
+                let keyed: usize = jobs.iter().map(|j| j.events.iter().filter(|e| !e.event_id.is_empty()).count()).sum();
+                let budget = self.dedup.budget();
+                if keyed > 0 && budget.would_exceed(keyed + pending.len()) {
+                    let message = format!(
+                        "this node's dedup index is full ({} of {} keys, --dedup-memory-mib): keys leave it as the dedup window ({} s) passes; retry later",
+                        budget.used(),
+                        budget.max_keys(),
+                        config.dedup_window_ms / 1000
+                    );
+                    for job in jobs {
+                        let _ = job.reply.send(ProposeOutcome::Exhausted(message.clone()));
+                    }
+                    queued_events = queued.iter().map(|j| j.events.len()).sum();
+                    continue;
                 }
                 queued_events = queued.iter().map(|j| j.events.len()).sum();
                 let stamp = self.next_stamp(&mut session, &mut warned_clock);

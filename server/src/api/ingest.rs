@@ -81,6 +81,13 @@ impl Ingest for IngestService {
             (partition, indexes, outcome)
         }))
         .await;
+        // Every valid event refused because a dedup index is at its memory
+        // bound: the request as a whole is RESOURCE_EXHAUSTED, with why.
+        let exhausted = |o: &ProposeResponse| o.status == ProposeStatus::ResourceExhausted as i32;
+        if response.rejected.is_empty() && !results.is_empty() && results.iter().all(|(_, _, o)| exhausted(o)) {
+            let why = results.iter().map(|(p, _, o)| format!("partition {p}: {}", o.message)).next().unwrap_or_default();
+            return Err(Status::resource_exhausted(format!("{why}; {}", retry_advice(dedup_window_ms))));
+        }
         for (partition, indexes, outcome) in results {
             if outcome.leader_node_id != 0 {
                 response.leaders.push(LeaderHint {
@@ -217,6 +224,9 @@ pub async fn propose_local(node: &Node, partition: u32, events: Vec<Event>) -> P
         }
         ProposeOutcome::Unavailable(message) => {
             ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() }
+        }
+        ProposeOutcome::Exhausted(message) => {
+            ProposeResponse { status: ProposeStatus::ResourceExhausted as i32, message, ..Default::default() }
         }
     }
 }
