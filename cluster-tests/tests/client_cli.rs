@@ -112,10 +112,10 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     let count = |stage: &str| -> u64 {
         nodes.iter().flat_map(|n| n["stages"].as_array().cloned().unwrap_or_default()).filter(|s| s["name"] == stage).filter_map(|s| s["count"].as_u64()).sum()
     };
-    for stage in ["ingest.request", "ingest.queue_wait", "ingest.build_entry", "ingest.raft_write", "log.write", "log.fsync", "apply.round", "read.request", "read.storage"] {
+    for stage in ["ingest.request", "ingest.queue_wait", "ingest.build_entry", "ingest.raft_write", "raft.replicate", "raft.follower_append", "log.write", "log.fsync", "apply.round", "read.request", "read.storage"] {
         assert!(count(stage) > 0, "{stage} never recorded: {j}");
     }
-    assert!(nodes.iter().all(|n| n["stages"].as_array().is_some_and(|s| s.len() == 11 && s.iter().all(|s| s["p99_ms"].is_f64()))), "{j}");
+    assert!(nodes.iter().all(|n| n["stages"].as_array().is_some_and(|s| s.len() == 13 && s.iter().all(|s| s["p99_ms"].is_f64()))), "{j}");
     let j = tally(&addr, &["--json", "cluster", "stages"], None).await?.json()?;
     let after: u64 = j["nodes"].as_array().into_iter().flatten().flat_map(|n| n["stages"].as_array().cloned().unwrap_or_default()).filter(|s| s["name"] == "ingest.request").filter_map(|s| s["count"].as_u64()).sum();
     assert_eq!(after, 0, "reset: no ingest since: {j}");

@@ -25,6 +25,8 @@ pub enum Stage {
     IngestQueueWait,
     IngestBuildEntry,
     IngestRaftWrite,
+    RaftReplicate,
+    RaftFollowerAppend,
     LogWrite,
     LogFsync,
     ApplyRound,
@@ -35,11 +37,13 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 11] = [
+    pub const ALL: [Stage; 13] = [
         Stage::IngestRequest,
         Stage::IngestQueueWait,
         Stage::IngestBuildEntry,
         Stage::IngestRaftWrite,
+        Stage::RaftReplicate,
+        Stage::RaftFollowerAppend,
         Stage::LogWrite,
         Stage::LogFsync,
         Stage::ApplyRound,
@@ -55,6 +59,8 @@ impl Stage {
             Stage::IngestQueueWait => "ingest.queue_wait",
             Stage::IngestBuildEntry => "ingest.build_entry",
             Stage::IngestRaftWrite => "ingest.raft_write",
+            Stage::RaftReplicate => "raft.replicate",
+            Stage::RaftFollowerAppend => "raft.follower_append",
             Stage::LogWrite => "log.write",
             Stage::LogFsync => "log.fsync",
             Stage::ApplyRound => "apply.round",
@@ -71,6 +77,8 @@ impl Stage {
             Stage::IngestQueueWait => "a partition's share of a request, waiting in the leader's processor queue",
             Stage::IngestBuildEntry => "dedup and aggregation of one batch into a Raft entry",
             Stage::IngestRaftWrite => "an entry from proposal to applied on the leader (append, replicate, commit, apply)",
+            Stage::RaftReplicate => "an AppendEntries with entries, leader to follower and back, as the leader sees it",
+            Stage::RaftFollowerAppend => "an AppendEntries with entries on the follower, until they are durable there",
             Stage::LogWrite => "one Raft log write by the log writer thread (unsynced)",
             Stage::LogFsync => "one WAL fsync, covering every group's writes queued since the last",
             Stage::ApplyRound => "one apply round of a group (dedup, aggregation into memory)",

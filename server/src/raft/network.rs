@@ -26,6 +26,7 @@ use super::peer_link::LinkError;
 use super::peers::{PeerLinks, PeerPool};
 use super::quiesce::GroupQuiescence;
 use super::types::{NodeId, TypeConfig, Vote};
+use crate::stages::{Stage, Timer};
 use crate::storage::codec::{decode, encode};
 use crate::storage::snapshot::SnapshotFile;
 use crate::storage::state_machine::Snapshot;
@@ -210,8 +211,10 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         } else {
             option.hard_ttl()
         };
+        let timer = has_entries.then(|| Timer::start(Stage::RaftReplicate));
         let mut resp: AppendEntriesResponse<TypeConfig> =
             self.call_encoded(RaftCallKind::AppendEntries, payload, flagged, ttl, has_entries).await?;
+        drop(timer);
         if let (Some(last), true) = (sent_up_to, resp.is_success()) {
             // Only a prefix went; openraft sends the rest next.
             resp = AppendEntriesResponse::PartialSuccess(Some(last));

@@ -23,6 +23,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::types::{SnapshotMeta, TypeConfig, Vote};
 use crate::api::propose;
 use crate::node::Node;
+use crate::stages::{Stage, Timer};
 use crate::storage::codec::{decode, encode};
 use crate::storage::snapshot::{SnapshotDir, SnapshotFile};
 use crate::storage::state_machine::Snapshot;
@@ -53,7 +54,9 @@ impl RaftService {
             RaftCallKind::AppendEntries => {
                 let rpc: AppendEntriesRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
                 let leader = rpc.vote.leader_id().node_id;
+                let timer = (!rpc.entries.is_empty()).then(|| Timer::start(Stage::RaftFollowerAppend));
                 let resp = raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+                drop(timer);
                 if resp.is_success() {
                     self.node.ticker.heard(group);
                 }
