@@ -122,6 +122,22 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     let table = tally(&addr, &["cluster", "stages"], None).await?;
     assert!(table.stdout.contains("log.fsync") && table.stdout.contains("p99"), "{}", table.stdout);
 
+    // A reader that goes away early (`| head`) ends the CLI quietly, not
+    // with a panic: ~8,600 minute buckets are far more than a pipe holds.
+    {
+        use std::io::Read;
+        let mut child = std::process::Command::new(cluster_tests::cli::tally_binary()?)
+            .args(["--addr", &addr, "--json", "series", "cli-video", "view", "--from", "-6d", "--to", "now", "--granularity", "minute"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let mut first = [0u8; 64];
+        child.stdout.take().map(|mut out| out.read(&mut first)).transpose()?;
+        let out = child.wait_with_output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked") && out.status.code() != Some(101), "{:?}: {stderr}", out.status);
+    }
+
     let bad = tally(&addr, &["series", "x", "view", "--granularity", "week"], None).await?;
     assert_eq!(bad.code, 1);
     assert!(bad.stderr.contains("minute, hour, day or month"), "{}", bad.stderr);
