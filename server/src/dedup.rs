@@ -55,7 +55,7 @@ impl DedupState {
         self.keys.contains(*key)
     }
 
-    /// Live keys (a scan of the table: for reports and tests).
+    /// Live keys (counted as they come and expire: no scan).
     pub fn len(&self) -> usize {
         self.keys.len()
     }
@@ -210,7 +210,7 @@ impl Drop for DedupGuard<'_> {
 }
 
 impl DedupIndex {
-    /// An index whose slots count against the node's `budget`.
+    /// An index whose live keys count against the node's `budget`.
     pub fn new(budget: Arc<DedupBudget>) -> DedupIndex {
         DedupIndex { state: Mutex::default(), budget }
     }
