@@ -27,13 +27,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::{join_all, FutureExt, Shared};
-use prost::Message;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::dispatch::{deliver, Item};
+use crate::dispatch::{deliver_together, Item};
+use crate::encoded;
 use crate::error::{ClientError, Result};
 use crate::router::Router;
-use crate::outcome::{Outcome, ServerTotals};
+use crate::outcome::{Reply, ServerTotals};
 use tally_proto::v1::Event;
 
 /// Open while any event of its epoch is unresolved; dropping the last
@@ -61,6 +61,11 @@ impl Drop for EpochToken {
 
 type EpochDone = Shared<oneshot::Receiver<()>>;
 
+/// Events per command of `send_many` at most, so one batch of a million
+/// events neither waits for a million free slots at once nor holds the
+/// task in one long loop.
+const MAX_CHUNK: usize = 4096;
+
 fn new_epoch() -> (Arc<EpochToken>, EpochDone) {
     let (tx, rx) = oneshot::channel();
     (Arc::new(EpochToken { done: Some(tx) }), rx.shared())
@@ -68,6 +73,8 @@ fn new_epoch() -> (Arc<EpochToken>, EpochDone) {
 
 enum Command {
     Event(Item),
+    /// Events of one `send_batch` chunk, queued together.
+    Events(Vec<Item>),
     /// Send every buffered event now; reply once they are handed to
     /// delivery tasks.
     Flush(oneshot::Sender<()>),
@@ -77,6 +84,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Event(_) => f.write_str("Event"),
+            Command::Events(items) => write!(f, "Events({})", items.len()),
             Command::Flush(_) => f.write_str("Flush"),
         }
     }
@@ -98,6 +106,9 @@ pub(crate) struct Batcher {
     permits: Arc<Semaphore>,
     epochs: std::sync::Mutex<Epochs>,
     capacity: usize,
+    /// The cluster's partition count (fixed for its life), for routing
+    /// events before they are encoded.
+    partitions: u32,
 }
 
 impl Batcher {
@@ -106,13 +117,15 @@ impl Batcher {
         let permits = Arc::new(Semaphore::new(capacity));
         let (commands, rx) = mpsc::channel(capacity.min(4096));
         let (current, current_done) = new_epoch();
-        let task = Task::new(router, totals, permits.clone());
+        let partitions = router.with_map(|m| m.partition_count()).max(1);
+        let task = Task::new(router, totals, permits.clone(), partitions as usize);
         tokio::spawn(task.run(rx));
         Batcher {
             commands,
             permits,
             epochs: std::sync::Mutex::new(Epochs { current, current_done, closed: Vec::new() }),
             capacity,
+            partitions,
         }
     }
 
@@ -125,16 +138,43 @@ impl Batcher {
         self.capacity.saturating_sub(self.permits.available_permits())
     }
 
+    fn item(&self, event: &Event, reply: Reply, epoch: Arc<EpochToken>) -> Item {
+        Item {
+            event: encoded::encode_event(event),
+            partition: crate::partition_of(&event.entity_id, self.partitions),
+            reply,
+            _epoch: epoch,
+        }
+    }
+
     /// Queues one event, waiting while the buffer is full.
-    pub(crate) async fn send(&self, event: Event, reply: oneshot::Sender<Outcome>) -> Result<()> {
+    pub(crate) async fn send(&self, event: &Event, reply: Reply) -> Result<()> {
         let permit = self.permits.acquire().await.map_err(|_| ClientError::Closed)?;
         let epoch = self.lock_epochs().current.clone();
-        let item = Item { event, reply: Some(reply), _epoch: epoch };
+        let item = self.item(event, reply, epoch);
         self.commands.send(Command::Event(item)).await.map_err(|_| ClientError::Closed)?;
         // From here the delivery task returns the permit when the event is
         // resolved. (Cancelled before this line, the permit is dropped and
         // so returned, and the event was never queued.)
         permit.forget();
+        Ok(())
+    }
+
+    /// Queues many events, in chunks that fit the buffer, each chunk with
+    /// one permit acquisition and one command. Cancelled part-way, the
+    /// chunks not yet queued resolve as not confirmed (their replies drop).
+    pub(crate) async fn send_many(&self, events: Vec<(Event, Reply)>) -> Result<()> {
+        let chunk = self.capacity.clamp(1, MAX_CHUNK);
+        let mut events = events.into_iter().peekable();
+        while events.peek().is_some() {
+            let part: Vec<(Event, Reply)> = events.by_ref().take(chunk).collect();
+            let n = u32::try_from(part.len()).map_err(|_| ClientError::Closed)?;
+            let permits = self.permits.acquire_many(n).await.map_err(|_| ClientError::Closed)?;
+            let epoch = self.lock_epochs().current.clone();
+            let items = part.into_iter().map(|(event, reply)| self.item(&event, reply, epoch.clone())).collect();
+            self.commands.send(Command::Events(items)).await.map_err(|_| ClientError::Closed)?;
+            permits.forget();
+        }
         Ok(())
     }
 
@@ -189,8 +229,7 @@ struct Task {
 }
 
 impl Task {
-    fn new(router: Arc<Router>, totals: Arc<ServerTotals>, permits: Arc<Semaphore>) -> Task {
-        let partitions = router.with_map(|m| m.partition_count()).max(1) as usize;
+    fn new(router: Arc<Router>, totals: Arc<ServerTotals>, permits: Arc<Semaphore>, partitions: usize) -> Task {
         let max_in_flight = partitions * router.config.batch.max_in_flight_per_partition;
         // Every delivery task reports completion once; capacity for all of
         // them means reporting never waits.
@@ -214,6 +253,11 @@ impl Task {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(Command::Event(item)) => self.add(item, linger),
+                    Some(Command::Events(items)) => {
+                        for item in items {
+                            self.add(item, linger);
+                        }
+                    }
                     Some(Command::Flush(reply)) => self.flush(reply),
                     None => break,
                 },
@@ -244,10 +288,9 @@ impl Task {
     }
 
     fn add(&mut self, item: Item, linger: std::time::Duration) {
-        // The partition count is fixed for the cluster's life and the
-        // buffers were sized from it; computing with the buffer count keeps
-        // the index in range even if a map ever disagreed.
-        let partition = crate::partition_of(&item.event.entity_id, self.buffers.len() as u32);
+        // Computed by `Batcher::item` with the count the buffers were sized
+        // from (fixed for the cluster's life).
+        let partition = item.partition;
         let now = Instant::now();
         let Some(buffer) = self.buffers.get_mut(partition as usize) else {
             // Unreachable (partition < buffers.len()); resolving keeps the
@@ -256,8 +299,7 @@ impl Task {
             drop(item);
             return;
         };
-        // Field tag + length prefix + the event itself.
-        buffer.bytes += item.event.encoded_len() + 4;
+        buffer.bytes += encoded::framed_len(&item.event);
         buffer.items.push_back(item);
         if buffer.since.is_none() {
             buffer.since = Some(now);
@@ -277,12 +319,13 @@ impl Task {
         let _ = reply.send(());
     }
 
-    /// Sends as many batches of `partition` as its limits allow.
+    /// Sends as many batches of `partition` as its limits allow, each
+    /// together with what other partitions of the same leader have
+    /// buffered (see [`deliver_together`]).
     fn dispatch(&mut self, partition: u32, now: Instant) {
         let batch = self.router.config.batch.clone();
-        let draining = self.draining;
-        let Some(buffer) = self.buffers.get_mut(partition as usize) else { return };
         loop {
+            let Some(buffer) = self.buffers.get_mut(partition as usize) else { return };
             if buffer.items.is_empty() {
                 buffer.forced = false;
                 buffer.since = None;
@@ -290,41 +333,90 @@ impl Task {
             }
             let due = buffer.since.is_some_and(|s| now >= s + batch.linger);
             let full = buffer.items.len() >= batch.max_events || buffer.bytes >= batch.max_bytes;
-            if !(due || full || buffer.forced) || (!draining && buffer.in_flight >= batch.max_in_flight_per_partition) {
+            if !(due || full || buffer.forced) || !self.has_room(partition, batch.max_in_flight_per_partition) {
                 return;
             }
-            // Take the longest prefix within both limits (at least one).
-            let mut bytes = 0;
-            let mut take = 0;
-            for item in buffer.items.iter().take(batch.max_events) {
-                let size = item.event.encoded_len() + 4;
-                if take > 0 && bytes + size > batch.max_bytes {
+            let mut budget = Budget { events: batch.max_events, bytes: batch.max_bytes };
+            let mut groups = vec![(partition, self.take(partition, &mut budget, now))];
+            for other in self.companions(partition, batch.max_in_flight_per_partition) {
+                if budget.events == 0 || budget.bytes == 0 {
                     break;
                 }
-                bytes += size;
-                take += 1;
-            }
-            let items: Vec<Item> = buffer.items.drain(..take).collect();
-            buffer.bytes -= bytes;
-            buffer.in_flight += 1;
-            let remaining_since = if buffer.items.is_empty() { None } else { Some(now) };
-            if buffer.since.is_some() && remaining_since.is_some() && !buffer.forced {
-                // What is left starts a new linger period.
-                buffer.since = remaining_since;
-                self.lingering.push_back((now + batch.linger, partition));
-            } else {
-                buffer.since = remaining_since;
+                let items = self.take(other, &mut budget, now);
+                if !items.is_empty() {
+                    groups.push((other, items));
+                }
             }
             let router = self.router.clone();
             let totals = self.totals.clone();
             let permits = self.permits.clone();
             let completed = self.completed_tx.clone();
-            tokio::spawn(async move {
-                deliver(router, totals, permits, partition, items).await;
-                let _ = completed.send(partition).await;
-            });
+            tokio::spawn(deliver_together(router, totals, permits, groups, completed));
         }
     }
+
+    fn has_room(&self, partition: u32, max_in_flight: usize) -> bool {
+        self.draining || self.buffers.get(partition as usize).is_some_and(|b| b.in_flight < max_in_flight)
+    }
+
+    /// Partitions other than `partition` with buffered events, room in
+    /// flight and the same known leader.
+    fn companions(&self, partition: u32, max_in_flight: usize) -> Vec<u32> {
+        let candidates: Vec<u32> = (0..self.buffers.len() as u32)
+            .filter(|&p| p != partition && !self.buffers[p as usize].items.is_empty() && self.has_room(p, max_in_flight))
+            .collect();
+        if candidates.is_empty() {
+            return candidates;
+        }
+        self.router.with_map(|m| {
+            let Some((leader, _)) = m.leader(partition) else { return Vec::new() };
+            candidates.into_iter().filter(|&p| m.leader(p).is_some_and(|(l, _)| l == leader)).collect()
+        })
+    }
+
+    /// Takes the longest prefix of `partition`'s buffer within `budget`
+    /// (at least one event, if the budget is untouched) and counts it in
+    /// flight.
+    fn take(&mut self, partition: u32, budget: &mut Budget, now: Instant) -> Vec<Item> {
+        let linger = self.router.config.batch.linger;
+        let Some(buffer) = self.buffers.get_mut(partition as usize) else { return Vec::new() };
+        let untouched = budget.events == self.router.config.batch.max_events;
+        let mut bytes = 0;
+        let mut take = 0;
+        for item in buffer.items.iter().take(budget.events) {
+            let size = encoded::framed_len(&item.event);
+            if (take > 0 || !untouched) && bytes + size > budget.bytes {
+                break;
+            }
+            bytes += size;
+            take += 1;
+        }
+        if take == 0 {
+            return Vec::new();
+        }
+        budget.events -= take;
+        budget.bytes = budget.bytes.saturating_sub(bytes);
+        let items: Vec<Item> = buffer.items.drain(..take).collect();
+        buffer.bytes -= bytes;
+        buffer.in_flight += 1;
+        if buffer.items.is_empty() {
+            buffer.since = None;
+            buffer.forced = false;
+        } else if buffer.since.is_some() && !buffer.forced {
+            // What is left starts a new linger period.
+            buffer.since = Some(now);
+            self.lingering.push_back((now + linger, partition));
+        } else {
+            buffer.since = Some(now);
+        }
+        items
+    }
+}
+
+/// What one request may still carry.
+struct Budget {
+    events: usize,
+    bytes: usize,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -21,7 +21,7 @@ use crate::batcher::Batcher;
 use crate::config::ClientConfig;
 use crate::dispatch::call;
 use crate::error::Result;
-use crate::outcome::{Outcome, ServerTotals, Ticket};
+use crate::outcome::{BatchSlots, BatchTicket, Outcome, Reply, ServerTotals, Ticket};
 use crate::router::{Route, Router};
 use crate::routing::PartitionMap;
 
@@ -110,8 +110,37 @@ impl TallyClient {
             return Ok(Ticket::ready(Outcome::Rejected { field: e.field.to_owned(), reason: e.reason }));
         }
         let (tx, rx) = oneshot::channel();
-        self.inner.batcher.send(event, tx).await?;
+        self.inner.batcher.send(&event, Reply::one(tx)).await?;
         Ok(Ticket::pending(rx))
+    }
+
+    /// Queues many events and returns one [`BatchTicket`] for all their
+    /// outcomes, in order. The same as calling [`send`](Self::send) for
+    /// each (ids filled in, invalid events resolved as rejected, waiting
+    /// for buffer room), at a fraction of the cost per event: one ticket,
+    /// and the buffer taken and queued in chunks. The events still travel
+    /// in per-partition batches like any others.
+    pub async fn send_batch(&self, events: Vec<Event>) -> Result<BatchTicket> {
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut valid = Vec::with_capacity(events.len());
+        for mut event in events {
+            if event.event_id.is_empty() {
+                event.event_id = self.new_event_id();
+            }
+            match validate_event(&event) {
+                Ok(()) => {
+                    outcomes.push(None);
+                    valid.push(event);
+                }
+                Err(e) => outcomes.push(Some(Outcome::Rejected { field: e.field.to_owned(), reason: e.reason })),
+            }
+        }
+        let pending: Vec<usize> = (0..outcomes.len()).filter(|&i| outcomes[i].is_none()).collect();
+        let (slots, ticket) = BatchSlots::new(outcomes);
+        let queued =
+            valid.into_iter().zip(pending).map(|(event, index)| (event, Reply::slot(slots.clone(), index)));
+        self.inner.batcher.send_many(queued.collect()).await?;
+        Ok(ticket)
     }
 
     /// Waits until every event given to [`send`](Self::send) before this
@@ -126,12 +155,9 @@ impl TallyClient {
     where
         I: IntoIterator<Item = Event>,
     {
-        let mut tickets = Vec::new();
-        for event in events {
-            tickets.push(self.send(event).await?);
-        }
+        let ticket = self.send_batch(events.into_iter().collect()).await?;
         self.flush().await?;
-        Ok(futures::future::join_all(tickets).await)
+        Ok(ticket.await)
     }
 
     /// Exact totals of accepted and duplicate events over all batches this

@@ -21,19 +21,24 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tally_proto::v1::{Event, IngestRequest, IngestResponse};
-use tokio::sync::{oneshot, Semaphore};
+use bytes::Bytes;
+use tally_proto::v1::IngestResponse;
+use tokio::sync::Semaphore;
 
 use crate::error::{ClientError, Result};
 use crate::node::{classify, Failure, Node};
-use crate::outcome::{Outcome, ServerTotals};
+use crate::encoded::{self, EncodedIngestRequest};
+use crate::outcome::{Outcome, Reply, ServerTotals};
 use crate::router::{Route, Router};
 
 /// One event on its way, with whoever waits for its outcome.
 #[derive(Debug)]
 pub(crate) struct Item {
-    pub(crate) event: Event,
-    pub(crate) reply: Option<oneshot::Sender<Outcome>>,
+    /// The event, encoded once (see `encoded.rs`).
+    pub(crate) event: Bytes,
+    /// Its partition, computed before encoding.
+    pub(crate) partition: u32,
+    pub(crate) reply: Reply,
     /// Keeps the flush epoch the event was sent in open until it resolves.
     pub(crate) _epoch: Arc<crate::batcher::EpochToken>,
 }
@@ -42,12 +47,11 @@ impl Item {
     /// Returns the event's buffer slot, then its outcome. In this order:
     /// resolving drops the item's epoch token, which may end a `flush`, and
     /// the caller of `flush` must then see the slot free.
-    fn resolve(mut self, outcome: Outcome, permits: &Semaphore) {
+    fn resolve(self, outcome: Outcome, permits: &Semaphore) {
         permits.add_permits(1);
-        if let Some(reply) = self.reply.take() {
-            // The caller may have dropped its ticket; that is allowed.
-            let _ = reply.send(outcome);
-        }
+        let Item { reply, _epoch, .. } = self;
+        reply.resolve(outcome);
+        drop(_epoch);
     }
 }
 
@@ -116,13 +120,9 @@ pub(crate) async fn deliver(
     loop {
         let last_error = match router.pick(Route::Leader(partition), avoid.as_deref()) {
             Some(node) if node.breaker().try_acquire(Instant::now()) => {
-                let events: Vec<Event> = items.iter().map(|i| i.event.clone()).collect();
-                match node.ingest().ingest(node.request(IngestRequest { events })).await {
+                let events = items.iter().map(|i| i.event.clone()).collect();
+                match attempt(&router, &totals, &node, events).await {
                     Ok(answer) => {
-                        node.breaker().on_success(Instant::now());
-                        let answer = answer.into_inner();
-                        totals.add(answer.accepted, answer.duplicates);
-                        router.apply_hints(&answer.leaders);
                         let (rest, last) = settle(items, &answer, &permits);
                         items = rest;
                         if items.is_empty() {
@@ -172,6 +172,109 @@ pub(crate) async fn deliver(
     }
 }
 
+/// One Ingest call with already encoded events (a reference count per
+/// event, not a copy: see `encoded.rs`); an answer closes the breaker and
+/// teaches the router the leaders it names.
+async fn attempt(
+    router: &Router,
+    totals: &ServerTotals,
+    node: &Node,
+    events: Vec<Bytes>,
+) -> std::result::Result<IngestResponse, tonic::Status> {
+    let answer = encoded::ingest(node.service(), node.request(EncodedIngestRequest { events })).await?.into_inner();
+    node.breaker().on_success(Instant::now());
+    totals.add(answer.accepted, answer.duplicates);
+    router.apply_hints(&answer.leaders);
+    Ok(answer)
+}
+
+/// Delivers the batches of several partitions that share a leader: the
+/// first attempt is one request with all of them, the answer is split per
+/// partition, and whatever is left to retry (or everything, if that request
+/// failed) goes on in each partition's own [`deliver`] loop. Each partition
+/// is reported on `completed` as soon as its own part is resolved.
+///
+/// Why: at moderate rates a partition fills only a few events per linger,
+/// so one request per partition meant about one request per event (64
+/// partitions, 15,000 events/s: ~12,000 requests/s), and the per-request
+/// cost on both sides — not the events — was most of the CPU. The server
+/// splits a request by partition anyway.
+pub(crate) async fn deliver_together(
+    router: Arc<Router>,
+    totals: Arc<ServerTotals>,
+    permits: Arc<Semaphore>,
+    groups: Vec<(u32, Vec<Item>)>,
+    completed: tokio::sync::mpsc::Sender<u32>,
+) {
+    let shared = match groups.as_slice() {
+        [(first, _), _, ..] => router.pick(Route::Leader(*first), None),
+        _ => None,
+    };
+    let leftovers: Vec<(u32, Vec<Item>)> = match shared {
+        Some(node) if node.breaker().try_acquire(Instant::now()) => {
+            let events = groups.iter().flat_map(|(_, items)| items.iter().map(|i| i.event.clone())).collect();
+            match attempt(&router, &totals, &node, events).await {
+                Ok(answer) => {
+                    let mut offset = 0;
+                    let mut left = Vec::new();
+                    for (partition, items) in groups {
+                        let part = answer_part(&answer, offset, items.len());
+                        offset += items.len();
+                        let (rest, _) = settle(items, &part, &permits);
+                        if rest.is_empty() {
+                            let _ = completed.send(partition).await;
+                        } else {
+                            left.push((partition, rest));
+                        }
+                    }
+                    if !left.is_empty() {
+                        router.refresh_soon();
+                    }
+                    left
+                }
+                Err(status) => {
+                    // Whatever the failure, each partition's own loop
+                    // classifies it again and retries with backoff; the
+                    // events may have been applied, so retries may report
+                    // duplicates, as with any lost answer.
+                    if classify(&status) == Failure::Node {
+                        router.node_failed(&node);
+                    } else {
+                        node.breaker().on_success(Instant::now());
+                        router.refresh_soon();
+                    }
+                    groups
+                }
+            }
+        }
+        _ => groups,
+    };
+    futures::future::join_all(leftovers.into_iter().map(|(partition, items)| {
+        let (router, totals, permits, completed) = (router.clone(), totals.clone(), permits.clone(), completed.clone());
+        async move {
+            deliver(router, totals, permits, partition, items).await;
+            let _ = completed.send(partition).await;
+        }
+    }))
+    .await;
+}
+
+/// The part of `answer` about events `offset..offset + len` of its
+/// request, with indexes relative to that part.
+fn answer_part(answer: &IngestResponse, offset: usize, len: usize) -> IngestResponse {
+    let range = offset..offset + len;
+    let inside = |i: u32| range.contains(&(i as usize)).then(|| i - offset as u32);
+    IngestResponse {
+        rejected: answer
+            .rejected
+            .iter()
+            .filter_map(|r| inside(r.index).map(|index| tally_proto::v1::Rejection { index, ..r.clone() }))
+            .collect(),
+        duplicate_indexes: answer.duplicate_indexes.iter().filter_map(|&i| inside(i)).collect(),
+        ..Default::default()
+    }
+}
+
 fn resolve_all(items: Vec<Item>, permits: &Semaphore, outcome: impl Fn(&Item) -> Outcome) {
     for item in items {
         let o = outcome(&item);
@@ -214,6 +317,10 @@ fn settle(items: Vec<Item>, answer: &IngestResponse, permits: &Semaphore) -> (Ve
 mod tests {
     use tally_proto::v1::Rejection;
 
+    use prost::Message;
+    use tally_proto::v1::Event;
+    use tokio::sync::oneshot;
+
     use super::*;
     use crate::batcher::EpochToken;
 
@@ -222,13 +329,35 @@ mod tests {
             .map(|i| {
                 let (tx, rx) = oneshot::channel();
                 let event = Event { event_id: vec![i as u8], ..crate::event("e", "view") };
-                (Item { event, reply: Some(tx), _epoch: EpochToken::detached() }, rx)
+                let item = Item {
+                    event: encoded::encode_event(&event),
+                    partition: 0,
+                    reply: Reply::one(tx),
+                    _epoch: EpochToken::detached(),
+                };
+                (item, rx)
             })
             .unzip()
     }
 
     fn rejection(index: u32, retryable: bool) -> Rejection {
         Rejection { index, field: if retryable { String::new() } else { "event_type".into() }, reason: format!("r{index}"), retryable }
+    }
+
+    #[test]
+    fn a_shared_answer_splits_into_parts_with_their_own_indexes() {
+        let answer = IngestResponse {
+            rejected: vec![rejection(1, false), rejection(3, true), rejection(6, false)],
+            duplicate_indexes: vec![0, 4, 5],
+            ..Default::default()
+        };
+        let first = answer_part(&answer, 0, 3);
+        assert_eq!(first.rejected.iter().map(|r| r.index).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(first.duplicate_indexes, vec![0]);
+        let second = answer_part(&answer, 3, 4);
+        assert_eq!(second.rejected.iter().map(|r| (r.index, r.retryable)).collect::<Vec<_>>(), vec![(0, true), (3, false)]);
+        assert_eq!(second.duplicate_indexes, vec![1, 2]);
+        assert_eq!(answer_part(&answer, 7, 2), IngestResponse::default());
     }
 
     #[test]
@@ -246,7 +375,7 @@ mod tests {
         let (retry, last) = settle(items, &answer, &permits);
         assert_eq!(permits.available_permits(), 5, "every resolved event frees its slot");
         assert_eq!(retry.len(), 1);
-        assert_eq!(retry[0].event.event_id, vec![4]);
+        assert_eq!(Event::decode(retry[0].event.clone()).map(|e| e.event_id).ok(), Some(vec![4]));
         assert_eq!(last, "r4");
         let outcomes: Vec<Option<Outcome>> = rxs.iter_mut().map(|rx| rx.try_recv().ok()).collect();
         assert_eq!(

@@ -16,9 +16,12 @@
 //!
 //! `send` validates the event, gives it an id if it has none, takes a slot
 //! of the bounded buffer (waiting if there is none: backpressure) and queues
-//! it. A background task groups events by partition and sends a partition's
-//! batch when it is full (events or bytes) or its oldest event has lingered
-//! long enough. Each batch goes to the partition's leader; failures are
+//! it ([`send_batch`](TallyClient::send_batch) does the same for many events
+//! under one ticket). A background task groups events by partition and sends
+//! a partition's batch when it is full (events or bytes) or its oldest event
+//! has lingered long enough, together with whatever other partitions of the
+//! same leader have buffered: one request per leader, not per partition.
+//! Each batch goes to the partition's leader; failures are
 //! retried with exponential backoff and full jitter, elsewhere if the node
 //! is down, and a node that keeps failing is skipped by its circuit breaker
 //! for a while. Every event ends with one [`Outcome`].
@@ -48,6 +51,7 @@ pub mod cli;
 mod client;
 pub mod config;
 mod dispatch;
+mod encoded;
 pub mod error;
 pub mod node;
 pub mod outcome;
@@ -60,7 +64,7 @@ pub use breaker::{BreakerConfig, BreakerState};
 pub use client::{ClusterStatus, TallyClient};
 pub use config::{BatchConfig, ClientConfig};
 pub use error::ClientError;
-pub use outcome::{IngestSummary, Outcome, ServerTotals, Ticket};
+pub use outcome::{BatchTicket, IngestSummary, Outcome, ServerTotals, Ticket};
 pub use routing::PartitionMap;
 
 use tonic::transport::{Channel, Endpoint};

@@ -68,6 +68,11 @@ impl Node {
         request
     }
 
+    /// The node's tower stack, for calls without a generated stub.
+    pub(crate) fn service(&self) -> NodeService {
+        self.service.clone()
+    }
+
     /// Stub of the Ingest service on this node.
     pub fn ingest(&self) -> IngestClient<NodeService> {
         IngestClient::new(self.service.clone())

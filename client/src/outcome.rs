@@ -14,6 +14,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use serde::Serialize;
@@ -153,4 +155,167 @@ impl Future for Ticket {
 /// was resolved.
 fn closed() -> Outcome {
     Outcome::Failed { error: "the client was shut down before the event was confirmed".into(), attempts: 0 }
+}
+
+/// Resolves to the outcomes of the events given to
+/// [`TallyClient::send_batch`](crate::TallyClient::send_batch), in the
+/// order they were given. Like a [`Ticket`], dropping it is fine.
+///
+/// One ticket for many events rather than one per event: a producer that
+/// generates events in bulk (a log shipper, the load generator) then pays
+/// one channel and one wake-up per batch instead of per event.
+#[derive(Debug)]
+pub struct BatchTicket {
+    slots: Arc<BatchSlots>,
+    /// `None` when nothing was pending (every event was invalid).
+    done: Option<oneshot::Receiver<()>>,
+}
+
+/// Where the events of one batch leave their outcomes.
+#[derive(Debug)]
+pub(crate) struct BatchSlots {
+    outcomes: Mutex<Vec<Option<Outcome>>>,
+    /// Events not resolved yet; whoever resolves the last one signals.
+    remaining: AtomicUsize,
+    done: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl BatchSlots {
+    /// Slots for `outcomes.len()` events, of which those already `Some`
+    /// (invalid events) are resolved. Returns the ticket with them.
+    pub(crate) fn new(outcomes: Vec<Option<Outcome>>) -> (Arc<BatchSlots>, BatchTicket) {
+        let pending = outcomes.iter().filter(|o| o.is_none()).count();
+        let (tx, rx) = oneshot::channel();
+        let slots = Arc::new(BatchSlots {
+            outcomes: Mutex::new(outcomes),
+            remaining: AtomicUsize::new(pending),
+            done: Mutex::new(Some(tx)),
+        });
+        let ticket = BatchTicket { slots: slots.clone(), done: (pending > 0).then_some(rx) };
+        (slots, ticket)
+    }
+
+    fn resolve(&self, index: usize, outcome: Outcome) {
+        {
+            // Poisoning cannot leave the vector inconsistent (a slot is
+            // written whole), so a poisoned lock is used as it is.
+            let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+            match outcomes.get_mut(index) {
+                Some(slot @ None) => *slot = Some(outcome),
+                // Already resolved or out of range: a bug, but never a
+                // reason to signal twice.
+                _ => return,
+            }
+        }
+        if self.remaining.fetch_sub(1, AtomicOrdering::AcqRel) == 1 {
+            if let Some(done) = self.done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+impl Future for BatchTicket {
+    type Output = Vec<Outcome>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<Outcome>> {
+        if let Some(done) = &mut self.done {
+            // An error means the sender was dropped unsent, which only
+            // happens once every slot is resolved or abandoned.
+            if Pin::new(done).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.done = None;
+        }
+        let outcomes = std::mem::take(&mut *self.slots.outcomes.lock().unwrap_or_else(|p| p.into_inner()));
+        Poll::Ready(outcomes.into_iter().map(|o| o.unwrap_or_else(closed)).collect())
+    }
+}
+
+/// Whoever waits for one event's outcome: a [`Ticket`] or a slot of a
+/// [`BatchTicket`]. Dropped unresolved (the client shut down), the waiter
+/// learns that the event was not confirmed.
+#[derive(Debug)]
+pub(crate) struct Reply(Option<ReplyTo>);
+
+#[derive(Debug)]
+enum ReplyTo {
+    One(oneshot::Sender<Outcome>),
+    Slot { slots: Arc<BatchSlots>, index: usize },
+}
+
+impl Reply {
+    /// The outcome goes to a [`Ticket`].
+    pub(crate) fn one(tx: oneshot::Sender<Outcome>) -> Reply {
+        Reply(Some(ReplyTo::One(tx)))
+    }
+
+    /// The outcome goes to slot `index` of a [`BatchTicket`].
+    pub(crate) fn slot(slots: Arc<BatchSlots>, index: usize) -> Reply {
+        Reply(Some(ReplyTo::Slot { slots, index }))
+    }
+
+    pub(crate) fn resolve(mut self, outcome: Outcome) {
+        match self.0.take() {
+            // The caller may have dropped its ticket; that is allowed.
+            Some(ReplyTo::One(tx)) => {
+                let _ = tx.send(outcome);
+            }
+            Some(ReplyTo::Slot { slots, index }) => slots.resolve(index, outcome),
+            None => {}
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        // A dropped oneshot sender already reads as `closed()`; a slot must
+        // be filled or its batch would wait forever.
+        if let Some(ReplyTo::Slot { slots, index }) = self.0.take() {
+            slots.resolve(index, closed());
+        }
+    }
+}
+
+#[cfg(test)]
+mod batch_ticket_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn outcomes_come_back_in_order_once_the_last_slot_resolves() {
+        let rejected = Outcome::Rejected { field: "event_type".into(), reason: "empty".into() };
+        let (slots, mut ticket) = BatchSlots::new(vec![None, Some(rejected.clone()), None]);
+        let (a, b) = (Reply::slot(slots.clone(), 0), Reply::slot(slots.clone(), 2));
+        b.resolve(Outcome::Duplicate);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut ticket).poll(&mut cx).is_pending(), "slot 0 is still open");
+        a.resolve(Outcome::Accepted);
+        assert_eq!(ticket.await, vec![Outcome::Accepted, rejected, Outcome::Duplicate]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_reply_reads_as_not_confirmed() {
+        let (slots, ticket) = BatchSlots::new(vec![None, None]);
+        Reply::slot(slots.clone(), 0).resolve(Outcome::Accepted);
+        drop(Reply::slot(slots, 1));
+        let outcomes = ticket.await;
+        assert_eq!(outcomes[0], Outcome::Accepted);
+        assert!(matches!(outcomes[1], Outcome::Failed { attempts: 0, .. }), "{:?}", outcomes[1]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_with_nothing_pending_is_ready_at_once() {
+        let rejected = Outcome::Rejected { field: "entity_id".into(), reason: "empty".into() };
+        let (_slots, ticket) = BatchSlots::new(vec![Some(rejected.clone())]);
+        assert_eq!(ticket.await, vec![rejected]);
+    }
+
+    #[test]
+    fn a_slot_resolved_twice_keeps_its_first_outcome() {
+        let (slots, _ticket) = BatchSlots::new(vec![None, None]);
+        slots.resolve(0, Outcome::Accepted);
+        slots.resolve(0, Outcome::Duplicate);
+        assert_eq!(slots.remaining.load(AtomicOrdering::Acquire), 1);
+    }
 }

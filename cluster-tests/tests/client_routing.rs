@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 use cluster_tests::model::{Model, Workload};
 use cluster_tests::{ClusterOptions, TestCluster};
 use tally_client::{ClientConfig, Consistency, Event, Outcome, TallyClient};
@@ -64,17 +66,25 @@ async fn routing_survives_a_leader_kill_and_retries_never_double_count() -> anyh
         let client = client.clone();
         let events = events.clone();
         async move {
-            let mut tickets = Vec::new();
-            for chunk in events.chunks(400) {
-                for e in chunk {
-                    tickets.push(client.send(e.clone()).await?);
+            // Chunks alternate between `send` (a ticket per event) and
+            // `send_batch` (one ticket per chunk): both paths go through
+            // the kill.
+            let mut pending: Vec<BoxFuture<'static, Vec<Outcome>>> = Vec::new();
+            for (i, chunk) in events.chunks(400).enumerate() {
+                if i % 2 == 0 {
+                    pending.push(Box::pin(client.send_batch(chunk.to_vec()).await?));
+                } else {
+                    for e in chunk {
+                        let ticket = client.send(e.clone()).await?;
+                        pending.push(Box::pin(async move { vec![ticket.await] }));
+                    }
                 }
                 // Spread the sends over a few seconds so the kill lands
                 // in the middle.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             client.flush().await?;
-            anyhow::Ok(futures::future::join_all(tickets).await)
+            anyhow::Ok(futures::future::join_all(pending).await.into_iter().flatten().collect::<Vec<_>>())
         }
     });
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -110,5 +120,15 @@ async fn routing_survives_a_leader_kill_and_retries_never_double_count() -> anyh
     let duplicates = again.iter().filter(|o| **o == Outcome::Duplicate).count();
     assert_eq!(duplicates, events.len(), "{:?}", again.iter().find(|o| **o != Outcome::Duplicate));
     check_counts(&client, &model, end).await?;
+
+    // One batch of a new event, an invalid one and a stored one: each gets
+    // its own outcome, in order, and the invalid one costs the others
+    // nothing.
+    let fresh = Event { event_id: b"batch-fresh".to_vec(), ..tally_client::event("batch-check", "view") };
+    let invalid = Event { event_type: String::new(), ..tally_client::event("batch-check", "view") };
+    let outcomes = client.ingest(vec![fresh, invalid, events[0].clone()]).await?;
+    assert_eq!(outcomes[0], Outcome::Accepted);
+    assert!(matches!(&outcomes[1], Outcome::Rejected { field, .. } if field == "event_type"), "{:?}", outcomes[1]);
+    assert_eq!(outcomes[2], Outcome::Duplicate);
     Ok(())
 }

@@ -67,7 +67,7 @@ use super::bench_probes::{Probes, Workload};
 use super::bench_targets::{BatchSettings, Target, TargetKind};
 use super::{print_json, Cli, EXIT_MISMATCH};
 use crate::time_arg::now_ms;
-use crate::{ClientConfig, Consistency, Event, IngestSummary, Outcome, Ticket};
+use crate::{BatchTicket, ClientConfig, Consistency, Event, IngestSummary, Outcome};
 
 /// Arguments of `tally bench`.
 #[derive(Debug, Args)]
@@ -194,6 +194,39 @@ pub(crate) fn entity_name(prefix: &str, entity: u64) -> String {
     format!("{prefix}-{entity}")
 }
 
+/// Events a producer hands to the target at once at most. Large enough that
+/// the per-batch costs (a ticket, a channel message, a wake-up) vanish per
+/// event at saturation; at a fixed rate a chunk is whatever came due.
+const CHUNK: usize = 512;
+
+/// An originated event, kept so that a re-send can rebuild it exactly.
+#[derive(Debug, Clone, Copy)]
+struct Recent {
+    n: usize,
+    entity: u64,
+    event_type: u16,
+    time_ms: i64,
+    value: i64,
+}
+
+/// Producer `k`'s event number `r.n`: the same bytes every time it is built.
+fn build_event(shared: &Shared, k: usize, r: &Recent) -> Event {
+    Event {
+        entity_id: entity_name(&shared.prefix, r.entity).into_bytes(),
+        event_type: shared.types[usize::from(r.event_type)].0.clone(),
+        event_time_ms: r.time_ms,
+        event_id: format!("{k}-{}", r.n).into_bytes(),
+        value: Some(r.value),
+    }
+}
+
+/// One chunk on its way: what each event was and when it was meant to go.
+struct SentChunk {
+    sent: Vec<Sent>,
+    intended: Vec<Instant>,
+    ticket: BatchTicket,
+}
+
 async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<ProducerResult> {
     let args = &shared.args;
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(k as u64));
@@ -204,7 +237,7 @@ async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<Pr
     let spread_ms = i64::try_from(args.time_spread.as_millis()).unwrap_or(i64::MAX);
 
     // Outcomes are awaited by a collector so sending never waits on them.
-    let (tx, mut rx) = mpsc::channel::<(Sent, Instant, Ticket)>(16_384);
+    let (tx, mut rx) = mpsc::channel::<SentChunk>(1024);
     let collector_shared = shared.clone();
     let collector = tokio::spawn(async move {
         let mut originals: Vec<Original> = Vec::new();
@@ -213,24 +246,27 @@ async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<Pr
         let mut outcomes = IngestSummary::default();
         let mut resent = 0;
         let mut pending = FuturesUnordered::new();
-        let mut handle = |index: usize, intended: Instant, outcome: Outcome, originals: &mut Vec<Original>| {
-            let micros = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX);
-            histogram.saturating_record(micros.max(1));
-            outcomes.add(&outcome);
-            collector_shared.acked.fetch_add(1, Ordering::Relaxed);
-            if let Some(o) = originals.get_mut(index) {
-                match outcome {
-                    o2 if o2.is_stored() => o.stored = true,
-                    Outcome::Failed { .. } => o.failed = true,
-                    _ => {}
+        let mut handle = |indexes: Vec<usize>, intended: Vec<Instant>, results: Vec<Outcome>, originals: &mut Vec<Original>| {
+            let now = Instant::now();
+            collector_shared.acked.fetch_add(results.len() as u64, Ordering::Relaxed);
+            for ((index, intended), outcome) in indexes.into_iter().zip(intended).zip(results) {
+                let micros = u64::try_from(now.saturating_duration_since(intended).as_micros()).unwrap_or(u64::MAX);
+                histogram.saturating_record(micros.max(1));
+                outcomes.add(&outcome);
+                if let Some(o) = originals.get_mut(index) {
+                    match outcome {
+                        o2 if o2.is_stored() => o.stored = true,
+                        Outcome::Failed { .. } => o.failed = true,
+                        _ => {}
+                    }
                 }
             }
         };
         loop {
             tokio::select! {
                 next = rx.recv() => match next {
-                    Some((sent, intended, ticket)) => {
-                        let index = match sent {
+                    Some(chunk) => {
+                        let indexes: Vec<usize> = chunk.sent.into_iter().map(|sent| match sent {
                             Sent::New(o) => {
                                 originals.push(o);
                                 originals.len() - 1
@@ -239,76 +275,99 @@ async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<Pr
                                 resent += 1;
                                 n
                             }
-                        };
-                        pending.push(async move { (index, intended, ticket.await) });
+                        }).collect();
+                        let (intended, ticket) = (chunk.intended, chunk.ticket);
+                        pending.push(async move { (indexes, intended, ticket.await) });
                     }
                     None => break,
                 },
-                Some((index, intended, outcome)) = pending.next() => handle(index, intended, outcome, &mut originals),
+                Some((indexes, intended, results)) = pending.next() => handle(indexes, intended, results, &mut originals),
             }
         }
-        while let Some((index, intended, outcome)) = pending.next().await {
-            handle(index, intended, outcome, &mut originals);
+        while let Some((indexes, intended, results)) = pending.next().await {
+            handle(indexes, intended, results, &mut originals);
         }
         anyhow::Ok(ProducerResult { originals, histogram, outcomes, resent })
     });
 
     // Recent originals a re-send can pick from: the last few thousand, so
     // re-sends stay well inside the server's dedup window.
-    let mut recent: Vec<(usize, Event)> = Vec::new();
+    let mut recent: Vec<Recent> = Vec::new();
     const RECENT: usize = 4096;
     let mut originated = 0usize;
-    for j in 0u64.. {
+    let mut j = 0u64;
+    'produce: loop {
         if shared.stop.load(Ordering::Relaxed) {
             break;
-        }
-        if let Some(total) = args.events {
-            if shared.claimed.fetch_add(1, Ordering::Relaxed) >= total {
-                break;
-            }
         }
         let now = Instant::now();
         if shared.deadline.is_some_and(|d| now >= d) {
             break;
         }
-        let intended = match interval {
-            Some(interval) => {
-                let at = shared.start + offset + interval.mul_f64(j as f64);
-                if at > now + Duration::from_millis(1) {
-                    tokio::time::sleep_until(at.into()).await;
-                }
-                at
+        // How many events this chunk may hold: a full chunk at saturation,
+        // what has come due at a fixed rate (waiting for the next if none).
+        let mut room = CHUNK;
+        if let Some(interval) = interval {
+            let next = shared.start + offset + interval.mul_f64(j as f64);
+            if next > now + Duration::from_millis(1) {
+                tokio::time::sleep_until(next.into()).await;
             }
-            None => now,
-        };
-        let resend = !recent.is_empty() && rng.random_bool(args.duplicates.clamp(0.0, 1.0));
-        let (sent, event) = if resend {
-            let (n, event) = &recent[rng.random_range(0..recent.len())];
-            (Sent::Again(*n), event.clone())
-        } else {
-            let entity = (zipf.sample(&mut rng) as u64).clamp(1, args.ids) - 1;
-            let event_type = weights.sample(&mut rng);
-            let value = rng.random_range(1..=10);
-            let event = Event {
-                entity_id: entity_name(&shared.prefix, entity).into_bytes(),
-                event_type: shared.types[event_type].0.clone(),
-                event_time_ms: if spread_ms > 0 { now_ms() - rng.random_range(0..spread_ms) } else { now_ms() },
-                event_id: format!("{k}-{originated}").into_bytes(),
-                value: Some(value),
-            };
-            let original =
-                Original { entity, event_type: event_type as u16, value, stored: false, failed: false };
-            if recent.len() < RECENT {
-                recent.push((originated, event.clone()));
+            let now = Instant::now();
+            let due = (now.saturating_duration_since(shared.start + offset).as_secs_f64() / interval.as_secs_f64())
+                .floor() as u64
+                + 1;
+            room = usize::try_from(due.saturating_sub(j)).unwrap_or(CHUNK).clamp(1, CHUNK);
+        }
+        if let Some(total) = args.events {
+            let claimed = shared.claimed.fetch_add(room as u64, Ordering::Relaxed);
+            if claimed >= total {
+                break 'produce;
+            }
+            room = room.min(usize::try_from(total - claimed).unwrap_or(room));
+        }
+        let mut events = Vec::with_capacity(room);
+        let mut sent = Vec::with_capacity(room);
+        let mut intended = Vec::with_capacity(room);
+        let now_wall = now_ms();
+        let now = Instant::now();
+        for _ in 0..room {
+            intended.push(match interval {
+                Some(interval) => shared.start + offset + interval.mul_f64(j as f64),
+                None => now,
+            });
+            j += 1;
+            let resend = !recent.is_empty() && rng.random_bool(args.duplicates.clamp(0.0, 1.0));
+            if resend {
+                let r = recent[rng.random_range(0..recent.len())];
+                events.push(build_event(&shared, k, &r));
+                sent.push(Sent::Again(r.n));
             } else {
-                let slot = rng.random_range(0..RECENT);
-                recent[slot] = (originated, event.clone());
+                let r = Recent {
+                    n: originated,
+                    entity: (zipf.sample(&mut rng) as u64).clamp(1, args.ids) - 1,
+                    event_type: weights.sample(&mut rng) as u16,
+                    time_ms: if spread_ms > 0 { now_wall - rng.random_range(0..spread_ms) } else { now_wall },
+                    value: rng.random_range(1..=10),
+                };
+                events.push(build_event(&shared, k, &r));
+                sent.push(Sent::New(Original {
+                    entity: r.entity,
+                    event_type: r.event_type,
+                    value: r.value,
+                    stored: false,
+                    failed: false,
+                }));
+                if recent.len() < RECENT {
+                    recent.push(r);
+                } else {
+                    let slot = rng.random_range(0..RECENT);
+                    recent[slot] = r;
+                }
+                originated += 1;
             }
-            originated += 1;
-            (Sent::New(original), event)
-        };
-        let ticket = shared.target.send(event).await?;
-        if tx.send((sent, intended, ticket)).await.is_err() {
+        }
+        let ticket = shared.target.send_batch(events).await?;
+        if tx.send(SentChunk { sent, intended, ticket }).await.is_err() {
             break;
         }
     }

@@ -5,8 +5,8 @@
 //! honest if everything except the system under test is the same code. So
 //! event generation, rate control, the HDR histogram, the correction for
 //! coordinated omission and the JSON report all stay in `bench.rs`, and a
-//! target only answers "here is one event, give me a [`Ticket`] that
-//! resolves to its outcome". Tally's target is the ordinary
+//! target only answers "here are events, give me a [`BatchTicket`] that
+//! resolves to their outcomes". Tally's target is the ordinary
 //! [`TallyClient`] (routing, batching, retries). The peers share
 //! [`PeerBatcher`], which does what the Tally client does for batching —
 //! collect up to `--batch-events` events or `--linger`, keep at most
@@ -32,9 +32,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::ValueEnum;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 
-use crate::{Event, Outcome, TallyClient, Ticket};
+use crate::outcome::{BatchSlots, Reply};
+use crate::{BatchTicket, Event, Outcome, TallyClient};
 
 /// Which system `tally bench` drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,11 +131,11 @@ impl Target {
         })
     }
 
-    /// Queues one event; the ticket resolves to its outcome.
-    pub(crate) async fn send(&self, event: Event) -> anyhow::Result<Ticket> {
+    /// Queues events; the ticket resolves to their outcomes, in order.
+    pub(crate) async fn send_batch(&self, events: Vec<Event>) -> anyhow::Result<BatchTicket> {
         match self {
-            Target::Tally(c) => Ok(c.send(event).await?),
-            Target::RedisIncr(b) | Target::RedisDedup(b, _) | Target::Etcd(b) => b.send(event).await,
+            Target::Tally(c) => Ok(c.send_batch(events).await?),
+            Target::RedisIncr(b) | Target::RedisDedup(b, _) | Target::Etcd(b) => b.send_batch(events).await,
         }
     }
 
@@ -156,7 +157,7 @@ impl Target {
     }
 }
 
-type Job = (Event, oneshot::Sender<Outcome>);
+type Job = (Event, Reply);
 
 /// Batching for the peers, the counterpart of the Tally client's batcher:
 /// a bounded queue, batches of at most `max_events` cut after `linger`, at
@@ -176,11 +177,14 @@ impl PeerBatcher {
         PeerBatcher { tx, pending }
     }
 
-    async fn send(&self, event: Event) -> anyhow::Result<Ticket> {
-        let (tx, rx) = oneshot::channel();
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        self.tx.send((event, tx)).await.map_err(|_| anyhow::anyhow!("the batching task has stopped"))?;
-        Ok(Ticket::pending(rx))
+    async fn send_batch(&self, events: Vec<Event>) -> anyhow::Result<BatchTicket> {
+        let (slots, ticket) = BatchSlots::new((0..events.len()).map(|_| None).collect());
+        self.pending.fetch_add(events.len(), Ordering::Relaxed);
+        for (index, event) in events.into_iter().enumerate() {
+            let job = (event, Reply::slot(slots.clone(), index));
+            self.tx.send(job).await.map_err(|_| anyhow::anyhow!("the batching task has stopped"))?;
+        }
+        Ok(ticket)
     }
 
     fn pending(&self) -> usize {
@@ -218,7 +222,7 @@ async fn run_batcher<T: BatchSend>(
         let target = target.clone();
         let pending = pending.clone();
         tokio::spawn(async move {
-            let (events, acks): (Vec<Event>, Vec<oneshot::Sender<Outcome>>) = jobs.into_iter().unzip();
+            let (events, acks): (Vec<Event>, Vec<Reply>) = jobs.into_iter().unzip();
             let n = acks.len();
             let mut outcomes = target.send_batch(events).await.into_iter();
             // Before the acks, so `pending` is never behind a resolved ticket.
@@ -228,7 +232,7 @@ async fn run_batcher<T: BatchSend>(
                     error: "the target answered fewer results than the batch had events".into(),
                     attempts: 1,
                 });
-                let _ = ack.send(outcome);
+                ack.resolve(outcome);
             }
             drop(permit);
         });
@@ -302,20 +306,20 @@ mod tests {
         let settings =
             BatchSettings { max_events: 10, linger: Duration::from_millis(5), inflight: 2, buffer_events: 1000 };
         let batcher = PeerBatcher::start(fake.clone(), settings);
-        let mut tickets = Vec::new();
-        for i in 0..95 {
-            let event = Event {
+        let events: Vec<Event> = (0..95)
+            .map(|i| Event {
                 entity_id: b"e".to_vec(),
                 event_type: "view".into(),
                 event_time_ms: 1,
                 event_id: format!("{i}").into_bytes(),
                 value: Some(i),
-            };
-            tickets.push(batcher.send(event).await.expect("send"));
-        }
-        for (i, t) in tickets.into_iter().enumerate() {
+            })
+            .collect();
+        let outcomes = batcher.send_batch(events).await.expect("send").await;
+        assert_eq!(outcomes.len(), 95);
+        for (i, outcome) in outcomes.into_iter().enumerate() {
             let want = if i % 2 == 1 { Outcome::Duplicate } else { Outcome::Accepted };
-            assert_eq!(t.await, want, "event {i}");
+            assert_eq!(outcome, want, "event {i}");
         }
         let sizes = fake.0.lock().expect("lock").clone();
         assert_eq!(sizes.iter().sum::<usize>(), 95);
