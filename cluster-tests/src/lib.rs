@@ -390,6 +390,25 @@ impl TestCluster {
         self.wait_listening(id, Duration::from_secs(30)).await
     }
 
+    /// Starts node `id` when it is expected to end by itself (armed with
+    /// `--crash-at`, say) and waits for that: returns its exit status.
+    pub async fn run_until_exit(&mut self, id: u64, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        self.spawn(id)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = self.node_mut(id)?;
+            let child = node.child.as_mut().context("node not running")?;
+            if let Some(status) = child.try_wait()? {
+                node.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} still runs after {timeout:?}; log:\n{}", self.log_tail(id, 30));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Flags for one node from its next (re)start on, e.g.
     /// `--clock-offset-ms 660000`; empty to clear.
     pub fn set_node_args(&mut self, id: u64, args: Vec<String>) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::raft::types::NodeId;
+use crate::sync::MutexExt;
 
 /// Readings older than this are ignored: a peer that stopped answering no
 /// longer vouches for the time.
@@ -60,18 +61,16 @@ impl ClusterClock {
         }
         let midpoint = (sent_ms / 2 + received_ms / 2) as i64;
         let offset = peer_ms as i64 - midpoint;
-        if let Ok(mut r) = self.readings.lock() {
-            r.insert(peer, (offset, Instant::now()));
-        }
+        self.readings.lock_unpoisoned().insert(peer, (offset, Instant::now()));
     }
 
     /// The time to stamp with now.
     pub fn trusted(&self) -> TrustedTime {
         let local = self.local_ms();
         let mut offsets = vec![0i64];
-        if let Ok(r) = self.readings.lock() {
-            offsets.extend(r.values().filter(|(_, at)| at.elapsed() < READING_TTL).map(|(o, _)| *o));
-        }
+        offsets.extend(
+            self.readings.lock_unpoisoned().values().filter(|(_, at)| at.elapsed() < READING_TTL).map(|(o, _)| *o),
+        );
         let correction = decide_correction(&mut offsets, self.max_skew_ms);
         TrustedTime { now_ms: (local as i64).saturating_add(correction).max(0) as u64, correction_ms: correction }
     }

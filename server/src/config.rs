@@ -69,6 +69,8 @@ pub struct NodeConfig {
     /// Testing only: shift this node's wall clock by this many ms, to check
     /// that a skewed clock cannot break deduplication.
     pub clock_offset_ms: i64,
+    /// Testing only: end the process at this named point (`crash_point.rs`).
+    pub crash_at: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -104,6 +106,7 @@ impl Default for NodeConfig {
             peer_routes: Vec::new(),
             max_clock_skew_ms: 2_000,
             clock_offset_ms: 0,
+            crash_at: None,
         }
     }
 }
@@ -207,6 +210,10 @@ pub struct Cli {
     #[arg(long, hide = true, allow_hyphen_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_offset_ms: Option<i64>,
+    /// Testing only: abort at a named crash point (see `crash_point.rs`).
+    #[arg(long, hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crash_at: Option<String>,
 }
 
 impl Cli {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::dedup_table::{KeyTable, GENERATION_MS};
+use crate::sync::MutexExt;
 
 /// Dedup key of an event: a 128-bit hash, so the index costs the same for
 /// every id length. Collisions are ~n²/2¹²⁹: negligible at any real volume.
@@ -225,9 +226,7 @@ impl DedupIndex {
     }
 
     pub fn lock(&self) -> DedupGuard<'_> {
-        // A panic while holding the lock leaves a consistent map (every
-        // method finishes its own updates), so poisoning is safe to ignore.
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.state.lock_unpoisoned();
         let live_before = state.keys.len();
         DedupGuard { state, budget: &self.budget, live_before }
     }

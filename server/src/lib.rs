@@ -12,6 +12,7 @@ pub mod api;
 pub mod checkpointer;
 pub mod clock;
 pub mod config;
+pub mod crash_point;
 pub mod dedup;
 pub mod dedup_table;
 pub mod meta;
@@ -22,6 +23,7 @@ pub mod reconciler;
 pub mod server;
 pub mod stages;
 pub mod storage;
+pub mod sync;
 
 /// The Raft instance type of every group.
 pub type RaftInstance = openraft::Raft<raft::types::TypeConfig, storage::state_machine::GroupStateMachine>;

@@ -36,6 +36,7 @@ use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::GroupStateMachine;
 use crate::storage::Engine;
 use crate::RaftInstance;
+use crate::sync::RwLockExt;
 
 /// Partition replicas opened at once when a map places many on this node.
 const OPEN_CONCURRENCY: usize = 32;
@@ -189,20 +190,18 @@ impl Node {
     }
 
     pub fn partition(&self, partition: u32) -> Option<Arc<PartitionReplica>> {
-        self.partitions.read().ok()?.get(&partition).cloned()
+        self.partitions.read_unpoisoned().get(&partition).cloned()
     }
 
     /// Every group's write-back: the metadata group's and each replica's.
     pub fn write_backs(&self) -> Vec<Arc<WriteBack>> {
         let mut v = vec![self.metadata_write_back.clone()];
-        if let Ok(m) = self.partitions.read() {
-            v.extend(m.values().map(|r| r.write_back.clone()));
-        }
+        v.extend(self.partitions.read_unpoisoned().values().map(|r| r.write_back.clone()));
         v
     }
 
     pub fn local_partitions(&self) -> Vec<Arc<PartitionReplica>> {
-        let mut v: Vec<_> = self.partitions.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        let mut v: Vec<_> = self.partitions.read_unpoisoned().values().cloned().collect();
         v.sort_by_key(|p| p.partition);
         v
     }
@@ -254,9 +253,7 @@ impl Node {
             .buffer_unordered(OPEN_CONCURRENCY);
         while let Some(replica) = opening.next().await {
             let replica = replica?;
-            if let Ok(mut m) = self.partitions.write() {
-                m.insert(replica.partition, replica);
-            }
+            self.partitions.write_unpoisoned().insert(replica.partition, replica);
         }
         if opened > 0 {
             tracing::info!(opened, took_ms = started.elapsed().as_millis() as u64, "opened partition replicas");
@@ -340,7 +337,7 @@ impl Node {
     /// Stop and forget a replica this node no longer holds, deleting its data.
     pub async fn drop_partition(&self, partition: u32) -> anyhow::Result<()> {
         let _guard = self.opening.lock().await;
-        let replica = self.partitions.write().ok().and_then(|mut m| m.remove(&partition));
+        let replica = self.partitions.write_unpoisoned().remove(&partition);
         let Some(replica) = replica else { return Ok(()) };
         let _ = replica.raft.shutdown().await;
         let group = group_of_partition(partition);

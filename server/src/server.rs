@@ -65,6 +65,9 @@ const PEER_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4_096;
 
 
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    if let Some(point) = &config.crash_at {
+        crate::crash_point::arm(point).map_err(|e| anyhow::anyhow!(e))?;
+    }
     let public_listener =
         TcpListener::bind(&config.listen).await.with_context(|| format!("binding --listen {}", config.listen))?;
     let peer_listener = TcpListener::bind(&config.peer_listen)

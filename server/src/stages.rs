@@ -17,6 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use crate::sync::MutexExt;
 
 /// The timed stages, in the order of the path they belong to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,22 +129,21 @@ impl Stages {
 
     pub fn record(&self, stage: Stage, took: Duration) {
         let Some(slot) = self.slot(stage) else { return };
-        // A poisoned histogram is still a histogram: keep recording.
-        if let Some(h) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        if let Some(h) = slot.lock_unpoisoned().as_mut() {
             h.saturating_record((took.as_micros() as u64).clamp(1, HIGHEST_US));
         }
     }
 
     /// Every stage since start or the last reset, and how long that is.
     pub fn summary(&self, reset: bool) -> (Vec<StageSummary>, Duration) {
-        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        let mut since = self.since.lock_unpoisoned();
         let window = since.elapsed();
         let ms = |us: u64| us as f64 / 1000.0;
         let out = Stage::ALL
             .iter()
             .zip(&self.histograms)
             .filter_map(|(stage, slot)| {
-                let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+                let mut guard = slot.lock_unpoisoned();
                 let h = guard.as_mut()?;
                 let s = StageSummary {
                     stage: *stage,

@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 use super::peers::PeerPool;
 use super::types::NodeId;
 use crate::meta::ClusterMap;
+use crate::sync::MutexExt;
 
 /// A change in a peer's reachability, as seen from this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,18 +106,16 @@ impl Liveness {
     /// Whether `node` answered recently. Unknown peers count as up: nothing
     /// says otherwise yet, and this node itself is always up.
     pub fn is_up(&self, node: NodeId) -> bool {
-        node == self.node_id || self.peers.lock().map(|p| p.get(&node).is_none_or(|s| s.up)).unwrap_or(true)
+        node == self.node_id || self.peers.lock_unpoisoned().get(&node).is_none_or(|s| s.up)
     }
 
     /// A conversation with `node` got a reply: as good as an answered ping
     /// for reachability (restarts are still told by the pings' boot ids).
     pub fn heard_from(&self, node: NodeId) {
-        if let Ok(mut peers) = self.peers.lock() {
-            if let Some(state) = peers.get_mut(&node) {
-                if state.up {
-                    state.last_ok = Instant::now();
-                    state.consecutive_failures = 0;
-                }
+        if let Some(state) = self.peers.lock_unpoisoned().get_mut(&node) {
+            if state.up {
+                state.last_ok = Instant::now();
+                state.consecutive_failures = 0;
             }
         }
     }
@@ -178,7 +177,7 @@ impl Liveness {
     /// Fold one round of probe results into the peer table; return what changed.
     fn record(&self, results: Vec<(NodeId, Option<u64>)>, now: Instant) -> Vec<PeerChange> {
         let mut changes = Vec::new();
-        let Ok(mut peers) = self.peers.lock() else { return changes };
+        let mut peers = self.peers.lock_unpoisoned();
         for (node, result) in results {
             let state = peers.entry(node).or_insert(PeerState { last_ok: now, consecutive_failures: 0, up: true, boot_id: 0 });
             match result {

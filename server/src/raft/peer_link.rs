@@ -44,6 +44,7 @@ use tonic::{Code, Status};
 
 use super::network::PEER_MAX_MESSAGE_BYTES;
 use super::types::NodeId;
+use crate::sync::MutexExt;
 
 /// Calls waiting to be packed into a frame; callers wait (within their own
 /// deadline) when it is full.
@@ -257,11 +258,7 @@ fn pack(first: Outgoing, queue: &mut mpsc::Receiver<Outgoing>, in_flight: &Mutex
     let mut bytes = 0usize;
     let mut next = Some(first);
     let mut carry = None;
-    let Ok(mut registered) = in_flight.lock() else {
-        // Poisoned only if a thread panicked holding it; the stream is then
-        // unusable and its calls time out.
-        return (PeerFrame { calls }, None);
-    };
+    let mut registered = in_flight.lock_unpoisoned();
     while let Some(out) = next.take() {
         if !out.reply.is_closed() {
             let size = prost::Message::encoded_len(&out.call);
@@ -284,7 +281,7 @@ async fn read_replies(mut replies: tonic::Streaming<PeerReplyFrame>, in_flight: 
         match replies.message().await {
             Ok(Some(frame)) => {
                 heard();
-                let Ok(mut registered) = in_flight.lock() else { return "in-flight table poisoned".into() };
+                let mut registered = in_flight.lock_unpoisoned();
                 for PeerReply { id, code, error, payload } in frame.replies {
                     let Some(reply) = registered.calls.remove(&id) else { continue };
                     let result = match Code::from(code) {
@@ -301,10 +298,8 @@ async fn read_replies(mut replies: tonic::Streaming<PeerReplyFrame>, in_flight: 
 }
 
 fn fail_all(in_flight: &Mutex<InFlight>, target: NodeId, why: &str) {
-    if let Ok(mut registered) = in_flight.lock() {
-        for (_, reply) in registered.calls.drain() {
-            let _ = reply.send(Err(LinkError::Unreachable(target, why.to_string())));
-        }
+    for (_, reply) in in_flight.lock_unpoisoned().calls.drain() {
+        let _ = reply.send(Err(LinkError::Unreachable(target, why.to_string())));
     }
 }
 

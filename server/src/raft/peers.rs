@@ -22,6 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::peer_link::{LinkEvent, PeerEvents, PeerLink};
 use crate::raft::types::NodeId;
+use crate::sync::RwLockExt;
 
 /// HTTP/2 flow-control windows of peer connections: one conversation
 /// carries every group's appends, so its stream window must hold a full
@@ -72,7 +73,7 @@ impl PeerPool {
     /// Calls waiting in the most backed-up control lane: how far behind this
     /// node's messages to its peers are.
     pub fn control_backlog(&self) -> usize {
-        self.links.read().map(|m| m.values().map(|(_, l)| l.control.queued()).max().unwrap_or(0)).unwrap_or(0)
+        self.links.read_unpoisoned().values().map(|(_, l)| l.control.queued()).max().unwrap_or(0)
     }
 
     /// The conversations with `node` at `peer_addr`, started on first use
@@ -121,8 +122,7 @@ impl PeerPool {
 
 /// The pooled value for `node` at `addr`, made (and pooled) if there is
 /// none or the address changed. Checked again under the write lock, so two
-/// callers racing never both make one (a link starts a task). A poisoned
-/// pool still serves a fresh, unpooled value rather than none.
+/// callers racing never both make one (a link starts a task).
 fn pooled<T: Clone, E>(
     pool: &RwLock<HashMap<NodeId, (String, T)>>,
     node: NodeId,
@@ -130,10 +130,10 @@ fn pooled<T: Clone, E>(
     make: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
     let known = |map: &HashMap<NodeId, (String, T)>| map.get(&node).filter(|(a, _)| a == addr).map(|(_, v)| v.clone());
-    if let Some(value) = pool.read().ok().and_then(|map| known(&map)) {
+    if let Some(value) = known(&pool.read_unpoisoned()) {
         return Ok(value);
     }
-    let Ok(mut map) = pool.write() else { return make() };
+    let mut map = pool.write_unpoisoned();
     if let Some(value) = known(&map) {
         return Ok(value);
     }

@@ -56,6 +56,7 @@ use super::liveness::{Liveness, PeerChange};
 use super::ticker::GroupTimer;
 use super::types::NodeId;
 use crate::RaftInstance;
+use crate::sync::{MutexExt, RwLockExt};
 
 #[derive(Debug, Clone, Copy)]
 pub struct QuiesceConfig {
@@ -150,9 +151,7 @@ impl GroupQuiescence {
 
     /// Turn the group's timers back on, whatever its state.
     pub fn wake(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            self.wake_locked(&mut s);
-        }
+        self.wake_locked(&mut self.state.lock_unpoisoned());
     }
 
     /// Make this leader writable before a proposal. openraft refuses writes
@@ -162,11 +161,8 @@ impl GroupQuiescence {
     /// round trip on the first write after a quiet period; nothing when the
     /// group is awake.
     pub async fn prepare_write(&self) {
-        let quiesced_leader = self
-            .state
-            .lock()
-            .map(|s| matches!(*s, State::Quiesced { leader, .. } if leader == self.node_id))
-            .unwrap_or(false);
+        let quiesced_leader =
+            matches!(*self.state.lock_unpoisoned(), State::Quiesced { leader, .. } if leader == self.node_id);
         if !quiesced_leader {
             return;
         }
@@ -181,7 +177,7 @@ impl GroupQuiescence {
     }
 
     pub fn is_quiesced(&self) -> bool {
-        self.state.lock().map(|s| matches!(*s, State::Quiesced { .. } | State::Dormant { .. })).unwrap_or(false)
+        matches!(*self.state.lock_unpoisoned(), State::Quiesced { .. } | State::Dormant { .. })
     }
 
     /// Leader side, before an AppendEntries goes to `target`: entries are
@@ -196,7 +192,7 @@ impl GroupQuiescence {
         if has_entries && !self.liveness.is_up(target) {
             return false;
         }
-        let Ok(mut s) = self.state.lock() else { return false };
+        let mut s = self.state.lock_unpoisoned();
         if has_entries {
             self.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
             self.wake_locked(&mut s);
@@ -225,7 +221,7 @@ impl GroupQuiescence {
                 .filter(|id| *id != self.node_id && self.liveness.is_up(*id))
                 .collect()
         };
-        let Ok(mut s) = self.state.lock() else { return };
+        let mut s = self.state.lock_unpoisoned();
         if let State::Quiescing { acked } = &mut *s {
             acked.insert(target);
             if members.is_subset(acked) {
@@ -245,7 +241,7 @@ impl GroupQuiescence {
         if !self.enabled || !accepted {
             return;
         }
-        let Ok(mut s) = self.state.lock() else { return };
+        let mut s = self.state.lock_unpoisoned();
         if !flagged {
             self.wake_locked(&mut s);
         } else if leader != self.node_id {
@@ -289,9 +285,7 @@ impl Quiescence {
             epoch: self.epoch,
             liveness: self.liveness.clone(),
         });
-        if let Ok(mut m) = self.groups.write() {
-            m.insert(group, g.clone());
-        }
+        self.groups.write_unpoisoned().insert(group, g.clone());
         g
     }
 
@@ -309,24 +303,20 @@ impl Quiescence {
             ReplicaStart::Existing => self.config.startup_grace,
         };
         if self.enabled() {
-            if let Ok(mut s) = g.state.lock() {
-                g.set(&mut s, State::Dormant { since: Instant::now(), grace });
-            }
+            g.set(&mut g.state.lock_unpoisoned(), State::Dormant { since: Instant::now(), grace });
         }
     }
 
     pub fn remove(&self, group: u32) {
-        if let Ok(mut m) = self.groups.write() {
-            m.remove(&group);
-        }
+        self.groups.write_unpoisoned().remove(&group);
     }
 
     pub fn group(&self, group: u32) -> Option<Arc<GroupQuiescence>> {
-        self.groups.read().ok()?.get(&group).cloned()
+        self.groups.read_unpoisoned().get(&group).cloned()
     }
 
     fn all(&self) -> Vec<Arc<GroupQuiescence>> {
-        self.groups.read().map(|m| m.values().cloned().collect()).unwrap_or_default()
+        self.groups.read_unpoisoned().values().cloned().collect()
     }
 
     /// Drive every group: start quiescing idle ones, end dormancy, wake
@@ -357,7 +347,7 @@ impl Quiescence {
         // group's state needs, and allocate nothing on the common paths.
         for g in self.all() {
             let Some(raft) = g.raft() else { continue };
-            let Ok(mut s) = g.state.lock() else { continue };
+            let mut s = g.state.lock_unpoisoned();
             let metrics = raft.metrics();
             let m = metrics.borrow_watched();
             match &*s {
@@ -414,7 +404,7 @@ impl Quiescence {
                     m.state == ServerState::Follower,
                 )
             };
-            let Ok(mut s) = g.state.lock() else { continue };
+            let mut s = g.state.lock_unpoisoned();
             let led_by = match &*s {
                 State::Quiesced { leader, .. } => Some(*leader),
                 State::Quiescing { .. } => Some(self.node_id),
@@ -477,7 +467,7 @@ impl Quiescence {
         let Some(g) = self.group(group) else { return };
         let Some(raft) = g.raft() else { return };
         let voters: Vec<NodeId> = raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
-        let Ok(mut s) = g.state.lock() else { return };
+        let mut s = g.state.lock_unpoisoned();
         if to == self.node_id {
             g.wake_locked(&mut s);
             return;

@@ -39,6 +39,7 @@ use rand::Rng;
 
 use crate::raft::types::TypeConfig;
 use crate::RaftInstance;
+use crate::sync::RwLockExt;
 
 /// How often the loop runs: the granularity of election timeouts.
 pub const ROUND: Duration = Duration::from_millis(25);
@@ -126,21 +127,17 @@ impl NodeTicker {
             election_due_ms: AtomicU64::new(self.clock.now_ms() + self.clock.timeout_ms()),
             clock: self.clock,
         });
-        if let Ok(mut groups) = self.groups.write() {
-            groups.insert(group, timer.clone());
-        }
+        self.groups.write_unpoisoned().insert(group, timer.clone());
         timer
     }
 
     pub fn remove(&self, group: u32) {
-        if let Ok(mut groups) = self.groups.write() {
-            groups.remove(&group);
-        }
+        self.groups.write_unpoisoned().remove(&group);
     }
 
     /// [`GroupTimer::restart`] for `group`.
     pub fn heard(&self, group: u32) {
-        let timer = self.groups.read().ok().and_then(|g| g.get(&group).cloned());
+        let timer = self.groups.read_unpoisoned().get(&group).cloned();
         if let Some(timer) = timer {
             timer.restart();
         }
@@ -168,10 +165,8 @@ impl NodeTicker {
     }
 
     async fn round(&self, heartbeat_round: bool, elections_allowed: usize) {
-        let timers: Vec<Arc<GroupTimer>> = match self.groups.read() {
-            Ok(groups) => groups.values().filter(|t| t.driven.load(Ordering::Relaxed)).cloned().collect(),
-            Err(_) => return,
-        };
+        let timers: Vec<Arc<GroupTimer>> =
+            self.groups.read_unpoisoned().values().filter(|t| t.driven.load(Ordering::Relaxed)).cloned().collect();
         let now_ms = self.clock.now_ms();
         let mut elections = 0;
         for timer in timers {

@@ -22,6 +22,7 @@ use super::codec::{decode, encode};
 use super::keys::{self, CF_LOG, CF_RAFT, RAFT_COMMITTED, RAFT_PURGED, RAFT_VOTE};
 use super::{Engine, StorageError};
 use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
+use crate::sync::MutexExt;
 
 #[derive(Clone)]
 pub struct LogStore {
@@ -64,13 +65,11 @@ impl LogStore {
 
     /// Once anything is written, what was read ahead is stale.
     fn forget_initial(&self) {
-        if let Ok(mut i) = self.initial.lock() {
-            *i = InitialState::default();
-        }
+        *self.initial.lock_unpoisoned() = InitialState::default();
     }
 
     fn initial<T>(&self, take: impl FnOnce(&mut InitialState) -> Option<T>) -> Option<T> {
-        self.initial.lock().ok().and_then(|mut i| take(&mut i))
+        take(&mut self.initial.lock_unpoisoned())
     }
 
     /// Run a read of this group's log on the engine's blocking pool.

@@ -193,6 +193,7 @@ pub fn install_snapshot_file(engine: &Engine, group: u32, path: &Path) -> Result
     batch.delete_range_cf(counts, keys::group_prefix(group), keys::group_end(group));
     batch.put_cf(state, keys::tagged(group, STATE_INSTALLING), []);
     engine.write_synced(batch)?;
+    crate::crash_point::reach("snapshot-install-wiped");
 
     let mut batch = WriteBatch::default();
     loop {

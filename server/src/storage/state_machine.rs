@@ -407,6 +407,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                     if installed != meta {
                         return Err(StorageError::Corrupt("snapshot file does not match its metadata".into()));
                     }
+                    crate::crash_point::reach("snapshot-install-written");
                     snapshots.publish(&snapshot.path, &meta)?;
                     let loaded = load_state(engine, group, &dedup)?;
                     let applied = loaded.applied;

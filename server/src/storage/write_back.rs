@@ -49,6 +49,7 @@ use super::keys::{self, CF_COUNTS, CF_STATE};
 use super::{Engine, StorageError};
 use crate::raft::types::LogId;
 use crate::stages::{Stage, Timer};
+use crate::sync::MutexExt;
 
 /// Buckets one epoch may hold before it is checkpointed, whatever its age:
 /// bounds a group's memory (~100 bytes a bucket).
@@ -143,15 +144,12 @@ impl WriteBack {
         })
     }
 
-    // A panic while holding either lock leaves whole values behind (every
-    // method finishes its own updates before another can look), so
-    // poisoning is safe to ignore.
     fn epochs(&self) -> MutexGuard<'_, Epochs> {
-        self.epochs.lock().unwrap_or_else(|p| p.into_inner())
+        self.epochs.lock_unpoisoned()
     }
 
     fn writing(&self) -> MutexGuard<'_, bool> {
-        self.writing.lock().unwrap_or_else(|p| p.into_inner())
+        self.writing.lock_unpoisoned()
     }
 
     /// Take over one apply round; returns the buckets now in memory.
