@@ -9,10 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("tally_descriptor.bin"))
-        .compile_protos(
-            &["tally/v1/tally.proto", "tally/internal/v1/raft.proto"],
-            &["."],
-        )?;
+        .compile_protos(&["tally/v1/tally.proto", "tally/internal/v1/raft.proto"], &["."])?;
     // A subset of etcd's KV API for `tally bench --target etcd`; client
     // stubs only, and kept out of the descriptor set that Tally's server
     // reflection publishes.

@@ -26,7 +26,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut summary = IngestSummary::default();
     let mut pending = FuturesUnordered::new();
     for i in 0..n {
-        let event = Event { value: Some((i % 10) as i64 + 1), ..tally_client::event(format!("bulk-{}", i % 1000), "view") };
+        let event =
+            Event { value: Some((i % 10) as i64 + 1), ..tally_client::event(format!("bulk-{}", i % 1000), "view") };
         pending.push(client.send(event).await?);
         // Drain resolved outcomes as we go so the ticket list stays small.
         while pending.len() > 20_000 {
@@ -42,10 +43,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let elapsed = started.elapsed();
     println!("{n} events in {elapsed:.2?} ({:.0}/s)", n as f64 / elapsed.as_secs_f64());
     println!("per event: {summary:?}");
-    println!(
-        "server totals: accepted {}, duplicates {}",
-        client.totals().accepted(),
-        client.totals().duplicates()
-    );
+    println!("server totals: accepted {}, duplicates {}", client.totals().accepted(), client.totals().duplicates());
     Ok(())
 }

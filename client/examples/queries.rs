@@ -22,7 +22,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cheap = client.stats("video-42", "view", last_day.clone(), Consistency::Stale).await?;
     println!("views today: {} (stale read: {})", exact.count, cheap.count);
 
-    let series = client.series("video-42", "view", now - 3_600_000..now + 60_000, Granularity::Minute, Consistency::Linearizable).await?;
+    let series = client
+        .series("video-42", "view", now - 3_600_000..now + 60_000, Granularity::Minute, Consistency::Linearizable)
+        .await?;
     for bucket in series.buckets.iter().filter(|b| b.count > 0) {
         println!("  {}  {}", format_ms(bucket.start_ms), bucket.count);
     }

@@ -21,7 +21,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tickets.push(client.send(tally_client::event("video-42", "view")).await?);
     }
     // Events may carry a value (e.g. watch seconds) and their own id.
-    let watched = Event { value: Some(95), event_id: b"session-7".to_vec(), ..tally_client::event("video-42", "watch") };
+    let watched =
+        Event { value: Some(95), event_id: b"session-7".to_vec(), ..tally_client::event("video-42", "watch") };
     tickets.push(client.send(watched.clone()).await?);
     // An invalid event is reported, not sent.
     tickets.push(client.send(tally_client::event("video-42", "Bad Type")).await?);

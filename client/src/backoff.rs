@@ -49,10 +49,7 @@ impl RetryPolicy {
     /// without overflow for any `retry`.
     pub fn ceiling(&self, retry: u32) -> Duration {
         let doublings = retry.saturating_sub(1).min(31);
-        self.initial_backoff
-            .checked_mul(1u32 << doublings)
-            .unwrap_or(self.max_backoff)
-            .min(self.max_backoff)
+        self.initial_backoff.checked_mul(1u32 << doublings).unwrap_or(self.max_backoff).min(self.max_backoff)
     }
 
     /// A backoff drawn uniformly from `[0, ceiling(retry)]` ("full jitter").

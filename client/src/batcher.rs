@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::dispatch::{deliver_together, Item};
 use crate::encoded;
 use crate::error::{ClientError, Result};
-use crate::router::Router;
 use crate::outcome::{Reply, ServerTotals};
+use crate::router::Router;
 use tally_proto::v1::Event;
 
 /// Open while any event of its epoch is unresolved; dropping the last
@@ -363,7 +363,9 @@ impl Task {
     /// flight and the same known leader.
     fn companions(&self, partition: u32, max_in_flight: usize) -> Vec<u32> {
         let candidates: Vec<u32> = (0..self.buffers.len() as u32)
-            .filter(|&p| p != partition && !self.buffers[p as usize].items.is_empty() && self.has_room(p, max_in_flight))
+            .filter(|&p| {
+                p != partition && !self.buffers[p as usize].items.is_empty() && self.has_room(p, max_in_flight)
+            })
             .collect();
         if candidates.is_empty() {
             return candidates;

@@ -137,8 +137,7 @@ impl TallyClient {
         }
         let pending: Vec<usize> = (0..outcomes.len()).filter(|&i| outcomes[i].is_none()).collect();
         let (slots, ticket) = BatchSlots::new(outcomes);
-        let queued =
-            valid.into_iter().zip(pending).map(|(event, index)| (event, Reply::slot(slots.clone(), index)));
+        let queued = valid.into_iter().zip(pending).map(|(event, index)| (event, Reply::slot(slots.clone(), index)));
         self.inner.batcher.send_many(queued.collect()).await?;
         Ok(ticket)
     }
@@ -260,7 +259,11 @@ impl TallyClient {
         let answers: Vec<StatusResponse> = nodes.iter().filter_map(|(_, r)| r.as_ref().ok().cloned()).collect();
         let map = PartitionMap::merge(&answers).ok_or_else(|| {
             crate::ClientError::NoCluster(
-                nodes.iter().map(|(a, r)| format!("{a}: {}", r.as_ref().err().map_or("not initialised", |e| e))).collect::<Vec<_>>().join("; "),
+                nodes
+                    .iter()
+                    .map(|(a, r)| format!("{a}: {}", r.as_ref().err().map_or("not initialised", |e| e)))
+                    .collect::<Vec<_>>()
+                    .join("; "),
             )
         })?;
         Ok(ClusterStatus { map, nodes })

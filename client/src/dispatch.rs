@@ -25,9 +25,9 @@ use bytes::Bytes;
 use tally_proto::v1::IngestResponse;
 use tokio::sync::Semaphore;
 
+use crate::encoded::{self, EncodedIngestRequest};
 use crate::error::{ClientError, Result};
 use crate::node::{classify, Failure, Node};
-use crate::encoded::{self, EncodedIngestRequest};
 use crate::outcome::{Outcome, Reply, ServerTotals};
 use crate::router::{Route, Router};
 
@@ -341,7 +341,12 @@ mod tests {
     }
 
     fn rejection(index: u32, retryable: bool) -> Rejection {
-        Rejection { index, field: if retryable { String::new() } else { "event_type".into() }, reason: format!("r{index}"), retryable }
+        Rejection {
+            index,
+            field: if retryable { String::new() } else { "event_type".into() },
+            reason: format!("r{index}"),
+            retryable,
+        }
     }
 
     #[test]
@@ -355,7 +360,10 @@ mod tests {
         assert_eq!(first.rejected.iter().map(|r| r.index).collect::<Vec<_>>(), vec![1]);
         assert_eq!(first.duplicate_indexes, vec![0]);
         let second = answer_part(&answer, 3, 4);
-        assert_eq!(second.rejected.iter().map(|r| (r.index, r.retryable)).collect::<Vec<_>>(), vec![(0, true), (3, false)]);
+        assert_eq!(
+            second.rejected.iter().map(|r| (r.index, r.retryable)).collect::<Vec<_>>(),
+            vec![(0, true), (3, false)]
+        );
         assert_eq!(second.duplicate_indexes, vec![1, 2]);
         assert_eq!(answer_part(&answer, 7, 2), IngestResponse::default());
     }
@@ -405,7 +413,12 @@ mod tests {
     #[test]
     fn out_of_range_indexes_are_ignored() {
         let (items, mut rxs) = items(1);
-        let answer = IngestResponse { accepted: 1, duplicate_indexes: vec![7], rejected: vec![rejection(9, false)], ..Default::default() };
+        let answer = IngestResponse {
+            accepted: 1,
+            duplicate_indexes: vec![7],
+            rejected: vec![rejection(9, false)],
+            ..Default::default()
+        };
         let (retry, _) = settle(items, &answer, &Semaphore::new(0));
         assert!(retry.is_empty());
         assert_eq!(rxs[0].try_recv(), Ok(Outcome::Accepted));

@@ -66,11 +66,7 @@ pub enum ClientError {
 
 impl ClientError {
     pub(crate) fn rpc(addr: &str, status: &tonic::Status) -> ClientError {
-        ClientError::Rpc {
-            addr: addr.to_owned(),
-            code: status.code(),
-            message: status.message().to_owned(),
-        }
+        ClientError::Rpc { addr: addr.to_owned(), code: status.code(), message: status.message().to_owned() }
     }
 }
 

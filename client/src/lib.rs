@@ -87,9 +87,5 @@ pub fn event(entity_id: impl Into<Vec<u8>>, event_type: impl Into<String>) -> Ev
 /// connections.
 pub async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
     let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    Endpoint::from_shared(uri)?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect()
-        .await
+    Endpoint::from_shared(uri)?.connect_timeout(std::time::Duration::from_secs(3)).tcp_nodelay(true).connect().await
 }

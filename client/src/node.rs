@@ -111,7 +111,11 @@ pub(crate) fn classify(status: &tonic::Status) -> Failure {
     match status.code() {
         Code::DeadlineExceeded | Code::Cancelled => Failure::Node,
         _ if from_transport => Failure::Node,
-        Code::Unavailable | Code::Aborted | Code::ResourceExhausted | Code::FailedPrecondition | Code::Internal
+        Code::Unavailable
+        | Code::Aborted
+        | Code::ResourceExhausted
+        | Code::FailedPrecondition
+        | Code::Internal
         | Code::Unknown => Failure::Transient,
         _ => Failure::Permanent,
     }

@@ -93,11 +93,7 @@ impl PartitionMap {
                 }
                 // A known leader beats an unknown one; a higher term beats a
                 // lower one (the older report is from before an election).
-                let better = if p.leader_node_id == 0 {
-                    false
-                } else {
-                    route.leader == 0 || p.term > route.term
-                };
+                let better = if p.leader_node_id == 0 { false } else { route.leader == 0 || p.term > route.term };
                 if better {
                     route.leader = p.leader_node_id;
                     route.term = p.term;
@@ -185,7 +181,9 @@ mod tests {
             initialized: true,
             partition_count: leaders.len() as u32,
             replication_factor: 3,
-            nodes: (1..=3).map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true, ..Default::default() }).collect(),
+            nodes: (1..=3)
+                .map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true, ..Default::default() })
+                .collect(),
             partitions: leaders
                 .iter()
                 .enumerate()

@@ -82,18 +82,34 @@ impl Writers {
 ///   their count and exact sum;
 /// - otherwise acknowledged ≤ count ≤ attempted;
 /// - replica digests identical; the dedup tripwire at 0 on every node.
-pub async fn violations(cluster: &TestCluster, history: &History, via: u64, from: i64, to: i64) -> anyhow::Result<Vec<String>> {
+pub async fn violations(
+    cluster: &TestCluster,
+    history: &History,
+    via: u64,
+    from: i64,
+    to: i64,
+) -> anyhow::Result<Vec<String>> {
     let mut violations = Vec::new();
     let mut query = cluster.query_client(via).await?;
     for (entity, event_type) in history.attempted.keys() {
         let s = query
-            .stats(StatsRequest { entity_id: entity.clone(), event_type: event_type.clone(), from_ms: from, to_ms: to, consistency: 0 })
+            .stats(StatsRequest {
+                entity_id: entity.clone(),
+                event_type: event_type.clone(),
+                from_ms: from,
+                to_ms: to,
+                consistency: 0,
+            })
             .await?
             .into_inner();
         let sum: i128 = s.sum_exact.parse().unwrap_or(s.sum as i128);
         let (acked, acked_sum) = history.acknowledged.exact_stats(entity, event_type, from, to);
         let (attempted, _) = history.attempted.exact_stats(entity, event_type, from, to);
-        let ok = if acked == attempted { (s.count, sum) == (acked, acked_sum) } else { acked <= s.count && s.count <= attempted };
+        let ok = if acked == attempted {
+            (s.count, sum) == (acked, acked_sum)
+        } else {
+            acked <= s.count && s.count <= attempted
+        };
         if !ok {
             let partition = tally_proto::partition::partition_of(entity, cluster.partitions);
             violations.push(format!(

@@ -19,7 +19,10 @@ pub fn tally_binary() -> anyhow::Result<PathBuf> {
     if candidate.exists() {
         return Ok(candidate);
     }
-    bail!("tally not found at {}; run `cargo build --workspace --all-targets` first or set TALLY_BIN", candidate.display())
+    bail!(
+        "tally not found at {}; run `cargo build --workspace --all-targets` first or set TALLY_BIN",
+        candidate.display()
+    )
 }
 
 /// Every node's address, comma-separated, for `--addr`.

@@ -93,7 +93,8 @@ impl RetryingIngestor {
         let mut attempt = start_node;
         while !remaining.is_empty() {
             if Instant::now() > deadline {
-                tracked.given_up = Some(anyhow::anyhow!("{} events still unacknowledged after {patience:?}", remaining.len()));
+                tracked.given_up =
+                    Some(anyhow::anyhow!("{} events still unacknowledged after {patience:?}", remaining.len()));
                 break;
             }
             tracked.acked.attempts += 1;

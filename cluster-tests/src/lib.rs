@@ -14,8 +14,8 @@ pub mod nemesis;
 pub mod netproxy;
 pub mod python;
 
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,8 +43,7 @@ pub fn tallyd_binary() -> anyhow::Result<PathBuf> {
 /// `n` distinct free loopback ports (held open together while picked, so
 /// no two are the same).
 fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
+    let listeners = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
     Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?)
 }
 
@@ -147,8 +146,15 @@ impl TestCluster {
                 }
             }
         }
-        let mut cluster =
-            TestCluster { _dir: dir, nodes, partitions: options.partitions, args: options.args, binary, links, ready_after: Duration::ZERO };
+        let mut cluster = TestCluster {
+            _dir: dir,
+            nodes,
+            partitions: options.partitions,
+            args: options.args,
+            binary,
+            links,
+            ready_after: Duration::ZERO,
+        };
         for id in 1..=options.nodes {
             cluster.spawn(id)?;
         }
@@ -158,7 +164,11 @@ impl TestCluster {
         // Public addresses only, as an operator gives them: the node called
         // learns each peer address from the node itself.
         let init = InitializeRequest {
-            nodes: cluster.nodes.iter().map(|n| NodeInfo { node_id: n.id, addr: n.addr.clone(), ..Default::default() }).collect(),
+            nodes: cluster
+                .nodes
+                .iter()
+                .map(|n| NodeInfo { node_id: n.id, addr: n.addr.clone(), ..Default::default() })
+                .collect(),
             partitions: options.partitions,
             replication_factor: 3,
         };
@@ -235,9 +245,7 @@ impl TestCluster {
                 Ok(())
             });
         }
-        let child = command
-            .spawn()
-            .context("starting tallyd")?;
+        let child = command.spawn().context("starting tallyd")?;
         node.child = Some(child);
         Ok(())
     }
@@ -263,8 +271,12 @@ impl TestCluster {
             for n in self.nodes.iter().filter(|n| n.child.is_some()) {
                 match self.status(n.id).await {
                     // A node knows the leaders of the partitions it replicates.
-                    Ok(s) if s.initialized
-                        && s.partitions.iter().filter(|p| p.replicas.contains(&n.id)).all(|p| p.leader_node_id != 0) => {}
+                    Ok(s)
+                        if s.initialized
+                            && s.partitions
+                                .iter()
+                                .filter(|p| p.replicas.contains(&n.id))
+                                .all(|p| p.leader_node_id != 0) => {}
                     _ => ready = false,
                 }
             }
@@ -511,8 +523,15 @@ impl TestCluster {
         loop {
             let mut per_node = Vec::new();
             for n in self.nodes.iter().filter(|n| n.child.is_some()) {
-                let d = self.cluster_client(n.id).await?.digest(DigestRequest { partitions: vec![] }).await?.into_inner();
-                per_node.push((n.id, d.partitions.iter().map(|p| (p.partition, (p.applied_index, p.digest))).collect::<std::collections::BTreeMap<_, _>>()));
+                let d =
+                    self.cluster_client(n.id).await?.digest(DigestRequest { partitions: vec![] }).await?.into_inner();
+                per_node.push((
+                    n.id,
+                    d.partitions
+                        .iter()
+                        .map(|p| (p.partition, (p.applied_index, p.digest)))
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                ));
             }
             let mut applied: std::collections::BTreeMap<u32, std::collections::BTreeSet<u64>> = Default::default();
             for (_, parts) in &per_node {
@@ -543,7 +562,10 @@ impl TestCluster {
         let mut compared = 0;
         for (p, digests) in &by_partition {
             compared += digests.len();
-            anyhow::ensure!(digests.iter().all(|(_, d)| *d == digests[0].1), "partition {p}: replicas differ: {digests:?}");
+            anyhow::ensure!(
+                digests.iter().all(|(_, d)| *d == digests[0].1),
+                "partition {p}: replicas differ: {digests:?}"
+            );
         }
         Ok(compared)
     }
@@ -552,7 +574,8 @@ impl TestCluster {
     pub async fn spawn_extra_node(&mut self) -> anyhow::Result<u64> {
         let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
         let (addr, peer_addr) = free_addr_pair()?;
-        let base = self.nodes.first().and_then(|n| n.data_dir.parent().map(Path::to_path_buf)).context("cluster dir")?;
+        let base =
+            self.nodes.first().and_then(|n| n.data_dir.parent().map(Path::to_path_buf)).context("cluster dir")?;
         self.nodes.push(TestNode {
             id,
             addr,
@@ -560,7 +583,7 @@ impl TestCluster {
             data_dir: base.join(format!("node{id}")),
             log_path: base.join(format!("node{id}.log")),
             child: None,
-                extra_args: Vec::new(),
+            extra_args: Vec::new(),
         });
         self.spawn(id)?;
         self.wait_listening(id, Duration::from_secs(30)).await?;

@@ -155,7 +155,9 @@ pub fn apply_links(cluster: &TestCluster, fault: Fault, victim: u64, rng: &mut S
             }
             format!("cut node {victim}'s links to {others:?}, one way")
         }
-        Fault::KillRestart | Fault::RestartAtOnce | Fault::Pause | Fault::ClockSkew | Fault::TransferToDead => String::new(),
+        Fault::KillRestart | Fault::RestartAtOnce | Fault::Pause | Fault::ClockSkew | Fault::TransferToDead => {
+            String::new()
+        }
     }
 }
 

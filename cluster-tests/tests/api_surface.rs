@@ -9,7 +9,13 @@ use tally_proto::v1::{Event, IngestRequest, IngestResponse, SeriesRequest, Stats
 use tonic::Code;
 
 fn event(entity: &str, event_type: &str, time: i64, id: &str) -> Event {
-    Event { entity_id: entity.as_bytes().to_vec(), event_type: event_type.into(), event_time_ms: time, event_id: id.as_bytes().to_vec(), value: None }
+    Event {
+        entity_id: entity.as_bytes().to_vec(),
+        event_type: event_type.into(),
+        event_time_ms: time,
+        event_id: id.as_bytes().to_vec(),
+        value: None,
+    }
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -43,7 +49,14 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
     let fields: Vec<(u32, &str)> = resp.rejected.iter().map(|r| (r.index, r.field.as_str())).collect();
     assert_eq!(
         fields,
-        vec![(1, "entity_id"), (2, "event_type"), (3, "event_type"), (4, "event_time_ms"), (5, "entity_id"), (6, "event_id")]
+        vec![
+            (1, "entity_id"),
+            (2, "event_type"),
+            (3, "event_type"),
+            (4, "event_time_ms"),
+            (5, "entity_id"),
+            (6, "event_id")
+        ]
     );
     assert!(resp.rejected.iter().all(|r| !r.retryable && !r.reason.is_empty()));
     assert!(resp.rejected[1].reason.contains('V'), "the reason names the bad character: {}", resp.rejected[1].reason);
@@ -71,18 +84,35 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
         .await
         .expect_err("malformed request");
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-    assert!(err.message().starts_with("/tally.v1.Ingest/Ingest: request is not a valid tally.v1.IngestRequest"), "{}", err.message());
+    assert!(
+        err.message().starts_with("/tally.v1.Ingest/Ingest: request is not a valid tally.v1.IngestRequest"),
+        "{}",
+        err.message()
+    );
 
     // Bad queries name their field.
     let mut query = cluster.query_client(3).await?;
     let err = query
-        .stats(StatsRequest { entity_id: b"video-1".to_vec(), event_type: "view".into(), from_ms: now, to_ms: now - 1, consistency: 0 })
+        .stats(StatsRequest {
+            entity_id: b"video-1".to_vec(),
+            event_type: "view".into(),
+            from_ms: now,
+            to_ms: now - 1,
+            consistency: 0,
+        })
         .await
         .expect_err("inverted range");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("to_ms"), "{}", err.message());
     let err = query
-        .series(SeriesRequest { entity_id: b"video-1".to_vec(), event_type: "view".into(), from_ms: 0, to_ms: now, granularity: 1, consistency: 0 })
+        .series(SeriesRequest {
+            entity_id: b"video-1".to_vec(),
+            event_type: "view".into(),
+            from_ms: 0,
+            to_ms: now,
+            granularity: 1,
+            consistency: 0,
+        })
         .await
         .expect_err("too many buckets");
     assert!(err.message().starts_with("granularity"), "{}", err.message());
@@ -126,7 +156,13 @@ async fn stats(cluster: &TestCluster, node: u64, entity: &str, event_type: &str,
     let s = cluster
         .query_client(node)
         .await?
-        .stats(StatsRequest { entity_id: entity.into(), event_type: event_type.into(), from_ms: now - 3_600_000, to_ms: now + 60_000, consistency: 0 })
+        .stats(StatsRequest {
+            entity_id: entity.into(),
+            event_type: event_type.into(),
+            from_ms: now - 3_600_000,
+            to_ms: now + 60_000,
+            consistency: 0,
+        })
         .await?
         .into_inner();
     Ok(s.count)
@@ -137,12 +173,15 @@ async fn stats(cluster: &TestCluster, node: u64, entity: &str, event_type: &str,
 macro_rules! list_services {
     ($name:ident, $pb:path) => {
         async fn $name(cluster: &TestCluster) -> anyhow::Result<Vec<String>> {
-            use $pb as pb;
             use pb::server_reflection_client::ServerReflectionClient;
             use pb::server_reflection_request::MessageRequest;
             use pb::server_reflection_response::MessageResponse;
+            use $pb as pb;
             let mut client = ServerReflectionClient::new(cluster.channel(1).await?);
-            let req = pb::ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+            let req = pb::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
             let mut stream = client.server_reflection_info(futures::stream::iter([req])).await?.into_inner();
             let mut names = Vec::new();
             while let Some(msg) = stream.message().await? {

@@ -66,7 +66,8 @@ async fn full_buffer_makes_send_wait_and_nothing_is_lost() -> anyhow::Result<()>
     assert!(outcomes.iter().all(|o| o.is_stored()), "{:?}", outcomes.iter().find(|o| !o.is_stored()));
     let mut total = 0;
     for e in 0..10 {
-        total += client.stats(format!("bp-{e}"), "view", now - 60_000..now + 60_000, Consistency::Linearizable).await?.count;
+        total +=
+            client.stats(format!("bp-{e}"), "view", now - 60_000..now + 60_000, Consistency::Linearizable).await?.count;
     }
     assert_eq!(total as usize, sent, "every event exactly once");
     Ok(())

@@ -59,7 +59,10 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     let path = dir.path().join("events.ndjson");
     let mut text = String::new();
     for i in 0..3_000 {
-        text.push_str(&format!("{{\"entity_id\":\"cli-file-{}\",\"event_type\":\"like\",\"event_id\":\"f{i}\",\"value\":2}}\n", i % 7));
+        text.push_str(&format!(
+            "{{\"entity_id\":\"cli-file-{}\",\"event_type\":\"like\",\"event_id\":\"f{i}\",\"value\":2}}\n",
+            i % 7
+        ));
         if i == 10 {
             text.push_str("{\"entity_id\":\"cli-file-0\",\"event_type\":\"Bad Type\"}\n");
         }
@@ -71,7 +74,10 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     let r = tally(&addr, &["--json", "ingest", "--file", path.to_str().unwrap_or_default()], None).await?;
     assert_eq!(r.code, 2, "rejections give exit status 2: {}", r.stderr);
     let j = r.json()?;
-    assert_eq!((j["events"].clone(), j["accepted"].clone(), j["rejected"].clone()), (json!(3_002), json!(3_000), json!(2)));
+    assert_eq!(
+        (j["events"].clone(), j["accepted"].clone(), j["rejected"].clone()),
+        (json!(3_002), json!(3_000), json!(2))
+    );
     let problems = j["problems"].as_array().cloned().unwrap_or_default();
     assert_eq!(problems.len(), 2);
     assert_eq!((problems.iter().map(|p| p["line"].clone()).collect::<Vec<_>>()), vec![json!(12), json!(23)]);
@@ -81,23 +87,30 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     assert_eq!((j["accepted"].clone(), j["duplicates"].clone()), (json!(0), json!(3_000)));
 
     // CSV on stdin.
-    let csv = "entity_id,event_type,time,event_id,value\ncli-csv,view,now,c1,5\ncli-csv,view,-1m,c2,\ncli-csv,view,,c3,1\n";
+    let csv =
+        "entity_id,event_type,time,event_id,value\ncli-csv,view,now,c1,5\ncli-csv,view,-1m,c2,\ncli-csv,view,,c3,1\n";
     let j = tally(&addr, &["--json", "ingest", "--format", "csv"], Some(csv.as_bytes())).await?.json()?;
     assert_eq!((j["events"].clone(), j["accepted"].clone()), (json!(3), json!(3)));
 
     // stats and series see all of it.
-    let j = tally(&addr, &["--json", "stats", "cli-video", "view", "--from", "-1h", "--to", "+1m"], None).await?.json()?;
+    let j =
+        tally(&addr, &["--json", "stats", "cli-video", "view", "--from", "-1h", "--to", "+1m"], None).await?.json()?;
     assert_eq!((j["count"].clone(), j["sum"].clone()), (json!(6), json!(6)));
     assert!(j["served_by"].as_u64().is_some_and(|n| n > 0) && j["from_ms"].is_i64() && j["to_ms"].is_i64());
-    let j = tally(&addr, &["--json", "stats", "cli-csv", "view", "--from", "-1h", "--to", "now", "--stale"], None).await;
+    let j =
+        tally(&addr, &["--json", "stats", "cli-csv", "view", "--from", "-1h", "--to", "now", "--stale"], None).await;
     // A stale read may lag, but answers with the same shape.
     assert!(j?.json()?["count"].is_u64());
     let mut total = 0;
     for e in 0..7 {
         let entity = format!("cli-file-{e}");
-        let j = tally(&addr, &["--json", "series", &entity, "like", "--from", "-1h", "--to", "+1m", "--granularity", "hour"], None)
-            .await?
-            .json()?;
+        let j = tally(
+            &addr,
+            &["--json", "series", &entity, "like", "--from", "-1h", "--to", "+1m", "--granularity", "hour"],
+            None,
+        )
+        .await?
+        .json()?;
         let buckets = j["buckets"].as_array().cloned().unwrap_or_default();
         assert!(!buckets.is_empty() && buckets.iter().all(|b| b["start_ms"].is_i64() && b["sum"].is_i64()));
         total += buckets.iter().filter_map(|b| b["count"].as_u64()).sum::<u64>();
@@ -110,14 +123,43 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     let nodes = j["nodes"].as_array().cloned().unwrap_or_default();
     assert_eq!(nodes.len(), 3, "{j}");
     let count = |stage: &str| -> u64 {
-        nodes.iter().flat_map(|n| n["stages"].as_array().cloned().unwrap_or_default()).filter(|s| s["name"] == stage).filter_map(|s| s["count"].as_u64()).sum()
+        nodes
+            .iter()
+            .flat_map(|n| n["stages"].as_array().cloned().unwrap_or_default())
+            .filter(|s| s["name"] == stage)
+            .filter_map(|s| s["count"].as_u64())
+            .sum()
     };
-    for stage in ["ingest.request", "ingest.queue_wait", "ingest.build_entry", "ingest.raft_write", "raft.replicate", "raft.follower_append", "log.write", "log.fsync", "apply.round", "read.request", "read.storage"] {
+    for stage in [
+        "ingest.request",
+        "ingest.queue_wait",
+        "ingest.build_entry",
+        "ingest.raft_write",
+        "raft.replicate",
+        "raft.follower_append",
+        "log.write",
+        "log.fsync",
+        "apply.round",
+        "read.request",
+        "read.storage",
+    ] {
         assert!(count(stage) > 0, "{stage} never recorded: {j}");
     }
-    assert!(nodes.iter().all(|n| n["stages"].as_array().is_some_and(|s| s.len() == 13 && s.iter().all(|s| s["p99_ms"].is_f64()))), "{j}");
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["stages"].as_array().is_some_and(|s| s.len() == 13 && s.iter().all(|s| s["p99_ms"].is_f64()))),
+        "{j}"
+    );
     let j = tally(&addr, &["--json", "cluster", "stages"], None).await?.json()?;
-    let after: u64 = j["nodes"].as_array().into_iter().flatten().flat_map(|n| n["stages"].as_array().cloned().unwrap_or_default()).filter(|s| s["name"] == "ingest.request").filter_map(|s| s["count"].as_u64()).sum();
+    let after: u64 = j["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|n| n["stages"].as_array().cloned().unwrap_or_default())
+        .filter(|s| s["name"] == "ingest.request")
+        .filter_map(|s| s["count"].as_u64())
+        .sum();
     assert_eq!(after, 0, "reset: no ingest since: {j}");
     let table = tally(&addr, &["cluster", "stages"], None).await?;
     assert!(table.stdout.contains("log.fsync") && table.stdout.contains("p99"), "{}", table.stdout);
@@ -127,7 +169,20 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     {
         use std::io::Read;
         let mut child = std::process::Command::new(cluster_tests::cli::tally_binary()?)
-            .args(["--addr", &addr, "--json", "series", "cli-video", "view", "--from", "-6d", "--to", "now", "--granularity", "minute"])
+            .args([
+                "--addr",
+                &addr,
+                "--json",
+                "series",
+                "cli-video",
+                "view",
+                "--from",
+                "-6d",
+                "--to",
+                "now",
+                "--granularity",
+                "minute",
+            ])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()?;
@@ -147,7 +202,22 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     let out_arg = out.to_str().unwrap_or_default();
     let r = tally(
         &addr,
-        &["--json", "bench", "--events", "3000", "--ids", "50", "--zipf", "1.1", "--duplicates", "0.1", "--concurrency", "2", "--out", out_arg],
+        &[
+            "--json",
+            "bench",
+            "--events",
+            "3000",
+            "--ids",
+            "50",
+            "--zipf",
+            "1.1",
+            "--duplicates",
+            "0.1",
+            "--concurrency",
+            "2",
+            "--out",
+            out_arg,
+        ],
         None,
     )
     .await?;
@@ -171,7 +241,9 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     let own = j["generator_cpu_us_per_event"].as_f64().unwrap_or(-1.0);
     assert!(own > 0.0 && own < 100_000.0, "generator CPU per event: {}", j["generator_cpu_us_per_event"]);
     // Fixed rate for a duration.
-    let r = tally(&addr, &["--json", "bench", "--rate", "400", "--duration", "2s", "--ids", "20", "--out", out_arg], None).await?;
+    let r =
+        tally(&addr, &["--json", "bench", "--rate", "400", "--duration", "2s", "--ids", "20", "--out", out_arg], None)
+            .await?;
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     let j = r.json()?;
     assert_eq!(j["corrected_for_coordinated_omission"], json!(true));

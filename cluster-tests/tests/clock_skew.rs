@@ -33,7 +33,8 @@ async fn lead_everything(cluster: &TestCluster, to: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = cluster.status(to).await?;
-        let missing: Vec<u32> = status.partitions.iter().filter(|p| p.leader_node_id != to).map(|p| p.partition).collect();
+        let missing: Vec<u32> =
+            status.partitions.iter().filter(|p| p.leader_node_id != to).map(|p| p.partition).collect();
         if missing.is_empty() {
             return Ok(());
         }
@@ -67,7 +68,9 @@ async fn resend_all_duplicates(ingestor: &RetryingIngestor, events: Vec<Event>, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_with_a_skewed_clock_still_recognises_retries() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args: vec![] }).await?;
-    let ingestor = RetryingIngestor::new(cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect());
+    let ingestor = RetryingIngestor::new(
+        cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect(),
+    );
     let now = tally_client::time_arg::now_ms();
     let mut sent = 0u64;
 
@@ -99,7 +102,13 @@ async fn a_leader_with_a_skewed_clock_still_recognises_retries() -> anyhow::Resu
     let (mut count, mut sum) = (0u64, 0i64);
     for clip in 0..40 {
         let s = query
-            .stats(StatsRequest { entity_id: format!("clip-{clip}").into_bytes(), event_type: "view".into(), from_ms: from, to_ms: to, consistency: 0 })
+            .stats(StatsRequest {
+                entity_id: format!("clip-{clip}").into_bytes(),
+                event_type: "view".into(),
+                from_ms: from,
+                to_ms: to,
+                consistency: 0,
+            })
             .await?
             .into_inner();
         count += s.count;

@@ -32,7 +32,13 @@ fn big_request(r: usize) -> Vec<Event> {
         .map(|i| {
             let mut entity = format!("r{r}-e{i}-").into_bytes();
             entity.resize(256, b'x');
-            Event { entity_id: entity, event_type: "view".into(), event_time_ms: 1_790_000_000_000, event_id: format!("{r}-{i}").into_bytes(), value: None }
+            Event {
+                entity_id: entity,
+                event_type: "view".into(),
+                event_time_ms: 1_790_000_000_000,
+                event_id: format!("{r}-{i}").into_bytes(),
+                value: None,
+            }
         })
         .collect()
 }
@@ -52,8 +58,12 @@ async fn a_follower_far_behind_catches_up_through_big_entries() -> anyhow::Resul
     // entries a few at a time. Cut, it is far behind when it comes back, and
     // the leader sends it everything from its matched index at once.
     cluster.partition(&[follower], &others, LinkMode::Drop);
-    let live: Vec<(u64, String)> =
-        cluster.node_ids().into_iter().filter(|id| *id != follower).map(|id| (id, cluster.addr(id).unwrap_or_default())).collect();
+    let live: Vec<(u64, String)> = cluster
+        .node_ids()
+        .into_iter()
+        .filter(|id| *id != follower)
+        .map(|id| (id, cluster.addr(id).unwrap_or_default()))
+        .collect();
     let ingestor = RetryingIngestor::new(live);
     // ~32 × 2.6 MiB of entries: more than one 64 MiB AppendEntries can carry.
     // Slow acks may be retried; a retry of a committed event is a duplicate.

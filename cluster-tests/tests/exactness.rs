@@ -72,11 +72,22 @@ async fn counts_are_exact_at_every_granularity_and_replicas_agree() -> anyhow::R
     let keys: Vec<_> = model.keys().cloned().collect();
     for (entity, event_type) in &keys {
         let s = query
-            .stats(StatsRequest { entity_id: entity.clone(), event_type: event_type.clone(), from_ms: from, to_ms: to, consistency: 0 })
+            .stats(StatsRequest {
+                entity_id: entity.clone(),
+                event_type: event_type.clone(),
+                from_ms: from,
+                to_ms: to,
+                consistency: 0,
+            })
             .await?
             .into_inner();
         let (af, at) = align_range(from, to);
-        assert_eq!((s.count, s.sum), model.stats(entity, event_type, af, at), "stats of {:?}/{event_type}", String::from_utf8_lossy(entity));
+        assert_eq!(
+            (s.count, s.sum),
+            model.stats(entity, event_type, af, at),
+            "stats of {:?}/{event_type}",
+            String::from_utf8_lossy(entity)
+        );
         total += s.count;
     }
     assert_eq!(total, DISTINCT as u64);
@@ -88,7 +99,13 @@ async fn counts_are_exact_at_every_granularity_and_replicas_agree() -> anyhow::R
         let a = end - workload.rng().random_range(0..76 * DAY_MS);
         let b = a + workload.rng().random_range(1..40 * DAY_MS);
         let s = query
-            .stats(StatsRequest { entity_id: entity.clone(), event_type: event_type.clone(), from_ms: a, to_ms: b, consistency: 0 })
+            .stats(StatsRequest {
+                entity_id: entity.clone(),
+                event_type: event_type.clone(),
+                from_ms: a,
+                to_ms: b,
+                consistency: 0,
+            })
             .await?
             .into_inner();
         let (af, at) = align_range(a, b);

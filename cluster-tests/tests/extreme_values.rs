@@ -19,7 +19,9 @@ async fn sums_at_the_i64_limits_are_exact_on_every_replica() -> anyhow::Result<(
     let end = tally_client::time_arg::now_ms();
     let mut workload = Workload::new(5, 20, end, DAY_MS).with_extreme_values();
     let mut history = History::default();
-    let ingestor = RetryingIngestor::new(cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect());
+    let ingestor = RetryingIngestor::new(
+        cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect(),
+    );
     let send = |n: usize, workload: &mut Workload, history: &mut History| {
         let batches: Vec<Vec<_>> = (0..n).map(|_| (0..100).map(|_| workload.event()).collect()).collect();
         for e in batches.iter().flatten() {

@@ -21,7 +21,13 @@ async fn ingest_all(ingestor: &RetryingIngestor, batches: Vec<Vec<Event>>) -> an
     Ok((acked.accepted, acked.attempts))
 }
 
-async fn check_counts(cluster: &TestCluster, node: u64, model: &Model, end: i64, consistency: Consistency) -> anyhow::Result<()> {
+async fn check_counts(
+    cluster: &TestCluster,
+    node: u64,
+    model: &Model,
+    end: i64,
+    consistency: Consistency,
+) -> anyhow::Result<()> {
     let mut q = cluster.query_client(node).await?;
     let (from, to) = align_range(end - 31 * DAY_MS, end + 60_000);
     let mut total = 0;
@@ -36,7 +42,12 @@ async fn check_counts(cluster: &TestCluster, node: u64, model: &Model, end: i64,
             })
             .await?
             .into_inner();
-        assert_eq!((s.count, s.sum), model.stats(entity, event_type, from, to), "node {node}: {:?}/{event_type}", String::from_utf8_lossy(entity));
+        assert_eq!(
+            (s.count, s.sum),
+            model.stats(entity, event_type, from, to),
+            "node {node}: {:?}/{event_type}",
+            String::from_utf8_lossy(entity)
+        );
         total += s.count;
     }
     assert_eq!(total as usize, model.distinct_events());

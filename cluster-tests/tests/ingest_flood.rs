@@ -89,7 +89,13 @@ async fn channels(cluster: &TestCluster, n: usize) -> anyhow::Result<Vec<Channel
 async fn ingest_works(cluster: &TestCluster, tag: &str) -> anyhow::Result<()> {
     let now = tally_client::time_arg::now_ms();
     let events = (0..100)
-        .map(|i| Event { entity_id: format!("video-{i}").into_bytes(), event_type: "view".into(), event_time_ms: now, event_id: format!("{tag}-{i}").into_bytes(), value: None })
+        .map(|i| Event {
+            entity_id: format!("video-{i}").into_bytes(),
+            event_type: "view".into(),
+            event_time_ms: now,
+            event_id: format!("{tag}-{i}").into_bytes(),
+            value: None,
+        })
         .collect();
     let resp = cluster.ingest_client(1).await?.ingest(IngestRequest { events }).await?.into_inner();
     anyhow::ensure!(resp.accepted == 100, "normal ingest after {tag}: {resp:?}");
@@ -127,7 +133,11 @@ async fn oversized_and_stalled_ingest_is_refused_before_its_body() -> anyhow::Re
     for (i, answer) in answers.iter().enumerate() {
         match answer {
             Ok(s) if s.code() == Code::ResourceExhausted => {
-                assert!(s.message().contains("/tally.v1.Ingest/Ingest") && s.message().contains("limit"), "request {i}: {}", s.message());
+                assert!(
+                    s.message().contains("/tally.v1.Ingest/Ingest") && s.message().contains("limit"),
+                    "request {i}: {}",
+                    s.message()
+                );
                 refused += 1;
             }
             other => panic!("request {i}: expected RESOURCE_EXHAUSTED, got {other:?}"),
@@ -153,7 +163,8 @@ async fn oversized_and_stalled_ingest_is_refused_before_its_body() -> anyhow::Re
         stalled.push(tokio::spawn(async move {
             let mut first = frame_header(1024).to_vec();
             first.extend_from_slice(&[0u8; 10]);
-            let frames = futures::stream::iter([Ok::<_, std::io::Error>(Frame::data(Bytes::from(first)))]).chain(futures::stream::pending());
+            let frames = futures::stream::iter([Ok::<_, std::io::Error>(Frame::data(Bytes::from(first)))])
+                .chain(futures::stream::pending());
             let answer = raw_ingest(channel, tonic::body::Body::new(StreamBody::new(frames))).await;
             let _ = tx.send(answer);
         }));
@@ -171,9 +182,19 @@ async fn oversized_and_stalled_ingest_is_refused_before_its_body() -> anyhow::Re
         }
     }
     // A request whose body never starts gets the same answer, unread.
-    let probe = raw_ingest(conns[0].clone(), tonic::body::Body::new(StreamBody::new(futures::stream::pending::<Result<Frame<Bytes>, std::io::Error>>())));
-    let probe = tokio::time::timeout(Duration::from_secs(10), probe).await.map_err(|_| anyhow::anyhow!("the probe hung"))??;
-    println!("admission: {busy} of {} stalled requests refused after {:?}; probe: {:?} {}", INGEST_SLOTS + SURPLUS, started.elapsed(), probe.code(), probe.message());
+    let probe = raw_ingest(
+        conns[0].clone(),
+        tonic::body::Body::new(StreamBody::new(futures::stream::pending::<Result<Frame<Bytes>, std::io::Error>>())),
+    );
+    let probe =
+        tokio::time::timeout(Duration::from_secs(10), probe).await.map_err(|_| anyhow::anyhow!("the probe hung"))??;
+    println!(
+        "admission: {busy} of {} stalled requests refused after {:?}; probe: {:?} {}",
+        INGEST_SLOTS + SURPLUS,
+        started.elapsed(),
+        probe.code(),
+        probe.message()
+    );
     assert_eq!(busy, SURPLUS, "exactly the requests beyond the {INGEST_SLOTS} slots are refused");
     assert_eq!(probe.code(), Code::ResourceExhausted, "{}", probe.message());
     assert!(probe.message().contains("node busy"), "{}", probe.message());
@@ -238,7 +259,11 @@ async fn a_full_dedup_index_refuses_new_events_until_keys_expire() -> anyhow::Re
             }
             Err(status) => {
                 assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-                assert!(status.message().contains("--dedup-memory-mib") && status.message().contains("retry"), "{}", status.message());
+                assert!(
+                    status.message().contains("--dedup-memory-mib") && status.message().contains("retry"),
+                    "{}",
+                    status.message()
+                );
                 refused_whole += 1;
                 refused_batches.push(r);
             }
@@ -246,7 +271,8 @@ async fn a_full_dedup_index_refuses_new_events_until_keys_expire() -> anyhow::Re
     }
     assert!(accepted >= 30_000 && accepted < 100_000, "accepted {accepted}");
     assert!(refused_whole > 0 || refused_events > 0, "nothing refused");
-    let total = async || cluster.total_count(1, (0..50).map(|e| format!("v{e}")), "view", now - 60_000, now + 60_000).await;
+    let total =
+        async || cluster.total_count(1, (0..50).map(|e| format!("v{e}")), "view", now - 60_000, now + 60_000).await;
     assert_eq!(total().await?, accepted, "exactly the accepted events are counted");
     let status = cluster.status(1).await?;
     assert!(status.dedup_keys <= (1 << 20) / 23 + 5_000, "{} keys held", status.dedup_keys);
@@ -255,7 +281,19 @@ async fn a_full_dedup_index_refuses_new_events_until_keys_expire() -> anyhow::Re
     tokio::time::sleep(Duration::from_secs(5)).await;
     // Expiry moves with the log: one small write per partition moves it.
     for _ in 0..3 {
-        let _ = client.ingest(IngestRequest { events: (0..50).map(|e| Event { entity_id: format!("v{e}").into_bytes(), event_type: "tick".into(), event_time_ms: now, event_id: Vec::new(), value: None }).collect() }).await?;
+        let _ = client
+            .ingest(IngestRequest {
+                events: (0..50)
+                    .map(|e| Event {
+                        entity_id: format!("v{e}").into_bytes(),
+                        event_type: "tick".into(),
+                        event_time_ms: now,
+                        event_id: Vec::new(),
+                        value: None,
+                    })
+                    .collect(),
+            })
+            .await?;
     }
     let r = refused_batches[refused_batches.len() - 1];
     let resp = client.ingest(IngestRequest { events: batch(r) }).await?.into_inner();

@@ -41,7 +41,8 @@ async fn transfer_leader_and_rebalance() -> anyhow::Result<()> {
         cluster.wait_ready(Duration::from_secs(10)).await?;
         assert_eq!(cluster.status(*to).await?.partitions[4].leader_node_id, *to);
     }
-    let err = admin.transfer_leader(TransferLeaderRequest { partition: 4, node_id: 99 }).await.expect_err("not a replica");
+    let err =
+        admin.transfer_leader(TransferLeaderRequest { partition: 4, node_id: 99 }).await.expect_err("not a replica");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("node_id"), "{}", err.message());
     assert_eq!(write_and_count(&cluster, 300, "b").await?, 600);

@@ -101,11 +101,18 @@ async fn a_thousand_partitions_elect_within_30s_with_a_core_taken() -> anyhow::R
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut pending = events;
     while !pending.is_empty() {
-        let resp = cluster.ingest_client(1).await?.ingest(IngestRequest { events: pending.clone() }).await?.into_inner();
+        let resp =
+            cluster.ingest_client(1).await?.ingest(IngestRequest { events: pending.clone() }).await?.into_inner();
         accepted += resp.accepted + resp.duplicates;
         let rejected: std::collections::HashSet<u32> = resp.rejected.iter().map(|r| r.index).collect();
-        pending = pending.into_iter().enumerate().filter(|(i, _)| rejected.contains(&(*i as u32))).map(|(_, e)| e).collect();
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{} partitions refused writes for 30 s: {:?}", pending.len(), resp.rejected.first());
+        pending =
+            pending.into_iter().enumerate().filter(|(i, _)| rejected.contains(&(*i as u32))).map(|(_, e)| e).collect();
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} partitions refused writes for 30 s: {:?}",
+            pending.len(),
+            resp.rejected.first()
+        );
         if !pending.is_empty() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -113,7 +120,13 @@ async fn a_thousand_partitions_elect_within_30s_with_a_core_taken() -> anyhow::R
     assert_eq!(accepted, PARTITIONS);
     drop(hog);
     for e in entities.iter().step_by(97) {
-        let req = StatsRequest { entity_id: e.clone().into_bytes(), event_type: "view".into(), from_ms: now - 60_000, to_ms: now + 60_000, consistency: 0 };
+        let req = StatsRequest {
+            entity_id: e.clone().into_bytes(),
+            event_type: "view".into(),
+            from_ms: now - 60_000,
+            to_ms: now + 60_000,
+            consistency: 0,
+        };
         assert_eq!(cluster.query_client(2).await?.stats(req).await?.into_inner().count, 1, "{e}");
     }
     Ok(())

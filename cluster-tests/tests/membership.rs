@@ -54,7 +54,13 @@ async fn nodes_join_leave_and_rejoin_without_losing_a_count() -> anyhow::Result<
     let status = cluster.status(four).await?;
     assert!(status.initialized);
     assert_eq!(status.partitions.iter().filter(|p| p.replicas.contains(&four)).count(), 6);
-    assert!(status.partitions.iter().all(|p| { let mut v = p.voters.clone(); v.sort(); let mut r = p.replicas.clone(); r.sort(); !p.replicas.contains(&four) || v == r }));
+    assert!(status.partitions.iter().all(|p| {
+        let mut v = p.voters.clone();
+        v.sort();
+        let mut r = p.replicas.clone();
+        r.sort();
+        !p.replicas.contains(&four) || v == r
+    }));
     assert_eq!(total(&cluster, four, now).await?, 4_000);
     assert!(cluster.log(four).contains("installed snapshot"), "the new node caught up through snapshots");
     assert!(cluster.assert_replicas_identical(Duration::from_secs(30)).await? >= 24);
@@ -68,7 +74,12 @@ async fn nodes_join_leave_and_rejoin_without_losing_a_count() -> anyhow::Result<
     assert_eq!(removed.replicas_moved, 6);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let d = cluster.cluster_client(1).await?.digest(tally_proto::v1::DigestRequest { partitions: vec![] }).await?.into_inner();
+        let d = cluster
+            .cluster_client(1)
+            .await?
+            .digest(tally_proto::v1::DigestRequest { partitions: vec![] })
+            .await?
+            .into_inner();
         if d.partitions.is_empty() {
             break;
         }
@@ -77,7 +88,8 @@ async fn nodes_join_leave_and_rejoin_without_losing_a_count() -> anyhow::Result<
     }
     cluster.stop(1)?;
     assert_eq!(total(&cluster, 2, now).await?, 4_500);
-    let err = admin.remove_node(RemoveNodeRequest { node_id: 2 }).await.expect_err("replication factor 3 needs 3 nodes");
+    let err =
+        admin.remove_node(RemoveNodeRequest { node_id: 2 }).await.expect_err("replication factor 3 needs 3 nodes");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().starts_with("node_id"), "{}", err.message());
 

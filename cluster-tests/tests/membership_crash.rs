@@ -58,7 +58,8 @@ async fn add_node_completes_after_its_coordinator_is_killed() -> anyhow::Result<
     }
     cluster.restart(coordinator).await?;
     cluster.wait_ready(Duration::from_secs(30)).await?;
-    let total = cluster.total_count(four, (0..10).map(|e| format!("video-{e}")), "view", now - 60_000, now + 60_000).await?;
+    let total =
+        cluster.total_count(four, (0..10).map(|e| format!("video-{e}")), "view", now - 60_000, now + 60_000).await?;
     assert_eq!(total, 2_000);
     assert!(cluster.assert_replicas_identical(Duration::from_secs(60)).await? >= 24);
     Ok(())

@@ -38,8 +38,11 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     })
     .await?;
     let end = tally_client::time_arg::now_ms();
-    let ingestor = RetryingIngestor::new(cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect());
-    let mut workloads: Vec<Workload> = (0..3u64).map(|w| Workload::new(config.seed.wrapping_add(w * 7919), 200, end, 10 * DAY_MS)).collect();
+    let ingestor = RetryingIngestor::new(
+        cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect(),
+    );
+    let mut workloads: Vec<Workload> =
+        (0..3u64).map(|w| Workload::new(config.seed.wrapping_add(w * 7919), 200, end, 10 * DAY_MS)).collect();
     workloads.push(Workload::new(config.seed.wrapping_add(4), 20, end, 10 * DAY_MS).with_extreme_values());
     let writers = Writers::spawn(&ingestor, workloads, 200, Duration::from_secs(120));
 
@@ -54,7 +57,8 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
         *applied.entry(format!("{fault:?}")).or_default() += 1;
         let victim = cluster.busiest_leader().await?;
         let status = cluster.status(victim).await?;
-        let led: Vec<u32> = status.partitions.iter().filter(|p| p.leader_node_id == victim).map(|p| p.partition).collect();
+        let led: Vec<u32> =
+            status.partitions.iter().filter(|p| p.leader_node_id == victim).map(|p| p.partition).collect();
         let via = cluster.node_ids().into_iter().find(|id| *id != victim).unwrap_or(1);
         match fault {
             Fault::KillRestart => {
@@ -101,7 +105,11 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
                 eprintln!("nemesis: node {victim} restarted with its clock {} ms off; it leads again", offset);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 for p in &led {
-                    let _ = cluster.cluster_client(victim).await?.transfer_leader(TransferLeaderRequest { partition: *p, node_id: victim }).await;
+                    let _ = cluster
+                        .cluster_client(victim)
+                        .await?
+                        .transfer_leader(TransferLeaderRequest { partition: *p, node_id: victim })
+                        .await;
                 }
                 tokio::time::sleep(config.hold).await;
                 cluster.kill9(victim)?;

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use cluster_tests::{ClusterOptions, TestCluster};
 use tally_proto::internal::raft_client::RaftClient;
-use tally_proto::internal::{PeerCall, PeerFrame, PingRequest, ProposeRequest, RaftCallKind, RaftMessage, SnapshotChunk};
+use tally_proto::internal::{
+    PeerCall, PeerFrame, PingRequest, ProposeRequest, RaftCallKind, RaftMessage, SnapshotChunk,
+};
 use tally_proto::partition::{group_of_partition, partition_of};
 use tally_proto::v1::ingest_client::IngestClient;
 use tally_proto::v1::{Event, IngestRequest, StatsRequest};
@@ -27,12 +29,21 @@ use tonic::Code;
 const PARTITIONS: u32 = 8;
 
 fn event(entity: &str, event_type: &str, time: i64, id: &str) -> Event {
-    Event { entity_id: entity.as_bytes().to_vec(), event_type: event_type.into(), event_time_ms: time, event_id: id.as_bytes().to_vec(), value: None }
+    Event {
+        entity_id: entity.as_bytes().to_vec(),
+        event_type: event_type.into(),
+        event_time_ms: time,
+        event_id: id.as_bytes().to_vec(),
+        value: None,
+    }
 }
 
 /// An entity of `partition`, and one of another partition.
 fn entity_in(partition: u32) -> String {
-    (0..).map(|i| format!("video-{i}")).find(|e| partition_of(e.as_bytes(), PARTITIONS) == partition).unwrap_or_default()
+    (0..)
+        .map(|i| format!("video-{i}"))
+        .find(|e| partition_of(e.as_bytes(), PARTITIONS) == partition)
+        .unwrap_or_default()
 }
 
 async fn connect(addr: &str) -> anyhow::Result<Channel> {
@@ -40,11 +51,22 @@ async fn connect(addr: &str) -> anyhow::Result<Channel> {
 }
 
 async fn count(cluster: &TestCluster, entity: &str, now: i64) -> anyhow::Result<u64> {
-    let req = StatsRequest { entity_id: entity.into(), event_type: "view".into(), from_ms: now - 3_600_000, to_ms: now + 60_000, consistency: 0 };
+    let req = StatsRequest {
+        entity_id: entity.into(),
+        event_type: "view".into(),
+        from_ms: now - 3_600_000,
+        to_ms: now + 60_000,
+        consistency: 0,
+    };
     Ok(cluster.query_client(2).await?.stats(req).await?.into_inner().count)
 }
 
-fn expect_code<T: std::fmt::Debug>(what: &str, result: Result<T, tonic::Status>, code: Code, says: &str) -> anyhow::Result<()> {
+fn expect_code<T: std::fmt::Debug>(
+    what: &str,
+    result: Result<T, tonic::Status>,
+    code: Code,
+    says: &str,
+) -> anyhow::Result<()> {
     match result {
         Ok(v) => anyhow::bail!("{what}: expected {code:?}, got an answer: {v:?}"),
         Err(s) => {
@@ -65,8 +87,7 @@ async fn converse(peer: &mut RaftClient<Channel>, calls: Vec<PeerCall>) -> anyho
     let mut by_id = std::collections::HashMap::new();
     while by_id.len() < ids.len() {
         let frame = tokio::time::timeout(Duration::from_secs(10), replies.message())
-            .await?
-            ?
+            .await??
             .ok_or_else(|| anyhow::anyhow!("conversation ended with {} of {} replies", by_id.len(), ids.len()))?;
         for r in frame.replies {
             by_id.insert(r.id, tonic::Status::new(Code::from(r.code), r.error));
@@ -117,11 +138,21 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
         },
         Ok(replies) => anyhow::bail!("public Converse answered: {replies:?}"),
     }
-    expect_code("public Ping", public.ping(PingRequest { from_node_id: 9, boot_id: 1 }).await, Code::Unimplemented, "")?;
+    expect_code(
+        "public Ping",
+        public.ping(PingRequest { from_node_id: 9, boot_id: 1 }).await,
+        Code::Unimplemented,
+        "",
+    )?;
     let propose = ProposeRequest { partition: 0, events: vec![event(&target, "view", now, "via-public")] };
     expect_code("public Propose", public.propose(propose).await, Code::Unimplemented, "")?;
     let chunk = SnapshotChunk { group_id: group_of_partition(0), header: vec![0xff; 8], data: vec![] };
-    expect_code("public InstallSnapshot", public.install_snapshot(futures::stream::iter([chunk])).await, Code::Unimplemented, "")?;
+    expect_code(
+        "public InstallSnapshot",
+        public.install_snapshot(futures::stream::iter([chunk])).await,
+        Code::Unimplemented,
+        "",
+    )?;
     // ... and the peer port no public service.
     let peer_channel = connect(&cluster.peer_addr(1)?).await?;
     let peer_ingest = IngestClient::new(peer_channel.clone())
@@ -138,26 +169,53 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
         let pong = peer.ping(PingRequest { from_node_id: 99, boot_id: 1 }).await?.into_inner();
         assert_eq!(pong.node_id, id);
 
-        let bad = ProposeRequest { partition: 0, events: vec![event(&target, "view", now, "ok"), event(&target, "Not Valid", now, "bad")] };
-        expect_code(&at("Propose with an invalid event"), peer.propose(bad).await, Code::InvalidArgument, "events[1].event_type")?;
-        let foreign = ProposeRequest { partition: 0, events: vec![event(&target, "view", now, "mine"), event(&other, "view", now, "foreign")] };
-        expect_code(&at("Propose with another partition's event"), peer.propose(foreign).await, Code::InvalidArgument, "belongs to partition 1")?;
-        let many = ProposeRequest { partition: 0, events: (0..10_001).map(|i| event(&target, "view", now, &format!("many-{i}"))).collect() };
+        let bad = ProposeRequest {
+            partition: 0,
+            events: vec![event(&target, "view", now, "ok"), event(&target, "Not Valid", now, "bad")],
+        };
+        expect_code(
+            &at("Propose with an invalid event"),
+            peer.propose(bad).await,
+            Code::InvalidArgument,
+            "events[1].event_type",
+        )?;
+        let foreign = ProposeRequest {
+            partition: 0,
+            events: vec![event(&target, "view", now, "mine"), event(&other, "view", now, "foreign")],
+        };
+        expect_code(
+            &at("Propose with another partition's event"),
+            peer.propose(foreign).await,
+            Code::InvalidArgument,
+            "belongs to partition 1",
+        )?;
+        let many = ProposeRequest {
+            partition: 0,
+            events: (0..10_001).map(|i| event(&target, "view", now, &format!("many-{i}"))).collect(),
+        };
         expect_code(&at("Propose with too many events"), peer.propose(many).await, Code::ResourceExhausted, "10000")?;
         let big = ProposeRequest {
             partition: 0,
             events: (0..9_000).map(|i| event(&target, "view", now, &format!("{i:0>500}"))).collect(),
         };
         expect_code(&at("Propose over 4 MiB"), peer.propose(big).await, Code::ResourceExhausted, "bytes")?;
-        let nowhere = ProposeRequest { partition: PARTITIONS + 5, events: vec![event(&target, "view", now, "nowhere")] };
-        expect_code(&at("Propose to a partition that does not exist"), peer.propose(nowhere).await, Code::InvalidArgument, "does not exist")?;
+        let nowhere =
+            ProposeRequest { partition: PARTITIONS + 5, events: vec![event(&target, "view", now, "nowhere")] };
+        expect_code(
+            &at("Propose to a partition that does not exist"),
+            peer.propose(nowhere).await,
+            Code::InvalidArgument,
+            "does not exist",
+        )?;
 
         // One frame of hostile calls: each refused on its own, with its reason.
         let mut calls = Vec::new();
         let mut expected = Vec::new();
         for g in [0, group_of_partition(0), group_of_partition(PARTITIONS - 1)] {
             let garbage = RaftMessage { group_id: g, payload: vec![0xff; 64], quiesce: false };
-            for kind in [RaftCallKind::AppendEntries, RaftCallKind::Vote, RaftCallKind::PreVote, RaftCallKind::TransferLeader] {
+            for kind in
+                [RaftCallKind::AppendEntries, RaftCallKind::Vote, RaftCallKind::PreVote, RaftCallKind::TransferLeader]
+            {
                 calls.push(call(calls.len() as u64, kind, &garbage));
                 expected.push((format!("{kind:?} garbage, group {g}"), Code::InvalidArgument, "undecodable"));
             }
@@ -193,7 +251,10 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
             .ingest_client(via)
             .await?
             .ingest(IngestRequest {
-                events: vec![event(&target, "view", now, &format!("after-{via}")), event(&other, "view", now, &format!("after-{via}"))],
+                events: vec![
+                    event(&target, "view", now, &format!("after-{via}")),
+                    event(&other, "view", now, &format!("after-{via}")),
+                ],
             })
             .await?
             .into_inner();

@@ -41,7 +41,8 @@ async fn idle_partitions_quiesce_wake_on_writes_and_fail_over_through_liveness()
     // an election timer running, so only liveness can start the failover.
     let victim = cluster.busiest_leader().await?;
     let survivor = cluster.node_ids().into_iter().find(|id| *id != victim).unwrap_or(1);
-    let led: Vec<u32> = leaders(&cluster, survivor).await?.into_iter().filter(|(_, l)| *l == victim).map(|(p, _)| p).collect();
+    let led: Vec<u32> =
+        leaders(&cluster, survivor).await?.into_iter().filter(|(_, l)| *l == victim).map(|(p, _)| p).collect();
     assert!(!led.is_empty());
     cluster.kill9(victim)?;
     let killed = Instant::now();
@@ -52,7 +53,11 @@ async fn idle_partitions_quiesce_wake_on_writes_and_fail_over_through_liveness()
             None => bail!("partition {p}: no write acknowledged within 20 s of killing node {victim} (it led {led:?})"),
         }
     }
-    eprintln!("node {victim} (leader of {} partitions) killed; every partition written again within {:?}", led.len(), resumed.iter().max());
+    eprintln!(
+        "node {victim} (leader of {} partitions) killed; every partition written again within {:?}",
+        led.len(),
+        resumed.iter().max()
+    );
     let after_kill = leaders(&cluster, survivor).await?;
     assert!(after_kill.values().all(|l| *l != victim && *l != 0), "leaders after the kill: {after_kill:?}");
 
@@ -67,7 +72,11 @@ async fn idle_partitions_quiesce_wake_on_writes_and_fail_over_through_liveness()
     let after_restart = leaders(&cluster, survivor).await?;
     assert_eq!(before_restart, after_restart, "a restarted follower took leadership away");
     let log = cluster.log(survivor);
-    assert!(log.contains("Restarted("), "survivor {survivor} never saw node {victim} restart:\n{}", cluster.log_tail(survivor, 20));
+    assert!(
+        log.contains("Restarted("),
+        "survivor {survivor} never saw node {victim} restart:\n{}",
+        cluster.log_tail(survivor, 20)
+    );
 
     let partitions = cluster.assert_replicas_identical(Duration::from_secs(30)).await?;
     eprintln!("{partitions} partitions identical on every replica");

@@ -142,8 +142,9 @@ async fn a_replica_moved_away_stays_a_voter_until_its_replacement_is_promoted() 
     eprintln!("remove-node returned: {removed:?}");
 
     cluster.wait_ready(Duration::from_secs(30)).await?;
-    let total =
-        cluster.total_count(slow, (0..ENTITIES).map(|e| format!("video-{e}")), "view", now - 3_600_000, now + 60_000).await?;
+    let total = cluster
+        .total_count(slow, (0..ENTITIES).map(|e| format!("video-{e}")), "view", now - 3_600_000, now + 60_000)
+        .await?;
     ensure!(total == 2_000, "count after the move: {total}");
     let compared = cluster.assert_replicas_identical(Duration::from_secs(30)).await?;
     eprintln!("{compared} replicas identical");

@@ -34,7 +34,9 @@ async fn leaders_restarted_at_once_count_every_retry_once() -> anyhow::Result<()
     })
     .await?;
     let end = tally_client::time_arg::now_ms();
-    let ingestor = RetryingIngestor::new(cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect());
+    let ingestor = RetryingIngestor::new(
+        cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect(),
+    );
     let seed: u64 = rand::random();
     eprintln!("restart-at-once seed {seed}");
     let workloads = (0..3).map(|w| Workload::new(seed.wrapping_add(w), 100, end, DAY_MS)).collect();

@@ -17,11 +17,18 @@ use tonic::Code;
 const PARTITIONS: u32 = 16;
 
 /// Until node `observer` reports `node` as `reachable`; returns how long it took.
-async fn wait_reachable(cluster: &TestCluster, observer: u64, node: u64, reachable: bool, timeout: Duration) -> anyhow::Result<Duration> {
+async fn wait_reachable(
+    cluster: &TestCluster,
+    observer: u64,
+    node: u64,
+    reachable: bool,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     loop {
         let status = cluster.status(observer).await?;
-        let info = status.nodes.iter().find(|n| n.node_id == node).with_context(|| format!("node {node} not in the map"))?;
+        let info =
+            status.nodes.iter().find(|n| n.node_id == node).with_context(|| format!("node {node} not in the map"))?;
         if info.reachable == reachable {
             return Ok(started.elapsed());
         }
@@ -58,7 +65,8 @@ async fn transfers_to_a_down_node_are_refused_and_no_partition_stalls() -> anyho
     let p = status.partitions.iter().find(|p| p.leader_node_id == 1).context("node 1 leads no partition")?.partition;
     let mut admin = cluster.cluster_client(2).await?;
     let asked = Instant::now();
-    let err = admin.transfer_leader(TransferLeaderRequest { partition: p, node_id: 3 }).await.expect_err("node 3 is down");
+    let err =
+        admin.transfer_leader(TransferLeaderRequest { partition: p, node_id: 3 }).await.expect_err("node 3 is down");
     eprintln!("transfer of partition {p} to node 3 refused in {:?}: {}", asked.elapsed(), err.message());
     ensure!(err.code() == Code::Unavailable, "{err:?}");
     ensure!(err.message().contains("node 3 is down"), "{}", err.message());
@@ -82,7 +90,11 @@ async fn transfers_to_a_down_node_are_refused_and_no_partition_stalls() -> anyho
     request.set_timeout(Duration::from_secs(60));
     let resp = admin.rebalance(request).await?.into_inner();
     eprintln!("rebalance in {:?}: {resp:?}", asked.elapsed());
-    ensure!(resp.skipped == preferred_3, "skipped {:?}, expected the partitions node 3 prefers {preferred_3:?}", resp.skipped);
+    ensure!(
+        resp.skipped == preferred_3,
+        "skipped {:?}, expected the partitions node 3 prefers {preferred_3:?}",
+        resp.skipped
+    );
     ensure!(resp.failed == 0, "{resp:?}");
 
     // Every partition takes writes through both survivors.
@@ -105,12 +117,19 @@ async fn transfers_to_a_down_node_are_refused_and_no_partition_stalls() -> anyho
     loop {
         let resp = admin.rebalance(RebalanceRequest {}).await?.into_inner();
         let s = cluster.status(1).await?;
-        let off_preferred: BTreeSet<u32> =
-            s.partitions.iter().filter(|p| p.replicas.first() != Some(&p.leader_node_id)).map(|p| p.partition).collect();
+        let off_preferred: BTreeSet<u32> = s
+            .partitions
+            .iter()
+            .filter(|p| p.replicas.first() != Some(&p.leader_node_id))
+            .map(|p| p.partition)
+            .collect();
         if resp.skipped.is_empty() && resp.failed == 0 && off_preferred.is_empty() {
             break;
         }
-        ensure!(Instant::now() < deadline, "not rebalanced 30 s after node 3 returned: {resp:?}, off preferred {off_preferred:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "not rebalanced 30 s after node 3 returned: {resp:?}, off preferred {off_preferred:?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let compared = cluster.assert_replicas_identical(Duration::from_secs(30)).await?;

@@ -55,7 +55,9 @@ async fn a_transfer_to_a_paused_node_times_out_and_the_partition_writes_again() 
     for via in [leader, third] {
         match time_to_first_write(&cluster, via, p, paused, Duration::from_secs(10)).await {
             Some(t) => slowest = slowest.max(t),
-            None => bail!("partition {p}: no write acknowledged through node {via} within 10 s of pausing node {target}"),
+            None => {
+                bail!("partition {p}: no write acknowledged through node {via} within 10 s of pausing node {target}")
+            }
         }
     }
     eprintln!("partition {p} acknowledged writes through nodes {leader} and {third} {slowest:?} after the pause");

@@ -59,10 +59,7 @@ mod tests {
         // Raw XXH3-64 (seed 0) of the empty input, as published by the
         // reference implementation.
         assert_eq!(xxhash_rust::xxh3::xxh3_64(b""), 0x2D06_8005_38D3_94C2);
-        assert_eq!(
-            xxhash_rust::xxh3::xxh3_64(b"video-1"),
-            0x2175_95FE_4187_9037
-        );
+        assert_eq!(xxhash_rust::xxh3::xxh3_64(b"video-1"), 0x2175_95FE_4187_9037);
 
         assert_eq!(partition_of(b"video-1", 64), 55);
         assert_eq!(partition_of(b"video-2", 64), 36);
@@ -104,10 +101,7 @@ mod tests {
         let expected = f64::from(IDS) / f64::from(PARTITIONS);
         for (partition, &count) in per_partition.iter().enumerate() {
             let deviation = (f64::from(count) - expected).abs() / expected;
-            assert!(
-                deviation < 0.10,
-                "partition {partition} got {count} ids, expected about {expected}"
-            );
+            assert!(deviation < 0.10, "partition {partition} got {count} ids, expected about {expected}");
         }
     }
 

@@ -52,12 +52,7 @@ pub enum Granularity {
 
 impl Granularity {
     /// Every granularity, finest first.
-    pub const ALL: [Granularity; 4] = [
-        Granularity::Minute,
-        Granularity::Hour,
-        Granularity::Day,
-        Granularity::Month,
-    ];
+    pub const ALL: [Granularity; 4] = [Granularity::Minute, Granularity::Hour, Granularity::Day, Granularity::Month];
 
     /// The stable one-byte code of this granularity.
     pub fn as_u8(self) -> u8 {
@@ -162,11 +157,7 @@ pub fn next_bucket_start(granularity: Granularity, bucket_start_ms: i64) -> i64 
 pub fn align_range(from_ms: i64, to_ms: i64) -> (i64, i64) {
     let aligned_from = bucket_start(Granularity::Minute, from_ms);
     let to_floor = bucket_start(Granularity::Minute, to_ms);
-    let aligned_to = if to_floor == to_ms {
-        to_ms
-    } else {
-        to_floor.checked_add(MINUTE_MS).unwrap_or(to_floor)
-    };
+    let aligned_to = if to_floor == to_ms { to_ms } else { to_floor.checked_add(MINUTE_MS).unwrap_or(to_floor) };
     (aligned_from, aligned_to)
 }
 
@@ -206,11 +197,7 @@ pub fn decompose(from_ms: i64, to_ms: i64) -> Vec<(Granularity, i64)> {
 ///
 /// Lazy, so a caller can cap the number of buckets without materialising an
 /// arbitrarily long series.
-pub fn series_starts(
-    granularity: Granularity,
-    from_ms: i64,
-    to_ms: i64,
-) -> impl Iterator<Item = i64> {
+pub fn series_starts(granularity: Granularity, from_ms: i64, to_ms: i64) -> impl Iterator<Item = i64> {
     let first = (from_ms < to_ms).then(|| bucket_start(granularity, from_ms));
     std::iter::successors(first, move |&start| {
         let next = next_bucket_start(granularity, start);
@@ -246,16 +233,11 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let days_since_0000_03_01 = days + 719_468;
     let era = days_since_0000_03_01.div_euclid(146_097);
     let day_of_era = days_since_0000_03_01.rem_euclid(146_097); // [0, 146096]
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365; // [0, 399]
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365; // [0, 399]
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100); // [0, 365]
     let month_from_march = (5 * day_of_year + 2) / 153; // [0, 11], March = 0
     let day = day_of_year - (153 * month_from_march + 2) / 5 + 1; // [1, 31]
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    }; // [1, 12]
+    let month = if month_from_march < 10 { month_from_march + 3 } else { month_from_march - 9 }; // [1, 12]
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     // Both values are within the small ranges noted above.
     (year, month as u32, day as u32)
@@ -353,15 +335,9 @@ mod tests {
         assert_eq!(Granularity::from_u8(255), None);
         assert_eq!(Granularity::Minute.as_u8(), 0);
         assert_eq!(Granularity::Month.as_u8(), 3);
-        assert_eq!(
-            ["minute", "hour", "day", "month"],
-            Granularity::ALL.map(|g| g.name())
-        );
+        assert_eq!(["minute", "hour", "day", "month"], Granularity::ALL.map(|g| g.name()));
         assert_eq!("Hour".parse::<Granularity>(), Ok(Granularity::Hour));
-        assert_eq!(
-            "week".parse::<Granularity>(),
-            Err(UnknownGranularity("week".to_owned()))
-        );
+        assert_eq!("week".parse::<Granularity>(), Err(UnknownGranularity("week".to_owned())));
         assert!("".parse::<Granularity>().is_err());
         assert!(Granularity::Minute < Granularity::Month);
     }
@@ -370,19 +346,10 @@ mod tests {
     fn granularity_from_proto() {
         use crate::v1::Granularity as Proto;
         assert_eq!(Granularity::from_proto(Proto::Unspecified), None);
-        assert_eq!(
-            Granularity::from_proto(Proto::Minute),
-            Some(Granularity::Minute)
-        );
-        assert_eq!(
-            Granularity::from_proto(Proto::Hour),
-            Some(Granularity::Hour)
-        );
+        assert_eq!(Granularity::from_proto(Proto::Minute), Some(Granularity::Minute));
+        assert_eq!(Granularity::from_proto(Proto::Hour), Some(Granularity::Hour));
         assert_eq!(Granularity::from_proto(Proto::Day), Some(Granularity::Day));
-        assert_eq!(
-            Granularity::from_proto(Proto::Month),
-            Some(Granularity::Month)
-        );
+        assert_eq!(Granularity::from_proto(Proto::Month), Some(Granularity::Month));
     }
 
     // ---- Civil conversions.
@@ -394,22 +361,10 @@ mod tests {
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
         assert_eq!(days_from_civil(2000, 3, 1), 11_017);
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(
-            civil_from_days(days_from_civil(2100, 3, 1) - 1),
-            (2100, 2, 28)
-        );
-        assert_eq!(
-            civil_from_days(days_from_civil(1900, 3, 1) - 1),
-            (1900, 2, 28)
-        );
-        assert_eq!(
-            civil_from_days(days_from_civil(1600, 3, 1) - 1),
-            (1600, 2, 29)
-        );
-        assert_eq!(
-            days_from_civil(10_000, 1, 1) * DAY_MS,
-            crate::validate::YEAR_10000_START_MS
-        );
+        assert_eq!(civil_from_days(days_from_civil(2100, 3, 1) - 1), (2100, 2, 28));
+        assert_eq!(civil_from_days(days_from_civil(1900, 3, 1) - 1), (1900, 2, 28));
+        assert_eq!(civil_from_days(days_from_civil(1600, 3, 1) - 1), (1600, 2, 29));
+        assert_eq!(days_from_civil(10_000, 1, 1) * DAY_MS, crate::validate::YEAR_10000_START_MS);
     }
 
     #[test]
@@ -450,29 +405,14 @@ mod tests {
     #[test]
     fn fixed_buckets_floor() {
         let t = ms(2024, 5, 17, 13, 45) + 12_345;
-        assert_eq!(
-            bucket_start(Granularity::Minute, t),
-            ms(2024, 5, 17, 13, 45)
-        );
+        assert_eq!(bucket_start(Granularity::Minute, t), ms(2024, 5, 17, 13, 45));
         assert_eq!(bucket_start(Granularity::Hour, t), ms(2024, 5, 17, 13, 0));
         assert_eq!(bucket_start(Granularity::Day, t), ms(2024, 5, 17, 0, 0));
         assert_eq!(bucket_start(Granularity::Month, t), ms(2024, 5, 1, 0, 0));
-        assert_eq!(
-            next_bucket_start(Granularity::Minute, t),
-            ms(2024, 5, 17, 13, 46)
-        );
-        assert_eq!(
-            next_bucket_start(Granularity::Hour, t),
-            ms(2024, 5, 17, 14, 0)
-        );
-        assert_eq!(
-            next_bucket_start(Granularity::Day, t),
-            ms(2024, 5, 18, 0, 0)
-        );
-        assert_eq!(
-            next_bucket_start(Granularity::Month, t),
-            ms(2024, 6, 1, 0, 0)
-        );
+        assert_eq!(next_bucket_start(Granularity::Minute, t), ms(2024, 5, 17, 13, 46));
+        assert_eq!(next_bucket_start(Granularity::Hour, t), ms(2024, 5, 17, 14, 0));
+        assert_eq!(next_bucket_start(Granularity::Day, t), ms(2024, 5, 18, 0, 0));
+        assert_eq!(next_bucket_start(Granularity::Month, t), ms(2024, 6, 1, 0, 0));
         for g in Granularity::ALL {
             assert_eq!(bucket_start(g, 0), 0);
         }
@@ -490,55 +430,26 @@ mod tests {
     #[test]
     fn month_ends() {
         let last_ms_of_january = ms(2024, 2, 1, 0, 0) - 1;
-        assert_eq!(
-            bucket_start(Granularity::Month, last_ms_of_january),
-            ms(2024, 1, 1, 0, 0)
-        );
-        assert_eq!(
-            bucket_start(Granularity::Month, last_ms_of_january + 1),
-            ms(2024, 2, 1, 0, 0)
-        );
-        assert_eq!(
-            bucket_start(Granularity::Day, last_ms_of_january),
-            ms(2024, 1, 31, 0, 0)
-        );
+        assert_eq!(bucket_start(Granularity::Month, last_ms_of_january), ms(2024, 1, 1, 0, 0));
+        assert_eq!(bucket_start(Granularity::Month, last_ms_of_january + 1), ms(2024, 2, 1, 0, 0));
+        assert_eq!(bucket_start(Granularity::Day, last_ms_of_january), ms(2024, 1, 31, 0, 0));
         // December rolls into the next year.
-        assert_eq!(
-            next_bucket_start(Granularity::Month, ms(2023, 12, 1, 0, 0)),
-            ms(2024, 1, 1, 0, 0)
-        );
-        assert_eq!(
-            bucket_start(Granularity::Month, ms(2024, 1, 1, 0, 0) - 1),
-            ms(2023, 12, 1, 0, 0)
-        );
+        assert_eq!(next_bucket_start(Granularity::Month, ms(2023, 12, 1, 0, 0)), ms(2024, 1, 1, 0, 0));
+        assert_eq!(bucket_start(Granularity::Month, ms(2024, 1, 1, 0, 0) - 1), ms(2023, 12, 1, 0, 0));
         // 30-day months.
-        assert_eq!(
-            next_bucket_start(Granularity::Month, ms(2024, 4, 1, 0, 0)) - ms(2024, 4, 1, 0, 0),
-            30 * DAY_MS
-        );
+        assert_eq!(next_bucket_start(Granularity::Month, ms(2024, 4, 1, 0, 0)) - ms(2024, 4, 1, 0, 0), 30 * DAY_MS);
     }
 
     #[test]
     fn february_in_leap_and_common_years() {
-        let february_length = |year| {
-            next_bucket_start(Granularity::Month, ms(year, 2, 1, 0, 0)) - ms(year, 2, 1, 0, 0)
-        };
+        let february_length = |year| next_bucket_start(Granularity::Month, ms(year, 2, 1, 0, 0)) - ms(year, 2, 1, 0, 0);
         assert_eq!(february_length(2000), 29 * DAY_MS); // divisible by 400
         assert_eq!(february_length(2024), 29 * DAY_MS); // divisible by 4
         assert_eq!(february_length(2023), 28 * DAY_MS);
         assert_eq!(february_length(2100), 28 * DAY_MS); // divisible by 100 only
-        assert_eq!(
-            bucket_start(Granularity::Month, ms(2000, 2, 29, 23, 59)),
-            ms(2000, 2, 1, 0, 0)
-        );
-        assert_eq!(
-            bucket_start(Granularity::Month, ms(2100, 3, 1, 0, 0) - 1),
-            ms(2100, 2, 1, 0, 0)
-        );
-        assert_eq!(
-            bucket_start(Granularity::Day, ms(2100, 3, 1, 0, 0) - 1),
-            ms(2100, 2, 28, 0, 0)
-        );
+        assert_eq!(bucket_start(Granularity::Month, ms(2000, 2, 29, 23, 59)), ms(2000, 2, 1, 0, 0));
+        assert_eq!(bucket_start(Granularity::Month, ms(2100, 3, 1, 0, 0) - 1), ms(2100, 2, 1, 0, 0));
+        assert_eq!(bucket_start(Granularity::Day, ms(2100, 3, 1, 0, 0) - 1), ms(2100, 2, 28, 0, 0));
     }
 
     // ---- align_range.
@@ -548,14 +459,8 @@ mod tests {
         assert_eq!(align_range(0, 0), (0, 0));
         assert_eq!(align_range(0, MINUTE_MS), (0, MINUTE_MS));
         assert_eq!(align_range(1, MINUTE_MS - 1), (0, MINUTE_MS));
-        assert_eq!(
-            align_range(MINUTE_MS - 1, MINUTE_MS + 1),
-            (0, 2 * MINUTE_MS)
-        );
-        assert_eq!(
-            align_range(MINUTE_MS, 2 * MINUTE_MS),
-            (MINUTE_MS, 2 * MINUTE_MS)
-        );
+        assert_eq!(align_range(MINUTE_MS - 1, MINUTE_MS + 1), (0, 2 * MINUTE_MS));
+        assert_eq!(align_range(MINUTE_MS, 2 * MINUTE_MS), (MINUTE_MS, 2 * MINUTE_MS));
         // Rounding up would overflow, so the end rounds down instead.
         let (_, to) = align_range(0, i64::MAX);
         assert_eq!(to, i64::MAX - i64::MAX % MINUTE_MS);
@@ -575,27 +480,16 @@ mod tests {
         let day = ms(2024, 3, 10, 0, 0);
         assert_eq!(decompose(day, day + DAY_MS), vec![(Granularity::Day, day)]);
         assert_eq!(decompose(0, DAY_MS), vec![(Granularity::Day, 0)]);
-        assert_eq!(
-            decompose(day, day + HOUR_MS),
-            vec![(Granularity::Hour, day)]
-        );
-        assert_eq!(
-            decompose(day, day + MINUTE_MS),
-            vec![(Granularity::Minute, day)]
-        );
+        assert_eq!(decompose(day, day + HOUR_MS), vec![(Granularity::Hour, day)]);
+        assert_eq!(decompose(day, day + MINUTE_MS), vec![(Granularity::Minute, day)]);
         let feb = ms(2024, 2, 1, 0, 0);
-        assert_eq!(
-            decompose(feb, ms(2024, 3, 1, 0, 0)),
-            vec![(Granularity::Month, feb)]
-        );
+        assert_eq!(decompose(feb, ms(2024, 3, 1, 0, 0)), vec![(Granularity::Month, feb)]);
     }
 
     #[test]
     fn decompose_a_year_is_twelve_months() {
         let pieces = decompose(ms(2024, 1, 1, 0, 0), ms(2025, 1, 1, 0, 0));
-        let expected: Vec<_> = (1..=12)
-            .map(|m| (Granularity::Month, ms(2024, m, 1, 0, 0)))
-            .collect();
+        let expected: Vec<_> = (1..=12).map(|m| (Granularity::Month, ms(2024, m, 1, 0, 0))).collect();
         assert_eq!(pieces, expected);
     }
 
@@ -641,10 +535,7 @@ mod tests {
     #[test]
     fn decompose_widens_unaligned_input() {
         let day = ms(2024, 3, 10, 0, 0);
-        assert_eq!(
-            decompose(day + 1, day + DAY_MS - 1),
-            decompose(day, day + DAY_MS)
-        );
+        assert_eq!(decompose(day + 1, day + DAY_MS - 1), decompose(day, day + DAY_MS));
     }
 
     // ---- series_starts.
@@ -654,14 +545,7 @@ mod tests {
         let from = ms(2024, 1, 31, 12, 0);
         let to = ms(2024, 4, 1, 0, 0);
         let months: Vec<_> = series_starts(Granularity::Month, from, to).collect();
-        assert_eq!(
-            months,
-            vec![
-                ms(2024, 1, 1, 0, 0),
-                ms(2024, 2, 1, 0, 0),
-                ms(2024, 3, 1, 0, 0)
-            ]
-        );
+        assert_eq!(months, vec![ms(2024, 1, 1, 0, 0), ms(2024, 2, 1, 0, 0), ms(2024, 3, 1, 0, 0)]);
         let days: Vec<_> = series_starts(Granularity::Day, from, to).collect();
         assert_eq!(days.len(), 1 + 29 + 31);
         assert_eq!(days[0], ms(2024, 1, 31, 0, 0));
@@ -669,10 +553,7 @@ mod tests {
         assert_eq!(series_starts(Granularity::Hour, 1, DAY_MS + 1).count(), 25);
         assert_eq!(series_starts(Granularity::Day, 0, 0).count(), 0);
         assert_eq!(series_starts(Granularity::Day, 5, 1).count(), 0);
-        assert_eq!(
-            series_starts(Granularity::Minute, 0, 1).collect::<Vec<_>>(),
-            vec![0]
-        );
+        assert_eq!(series_starts(Granularity::Minute, 0, 1).collect::<Vec<_>>(), vec![0]);
     }
 
     // ---- Properties.

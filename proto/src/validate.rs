@@ -49,10 +49,7 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            field,
-            reason: reason.into(),
-        }
+        Self { field, reason: reason.into() }
     }
 }
 
@@ -77,16 +74,10 @@ pub fn validate_query_key(entity_id: &[u8], event_type: &str) -> Result<(), Fiel
 /// epoch, be non-empty, and end no later than the start of year 10000.
 pub fn validate_range(from_ms: i64, to_ms: i64) -> Result<(), FieldError> {
     if from_ms < 0 {
-        return Err(FieldError::new(
-            "from_ms",
-            format!("must be 0 (1970-01-01T00:00:00Z) or later, got {from_ms}"),
-        ));
+        return Err(FieldError::new("from_ms", format!("must be 0 (1970-01-01T00:00:00Z) or later, got {from_ms}")));
     }
     if to_ms <= from_ms {
-        return Err(FieldError::new(
-            "to_ms",
-            format!("must be greater than from_ms ({from_ms}), got {to_ms}"),
-        ));
+        return Err(FieldError::new("to_ms", format!("must be greater than from_ms ({from_ms}), got {to_ms}")));
     }
     if to_ms > YEAR_10000_START_MS {
         return Err(FieldError::new(
@@ -100,10 +91,7 @@ pub fn validate_range(from_ms: i64, to_ms: i64) -> Result<(), FieldError> {
 fn validate_entity_id(entity_id: &[u8]) -> Result<(), FieldError> {
     let len = entity_id.len();
     if len == 0 || len > MAX_ENTITY_ID_BYTES {
-        return Err(FieldError::new(
-            "entity_id",
-            format!("must be 1 to {MAX_ENTITY_ID_BYTES} bytes, got {len}"),
-        ));
+        return Err(FieldError::new("entity_id", format!("must be 1 to {MAX_ENTITY_ID_BYTES} bytes, got {len}")));
     }
     Ok(())
 }
@@ -116,10 +104,7 @@ fn validate_event_type(event_type: &str) -> Result<(), FieldError> {
             format!("must be 1 to {MAX_EVENT_TYPE_CHARS} characters, got {chars}"),
         ));
     }
-    let first_disallowed = event_type
-        .chars()
-        .enumerate()
-        .find(|&(_, c)| !is_event_type_char(c));
+    let first_disallowed = event_type.chars().enumerate().find(|&(_, c)| !is_event_type_char(c));
     if let Some((index, c)) = first_disallowed {
         let position = index + 1;
         return Err(FieldError::new(
@@ -159,10 +144,7 @@ fn validate_event_time(event_time_ms: i64) -> Result<(), FieldError> {
 fn validate_event_id(event_id: &[u8]) -> Result<(), FieldError> {
     let len = event_id.len();
     if len > MAX_EVENT_ID_BYTES {
-        return Err(FieldError::new(
-            "event_id",
-            format!("must be at most {MAX_EVENT_ID_BYTES} bytes, got {len}"),
-        ));
+        return Err(FieldError::new("event_id", format!("must be at most {MAX_EVENT_ID_BYTES} bytes, got {len}")));
     }
     Ok(())
 }
@@ -193,10 +175,7 @@ mod tests {
     #[test]
     fn entity_id_length_boundaries() {
         for (len, ok) in [(0, false), (1, true), (256, true), (257, false)] {
-            let event = Event {
-                entity_id: vec![b'x'; len],
-                ..valid_event()
-            };
+            let event = Event { entity_id: vec![b'x'; len], ..valid_event() };
             let expected = if ok { None } else { Some("entity_id") };
             assert_eq!(field_of(validate_event(&event)), expected, "len {len}");
         }
@@ -204,34 +183,22 @@ mod tests {
 
     #[test]
     fn entity_id_may_hold_any_bytes() {
-        let event = Event {
-            entity_id: vec![0, 255, b' ', 0xC3],
-            ..valid_event()
-        };
+        let event = Event { entity_id: vec![0, 255, b' ', 0xC3], ..valid_event() };
         assert_eq!(validate_event(&event), Ok(()));
     }
 
     #[test]
     fn entity_id_reason_is_readable() {
-        let event = Event {
-            entity_id: Vec::new(),
-            ..valid_event()
-        };
+        let event = Event { entity_id: Vec::new(), ..valid_event() };
         let error = validate_event(&event).unwrap_err();
         assert_eq!(error.reason, "must be 1 to 256 bytes, got 0");
-        assert_eq!(
-            error.to_string(),
-            "entity_id: must be 1 to 256 bytes, got 0"
-        );
+        assert_eq!(error.to_string(), "entity_id: must be 1 to 256 bytes, got 0");
     }
 
     #[test]
     fn event_type_length_boundaries() {
         for (len, ok) in [(0, false), (1, true), (64, true), (65, false)] {
-            let event = Event {
-                event_type: "a".repeat(len),
-                ..valid_event()
-            };
+            let event = Event { event_type: "a".repeat(len), ..valid_event() };
             let expected = if ok { None } else { Some("event_type") };
             assert_eq!(field_of(validate_event(&event)), expected, "len {len}");
         }
@@ -241,32 +208,19 @@ mod tests {
     fn event_type_length_counts_characters() {
         // 33 two-byte characters: 66 bytes but 33 characters, so the length
         // check passes and the character check is what rejects it.
-        let event = Event {
-            event_type: "é".repeat(33),
-            ..valid_event()
-        };
+        let event = Event { event_type: "é".repeat(33), ..valid_event() };
         let error = validate_event(&event).unwrap_err();
         assert_eq!(error.field, "event_type");
-        assert!(
-            error.reason.contains("'é' at position 1"),
-            "{}",
-            error.reason
-        );
+        assert!(error.reason.contains("'é' at position 1"), "{}", error.reason);
 
-        let too_long = Event {
-            event_type: "é".repeat(65),
-            ..valid_event()
-        };
+        let too_long = Event { event_type: "é".repeat(65), ..valid_event() };
         let error = validate_event(&too_long).unwrap_err();
         assert_eq!(error.reason, "must be 1 to 64 characters, got 65");
     }
 
     #[test]
     fn event_type_accepts_whole_alphabet() {
-        let event = Event {
-            event_type: "abcdefghijklmnopqrstuvwxyz0123456789_.-".to_owned(),
-            ..valid_event()
-        };
+        let event = Event { event_type: "abcdefghijklmnopqrstuvwxyz0123456789_.-".to_owned(), ..valid_event() };
         assert_eq!(validate_event(&event), Ok(()));
     }
 
@@ -275,27 +229,17 @@ mod tests {
         // Neighbours of the allowed ranges in ASCII order, plus common
         // mistakes.
         for bad in ['`', '{', '/', ':', 'A', 'Z', ' ', '+', ',', '\n', 'é', '😀'] {
-            let event = Event {
-                event_type: format!("ok{bad}"),
-                ..valid_event()
-            };
+            let event = Event { event_type: format!("ok{bad}"), ..valid_event() };
             let error = validate_event(&event).unwrap_err();
             assert_eq!(error.field, "event_type", "{bad:?}");
             let expected_start = format!("character {bad:?} at position 3 is not allowed");
-            assert!(
-                error.reason.starts_with(&expected_start),
-                "{}",
-                error.reason
-            );
+            assert!(error.reason.starts_with(&expected_start), "{}", error.reason);
         }
     }
 
     #[test]
     fn event_type_reason_names_first_bad_character() {
-        let event = Event {
-            event_type: "Page View".to_owned(),
-            ..valid_event()
-        };
+        let event = Event { event_type: "Page View".to_owned(), ..valid_event() };
         let error = validate_event(&event).unwrap_err();
         assert_eq!(
             error.reason,
@@ -314,10 +258,7 @@ mod tests {
             (YEAR_10000_START_MS, false),
             (i64::MAX, false),
         ] {
-            let event = Event {
-                event_time_ms: time,
-                ..valid_event()
-            };
+            let event = Event { event_time_ms: time, ..valid_event() };
             let expected = if ok { None } else { Some("event_time_ms") };
             assert_eq!(field_of(validate_event(&event)), expected, "time {time}");
         }
@@ -325,18 +266,9 @@ mod tests {
 
     #[test]
     fn event_time_reasons_are_readable() {
-        let early = Event {
-            event_time_ms: -5,
-            ..valid_event()
-        };
-        assert_eq!(
-            validate_event(&early).unwrap_err().reason,
-            "must be 0 (1970-01-01T00:00:00Z) or later, got -5"
-        );
-        let late = Event {
-            event_time_ms: YEAR_10000_START_MS,
-            ..valid_event()
-        };
+        let early = Event { event_time_ms: -5, ..valid_event() };
+        assert_eq!(validate_event(&early).unwrap_err().reason, "must be 0 (1970-01-01T00:00:00Z) or later, got -5");
+        let late = Event { event_time_ms: YEAR_10000_START_MS, ..valid_event() };
         assert_eq!(
             validate_event(&late).unwrap_err().reason,
             "must be before 253402300800000 (the start of year 10000), got 253402300800000"
@@ -346,30 +278,18 @@ mod tests {
     #[test]
     fn event_id_boundaries() {
         for (len, ok) in [(0, true), (1, true), (64, true), (65, false)] {
-            let event = Event {
-                event_id: vec![7; len],
-                ..valid_event()
-            };
+            let event = Event { event_id: vec![7; len], ..valid_event() };
             let expected = if ok { None } else { Some("event_id") };
             assert_eq!(field_of(validate_event(&event)), expected, "len {len}");
         }
-        let event = Event {
-            event_id: vec![7; 65],
-            ..valid_event()
-        };
-        assert_eq!(
-            validate_event(&event).unwrap_err().reason,
-            "must be at most 64 bytes, got 65"
-        );
+        let event = Event { event_id: vec![7; 65], ..valid_event() };
+        assert_eq!(validate_event(&event).unwrap_err().reason, "must be at most 64 bytes, got 65");
     }
 
     #[test]
     fn value_is_unrestricted() {
         for value in [None, Some(i64::MIN), Some(0), Some(i64::MAX)] {
-            let event = Event {
-                value,
-                ..valid_event()
-            };
+            let event = Event { value, ..valid_event() };
             assert_eq!(validate_event(&event), Ok(()));
         }
     }
@@ -379,19 +299,10 @@ mod tests {
         assert_eq!(validate_query_key(b"video-1", "view"), Ok(()));
         assert_eq!(validate_query_key(&[b'x'; 256], &"a".repeat(64)), Ok(()));
         assert_eq!(field_of(validate_query_key(b"", "view")), Some("entity_id"));
-        assert_eq!(
-            field_of(validate_query_key(&[b'x'; 257], "view")),
-            Some("entity_id")
-        );
+        assert_eq!(field_of(validate_query_key(&[b'x'; 257], "view")), Some("entity_id"));
         assert_eq!(field_of(validate_query_key(b"v", "")), Some("event_type"));
-        assert_eq!(
-            field_of(validate_query_key(b"v", &"a".repeat(65))),
-            Some("event_type")
-        );
-        assert_eq!(
-            field_of(validate_query_key(b"v", "View")),
-            Some("event_type")
-        );
+        assert_eq!(field_of(validate_query_key(b"v", &"a".repeat(65))), Some("event_type"));
+        assert_eq!(field_of(validate_query_key(b"v", "View")), Some("event_type"));
     }
 
     #[test]
@@ -399,10 +310,7 @@ mod tests {
         assert_eq!(validate_range(0, 1), Ok(()));
         assert_eq!(field_of(validate_range(-1, 1)), Some("from_ms"));
         assert_eq!(field_of(validate_range(i64::MIN, 1)), Some("from_ms"));
-        assert_eq!(
-            validate_range(-1, 1).unwrap_err().reason,
-            "must be 0 (1970-01-01T00:00:00Z) or later, got -1"
-        );
+        assert_eq!(validate_range(-1, 1).unwrap_err().reason, "must be 0 (1970-01-01T00:00:00Z) or later, got -1");
     }
 
     #[test]
@@ -410,24 +318,16 @@ mod tests {
         assert_eq!(validate_range(100, 101), Ok(()));
         assert_eq!(field_of(validate_range(100, 100)), Some("to_ms"));
         assert_eq!(field_of(validate_range(100, 99)), Some("to_ms"));
-        assert_eq!(
-            validate_range(100, 100).unwrap_err().reason,
-            "must be greater than from_ms (100), got 100"
-        );
+        assert_eq!(validate_range(100, 100).unwrap_err().reason, "must be greater than from_ms (100), got 100");
     }
 
     #[test]
     fn range_end_boundaries() {
         assert_eq!(validate_range(0, YEAR_10000_START_MS), Ok(()));
-        assert_eq!(
-            field_of(validate_range(0, YEAR_10000_START_MS + 1)),
-            Some("to_ms")
-        );
+        assert_eq!(field_of(validate_range(0, YEAR_10000_START_MS + 1)), Some("to_ms"));
         assert_eq!(field_of(validate_range(0, i64::MAX)), Some("to_ms"));
         assert_eq!(
-            validate_range(0, YEAR_10000_START_MS + 1)
-                .unwrap_err()
-                .reason,
+            validate_range(0, YEAR_10000_START_MS + 1).unwrap_err().reason,
             "must be at most 253402300800000 (the start of year 10000), got 253402300800001"
         );
     }

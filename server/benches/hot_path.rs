@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use foldhash::{HashSet, HashSetExt};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use openraft::storage::RaftStateMachine;
+use foldhash::{HashSet, HashSetExt};
 use openraft::impls::leader_id_adv::LeaderId;
+use openraft::storage::RaftStateMachine;
 use openraft::EntryPayload;
 use prost::Message;
 use tally_proto::partition::partition_of;
@@ -65,7 +65,8 @@ fn per_event(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let command = build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(batch.clone()), STAMP, WINDOW).command;
+    let command =
+        build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(batch.clone()), STAMP, WINDOW).command;
     g.bench_function("encode_log_entry", |b| b.iter(|| encode(&command)));
     g.finish();
 }
@@ -91,8 +92,12 @@ fn apply(c: &mut Criterion) {
             || {
                 index += 1;
                 let command =
-                    build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(events(index)), STAMP, WINDOW).command;
-                Entry { log_id: LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index }, payload: EntryPayload::Normal(command) }
+                    build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(events(index)), STAMP, WINDOW)
+                        .command;
+                Entry {
+                    log_id: LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index },
+                    payload: EntryPayload::Normal(command),
+                }
             },
             |entry: Entry| {
                 let stream = futures::stream::iter([Ok((entry, None))]);

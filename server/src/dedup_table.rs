@@ -65,7 +65,14 @@ pub struct KeyTable {
 
 impl Default for KeyTable {
     fn default() -> Self {
-        KeyTable { slots: vec![0; MIN_CAPACITY], occupied: 0, base: 0, live_from: 0, per_generation: BTreeMap::new(), live: 0 }
+        KeyTable {
+            slots: vec![0; MIN_CAPACITY],
+            occupied: 0,
+            base: 0,
+            live_from: 0,
+            per_generation: BTreeMap::new(),
+            live: 0,
+        }
     }
 }
 

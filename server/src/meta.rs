@@ -76,7 +76,8 @@ impl ClusterMap {
                 continue;
             }
             // Most loaded replica of this partition; ties go to the higher id.
-            let Some((slot, &from)) = replicas.iter().enumerate().max_by_key(|(_, n)| (load.get(n).copied().unwrap_or(0), **n))
+            let Some((slot, &from)) =
+                replicas.iter().enumerate().max_by_key(|(_, n)| (load.get(n).copied().unwrap_or(0), **n))
             else {
                 continue;
             };
@@ -147,12 +148,17 @@ impl ClusterMap {
         let mut differences = Vec::new();
         let ids = |m: &ClusterMap| m.nodes.keys().copied().collect::<Vec<_>>();
         if ids(self) != ids(wanted) {
-            differences.push(format!("nodes: the cluster has nodes {:?}, the request names {:?}", ids(self), ids(wanted)));
+            differences.push(format!(
+                "nodes: the cluster has nodes {:?}, the request names {:?}",
+                ids(self),
+                ids(wanted)
+            ));
         } else {
             for (id, want) in &wanted.nodes {
                 let Some(have) = self.nodes.get(id) else { continue };
                 if have.addr != want.addr {
-                    differences.push(format!("nodes: node {id} has addr {}, the request gives {}", have.addr, want.addr));
+                    differences
+                        .push(format!("nodes: node {id} has addr {}, the request gives {}", have.addr, want.addr));
                 }
                 if !want.peer_addr.is_empty() && have.peer_addr != want.peer_addr {
                     differences.push(format!(
@@ -197,11 +203,7 @@ impl ClusterMap {
 
     /// Partitions that `node` holds a replica of.
     pub fn partitions_of(&self, node: NodeId) -> impl Iterator<Item = u32> + '_ {
-        self.replicas
-            .iter()
-            .enumerate()
-            .filter(move |(_, r)| r.contains(&node))
-            .map(|(p, _)| p as u32)
+        self.replicas.iter().enumerate().filter(move |(_, r)| r.contains(&node)).map(|(p, _)| p as u32)
     }
 }
 
@@ -236,9 +238,15 @@ mod tests {
         for node in 1..=4 {
             assert_eq!(next.partitions_of(node).count(), 48, "node {node}");
         }
-        let moved: usize = map.replicas.iter().zip(&next.replicas).map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count()).sum();
+        let moved: usize =
+            map.replicas.iter().zip(&next.replicas).map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count()).sum();
         assert_eq!(moved, 48, "only the new node's share moves");
-        assert!(next.replicas.iter().all(|r| { let mut s = r.clone(); s.sort(); s.dedup(); s.len() == 3 }));
+        assert!(next.replicas.iter().all(|r| {
+            let mut s = r.clone();
+            s.sort();
+            s.dedup();
+            s.len() == 3
+        }));
     }
 
     #[test]

@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::ClusterClock;
 use crate::config::NodeConfig;
 use crate::dedup::{DedupBudget, DedupIndex};
-use crate::storage::write_back::WriteBack;
 use crate::meta::ClusterMap;
 use crate::processor::{self, IngestJob, ProcessorConfig};
 use crate::raft::liveness::Liveness;
@@ -34,9 +33,10 @@ use crate::raft::ticker::NodeTicker;
 use crate::raft::types::NodeId;
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::GroupStateMachine;
+use crate::storage::write_back::WriteBack;
 use crate::storage::Engine;
-use crate::RaftInstance;
 use crate::sync::RwLockExt;
+use crate::RaftInstance;
 
 /// Partition replicas opened at once when a map places many on this node.
 const OPEN_CONCURRENCY: usize = 32;
@@ -118,9 +118,19 @@ impl Node {
         let routes = config.peer_route_map().map_err(|e| anyhow::anyhow!(e))?;
         let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes);
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
-        let (metadata, metadata_write_back) = open_group(&engine, &data_dir, &peers, &raft_config, config.node_id, METADATA_GROUP, Arc::default(), Some(map_tx), None)
-            .await
-            .context("opening the metadata group")?;
+        let (metadata, metadata_write_back) = open_group(
+            &engine,
+            &data_dir,
+            &peers,
+            &raft_config,
+            config.node_id,
+            METADATA_GROUP,
+            Arc::default(),
+            Some(map_tx),
+            None,
+        )
+        .await
+        .context("opening the metadata group")?;
         let election_max = Duration::from_millis(config.election_timeout_ms * 2);
         let ticker = NodeTicker::new(
             Duration::from_millis(config.heartbeat_ms),
@@ -137,7 +147,8 @@ impl Node {
         );
         let ping = Duration::from_millis(config.ping_ms.max(1));
         let suspect_after = Duration::from_millis(config.election_timeout_ms);
-        let clock = Arc::new(ClusterClock::new(config.clock_offset_ms, Duration::from_millis(config.max_clock_skew_ms)));
+        let clock =
+            Arc::new(ClusterClock::new(config.clock_offset_ms, Duration::from_millis(config.max_clock_skew_ms)));
         let (liveness, peer_changes) =
             Liveness::spawn(config.node_id, ping, suspect_after, peers.clone(), map_rx.clone(), clock.clone());
         peers.set_link_events({
@@ -185,7 +196,10 @@ impl Node {
         node.clone().sync_groups_with_map().await?;
         tokio::spawn(node.clone().follow_cluster_map());
         crate::reconciler::spawn(node.clone());
-        crate::checkpointer::spawn(Arc::downgrade(&node), Duration::from_millis(node.config.checkpoint_interval_ms.max(1)));
+        crate::checkpointer::spawn(
+            Arc::downgrade(&node),
+            Duration::from_millis(node.config.checkpoint_interval_ms.max(1)),
+        );
         Ok(node)
     }
 
@@ -248,7 +262,9 @@ impl Node {
         let mut opening = futures::stream::iter(missing)
             .map(|partition| {
                 let (node, map) = (self.clone(), map.clone());
-                async move { node.open_partition(&map, partition).await.with_context(|| format!("opening partition {partition}")) }
+                async move {
+                    node.open_partition(&map, partition).await.with_context(|| format!("opening partition {partition}"))
+                }
             })
             .buffer_unordered(OPEN_CONCURRENCY);
         while let Some(replica) = opening.next().await {

@@ -47,8 +47,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::ClusterClock;
 use crate::dedup::{dedup_key, DedupIndex};
 use crate::raft::quiesce::GroupQuiescence;
-use crate::stages::{self, Stage};
 use crate::raft::types::{Command, CommandOutcome, IngestBatch, KeyedEvent, MinuteDelta, NodeId, MAX_ENTRY_BYTES};
+use crate::stages::{self, Stage};
 use crate::RaftInstance;
 
 /// Queued ingest requests per partition before senders wait.
@@ -109,8 +109,13 @@ impl IngestJob {
 pub enum ProposeOutcome {
     /// `duplicates` holds the positions, within the job's events, of the
     /// events that were already counted.
-    Done { accepted: u32, duplicates: Vec<u32> },
-    NotLeader { leader: Option<NodeId> },
+    Done {
+        accepted: u32,
+        duplicates: Vec<u32>,
+    },
+    NotLeader {
+        leader: Option<NodeId>,
+    },
     Unavailable(String),
     /// The node's dedup index is at its memory bound: nothing of the job
     /// was proposed; the message says so and when to retry.
@@ -340,7 +345,8 @@ impl Processor {
                 }
                 // The memory bound: refuse rather than forget a key early
                 // or grow without limit. Keys in flight count too.
-                let keyed: usize = jobs.iter().map(|j| j.events.iter().filter(|e| !e.event_id.is_empty()).count()).sum();
+                let keyed: usize =
+                    jobs.iter().map(|j| j.events.iter().filter(|e| !e.event_id.is_empty()).count()).sum();
                 let budget = self.dedup.budget();
                 if keyed > 0 && budget.would_exceed(keyed + pending.len()) {
                     let message = format!(
@@ -482,7 +488,8 @@ pub fn build_proposal(
     for (job_index, job) in jobs.into_iter().enumerate() {
         let (mut accepted, mut duplicates) = (0u32, Vec::new());
         for (position, event) in job.events.into_iter().enumerate() {
-            let key = (!event.event_id.is_empty()).then(|| dedup_key(&event.entity_id, &event.event_type, &event.event_id));
+            let key =
+                (!event.event_id.is_empty()).then(|| dedup_key(&event.entity_id, &event.event_type, &event.event_id));
             if let Some(key) = key {
                 if index.contains(&key) || !pending.insert(key) {
                     duplicates.push(position as u32);
@@ -497,7 +504,13 @@ pub fn build_proposal(
             if slot == next {
                 // First event of this (entity, type, minute): the map took the
                 // key's strings; the delta gets them back at the end.
-                deltas.push(MinuteDelta { entity_id: Vec::new(), event_type: String::new(), minute_ms: minute, count: 0, sum: 0 });
+                deltas.push(MinuteDelta {
+                    entity_id: Vec::new(),
+                    event_type: String::new(),
+                    minute_ms: minute,
+                    count: 0,
+                    sum: 0,
+                });
             }
             if let Some(d) = deltas.get_mut(slot as usize) {
                 d.count += 1;
@@ -547,7 +560,8 @@ mod tests {
             ev("a", 60_700, "1", None),   // same batch
             ev("a", 61_000, "old", None), // already applied
         ]);
-        let (j2, _rx2) = job(vec![ev("a", 120_000, "inflight", None), ev("a", 119_999, "", Some(2)), ev("a", 119_999, "", Some(2))]);
+        let (j2, _rx2) =
+            job(vec![ev("a", 120_000, "inflight", None), ev("a", 119_999, "", Some(2)), ev("a", 119_999, "", Some(2))]);
         let p = build_proposal(&index, &mut pending, vec![j1, j2], 7_000, 600_000);
         let counts: Vec<(u32, Vec<u32>)> = p.jobs.iter().map(|j| (j.accepted, j.duplicates.clone())).collect();
         assert_eq!(counts, vec![(2, vec![2, 3]), (2, vec![0])]);

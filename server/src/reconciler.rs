@@ -151,7 +151,10 @@ async fn reconcile_once(node: &Arc<Node>, kept_logged: &mut BTreeMap<u32, Instan
                             voters = ?v,
                             "keeping a replica the map moved away: still a voter until its replacement is promoted"
                         ),
-                        None => tracing::info!(partition, "keeping a replica the map moved away: no leader reachable to confirm it left the voters"),
+                        None => tracing::info!(
+                            partition,
+                            "keeping a replica the map moved away: no leader reachable to confirm it left the voters"
+                        ),
                     }
                 }
             }
@@ -173,7 +176,11 @@ async fn drop_replica(node: &Arc<Node>, partition: u32, kept_logged: &mut BTreeM
 /// stale leader cut off from the others may not know it was deposed).
 /// Every other node of the map is asked at once, each call bounded, so a
 /// dead or paused node costs one timeout per round, not one per partition.
-async fn leader_voters(node: &Arc<Node>, map: &ClusterMap, partitions: &[u32]) -> BTreeMap<u32, (NodeId, u64, BTreeSet<NodeId>)> {
+async fn leader_voters(
+    node: &Arc<Node>,
+    map: &ClusterMap,
+    partitions: &[u32],
+) -> BTreeMap<u32, (NodeId, u64, BTreeSet<NodeId>)> {
     let calls = map.nodes.iter().filter(|(id, _)| **id != node.id).map(|(id, addr)| {
         let (id, addr, node) = (*id, addr.clone(), node.clone());
         async move { Some((id, peer_status(&node, id, &addr.addr, STATUS_TIMEOUT).await?)) }
@@ -191,7 +198,12 @@ async fn leader_voters(node: &Arc<Node>, map: &ClusterMap, partitions: &[u32]) -
 }
 
 /// A peer's `Cluster.Status`, or `None` if it does not answer within `timeout`.
-pub async fn peer_status(node: &Node, id: NodeId, addr: &str, timeout: Duration) -> Option<tally_proto::v1::StatusResponse> {
+pub async fn peer_status(
+    node: &Node,
+    id: NodeId,
+    addr: &str,
+    timeout: Duration,
+) -> Option<tally_proto::v1::StatusResponse> {
     // Cluster is a public service: it is served on the public port.
     let channel = node.peers.public_channel(id, addr).ok()?;
     let mut client = tally_proto::v1::cluster_client::ClusterClient::new(channel);
@@ -226,7 +238,12 @@ fn members(raft: &RaftInstance) -> BTreeSet<NodeId> {
 /// leader, which for a partition's short log is at once — an empty, even
 /// paused learner would be promoted and count toward the quorum. So
 /// promotion waits on the learner's matched log itself (`lagging_learner`).
-async fn change_voters(raft: &RaftInstance, map: &ClusterMap, want: &BTreeSet<NodeId>, have: &BTreeSet<NodeId>) -> anyhow::Result<()> {
+async fn change_voters(
+    raft: &RaftInstance,
+    map: &ClusterMap,
+    want: &BTreeSet<NodeId>,
+    have: &BTreeSet<NodeId>,
+) -> anyhow::Result<()> {
     if raft.metrics().borrow_watched().membership_config.get_joint_config().len() > 1 {
         return Ok(()); // a change is still being committed
     }
@@ -296,7 +313,8 @@ pub async fn unsettled_partition(node: &Arc<Node>, map: &ClusterMap) -> Option<S
         for p in status.partitions.iter().filter(|p| p.leader_node_id == *id) {
             let want: BTreeSet<NodeId> = map.replicas_of(p.partition).iter().copied().collect();
             let have: BTreeSet<NodeId> = p.voters.iter().copied().collect();
-            let problem = (want != have).then(|| format!("partition {}: voters {have:?}, replicas {want:?}", p.partition));
+            let problem =
+                (want != have).then(|| format!("partition {}: voters {have:?}, replicas {want:?}", p.partition));
             seen.insert(p.partition, problem);
         }
     }

@@ -63,7 +63,6 @@ const PEER_MAX_CONCURRENT_STREAMS: u32 = 16_384;
 /// timed-out calls take every group's traffic down with the connection.
 const PEER_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4_096;
 
-
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     if let Some(point) = &config.crash_at {
         crate::crash_point::arm(point).map_err(|e| anyhow::anyhow!(e))?;
@@ -92,8 +91,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         wait_for_signal().await;
         tracing::info!("shutdown requested: no new requests; draining");
     };
-    let public_serving =
-        public_server(&node, health_service)?.serve_with_incoming_shutdown(TcpListenerStream::new(public_listener), shutdown);
+    let public_serving = public_server(&node, health_service)?
+        .serve_with_incoming_shutdown(TcpListenerStream::new(public_listener), shutdown);
     tokio::select! {
         served = public_serving => served.context("public gRPC server")?,
         served = &mut peer_serving => {
@@ -148,7 +147,9 @@ fn public_server(
         .add_service(reflection_v1alpha)
         .add_service(ingest)
         .add_service(QueryServer::new(QueryService::new(node.clone())).max_decoding_message_size(SMALL_DECODE_LIMIT))
-        .add_service(ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(SMALL_DECODE_LIMIT)))
+        .add_service(
+            ClusterServer::new(ClusterService::new(node.clone())).max_decoding_message_size(SMALL_DECODE_LIMIT),
+        ))
 }
 
 /// The peer listener's server: the internal Raft service and health, nothing

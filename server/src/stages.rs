@@ -16,8 +16,8 @@
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use crate::sync::MutexExt;
+use hdrhistogram::Histogram;
 
 /// The timed stages, in the order of the path they belong to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +77,9 @@ impl Stage {
             Stage::IngestRequest => "an Ingest call on the node that received it, forwarding included",
             Stage::IngestQueueWait => "a partition's share of a request, waiting in the leader's processor queue",
             Stage::IngestBuildEntry => "dedup and aggregation of one batch into a Raft entry",
-            Stage::IngestRaftWrite => "an entry from proposal to applied on the leader (append, replicate, commit, apply)",
+            Stage::IngestRaftWrite => {
+                "an entry from proposal to applied on the leader (append, replicate, commit, apply)"
+            }
             Stage::RaftReplicate => "an AppendEntries with entries, leader to follower and back, as the leader sees it",
             Stage::RaftFollowerAppend => "an AppendEntries with entries on the follower, until they are durable there",
             Stage::LogWrite => "one Raft log write by the log writer thread (unsynced)",
@@ -120,7 +122,10 @@ fn histogram() -> Option<Histogram<u64>> {
 
 impl Stages {
     fn new() -> Stages {
-        Stages { histograms: Stage::ALL.iter().map(|_| Mutex::new(histogram())).collect(), since: Mutex::new(Instant::now()) }
+        Stages {
+            histograms: Stage::ALL.iter().map(|_| Mutex::new(histogram())).collect(),
+            since: Mutex::new(Instant::now()),
+        }
     }
 
     fn slot(&self, stage: Stage) -> Option<&Mutex<Option<Histogram<u64>>>> {

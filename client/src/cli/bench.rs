@@ -241,27 +241,28 @@ async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<Pr
     let collector_shared = shared.clone();
     let collector = tokio::spawn(async move {
         let mut originals: Vec<Original> = Vec::new();
-        let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)
-            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+        let mut histogram =
+            Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
         let mut outcomes = IngestSummary::default();
         let mut resent = 0;
         let mut pending = FuturesUnordered::new();
-        let mut handle = |indexes: Vec<usize>, intended: Vec<Instant>, results: Vec<Outcome>, originals: &mut Vec<Original>| {
-            let now = Instant::now();
-            collector_shared.acked.fetch_add(results.len() as u64, Ordering::Relaxed);
-            for ((index, intended), outcome) in indexes.into_iter().zip(intended).zip(results) {
-                let micros = u64::try_from(now.saturating_duration_since(intended).as_micros()).unwrap_or(u64::MAX);
-                histogram.saturating_record(micros.max(1));
-                outcomes.add(&outcome);
-                if let Some(o) = originals.get_mut(index) {
-                    match outcome {
-                        o2 if o2.is_stored() => o.stored = true,
-                        Outcome::Failed { .. } => o.failed = true,
-                        _ => {}
+        let mut handle =
+            |indexes: Vec<usize>, intended: Vec<Instant>, results: Vec<Outcome>, originals: &mut Vec<Original>| {
+                let now = Instant::now();
+                collector_shared.acked.fetch_add(results.len() as u64, Ordering::Relaxed);
+                for ((index, intended), outcome) in indexes.into_iter().zip(intended).zip(results) {
+                    let micros = u64::try_from(now.saturating_duration_since(intended).as_micros()).unwrap_or(u64::MAX);
+                    histogram.saturating_record(micros.max(1));
+                    outcomes.add(&outcome);
+                    if let Some(o) = originals.get_mut(index) {
+                        match outcome {
+                            o2 if o2.is_stored() => o.stored = true,
+                            Outcome::Failed { .. } => o.failed = true,
+                            _ => {}
+                        }
                     }
                 }
-            }
-        };
+            };
         loop {
             tokio::select! {
                 next = rx.recv() => match next {
@@ -477,8 +478,7 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         })
     };
 
-    let producers: Vec<_> =
-        (0..args.concurrency).map(|k| tokio::spawn(producer(shared.clone(), k, seed))).collect();
+    let producers: Vec<_> = (0..args.concurrency).map(|k| tokio::spawn(producer(shared.clone(), k, seed))).collect();
     let mut results = Vec::new();
     for p in producers {
         results.push(p.await.context("producer")??);
@@ -487,7 +487,8 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
     let elapsed = start.elapsed();
     // The generator's own CPU over the sending phase (probes included,
     // verification not): what each event cost this process.
-    let generator_cpu = super::cpu_time::process_cpu_time().zip(cpu_at_start).map(|(end, begin)| end.saturating_sub(begin));
+    let generator_cpu =
+        super::cpu_time::process_cpu_time().zip(cpu_at_start).map(|(end, begin)| end.saturating_sub(begin));
     ticker.abort();
     bar.finish_and_clear();
     let end_ms = now_ms();
@@ -574,7 +575,11 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         );
         println!(
             "ack latency ms: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}{}",
-            latency["p50"], latency["p90"], latency["p99"], latency["p999"], latency["max"],
+            latency["p50"],
+            latency["p90"],
+            latency["p99"],
+            latency["p999"],
+            latency["max"],
             if args.rate > 0.0 { "  (corrected for coordinated omission)" } else { "" }
         );
         println!(

@@ -123,8 +123,14 @@ impl Probes {
                 .await
                 .context("connecting the visibility probes' client")?;
             let event_type = workload.types.first().map(|(t, _)| t.clone()).unwrap_or_else(|| "view".into());
-            let task =
-                tokio::spawn(run_visibility(probe_client, workload.prefix, event_type, visibility_rate, start, stop_rx));
+            let task = tokio::spawn(run_visibility(
+                probe_client,
+                workload.prefix,
+                event_type,
+                visibility_rate,
+                start,
+                stop_rx,
+            ));
             Some((visibility_rate, task))
         } else {
             None
@@ -303,10 +309,9 @@ async fn query(
 ) -> Result<Duration, String> {
     let now = now_ms();
     let result = match kind {
-        QueryKind::Stats => client
-            .stats(entity, event_type, now - STATS_RANGE_MS..now, Consistency::Linearizable)
-            .await
-            .map(|_| ()),
+        QueryKind::Stats => {
+            client.stats(entity, event_type, now - STATS_RANGE_MS..now, Consistency::Linearizable).await.map(|_| ())
+        }
         QueryKind::Series => client
             .series(entity, event_type, now - SERIES_RANGE_MS..now, Granularity::Minute, Consistency::Linearizable)
             .await

@@ -138,12 +138,7 @@ async fn admin_client(cli: &Cli) -> anyhow::Result<(String, ClusterClient<tonic:
 
 /// Runs one admin call bounded by `timeout` (also sent as the gRPC
 /// deadline), turning a gRPC error into a readable one.
-async fn admin_call<T, F, Fut>(
-    cli: &Cli,
-    what: &str,
-    timeout: Duration,
-    f: F,
-) -> anyhow::Result<T>
+async fn admin_call<T, F, Fut>(cli: &Cli, what: &str, timeout: Duration, f: F) -> anyhow::Result<T>
 where
     F: FnOnce(ClusterClient<tonic::transport::Channel>, Duration) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -211,8 +206,8 @@ async fn rebalance(cli: &Cli, timeout: Duration) -> anyhow::Result<i32> {
 async fn add_node(cli: &Cli, addr: &str, timeout: Duration) -> anyhow::Result<i32> {
     let what = format!("adding the node at {addr}");
     let request = AddNodeRequest { addr: addr.to_owned() };
-    let resp = admin_call(cli, &what, timeout, |mut c, t| async move { c.add_node(with_deadline(request, t)).await })
-        .await?;
+    let resp =
+        admin_call(cli, &what, timeout, |mut c, t| async move { c.add_node(with_deadline(request, t)).await }).await?;
     if cli.json {
         print_json(&json!({"node_id": resp.node_id, "addr": addr, "replicas_moved": resp.replicas_moved}));
     } else {
@@ -287,9 +282,10 @@ async fn wait(cli: &Cli, timeout: Duration) -> anyhow::Result<i32> {
             return Ok(0);
         }
         if Instant::now() > deadline {
-            let what = leaderless.map_or_else(|| "not initialised or unreachable".to_owned(), |n| {
-                format!("{n} partitions without a leader")
-            });
+            let what = leaderless.map_or_else(
+                || "not initialised or unreachable".to_owned(),
+                |n| format!("{n} partitions without a leader"),
+            );
             bail!("cluster not ready after {}: {what}", humantime::format_duration(timeout));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -337,11 +333,8 @@ impl StatusView {
     /// The JSON document of `cluster status --json`.
     pub fn to_json(&self) -> serde_json::Value {
         let Some(map) = &self.map else {
-            let errors: Vec<_> = self
-                .answers
-                .iter()
-                .map(|(a, r)| json!({"addr": a, "error": r.as_ref().err()}))
-                .collect();
+            let errors: Vec<_> =
+                self.answers.iter().map(|(a, r)| json!({"addr": a, "error": r.as_ref().err()})).collect();
             return json!({"initialized": false, "nodes": errors, "partitions": []});
         };
         let indexes = self.replica_indexes();
@@ -409,7 +402,11 @@ impl StatusView {
         if doc["initialized"] != json!(true) {
             out.push_str("cluster not initialised (or no node reachable)\n");
             for n in doc["nodes"].as_array().into_iter().flatten() {
-                out.push_str(&format!("  {}: {}\n", n["addr"].as_str().unwrap_or(""), n["error"].as_str().unwrap_or("not initialised")));
+                out.push_str(&format!(
+                    "  {}: {}\n",
+                    n["addr"].as_str().unwrap_or(""),
+                    n["error"].as_str().unwrap_or("not initialised")
+                ));
             }
             return out;
         }
@@ -425,7 +422,18 @@ impl StatusView {
             ));
         }
         out.push('\n');
-        let mut nodes = Table::new(["NODE", "ADDR", "UP", "LEADS", "REPLICAS", "QUIESCED", "MAX_LAG", "DEDUP_KEYS", "DEDUP_MIB", "DEDUP_CONFLICTS"]);
+        let mut nodes = Table::new([
+            "NODE",
+            "ADDR",
+            "UP",
+            "LEADS",
+            "REPLICAS",
+            "QUIESCED",
+            "MAX_LAG",
+            "DEDUP_KEYS",
+            "DEDUP_MIB",
+            "DEDUP_CONFLICTS",
+        ]);
         for n in doc["nodes"].as_array().into_iter().flatten() {
             nodes.row([
                 n["node_id"].to_string(),
@@ -537,10 +545,26 @@ mod tests {
             initialized: true,
             partition_count: 2,
             replication_factor: 3,
-            nodes: (1..=4).map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true, ..Default::default() }).collect(),
+            nodes: (1..=4)
+                .map(|id| NodeInfo { node_id: id, addr: format!("n{id}:1"), reachable: true, ..Default::default() })
+                .collect(),
             partitions: vec![
-                PartitionInfo { partition: 0, replicas: vec![1, 2, 4], leader_node_id: 1, term: 2, voters: voters0, ..Default::default() },
-                PartitionInfo { partition: 1, replicas: vec![2, 3, 1], leader_node_id: 2, term: 2, voters: vec![1, 2, 3], ..Default::default() },
+                PartitionInfo {
+                    partition: 0,
+                    replicas: vec![1, 2, 4],
+                    leader_node_id: 1,
+                    term: 2,
+                    voters: voters0,
+                    ..Default::default()
+                },
+                PartitionInfo {
+                    partition: 1,
+                    replicas: vec![2, 3, 1],
+                    leader_node_id: 2,
+                    term: 2,
+                    voters: vec![1, 2, 3],
+                    ..Default::default()
+                },
             ],
             metadata_leader_node_id: 1,
             ..Default::default()
@@ -564,8 +588,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let cli = Cli::try_parse_from(["tally", "cluster", "transfer-leader", "3", "2", "--addr", "a:1"]).expect("parses");
-        assert!(matches!(cli.command, super::super::Command::Cluster { command: ClusterCommand::TransferLeader { partition: 3, node: 2, .. } }));
+        let cli =
+            Cli::try_parse_from(["tally", "cluster", "transfer-leader", "3", "2", "--addr", "a:1"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            super::super::Command::Cluster { command: ClusterCommand::TransferLeader { partition: 3, node: 2, .. } }
+        ));
         assert_eq!(cli.addr, "a:1");
     }
 

@@ -192,8 +192,10 @@ fn progress(args: &IngestArgs, cli: &Cli, total_bytes: Option<u64>) -> ProgressB
             ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg} ({eta})")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         ),
-        None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
-            .with_style(ProgressStyle::with_template("{spinner} {bytes} read {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner())),
+        None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()).with_style(
+            ProgressStyle::with_template("{spinner} {bytes} read {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
     };
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     bar
@@ -352,7 +354,10 @@ mod tests {
         let e = parse_ndjson_line(r#"{"entity_id":"v1","event_type":"view","time":1000,"event_id":"a","value":3}"#, 5)
             .and_then(Result::ok)
             .expect("valid");
-        assert_eq!((e.entity_id.as_slice(), e.event_type.as_str(), e.event_time_ms, e.value), (&b"v1"[..], "view", 1000, Some(3)));
+        assert_eq!(
+            (e.entity_id.as_slice(), e.event_type.as_str(), e.event_time_ms, e.value),
+            (&b"v1"[..], "view", 1000, Some(3))
+        );
         assert_eq!(e.event_id, b"a");
         let e = parse_ndjson_line(r#"{"entity":"v1","type":"like"}"#, 5).and_then(Result::ok).expect("aliases");
         assert_eq!(e.event_time_ms, 5);
@@ -362,6 +367,9 @@ mod tests {
         assert_eq!(e.event_time_ms, 60_000);
         assert!(parse_ndjson_line("   ", 5).is_none());
         assert!(matches!(parse_ndjson_line("{not json", 5), Some(Err(("record", _)))));
-        assert!(matches!(parse_ndjson_line(r#"{"entity":"v","type":"t","time":"soon"}"#, 5), Some(Err(("event_time_ms", _)))));
+        assert!(matches!(
+            parse_ndjson_line(r#"{"entity":"v","type":"t","time":"soon"}"#, 5),
+            Some(Err(("event_time_ms", _)))
+        ));
     }
 }

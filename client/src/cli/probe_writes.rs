@@ -149,10 +149,8 @@ pub(crate) async fn run(cli: &Cli, args: &ProbeWritesArgs) -> anyhow::Result<i32
     if addrs.is_empty() {
         bail!("--addr names no node");
     }
-    let channels: Vec<Channel> = addrs
-        .iter()
-        .map(|a| lazy_channel(a, *args.request_timeout))
-        .collect::<anyhow::Result<_>>()?;
+    let channels: Vec<Channel> =
+        addrs.iter().map(|a| lazy_channel(a, *args.request_timeout)).collect::<anyhow::Result<_>>()?;
     let count = partition_count(&addrs, &channels).await?;
     let partitions = parse_partitions(&args.partitions, count)?;
     let entities = probe_entities(&partitions, count)

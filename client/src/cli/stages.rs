@@ -59,7 +59,16 @@ fn render(answers: &[(String, Result<StagesResponse, String>)]) -> String {
                 out.push_str(&format!("node {} ({addr}), last {:.1} s:\n", r.node_id, r.window_s));
                 let mut table = Table::new(["stage", "count", "mean ms", "p50", "p90", "p99", "p99.9", "max"]);
                 for s in &r.stages {
-                    table.row([s.name.clone(), s.count.to_string(), ms(s.mean_ms), ms(s.p50_ms), ms(s.p90_ms), ms(s.p99_ms), ms(s.p999_ms), ms(s.max_ms)]);
+                    table.row([
+                        s.name.clone(),
+                        s.count.to_string(),
+                        ms(s.mean_ms),
+                        ms(s.p50_ms),
+                        ms(s.p90_ms),
+                        ms(s.p99_ms),
+                        ms(s.p999_ms),
+                        ms(s.max_ms),
+                    ]);
                 }
                 out.push_str(&table.render());
                 out.push('\n');

@@ -64,6 +64,9 @@ mod tests {
         let mut t = Table::new(["NODE", "ADDR", "LEADS"]);
         t.row(["1", "127.0.0.1:7001", "12"]);
         t.row(["10", "h:1", "3"]);
-        assert_eq!(t.render(), "NODE  ADDR            LEADS\n   1  127.0.0.1:7001     12\n  10  h:1                 3\n");
+        assert_eq!(
+            t.render(),
+            "NODE  ADDR            LEADS\n   1  127.0.0.1:7001     12\n  10  h:1                 3\n"
+        );
     }
 }

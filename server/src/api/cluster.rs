@@ -11,13 +11,18 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::BasicNode;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::cluster_server::Cluster;
-use tally_proto::v1::{AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, RebalanceRequest, RebalanceResponse, TransferLeaderRequest, TransferLeaderResponse, DigestRequest, DigestResponse, PartitionDigest, InitializeRequest, InitializeResponse, PartitionInfo, StageLatency, StagesRequest, StagesResponse, StatusRequest, StatusResponse};
+use tally_proto::v1::{
+    AddNodeRequest, AddNodeResponse, DigestRequest, DigestResponse, InitializeRequest, InitializeResponse,
+    PartitionDigest, PartitionInfo, RebalanceRequest, RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse,
+    StageLatency, StagesRequest, StagesResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
+};
 use tonic::{Request, Response, Status};
 
 use super::node_addrs;
+use crate::api::transfer::transfer_leadership;
 use crate::meta::{ClusterMap, NodeAddrs, DEFAULT_PARTITIONS, MAX_PARTITIONS};
 use crate::node::Node;
-use crate::api::transfer::transfer_leadership;
 use crate::raft::types::{Command, NodeId};
 
 pub struct ClusterService {
@@ -43,9 +48,10 @@ impl Cluster for ClusterService {
             if !wanted.is_empty() && !wanted.contains(&replica.partition) {
                 continue;
             }
-            let (applied_index, digest, keys) = crate::storage::read::state_digest(&self.node.engine, &replica.write_back)
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
+            let (applied_index, digest, keys) =
+                crate::storage::read::state_digest(&self.node.engine, &replica.write_back)
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
             partitions.push(PartitionDigest { partition: replica.partition, applied_index, digest, keys });
         }
         Ok(Response::new(DigestResponse { node_id: self.node.id, partitions }))
@@ -83,10 +89,7 @@ impl Cluster for ClusterService {
                 response.skipped.push(partition);
                 continue;
             }
-            let current = self
-                .node
-                .partition(partition)
-                .and_then(|r| r.raft.metrics().borrow_watched().current_leader);
+            let current = self.node.partition(partition).and_then(|r| r.raft.metrics().borrow_watched().current_leader);
             if current == Some(preferred) {
                 continue;
             }
@@ -179,7 +182,8 @@ impl Cluster for ClusterService {
         }
         let metadata = &self.node.metadata;
         if !metadata.is_initialized().await.map_err(|e| Status::internal(e.to_string()))? {
-            let members: BTreeMap<NodeId, BasicNode> = nodes.iter().map(|(id, a)| (*id, BasicNode::new(&a.peer_addr))).collect();
+            let members: BTreeMap<NodeId, BasicNode> =
+                nodes.iter().map(|(id, a)| (*id, BasicNode::new(&a.peer_addr))).collect();
             match metadata.initialize(members).await {
                 // The node called elects at once rather than waiting out an
                 // election timeout.
@@ -209,7 +213,8 @@ impl Cluster for ClusterService {
                 .addr_of(leader)
                 .or_else(|| nodes.get(&leader).map(|a| a.addr.clone()))
                 .ok_or_else(|| Status::unavailable("metadata leader unknown"))?;
-            let channel = self.node.peers.public_channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
+            let channel =
+                self.node.peers.public_channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
             return ClusterClient::new(channel).initialize(req).await;
         }
         let count = nodes.len();
@@ -254,4 +259,3 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         dedup_bytes: node.local_partitions().iter().map(|r| r.dedup.lock().memory().0 as u64).sum(),
     }
 }
-

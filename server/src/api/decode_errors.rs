@@ -49,7 +49,11 @@ impl DecodeErrorLayer {
                 let package = file.package();
                 for service in &file.service {
                     for method in &service.method {
-                        let full = if package.is_empty() { service.name().to_string() } else { format!("{package}.{}", service.name()) };
+                        let full = if package.is_empty() {
+                            service.name().to_string()
+                        } else {
+                            format!("{package}.{}", service.name())
+                        };
                         let path = format!("/{full}/{}", method.name());
                         request_types.insert(path, method.input_type().trim_start_matches('.').to_string());
                     }
@@ -160,7 +164,10 @@ mod tests {
     fn request_types_come_from_the_descriptors() {
         let layer = DecodeErrorLayer::new(&[tally_proto::FILE_DESCRIPTOR_SET]);
         assert_eq!(layer.request_types.get(INGEST).map(String::as_str), Some("tally.v1.IngestRequest"));
-        assert_eq!(layer.request_types.get("/tally.v1.Cluster/Initialize").map(String::as_str), Some("tally.v1.InitializeRequest"));
+        assert_eq!(
+            layer.request_types.get("/tally.v1.Cluster/Initialize").map(String::as_str),
+            Some("tally.v1.InitializeRequest")
+        );
     }
 
     #[test]
@@ -178,11 +185,15 @@ mod tests {
 
     #[test]
     fn too_large_is_resource_exhausted_naming_the_limit() {
-        let tonic_says =
-            Status::out_of_range("Error, decoded message length too large: found 62914560 bytes, the limit is: 4259840 bytes");
+        let tonic_says = Status::out_of_range(
+            "Error, decoded message length too large: found 62914560 bytes, the limit is: 4259840 bytes",
+        );
         let fixed = rewrite(INGEST, None, &tonic_says).expect("rewritten");
         assert_eq!(fixed.code(), Code::ResourceExhausted);
-        assert_eq!(fixed.message(), "/tally.v1.Ingest/Ingest: request message is 62914560 bytes; the limit is 4259840 bytes for this method");
+        assert_eq!(
+            fixed.message(),
+            "/tally.v1.Ingest/Ingest: request message is 62914560 bytes; the limit is 4259840 bytes for this method"
+        );
     }
 
     #[test]

@@ -85,7 +85,8 @@ impl Ingest for IngestService {
         // bound: the request as a whole is RESOURCE_EXHAUSTED, with why.
         let exhausted = |o: &ProposeResponse| o.status == ProposeStatus::ResourceExhausted as i32;
         if response.rejected.is_empty() && !results.is_empty() && results.iter().all(|(_, _, o)| exhausted(o)) {
-            let why = results.iter().map(|(p, _, o)| format!("partition {p}: {}", o.message)).next().unwrap_or_default();
+            let why =
+                results.iter().map(|(p, _, o)| format!("partition {p}: {}", o.message)).next().unwrap_or_default();
             return Err(Status::resource_exhausted(format!("{why}; {}", retry_advice(dedup_window_ms))));
         }
         for (partition, indexes, outcome) in results {
@@ -170,7 +171,8 @@ fn first_guess(node: &Node, partition: u32) -> Option<NodeId> {
 }
 
 async fn forward(node: &Node, to: NodeId, partition: u32, events: Vec<Event>) -> ProposeResponse {
-    let unavailable = |message: String| ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() };
+    let unavailable =
+        |message: String| ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() };
     // Propose is peer traffic: the leader's peer port.
     let Some(addr) = node.peer_addr_of(to) else {
         return unavailable(format!("node {to} is not in the cluster map"));
@@ -198,7 +200,11 @@ pub async fn propose_local(node: &Node, partition: u32, events: Vec<Event>) -> P
     };
     let (reply, rx) = oneshot::channel();
     if replica.ingest.send(IngestJob::new(events, reply)).await.is_err() {
-        return ProposeResponse { status: ProposeStatus::Unavailable as i32, message: "processor stopped".into(), ..Default::default() };
+        return ProposeResponse {
+            status: ProposeStatus::Unavailable as i32,
+            message: "processor stopped".into(),
+            ..Default::default()
+        };
     }
     let outcome = rx.await.unwrap_or(ProposeOutcome::Unavailable("processor stopped".into()));
     let leader_of = |leader: Option<NodeId>| {
@@ -220,7 +226,12 @@ pub async fn propose_local(node: &Node, partition: u32, events: Vec<Event>) -> P
         }
         ProposeOutcome::NotLeader { leader } => {
             let (id, addr) = leader_of(leader);
-            ProposeResponse { status: ProposeStatus::NotLeader as i32, leader_node_id: id, leader_addr: addr, ..Default::default() }
+            ProposeResponse {
+                status: ProposeStatus::NotLeader as i32,
+                leader_node_id: id,
+                leader_addr: addr,
+                ..Default::default()
+            }
         }
         ProposeOutcome::Unavailable(message) => {
             ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() }

@@ -42,18 +42,14 @@ pub async fn coordinator(node: &Arc<Node>) -> Result<Coordinator, Status> {
     if leader == node.id {
         return Ok(Coordinator::Here);
     }
-    let addr = node.addr_of(leader).ok_or_else(|| Status::unavailable(format!("metadata leader {leader} has no address")))?;
+    let addr =
+        node.addr_of(leader).ok_or_else(|| Status::unavailable(format!("metadata leader {leader} has no address")))?;
     let channel = node.peers.public_channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
     Ok(Coordinator::Forward(ClusterClient::new(channel)))
 }
 
 fn moved_replicas(before: &ClusterMap, after: &ClusterMap) -> u32 {
-    before
-        .replicas
-        .iter()
-        .zip(&after.replicas)
-        .map(|(a, b)| b.iter().filter(|n| !a.contains(n)).count() as u32)
-        .sum()
+    before.replicas.iter().zip(&after.replicas).map(|(a, b)| b.iter().filter(|n| !a.contains(n)).count() as u32).sum()
 }
 
 fn metadata_voters(node: &Node) -> BTreeSet<NodeId> {

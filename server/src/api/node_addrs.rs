@@ -53,7 +53,13 @@ pub fn own_addrs(node: &Node) -> NodeAddrs {
 /// address given, or the one the node reports for itself. Checks that the
 /// node at `addr` is node `id` when it has to ask. `what` names the request
 /// field in errors.
-pub async fn resolve(node: &Arc<Node>, what: &str, id: NodeId, addr: &str, peer_addr: &str) -> Result<NodeAddrs, Status> {
+pub async fn resolve(
+    node: &Arc<Node>,
+    what: &str,
+    id: NodeId,
+    addr: &str,
+    peer_addr: &str,
+) -> Result<NodeAddrs, Status> {
     if !peer_addr.is_empty() {
         return Ok(NodeAddrs::new(addr, peer_addr));
     }

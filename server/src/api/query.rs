@@ -46,7 +46,11 @@ impl QueryService {
 
     /// The local replica to read from, after making the read linearizable if
     /// asked; or the node to forward to.
-    async fn replica_for(&self, partition: u32, consistency: i32) -> Result<Result<Arc<PartitionReplica>, NodeId>, Status> {
+    async fn replica_for(
+        &self,
+        partition: u32,
+        consistency: i32,
+    ) -> Result<Result<Arc<PartitionReplica>, NodeId>, Status> {
         let stale = consistency == Consistency::Stale as i32;
         let Some(replica) = self.node.partition(partition) else {
             return self
@@ -75,7 +79,9 @@ impl QueryService {
             }
             match leader {
                 Some(l) if l != self.node.id => return Ok(Err(l)),
-                None => return Err(Status::unavailable(format!("partition {partition} has no leader right now; retry"))),
+                None => {
+                    return Err(Status::unavailable(format!("partition {partition} has no leader right now; retry")))
+                }
                 Some(_) => {}
             }
             // Lease read: while a quorum acknowledged this leader within
@@ -83,16 +89,25 @@ impl QueryService {
             // trip at all; otherwise (a quiesced group) one heartbeat round.
             // Without a quorum that round never completes.
             let linearizing = Timer::start(Stage::ReadLinearize);
-            let read = tokio::time::timeout(READ_INDEX_TIMEOUT, replica.raft.ensure_linearizable(LinearizerOption::new(None, true)))
-                .await
-                .map_err(|_| Status::unavailable(format!("partition {partition}: no quorum for a linearizable read; retry or read STALE")))?;
+            let read = tokio::time::timeout(
+                READ_INDEX_TIMEOUT,
+                replica.raft.ensure_linearizable(LinearizerOption::new(None, true)),
+            )
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "partition {partition}: no quorum for a linearizable read; retry or read STALE"
+                ))
+            })?;
             drop(linearizing);
             match read {
                 Ok(_) => return Ok(Ok(replica)),
                 Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => match f.leader_id {
                     Some(l) if l != self.node.id => return Ok(Err(l)),
                     _ if tokio::time::Instant::now() < deadline => tokio::time::sleep(LEADERSHIP_SETTLE).await,
-                    _ => return Err(Status::unavailable(format!("partition {partition}: leadership is moving; retry"))),
+                    _ => {
+                        return Err(Status::unavailable(format!("partition {partition}: leadership is moving; retry")))
+                    }
                 },
                 Err(e) => return Err(Status::unavailable(format!("partition {partition}: {e}"))),
             }
@@ -141,7 +156,9 @@ impl Query for QueryService {
         let partition = partition_of(&req.entity_id, self.partition_count()?);
         let replica = match self.replica_for(partition, req.consistency).await? {
             Ok(r) => r,
-            Err(_) if hops >= MAX_HOPS => return Err(Status::unavailable(format!("partition {partition}: leader moved; retry"))),
+            Err(_) if hops >= MAX_HOPS => {
+                return Err(Status::unavailable(format!("partition {partition}: leader moved; retry")))
+            }
             Err(to) => return self.forward_client(to)?.stats(forwarded(req, hops)).await,
         };
         let (from, to) = align_range(req.from_ms, req.to_ms);
@@ -186,14 +203,17 @@ impl Query for QueryService {
         let partition = partition_of(&req.entity_id, self.partition_count()?);
         let replica = match self.replica_for(partition, req.consistency).await? {
             Ok(r) => r,
-            Err(_) if hops >= MAX_HOPS => return Err(Status::unavailable(format!("partition {partition}: leader moved; retry"))),
+            Err(_) if hops >= MAX_HOPS => {
+                return Err(Status::unavailable(format!("partition {partition}: leader moved; retry")))
+            }
             Err(to) => return self.forward_client(to)?.series(forwarded(req, hops)).await,
         };
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let reading = Timer::start(Stage::ReadStorage);
-        let series = read_series(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, granularity, from, to)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let series =
+            read_series(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, granularity, from, to)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
         drop(reading);
         Ok(Response::new(SeriesResponse {
             buckets: series

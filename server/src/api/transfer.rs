@@ -219,7 +219,9 @@ pub async fn transfer_leadership(node: &Arc<Node>, partition: u32, to: NodeId) -
     let leader = replica.raft.metrics().borrow_watched().current_leader;
     match leader {
         // A leader liveness calls down is a stale view: it is being replaced.
-        Some(l) if l == to && !node.liveness.is_up(l) => Err(TransferError::Refused { partition, node: to, why: Ineligible::Down }),
+        Some(l) if l == to && !node.liveness.is_up(l) => {
+            Err(TransferError::Refused { partition, node: to, why: Ineligible::Down })
+        }
         Some(l) if l != node.id && !node.liveness.is_up(l) => Err(TransferError::NoLeader { partition }),
         Some(l) if l == to => Ok(l),
         Some(l) if l == node.id => transfer_from_here(node, &replica.raft, partition, to).await,
@@ -244,7 +246,12 @@ async fn forward(node: &Arc<Node>, via: NodeId, partition: u32, to: NodeId) -> R
 
 /// This node leads `raft`: check the target, then start and supervise the
 /// transfer in a task of its own (see the module docs).
-async fn transfer_from_here(node: &Arc<Node>, raft: &RaftInstance, partition: u32, to: NodeId) -> Result<NodeId, TransferError> {
+async fn transfer_from_here(
+    node: &Arc<Node>,
+    raft: &RaftInstance,
+    partition: u32,
+    to: NodeId,
+) -> Result<NodeId, TransferError> {
     let me = node.id;
     let is_up = |id| node.liveness.is_up(id);
     let view = LeaderView::of(raft, me).ok_or(TransferError::NoLeader { partition })?;
@@ -258,7 +265,10 @@ async fn transfer_from_here(node: &Arc<Node>, raft: &RaftInstance, partition: u3
             // Timing out is an answer too: the check below then refuses.
             let _ = raft
                 .wait(Some(wait))
-                .metrics(|m| LeaderView::from_metrics(m, me).is_some_and(|v| check_target(to, &v, is_up).is_ok()), "target caught up")
+                .metrics(
+                    |m| LeaderView::from_metrics(m, me).is_some_and(|v| check_target(to, &v, is_up).is_ok()),
+                    "target caught up",
+                )
                 .await;
             let view = LeaderView::of(raft, me).ok_or(TransferError::NoLeader { partition })?;
             check_target(to, &view, is_up).map_err(|why| TransferError::Refused { partition, node: to, why })?;
@@ -286,7 +296,12 @@ async fn supervise(node: &Arc<Node>, raft: &RaftInstance, partition: u32, to: No
         let next = LeaderView::of(raft, me).and_then(|view| fallback_target(&view, to, |id| node.liveness.is_up(id)));
         match next {
             Some(next) => {
-                tracing::warn!(partition, to, next, "leadership transfer timed out; handing the leadership to another voter");
+                tracing::warn!(
+                    partition,
+                    to,
+                    next,
+                    "leadership transfer timed out; handing the leadership to another voter"
+                );
                 raft.trigger().transfer_leader(next).await.map_err(raft_error)?;
                 leader = successor(raft, me, bound).await;
             }
@@ -375,8 +390,12 @@ mod tests {
         let not_voter = Status::from(TransferError::Refused { partition: 4, node: 3, why: Ineligible::NotVoter });
         assert!(not_voter.message().starts_with("node_id"));
         assert!(!TransferError::Remote(not_voter).is_refusal());
-        let timed_out = TransferError::TimedOut { partition: 4, to: 3, waited: Duration::from_millis(2400), leader: Some(2) };
+        let timed_out =
+            TransferError::TimedOut { partition: 4, to: 3, waited: Duration::from_millis(2400), leader: Some(2) };
         assert!(!timed_out.is_refusal());
-        assert_eq!(timed_out.to_string(), "partition 4: leadership did not move to node 3 (waited 2400 ms); node 2 leads it now");
+        assert_eq!(
+            timed_out.to_string(),
+            "partition 4: leadership did not move to node 3 (waited 2400 ms); node 2 leads it now"
+        );
     }
 }

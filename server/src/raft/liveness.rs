@@ -126,7 +126,12 @@ impl Liveness {
         self.probe_now.notify_one();
     }
 
-    async fn probe_loop(self: Arc<Self>, pool: Arc<PeerPool>, map: watch::Receiver<ClusterMap>, tx: mpsc::Sender<PeerChange>) {
+    async fn probe_loop(
+        self: Arc<Self>,
+        pool: Arc<PeerPool>,
+        map: watch::Receiver<ClusterMap>,
+        tx: mpsc::Sender<PeerChange>,
+    ) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Every peer ever in the map stays probed: a node removed from the
@@ -179,7 +184,8 @@ impl Liveness {
         let mut changes = Vec::new();
         let mut peers = self.peers.lock_unpoisoned();
         for (node, result) in results {
-            let state = peers.entry(node).or_insert(PeerState { last_ok: now, consecutive_failures: 0, up: true, boot_id: 0 });
+            let state =
+                peers.entry(node).or_insert(PeerState { last_ok: now, consecutive_failures: 0, up: true, boot_id: 0 });
             match result {
                 Some(boot_id) => {
                     if state.boot_id != 0 && state.boot_id != boot_id {
@@ -191,7 +197,10 @@ impl Liveness {
                 }
                 None => {
                     state.consecutive_failures += 1;
-                    if state.up && state.consecutive_failures >= 2 && now.duration_since(state.last_ok) >= self.suspect_after {
+                    if state.up
+                        && state.consecutive_failures >= 2
+                        && now.duration_since(state.last_ok) >= self.suspect_after
+                    {
                         state.up = false;
                         changes.push(PeerChange::Down(node));
                     }
@@ -267,7 +276,10 @@ mod tests {
         let l = liveness();
         let t0 = Instant::now();
         l.record(vec![(2, Some(7)), (3, Some(8))], t0);
-        assert_eq!(l.record(vec![(2, Some(9)), (3, Some(8))], t0 + Duration::from_millis(100)), vec![PeerChange::Restarted(2)]);
+        assert_eq!(
+            l.record(vec![(2, Some(9)), (3, Some(8))], t0 + Duration::from_millis(100)),
+            vec![PeerChange::Restarted(2)]
+        );
     }
 
     #[test]

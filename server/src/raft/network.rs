@@ -13,8 +13,8 @@ use std::time::Duration;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use tally_proto::internal::raft_client::RaftClient;
@@ -119,7 +119,12 @@ impl GroupNetwork {
         Ok(RaftClient::new(channel.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit))
     }
 
-    async fn call<Req, Resp>(&self, kind: RaftCallKind, req: &Req, option: &RPCOption) -> Result<Resp, RPCError<TypeConfig>>
+    async fn call<Req, Resp>(
+        &self,
+        kind: RaftCallKind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
@@ -258,7 +263,8 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let header =
+            encode(&(vote, snapshot.meta.clone())).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         let group = self.group;
         let file = tokio::fs::File::open(&snapshot.snapshot.path)
             .await
@@ -303,7 +309,6 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use openraft::impls::leader_id_adv::LeaderId;
@@ -313,9 +318,13 @@ mod tests {
     use crate::raft::types::{Command, Entry, IngestBatch, LogId, MinuteDelta};
 
     fn entry(index: u64, bytes: usize) -> Entry {
-        let delta = MinuteDelta { entity_id: vec![b'e'; bytes], event_type: "view".into(), minute_ms: 0, count: 1, sum: 1 };
+        let delta =
+            MinuteDelta { entity_id: vec![b'e'; bytes], event_type: "view".into(), minute_ms: 0, count: 1, sum: 1 };
         let batch = IngestBatch { deltas: vec![delta], ..Default::default() };
-        Entry { log_id: LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index }, payload: EntryPayload::Normal(Command::Ingest(batch)) }
+        Entry {
+            log_id: LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index },
+            payload: EntryPayload::Normal(Command::Ingest(batch)),
+        }
     }
 
     #[test]

@@ -175,12 +175,7 @@ impl PeerLink {
 
 /// The link's task: one stream at a time, reopened after a backoff when it
 /// breaks, until the link is dropped.
-async fn converse(
-    target: NodeId,
-    channel: Channel,
-    mut queue: mpsc::Receiver<Outgoing>,
-    events: Arc<PeerEvents>,
-) {
+async fn converse(target: NodeId, channel: Channel, mut queue: mpsc::Receiver<Outgoing>, events: Arc<PeerEvents>) {
     let mut backoff = BACKOFF_MIN;
     let mut carried: Option<Outgoing> = None;
     loop {
@@ -253,7 +248,11 @@ async fn next_call(carried: &mut Option<Outgoing>, queue: &mut mpsc::Receiver<Ou
 /// Pack `first` and whatever else is queued into one frame, registering
 /// each call as in flight; calls whose caller already gave up are dropped.
 /// Returns the frame and a call that did not fit, for the next frame.
-fn pack(first: Outgoing, queue: &mut mpsc::Receiver<Outgoing>, in_flight: &Mutex<InFlight>) -> (PeerFrame, Option<Outgoing>) {
+fn pack(
+    first: Outgoing,
+    queue: &mut mpsc::Receiver<Outgoing>,
+    in_flight: &Mutex<InFlight>,
+) -> (PeerFrame, Option<Outgoing>) {
     let mut calls = Vec::new();
     let mut bytes = 0usize;
     let mut next = Some(first);
@@ -276,7 +275,11 @@ fn pack(first: Outgoing, queue: &mut mpsc::Receiver<Outgoing>, in_flight: &Mutex
 }
 
 /// Deliver replies until the stream ends; returns why it ended.
-async fn read_replies(mut replies: tonic::Streaming<PeerReplyFrame>, in_flight: &Mutex<InFlight>, heard: impl Fn()) -> String {
+async fn read_replies(
+    mut replies: tonic::Streaming<PeerReplyFrame>,
+    in_flight: &Mutex<InFlight>,
+    heard: impl Fn(),
+) -> String {
     loop {
         match replies.message().await {
             Ok(Some(frame)) => {
@@ -316,7 +319,10 @@ mod tests {
     fn outgoing(id: u64, bytes: usize) -> (Outgoing, oneshot::Receiver<Reply>) {
         let (reply, rx) = oneshot::channel();
         let message = RaftMessage { group_id: 1, payload: vec![0; bytes], quiesce: false };
-        (Outgoing { call: PeerCall { id, kind: RaftCallKind::AppendEntries as i32, message: Some(message) }, reply }, rx)
+        (
+            Outgoing { call: PeerCall { id, kind: RaftCallKind::AppendEntries as i32, message: Some(message) }, reply },
+            rx,
+        )
     }
 
     #[tokio::test]

@@ -55,8 +55,8 @@ use openraft::ServerState;
 use super::liveness::{Liveness, PeerChange};
 use super::ticker::GroupTimer;
 use super::types::NodeId;
-use crate::RaftInstance;
 use crate::sync::{MutexExt, RwLockExt};
+use crate::RaftInstance;
 
 #[derive(Debug, Clone, Copy)]
 pub struct QuiesceConfig {
@@ -481,8 +481,21 @@ impl Quiescence {
             _ => false,
         };
         if asleep_under_it {
-            let delay = wake_delay_after_step_aside(self.node_id, leader, to, &voters, |id| self.liveness.is_up(id), self.config.backup_delay);
-            tracing::debug!(group, leader, to, ?delay, "leader stepping aside; waking later unless the target takes over");
+            let delay = wake_delay_after_step_aside(
+                self.node_id,
+                leader,
+                to,
+                &voters,
+                |id| self.liveness.is_up(id),
+                self.config.backup_delay,
+            );
+            tracing::debug!(
+                group,
+                leader,
+                to,
+                ?delay,
+                "leader stepping aside; waking later unless the target takes over"
+            );
             g.set(&mut s, State::Quiesced { leader, wake_at: Some(Instant::now() + delay) });
         }
     }
@@ -490,7 +503,15 @@ impl Quiescence {
     /// A quiesced group lost its leader: the lowest-id surviving voter wakes
     /// and starts a pre-vote election now; the others wake after
     /// `backup_delay` in case it cannot. One candidate avoids split votes.
-    fn leader_lost(&self, g: &GroupQuiescence, s: &mut State, lost: NodeId, voters: &[NodeId], liveness: &Liveness, now: Instant) {
+    fn leader_lost(
+        &self,
+        g: &GroupQuiescence,
+        s: &mut State,
+        lost: NodeId,
+        voters: &[NodeId],
+        liveness: &Liveness,
+        now: Instant,
+    ) {
         let designated = voters.iter().copied().filter(|v| *v != lost && liveness.is_up(*v)).min();
         if designated == Some(self.node_id) {
             g.wake_locked(s);

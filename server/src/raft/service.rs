@@ -12,8 +12,8 @@ use futures::{Stream, StreamExt};
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tally_proto::internal::raft_server::Raft as RaftRpc;
 use tally_proto::internal::{
-    PeerCall, PeerFrame, PeerReply, PeerReplyFrame, PingRequest, PingResponse, ProposeRequest, ProposeResponse, RaftCallKind,
-    RaftMessage, SnapshotChunk,
+    PeerCall, PeerFrame, PeerReply, PeerReplyFrame, PingRequest, PingResponse, ProposeRequest, ProposeResponse,
+    RaftCallKind, RaftMessage, SnapshotChunk,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
@@ -98,9 +98,9 @@ impl RaftService {
         }
         let partition = tally_proto::partition::partition_of_group(group);
         match (partition, self.node.partition_count()) {
-            (Some(p), Some(count)) if p >= count => Err(Status::not_found(format!(
-                "group {group}: the cluster has no partition {p} (groups 0 to {count})"
-            ))),
+            (Some(p), Some(count)) if p >= count => {
+                Err(Status::not_found(format!("group {group}: the cluster has no partition {p} (groups 0 to {count})")))
+            }
             _ => Err(Status::unavailable(format!("group {group} is not open on this node"))),
         }
     }
@@ -128,7 +128,9 @@ async fn answer(service: &RaftService, call: PeerCall) -> PeerReply {
     };
     match result {
         Ok(payload) => PeerReply { id, code: Code::Ok as i32, error: String::new(), payload },
-        Err(status) => PeerReply { id, code: status.code() as i32, error: status.message().to_string(), payload: Vec::new() },
+        Err(status) => {
+            PeerReply { id, code: status.code() as i32, error: status.message().to_string(), payload: Vec::new() }
+        }
     }
 }
 
@@ -173,12 +175,12 @@ impl RaftRpc for RaftService {
         }))
     }
 
-    async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let mut stream = request.into_inner();
-        let first = stream
-            .next()
-            .await
-            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let group = first.group_id;
         let raft = self.group(group)?;
         let (vote, meta): (Vote, SnapshotMeta) = decode(&first.header).map_err(bad_payload)?;

@@ -38,8 +38,8 @@ use openraft::ServerState;
 use rand::Rng;
 
 use crate::raft::types::TypeConfig;
-use crate::RaftInstance;
 use crate::sync::RwLockExt;
+use crate::RaftInstance;
 
 /// How often the loop runs: the granularity of election timeouts.
 pub const ROUND: Duration = Duration::from_millis(25);
@@ -197,7 +197,8 @@ mod tests {
 
     #[test]
     fn elections_wait_out_the_lease_and_spread_over_the_minimum_timeout() {
-        let ticker = NodeTicker::new(Duration::from_millis(100), Duration::from_millis(250), Duration::from_millis(500));
+        let ticker =
+            NodeTicker::new(Duration::from_millis(100), Duration::from_millis(250), Duration::from_millis(500));
         let samples: Vec<u64> = (0..2_000).map(|_| ticker.clock.timeout_ms()).collect();
         assert!(samples.iter().all(|t| (500..750).contains(t)));
         // Spread, not one value: replicas of a group must not all run at once.

@@ -24,11 +24,8 @@ pub type NodeId = u64;
 pub type LogId = openraft::LogId<openraft::impls::leader_id_adv::LeaderId<u64, u64>>;
 pub type Entry = <TypeConfig as openraft::RaftTypeConfig>::Entry;
 pub type Vote = <TypeConfig as openraft::RaftTypeConfig>::Vote;
-pub type StoredMembership = openraft::StoredMembership<
-    openraft::impls::leader_id_adv::LeaderId<u64, u64>,
-    u64,
-    openraft::BasicNode,
->;
+pub type StoredMembership =
+    openraft::StoredMembership<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, openraft::BasicNode>;
 pub type SnapshotMeta =
     openraft::SnapshotMeta<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, openraft::BasicNode>;
 
@@ -111,9 +108,12 @@ impl Command {
     pub fn estimated_bytes(&self) -> usize {
         match self {
             Command::Ingest(b) => {
-                64 + b.deltas.iter().map(|d| d.entity_id.len() + d.event_type.len() + 48).sum::<usize>() + b.keyed.len() * 32
+                64 + b.deltas.iter().map(|d| d.entity_id.len() + d.event_type.len() + 48).sum::<usize>()
+                    + b.keyed.len() * 32
             }
-            Command::SetClusterMap(m) => 64 + m.replicas.iter().map(|r| 8 + 10 * r.len()).sum::<usize>() + m.nodes.len() * 128,
+            Command::SetClusterMap(m) => {
+                64 + m.replicas.iter().map(|r| 8 + 10 * r.len()).sum::<usize>() + m.nodes.len() * 128
+            }
         }
     }
 }

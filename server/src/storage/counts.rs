@@ -71,11 +71,7 @@ impl CountSum {
 }
 
 /// RocksDB associative merge: existing value plus every operand.
-pub fn merge_counts(
-    _key: &[u8],
-    existing: Option<&[u8]>,
-    operands: &rocksdb::MergeOperands,
-) -> Option<Vec<u8>> {
+pub fn merge_counts(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
     let mut total = existing.map(CountSum::decode).unwrap_or_default();
     for op in operands {
         total = total.add(CountSum::decode(op));

@@ -77,16 +77,32 @@ pub struct Engine {
 impl Engine {
     pub fn open(path: &Path) -> Result<Arc<Engine>, StorageError> {
         std::fs::create_dir_all(path).map_err(|e| StorageError::Io(format!("create {}: {e}", path.display())))?;
+        // RocksDB's settings, for the machine Tally is benchmarked on (3
+        // nodes sharing 2 cores) and anything larger; every other option is
+        // RocksDB's default, on purpose (measured: no default showed up as
+        // a cost in `perf` once apply moved to memory, see BENCHMARKS.md).
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
+        // Flushes and compactions together at most 2 threads per node: on
+        // 2 cores shared by 3 nodes, more would only preempt the Raft path;
+        // fewer lets L0 pile up into write stalls at saturation.
         db_opts.set_max_background_jobs(2);
+        // Flushed and compacted SST files are synced incrementally (every
+        // MiB) rather than all at the end, so the disk never has hundreds of
+        // MiB of dirty pages to push at once: the WAL syncer's fsyncs, which
+        // acknowledgements wait for, do not queue behind them.
         db_opts.set_bytes_per_sync(1 << 20);
+        // RocksDB's own info logs: three files are enough to debug with
+        // and keep a node's data directory from growing with them.
         db_opts.set_keep_log_file_num(3);
 
+        // The Raft log and the counts compress well (repeated entity ids,
+        // small integers); LZ4 costs little CPU, unlike zstd at this rate.
         let mut log_opts = Options::default();
         log_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let mut counts_opts = Options::default();
+        // Checkpoints add deltas to buckets without reading them first.
         counts_opts.set_merge_operator_associative("tally_counts", merge_counts);
         counts_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cfs = vec![
@@ -152,8 +168,11 @@ impl Engine {
         F: FnOnce(&Engine) -> Result<T, StorageError> + Send + 'static,
         T: Send + 'static,
     {
-        let permit =
-            permits.clone().acquire_owned().await.map_err(|_| StorageError::Io("storage blocking pool closed".into()))?;
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StorageError::Io("storage blocking pool closed".into()))?;
         let engine = self.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -182,10 +201,18 @@ impl Engine {
 
     /// A log append: returns once the batch is written (readable); openraft's
     /// `callback` is completed after the fsync that covers it.
-    pub async fn append(&self, batch: WriteBatch, callback: openraft::storage::IOFlushed<TypeConfig>) -> Result<(), StorageError> {
+    pub async fn append(
+        &self,
+        batch: WriteBatch,
+        callback: openraft::storage::IOFlushed<TypeConfig>,
+    ) -> Result<(), StorageError> {
         let (written, rx) = oneshot::channel();
         self.writer
-            .submit(WriteRequest { batch: Some(batch), written: Some(written), durable: Some(SyncWaiter::Raft(callback)) })
+            .submit(WriteRequest {
+                batch: Some(batch),
+                written: Some(written),
+                durable: Some(SyncWaiter::Raft(callback)),
+            })
             .await?;
         rx.await.map_err(|_| writer_stopped())?
     }
@@ -221,7 +248,9 @@ impl Engine {
     pub(crate) async fn hold_syncer(&self) -> Result<std::sync::mpsc::Sender<()>, StorageError> {
         let (release, held) = std::sync::mpsc::channel();
         let (written, rx) = oneshot::channel();
-        self.writer.submit(WriteRequest { batch: None, written: Some(written), durable: Some(SyncWaiter::Hold(held)) }).await?;
+        self.writer
+            .submit(WriteRequest { batch: None, written: Some(written), durable: Some(SyncWaiter::Hold(held)) })
+            .await?;
         rx.await.map_err(|_| writer_stopped())??;
         Ok(release)
     }

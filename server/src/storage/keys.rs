@@ -93,7 +93,12 @@ pub fn dedup_stamp_of(key: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// Prefix of every counts key of one (entity, type, granularity) series.
-pub fn series_prefix(group: u32, entity_id: &[u8], event_type: &str, granularity: Granularity) -> Result<Vec<u8>, KeyError> {
+pub fn series_prefix(
+    group: u32,
+    entity_id: &[u8],
+    event_type: &str,
+    granularity: Granularity,
+) -> Result<Vec<u8>, KeyError> {
     let entity_len = u16::try_from(entity_id.len()).map_err(|_| KeyError::EntityTooLong(entity_id.len()))?;
     let type_len = u8::try_from(event_type.len()).map_err(|_| KeyError::TypeTooLong(event_type.len()))?;
     let mut k = Vec::with_capacity(4 + 2 + entity_id.len() + 1 + event_type.len() + 1 + 8);
@@ -108,7 +113,13 @@ pub fn series_prefix(group: u32, entity_id: &[u8], event_type: &str, granularity
 
 /// The counts key of one bucket in a single allocation (the apply hot path
 /// builds several per delta).
-pub fn bucket_key(group: u32, entity_id: &[u8], event_type: &str, granularity: Granularity, bucket_start_ms: i64) -> Result<Vec<u8>, KeyError> {
+pub fn bucket_key(
+    group: u32,
+    entity_id: &[u8],
+    event_type: &str,
+    granularity: Granularity,
+    bucket_start_ms: i64,
+) -> Result<Vec<u8>, KeyError> {
     let start = u64::try_from(bucket_start_ms).map_err(|_| KeyError::NegativeTime(bucket_start_ms))?;
     let mut k = series_prefix(group, entity_id, event_type, granularity)?;
     k.extend_from_slice(&start.to_be_bytes());

@@ -81,7 +81,6 @@ impl LogStore {
         let group = self.group;
         Ok(self.engine.blocking(move |engine| f(engine, group)).await?)
     }
-
 }
 
 /// Remove every trace of `group`'s log (the node no longer replicates it).
@@ -94,7 +93,11 @@ pub fn delete_group_log(engine: &Engine, group: u32) -> Result<(), StorageError>
     engine.write(batch)
 }
 
-fn get_raft_meta<T: serde::de::DeserializeOwned>(engine: &Engine, group: u32, tag: u8) -> Result<Option<T>, StorageError> {
+fn get_raft_meta<T: serde::de::DeserializeOwned>(
+    engine: &Engine,
+    group: u32,
+    tag: u8,
+) -> Result<Option<T>, StorageError> {
     let cf = engine.cf(CF_RAFT)?;
     match engine.db().get_pinned_cf(cf, keys::tagged(group, tag))? {
         Some(bytes) => Ok(Some(decode(&bytes)?)),
@@ -234,7 +237,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.forget_initial();
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.engine.cf(CF_LOG)?, &keys::log_key(self.group, from)[..], &keys::group_end(self.group)[..]);
+        batch.delete_range_cf(
+            self.engine.cf(CF_LOG)?,
+            &keys::log_key(self.group, from)[..],
+            &keys::group_end(self.group)[..],
+        );
         self.engine.write_durable(batch).await?;
         Ok(())
     }

@@ -17,7 +17,8 @@ struct RocksBuilder;
 impl StoreBuilder<TypeConfig, LogStore, GroupStateMachine, tempfile::TempDir> for RocksBuilder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, GroupStateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
-        let engine = Engine::open(&dir.path().join("db")).map_err(|e| StorageError::read(TypeConfig::err_from_error(&std::io::Error::from(e))))?;
+        let engine = Engine::open(&dir.path().join("db"))
+            .map_err(|e| StorageError::read(TypeConfig::err_from_error(&std::io::Error::from(e))))?;
         // Group 7 rather than 0, so the key prefixes are exercised.
         let sm = GroupStateMachine::open(engine.clone(), 7, &dir.path().join("snapshots"), Arc::default(), None)
             .await

@@ -56,7 +56,9 @@ pub async fn read_stats(
             let mut opts = ReadOptions::default();
             opts.set_snapshot(&snap);
             let mut total = CountSum::default();
-            for (i, value) in db.batched_multi_get_cf_opt(engine.cf(CF_COUNTS)?, &keys, false, &opts).into_iter().enumerate() {
+            for (i, value) in
+                db.batched_multi_get_cf_opt(engine.cf(CF_COUNTS)?, &keys, false, &opts).into_iter().enumerate()
+            {
                 if let Some(v) = value? {
                     total = total.add(CountSum::decode(&v));
                 }
@@ -94,7 +96,8 @@ pub async fn read_series(
             opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
             let from_key = keys::counts_key(&prefix, first);
             let mut found = std::collections::HashMap::new();
-            let iter = snap.iterator_cf_opt(engine.cf(CF_COUNTS)?, opts, IteratorMode::From(&from_key, Direction::Forward));
+            let iter =
+                snap.iterator_cf_opt(engine.cf(CF_COUNTS)?, opts, IteratorMode::From(&from_key, Direction::Forward));
             for item in iter {
                 let (key, value) = item?;
                 if !key.starts_with(&prefix) {

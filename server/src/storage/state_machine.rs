@@ -34,9 +34,11 @@ use super::snapshot::{self, SnapshotDir, SnapshotFile};
 use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MAX_DIRTY_KEYS};
 use super::{Engine, StorageError};
 use crate::dedup::DedupIndex;
-use crate::stages::{Stage, Timer};
 use crate::meta::ClusterMap;
-use crate::raft::types::{Command, CommandOutcome, Entry, IngestBatch, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::raft::types::{
+    Command, CommandOutcome, Entry, IngestBatch, LogId, SnapshotMeta, StoredMembership, TypeConfig,
+};
+use crate::stages::{Stage, Timer};
 
 pub type Snapshot = openraft::storage::Snapshot<
     openraft::impls::leader_id_adv::LeaderId<u64, u64>,
@@ -159,7 +161,8 @@ impl GroupStateMachine {
 /// An install interrupted by a crash left its marker: go back to the newest
 /// local snapshot, or to nothing. Blocking.
 fn recover_interrupted_install(engine: &Engine, group: u32, snapshots: &SnapshotDir) -> Result<(), StorageError> {
-    let installing = engine.db().get_pinned_cf(engine.cf(CF_STATE)?, keys::tagged(group, keys::STATE_INSTALLING))?.is_some();
+    let installing =
+        engine.db().get_pinned_cf(engine.cf(CF_STATE)?, keys::tagged(group, keys::STATE_INSTALLING))?.is_some();
     if !installing {
         return Ok(());
     }
@@ -229,7 +232,9 @@ fn apply_chunk(
             EntryPayload::Blank => {}
             EntryPayload::Membership(m) => {
                 let stored = StoredMembership::new(Some(entry.log_id), m);
-                round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_MEMBERSHIP).to_vec(), encode(&stored)?));
+                round
+                    .state
+                    .push(StateWrite::Put(keys::tagged(group, keys::STATE_MEMBERSHIP).to_vec(), encode(&stored)?));
                 membership = Some(stored);
             }
             EntryPayload::Normal(Command::Ingest(ingest)) => {
@@ -250,7 +255,13 @@ fn apply_chunk(
 
 /// Apply one ingest entry; returns the positions of keyed events not
 /// counted because their key already was (see `KeyedEvent`).
-fn apply_ingest(group: u32, dedup: &DedupIndex, round: &mut RoundChanges, log_index: u64, ingest: IngestBatch) -> Result<Vec<u32>, StorageError> {
+fn apply_ingest(
+    group: u32,
+    dedup: &DedupIndex,
+    round: &mut RoundChanges,
+    log_index: u64,
+    ingest: IngestBatch,
+) -> Result<Vec<u32>, StorageError> {
     let IngestBatch { proposed_at_ms, dedup_window_ms, mut deltas, keyed } = ingest;
     let mut dedup = dedup.lock();
     // Expire by the log's clock, never the local one: replicas must agree
@@ -261,7 +272,10 @@ fn apply_ingest(group: u32, dedup: &DedupIndex, round: &mut RoundChanges, log_in
         // Only what the index no longer holds: it keeps keys to the start
         // of the cutoff's second, and a restarted replica must load the same.
         let live_from = dedup.live_from_ms(cutoff);
-        round.state.push(StateWrite::DeleteRange(keys::tagged(group, keys::STATE_DEDUP).to_vec(), keys::dedup_key(group, live_from, 0).to_vec()));
+        round.state.push(StateWrite::DeleteRange(
+            keys::tagged(group, keys::STATE_DEDUP).to_vec(),
+            keys::dedup_key(group, live_from, 0).to_vec(),
+        ));
     }
     round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_LOG_CLOCK).to_vec(), encode(&stamp)?));
     let admitted = dedup.admit((stamp, log_index), keyed.iter().map(|k| k.key));
@@ -269,7 +283,9 @@ fn apply_ingest(group: u32, dedup: &DedupIndex, round: &mut RoundChanges, log_in
         round.state.push(StateWrite::Put(keys::dedup_key(group, stamp, log_index).to_vec(), encode(&admitted.keys)?));
     }
     if !admitted.skipped.is_empty() {
-        round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_CONFLICTS).to_vec(), encode(&dedup.conflicts())?));
+        round
+            .state
+            .push(StateWrite::Put(keys::tagged(group, keys::STATE_CONFLICTS).to_vec(), encode(&dedup.conflicts())?));
     }
     drop(dedup);
     if !admitted.skipped.is_empty() {
@@ -327,7 +343,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         while let Some(items) = chunks.next().await {
             let chunk = items.into_iter().collect::<Result<Vec<_>, io::Error>>()?;
             let (chunk, responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
-            let (group, dedup, write_back, applied) = (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
+            let (group, dedup, write_back, applied) =
+                (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
             let done = self
                 .engine
                 .blocking(move |_| {

@@ -32,7 +32,12 @@ fn ingest(index: u64, proposed_at_ms: u64, deltas: Vec<MinuteDelta>, keys: Vec<u
 fn keyed_ingest(index: u64, proposed_at_ms: u64, deltas: Vec<MinuteDelta>, keyed: Vec<KeyedEvent>) -> Entry {
     Entry {
         log_id: log_id(index),
-        payload: EntryPayload::Normal(Command::Ingest(IngestBatch { proposed_at_ms, dedup_window_ms: 600_000, deltas, keyed })),
+        payload: EntryPayload::Normal(Command::Ingest(IngestBatch {
+            proposed_at_ms,
+            dedup_window_ms: 600_000,
+            deltas,
+            keyed,
+        })),
     }
 }
 
@@ -77,7 +82,17 @@ async fn apply_aggregates_into_every_granularity() {
     // Ranges that cut through buckets still add up exactly.
     assert_eq!(stats(T - HOUR_MS, T).await.count, 1);
     assert_eq!(stats(T + MINUTE_MS, T + DAY_MS).await.count, 0);
-    let hours = read_series(&engine, &sm.write_back(), b"v", "view", tally_proto::time::Granularity::Hour, T - HOUR_MS, T + HOUR_MS).await.unwrap();
+    let hours = read_series(
+        &engine,
+        &sm.write_back(),
+        b"v",
+        "view",
+        tally_proto::time::Granularity::Hour,
+        T - HOUR_MS,
+        T + HOUR_MS,
+    )
+    .await
+    .unwrap();
     assert_eq!(hours.iter().map(|(_, c)| c.count).collect::<Vec<_>>(), vec![0, 4, 0]);
 }
 
@@ -102,7 +117,14 @@ async fn snapshot_installs_identically_and_survives_restart() {
     let leader_dir = tempfile::tempdir().unwrap();
     let (leader_engine, mut leader, _) = open(leader_dir.path()).await;
     let entries: Vec<Entry> = (1..=50)
-        .map(|i| ingest(i, i * 1_000, vec![delta(&format!("e{}", i % 7), T - (i as i64) * MINUTE_MS, i, i as i64)], vec![i as u128]))
+        .map(|i| {
+            ingest(
+                i,
+                i * 1_000,
+                vec![delta(&format!("e{}", i % 7), T - (i as i64) * MINUTE_MS, i, i as i64)],
+                vec![i as u128],
+            )
+        })
         .collect();
     apply(&mut leader, entries).await;
     let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
@@ -116,15 +138,24 @@ async fn snapshot_installs_identically_and_survives_restart() {
         follower.install_snapshot(&snapshot.meta, snapshot.snapshot.clone()).await.unwrap();
         assert_eq!(follower.applied_state().await.unwrap().0, Some(log_id(50)));
         assert_eq!(dedup.lock().len(), 50);
-        assert_eq!(read_stats(&follower_engine, &follower.write_back(), b"late", "view", 0, T + DAY_MS).await.unwrap().count, 0);
+        assert_eq!(
+            read_stats(&follower_engine, &follower.write_back(), b"late", "view", 0, T + DAY_MS).await.unwrap().count,
+            0
+        );
         apply(&mut follower, vec![ingest(51, 60_000, vec![delta("late", T, 1, 1)], vec![999])]).await;
-        assert_eq!(state_digest(&follower_engine, &follower.write_back()).await.unwrap(), state_digest(&leader_engine, &leader.write_back()).await.unwrap());
+        assert_eq!(
+            state_digest(&follower_engine, &follower.write_back()).await.unwrap(),
+            state_digest(&leader_engine, &leader.write_back()).await.unwrap()
+        );
     }
     // Restart: everything comes back from disk.
     let (engine, mut sm, dedup) = open(follower_dir.path()).await;
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(51)));
     assert_eq!(dedup.lock().len(), 51);
-    assert_eq!(state_digest(&engine, &sm.write_back()).await.unwrap(), state_digest(&leader_engine, &leader.write_back()).await.unwrap());
+    assert_eq!(
+        state_digest(&engine, &sm.write_back()).await.unwrap(),
+        state_digest(&leader_engine, &leader.write_back()).await.unwrap()
+    );
     assert!(sm.get_current_snapshot().await.unwrap().is_some());
 }
 
@@ -140,8 +171,16 @@ async fn interrupted_install_restores_the_local_snapshot() {
         apply(&mut sm, vec![ingest(2, 2_000, vec![delta("a", T, 1, 1)], vec![2])]).await;
         // Simulate a crash in the middle of installing a snapshot.
         let mut batch = rocksdb::WriteBatch::default();
-        batch.put_cf(engine.cf(super::keys::CF_STATE).unwrap(), super::keys::tagged(GROUP, super::keys::STATE_INSTALLING), []);
-        batch.delete_range_cf(engine.cf(super::keys::CF_COUNTS).unwrap(), super::keys::group_prefix(GROUP), super::keys::group_end(GROUP));
+        batch.put_cf(
+            engine.cf(super::keys::CF_STATE).unwrap(),
+            super::keys::tagged(GROUP, super::keys::STATE_INSTALLING),
+            [],
+        );
+        batch.delete_range_cf(
+            engine.cf(super::keys::CF_COUNTS).unwrap(),
+            super::keys::group_prefix(GROUP),
+            super::keys::group_end(GROUP),
+        );
         engine.write(batch).unwrap();
         engine.sync().await.unwrap();
     }
@@ -213,9 +252,14 @@ async fn sums_at_the_i64_limits_are_exact_whatever_rocksdb_merges_first() {
     let s = read_stats(&engine, &sm.write_back(), b"x", "view", T, T + MINUTE_MS).await.unwrap();
     assert_eq!((s.count, s.sum), (4, -2));
     // Over a day (another bucket, merged in another order) it agrees.
-    let day = read_stats(&engine, &sm.write_back(), b"x", "view", T - 23 * HOUR_MS - 59 * MINUTE_MS, T + MINUTE_MS).await.unwrap();
+    let day = read_stats(&engine, &sm.write_back(), b"x", "view", T - 23 * HOUR_MS - 59 * MINUTE_MS, T + MINUTE_MS)
+        .await
+        .unwrap();
     assert_eq!(day.sum, -2);
-    let partial = read_series(&engine, &sm.write_back(), b"x", "view", tally_proto::time::Granularity::Minute, T, T + MINUTE_MS).await.unwrap();
+    let partial =
+        read_series(&engine, &sm.write_back(), b"x", "view", tally_proto::time::Granularity::Minute, T, T + MINUTE_MS)
+            .await
+            .unwrap();
     assert_eq!(partial[0].1.sum, -2);
 }
 
@@ -230,7 +274,17 @@ async fn reads_add_memory_to_the_last_checkpoint() {
     assert_eq!(read_stats(&engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap().count, 5);
     let feb = 1_706_745_600_000;
     assert_eq!(read_stats(&engine, &sm.write_back(), b"v", "view", feb, feb + 29 * DAY_MS).await.unwrap().count, 5);
-    let minutes = read_series(&engine, &sm.write_back(), b"v", "view", tally_proto::time::Granularity::Minute, T - MINUTE_MS, T + MINUTE_MS).await.unwrap();
+    let minutes = read_series(
+        &engine,
+        &sm.write_back(),
+        b"v",
+        "view",
+        tally_proto::time::Granularity::Minute,
+        T - MINUTE_MS,
+        T + MINUTE_MS,
+    )
+    .await
+    .unwrap();
     assert_eq!(minutes.iter().map(|(_, c)| c.count).collect::<Vec<_>>(), vec![0, 5]);
 }
 
@@ -240,7 +294,14 @@ async fn reads_add_memory_to_the_last_checkpoint() {
 #[tokio::test]
 async fn a_crash_between_checkpoints_replays_to_the_same_state() {
     let log: Vec<Entry> = (1..=30)
-        .map(|i| ingest(i, i * 1_000, vec![delta(&format!("e{}", i % 4), T - (i as i64 % 5) * MINUTE_MS, i, i as i64)], vec![i as u128]))
+        .map(|i| {
+            ingest(
+                i,
+                i * 1_000,
+                vec![delta(&format!("e{}", i % 4), T - (i as i64 % 5) * MINUTE_MS, i, i as i64)],
+                vec![i as u128],
+            )
+        })
         .collect();
     let steady_dir = tempfile::tempdir().unwrap();
     let (steady_engine, mut steady, _) = open(steady_dir.path()).await;

@@ -138,7 +138,11 @@ impl WriteBack {
     pub fn new(group: u32, written: Option<LogId>) -> Arc<WriteBack> {
         Arc::new(WriteBack {
             group,
-            epochs: Mutex::new(Epochs { active: Epoch { applied: written, ..Default::default() }, frozen: VecDeque::new(), written }),
+            epochs: Mutex::new(Epochs {
+                active: Epoch { applied: written, ..Default::default() },
+                frozen: VecDeque::new(),
+                written,
+            }),
             writing: Mutex::new(false),
             background: AtomicBool::new(false),
         })
