@@ -168,8 +168,8 @@ impl Batcher {
         let mut events = events.into_iter().peekable();
         while events.peek().is_some() {
             let part: Vec<(Event, Reply)> = events.by_ref().take(chunk).collect();
-            let n = u32::try_from(part.len()).map_err(|_| ClientError::Closed)?;
-            let permits = self.permits.acquire_many(n).await.map_err(|_| ClientError::Closed)?;
+            // At most MAX_CHUNK: the cast cannot truncate.
+            let permits = self.permits.acquire_many(part.len() as u32).await.map_err(|_| ClientError::Closed)?;
             let epoch = self.lock_epochs().current.clone();
             let items = part.into_iter().map(|(event, reply)| self.item(&event, reply, epoch.clone())).collect();
             self.commands.send(Command::Events(items)).await.map_err(|_| ClientError::Closed)?;
@@ -336,7 +336,7 @@ impl Task {
             if !(due || full || buffer.forced) || !self.has_room(partition, batch.max_in_flight_per_partition) {
                 return;
             }
-            let mut budget = Budget { events: batch.max_events, bytes: batch.max_bytes };
+            let mut budget = Budget { events: batch.max_events, bytes: batch.max_bytes, empty: true };
             let mut groups = vec![(partition, self.take(partition, &mut budget, now))];
             for other in self.companions(partition, batch.max_in_flight_per_partition) {
                 if budget.events == 0 || budget.bytes == 0 {
@@ -377,17 +377,16 @@ impl Task {
     }
 
     /// Takes the longest prefix of `partition`'s buffer within `budget`
-    /// (at least one event, if the budget is untouched) and counts it in
-    /// flight.
+    /// (at least one event while the request is still empty, however large)
+    /// and counts it in flight.
     fn take(&mut self, partition: u32, budget: &mut Budget, now: Instant) -> Vec<Item> {
         let linger = self.router.config.batch.linger;
         let Some(buffer) = self.buffers.get_mut(partition as usize) else { return Vec::new() };
-        let untouched = budget.events == self.router.config.batch.max_events;
         let mut bytes = 0;
         let mut take = 0;
         for item in buffer.items.iter().take(budget.events) {
             let size = encoded::framed_len(&item.event);
-            if (take > 0 || !untouched) && bytes + size > budget.bytes {
+            if (take > 0 || !budget.empty) && bytes + size > budget.bytes {
                 break;
             }
             bytes += size;
@@ -396,6 +395,7 @@ impl Task {
         if take == 0 {
             return Vec::new();
         }
+        budget.empty = false;
         budget.events -= take;
         budget.bytes = budget.bytes.saturating_sub(bytes);
         let items: Vec<Item> = buffer.items.drain(..take).collect();
@@ -419,6 +419,9 @@ impl Task {
 struct Budget {
     events: usize,
     bytes: usize,
+    /// Nothing taken yet: the first event goes even if it alone is over
+    /// `bytes` (the server's limit is higher; refusing it would strand it).
+    empty: bool,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

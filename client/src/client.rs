@@ -122,23 +122,23 @@ impl TallyClient {
     /// in per-partition batches like any others.
     pub async fn send_batch(&self, events: Vec<Event>) -> Result<BatchTicket> {
         let mut outcomes = Vec::with_capacity(events.len());
+        // Valid events with their position in the batch.
         let mut valid = Vec::with_capacity(events.len());
-        for mut event in events {
+        for (index, mut event) in events.into_iter().enumerate() {
             if event.event_id.is_empty() {
                 event.event_id = self.new_event_id();
             }
             match validate_event(&event) {
                 Ok(()) => {
                     outcomes.push(None);
-                    valid.push(event);
+                    valid.push((index, event));
                 }
                 Err(e) => outcomes.push(Some(Outcome::Rejected { field: e.field.to_owned(), reason: e.reason })),
             }
         }
-        let pending: Vec<usize> = (0..outcomes.len()).filter(|&i| outcomes[i].is_none()).collect();
         let (slots, ticket) = BatchSlots::new(outcomes);
-        let queued = valid.into_iter().zip(pending).map(|(event, index)| (event, Reply::slot(slots.clone(), index)));
-        self.inner.batcher.send_many(queued.collect()).await?;
+        let queued = valid.into_iter().map(|(index, event)| (event, Reply::slot(slots.clone(), index))).collect();
+        self.inner.batcher.send_many(queued).await?;
         Ok(ticket)
     }
 

@@ -8,6 +8,17 @@ use rand::{Rng, SeedableRng};
 use tally_proto::time::{bucket_start, series_starts, Granularity};
 use tally_proto::v1::Event;
 
+/// One event with the given fields and no value (counts 1, adds 0).
+pub fn event(entity: &str, event_type: &str, time: i64, id: &str) -> Event {
+    Event {
+        entity_id: entity.as_bytes().to_vec(),
+        event_type: event_type.into(),
+        event_time_ms: time,
+        event_id: id.as_bytes().to_vec(),
+        value: None,
+    }
+}
+
 pub const EVENT_TYPES: [&str; 3] = ["view", "like", "comment"];
 
 /// (entity, type).

@@ -4,19 +4,10 @@
 
 use std::time::Duration;
 
+use cluster_tests::model::event;
 use cluster_tests::{ClusterOptions, TestCluster};
 use tally_proto::v1::{Event, IngestRequest, IngestResponse, SeriesRequest, StatsRequest};
 use tonic::Code;
-
-fn event(entity: &str, event_type: &str, time: i64, id: &str) -> Event {
-    Event {
-        entity_id: entity.as_bytes().to_vec(),
-        event_type: event_type.into(),
-        event_time_ms: time,
-        event_id: id.as_bytes().to_vec(),
-        value: None,
-    }
-}
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct Malformed {

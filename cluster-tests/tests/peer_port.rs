@@ -15,6 +15,7 @@
 
 use std::time::Duration;
 
+use cluster_tests::model::event;
 use cluster_tests::{ClusterOptions, TestCluster};
 use tally_proto::internal::raft_client::RaftClient;
 use tally_proto::internal::{
@@ -22,21 +23,11 @@ use tally_proto::internal::{
 };
 use tally_proto::partition::{group_of_partition, partition_of};
 use tally_proto::v1::ingest_client::IngestClient;
-use tally_proto::v1::{Event, IngestRequest, StatsRequest};
+use tally_proto::v1::{IngestRequest, StatsRequest};
 use tonic::transport::Channel;
 use tonic::Code;
 
 const PARTITIONS: u32 = 8;
-
-fn event(entity: &str, event_type: &str, time: i64, id: &str) -> Event {
-    Event {
-        entity_id: entity.as_bytes().to_vec(),
-        event_type: event_type.into(),
-        event_time_ms: time,
-        event_id: id.as_bytes().to_vec(),
-        value: None,
-    }
-}
 
 /// An entity of `partition`, and one of another partition.
 fn entity_in(partition: u32) -> String {

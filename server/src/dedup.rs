@@ -9,7 +9,7 @@
 //! ARCHITECTURE.md for why that decision is complete.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -235,7 +235,8 @@ impl DedupIndex {
 impl Drop for DedupIndex {
     fn drop(&mut self) {
         // A dropped replica gives its keys back.
-        let live = self.state.get_mut().map(|s| s.keys.len()).unwrap_or_else(|p| p.into_inner().keys.len());
+        // The poisoned-lock policy of `sync.rs`: the value is still whole.
+        let live = self.state.get_mut().unwrap_or_else(PoisonError::into_inner).keys.len();
         self.budget.adjust(live, 0);
     }
 }
