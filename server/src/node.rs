@@ -91,8 +91,17 @@ impl Node {
         let raft_config = Arc::new(
             openraft::Config {
                 cluster_name: "tally".into(),
-                heartbeat_interval: config.heartbeat_ms,
-                election_timeout_min: config.election_timeout_ms,
+                // With ticks off (below), openraft uses these three only as
+                // deadlines and the lease; the ticker decides when heartbeats
+                // and elections happen. A heartbeat may take two of its
+                // intervals (a late ack still renews the leader's lease from
+                // when the heartbeat was sent) and a vote the whole lease: on
+                // a starved machine, replies later than openraft's own
+                // deadlines (the interval, the minimum election timeout) were
+                // failures, leases lapsed and elections of a thousand groups
+                // were retried without end.
+                heartbeat_interval: (config.heartbeat_ms * 2).min(config.election_timeout_ms),
+                election_timeout_min: (config.election_timeout_ms * 2).saturating_sub(1),
                 election_timeout_max: config.election_timeout_ms * 2,
                 snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
                 max_in_snapshot_log_to_keep: config.snapshot_logs / 2,
@@ -138,13 +147,6 @@ impl Node {
             election_max,
         );
         ticker.register(METADATA_GROUP, metadata.clone());
-        ticker.clone().spawn(
-            {
-                let peers = peers.clone();
-                move || peers.control_backlog()
-            },
-            CONTROL_BACKLOG_FOR_ELECTIONS,
-        );
         let ping = Duration::from_millis(config.ping_ms.max(1));
         let suspect_after = Duration::from_millis(config.election_timeout_ms);
         let clock =
@@ -161,6 +163,17 @@ impl Node {
                 }
             }
         });
+        ticker.clone().spawn(
+            {
+                let peers = peers.clone();
+                move || peers.control_backlog()
+            },
+            CONTROL_BACKLOG_FOR_ELECTIONS,
+            {
+                let liveness = Arc::downgrade(&liveness);
+                move |node| liveness.upgrade().is_some_and(|l| l.is_up(node))
+            },
+        );
         let quiescence = Quiescence::new(
             config.node_id,
             QuiesceConfig {
@@ -252,7 +265,10 @@ impl Node {
     /// asking for votes in groups it has not opened yet.
     async fn sync_groups_with_map(self: Arc<Self>) -> anyhow::Result<()> {
         let _guard = self.opening.lock().await;
-        let map = self.map();
+        // Shared, not cloned per partition: a map of 10,000 partitions is
+        // 10,000 small vectors, and a clone for each group opened made
+        // opening quadratic.
+        let map = Arc::new(self.map());
         if !map.is_initialized() {
             return Ok(());
         }

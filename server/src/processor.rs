@@ -221,13 +221,15 @@ impl Processor {
     /// Answers jobs with NotLeader until this node leads and rule 1 holds.
     /// Returns the session, or None when the queue is closed.
     async fn wait_until_ready_leader(&self, rx: &mut mpsc::Receiver<IngestJob>) -> Option<Session> {
-        let mut metrics = self.raft.metrics();
+        // The server metrics change only with role, vote, leader or
+        // membership. The full metrics change with every append, commit,
+        // apply and replication ack: waiting on them woke every replica's
+        // processor several times per entry for nothing.
+        let mut server = self.raft.server_metrics();
         loop {
-            let (is_leader, term) = {
-                let m = metrics.borrow_watched();
-                (m.state == ServerState::Leader, m.current_term)
-            };
+            let is_leader = server.borrow_watched().state == ServerState::Leader;
             if is_leader {
+                let term = self.raft.metrics().borrow_watched().current_term;
                 match tokio::time::timeout(self.config.ready_timeout, self.dedup_view_complete(term)).await {
                     Ok(Ok(session)) => return Some(session),
                     Ok(Err(why)) => tracing::debug!(term, why, "not ready to lead yet"),
@@ -245,7 +247,7 @@ impl Processor {
                     let job = job?;
                     let _ = job.reply.send(ProposeOutcome::NotLeader { leader: self.leader_hint() });
                 }
-                changed = metrics.changed() => {
+                changed = server.changed() => {
                     if changed.is_err() {
                         return None;
                     }
@@ -309,11 +311,12 @@ impl Processor {
         let mut failed = false;
         let mut open = true;
         let mut warned_clock = false;
-        let mut metrics = self.raft.metrics();
+        // Role and vote only (see `wait_until_ready_leader`).
+        let mut server = self.raft.server_metrics();
 
         loop {
             let still_leader = {
-                let m = metrics.borrow_watched();
+                let m = server.borrow_watched();
                 m.state == ServerState::Leader && m.vote.leader_id() == &session.leader_id
             };
             if !still_leader {
@@ -419,7 +422,7 @@ impl Processor {
                         }
                     }
                 },
-                changed = metrics.changed() => {
+                changed = server.changed() => {
                     if changed.is_err() {
                         failed = true;
                     }

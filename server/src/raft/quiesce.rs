@@ -39,12 +39,18 @@
 //! running then would start elections against leaders that are healthy but
 //! quiet.
 //!
+//! Every decision — which event moves a group to which state, and what
+//! then happens — is a pure function in `quiesce_state.rs`, unit-tested
+//! transition by transition; this file feeds it events and openraft's
+//! metrics, and performs what it returns (timers on or off, elections,
+//! lease renewals).
+//!
 //! Raft safety never depends on any of this: timers only decide *when* an
 //! election starts, and votes, terms and leases are openraft's. A mistake
 //! here costs an unneeded election or a slower failover, never a lost or
 //! doubled count.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -53,105 +59,148 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 
 use super::liveness::{Liveness, PeerChange};
+use super::quiesce_state::{decide, Action, Context, Decision, Event, GroupView, Role, State};
+pub use super::quiesce_state::{QuiesceConfig, ReplicaStart, CREATION_GRACE};
 use super::ticker::GroupTimer;
 use super::types::NodeId;
 use crate::sync::{MutexExt, RwLockExt};
 use crate::RaftInstance;
-
-#[derive(Debug, Clone, Copy)]
-pub struct QuiesceConfig {
-    /// Idle time after which a leader quiesces its group; zero disables.
-    pub after: Duration,
-    /// How long a freshly opened replica stays dormant without hearing from
-    /// its leader.
-    pub startup_grace: Duration,
-    /// When a quiesced group's leader is lost, how long replicas other than
-    /// the designated one wait before their own timers may elect.
-    pub backup_delay: Duration,
-    /// When an *active* group's leader is reported down, how long until
-    /// openraft's leader lease has surely expired on the voters (lease minus
-    /// the time liveness took to notice, plus a margin).
-    pub lease_wait: Duration,
-}
-
-/// How a replica being opened starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplicaStart {
-    /// It creates the group (the first replica of the initial map).
-    Creator,
-    /// A replica of a group being created elsewhere: dormant until the
-    /// creator reaches it, or [`CREATION_GRACE`] passes. A node opening a
-    /// thousand new groups takes seconds, and a replica that woke sooner
-    /// would campaign against the creator and split its votes.
-    AwaitingCreator,
-    /// A replica of an existing group (a node restarting or joining).
-    Existing,
-}
-
-/// How long a replica of a group being created waits for its creator
-/// before its own timer may elect (the creator's node could be down).
-pub const CREATION_GRACE: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum State {
-    /// Timers on; the ordinary Raft group.
-    Active,
-    /// Timers off since the replica was opened at `since`, for `grace`.
-    Dormant { since: Instant, grace: Duration },
-    /// Leader only: heartbeats carry the flag; members that acknowledged one.
-    Quiescing { acked: BTreeSet<NodeId> },
-    /// Timers off. `leader` is this node for the leader itself. `wake_at`:
-    /// the leader was lost; wake at that time unless something else did.
-    Quiesced { leader: NodeId, wake_at: Option<Instant> },
-}
 
 /// Quiescence of one group on this node; shared by the group's network
 /// (leader side), the Raft service (follower side) and the sweeper.
 pub struct GroupQuiescence {
     group: u32,
     node_id: NodeId,
-    enabled: bool,
+    config: QuiesceConfig,
     raft: OnceLock<RaftInstance>,
     /// The node ticker's handle on this group: quiescence decides whether
     /// the ticker drives it.
     timer: OnceLock<Arc<GroupTimer>>,
     state: Mutex<State>,
+    /// The registry's groups that every sweep visits; this group is in it
+    /// exactly while its state [needs the sweep](State::needs_sweep).
+    swept: Arc<Mutex<HashSet<u32>>>,
     /// When the leader last sent entries, ms on the registry's clock.
     last_activity_ms: AtomicU64,
     epoch: Instant,
     liveness: Arc<Liveness>,
 }
 
+/// openraft's metrics of a group as [`GroupView`], read when a decision
+/// asks (most events ask nothing).
+struct MetricsView<'a>(&'a RaftInstance);
+
+impl GroupView for MetricsView<'_> {
+    fn role(&self) -> Role {
+        match self.0.metrics().borrow_watched().state {
+            ServerState::Leader => Role::Leader,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Follower => Role::Follower,
+            ServerState::Learner | ServerState::Shutdown => Role::Learner,
+        }
+    }
+
+    fn current_leader(&self) -> Option<NodeId> {
+        self.0.metrics().borrow_watched().current_leader
+    }
+
+    fn caught_up(&self, is_up: &dyn Fn(NodeId) -> bool) -> bool {
+        let metrics = self.0.metrics();
+        let m = metrics.borrow_watched();
+        m.last_applied.as_ref().map(|l| l.index) == m.last_log_index
+            && m.replication.as_ref().is_some_and(|r| {
+                r.iter().all(|(id, matched)| matched.as_ref().map(|l| l.index) == m.last_log_index || !is_up(*id))
+            })
+    }
+
+    fn members(&self) -> Vec<NodeId> {
+        self.0.metrics().borrow_watched().membership_config.membership().nodes().map(|(id, _)| *id).collect()
+    }
+
+    fn voters(&self) -> Vec<NodeId> {
+        self.0.metrics().borrow_watched().membership_config.membership().voter_ids().collect()
+    }
+}
+
 impl GroupQuiescence {
-    fn raft(&self) -> Option<&RaftInstance> {
-        self.raft.get()
+    fn enabled(&self) -> bool {
+        !self.config.after.is_zero()
     }
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn set(&self, state: &mut State, next: State) {
-        let ticking = |s: &State| matches!(s, State::Active | State::Quiescing { .. });
-        let (was, will) = (ticking(state), ticking(&next));
-        *state = next;
-        if was != will {
-            if let Some(timer) = self.timer.get() {
-                timer.set_driven(will);
+    /// Decide on `event`, take the new state (turning the ticker's drive on
+    /// or off with it) and perform the action; returns the action for
+    /// callers that have a part in it.
+    fn step(&self, event: Event) -> Action {
+        let Some(raft) = self.raft.get().filter(|_| self.enabled()) else { return Action::Nothing };
+        let is_up = |id: NodeId| self.liveness.is_up(id);
+        let cx = Context { me: self.node_id, config: &self.config, now: Instant::now(), is_up: &is_up };
+        let action = {
+            let mut state = self.state.lock_unpoisoned();
+            let Decision { next, action } = decide(&state, event, &MetricsView(raft), &cx);
+            if next != *state {
+                tracing::debug!(group = self.group, from = ?*state, to = ?next, ?event, "quiescence");
+                if next.driven() != state.driven() {
+                    if let Some(timer) = self.timer.get() {
+                        timer.set_driven(next.driven());
+                    }
+                }
+                if next.needs_sweep() != state.needs_sweep() {
+                    let mut swept = self.swept.lock_unpoisoned();
+                    if next.needs_sweep() {
+                        swept.insert(self.group);
+                    } else {
+                        swept.remove(&self.group);
+                    }
+                }
+                *state = next;
             }
-        }
+            action
+        };
+        self.perform(raft, action);
+        action
     }
 
-    fn wake_locked(&self, state: &mut State) {
-        if *state != State::Active {
-            tracing::debug!(group = self.group, from = ?state, "group wakes");
-            self.set(state, State::Active);
+    fn perform(&self, raft: &RaftInstance, action: Action) {
+        match action {
+            Action::Nothing => {}
+            Action::MarkActive | Action::RenewLease => self.last_activity_ms.store(self.now_ms(), Ordering::Relaxed),
+            Action::ElectNow => {
+                if let Some(timer) = self.timer.get() {
+                    timer.restart();
+                }
+                let raft = raft.clone();
+                tokio::spawn(async move {
+                    let _ = raft.trigger().elect(true).await;
+                });
+            }
+            Action::ElectWhenLeaseEnds { lost } => {
+                let (raft, timer) = (raft.clone(), self.timer.get().cloned());
+                let first_wait = timer.as_ref().map_or(self.config.lease_wait, |t| t.lease_left() + LEASE_MARGIN);
+                tokio::spawn(async move {
+                    // Right when this replica's lease ends, and once more a
+                    // moment later in case the other voter's ended later.
+                    for wait in [first_wait, ELECTION_RETRY] {
+                        tokio::time::sleep(wait).await;
+                        if raft.metrics().borrow_watched().current_leader != Some(lost) {
+                            return;
+                        }
+                        if let Some(timer) = &timer {
+                            timer.restart();
+                        }
+                        let _ = raft.trigger().elect(true).await;
+                    }
+                });
+            }
         }
     }
 
     /// Turn the group's timers back on, whatever its state.
     pub fn wake(&self) {
-        self.wake_locked(&mut self.state.lock_unpoisoned());
+        self.step(Event::Woken);
     }
 
     /// Make this leader writable before a proposal. openraft refuses writes
@@ -161,14 +210,10 @@ impl GroupQuiescence {
     /// round trip on the first write after a quiet period; nothing when the
     /// group is awake.
     pub async fn prepare_write(&self) {
-        let quiesced_leader =
-            matches!(*self.state.lock_unpoisoned(), State::Quiesced { leader, .. } if leader == self.node_id);
-        if !quiesced_leader {
+        if self.step(Event::WriteComing) != Action::RenewLease {
             return;
         }
-        self.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
-        self.wake();
-        if let Some(raft) = self.raft() {
+        if let Some(raft) = self.raft.get() {
             let renew = raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
             if let Err(e) = tokio::time::timeout(Duration::from_secs(2), renew).await {
                 tracing::debug!(group = self.group, error = %e, "lease renewal before a write timed out");
@@ -177,59 +222,26 @@ impl GroupQuiescence {
     }
 
     pub fn is_quiesced(&self) -> bool {
-        matches!(*self.state.lock_unpoisoned(), State::Quiesced { .. } | State::Dormant { .. })
+        self.state.lock_unpoisoned().asleep()
     }
 
     /// Leader side, before an AppendEntries goes to `target`: entries are
     /// activity and wake the group; returns whether a heartbeat carries the
-    /// flag. Entries re-sent to a node liveness reports down are not
-    /// activity: openraft retries them forever, and a dead follower must
-    /// not keep its groups awake.
+    /// flag.
     pub fn before_send(&self, target: NodeId, has_entries: bool) -> bool {
-        if !self.enabled {
+        if !self.enabled() {
             return false;
         }
-        if has_entries && !self.liveness.is_up(target) {
-            return false;
-        }
-        let mut s = self.state.lock_unpoisoned();
         if has_entries {
-            self.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
-            self.wake_locked(&mut s);
+            self.step(Event::EntriesSent { target });
             return false;
         }
-        match &*s {
-            State::Quiescing { .. } => true,
-            State::Quiesced { leader, .. } => *leader == self.node_id,
-            _ => false,
-        }
+        self.state.lock_unpoisoned().flags_heartbeats(self.node_id)
     }
 
-    /// Leader side, after `target` answered a flagged heartbeat. Members
-    /// liveness reports down do not hold quiescence up: a cluster with a
-    /// dead node would otherwise keep every group it hosted awake. When the
-    /// node answers again, `Up`/`Restarted` wakes its groups.
+    /// Leader side, after `target` answered a flagged heartbeat.
     pub fn flagged_heartbeat_acked(&self, target: NodeId) {
-        let Some(raft) = self.raft() else { return };
-        let members: BTreeSet<NodeId> = {
-            let m = raft.metrics();
-            let m = m.borrow_watched();
-            m.membership_config
-                .membership()
-                .nodes()
-                .map(|(id, _)| *id)
-                .filter(|id| *id != self.node_id && self.liveness.is_up(*id))
-                .collect()
-        };
-        let mut s = self.state.lock_unpoisoned();
-        if let State::Quiescing { acked } = &mut *s {
-            acked.insert(target);
-            if members.is_subset(acked) {
-                tracing::debug!(group = self.group, "group quiesced (leader)");
-                let leader = self.node_id;
-                self.set(&mut s, State::Quiesced { leader, wake_at: None });
-            }
-        }
+        self.step(Event::FlaggedHeartbeatAcked { target });
     }
 
     /// Follower side, after this replica handled an AppendEntries from
@@ -238,17 +250,8 @@ impl GroupQuiescence {
     /// must not wake the group, since a replica that wakes long after it
     /// last heard from its leader starts an election at the next ticker round.
     pub fn received(&self, leader: NodeId, flagged: bool, accepted: bool) {
-        if !self.enabled || !accepted {
-            return;
-        }
-        let mut s = self.state.lock_unpoisoned();
-        if !flagged {
-            self.wake_locked(&mut s);
-        } else if leader != self.node_id {
-            match &*s {
-                State::Quiesced { leader: l, wake_at: None } if *l == leader => {}
-                _ => self.set(&mut s, State::Quiesced { leader, wake_at: None }),
-            }
+        if accepted {
+            self.step(Event::Accepted { leader, flagged });
         }
     }
 }
@@ -260,11 +263,32 @@ pub struct Quiescence {
     epoch: Instant,
     liveness: Arc<Liveness>,
     groups: RwLock<HashMap<u32, Arc<GroupQuiescence>>>,
+    /// Groups whose state needs every sweep (see [`State::needs_sweep`]).
+    swept: Arc<Mutex<HashSet<u32>>>,
 }
+
+/// After the lease a designated voter waits out, a little more: its
+/// lease clock starts after openraft's, the other voters' may have started
+/// a moment later.
+const LEASE_MARGIN: Duration = Duration::from_millis(20);
+/// When the designated voter's first pre-vote right after the lease found
+/// no majority, it tries once more this much later.
+const ELECTION_RETRY: Duration = Duration::from_millis(100);
+
+/// Every this many sweeps, the sweep visits every group, not only those
+/// whose state needs it: the safety net for a wake-up an event missed.
+const FULL_SWEEP_EVERY: u32 = 8;
 
 impl Quiescence {
     pub fn new(node_id: NodeId, config: QuiesceConfig, liveness: Arc<Liveness>) -> Arc<Quiescence> {
-        Arc::new(Quiescence { node_id, config, epoch: Instant::now(), liveness, groups: RwLock::default() })
+        Arc::new(Quiescence {
+            node_id,
+            config,
+            epoch: Instant::now(),
+            liveness,
+            groups: RwLock::default(),
+            swept: Arc::default(),
+        })
     }
 
     fn enabled(&self) -> bool {
@@ -277,15 +301,17 @@ impl Quiescence {
         let g = Arc::new(GroupQuiescence {
             group,
             node_id: self.node_id,
-            enabled: self.enabled(),
+            config: self.config,
             raft: OnceLock::new(),
             timer: OnceLock::new(),
             state: Mutex::new(State::Active),
+            swept: self.swept.clone(),
             last_activity_ms: AtomicU64::new(0),
             epoch: self.epoch,
             liveness: self.liveness.clone(),
         });
         self.groups.write_unpoisoned().insert(group, g.clone());
+        self.swept.lock_unpoisoned().insert(group);
         g
     }
 
@@ -295,20 +321,12 @@ impl Quiescence {
     pub fn attach(&self, g: &GroupQuiescence, raft: RaftInstance, timer: Arc<GroupTimer>, start: ReplicaStart) {
         let _ = g.raft.set(raft);
         let _ = g.timer.set(timer);
-        let grace = match start {
-            // It elects at once and keeps its timers: its election is retried
-            // if the others have not opened the group yet.
-            ReplicaStart::Creator => return,
-            ReplicaStart::AwaitingCreator => CREATION_GRACE,
-            ReplicaStart::Existing => self.config.startup_grace,
-        };
-        if self.enabled() {
-            g.set(&mut g.state.lock_unpoisoned(), State::Dormant { since: Instant::now(), grace });
-        }
+        g.step(Event::Opened(start));
     }
 
     pub fn remove(&self, group: u32) {
         self.groups.write_unpoisoned().remove(&group);
+        self.swept.lock_unpoisoned().remove(&group);
     }
 
     pub fn group(&self, group: u32) -> Option<Arc<GroupQuiescence>> {
@@ -326,15 +344,18 @@ impl Quiescence {
         if !self.enabled() {
             return;
         }
-        let liveness = self.liveness.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut rounds = 0u32;
             loop {
                 tokio::select! {
-                    _ = ticker.tick() => self.sweep(&liveness, Instant::now()),
+                    _ = ticker.tick() => {
+                        rounds = rounds.wrapping_add(1);
+                        self.sweep(rounds % FULL_SWEEP_EVERY == 0);
+                    }
                     change = changes.recv() => match change {
-                        Some(change) => self.peer_changed(change, &liveness, Instant::now()),
+                        Some(change) => self.peer_changed(change),
                         None => return,
                     },
                 }
@@ -342,112 +363,24 @@ impl Quiescence {
         });
     }
 
-    fn sweep(&self, liveness: &Liveness, now: Instant) {
-        // Runs over every group several times a second: read only what the
-        // group's state needs, and allocate nothing on the common paths.
-        for g in self.all() {
-            let Some(raft) = g.raft() else { continue };
-            let mut s = g.state.lock_unpoisoned();
-            let metrics = raft.metrics();
-            let m = metrics.borrow_watched();
-            match &*s {
-                State::Active if m.state == ServerState::Leader => {
-                    let idle_for = g.now_ms().saturating_sub(g.last_activity_ms.load(Ordering::Relaxed));
-                    let caught_up = || {
-                        m.last_applied.as_ref().map(|l| l.index) == m.last_log_index
-                            && m.replication.as_ref().is_some_and(|r| {
-                                r.iter().all(|(id, matched)| {
-                                    matched.as_ref().map(|l| l.index) == m.last_log_index || !liveness.is_up(*id)
-                                })
-                            })
-                    };
-                    if idle_for >= self.config.after.as_millis() as u64 && caught_up() {
-                        g.set(&mut s, State::Quiescing { acked: BTreeSet::new() });
-                    }
-                }
-                State::Quiescing { .. } if m.state != ServerState::Leader => g.wake_locked(&mut s),
-                State::Dormant { since, grace } if now.duration_since(*since) >= *grace => g.wake_locked(&mut s),
-                State::Quiesced { leader: l, wake_at } => {
-                    let l = *l;
-                    let still_leader = if l == self.node_id {
-                        m.state == ServerState::Leader
-                    } else {
-                        m.state != ServerState::Leader
-                            && m.state != ServerState::Candidate
-                            && m.current_leader.is_none_or(|c| c == l)
-                    };
-                    if !still_leader || wake_at.is_some_and(|t| now >= t) {
-                        g.wake_locked(&mut s);
-                    } else if wake_at.is_none() && l != self.node_id && !liveness.is_up(l) {
-                        // Missed the Down report (quiesced after it fired).
-                        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-                        self.leader_lost(&g, &mut s, l, &voters, liveness, now);
-                    }
-                }
-                _ => {}
-            }
+    fn sweep(&self, full: bool) {
+        let groups = if full {
+            self.all()
+        } else {
+            let ids: Vec<u32> = self.swept.lock_unpoisoned().iter().copied().collect();
+            let groups = self.groups.read_unpoisoned();
+            ids.iter().filter_map(|id| groups.get(id).cloned()).collect()
+        };
+        for g in groups {
+            let idle_for = Duration::from_millis(g.now_ms().saturating_sub(g.last_activity_ms.load(Ordering::Relaxed)));
+            g.step(Event::Sweep { idle_for });
         }
     }
 
-    fn peer_changed(&self, change: PeerChange, liveness: &Liveness, now: Instant) {
+    fn peer_changed(&self, change: PeerChange) {
         tracing::info!(?change, "peer liveness changed");
         for g in self.all() {
-            let Some(raft) = g.raft() else { continue };
-            let (members, voters, leader, follower): (BTreeSet<NodeId>, Vec<NodeId>, Option<NodeId>, bool) = {
-                let m = raft.metrics();
-                let m = m.borrow_watched();
-                let membership = m.membership_config.membership();
-                (
-                    membership.nodes().map(|(id, _)| *id).collect(),
-                    membership.voter_ids().collect(),
-                    m.current_leader,
-                    m.state == ServerState::Follower,
-                )
-            };
-            let mut s = g.state.lock_unpoisoned();
-            let led_by = match &*s {
-                State::Quiesced { leader, .. } => Some(*leader),
-                State::Quiescing { .. } => Some(self.node_id),
-                _ => None,
-            };
-            match change {
-                // A follower is back, or restarted and lost its quiesced
-                // state: let it hear heartbeats before its timer fires.
-                PeerChange::Up(peer) | PeerChange::Restarted(peer)
-                    if led_by == Some(self.node_id) && members.contains(&peer) =>
-                {
-                    g.last_activity_ms.store(g.now_ms(), Ordering::Relaxed);
-                    g.wake_locked(&mut s);
-                }
-                // The leader is gone, or restarted and forgot it led.
-                PeerChange::Down(peer) | PeerChange::Restarted(peer) if led_by == Some(peer) => {
-                    self.leader_lost(&g, &mut s, peer, &voters, liveness, now);
-                }
-                // A busy group lost its leader. Voters refuse a successor
-                // until openraft's lease (election timeout max) has run out
-                // since they last heard the leader, and a follower whose
-                // randomised timer fires earlier is refused and waits a whole
-                // timeout again. The designated voter elects right when the
-                // lease is over instead; if that is still too early, the
-                // pre-vote is refused without a term change and the timers
-                // go on as before.
-                PeerChange::Down(peer) if *s == State::Active && follower && leader == Some(peer) => {
-                    let designated = voters.iter().copied().filter(|v| *v != peer && liveness.is_up(*v)).min();
-                    if designated == Some(self.node_id) {
-                        let (raft, wait, timer) = (raft.clone(), self.config.lease_wait, g.timer.get().cloned());
-                        tokio::spawn(async move {
-                            tokio::time::sleep(wait).await;
-                            if raft.metrics().borrow_watched().current_leader == Some(peer) {
-                                if let Some(timer) = timer {
-                                    timer.restart();
-                                }
-                                let _ = raft.trigger().elect(true).await;
-                            }
-                        });
-                    }
-                }
-                _ => {}
-            }
+            g.step(Event::Peer(change));
         }
     }
 
@@ -455,114 +388,11 @@ impl Quiescence {
     /// (a leadership transfer; openraft has just dropped this replica's
     /// leader lease). The target wakes at once: it elects now and needs its
     /// timers as the leader. A quiesced or dormant other replica schedules a
-    /// wake-up — the lowest-id live voter besides the two after
-    /// `backup_delay`, the others after twice that — since until someone
-    /// else leads the group takes no writes. If the target takes over
-    /// first, its entries wake them anyway. An awake replica needs nothing:
-    /// its election timer runs, and the leader no longer heartbeats.
+    /// wake-up, since until someone else leads the group takes no writes;
+    /// if the target takes over first, its entries wake it anyway.
     pub fn leader_stepping_aside(&self, group: u32, leader: NodeId, to: NodeId) {
-        if !self.enabled() {
-            return;
+        if let Some(g) = self.group(group) {
+            g.step(Event::LeaderSteppingAside { leader, to });
         }
-        let Some(g) = self.group(group) else { return };
-        let Some(raft) = g.raft() else { return };
-        let voters: Vec<NodeId> = raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
-        let mut s = g.state.lock_unpoisoned();
-        if to == self.node_id {
-            g.wake_locked(&mut s);
-            return;
-        }
-        // Only the leader this replica quiesced under counts: a stale one
-        // (say, one that restarted believing it led) must not wake a group
-        // whose real leader is healthy and quiet.
-        let asleep_under_it = match &*s {
-            State::Quiesced { leader: l, .. } => *l == leader,
-            State::Dormant { .. } => true,
-            _ => false,
-        };
-        if asleep_under_it {
-            let delay = wake_delay_after_step_aside(
-                self.node_id,
-                leader,
-                to,
-                &voters,
-                |id| self.liveness.is_up(id),
-                self.config.backup_delay,
-            );
-            tracing::debug!(
-                group,
-                leader,
-                to,
-                ?delay,
-                "leader stepping aside; waking later unless the target takes over"
-            );
-            g.set(&mut s, State::Quiesced { leader, wake_at: Some(Instant::now() + delay) });
-        }
-    }
-
-    /// A quiesced group lost its leader: the lowest-id surviving voter wakes
-    /// and starts a pre-vote election now; the others wake after
-    /// `backup_delay` in case it cannot. One candidate avoids split votes.
-    fn leader_lost(
-        &self,
-        g: &GroupQuiescence,
-        s: &mut State,
-        lost: NodeId,
-        voters: &[NodeId],
-        liveness: &Liveness,
-        now: Instant,
-    ) {
-        let designated = voters.iter().copied().filter(|v| *v != lost && liveness.is_up(*v)).min();
-        if designated == Some(self.node_id) {
-            g.wake_locked(s);
-            if let Some(timer) = g.timer.get() {
-                timer.restart();
-            }
-            if let Some(raft) = g.raft().cloned() {
-                tokio::spawn(async move {
-                    let _ = raft.trigger().elect(true).await;
-                });
-            }
-        } else {
-            *s = State::Quiesced { leader: lost, wake_at: Some(now + self.config.backup_delay) };
-        }
-    }
-}
-
-/// When a replica other than the target wakes after its leader stepped
-/// aside: the designated one (lowest-id live voter other than the leader and
-/// the target) after `backup`, the others after twice that, so that one
-/// candidate runs first and they do not split the vote.
-fn wake_delay_after_step_aside(
-    me: NodeId,
-    leader: NodeId,
-    to: NodeId,
-    voters: &[NodeId],
-    is_up: impl Fn(NodeId) -> bool,
-    backup: Duration,
-) -> Duration {
-    let designated = voters.iter().copied().filter(|v| *v != leader && *v != to && is_up(*v)).min();
-    if designated == Some(me) {
-        backup
-    } else {
-        backup * 2
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_replica_wakes_first_after_its_leader_steps_aside() {
-        let backup = Duration::from_millis(800);
-        let voters = [1, 2, 3, 4, 5];
-        // Leader 1 hands over to 3: 2 is the designated replica.
-        assert_eq!(wake_delay_after_step_aside(2, 1, 3, &voters, |_| true, backup), backup);
-        assert_eq!(wake_delay_after_step_aside(4, 1, 3, &voters, |_| true, backup), backup * 2);
-        // 2 is down: 4 goes first.
-        assert_eq!(wake_delay_after_step_aside(4, 1, 3, &voters, |id| id != 2, backup), backup);
-        // A learner (not among the voters) never goes first.
-        assert_eq!(wake_delay_after_step_aside(6, 1, 3, &voters, |_| true, backup), backup * 2);
     }
 }

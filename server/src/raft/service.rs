@@ -82,7 +82,9 @@ impl RaftService {
                 let rpc: TransferLeaderRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
                 let (leader, to) = (rpc.from_leader().leader_id().node_id, *rpc.to_node_id());
                 let resp = raft.handle_transfer_leader(rpc).await;
-                // The leader stepped aside: a quiesced replica must not sleep through it.
+                // The leader stepped aside: a quiesced replica must not sleep
+                // through it, nor an awake one wait out its patience.
+                self.node.ticker.lease_dropped(group);
                 self.node.quiescence.leader_stepping_aside(group, leader, to);
                 encode_reply(&resp.map_err(|e| Status::unavailable(e.to_string()))?)
             }

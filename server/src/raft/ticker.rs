@@ -20,6 +20,17 @@
 //!   previous round's messages have left (the control lanes to peers are not
 //!   backed up), and at most [`MAX_ELECTIONS_PER_ROUND`] per round, so a
 //!   starved node never answers slowness with more elections.
+//! - **Patience with a live leader**: a follower whose leader's *node*
+//!   liveness reports up waits [`PATIENCE_LEASES`] leases without a word
+//!   before it campaigns, not one. On a starved machine heartbeats of a
+//!   thousand groups arrive late; a pre-vote for each is refused (the other
+//!   voter still hears the leader) and only adds load, which delays more
+//!   heartbeats: the election storm that kept a busy 2-core machine from
+//!   ever leading 1,000 partitions. A dead or unreachable leader's node is
+//!   reported down within the election timeout, and then the group elects
+//!   as soon as the lease allows (`quiesce.rs`), so failover does not wait
+//!   for this; only a leader that is alive but silent toward this replica
+//!   (a one-way cut) costs the longer wait.
 //!
 //! Quiescence (`quiesce.rs`) decides which groups are driven: dormant and
 //! quiesced replicas are not, exactly as their openraft tick used to be off.
@@ -28,7 +39,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
@@ -37,7 +48,7 @@ use openraft::type_config::alias::WatchReceiverOf;
 use openraft::ServerState;
 use rand::Rng;
 
-use crate::raft::types::TypeConfig;
+use crate::raft::types::{NodeId, TypeConfig};
 use crate::sync::RwLockExt;
 use crate::RaftInstance;
 
@@ -45,17 +56,34 @@ use crate::RaftInstance;
 pub const ROUND: Duration = Duration::from_millis(25);
 /// Elections started per round at most (40 rounds a second).
 pub const MAX_ELECTIONS_PER_ROUND: usize = 64;
+/// Leases a follower waits without hearing from a leader whose node is up
+/// before it campaigns.
+pub const PATIENCE_LEASES: u64 = 3;
+
+/// The timers the loop drives, by group: only these are visited each
+/// round, so 10,000 quiesced groups cost the loop nothing.
+type DrivenTimers = RwLock<HashMap<u32, Arc<GroupTimer>>>;
 
 /// Timer state of one group.
 pub struct GroupTimer {
+    group: u32,
     raft: RaftInstance,
     /// The group's small server metrics (role, leader), read every round.
     server: WatchReceiverOf<TypeConfig, RaftServerMetrics<TypeConfig>>,
-    /// Whether the node's loop drives this group (quiescence turns it off).
+    /// Whether the node's loop drives this group (quiescence turns it off);
+    /// changed only under the lock of `driven_timers`, which holds the
+    /// timer exactly while this is true.
     driven: AtomicBool,
+    driven_timers: Weak<DrivenTimers>,
+    /// The group was closed: nothing may drive it again.
+    removed: AtomicBool,
     /// Ms on the ticker's clock at which this replica may start an election
     /// unless it hears from a leader first.
     election_due_ms: AtomicU64,
+    /// Ms on the ticker's clock at which this replica last accepted a
+    /// leader's message or granted a vote: where openraft's leader lease,
+    /// which makes it refuse other candidates, starts.
+    heard_ms: AtomicU64,
     clock: TimerClock,
 }
 
@@ -93,9 +121,48 @@ impl GroupTimer {
         self.election_due_ms.store(self.clock.now_ms() + self.clock.timeout_ms(), Ordering::Relaxed);
     }
 
+    /// The replica heard from a leader or granted a vote: the lease starts
+    /// over, and so does the election timer.
+    pub fn heard(&self) {
+        self.heard_ms.store(self.clock.now_ms(), Ordering::Relaxed);
+        self.restart();
+    }
+
+    /// The leader stepped aside (a leadership transfer): openraft dropped
+    /// this replica's lease, and silence from the old leader is expected
+    /// from now on, so no patience either.
+    pub fn lease_dropped(&self) {
+        self.heard_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether a missed heartbeat is more likely load than a lost leader:
+    /// the leader's node is up and it was heard less than
+    /// [`PATIENCE_LEASES`] leases ago.
+    fn patient(&self, now_ms: u64, node_up: &dyn Fn(NodeId) -> bool) -> bool {
+        let heard = self.heard_ms.load(Ordering::Relaxed);
+        let leader = self.server.borrow_watched().current_leader;
+        heard != 0 && now_ms < heard + PATIENCE_LEASES * self.clock.lease_ms && leader.is_some_and(node_up)
+    }
+
+    /// How long this replica still refuses candidates under the leader
+    /// lease. Recorded after openraft's own clock starts it, so never short.
+    pub fn lease_left(&self) -> Duration {
+        let ends = self.heard_ms.load(Ordering::Relaxed) + self.clock.lease_ms;
+        Duration::from_millis(ends.saturating_sub(self.clock.now_ms()))
+    }
+
     /// Driven or not: what `runtime_config().tick(on)` was to openraft.
-    pub fn set_driven(&self, on: bool) {
-        self.driven.store(on, Ordering::Relaxed);
+    pub fn set_driven(self: &Arc<Self>, on: bool) {
+        let Some(timers) = self.driven_timers.upgrade() else { return };
+        let mut timers = timers.write_unpoisoned();
+        if self.removed.load(Ordering::Relaxed) || self.driven.swap(on, Ordering::Relaxed) == on {
+            return;
+        }
+        if on {
+            timers.insert(self.group, self.clone());
+        } else {
+            timers.remove(&self.group);
+        }
     }
 }
 
@@ -103,6 +170,7 @@ pub struct NodeTicker {
     clock: TimerClock,
     heartbeat: Duration,
     groups: RwLock<HashMap<u32, Arc<GroupTimer>>>,
+    driven: Arc<DrivenTimers>,
 }
 
 impl NodeTicker {
@@ -114,39 +182,64 @@ impl NodeTicker {
             lease_ms: election_max.as_millis() as u64,
             spread_ms: election_min.as_millis() as u64,
         };
-        Arc::new(NodeTicker { clock, heartbeat, groups: RwLock::default() })
+        Arc::new(NodeTicker { clock, heartbeat, groups: RwLock::default(), driven: Arc::default() })
     }
 
     /// Drive `group` from now on (driven, with a full election timeout
     /// before it may elect).
     pub fn register(&self, group: u32, raft: RaftInstance) -> Arc<GroupTimer> {
         let timer = Arc::new(GroupTimer {
+            group,
             server: raft.server_metrics(),
             raft,
             driven: AtomicBool::new(true),
+            driven_timers: Arc::downgrade(&self.driven),
+            removed: AtomicBool::new(false),
             election_due_ms: AtomicU64::new(self.clock.now_ms() + self.clock.timeout_ms()),
+            heard_ms: AtomicU64::new(self.clock.now_ms()),
             clock: self.clock,
         });
         self.groups.write_unpoisoned().insert(group, timer.clone());
+        self.driven.write_unpoisoned().insert(group, timer.clone());
         timer
     }
 
     pub fn remove(&self, group: u32) {
-        self.groups.write_unpoisoned().remove(&group);
+        let timer = self.groups.write_unpoisoned().remove(&group);
+        let mut driven = self.driven.write_unpoisoned();
+        driven.remove(&group);
+        if let Some(timer) = timer {
+            timer.removed.store(true, Ordering::Relaxed);
+        }
     }
 
-    /// [`GroupTimer::restart`] for `group`.
+    fn timer(&self, group: u32) -> Option<Arc<GroupTimer>> {
+        self.groups.read_unpoisoned().get(&group).cloned()
+    }
+
+    /// [`GroupTimer::heard`] for `group`.
     pub fn heard(&self, group: u32) {
-        let timer = self.groups.read_unpoisoned().get(&group).cloned();
-        if let Some(timer) = timer {
-            timer.restart();
+        if let Some(timer) = self.timer(group) {
+            timer.heard();
+        }
+    }
+
+    /// [`GroupTimer::lease_dropped`] for `group`.
+    pub fn lease_dropped(&self, group: u32) {
+        if let Some(timer) = self.timer(group) {
+            timer.lease_dropped();
         }
     }
 
     /// Run the loop until the process ends. `backlog` says how many calls
     /// wait in the most backed-up control lane to a peer; elections wait
-    /// while it is above `max_backlog`.
-    pub fn spawn(self: Arc<Self>, backlog: impl Fn() -> usize + Send + 'static, max_backlog: usize) {
+    /// while it is above `max_backlog`. `node_up` is node-level liveness.
+    pub fn spawn(
+        self: Arc<Self>,
+        backlog: impl Fn() -> usize + Send + 'static,
+        max_backlog: usize,
+        node_up: impl Fn(NodeId) -> bool + Send + Sync + 'static,
+    ) {
         tokio::spawn(async move {
             let mut rounds = tokio::time::interval(ROUND);
             rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -159,28 +252,38 @@ impl NodeTicker {
                     next_heartbeat = now + self.heartbeat;
                 }
                 let elections_allowed = if backlog() > max_backlog { 0 } else { MAX_ELECTIONS_PER_ROUND };
-                self.round(heartbeat_round, elections_allowed).await;
+                self.round(heartbeat_round, elections_allowed, &node_up).await;
             }
         });
     }
 
-    async fn round(&self, heartbeat_round: bool, elections_allowed: usize) {
-        let timers: Vec<Arc<GroupTimer>> =
-            self.groups.read_unpoisoned().values().filter(|t| t.driven.load(Ordering::Relaxed)).cloned().collect();
+    async fn round(&self, heartbeat_round: bool, elections_allowed: usize, node_up: &(dyn Fn(NodeId) -> bool + Sync)) {
+        let timers: Vec<Arc<GroupTimer>> = self.driven.read_unpoisoned().values().cloned().collect();
         let now_ms = self.clock.now_ms();
         let mut elections = 0;
         for timer in timers {
-            let leading = timer.server.borrow_watched().state == ServerState::Leader;
-            if leading {
+            let state = timer.server.borrow_watched().state;
+            if state == ServerState::Leader {
                 if heartbeat_round {
                     let _ = timer.raft.trigger().heartbeat().await;
                 }
                 continue;
             }
-            if now_ms < timer.election_due_ms.load(Ordering::Relaxed) || elections >= elections_allowed {
+            // A learner — which is also what openraft calls a replica that
+            // has not learnt its group's membership yet, such as one whose
+            // creator has not reached it — cannot be elected; campaigning
+            // only costs. It takes part once a leader's entries reach it.
+            if state == ServerState::Learner {
+                continue;
+            }
+            if now_ms < timer.election_due_ms.load(Ordering::Relaxed)
+                || elections >= elections_allowed
+                || timer.patient(now_ms, node_up)
+            {
                 continue;
             }
             elections += 1;
+            tracing::trace!(group = timer.group, ?state, "election timer fired");
             // Try again one timeout later if this brings no leader.
             timer.restart();
             let _ = timer.raft.trigger().elect(true).await;
