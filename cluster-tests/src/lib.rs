@@ -42,9 +42,38 @@ pub fn tallyd_binary() -> anyhow::Result<PathBuf> {
 
 /// `n` distinct free loopback ports (held open together while picked, so
 /// no two are the same).
+/// Ports handed to test nodes come from this range, below the kernel's
+/// ephemeral range (32768-60999 on Linux): a port the kernel picks for
+/// `bind(0)` or an outgoing connection can be handed to another socket the
+/// moment it is released, so two clusters of tests running in parallel once
+/// got the same port. Here every port is handed out once per process, and
+/// only if it can be bound now.
+const TEST_PORTS: std::ops::Range<u32> = 10_000..30_000;
+
 fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
-    Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?)
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = TEST_PORTS.end - TEST_PORTS.start;
+    // Start where another test process (cargo runs binaries one at a time,
+    // but `nemesis.sh` beside a test run is possible) is unlikely to be.
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..span {
+        if ports.len() == n {
+            break;
+        }
+        let port = (TEST_PORTS.start + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    anyhow::ensure!(ports.len() == n, "no {n} free ports in {TEST_PORTS:?}");
+    Ok(ports)
 }
 
 /// A public and a peer address on free loopback ports.
