@@ -140,7 +140,11 @@ impl GroupTimer {
     /// [`PATIENCE_LEASES`] leases ago.
     fn patient(&self, now_ms: u64, node_up: &dyn Fn(NodeId) -> bool) -> bool {
         let heard = self.heard_ms.load(Ordering::Relaxed);
-        let leader = self.server.borrow_watched().current_leader;
+        let server = self.server.borrow_watched();
+        // A leader that left the voters (a node removed) steps down without
+        // a word: no patience for it.
+        let still_voter = |l: NodeId| server.membership_config.membership().voter_ids().any(|v| v == l);
+        let leader = server.current_leader.filter(|l| still_voter(*l));
         heard != 0 && now_ms < heard + PATIENCE_LEASES * self.clock.lease_ms && leader.is_some_and(node_up)
     }
 
