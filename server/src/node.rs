@@ -180,7 +180,6 @@ impl Node {
                 after: Duration::from_millis(config.quiesce_after_ms),
                 startup_grace: election_max + 3 * ping,
                 backup_delay: election_max,
-                lease_wait: election_max.saturating_sub(suspect_after) + Duration::from_millis(50),
             },
             liveness.clone(),
         );

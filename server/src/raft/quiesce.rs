@@ -178,8 +178,10 @@ impl GroupQuiescence {
                 });
             }
             Action::ElectWhenLeaseEnds { lost } => {
-                let (raft, timer) = (raft.clone(), self.timer.get().cloned());
-                let first_wait = timer.as_ref().map_or(self.config.lease_wait, |t| t.lease_left() + LEASE_MARGIN);
+                // The timer is attached with the Raft instance, before any event.
+                let Some(timer) = self.timer.get().cloned() else { return };
+                let raft = raft.clone();
+                let first_wait = timer.lease_left() + LEASE_MARGIN;
                 tokio::spawn(async move {
                     // Right when this replica's lease ends, and once more a
                     // moment later in case the other voter's ended later.
@@ -188,9 +190,7 @@ impl GroupQuiescence {
                         if raft.metrics().borrow_watched().current_leader != Some(lost) {
                             return;
                         }
-                        if let Some(timer) = &timer {
-                            timer.restart();
-                        }
+                        timer.restart();
                         let _ = raft.trigger().elect(true).await;
                     }
                 });

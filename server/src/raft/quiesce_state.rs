@@ -29,10 +29,6 @@ pub struct QuiesceConfig {
     /// When a quiesced group's leader is lost, how long replicas other than
     /// the designated one wait before their own timers may elect.
     pub backup_delay: Duration,
-    /// When an *active* group's leader is reported down, how long until
-    /// openraft's leader lease has surely expired on the voters (lease minus
-    /// the time liveness took to notice, plus a margin).
-    pub lease_wait: Duration,
 }
 
 /// How a replica being opened starts.
@@ -165,9 +161,8 @@ pub enum Action {
     /// Restart the election timer and start a pre-vote election now.
     ElectNow,
     /// Once this replica's leader lease for `lost` has run out (the
-    /// ticker's record of when it last heard `lost`; `lease_wait` after the
-    /// report without one), start a pre-vote election if it still sees
-    /// `lost` as its leader.
+    /// ticker's record of when it last heard `lost`), start a pre-vote
+    /// election if it still sees `lost` as its leader.
     ElectWhenLeaseEnds {
         lost: NodeId,
     },

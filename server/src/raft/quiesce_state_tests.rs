@@ -10,7 +10,6 @@ fn config() -> QuiesceConfig {
         after: Duration::from_secs(2),
         startup_grace: Duration::from_millis(1_100),
         backup_delay: Duration::from_millis(800),
-        lease_wait: Duration::from_millis(600),
     }
 }
 

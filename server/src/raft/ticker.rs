@@ -70,10 +70,8 @@ pub struct GroupTimer {
     raft: RaftInstance,
     /// The group's small server metrics (role, leader), read every round.
     server: WatchReceiverOf<TypeConfig, RaftServerMetrics<TypeConfig>>,
-    /// Whether the node's loop drives this group (quiescence turns it off);
-    /// changed only under the lock of `driven_timers`, which holds the
-    /// timer exactly while this is true.
-    driven: AtomicBool,
+    /// The node's driven timers, which hold this one exactly while the loop
+    /// drives the group (quiescence turns it off).
     driven_timers: Weak<DrivenTimers>,
     /// The group was closed: nothing may drive it again.
     removed: AtomicBool,
@@ -159,7 +157,7 @@ impl GroupTimer {
     pub fn set_driven(self: &Arc<Self>, on: bool) {
         let Some(timers) = self.driven_timers.upgrade() else { return };
         let mut timers = timers.write_unpoisoned();
-        if self.removed.load(Ordering::Relaxed) || self.driven.swap(on, Ordering::Relaxed) == on {
+        if self.removed.load(Ordering::Relaxed) || timers.contains_key(&self.group) == on {
             return;
         }
         if on {
@@ -196,7 +194,6 @@ impl NodeTicker {
             group,
             server: raft.server_metrics(),
             raft,
-            driven: AtomicBool::new(true),
             driven_timers: Arc::downgrade(&self.driven),
             removed: AtomicBool::new(false),
             election_due_ms: AtomicU64::new(self.clock.now_ms() + self.clock.timeout_ms()),
