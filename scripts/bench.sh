@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: Tally, Redis and etcd on one workload.
 #
-#   scripts/bench.sh [--smoke] [--duration 120s]
+#   scripts/bench.sh [--smoke] [--duration 120s] [--only PHASES]
 #
 # Installs redis-server and etcd-server (Debian packages) if missing, builds
 # Tally, then for each system in turn — Tally (3 nodes, RF 3, acks after
@@ -37,20 +37,30 @@
 #   once with quiescence (the default), once with it off (`tallyd
 #   --quiesce-after-ms 0`), and once with 10,000 partitions (not in --smoke).
 #
+# --only PHASES: a comma-separated subset of tally, failover, idle,
+# idle-large, redis-incr, redis-dedup, etcd (e.g. `--only failover,idle-large`
+# to re-measure failover and the 10,000-partition start); the report then
+# goes to a temp file, not docs/BENCHMARKS.md, which only a full run rewrites.
+#
 # Environment: BENCH_CONCURRENCY (producer tasks, 8), BENCH_INFLIGHT (batches
-# in flight for redis/etcd, 32), BENCH_FAILOVER_KILLS (20), BENCH_KEEP=1
+# in flight for redis/etcd, 32), BENCH_FAILOVER_KILLS (20),
+# BENCH_FAILOVER_RATE (events/s during the kills; default half of the tally
+# phase's saturated rate, which `--only failover` alone lacks), BENCH_KEEP=1
 # (keep the work directory).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 
 SMOKE=""
+ONLY=""
 DURATION=120s
 while (($#)); do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --duration) DURATION="${2:?--duration needs a value}"; shift ;;
     --duration=*) DURATION="${1#*=}" ;;
-    -h|--help) sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --only) ONLY="${2:?--only needs a comma-separated list}"; shift ;;
+    --only=*) ONLY="${1#*=}" ;;
+    -h|--help) sed -n '2,50p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -341,11 +351,12 @@ PY
 # $WORK/failover.json: every partition's time over all kills (p50/p99/max,
 # the same nearest-rank percentiles as probe-writes) and each kill's.
 run_failover() {
-  local max
-  max=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("max_eps") or 0)' "$WORK/tally.json" 2>/dev/null || echo 0)
-  if [[ "$max" == 0 ]]; then log "failover: skipped (Tally's saturation run gave no rate)"; return; fi
-  local half
-  half=$(python3 -c 'import sys; print(max(1.0, float(sys.argv[1]) / 2))' "$max")
+  local max half="${BENCH_FAILOVER_RATE:-}"
+  if [[ -z "$half" ]]; then
+    max=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("max_eps") or 0)' "$WORK/tally.json" 2>/dev/null || echo 0)
+    if [[ "$max" == 0 ]]; then log "failover: skipped (Tally's saturation run gave no rate; run the tally phase or set BENCH_FAILOVER_RATE)"; return; fi
+    half=$(python3 -c 'import sys; print(max(1.0, float(sys.argv[1]) / 2))' "$max")
+  fi
   if ! start_tally; then log "failover: the cluster did not start"; FAILED+=(failover); stop_tally; return; fi
   # About long enough for every kill (probe, restart, every leader back).
   local run_s=$((FAILOVER_KILL_AFTER + FAILOVER_KILLS * 12))
@@ -506,18 +517,22 @@ PY
   RUN_PARTITIONS="" RUN_EXTRA_ARGS="" RUN_UP_GRACE=0
 }
 
-run_target tally tally tally
-run_failover
-run_idle quiescence "$IDLE_PARTITIONS"
-run_idle no-quiescence "$IDLE_PARTITIONS" "--quiesce-after-ms 0"
-[[ -n "$SMOKE" ]] || run_idle quiescence-large "$IDLE_PARTITIONS_LARGE"
-run_target redis-incr redis-incr redis
-run_target redis-dedup redis-dedup redis
-run_target etcd etcd etcd
+# wanted PHASE: true unless --only leaves PHASE out.
+wanted() { [[ -z "$ONLY" || ",$ONLY," == *",$1,"* ]]; }
+wanted tally && run_target tally tally tally
+wanted failover && run_failover
+if wanted idle; then
+  run_idle quiescence "$IDLE_PARTITIONS"
+  run_idle no-quiescence "$IDLE_PARTITIONS" "--quiesce-after-ms 0"
+fi
+[[ -z "$SMOKE" ]] && wanted idle-large && run_idle quiescence-large "$IDLE_PARTITIONS_LARGE"
+wanted redis-incr && run_target redis-incr redis-incr redis
+wanted redis-dedup && run_target redis-dedup redis-dedup redis
+wanted etcd && run_target etcd etcd etcd
 
 # --- report ------------------------------------------------------------------
-if [[ -n "$SMOKE" ]]; then
-  OUT="$(mktemp "${TMPDIR:-/tmp}/tally-bench-smoke.XXXXXX.md")"
+if [[ -n "$SMOKE" || -n "$ONLY" ]]; then
+  OUT="$(mktemp "${TMPDIR:-/tmp}/tally-bench-partial.XXXXXX.md")"
 else
   OUT="$TALLY_ROOT/docs/BENCHMARKS.md"
 fi
