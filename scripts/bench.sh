@@ -45,7 +45,9 @@
 # Environment: BENCH_CONCURRENCY (producer tasks, 8), BENCH_INFLIGHT (batches
 # in flight for redis/etcd, 32), BENCH_FAILOVER_KILLS (20),
 # BENCH_FAILOVER_RATE (events/s during the kills; default half of the tally
-# phase's saturated rate, which `--only failover` alone lacks), BENCH_KEEP=1
+# phase's saturated rate, which `--only failover` alone lacks),
+# BENCH_TALLYD_ARGS (extra tallyd flags for every Tally cluster, e.g.
+# `--election-timeout-ms 300` to compare settings side by side), BENCH_KEEP=1
 # (keep the work directory).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -140,7 +142,7 @@ FAILED=()
 # cluster's settings for one phase.
 RUN_PARTITIONS="" RUN_EXTRA_ARGS=""
 tally_env() { env TALLY_HOME="$WORK/tally" TALLY_BASE_PORT="$TALLY_PORT" TALLY_PEER_BASE_PORT="$TALLY_PEER_PORT" TALLY_PROFILE="$PROFILE" \
-  TALLY_PARTITIONS="${RUN_PARTITIONS:-$TALLY_PARTITIONS}" TALLY_EXTRA_ARGS="$RUN_EXTRA_ARGS" \
+  TALLY_PARTITIONS="${RUN_PARTITIONS:-$TALLY_PARTITIONS}" TALLY_EXTRA_ARGS="${BENCH_TALLYD_ARGS:-} $RUN_EXTRA_ARGS" \
   TALLY_NO_DEMO=1 TALLY_NO_BUILD=1 "$@"; }
 
 cleanup() {
