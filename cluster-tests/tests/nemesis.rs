@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 use cluster_tests::checker::{self, Writers};
 use cluster_tests::ingestor::RetryingIngestor;
 use cluster_tests::model::Workload;
-use cluster_tests::nemesis::{apply_links, percentile, time_to_first_write, Fault, NemesisConfig};
+use cluster_tests::nemesis::{apply_links, time_to_first_write, Fault, NemesisConfig};
 use cluster_tests::{ClusterOptions, TestCluster};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tally_bench::measure::percentile;
 use tally_proto::time::{align_range, DAY_MS};
 use tally_proto::v1::{AddNodeRequest, RebalanceRequest, RemoveNodeRequest, TransferLeaderRequest};
 
@@ -202,8 +203,8 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     );
     eprintln!(
         "kill -9 → first write on the victim's partitions: p50 {:?}, p99 {:?} over {} partitions",
-        percentile(&recoveries, 50.0),
-        percentile(&recoveries, 99.0),
+        percentile(&recoveries, 0.5),
+        percentile(&recoveries, 0.99),
         recoveries.len()
     );
     eprintln!("violations (counts, sums, digests, dedup conflicts): {}", violations.len());

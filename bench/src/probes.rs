@@ -41,15 +41,17 @@ use rand::distr::weighted::WeightedIndex;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Zipf};
-use serde_json::{json, Value};
 use tally_proto::v1::query_client::QueryClient;
 use tally_proto::v1::StatsRequest;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-use crate::time_arg::now_ms;
-use crate::{ClientConfig, Consistency, Event, Granularity, TallyClient};
+use crate::measure::{latency_histogram, record, LatencyMs};
+use crate::results::{QueryKindLatency, QueryLatency, Visibility as VisibilityReport};
+
+use tally_client::time_arg::now_ms;
+use tally_client::{ClientConfig, Consistency, Event, Granularity, TallyClient};
 
 /// Range of the Stats queries: the last 30 days.
 const STATS_RANGE_MS: i64 = 30 * 86_400_000;
@@ -92,12 +94,10 @@ pub(crate) struct Probes {
     visibility: Option<(f64, JoinHandle<anyhow::Result<VisibilityResults>>)>,
 }
 
-/// The loads' results as JSON, `null` for a load that was off.
+/// The loads' results, `None` for a load that was off.
 pub(crate) struct ProbeReport {
-    /// `{"stats": {...}, "series": {...}}`.
-    pub query_latency_ms: Value,
-    /// `{p50, p90, p99, max, count, timeouts, errors}`.
-    pub visibility_ms: Value,
+    pub query_latency_ms: Option<QueryLatency>,
+    pub visibility_ms: Option<VisibilityReport>,
 }
 
 impl Probes {
@@ -143,39 +143,15 @@ impl Probes {
         // Err only when every receiver is gone, i.e. the loads already ended.
         let _ = self.stop.send(true);
         let query_latency_ms = match self.queries {
-            Some((rate, task)) => task.await.context("query load")??.to_json(rate),
-            None => Value::Null,
+            Some((rate, task)) => Some(task.await.context("query load")??.report(rate)),
+            None => None,
         };
         let visibility_ms = match self.visibility {
-            Some((rate, task)) => task.await.context("visibility probes")??.to_json(rate),
-            None => Value::Null,
+            Some((rate, task)) => Some(task.await.context("visibility probes")??.report(rate)),
+            None => None,
         };
         Ok(ProbeReport { query_latency_ms, visibility_ms })
     }
-}
-
-/// A latency histogram in microseconds, 3 significant digits, up to 10 min.
-pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).map_err(|e| anyhow::anyhow!("histogram: {e}"))
-}
-
-fn record(h: &mut Histogram<u64>, d: Duration) {
-    h.saturating_record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1));
-}
-
-/// Percentiles of a microsecond histogram in milliseconds, and its count.
-/// Empty histograms give `null` percentiles rather than zeros, so a load
-/// that measured nothing cannot pass for an instant one.
-pub(crate) fn summary_ms(h: &Histogram<u64>) -> serde_json::Map<String, Value> {
-    let mut out = serde_json::Map::new();
-    let empty = h.is_empty();
-    let ms = |v: u64| if empty { Value::Null } else { json!(v as f64 / 1000.0) };
-    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)] {
-        out.insert(name.into(), ms(h.value_at_quantile(q)));
-    }
-    out.insert("max".into(), ms(h.max()));
-    out.insert("count".into(), json!(h.len()));
-    out
 }
 
 /// Schedule slot `n` at `rate` per second from `start`.
@@ -209,8 +185,8 @@ struct QueryStats {
 }
 
 impl QueryStats {
-    fn new() -> anyhow::Result<QueryStats> {
-        Ok(QueryStats { latency: histogram()?, errors: 0, error_samples: Vec::new() })
+    fn new() -> QueryStats {
+        QueryStats { latency: latency_histogram(), errors: 0, error_samples: Vec::new() }
     }
 
     fn add(&mut self, result: Result<Duration, String>) {
@@ -225,11 +201,12 @@ impl QueryStats {
         }
     }
 
-    fn to_json(&self) -> Value {
-        let mut m = summary_ms(&self.latency);
-        m.insert("errors".into(), json!(self.errors));
-        m.insert("error_samples".into(), json!(self.error_samples));
-        Value::Object(m)
+    fn report(&self) -> QueryKindLatency {
+        QueryKindLatency {
+            latency: LatencyMs::of(&self.latency),
+            errors: self.errors,
+            error_samples: self.error_samples.clone(),
+        }
     }
 }
 
@@ -239,8 +216,8 @@ struct QueryResults {
 }
 
 impl QueryResults {
-    fn to_json(&self, rate: f64) -> Value {
-        json!({"rate": rate, "stats": self.stats.to_json(), "series": self.series.to_json()})
+    fn report(&self, rate: f64) -> QueryLatency {
+        QueryLatency { rate, stats: self.stats.report(), series: self.series.report() }
     }
 
     fn add(&mut self, (kind, result): (QueryKind, Result<Duration, String>)) {
@@ -262,7 +239,7 @@ async fn run_queries(
     let mut rng = StdRng::seed_from_u64(workload.seed ^ 0x5155_4552_5953);
     let zipf = Zipf::new(workload.ids as f64, workload.zipf).map_err(|e| anyhow::anyhow!("--zipf: {e}"))?;
     let weights = WeightedIndex::new(workload.types.iter().map(|(_, w)| *w)).context("--types weights")?;
-    let mut results = QueryResults { stats: QueryStats::new()?, series: QueryStats::new()? };
+    let mut results = QueryResults { stats: QueryStats::new(), series: QueryStats::new() };
     let mut in_flight = FuturesUnordered::new();
     'schedule: for n in 0u64.. {
         let at = due(start, rate, n);
@@ -280,7 +257,7 @@ async fn run_queries(
         }
         let kind = if n % 2 == 0 { QueryKind::Stats } else { QueryKind::Series };
         let entity = (zipf.sample(&mut rng) as u64).clamp(1, workload.ids) - 1;
-        let entity = super::bench::entity_name(&workload.prefix, entity);
+        let entity = crate::generator::entity_name(&workload.prefix, entity);
         let event_type = workload.types[weights.sample(&mut rng)].0.clone();
         let client = client.clone();
         in_flight.push(tokio::spawn(async move { (kind, query(&client, kind, &entity, &event_type, at).await) }));
@@ -348,14 +325,15 @@ impl VisibilityResults {
         }
     }
 
-    fn to_json(&self, rate: f64) -> Value {
-        let mut m = summary_ms(&self.delay);
-        m.insert("rate".into(), json!(rate));
-        m.insert("timeouts".into(), json!(self.timeouts));
-        m.insert("timeout_s".into(), json!(VISIBILITY_TIMEOUT.as_secs_f64()));
-        m.insert("errors".into(), json!(self.errors));
-        m.insert("error_samples".into(), json!(self.error_samples));
-        Value::Object(m)
+    fn report(&self, rate: f64) -> VisibilityReport {
+        VisibilityReport {
+            latency: LatencyMs::of(&self.delay),
+            rate,
+            timeouts: self.timeouts,
+            timeout_s: VISIBILITY_TIMEOUT.as_secs_f64(),
+            errors: self.errors,
+            error_samples: self.error_samples.clone(),
+        }
     }
 }
 
@@ -370,7 +348,7 @@ impl Readers {
         if let Some(c) = channels.get(addr) {
             return Ok(QueryClient::new(c.clone()));
         }
-        let channel = crate::connect(addr).await.map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let channel = tally_client::connect(addr).await.map_err(|e| format!("connecting to {addr}: {e}"))?;
         channels.insert(addr.to_owned(), channel.clone());
         Ok(QueryClient::new(channel))
     }
@@ -385,7 +363,8 @@ async fn run_visibility(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<VisibilityResults> {
     let readers = Arc::new(Readers::default());
-    let mut results = VisibilityResults { delay: histogram()?, timeouts: 0, errors: 0, error_samples: Vec::new() };
+    let mut results =
+        VisibilityResults { delay: latency_histogram(), timeouts: 0, errors: 0, error_samples: Vec::new() };
     let mut in_flight = FuturesUnordered::new();
     let join = |r: Result<Visibility, tokio::task::JoinError>| {
         r.unwrap_or_else(|e| Visibility::Failed(format!("probe task: {e}")))
@@ -481,24 +460,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn summary_reports_milliseconds_and_nulls_when_empty() {
-        let mut h = histogram().expect("histogram");
-        for ms in 1..=1000u64 {
-            record(&mut h, Duration::from_millis(ms));
-        }
-        let s = summary_ms(&h);
-        let p = |k: &str| s[k].as_f64().expect("number");
-        assert_eq!(s["count"], json!(1000));
-        assert!((p("p50") - 500.0).abs() <= 1.0, "{s:?}");
-        assert!((p("p99") - 990.0).abs() <= 1.0, "{s:?}");
-        assert!((p("max") - 1000.0).abs() <= 1.0, "{s:?}");
-        let empty = summary_ms(&histogram().expect("histogram"));
-        assert_eq!(empty["count"], json!(0));
-        assert_eq!(empty["p99"], Value::Null);
-        assert_eq!(empty["max"], Value::Null);
-    }
-
-    #[test]
     fn schedule_is_fixed_by_rate() {
         let t = Instant::now();
         assert_eq!(due(t, 50.0, 0), t);
@@ -508,14 +469,14 @@ mod tests {
 
     #[test]
     fn query_errors_are_counted_and_sampled() {
-        let mut q = QueryStats::new().expect("histogram");
+        let mut q = QueryStats::new();
         q.add(Ok(Duration::from_millis(2)));
         for i in 0..5 {
             q.add(Err(format!("e{i}")));
         }
-        let j = q.to_json();
-        assert_eq!(j["count"], json!(1));
-        assert_eq!(j["errors"], json!(5));
-        assert_eq!(j["error_samples"].as_array().map(Vec::len), Some(ERROR_SAMPLES));
+        let r = q.report();
+        assert_eq!(r.latency.count, 1);
+        assert_eq!(r.errors, 5);
+        assert_eq!(r.error_samples.len(), ERROR_SAMPLES);
     }
 }

@@ -21,8 +21,8 @@ use tally_proto::v1::{LeaderHint, StatusRequest, StatusResponse};
 
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
-use crate::node::{Node, NodePool};
-use crate::routing::PartitionMap;
+use crate::node_pool::{Node, NodePool};
+use crate::partition_map::PartitionMap;
 
 /// Where a request should go.
 #[derive(Debug, Clone, Copy)]

@@ -3,7 +3,7 @@
 //!
 //! Files are streamed, never loaded whole: a reader thread parses records
 //! and hands them over a bounded channel to the sender, which feeds
-//! [`TallyClient::send`](crate::TallyClient::send); the client's bounded
+//! [`TallyClient::send`](tally_client::TallyClient::send); the client's bounded
 //! buffer then paces the reader (backpressure all the way to the disk). A
 //! collector awaits the outcomes and keeps totals plus the first
 //! [`MAX_LISTED`] problems, so memory stays flat for any file size.
@@ -30,9 +30,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::{print_json, Cli, EXIT_PARTIAL};
-use crate::time_arg::{now_ms, parse_time};
-use crate::{Event, IngestSummary, Outcome, Ticket};
+use crate::{print_json, Cli, EXIT_PARTIAL};
+use tally_client::time_arg::{now_ms, parse_time};
+use tally_client::{Event, IngestSummary, Outcome, Ticket};
 
 /// Problems listed individually in the summary; the rest are only counted.
 pub const MAX_LISTED: usize = 100;
@@ -209,7 +209,7 @@ struct Collected {
 
 pub(crate) async fn run(cli: &Cli, args: &IngestArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
-    let client = super::client(cli).await?;
+    let client = crate::client(cli).await?;
     let (tx, mut rx) = mpsc::channel::<(u64, Parsed)>(8192);
     let bar;
     let reader = match (&args.entity, &args.event_type, &args.file) {

@@ -26,7 +26,7 @@ use anyhow::Context;
 use tally_proto::time::{bucket_start, Granularity};
 
 use super::{all_failed, entity_str, redis_connections, BatchSend};
-use crate::{Event, Outcome};
+use tally_client::{Event, Outcome};
 
 /// KEYS[1] dedup key, KEYS[2] counts hash; ARGV[1] dedup TTL (s), ARGV[2]
 /// value, ARGV[3..6] the minute, hour, day and month bucket field prefixes.

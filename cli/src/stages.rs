@@ -6,14 +6,14 @@
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::{StagesRequest, StagesResponse};
 
-use super::table::Table;
-use super::{print_json, Cli};
+use crate::table::Table;
+use crate::{print_json, Cli};
 
 pub(crate) async fn run(cli: &Cli, reset: bool) -> anyhow::Result<i32> {
-    let view = super::cluster::status_view(cli).await?;
+    let view = crate::cluster::status_view(cli).await?;
     let mut answers: Vec<(String, Result<StagesResponse, String>)> = Vec::new();
     for (addr, _) in &view.answers {
-        let answer = match crate::connect(addr).await {
+        let answer = match tally_client::connect(addr).await {
             Ok(channel) => ClusterClient::new(channel)
                 .stages(StagesRequest { reset })
                 .await

@@ -1,5 +1,7 @@
-//! The `tally` command line, as a library module so that its pieces are
-//! unit-testable and `src/bin/tally.rs` stays a two-line `main`.
+//! `tally` — the Tally command line. The client library (`tally-client`)
+//! does the talking to the cluster and `tally-bench` the measuring
+//! (`tally bench`, `tally probe-writes`); this crate is the commands, their
+//! flags and their output.
 //!
 //! Conventions every subcommand follows: `--addr` (or `TALLY_ADDR`) names one
 //! or more seed nodes, comma-separated; `--json` replaces the human output
@@ -10,19 +12,13 @@
 //! (or `cluster rebalance` could not move every leadership, or
 //! `probe-writes` found partitions that never acknowledged), 3 when `bench`
 //! verification found a mismatch.
-//!
-//! This module is the CLI's implementation, not a stable library API.
 
-pub mod bench;
-pub mod bench_probes;
-pub mod bench_targets;
-pub mod cluster;
-pub mod cpu_time;
-pub mod ingest;
-pub mod probe_writes;
-pub mod query;
-pub mod stages;
-pub mod table;
+mod cluster;
+mod ingest;
+mod probe_writes;
+mod query;
+mod stages;
+mod table;
 
 use clap::{Parser, Subcommand};
 
@@ -30,7 +26,7 @@ use clap::{Parser, Subcommand};
 /// `cluster rebalance`, some leaderships could not be moved).
 pub const EXIT_PARTIAL: i32 = 2;
 /// Exit status for a failed `bench` verification.
-pub const EXIT_MISMATCH: i32 = 3;
+pub const EXIT_MISMATCH: i32 = tally_bench::EXIT_MISMATCH;
 
 /// `tally`: exact real-time event counts.
 #[derive(Debug, Parser)]
@@ -63,7 +59,7 @@ pub enum Command {
     /// Buckets of one granularity over [from, to).
     Series(query::SeriesArgs),
     /// Load generator with latency percentiles and count verification.
-    Bench(bench::BenchArgs),
+    Bench(tally_bench::generator::BenchArgs),
     /// Time until each partition acknowledges a write (e.g. after a leader dies).
     ProbeWrites(probe_writes::ProbeWritesArgs),
 }
@@ -82,18 +78,42 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Ingest(args) => ingest::run(&cli, args).await,
         Command::Stats(args) => query::stats(&cli, args).await,
         Command::Series(args) => query::series(&cli, args).await,
-        Command::Bench(args) => bench::run(&cli, args).await,
+        Command::Bench(args) => tally_bench::generator::run(&cli.addr, cli.json, args).await,
         Command::ProbeWrites(args) => probe_writes::run(&cli, args).await,
     }
 }
 
-/// Connects a [`TallyClient`](crate::TallyClient) to `--addr`.
-pub(crate) async fn client(cli: &Cli) -> anyhow::Result<crate::TallyClient> {
+/// Connects a [`TallyClient`](tally_client::TallyClient) to `--addr`.
+pub(crate) async fn client(cli: &Cli) -> anyhow::Result<tally_client::TallyClient> {
     use anyhow::Context;
-    crate::TallyClient::connect(cli.seeds()).await.with_context(|| format!("connecting to {}", cli.addr))
+    tally_client::TallyClient::connect(cli.seeds()).await.with_context(|| format!("connecting to {}", cli.addr))
 }
 
 /// Prints a JSON document on stdout.
 pub(crate) fn print_json(value: &serde_json::Value) {
     println!("{value}");
+}
+
+#[tokio::main]
+async fn main() {
+    restore_default_sigpipe();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Rust ignores SIGPIPE, so `println!` into a closed pipe panics
+/// (`tally cluster status --json | head`). A command-line tool should end
+/// quietly like every other Unix tool when its reader goes away.
+fn restore_default_sigpipe() {
+    // SAFETY: a signal's disposition is process-wide and set atomically by
+    // the kernel, whichever thread asks; SIG_DFL is valid for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }

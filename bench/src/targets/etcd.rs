@@ -14,20 +14,20 @@
 //! etcd. A transaction may not put one key twice, so a re-send that lands
 //! in the batch of its original is written once and acknowledged with it.
 //!
-//! The client stubs are generated in `tally-proto` from a vendored subset
-//! of etcd's `rpc.proto` ([`tally_proto::etcd`]).
+//! The client stubs are generated in this crate from a vendored subset of
+//! etcd's `rpc.proto` ([`crate::etcd_proto`]).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::etcd_proto::kv_client::KvClient;
+use crate::etcd_proto::{request_op, PutRequest, RequestOp, TxnRequest};
 use anyhow::Context;
-use tally_proto::etcd::kv_client::KvClient;
-use tally_proto::etcd::{request_op, PutRequest, RequestOp, TxnRequest};
 use tonic::transport::{Channel, Endpoint};
 
 use super::{all_failed, entity_str, BatchSend};
-use crate::{Event, Outcome};
+use tally_client::{Event, Outcome};
 
 /// HTTP/2 connections per endpoint.
 const CHANNELS_PER_ENDPOINT: usize = 2;

@@ -5,7 +5,7 @@
 
 use anyhow::Context;
 
-use crate::{ClientConfig, TallyClient};
+use tally_client::{ClientConfig, TallyClient};
 
 /// Connects the Tally client with the bench's batching settings.
 pub(crate) async fn connect(config: ClientConfig) -> anyhow::Result<TallyClient> {

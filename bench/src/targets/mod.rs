@@ -34,8 +34,7 @@ use anyhow::Context;
 use clap::ValueEnum;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::outcome::{BatchSlots, Reply};
-use crate::{BatchTicket, Event, Outcome, TallyClient};
+use tally_client::{BatchTicket, Event, Outcome, OutcomeSlot, TallyClient};
 
 /// Which system `tally bench` drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -114,7 +113,7 @@ impl Target {
     pub(crate) async fn connect(
         kind: TargetKind,
         addr: &str,
-        tally_config: crate::ClientConfig,
+        tally_config: tally_client::ClientConfig,
         batch: BatchSettings,
     ) -> anyhow::Result<Target> {
         Ok(match kind {
@@ -157,7 +156,7 @@ impl Target {
     }
 }
 
-type Job = (Event, Reply);
+type Job = (Event, OutcomeSlot);
 
 /// Batching for the peers, the counterpart of the Tally client's batcher:
 /// a bounded queue, batches of at most `max_events` cut after `linger`, at
@@ -178,10 +177,9 @@ impl PeerBatcher {
     }
 
     async fn send_batch(&self, events: Vec<Event>) -> anyhow::Result<BatchTicket> {
-        let (slots, ticket) = BatchSlots::new((0..events.len()).map(|_| None).collect());
+        let (ticket, slots) = BatchTicket::with_slots(events.len());
         self.pending.fetch_add(events.len(), Ordering::Relaxed);
-        for (index, event) in events.into_iter().enumerate() {
-            let job = (event, Reply::slot(slots.clone(), index));
+        for job in events.into_iter().zip(slots) {
             self.tx.send(job).await.map_err(|_| anyhow::anyhow!("the batching task has stopped"))?;
         }
         Ok(ticket)
@@ -222,7 +220,7 @@ async fn run_batcher<T: BatchSend>(
         let target = target.clone();
         let pending = pending.clone();
         tokio::spawn(async move {
-            let (events, acks): (Vec<Event>, Vec<Reply>) = jobs.into_iter().unzip();
+            let (events, acks): (Vec<Event>, Vec<OutcomeSlot>) = jobs.into_iter().unzip();
             let n = acks.len();
             let mut outcomes = target.send_batch(events).await.into_iter();
             // Before the acks, so `pending` is never behind a resolved ticket.

@@ -10,7 +10,7 @@
 //!
 //! Targets: `--target tally` (the default) drives a Tally cluster through
 //! [`TallyClient`]; `redis-incr`, `redis-dedup` and `etcd` drive the peers
-//! `scripts/bench.sh` compares Tally with (see [`super::bench_targets`]).
+//! `scripts/bench.sh` compares Tally with (see [`crate::targets`]).
 //! Everything but the "send a batch, get acks" step is this module's, the
 //! same for every target, so only the system under test differs.
 //! `--time-spread` spreads event times uniformly over that much of the
@@ -29,7 +29,7 @@
 //! Readers beside the writers (`--target tally` only): `--query-rate`
 //! adds linearizable Stats and Series queries on the producers' keys and
 //! `--visibility-rate` times how long an acknowledged event takes to show
-//! in a stale read on a follower; see [`super::bench_probes`]. Their
+//! in a stale read on a follower; see [`crate::probes`]. Their
 //! entities are not the producers', so verification is unaffected.
 //!
 //! Verification (Tally and `redis-dedup` only; `redis-incr` does not dedup
@@ -60,14 +60,16 @@ use rand::distr::weighted::WeightedIndex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
-use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::bench_probes::{Probes, Workload};
-use super::bench_targets::{BatchSettings, Target, TargetKind};
-use super::{print_json, Cli, EXIT_MISMATCH};
-use crate::time_arg::now_ms;
-use crate::{BatchTicket, ClientConfig, Consistency, Event, IngestSummary, Outcome};
+use tally_client::time_arg::now_ms;
+use tally_client::{BatchTicket, ClientConfig, Consistency, Event, IngestSummary, Outcome};
+
+use crate::measure::{latency_histogram, record, LatencyMs};
+use crate::probes::{Probes, Workload};
+use crate::results::{BenchRun, Mismatch, RunConfig, ServerTotals, Verify};
+use crate::targets::{BatchSettings, Target, TargetKind};
+use crate::EXIT_MISMATCH;
 
 /// Arguments of `tally bench`.
 #[derive(Debug, Args)]
@@ -241,8 +243,7 @@ async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<Pr
     let collector_shared = shared.clone();
     let collector = tokio::spawn(async move {
         let mut originals: Vec<Original> = Vec::new();
-        let mut histogram =
-            Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+        let mut histogram = latency_histogram();
         let mut outcomes = IngestSummary::default();
         let mut resent = 0;
         let mut pending = FuturesUnordered::new();
@@ -251,8 +252,7 @@ async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<Pr
                 let now = Instant::now();
                 collector_shared.acked.fetch_add(results.len() as u64, Ordering::Relaxed);
                 for ((index, intended), outcome) in indexes.into_iter().zip(intended).zip(results) {
-                    let micros = u64::try_from(now.saturating_duration_since(intended).as_micros()).unwrap_or(u64::MAX);
-                    histogram.saturating_record(micros.max(1));
+                    record(&mut histogram, now.saturating_duration_since(intended));
                     outcomes.add(&outcome);
                     if let Some(o) = originals.get_mut(index) {
                         match outcome {
@@ -376,8 +376,8 @@ async fn producer(shared: Arc<Shared>, k: usize, seed: u64) -> anyhow::Result<Pr
     collector.await.context("collector")?
 }
 
-fn progress(cli: &Cli, args: &BenchArgs) -> ProgressBar {
-    if cli.json {
+fn progress(json: bool, args: &BenchArgs) -> ProgressBar {
+    if json {
         return ProgressBar::hidden();
     }
     let (len, template) = match args.events {
@@ -388,8 +388,11 @@ fn progress(cli: &Cli, args: &BenchArgs) -> ProgressBar {
         .with_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()))
 }
 
-/// Runs `tally bench`.
-pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
+/// Runs `tally bench` against `addr` (Tally's seed nodes, comma-separated;
+/// peers use `--target-addr`). With `json`, the report goes to stdout as
+/// one document instead of the human summary. Returns the exit status.
+pub async fn run(addr: &str, json: bool, args: &BenchArgs) -> anyhow::Result<i32> {
+    let seeds: Vec<String> = addr.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
     let types = parse_types(&args.types)?;
     if args.concurrency == 0 || args.ids == 0 {
         bail!("--concurrency and --ids must be at least 1");
@@ -405,7 +408,7 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
             bail!("{flag} is for --target tally only");
         }
     }
-    let mut config = ClientConfig::new(cli.seeds());
+    let mut config = ClientConfig::new(seeds.clone());
     if let Some(n) = args.batch_events {
         config.batch.max_events = n;
     }
@@ -424,7 +427,7 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         buffer_events: config.batch.buffer_events,
     };
     let target_addr = match args.target {
-        TargetKind::Tally => cli.addr.clone(),
+        TargetKind::Tally => addr.to_owned(),
         kind => args.target_addr.clone().unwrap_or_else(|| kind.default_addr().to_owned()),
     };
     let target = Target::connect(args.target, &target_addr, config, batch)
@@ -434,7 +437,7 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
     let prefix = format!("bench-{:08x}", rand::random::<u32>());
     let start = Instant::now();
     let start_ms = now_ms();
-    let cpu_at_start = super::cpu_time::process_cpu_time();
+    let cpu_at_start = crate::cpu_time::process_cpu_time();
     let shared = Arc::new(Shared {
         target,
         args: clone_args(args),
@@ -452,12 +455,12 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         Target::Tally(client) if args.query_rate > 0.0 || args.visibility_rate > 0.0 => {
             let workload =
                 Workload { prefix: prefix.clone(), ids: args.ids, zipf: args.zipf, types: types.clone(), seed };
-            Some(Probes::start(client, cli.seeds(), workload, args.query_rate, args.visibility_rate).await?)
+            Some(Probes::start(client, seeds, workload, args.query_rate, args.visibility_rate).await?)
         }
         _ => None,
     };
 
-    let bar = progress(cli, args);
+    let bar = progress(json, args);
     let ticker = {
         let shared = shared.clone();
         let bar = bar.clone();
@@ -488,7 +491,7 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
     // The generator's own CPU over the sending phase (probes included,
     // verification not): what each event cost this process.
     let generator_cpu =
-        super::cpu_time::process_cpu_time().zip(cpu_at_start).map(|(end, begin)| end.saturating_sub(begin));
+        crate::cpu_time::process_cpu_time().zip(cpu_at_start).map(|(end, begin)| end.saturating_sub(begin));
     ticker.abort();
     bar.finish_and_clear();
     let end_ms = now_ms();
@@ -496,10 +499,9 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         Some(p) => Some(p.finish().await?),
         None => None,
     };
-    let (query_latency_ms, visibility_ms) =
-        probes.map_or((serde_json::Value::Null, serde_json::Value::Null), |p| (p.query_latency_ms, p.visibility_ms));
+    let (query_latency_ms, visibility_ms) = probes.map_or((None, None), |p| (p.query_latency_ms, p.visibility_ms));
 
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut histogram = latency_histogram();
     let mut outcomes = IngestSummary::default();
     let mut resent = 0;
     for r in &results {
@@ -512,11 +514,6 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         resent += r.resent;
     }
     let sent = outcomes.total();
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-    let latency = json!({
-        "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
-        "max": histogram.max() as f64 / 1000.0, "mean": histogram.mean() / 1000.0,
-    });
     let verify_skipped = match (&shared.target, args.no_verify) {
         (_, true) => Some("--no-verify"),
         (Target::Tally(_) | Target::RedisDedup(..), false) => None,
@@ -528,106 +525,121 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<i32> {
         Some(_) => None,
         None => Some(verify(&shared.target, &prefix, &types, &results, range).await?),
     };
-    let ok = verify.as_ref().is_none_or(|v| v["ok"] == json!(true));
+    let ok = verify.as_ref().is_none_or(|v| v.ok);
     let server_totals = match &shared.target {
         Target::Tally(client) => {
-            json!({"accepted": client.totals().accepted(), "duplicates": client.totals().duplicates()})
+            Some(ServerTotals { accepted: client.totals().accepted(), duplicates: client.totals().duplicates() })
         }
-        _ => serde_json::Value::Null,
+        _ => None,
     };
-    let report = json!({
-        "target": args.target.name(),
-        "target_addr": target_addr,
-        "prefix": prefix,
-        "config": {
-            "rate": args.rate, "duration_s": args.duration.as_secs_f64(), "events": args.events, "ids": args.ids,
-            "zipf": args.zipf, "types": args.types, "duplicates": args.duplicates, "concurrency": args.concurrency,
-            "seed": seed, "time_spread_s": args.time_spread.as_secs_f64(),
-            "batch_events": batch.max_events, "inflight": batch.inflight,
-            "query_rate": args.query_rate, "visibility_rate": args.visibility_rate,
+    let report = BenchRun {
+        target: args.target.name().to_owned(),
+        target_addr,
+        prefix,
+        config: RunConfig {
+            rate: args.rate,
+            duration_s: args.duration.as_secs_f64(),
+            events: args.events,
+            ids: args.ids,
+            zipf: args.zipf,
+            types: args.types.clone(),
+            duplicates: args.duplicates,
+            concurrency: args.concurrency,
+            seed,
+            time_spread_s: args.time_spread.as_secs_f64(),
+            batch_events: batch.max_events,
+            inflight: batch.inflight,
+            query_rate: args.query_rate,
+            visibility_rate: args.visibility_rate,
         },
-        "elapsed_s": elapsed.as_secs_f64(),
-        "sent": sent,
-        "resent_duplicates": resent,
-        "throughput_eps": sent as f64 / elapsed.as_secs_f64().max(1e-9),
-        "generator_cpu_s": generator_cpu.map(|c| c.as_secs_f64()),
-        "generator_cpu_us_per_event": generator_cpu.filter(|_| sent > 0).map(|c| c.as_secs_f64() * 1e6 / sent as f64),
-        "outcomes": outcomes,
-        "server_totals": server_totals,
-        "latency_ms": latency,
-        "corrected_for_coordinated_omission": args.rate > 0.0,
-        "query_latency_ms": query_latency_ms,
-        "visibility_ms": visibility_ms,
-        "verify": verify,
-        "verify_skipped": verify_skipped,
-        "ok": ok,
-    });
-    std::fs::write(&args.out, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    if cli.json {
-        print_json(&report);
+        elapsed_s: elapsed.as_secs_f64(),
+        sent,
+        resent_duplicates: resent,
+        throughput_eps: sent as f64 / elapsed.as_secs_f64().max(1e-9),
+        generator_cpu_s: generator_cpu.map(|c| c.as_secs_f64()),
+        generator_cpu_us_per_event: generator_cpu.filter(|_| sent > 0).map(|c| c.as_secs_f64() * 1e6 / sent as f64),
+        outcomes,
+        server_totals,
+        latency_ms: LatencyMs::of(&histogram),
+        corrected_for_coordinated_omission: args.rate > 0.0,
+        query_latency_ms,
+        visibility_ms,
+        verify,
+        verify_skipped: verify_skipped.map(str::to_owned),
+        ok,
+    };
+    let document = serde_json::to_vec_pretty(&report)?;
+    std::fs::write(&args.out, &document).with_context(|| format!("writing {}", args.out.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!(
-            "sent {sent} events ({resent} re-sent duplicates) in {:.1} s: {:.0} events/s; this generator used {} µs of CPU per event",
-            elapsed.as_secs_f64(),
-            report["throughput_eps"].as_f64().unwrap_or(0.0),
-            report["generator_cpu_us_per_event"].as_f64().map_or("?".into(), |c| format!("{c:.2}"))
-        );
-        println!(
-            "ack latency ms: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}{}",
-            latency["p50"],
-            latency["p90"],
-            latency["p99"],
-            latency["p999"],
-            latency["max"],
-            if args.rate > 0.0 { "  (corrected for coordinated omission)" } else { "" }
-        );
-        println!(
-            "target {}: outcomes: accepted {}, duplicates {}, rejected {}, failed {}{}",
-            args.target.name(),
-            outcomes.accepted,
-            outcomes.duplicates,
-            outcomes.rejected,
-            outcomes.failed,
-            match &shared.target {
-                Target::Tally(client) => format!(
-                    " (server totals: accepted {}, duplicates {})",
-                    client.totals().accepted(),
-                    client.totals().duplicates()
-                ),
-                _ => String::new(),
-            }
-        );
-        for kind in ["stats", "series"] {
-            let q = &report["query_latency_ms"][kind];
-            if q.is_object() {
-                println!(
-                    "{kind} query latency ms (linearizable, {}): p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  ({} answered, {} errors)",
-                    if kind == "stats" { "30-day range" } else { "2 h of minute buckets" },
-                    q["p50"], q["p90"], q["p99"], q["p999"], q["max"], q["count"], q["errors"]
-                );
-            }
-        }
-        let v = &report["visibility_ms"];
-        if v.is_object() {
-            println!(
-                "ack to visible on a follower (stale read) ms: p50 {}  p90 {}  p99 {}  max {}  ({} probes, {} timeouts, {} errors)",
-                v["p50"], v["p90"], v["p99"], v["max"], v["count"], v["timeouts"], v["errors"]
-            );
-        }
-        if let Some(why) = verify_skipped {
-            println!("verify: skipped ({why})");
-        }
-        if let Some(v) = &report["verify"].as_object() {
-            if v.get("ok") == Some(&json!(true)) {
-                println!("verify: {} keys, {} events: every count and sum matches", v["keys"], v["expected_events"]);
-            } else {
-                println!("verify: MISMATCH on {} of {} keys: {}", v["mismatched_keys"], v["keys"], v["mismatches"]);
-            }
-        }
+        print_summary(&report);
         println!("results written to {}", args.out.display());
     }
     Ok(if ok { 0 } else { EXIT_MISMATCH })
+}
+
+/// The human summary of a run.
+fn print_summary(r: &BenchRun) {
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| v.to_string());
+    println!(
+        "sent {} events ({} re-sent duplicates) in {:.1} s: {:.0} events/s; this generator used {} µs of CPU per event",
+        r.sent,
+        r.resent_duplicates,
+        r.elapsed_s,
+        r.throughput_eps,
+        r.generator_cpu_us_per_event.map_or("?".into(), |c| format!("{c:.2}"))
+    );
+    let l = &r.latency_ms;
+    println!(
+        "ack latency ms: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}{}",
+        ms(l.p50),
+        ms(l.p90),
+        ms(l.p99),
+        ms(l.p999),
+        ms(l.max),
+        if r.corrected_for_coordinated_omission { "  (corrected for coordinated omission)" } else { "" }
+    );
+    let o = &r.outcomes;
+    println!(
+        "target {}: outcomes: accepted {}, duplicates {}, rejected {}, failed {}{}",
+        r.target,
+        o.accepted,
+        o.duplicates,
+        o.rejected,
+        o.failed,
+        r.server_totals.map_or(String::new(), |t| format!(
+            " (server totals: accepted {}, duplicates {})",
+            t.accepted, t.duplicates
+        ))
+    );
+    if let Some(q) = &r.query_latency_ms {
+        for (kind, range, k) in [("stats", "30-day range", &q.stats), ("series", "2 h of minute buckets", &q.series)] {
+            let l = &k.latency;
+            println!(
+                "{kind} query latency ms (linearizable, {range}): p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  ({} answered, {} errors)",
+                ms(l.p50), ms(l.p90), ms(l.p99), ms(l.p999), ms(l.max), l.count, k.errors
+            );
+        }
+    }
+    if let Some(v) = &r.visibility_ms {
+        let l = &v.latency;
+        println!(
+            "ack to visible on a follower (stale read) ms: p50 {}  p90 {}  p99 {}  max {}  ({} probes, {} timeouts, {} errors)",
+            ms(l.p50), ms(l.p90), ms(l.p99), ms(l.max), l.count, v.timeouts, v.errors
+        );
+    }
+    if let Some(why) = &r.verify_skipped {
+        println!("verify: skipped ({why})");
+    }
+    if let Some(v) = &r.verify {
+        if v.ok {
+            println!("verify: {} keys, {} events: every count and sum matches", v.keys, v.expected_events);
+        } else {
+            let first: Vec<String> = v.mismatches.iter().map(|m| format!("{m:?}")).collect();
+            println!("verify: MISMATCH on {} of {} keys: {}", v.mismatched_keys, v.keys, first.join("; "));
+        }
+    }
 }
 
 fn clone_args(a: &BenchArgs) -> BenchArgs {
@@ -691,7 +703,7 @@ async fn verify(
     types: &[(String, u32)],
     results: &[ProducerResult],
     range: std::ops::Range<i64>,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<Verify> {
     let mut expected: BTreeMap<(u64, u16), Expect> = BTreeMap::new();
     for r in results {
         for o in &r.originals {
@@ -730,23 +742,27 @@ async fn verify(
         if !(count_ok && sum_ok) {
             mismatched += 1;
             if mismatches.len() < 10 {
-                mismatches.push(json!({
-                    "entity": name, "event_type": event_type,
-                    "expected_count": e.count, "unknown_count": e.unknown_count, "count": count,
-                    "expected_sum": e.sum, "sum": sum,
-                }));
+                mismatches.push(Mismatch {
+                    entity: name,
+                    event_type,
+                    expected_count: e.count,
+                    unknown_count: e.unknown_count,
+                    count,
+                    expected_sum: e.sum,
+                    sum,
+                });
             }
         }
     }
-    Ok(json!({
-        "ok": mismatched == 0,
-        "keys": expected.len(),
-        "expected_events": expected_events,
-        "counted_events": counted_events,
-        "unknown_events": expected.values().map(|e| e.unknown_count).sum::<u64>(),
-        "mismatched_keys": mismatched,
-        "mismatches": mismatches,
-    }))
+    Ok(Verify {
+        ok: mismatched == 0,
+        keys: expected.len(),
+        expected_events,
+        counted_events,
+        unknown_events: expected.values().map(|e| e.unknown_count).sum::<u64>(),
+        mismatched_keys: mismatched,
+        mismatches,
+    })
 }
 
 #[cfg(test)]

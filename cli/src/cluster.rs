@@ -27,9 +27,9 @@ use tally_proto::v1::{
     TransferLeaderRequest,
 };
 
-use super::table::Table;
-use super::{print_json, Cli};
-use crate::routing::PartitionMap;
+use crate::table::Table;
+use crate::{print_json, Cli};
+use tally_client::PartitionMap;
 
 /// `tally cluster ...`
 #[derive(Debug, Subcommand)]
@@ -116,7 +116,7 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
         ClusterCommand::Rebalance { timeout } => rebalance(cli, **timeout).await,
         ClusterCommand::AddNode { node_addr, timeout } => add_node(cli, node_addr, **timeout).await,
         ClusterCommand::RemoveNode { node_id, timeout } => remove_node(cli, *node_id, **timeout).await,
-        ClusterCommand::Stages { reset } => super::stages::run(cli, *reset).await,
+        ClusterCommand::Stages { reset } => crate::stages::run(cli, *reset).await,
     }
 }
 
@@ -125,7 +125,7 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
 async fn admin_client(cli: &Cli) -> anyhow::Result<(String, ClusterClient<tonic::transport::Channel>)> {
     let mut errors = Vec::new();
     for addr in cli.seeds() {
-        match crate::connect(&addr).await {
+        match tally_client::connect(&addr).await {
             Ok(channel) => return Ok((addr, ClusterClient::new(channel))),
             Err(e) => errors.push(format!("{addr}: {e}")),
         }
@@ -146,7 +146,7 @@ where
     let (addr, client) = admin_client(cli).await?;
     match tokio::time::timeout(timeout, f(client, timeout)).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(anyhow::Error::new(crate::ClientError::Rpc {
+        Ok(Err(status)) => Err(anyhow::Error::new(tally_client::ClientError::Rpc {
             addr: addr.clone(),
             code: status.code(),
             message: status.message().to_owned(),
@@ -200,7 +200,7 @@ async fn rebalance(cli: &Cli, timeout: Duration) -> anyhow::Result<i32> {
             );
         }
     }
-    Ok(if resp.failed == 0 && resp.skipped.is_empty() { 0 } else { super::EXIT_PARTIAL })
+    Ok(if resp.failed == 0 && resp.skipped.is_empty() { 0 } else { crate::EXIT_PARTIAL })
 }
 
 async fn add_node(cli: &Cli, addr: &str, timeout: Duration) -> anyhow::Result<i32> {
@@ -233,7 +233,7 @@ async fn remove_node(cli: &Cli, id: u64, timeout: Duration) -> anyhow::Result<i3
 async fn raw_client(cli: &Cli) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
     let seeds = cli.seeds();
     let addr = seeds.first().context("--addr is empty")?;
-    let channel = crate::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    let channel = tally_client::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
     Ok(ClusterClient::new(channel))
 }
 
@@ -496,7 +496,7 @@ impl StatusView {
 
 /// Asks every node of the cluster `--addr` belongs to.
 pub async fn status_view(cli: &Cli) -> anyhow::Result<StatusView> {
-    match super::client(cli).await {
+    match crate::client(cli).await {
         Ok(client) => {
             let status = client.cluster_status().await?;
             Ok(StatusView { answers: status.nodes, map: Some(status.map) })
@@ -505,7 +505,7 @@ pub async fn status_view(cli: &Cli) -> anyhow::Result<StatusView> {
             // Not initialised (or unreachable): report what the seeds say.
             let mut answers = Vec::new();
             for addr in cli.seeds() {
-                let answer = match crate::connect(&addr).await {
+                let answer = match tally_client::connect(&addr).await {
                     Ok(channel) => ClusterClient::new(channel)
                         .status(StatusRequest {})
                         .await
@@ -582,7 +582,7 @@ mod tests {
         let cli = Cli::try_parse_from(["tally", "--addr", "a:1", "cluster", "add-node", "b:2"]).expect("parses");
         assert_eq!(cli.addr, "a:1");
         match cli.command {
-            super::super::Command::Cluster { command: ClusterCommand::AddNode { node_addr, timeout } } => {
+            crate::Command::Cluster { command: ClusterCommand::AddNode { node_addr, timeout } } => {
                 assert_eq!(node_addr, "b:2");
                 assert_eq!(*timeout, Duration::from_secs(300));
             }
@@ -592,7 +592,7 @@ mod tests {
             Cli::try_parse_from(["tally", "cluster", "transfer-leader", "3", "2", "--addr", "a:1"]).expect("parses");
         assert!(matches!(
             cli.command,
-            super::super::Command::Cluster { command: ClusterCommand::TransferLeader { partition: 3, node: 2, .. } }
+            crate::Command::Cluster { command: ClusterCommand::TransferLeader { partition: 3, node: 2, .. } }
         ));
         assert_eq!(cli.addr, "a:1");
     }

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{all_failed, entity_str, redis_connections, BatchSend};
-use crate::{Event, Outcome};
+use tally_client::{Event, Outcome};
 
 /// Pipelined INCR over a few multiplexed connections.
 pub(crate) struct RedisIncr {

@@ -1,6 +1,6 @@
 //! `tally stats` and `tally series`.
 //!
-//! Both go through [`TallyClient`](crate::TallyClient), so they are routed
+//! Both go through [`TallyClient`](tally_client::TallyClient), so they are routed
 //! to the partition's leader (or any replica with `--stale`) and retried
 //! across a leader change like every other call.
 
@@ -8,9 +8,9 @@ use anyhow::bail;
 use clap::Args;
 use serde_json::json;
 
-use super::{print_json, Cli};
-use crate::time_arg::{format_ms, parse_time};
-use crate::{Consistency, Granularity};
+use crate::{print_json, Cli};
+use tally_client::time_arg::{format_ms, parse_time};
+use tally_client::{Consistency, Granularity};
 
 /// Arguments of `tally stats`.
 #[derive(Debug, Args)]
@@ -82,7 +82,7 @@ fn exact_sum(sum: i64, exact: &str) -> String {
 
 pub(crate) async fn stats(cli: &Cli, args: &StatsArgs) -> anyhow::Result<i32> {
     let (from, to) = (parse_time(&args.from)?, parse_time(&args.to)?);
-    let client = super::client(cli).await?;
+    let client = crate::client(cli).await?;
     let s = client.stats(&args.entity, &args.event_type, from..to, consistency(args.stale)).await?;
     if cli.json {
         print_json(&json!({
@@ -108,7 +108,7 @@ pub(crate) async fn stats(cli: &Cli, args: &StatsArgs) -> anyhow::Result<i32> {
 pub(crate) async fn series(cli: &Cli, args: &SeriesArgs) -> anyhow::Result<i32> {
     let granularity = parse_granularity(&args.granularity)?;
     let (from, to) = (parse_time(&args.from)?, parse_time(&args.to)?);
-    let client = super::client(cli).await?;
+    let client = crate::client(cli).await?;
     let s = client.series(&args.entity, &args.event_type, from..to, granularity, consistency(args.stale)).await?;
     if cli.json {
         let buckets: Vec<_> =
