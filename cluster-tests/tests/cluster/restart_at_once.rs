@@ -26,6 +26,7 @@ use tally_proto::time::{align_range, DAY_MS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaders_restarted_at_once_count_every_retry_once() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let secs = std::env::var("TALLY_RESTART_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let mut cluster = TestCluster::start(ClusterOptions {
         nodes: 3,

@@ -31,6 +31,7 @@ async fn check_counts(client: &TallyClient, model: &Model, end: i64) -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_survives_a_leader_kill_and_retries_never_double_count() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 8, args: vec![] }).await?;
     let seeds: Vec<String> = cluster.nodes.iter().map(|n| n.addr.clone()).collect();
     let mut config = ClientConfig::new(seeds);

@@ -18,6 +18,7 @@ async fn leaders(cluster: &TestCluster, via: u64) -> anyhow::Result<BTreeMap<u32
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_partitions_quiesce_wake_on_writes_and_fail_over_through_liveness() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args: Vec::new() }).await?;
 
     let took = cluster.wait_all_quiesced(Duration::from_secs(30)).await?;

@@ -41,6 +41,7 @@ async fn wait_reachable(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_to_a_down_node_are_refused_and_no_partition_stalls() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args: Vec::new() }).await?;
 
     // Reachability comes from liveness: every node reports every node.

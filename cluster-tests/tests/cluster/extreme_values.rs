@@ -15,6 +15,7 @@ use tally_proto::v1::{Consistency, StatsRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sums_at_the_i64_limits_are_exact_on_every_replica() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 4, args: vec![] }).await?;
     let end = tally_client::time_arg::now_ms();
     let mut workload = Workload::new(5, 20, end, DAY_MS).with_extreme_values();

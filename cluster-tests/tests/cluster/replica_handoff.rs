@@ -38,6 +38,7 @@ async fn held_by(cluster: &TestCluster, node: u64) -> anyhow::Result<BTreeSet<u3
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_moved_away_stays_a_voter_until_its_replacement_is_promoted() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let cluster = TestCluster::start(ClusterOptions { nodes: 4, partitions: PARTITIONS, args: Vec::new() }).await?;
     let now = tally_client::time_arg::now_ms();
     let events = cluster_tests::view_events(2_000, ENTITIES, now, "e");

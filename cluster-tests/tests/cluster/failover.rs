@@ -56,6 +56,7 @@ async fn check_counts(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_crash_loses_nothing_and_counts_nothing_twice() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let mut cluster = TestCluster::start(ClusterOptions {
         nodes: 3,
         partitions: 16,
@@ -128,6 +129,7 @@ async fn leader_crash_loses_nothing_and_counts_nothing_twice() -> anyhow::Result
 /// counts on it, also for writes made after the crashes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_in_the_middle_of_a_snapshot_install_lose_nothing() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let mut cluster = TestCluster::start(ClusterOptions {
         nodes: 3,
         partitions: 8,

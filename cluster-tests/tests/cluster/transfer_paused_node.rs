@@ -16,6 +16,7 @@ const PARTITIONS: u32 = 16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_to_a_paused_node_times_out_and_the_partition_writes_again() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args: Vec::new() }).await?;
     cluster.wait_all_quiesced(Duration::from_secs(30)).await?;
 

@@ -13,6 +13,7 @@ fn state_of(client: &TallyClient, addr: &str) -> Option<BreakerState> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_opens_on_a_dead_node_and_recovers() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 8, args: vec![] }).await?;
     let seeds: Vec<String> = cluster.nodes.iter().map(|n| n.addr.clone()).collect();
     let mut config = ClientConfig::new(seeds);

@@ -32,6 +32,7 @@ async fn total(cluster: &TestCluster, via: u64, now: i64) -> anyhow::Result<u64>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_leave_and_rejoin_without_losing_a_count() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let mut cluster = TestCluster::start(ClusterOptions {
         nodes: 3,
         partitions: 8,

@@ -16,6 +16,7 @@ const BATCH: usize = 1_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_are_exact_at_every_granularity_and_replicas_agree() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 64, args: vec![] }).await?;
     let end = tally_client::time_arg::now_ms();
     // 75 days: every granularity, month boundaries included, gets exercised.

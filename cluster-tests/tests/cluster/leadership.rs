@@ -27,6 +27,7 @@ async fn write_and_count(cluster: &TestCluster, n: u32, tag: &str) -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_leader_and_rebalance() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 9, args: vec![] }).await?;
     assert_eq!(write_and_count(&cluster, 300, "a").await?, 300);
 

@@ -69,6 +69,7 @@ fn entity_per_partition() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_partitions_elect_within_30s_with_a_core_taken() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let hog = CpuHog::start();
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args: Vec::new() }).await?;
     eprintln!("{PARTITIONS} partitions: every node knew every leader {:?} after initialisation", cluster.ready_after);

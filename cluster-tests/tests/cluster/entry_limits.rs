@@ -46,6 +46,7 @@ fn big_request(r: usize) -> Vec<Event> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run by scripts/nemesis.sh"]
 async fn a_follower_far_behind_catches_up_through_big_entries() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     // Slower timers than the defaults: this test is about entry sizes, and on
     // a 2-core debug build heartbeats behind multi-MiB appends miss 200 ms
     // deadlines and churn leadership (the multi-Raft issue's cliff).

@@ -11,6 +11,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 8, args: vec![] }).await?;
     let addr = all_addrs(&cluster);
     let dir = tempfile::tempdir()?;

@@ -10,6 +10,7 @@ use cluster_tests::{ClusterOptions, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_python_client_drives_a_real_cluster() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 8, args: vec![] }).await?;
     cluster_tests::python::run_checks(&cluster, "python-test").await
 }

@@ -12,6 +12,7 @@ const BUFFER: usize = 200;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_buffer_makes_send_wait_and_nothing_is_lost() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 4, args: vec![] }).await?;
     let seeds: Vec<String> = cluster.nodes.iter().map(|n| n.addr.clone()).collect();
     let mut config = ClientConfig::new(seeds);

@@ -9,6 +9,7 @@ use tally_proto::v1::{AddNodeRequest, IngestRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_node_completes_after_its_coordinator_is_killed() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 8, args: vec![] }).await?;
     let now = tally_client::time_arg::now_ms();
     let events = cluster_tests::view_events(2_000, 10, now, "e");

@@ -104,6 +104,7 @@ async fn ingest_works(cluster: &TestCluster, tag: &str) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_stalled_ingest_is_refused_before_its_body() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 8, args: vec![] }).await?;
     let pid = cluster.pid(1)?;
     ingest_works(&cluster, "before").await?;
@@ -221,6 +222,7 @@ async fn oversized_and_stalled_ingest_is_refused_before_its_body() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_dedup_index_refuses_new_events_until_keys_expire() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let cluster = TestCluster::start(ClusterOptions {
         nodes: 3,
         partitions: 4,
@@ -269,7 +271,7 @@ async fn a_full_dedup_index_refuses_new_events_until_keys_expire() -> anyhow::Re
             }
         }
     }
-    assert!(accepted >= 30_000 && accepted < 100_000, "accepted {accepted}");
+    assert!((30_000..100_000).contains(&accepted), "accepted {accepted}");
     assert!(refused_whole > 0 || refused_events > 0, "nothing refused");
     let total =
         async || cluster.total_count(1, (0..50).map(|e| format!("v{e}")), "view", now - 60_000, now + 60_000).await;

@@ -18,6 +18,7 @@ struct Malformed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_of_the_api() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 8, args: vec![] }).await?;
     let now = tally_client::time_arg::now_ms();
     let mut ingest = cluster.ingest_client(2).await?;

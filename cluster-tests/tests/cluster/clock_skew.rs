@@ -67,6 +67,7 @@ async fn resend_all_duplicates(ingestor: &RetryingIngestor, events: Vec<Event>, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_with_a_skewed_clock_still_recognises_retries() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args: vec![] }).await?;
     let ingestor = RetryingIngestor::new(
         cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect(),

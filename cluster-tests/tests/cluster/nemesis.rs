@@ -29,6 +29,7 @@ const SKEW_MS: i64 = 11 * 60_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
     let config = NemesisConfig::from_env(60);
     eprintln!("nemesis seed {} for {:?} (TALLY_NEMESIS_SEED reproduces it)", config.seed, config.duration);
     let mut cluster = TestCluster::start_proxied(ClusterOptions {

@@ -93,6 +93,7 @@ fn call(id: u64, kind: RaftCallKind, message: &RaftMessage) -> PeerCall {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args: vec![] }).await?;
     let now = tally_client::time_arg::now_ms();
 
