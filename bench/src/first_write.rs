@@ -23,11 +23,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use serde::{Deserialize, Serialize};
 use tally_client::time_arg::now_ms;
 use tally_proto::partition::partition_of;
 use tally_proto::v1::ingest_client::IngestClient;
 use tally_proto::v1::{Event, IngestRequest};
 use tonic::transport::{Channel, Endpoint};
+
+use crate::measure::RankedMs;
 
 /// Attempts outstanding per partition at most.
 pub const MAX_IN_FLIGHT: usize = 8;
@@ -65,6 +68,55 @@ pub struct FirstWrite {
     pub first_ack: Option<Duration>,
     pub attempts: u64,
     pub last_error: Option<String>,
+}
+
+/// What `tally probe-writes` reports (`--json`), and the failover phase of
+/// the benchmark reads back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeWritesRun {
+    pub addrs: Vec<String>,
+    pub partition_count: u32,
+    /// The origin of the times, when not the command's start.
+    pub since_ms: Option<i64>,
+    pub timeout_s: f64,
+    /// Partitions probed.
+    pub probed: usize,
+    /// Partitions that acknowledged a write before the timeout.
+    pub acked: usize,
+    /// Partitions that did not.
+    pub failed: usize,
+    pub failed_partitions: Vec<u32>,
+    /// Origin → first acknowledged write, over the partitions that had one.
+    pub first_ack_ms: RankedMs,
+    pub partitions: Vec<PartitionProbe>,
+}
+
+/// One partition's line of a [`ProbeWritesRun`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionProbe {
+    pub partition: u32,
+    pub entity: String,
+    pub first_ack_ms: Option<f64>,
+    pub attempts: u64,
+    pub last_error: Option<String>,
+}
+
+impl FirstWrite {
+    /// Time to the first acknowledgement in milliseconds.
+    pub fn first_ack_ms(&self) -> Option<f64> {
+        self.first_ack.map(|d| d.as_secs_f64() * 1000.0)
+    }
+
+    /// This partition's line of a [`ProbeWritesRun`].
+    pub fn to_probe(&self) -> PartitionProbe {
+        PartitionProbe {
+            partition: self.partition,
+            entity: self.entity.clone(),
+            first_ack_ms: self.first_ack_ms(),
+            attempts: self.attempts,
+            last_error: self.last_error.clone(),
+        }
+    }
 }
 
 /// For each wanted partition, the first `probe-{k}` entity that lands in

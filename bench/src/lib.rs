@@ -14,6 +14,8 @@
 //! * [`first_write`]: time until a partition acknowledges a write again
 //!   (after a leader is killed).
 //! * [`measure`]: the one percentile definition and the HDR histograms.
+//! * [`results`]: what a run measured, as types; [`report`]: the benchmark
+//!   report (docs/BENCHMARKS.md) rendered from a work directory of them.
 //! * [`cpu_time`]: the generator's own CPU.
 
 pub mod cpu_time;
@@ -21,6 +23,7 @@ pub mod first_write;
 pub mod generator;
 pub mod measure;
 pub mod probes;
+pub mod report;
 pub mod results;
 pub mod targets;
 

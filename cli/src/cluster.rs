@@ -330,6 +330,41 @@ impl StatusView {
             .collect()
     }
 
+    /// Replicas each node reports quiesced; `None` for a node that did not answer.
+    fn quiesced_of(&self, node: u64) -> Option<usize> {
+        self.reports().find(|s| s.node_id == node).map(|s| s.partitions.iter().filter(|p| p.quiesced).count())
+    }
+
+    /// The reachable node leading the most partitions (the first such in
+    /// the map's order) and the partitions it leads; `None` when no
+    /// reachable node leads any.
+    pub fn busiest_leader(&self) -> Option<(u64, Vec<u32>)> {
+        let map = self.map.as_ref()?;
+        let reachable: Vec<u64> = self.reports().map(|s| s.node_id).collect();
+        let leads = |id: u64| map.partitions().iter().filter(|r| r.leader == id).count();
+        let mut best: Option<(u64, usize)> = None;
+        for (id, _) in map.nodes().filter(|(id, _)| reachable.contains(id)) {
+            if best.is_none_or(|(_, n)| leads(id) > n) {
+                best = Some((id, leads(id)));
+            }
+        }
+        let (node, _) = best?;
+        let led: Vec<u32> =
+            map.partitions().iter().enumerate().filter(|(_, r)| r.leader == node).map(|(p, _)| p as u32).collect();
+        (!led.is_empty()).then_some((node, led))
+    }
+
+    /// Every node of the map answered and reports all its replicas quiesced.
+    pub fn all_quiesced(&self) -> bool {
+        let Some(map) = &self.map else { return false };
+        let mut nodes = map.nodes().peekable();
+        nodes.peek().is_some()
+            && nodes.all(|(id, _)| {
+                let replicas = map.partitions().iter().filter(|r| r.replicas.contains(&id)).count();
+                self.quiesced_of(id) == Some(replicas)
+            })
+    }
+
     /// The JSON document of `cluster status --json`.
     pub fn to_json(&self) -> serde_json::Value {
         let Some(map) = &self.map else {
@@ -368,7 +403,7 @@ impl StatusView {
                 let error = self.answers.iter().find(|(a, _)| a == addr).and_then(|(_, r)| r.as_ref().err());
                 // Replicas this node has quiesced (idle groups with timers off).
                 let report = self.reports().find(|s| s.node_id == id);
-                let quiesced = report.map(|s| s.partitions.iter().filter(|p| p.quiesced).count());
+                let quiesced = self.quiesced_of(id);
                 json!({
                     "quiesced": quiesced,
                     "dedup_conflicts": report.map(|s| s.dedup_conflicts),
@@ -595,6 +630,15 @@ mod tests {
             crate::Command::Cluster { command: ClusterCommand::TransferLeader { partition: 3, node: 2, .. } }
         ));
         assert_eq!(cli.addr, "a:1");
+    }
+
+    #[test]
+    fn status_json_is_what_the_benchmark_report_reads() {
+        let v = view(vec![report(1, vec![1, 2]), report(2, vec![1, 2])]);
+        let nodes: tally_bench::report::StatusNodes = serde_json::from_value(v.to_json()).expect("parses");
+        assert!(!nodes.nodes.is_empty());
+        assert!(nodes.nodes.iter().all(|n| n.replicas.is_some()), "{:?}", v.to_json());
+        assert_eq!(v.all_quiesced(), nodes.nodes.iter().all(|n| n.quiesced == n.replicas));
     }
 
     #[test]

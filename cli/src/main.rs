@@ -13,6 +13,7 @@
 //! `probe-writes` found partitions that never acknowledged), 3 when `bench`
 //! verification found a mismatch.
 
+mod bench_steps;
 mod cluster;
 mod ingest;
 mod probe_writes;
@@ -58,8 +59,10 @@ pub enum Command {
     Stats(query::StatsArgs),
     /// Buckets of one granularity over [from, to).
     Series(query::SeriesArgs),
-    /// Load generator with latency percentiles and count verification.
-    Bench(tally_bench::generator::BenchArgs),
+    /// Load generator with latency percentiles and count verification;
+    /// `tally bench report` renders docs/BENCHMARKS.md from a run of
+    /// scripts/bench.sh.
+    Bench(Box<bench_steps::BenchCommand>),
     /// Time until each partition acknowledges a write (e.g. after a leader dies).
     ProbeWrites(probe_writes::ProbeWritesArgs),
 }
@@ -78,7 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Ingest(args) => ingest::run(&cli, args).await,
         Command::Stats(args) => query::stats(&cli, args).await,
         Command::Series(args) => query::series(&cli, args).await,
-        Command::Bench(args) => tally_bench::generator::run(&cli.addr, cli.json, args).await,
+        Command::Bench(command) => bench_steps::run(&cli, command).await,
         Command::ProbeWrites(args) => probe_writes::run(&cli, args).await,
     }
 }

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use serde_json::json;
-use tally_bench::first_write::{first_write, lazy_channel, probe_entities, Pacing};
+use tally_bench::first_write::{first_write, lazy_channel, probe_entities, FirstWrite, Pacing, ProbeWritesRun};
 use tally_bench::measure::RankedMs;
 use tally_client::time_arg::{now_ms, parse_time_at};
 use tally_proto::v1::cluster_client::ClusterClient;
@@ -25,7 +24,7 @@ use tally_proto::v1::StatusRequest;
 use tonic::transport::Channel;
 
 use crate::table::Table;
-use crate::{print_json, Cli, EXIT_PARTIAL};
+use crate::{Cli, EXIT_PARTIAL};
 /// Limit on the `Cluster.Status` call that learns the partition count.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -121,27 +120,23 @@ pub async fn run(cli: &Cli, args: &ProbeWritesArgs) -> anyhow::Result<i32> {
         results.push(r);
     }
 
-    let acked: Vec<f64> = results.iter().filter_map(|r| r.first_ack).map(|d| d.as_secs_f64() * 1000.0).collect();
-    let first_ack_ms = RankedMs::of(&acked);
+    let acked: Vec<f64> = results.iter().filter_map(FirstWrite::first_ack_ms).collect();
     let failed: Vec<u32> = results.iter().filter(|r| r.first_ack.is_none()).map(|r| r.partition).collect();
-    let doc = json!({
-        "addrs": addrs,
-        "partition_count": count,
-        "since_ms": since_ms,
-        "timeout_s": args.timeout.as_secs_f64(),
-        "probed": results.len(),
-        "acked": acked.len(),
-        "failed": failed.len(),
-        "failed_partitions": failed,
-        "first_ack_ms": first_ack_ms,
-        "partitions": results.iter().map(|r| json!({
-            "partition": r.partition, "entity": r.entity,
-            "first_ack_ms": r.first_ack.map(|d| d.as_secs_f64() * 1000.0),
-            "attempts": r.attempts, "last_error": r.last_error,
-        })).collect::<Vec<_>>(),
-    });
+    let first_ack_ms = RankedMs::of(&acked);
+    let doc = ProbeWritesRun {
+        addrs: addrs.clone(),
+        partition_count: count,
+        since_ms,
+        timeout_s: args.timeout.as_secs_f64(),
+        probed: results.len(),
+        acked: acked.len(),
+        failed: failed.len(),
+        failed_partitions: failed.clone(),
+        first_ack_ms,
+        partitions: results.iter().map(FirstWrite::to_probe).collect(),
+    };
     if cli.json {
-        print_json(&doc);
+        println!("{}", serde_json::to_string(&doc)?);
     } else {
         let mut table = Table::new(["PARTITION", "FIRST_ACK_MS", "ATTEMPTS", "LAST_ERROR"]);
         for r in &results {

@@ -3,11 +3,12 @@
 //! one table per node. `--reset` starts a new window on every node after
 //! reading it (how `scripts/bench.sh` measures one run alone).
 
+use tally_bench::report::{Stage, StagesDoc, StagesNode};
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::{StagesRequest, StagesResponse};
 
 use crate::table::Table;
-use crate::{print_json, Cli};
+use crate::Cli;
 
 pub(crate) async fn run(cli: &Cli, reset: bool) -> anyhow::Result<i32> {
     let view = crate::cluster::status_view(cli).await?;
@@ -24,30 +25,46 @@ pub(crate) async fn run(cli: &Cli, reset: bool) -> anyhow::Result<i32> {
         answers.push((addr.clone(), answer));
     }
     if cli.json {
-        print_json(&to_json(&answers));
+        println!("{}", serde_json::to_string(&to_doc(&answers))?);
     } else {
         print!("{}", render(&answers));
     }
     Ok(if answers.iter().any(|(_, a)| a.is_ok()) { 0 } else { 1 })
 }
 
-fn to_json(answers: &[(String, Result<StagesResponse, String>)]) -> serde_json::Value {
-    let nodes: Vec<serde_json::Value> = answers
+/// The `--json` document, the type `tally bench report` reads back.
+fn to_doc(answers: &[(String, Result<StagesResponse, String>)]) -> StagesDoc {
+    let nodes = answers
         .iter()
         .map(|(addr, answer)| match answer {
-            Ok(r) => serde_json::json!({
-                "addr": addr,
-                "node_id": r.node_id,
-                "window_s": r.window_s,
-                "stages": r.stages.iter().map(|s| serde_json::json!({
-                    "name": s.name, "description": s.description, "count": s.count, "mean_ms": s.mean_ms,
-                    "p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "p99_ms": s.p99_ms, "p999_ms": s.p999_ms, "max_ms": s.max_ms,
-                })).collect::<Vec<_>>(),
-            }),
-            Err(e) => serde_json::json!({ "addr": addr, "error": e }),
+            Ok(r) => StagesNode {
+                addr: addr.clone(),
+                node_id: Some(r.node_id),
+                window_s: Some(r.window_s),
+                stages: Some(
+                    r.stages
+                        .iter()
+                        .map(|s| Stage {
+                            name: s.name.clone(),
+                            description: s.description.clone(),
+                            count: s.count,
+                            mean_ms: s.mean_ms,
+                            p50_ms: s.p50_ms,
+                            p90_ms: s.p90_ms,
+                            p99_ms: s.p99_ms,
+                            p999_ms: s.p999_ms,
+                            max_ms: s.max_ms,
+                        })
+                        .collect(),
+                ),
+                error: None,
+            },
+            Err(e) => {
+                StagesNode { addr: addr.clone(), node_id: None, window_s: None, stages: None, error: Some(e.clone()) }
+            }
         })
         .collect();
-    serde_json::json!({ "nodes": nodes })
+    StagesDoc { nodes }
 }
 
 fn render(answers: &[(String, Result<StagesResponse, String>)]) -> String {
