@@ -10,13 +10,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("tally_descriptor.bin"))
         .compile_protos(&["tally/v1/tally.proto", "tally/internal/v1/raft.proto"], &["."])?;
-    // A subset of etcd's KV API for `tally bench --target etcd`; client
-    // stubs only, and kept out of the descriptor set that Tally's server
-    // reflection publishes.
-    tonic_prost_build::configure()
-        .build_server(false)
-        .compile_protos(&["etcd/etcdserverpb/kv_subset.proto"], &["."])?;
     println!("cargo:rerun-if-changed=tally");
-    println!("cargo:rerun-if-changed=etcd");
     Ok(())
 }

@@ -35,7 +35,7 @@ cd "$TALLY_ROOT"
 cargo build --workspace --all-targets
 # The long single-fault tests first (a follower cut off behind ~85 MiB of
 # big entries; a minute of leaders restarted at once), then the nemesis.
-cargo test -p cluster-tests --test entry_limits -- --ignored
-TALLY_RESTART_SECS=60 cargo test -p cluster-tests --test restart_at_once -- --nocapture 2>&1 | grep -E 'restarts at once|test result'
-cargo test -p cluster-tests --test nemesis -- --nocapture 2>&1 | tee "${TALLY_NEMESIS_LOG:-/tmp/tally-nemesis.log}" \
+cargo test -p cluster-tests --test cluster -- entry_limits:: --ignored
+TALLY_RESTART_SECS=60 cargo test -p cluster-tests --test cluster -- restart_at_once:: --nocapture 2>&1 | grep -E 'restarts at once|test result'
+cargo test -p cluster-tests --test cluster -- nemesis:: --nocapture 2>&1 | tee "${TALLY_NEMESIS_LOG:-/tmp/tally-nemesis.log}" \
   | grep -E '^(nemesis|---|faults|events|kill|violations|  |test result)'

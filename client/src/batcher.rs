@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::dispatch::{deliver_together, Item};
 use crate::encoded;
 use crate::error::{ClientError, Result};
+use crate::leader_router::Router;
 use crate::outcome::{Reply, ServerTotals};
-use crate::router::Router;
 use tally_proto::v1::Event;
 
 /// Open while any event of its epoch is unresolved; dropping the last

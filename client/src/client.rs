@@ -21,9 +21,9 @@ use crate::batcher::Batcher;
 use crate::config::ClientConfig;
 use crate::dispatch::call;
 use crate::error::Result;
+use crate::leader_router::{Route, Router};
 use crate::outcome::{BatchSlots, BatchTicket, Outcome, Reply, ServerTotals, Ticket};
-use crate::router::{Route, Router};
-use crate::routing::PartitionMap;
+use crate::partition_map::PartitionMap;
 
 /// A connection to a Tally cluster: batched, routed, retried ingestion and
 /// typed queries.

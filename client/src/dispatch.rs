@@ -27,9 +27,9 @@ use tokio::sync::Semaphore;
 
 use crate::encoded::{self, EncodedIngestRequest};
 use crate::error::{ClientError, Result};
-use crate::node::{classify, Failure, Node};
+use crate::leader_router::{Route, Router};
+use crate::node_pool::{classify, Failure, Node};
 use crate::outcome::{Outcome, Reply, ServerTotals};
-use crate::router::{Route, Router};
 
 /// One event on its way, with whoever waits for its outcome.
 #[derive(Debug)]

@@ -18,7 +18,7 @@ use tally_proto::v1::{Event, IngestResponse};
 use tonic::client::Grpc;
 use tonic::codegen::http;
 
-use crate::node::NodeService;
+use crate::node_pool::NodeService;
 
 /// Field number of `events` in `IngestRequest` (proto/tally/v1/tally.proto).
 const EVENTS_FIELD: u32 = 1;

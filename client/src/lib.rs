@@ -33,6 +33,11 @@
 //! a batch, possibly to another node) and the circuit breaker (one per node,
 //! shared by all stubs) are Tally's own; each module explains why.
 //!
+//! The `tally` command line (crate `tally-cli`) and the load generator
+//! (crate `tally-bench`) are built on this library but live in crates of
+//! their own, so an application that embeds it pulls in none of their
+//! dependencies.
+//!
 //! Runnable examples: `cargo run -p tally-client --example quickstart`,
 //! `--example bulk_ingest`, `--example queries` (they expect a cluster at
 //! `TALLY_ADDR`, default `127.0.0.1:7001`; `scripts/cluster.sh up` starts
@@ -47,16 +52,15 @@ pub use tally_proto::v1::{Consistency, Event, Granularity, SeriesResponse, Stats
 pub mod backoff;
 mod batcher;
 pub mod breaker;
-pub mod cli;
 mod client;
 pub mod config;
 mod dispatch;
 mod encoded;
 pub mod error;
-pub mod node;
+mod leader_router;
+pub mod node_pool;
 pub mod outcome;
-mod router;
-pub mod routing;
+pub mod partition_map;
 pub mod time_arg;
 
 pub use backoff::RetryPolicy;
@@ -64,8 +68,8 @@ pub use breaker::{BreakerConfig, BreakerState};
 pub use client::{ClusterStatus, TallyClient};
 pub use config::{BatchConfig, ClientConfig};
 pub use error::ClientError;
-pub use outcome::{BatchTicket, IngestSummary, Outcome, ServerTotals, Ticket};
-pub use routing::PartitionMap;
+pub use outcome::{BatchTicket, IngestSummary, Outcome, OutcomeSlot, ServerTotals, Ticket};
+pub use partition_map::PartitionMap;
 
 use tonic::transport::{Channel, Endpoint};
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 /// The fate of one event.
@@ -57,7 +57,7 @@ impl Outcome {
 }
 
 /// Totals over many outcomes, e.g. for a CLI summary.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngestSummary {
     /// Counted for the first time.
     pub accepted: u64,
@@ -134,7 +134,10 @@ impl Ticket {
         Ticket { rx: TicketInner::Pending(rx) }
     }
 
-    pub(crate) fn ready(outcome: Outcome) -> Ticket {
+    /// A ticket that already holds its outcome: for an event the caller
+    /// settles itself (input it rejected before sending, say), so that
+    /// every event still ends in one stream of tickets.
+    pub fn ready(outcome: Outcome) -> Ticket {
         Ticket { rx: TicketInner::Ready(Some(outcome)) }
     }
 }
@@ -169,6 +172,33 @@ pub struct BatchTicket {
     slots: Arc<BatchSlots>,
     /// `None` when nothing was pending (every event was invalid).
     done: Option<oneshot::Receiver<()>>,
+}
+
+impl BatchTicket {
+    /// A ticket for `n` events whose outcomes the caller supplies, one
+    /// [`OutcomeSlot`] each (slot `i` is the `i`-th outcome the ticket
+    /// yields). For code that puts another transport behind the same
+    /// "events in, a ticket of outcomes out" shape — the load generator
+    /// drives Redis and etcd this way — and for test doubles. A slot
+    /// dropped unresolved reads as not confirmed, like an event of a
+    /// client that shut down.
+    pub fn with_slots(n: usize) -> (BatchTicket, Vec<OutcomeSlot>) {
+        let (slots, ticket) = BatchSlots::new((0..n).map(|_| None).collect());
+        let replies = (0..n).map(|index| OutcomeSlot(Reply::slot(slots.clone(), index))).collect();
+        (ticket, replies)
+    }
+}
+
+/// One event's place in a [`BatchTicket`] made by
+/// [`BatchTicket::with_slots`].
+#[derive(Debug)]
+pub struct OutcomeSlot(Reply);
+
+impl OutcomeSlot {
+    /// Gives the event its outcome.
+    pub fn resolve(self, outcome: Outcome) {
+        self.0.resolve(outcome);
+    }
 }
 
 /// Where the events of one batch leave their outcomes.
@@ -309,6 +339,22 @@ mod batch_ticket_tests {
         let rejected = Outcome::Rejected { field: "entity_id".into(), reason: "empty".into() };
         let (_slots, ticket) = BatchSlots::new(vec![Some(rejected.clone())]);
         assert_eq!(ticket.await, vec![rejected]);
+    }
+
+    #[tokio::test]
+    async fn caller_supplied_slots_resolve_in_order() {
+        let (ticket, mut slots) = BatchTicket::with_slots(3);
+        let (c, b, a) = (slots.pop(), slots.pop(), slots.pop());
+        assert!(slots.is_empty());
+        if let (Some(a), Some(c)) = (a, c) {
+            c.resolve(Outcome::Duplicate);
+            a.resolve(Outcome::Accepted);
+        }
+        drop(b);
+        let outcomes = ticket.await;
+        assert_eq!(outcomes[0], Outcome::Accepted);
+        assert!(matches!(outcomes[1], Outcome::Failed { attempts: 0, .. }), "{:?}", outcomes[1]);
+        assert_eq!(outcomes[2], Outcome::Duplicate);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod model;
 pub mod nemesis;
 pub mod netproxy;
 pub mod python;
+pub mod serial;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

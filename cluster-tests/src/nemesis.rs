@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use tally_proto::partition::partition_of;
-use tally_proto::v1::{Event, IngestRequest};
+use tally_bench::first_write::{first_write, lazy_channel, probe_entity, Pacing};
 
 use crate::netproxy::LinkMode;
 use crate::TestCluster;
@@ -78,16 +77,12 @@ impl NemesisConfig {
     }
 }
 
-/// An entity id that lands in `partition`, for probing that partition.
-pub fn probe_entity(partition: u32, partition_count: u32) -> Vec<u8> {
-    (0u64..)
-        .map(|k| format!("probe-{k}").into_bytes())
-        .find(|e| partition_of(e, partition_count) == partition)
-        .unwrap_or_default()
-}
-
-/// Write one probe event to `partition` through `via` until it is
-/// acknowledged; returns when it was, or None after `timeout`.
+/// Writes one probe event at a time to `partition` through node `via`
+/// until one is acknowledged: when (from `started`) it was, or None after
+/// `timeout`. The measurement is `tally_bench::first_write`, the one behind
+/// `tally probe-writes` and the failover figures of docs/BENCHMARKS.md;
+/// the pacing here is gentler (an attempt may take 2 s before another is
+/// started beside it), as a test cluster runs on a loaded machine.
 pub async fn time_to_first_write(
     cluster: &TestCluster,
     via: u64,
@@ -95,30 +90,14 @@ pub async fn time_to_first_write(
     started: Instant,
     timeout: Duration,
 ) -> Option<Duration> {
-    let entity = probe_entity(partition, cluster.partitions);
-    let mut n = 0u64;
-    while started.elapsed() < timeout {
-        n += 1;
-        if let Ok(mut client) = cluster.ingest_client(via).await {
-            let event = Event {
-                entity_id: entity.clone(),
-                event_type: "probe".into(),
-                event_time_ms: 0,
-                event_id: format!("probe-{}-{n}-{}", partition, rand::random::<u64>()).into_bytes(),
-                value: None,
-            };
-            let mut req = tonic::Request::new(IngestRequest { events: vec![event] });
-            req.set_timeout(Duration::from_secs(2));
-            if let Ok(resp) = client.ingest(req).await {
-                let resp = resp.into_inner();
-                if resp.accepted + resp.duplicates == 1 {
-                    return Some(started.elapsed());
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
+    let entity = probe_entity(partition, cluster.partitions)?;
+    let channel = lazy_channel(&cluster.addr(via).ok()?, Duration::from_secs(2)).ok()?;
+    let pacing = Pacing {
+        interval: Duration::from_millis(20),
+        hedge_after: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(2),
+    };
+    first_write(partition, entity, vec![channel].into(), pacing, started + timeout, started).await.first_ack
 }
 
 /// Apply the link part of a fault (process faults are the test's).
@@ -159,13 +138,4 @@ pub fn apply_links(cluster: &TestCluster, fault: Fault, victim: u64, rng: &mut S
             String::new()
         }
     }
-}
-
-/// p-th percentile (0..=100) of a sorted slice.
-pub fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted.get(rank.min(sorted.len() - 1)).copied()
 }

@@ -2,8 +2,6 @@
 //!
 //! * [`v1`] and [`internal`]: code generated from `proto/` (public API and
 //!   peer-to-peer Raft traffic).
-//! * [`etcd`]: client stubs for a subset of etcd's v3 KV API, used only by
-//!   `tally bench --target etcd` to compare Tally with etcd on one workload.
 //! * [`partition`]: which partition an entity belongs to. Client and server
 //!   both route with this one function, so they can never disagree.
 //! * [`validate`]: the rules an event must satisfy, with errors that name
@@ -27,14 +25,6 @@ pub mod internal {
         tonic::include_proto!("tally.internal.v1");
     }
     pub use v1::*;
-}
-
-/// Client stubs for the subset of etcd's v3 KV API (`package etcdserverpb`:
-/// `KV.Put`, `KV.Txn`) in `etcd/etcdserverpb/kv_subset.proto`. Generated
-/// here from a vendored subset rather than taken from the `etcd-client`
-/// crate, whose build needs a system `protoc`.
-pub mod etcd {
-    tonic::include_proto!("etcdserverpb");
 }
 
 /// Encoded file descriptors of every proto file, for gRPC server reflection.

@@ -1,0 +1,129 @@
+//! `tally stats` and `tally series`.
+//!
+//! Both go through [`TallyClient`](tally_client::TallyClient), so they are routed
+//! to the partition's leader (or any replica with `--stale`) and retried
+//! across a leader change like every other call.
+
+use anyhow::bail;
+use clap::Args;
+use serde_json::json;
+
+use crate::{print_json, Cli};
+use tally_client::time_arg::{format_ms, parse_time};
+use tally_client::{Consistency, Granularity};
+
+/// Arguments of `tally stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Entity id, e.g. video-42.
+    pub entity: String,
+    /// Event type, e.g. view.
+    pub event_type: String,
+    /// Range start (inclusive): now, -1h, RFC 3339 or epoch ms.
+    #[arg(long, default_value = "-30d", allow_hyphen_values = true)]
+    pub from: String,
+    /// Range end (exclusive).
+    #[arg(long, default_value = "+1m", allow_hyphen_values = true)]
+    pub to: String,
+    /// Read from any replica (cheaper, may lag).
+    #[arg(long)]
+    pub stale: bool,
+}
+
+/// Arguments of `tally series`.
+#[derive(Debug, Args)]
+pub struct SeriesArgs {
+    /// Entity id.
+    pub entity: String,
+    /// Event type.
+    pub event_type: String,
+    /// Range start (inclusive).
+    #[arg(long, default_value = "-1h", allow_hyphen_values = true)]
+    pub from: String,
+    /// Range end (exclusive).
+    #[arg(long, default_value = "+1m", allow_hyphen_values = true)]
+    pub to: String,
+    /// minute, hour, day or month.
+    #[arg(long, default_value = "minute")]
+    pub granularity: String,
+    /// Read from any replica (cheaper, may lag).
+    #[arg(long)]
+    pub stale: bool,
+}
+
+fn consistency(stale: bool) -> Consistency {
+    if stale {
+        Consistency::Stale
+    } else {
+        Consistency::Linearizable
+    }
+}
+
+/// Parses `minute|hour|day|month`.
+pub fn parse_granularity(s: &str) -> anyhow::Result<Granularity> {
+    Ok(match s {
+        "minute" => Granularity::Minute,
+        "hour" => Granularity::Hour,
+        "day" => Granularity::Day,
+        "month" => Granularity::Month,
+        other => bail!("--granularity must be minute, hour, day or month, not {other:?}"),
+    })
+}
+
+/// The exact sum when the server sent one (sums beyond int64 are clamped in
+/// `sum`), else the int64 sum.
+fn exact_sum(sum: i64, exact: &str) -> String {
+    if exact.is_empty() {
+        sum.to_string()
+    } else {
+        exact.to_string()
+    }
+}
+
+pub(crate) async fn stats(cli: &Cli, args: &StatsArgs) -> anyhow::Result<i32> {
+    let (from, to) = (parse_time(&args.from)?, parse_time(&args.to)?);
+    let client = crate::client(cli).await?;
+    let s = client.stats(&args.entity, &args.event_type, from..to, consistency(args.stale)).await?;
+    if cli.json {
+        print_json(&json!({
+            "entity": args.entity, "event_type": args.event_type,
+            "count": s.count, "sum": s.sum, "sum_exact": s.sum_exact, "sum_overflow": s.sum_overflow,
+            "average": s.average,
+            "from_ms": s.effective_from_ms, "to_ms": s.effective_to_ms,
+            "served_by": s.served_by_node_id, "applied_index": s.applied_index,
+        }));
+    } else {
+        println!(
+            "count {}  sum {}  average {:.3}   [{} .. {})",
+            s.count,
+            exact_sum(s.sum, &s.sum_exact),
+            s.average,
+            format_ms(s.effective_from_ms),
+            format_ms(s.effective_to_ms)
+        );
+    }
+    Ok(0)
+}
+
+pub(crate) async fn series(cli: &Cli, args: &SeriesArgs) -> anyhow::Result<i32> {
+    let granularity = parse_granularity(&args.granularity)?;
+    let (from, to) = (parse_time(&args.from)?, parse_time(&args.to)?);
+    let client = crate::client(cli).await?;
+    let s = client.series(&args.entity, &args.event_type, from..to, granularity, consistency(args.stale)).await?;
+    if cli.json {
+        let buckets: Vec<_> =
+            s.buckets
+                .iter()
+                .map(|b| json!({"start_ms": b.start_ms, "count": b.count, "sum": b.sum, "sum_exact": b.sum_exact, "sum_overflow": b.sum_overflow}))
+                .collect();
+        print_json(&json!({
+            "entity": args.entity, "event_type": args.event_type, "granularity": args.granularity,
+            "buckets": buckets, "served_by": s.served_by_node_id, "applied_index": s.applied_index,
+        }));
+    } else {
+        for b in &s.buckets {
+            println!("{}  {:>10}  {:>12}", format_ms(b.start_ms), b.count, exact_sum(b.sum, &b.sum_exact));
+        }
+    }
+    Ok(0)
+}

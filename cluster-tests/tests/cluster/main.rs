@@ -1,0 +1,68 @@
+//! The cluster tests: one test binary made of modules, so the suite links
+//! once rather than once per file. Tests start real `tallyd` processes
+//! (`cluster_tests::TestCluster`); which of them may overlap is decided by
+//! `cluster_tests::serial`, whose turn every test takes first.
+//!
+//! Run one: `cargo test -p cluster-tests --test cluster -- nemesis::`.
+
+mod api_surface;
+mod client_backpressure;
+mod client_breaker;
+mod client_cli;
+mod client_python;
+mod client_python_contract;
+mod client_routing;
+mod clock_skew;
+mod entry_limits;
+mod exactness;
+mod extreme_values;
+mod failover;
+mod ingest_flood;
+mod leadership;
+mod many_partitions;
+mod membership;
+mod membership_crash;
+mod nemesis;
+mod peer_port;
+mod quiescence;
+mod replica_handoff;
+mod restart_at_once;
+mod transfer_down_node;
+mod transfer_paused_node;
+
+/// Every test takes a turn (`cluster_tests::serial`) before anything else,
+/// so that a new test cannot silently overlap a timing-sensitive one.
+#[test]
+fn every_cluster_test_takes_its_turn() {
+    let sources = [
+        ("api_surface", include_str!("api_surface.rs")),
+        ("client_backpressure", include_str!("client_backpressure.rs")),
+        ("client_breaker", include_str!("client_breaker.rs")),
+        ("client_cli", include_str!("client_cli.rs")),
+        ("client_python", include_str!("client_python.rs")),
+        ("client_python_contract", include_str!("client_python_contract.rs")),
+        ("client_routing", include_str!("client_routing.rs")),
+        ("clock_skew", include_str!("clock_skew.rs")),
+        ("entry_limits", include_str!("entry_limits.rs")),
+        ("exactness", include_str!("exactness.rs")),
+        ("extreme_values", include_str!("extreme_values.rs")),
+        ("failover", include_str!("failover.rs")),
+        ("ingest_flood", include_str!("ingest_flood.rs")),
+        ("leadership", include_str!("leadership.rs")),
+        ("many_partitions", include_str!("many_partitions.rs")),
+        ("membership", include_str!("membership.rs")),
+        ("membership_crash", include_str!("membership_crash.rs")),
+        ("nemesis", include_str!("nemesis.rs")),
+        ("peer_port", include_str!("peer_port.rs")),
+        ("quiescence", include_str!("quiescence.rs")),
+        ("replica_handoff", include_str!("replica_handoff.rs")),
+        ("restart_at_once", include_str!("restart_at_once.rs")),
+        ("transfer_down_node", include_str!("transfer_down_node.rs")),
+        ("transfer_paused_node", include_str!("transfer_paused_node.rs")),
+    ];
+    for (module, source) in sources {
+        let tests = source.matches("#[tokio::test").count();
+        let turns = source.matches("let _turn = cluster_tests::serial::").count();
+        assert_eq!(tests, turns, "{module}: {tests} tests but {turns} turns taken (see cluster_tests::serial)");
+    }
+}

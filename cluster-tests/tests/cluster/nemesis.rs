@@ -1,0 +1,224 @@
+//! Jepsen-style run: concurrent clients ingest unique events and retry until
+//! acknowledged while a seeded nemesis kills (and restarts at once), pauses,
+//! partitions (both ways and one way), skews clocks and transfers leadership
+//! to dead nodes. One writer sends values at the i64 limits. After healing,
+//! the checker (`cluster_tests::checker`) holds every acknowledged event —
+//! tracked per event, even when the rest of its batch was given up — to
+//! exactly once in counts and exact sums, requires identical replica
+//! digests, the state machines' dedup tripwire at 0 on every node, and one
+//! agreed leader per partition that accepts writes.
+//!
+//! `TALLY_NEMESIS_SECS` (default 60) and `TALLY_NEMESIS_SEED` reproduce or
+//! lengthen a run (`scripts/nemesis.sh`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cluster_tests::checker::{self, Writers};
+use cluster_tests::ingestor::RetryingIngestor;
+use cluster_tests::model::Workload;
+use cluster_tests::nemesis::{apply_links, time_to_first_write, Fault, NemesisConfig};
+use cluster_tests::{ClusterOptions, TestCluster};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tally_bench::measure::percentile;
+use tally_proto::time::{align_range, DAY_MS};
+use tally_proto::v1::{AddNodeRequest, RebalanceRequest, RemoveNodeRequest, TransferLeaderRequest};
+
+const SKEW_MS: i64 = 11 * 60_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::exclusive().await;
+    let config = NemesisConfig::from_env(60);
+    eprintln!("nemesis seed {} for {:?} (TALLY_NEMESIS_SEED reproduces it)", config.seed, config.duration);
+    let mut cluster = TestCluster::start_proxied(ClusterOptions {
+        nodes: 3,
+        partitions: 16,
+        // Frequent snapshots and checkpoints: faults land during both.
+        args: vec!["--snapshot-logs".into(), "200".into(), "--checkpoint-interval-ms".into(), "200".into()],
+    })
+    .await?;
+    let end = tally_client::time_arg::now_ms();
+    let ingestor = RetryingIngestor::new(
+        cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect(),
+    );
+    let mut workloads: Vec<Workload> =
+        (0..3u64).map(|w| Workload::new(config.seed.wrapping_add(w * 7919), 200, end, 10 * DAY_MS)).collect();
+    workloads.push(Workload::new(config.seed.wrapping_add(4), 20, end, 10 * DAY_MS).with_extreme_values());
+    let writers = Writers::spawn(&ingestor, workloads, 200, Duration::from_secs(120));
+
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let mut recoveries: Vec<Duration> = Vec::new();
+    let mut applied: BTreeMap<String, u32> = BTreeMap::new();
+    let started = Instant::now();
+    for fault in config.schedule() {
+        if started.elapsed() > config.duration && applied.len() >= nemesis_kinds() {
+            break;
+        }
+        *applied.entry(format!("{fault:?}")).or_default() += 1;
+        let victim = cluster.busiest_leader().await?;
+        let status = cluster.status(victim).await?;
+        let led: Vec<u32> =
+            status.partitions.iter().filter(|p| p.leader_node_id == victim).map(|p| p.partition).collect();
+        let via = cluster.node_ids().into_iter().find(|id| *id != victim).unwrap_or(1);
+        match fault {
+            Fault::KillRestart => {
+                ingestor.mark_dead(victim);
+                let killed_at = Instant::now();
+                cluster.kill9(victim)?;
+                eprintln!("nemesis: kill -9 node {victim} (led {} partitions)", led.len());
+                for p in &led {
+                    match time_to_first_write(&cluster, via, *p, killed_at, Duration::from_secs(30)).await {
+                        Some(d) => recoveries.push(d),
+                        None => anyhow::bail!("partition {p}: no write within 30s of killing node {victim}"),
+                    }
+                }
+                tokio::time::sleep(config.hold).await;
+                cluster.restart(victim).await?;
+                ingestor.mark_live(victim);
+            }
+            Fault::RestartAtOnce => {
+                for _ in 0..3 {
+                    let victim = cluster.busiest_leader().await?;
+                    cluster.kill9(victim)?;
+                    let after = rng.random_range(0..300);
+                    tokio::time::sleep(Duration::from_millis(after)).await;
+                    cluster.restart(victim).await?;
+                    eprintln!("nemesis: kill -9 node {victim}, restarted {after} ms later");
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..2_000))).await;
+                }
+            }
+            Fault::Pause => {
+                ingestor.mark_dead(victim);
+                cluster.pause(victim)?;
+                eprintln!("nemesis: SIGSTOP node {victim} for {:?}", config.hold);
+                tokio::time::sleep(config.hold).await;
+                cluster.resume(victim)?;
+                ingestor.mark_live(victim);
+            }
+            Fault::ClockSkew => {
+                let offset = if rng.random_bool(0.5) { SKEW_MS } else { -SKEW_MS };
+                ingestor.mark_dead(victim);
+                cluster.kill9(victim)?;
+                cluster.set_node_args(victim, vec!["--clock-offset-ms".into(), offset.to_string()])?;
+                cluster.restart(victim).await?;
+                ingestor.mark_live(victim);
+                eprintln!("nemesis: node {victim} restarted with its clock {} ms off; it leads again", offset);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for p in &led {
+                    let _ = cluster
+                        .cluster_client(victim)
+                        .await?
+                        .transfer_leader(TransferLeaderRequest { partition: *p, node_id: victim })
+                        .await;
+                }
+                tokio::time::sleep(config.hold).await;
+                cluster.kill9(victim)?;
+                cluster.set_node_args(victim, Vec::new())?;
+                cluster.restart(victim).await?;
+            }
+            Fault::TransferToDead => {
+                let dead = cluster.node_ids().into_iter().find(|id| *id != victim).unwrap_or(1);
+                ingestor.mark_dead(dead);
+                cluster.kill9(dead)?;
+                let mut admin = cluster.cluster_client(victim).await?;
+                let mut refused = 0;
+                for p in led.iter().take(4) {
+                    let req = TransferLeaderRequest { partition: *p, node_id: dead };
+                    if admin.transfer_leader(req).await.is_err() {
+                        refused += 1;
+                    }
+                }
+                let rebalance = admin.rebalance(RebalanceRequest {}).await.map(|r| r.into_inner());
+                eprintln!("nemesis: node {dead} killed; transfers to it refused {refused}; rebalance {rebalance:?}");
+                let asked_at = Instant::now();
+                let partitions: Vec<u32> = (0..cluster.partitions).collect();
+                for p in partitions {
+                    if time_to_first_write(&cluster, victim, p, asked_at, Duration::from_secs(30)).await.is_none() {
+                        anyhow::bail!("partition {p}: no write within 30s of transfers toward dead node {dead}");
+                    }
+                }
+                tokio::time::sleep(config.hold).await;
+                cluster.restart(dead).await?;
+                ingestor.mark_live(dead);
+            }
+            links => {
+                let what = apply_links(&cluster, links, victim, &mut rng);
+                eprintln!("nemesis: {what}");
+                tokio::time::sleep(config.hold).await;
+                cluster.heal();
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    // Last, a membership change under load: a new node joins, then the
+    // busiest leader's node is removed (its replicas move while writes go on).
+    let joined = cluster.spawn_extra_node().await?;
+    let leaving = cluster.busiest_leader().await?;
+    let coordinator = cluster.live_node_ids().into_iter().find(|id| *id != leaving && *id != joined).unwrap_or(joined);
+    let mut admin = cluster.cluster_client(coordinator).await?;
+    let added = admin.add_node(AddNodeRequest { addr: cluster.addr(joined)? }).await?.into_inner();
+    eprintln!("nemesis: node {joined} joined under load ({} replicas moved)", added.replicas_moved);
+    let removed = admin.remove_node(RemoveNodeRequest { node_id: leaving }).await?.into_inner();
+    eprintln!("nemesis: node {leaving} removed under load ({} replicas moved)", removed.replicas_moved);
+    *applied.entry("MembershipChange".into()).or_default() += 1;
+    ingestor.mark_dead(leaving);
+    cluster.stop(leaving)?;
+
+    let history = writers.finish().await;
+    cluster.heal();
+    cluster.wait_ready(Duration::from_secs(60)).await?;
+
+    // Checker.
+    let probe_via = cluster.live_node_ids()[0];
+    let (from, to) = align_range(end - 11 * DAY_MS, end + 60_000);
+    let mut violations = checker::violations(&cluster, &history, probe_via, from, to).await?;
+    // One agreed leader per partition among its replicas, and it accepts a write.
+    let mut leaders: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for id in cluster.live_node_ids() {
+        for p in cluster.status(id).await?.partitions {
+            if p.replicas.contains(&id) {
+                leaders.entry(p.partition).or_default().push(p.leader_node_id);
+            }
+        }
+    }
+    for (p, ls) in &leaders {
+        if ls.iter().any(|l| *l == 0 || *l != ls[0]) {
+            violations.push(format!("partition {p}: nodes disagree on its leader: {ls:?}"));
+        }
+        if time_to_first_write(&cluster, probe_via, *p, Instant::now(), Duration::from_secs(10)).await.is_none() {
+            violations.push(format!("partition {p}: accepts no write after healing"));
+        }
+    }
+
+    recoveries.sort();
+    eprintln!("--- nemesis report (seed {}) ---", config.seed);
+    eprintln!("faults applied: {applied:?}");
+    eprintln!(
+        "events attempted {}, acknowledged {}; batches attempted {}, partly given up {}",
+        history.attempted.distinct_events(),
+        history.acknowledged.distinct_events(),
+        history.batches_attempted,
+        history.batches_given_up
+    );
+    eprintln!(
+        "kill -9 → first write on the victim's partitions: p50 {:?}, p99 {:?} over {} partitions",
+        percentile(&recoveries, 0.5),
+        percentile(&recoveries, 0.99),
+        recoveries.len()
+    );
+    eprintln!("violations (counts, sums, digests, dedup conflicts): {}", violations.len());
+    for v in violations.iter().take(20) {
+        eprintln!("  {v}");
+    }
+    assert!(violations.is_empty(), "{} violations (see above)", violations.len());
+    assert!(history.acknowledged.distinct_events() > 0, "the workload made progress");
+    cluster.heal();
+    Ok(())
+}
+
+/// Every fault kind at least once before the run may end.
+fn nemesis_kinds() -> usize {
+    cluster_tests::nemesis::ALL_FAULTS.len()
+}
