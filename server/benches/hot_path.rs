@@ -17,7 +17,7 @@ use tally_proto::v1::{Event, IngestRequest};
 use tally_proto::validate::validate_event;
 use tally_server::dedup::DedupIndex;
 use tally_server::processor::{build_proposal, IngestJob};
-use tally_server::raft::types::{Entry, LogId};
+use tally_server::type_config::{Entry, LogId};
 use tally_server::storage::codec::encode;
 use tally_server::storage::state_machine::GroupStateMachine;
 use tally_server::storage::Engine;

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::raft::types::NodeId;
+use crate::type_config::NodeId;
 use crate::sync::MutexExt;
 
 /// Readings older than this are ignored: a peer that stopped answering no

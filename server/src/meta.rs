@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::raft::types::NodeId;
+
+/// A node's id: unique in the cluster, never reused, never 0 (0 means
+/// "no node" on the wire).
+pub type NodeId = u64;
 
 pub const DEFAULT_PARTITIONS: u32 = 64;
 /// A node hosts one Raft group per replica; with conversations per peer and

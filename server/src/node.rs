@@ -17,20 +17,22 @@ use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Raft};
 use tally_proto::partition::{group_of_partition, METADATA_GROUP};
-use tokio::sync::{mpsc, watch};
+use tally_proto::v1::Event;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::transport::Channel;
 
 use crate::clock::ClusterClock;
 use crate::config::NodeConfig;
 use crate::dedup::{DedupBudget, DedupIndex};
 use crate::meta::ClusterMap;
-use crate::processor::{self, IngestJob, ProcessorConfig};
+use crate::processor::{self, IngestJob, ProcessorConfig, ProposeOutcome};
 use crate::raft::liveness::Liveness;
 use crate::raft::network::NetworkFactory;
 use crate::raft::peer_link::LinkEvent;
 use crate::raft::peers::PeerPool;
 use crate::raft::quiesce::{QuiesceConfig, Quiescence, ReplicaStart};
 use crate::raft::ticker::NodeTicker;
-use crate::raft::types::NodeId;
+use crate::type_config::NodeId;
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::GroupStateMachine;
 use crate::storage::write_back::WriteBack;
@@ -43,6 +45,29 @@ const OPEN_CONCURRENCY: usize = 32;
 /// Calls queued toward one peer's control lane above which the ticker
 /// starts no elections: the previous round's messages have not left yet.
 const CONTROL_BACKLOG_FOR_ELECTIONS: usize = 512;
+
+/// Which listener of another node a forwarded call goes to: public calls
+/// (queries, cluster administration) to its public port, forwarded
+/// proposals (peer traffic) to its peer port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Public,
+    Peer,
+}
+
+/// Why a call could not be forwarded to a leader.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("node {0} is not in the cluster map")]
+    UnknownNode(NodeId),
+    #[error("node {node} at {addr}: {source}")]
+    Connect {
+        node: NodeId,
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
 
 /// A partition replica hosted here.
 pub struct PartitionReplica {
@@ -207,11 +232,8 @@ impl Node {
         });
         node.clone().sync_groups_with_map().await?;
         tokio::spawn(node.clone().follow_cluster_map());
-        crate::reconciler::spawn(node.clone());
-        crate::checkpointer::spawn(
-            Arc::downgrade(&node),
-            Duration::from_millis(node.config.checkpoint_interval_ms.max(1)),
-        );
+        // The reconciler and the checkpointer work on the node from above
+        // it: `server.rs` starts them, so the node depends on neither.
         Ok(node)
     }
 
@@ -413,6 +435,45 @@ impl Node {
     /// Leader of the metadata group, if known.
     pub fn metadata_leader(&self) -> Option<NodeId> {
         self.metadata.metrics().borrow_watched().current_leader
+    }
+
+    /// Hand one partition's events to this node's processor for it and wait
+    /// for the outcome. The events must already be validated and belong to
+    /// the partition (the services check; the processor trusts them).
+    pub async fn propose(&self, partition: u32, events: Vec<Event>) -> ProposeOutcome {
+        let Some(replica) = self.partition(partition) else {
+            // No replica here: its first replica is the best guess.
+            return ProposeOutcome::NotLeader { leader: self.preferred_replica(partition) };
+        };
+        let (reply, outcome) = oneshot::channel();
+        if replica.ingest.send(IngestJob::new(events, reply)).await.is_err() {
+            return ProposeOutcome::Unavailable("processor stopped".into());
+        }
+        outcome.await.unwrap_or_else(|_| ProposeOutcome::Unavailable("processor stopped".into()))
+    }
+
+    /// A channel to `leader` for a call only it can serve because it leads
+    /// a partition or the metadata group. Every forward — ingest, queries,
+    /// membership, initialisation, transfers — goes through here, so each
+    /// names the node it could not reach the same way. `fallback_addr` is
+    /// for a caller that knows an address the map does not have yet
+    /// (initialisation, before the first map is applied).
+    pub fn forward_to_leader(
+        &self,
+        leader: NodeId,
+        listener: Listener,
+        fallback_addr: Option<&str>,
+    ) -> Result<Channel, ForwardError> {
+        let known = match listener {
+            Listener::Public => self.addr_of(leader),
+            Listener::Peer => self.peer_addr_of(leader),
+        };
+        let addr = known.or_else(|| fallback_addr.map(str::to_string)).ok_or(ForwardError::UnknownNode(leader))?;
+        let channel = match listener {
+            Listener::Public => self.peers.public_channel(leader, &addr),
+            Listener::Peer => self.peers.channel(leader, &addr),
+        };
+        channel.map_err(|source| ForwardError::Connect { node: leader, addr, source })
     }
 
     /// Stop every group, then make sure the WAL is on disk.

@@ -47,7 +47,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::ClusterClock;
 use crate::dedup::{dedup_key, DedupIndex};
 use crate::raft::quiesce::GroupQuiescence;
-use crate::raft::types::{Command, CommandOutcome, IngestBatch, KeyedEvent, MinuteDelta, NodeId, MAX_ENTRY_BYTES};
+use crate::command::{Command, CommandOutcome, IngestBatch, KeyedEvent, MinuteDelta, MAX_ENTRY_BYTES};
+use crate::type_config::NodeId;
 use crate::stages::{self, Stage};
 use crate::RaftInstance;
 

@@ -26,7 +26,8 @@ use openraft::{BasicNode, ServerState};
 
 use crate::meta::ClusterMap;
 use crate::node::Node;
-use crate::raft::types::NodeId;
+use crate::partition_view::{partitions_settled, PeerReports};
+use crate::type_config::NodeId;
 use crate::RaftInstance;
 
 const TICK: Duration = Duration::from_millis(500);
@@ -36,12 +37,14 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a replica kept because it is still a voter is logged.
 const KEEP_LOG_EVERY: Duration = Duration::from_secs(30);
 
-pub fn spawn(node: Arc<Node>) {
+/// `peers`: how other nodes' views are asked for (the API layer's
+/// `Cluster.Status` client).
+pub fn spawn(node: Arc<Node>, peers: Arc<dyn PeerReports>) {
     tokio::spawn(async move {
         let mut kept_logged: BTreeMap<u32, Instant> = BTreeMap::new();
         loop {
             tokio::time::sleep(TICK).await;
-            reconcile_once(&node, &mut kept_logged).await;
+            reconcile_once(&node, peers.as_ref(), &mut kept_logged).await;
         }
     });
 }
@@ -84,7 +87,7 @@ pub fn unwanted_replica(
     }
 }
 
-async fn reconcile_once(node: &Arc<Node>, kept_logged: &mut BTreeMap<u32, Instant>) {
+async fn reconcile_once(node: &Arc<Node>, peers: &dyn PeerReports, kept_logged: &mut BTreeMap<u32, Instant>) {
     let map = node.map();
     if !map.is_initialized() {
         return;
@@ -96,7 +99,7 @@ async fn reconcile_once(node: &Arc<Node>, kept_logged: &mut BTreeMap<u32, Instan
         let have = voters(&node.metadata);
         let joining: Vec<NodeId> = want.difference(&have).copied().collect();
         let leaving = !have.is_subset(&want);
-        if !joining.is_empty() || (leaving && partitions_settled(node, &map).await) {
+        if !joining.is_empty() || (leaving && partitions_settled(node, peers, &map).await) {
             if let Err(e) = change_voters(&node.metadata, &map, &want, &have).await {
                 tracing::warn!(error = %e, "metadata membership change");
             }
@@ -134,7 +137,7 @@ async fn reconcile_once(node: &Arc<Node>, kept_logged: &mut BTreeMap<u32, Instan
         kept_logged.clear();
         return;
     }
-    let reported = leader_voters(node, &map, &ask).await;
+    let reported = leader_voters(node, peers, &map, &ask).await;
     for partition in ask {
         let Some(replica) = node.partition(partition) else { continue };
         let leader_view = reported.get(&partition).map(|(_, _, v)| v);
@@ -178,16 +181,17 @@ async fn drop_replica(node: &Arc<Node>, partition: u32, kept_logged: &mut BTreeM
 /// dead or paused node costs one timeout per round, not one per partition.
 async fn leader_voters(
     node: &Arc<Node>,
+    peers: &dyn PeerReports,
     map: &ClusterMap,
     partitions: &[u32],
 ) -> BTreeMap<u32, (NodeId, u64, BTreeSet<NodeId>)> {
     let calls = map.nodes.iter().filter(|(id, _)| **id != node.id).map(|(id, addr)| {
-        let (id, addr, node) = (*id, addr.clone(), node.clone());
-        async move { Some((id, peer_status(&node, id, &addr.addr, STATUS_TIMEOUT).await?)) }
+        let node: &Node = node;
+        async move { Some((*id, peers.report(node, *id, &addr.addr, STATUS_TIMEOUT).await?)) }
     });
     let mut reported: BTreeMap<u32, (NodeId, u64, BTreeSet<NodeId>)> = BTreeMap::new();
-    for (id, status) in futures::future::join_all(calls).await.into_iter().flatten() {
-        for p in status.partitions.iter().filter(|p| p.leader_node_id == id && partitions.contains(&p.partition)) {
+    for (id, report) in futures::future::join_all(calls).await.into_iter().flatten() {
+        for p in report.partitions.iter().filter(|p| p.leader == Some(id) && partitions.contains(&p.partition)) {
             let newer = reported.get(&p.partition).is_none_or(|(_, term, _)| p.term > *term);
             if newer {
                 reported.insert(p.partition, (id, p.term, p.voters.iter().copied().collect()));
@@ -195,21 +199,6 @@ async fn leader_voters(
         }
     }
     reported
-}
-
-/// A peer's `Cluster.Status`, or `None` if it does not answer within `timeout`.
-pub async fn peer_status(
-    node: &Node,
-    id: NodeId,
-    addr: &str,
-    timeout: Duration,
-) -> Option<tally_proto::v1::StatusResponse> {
-    // Cluster is a public service: it is served on the public port.
-    let channel = node.peers.public_channel(id, addr).ok()?;
-    let mut client = tally_proto::v1::cluster_client::ClusterClient::new(channel);
-    let mut req = tonic::Request::new(tally_proto::v1::StatusRequest {});
-    req.set_timeout(timeout);
-    Some(tokio::time::timeout(timeout, client.status(req)).await.ok()?.ok()?.into_inner())
 }
 
 fn is_leader(raft: &RaftInstance, me: NodeId) -> bool {
@@ -289,39 +278,6 @@ pub fn lagging_learner(
     last_log_index: u64,
 ) -> Option<NodeId> {
     joining.find(|id| !is_caught_up(matched.get(id).copied().flatten(), last_log_index))
-}
-
-/// Every partition group's voters equal its replicas in `map`, as reported by
-/// the group leaders (asked through each node's status).
-pub async fn partitions_settled(node: &Arc<Node>, map: &ClusterMap) -> bool {
-    unsettled_partition(node, map).await.is_none()
-}
-
-/// The first reason the partitions have not settled on `map`, if any.
-pub async fn unsettled_partition(node: &Arc<Node>, map: &ClusterMap) -> Option<String> {
-    let mut seen: BTreeMap<u32, Option<String>> = BTreeMap::new();
-    for (id, addrs) in &map.nodes {
-        let status = if *id == node.id {
-            crate::api::cluster::local_status(node)
-        } else {
-            // A dead node is skipped: its partitions have new leaders that report.
-            match peer_status(node, *id, &addrs.addr, Duration::from_secs(2)).await {
-                Some(s) => s,
-                None => continue,
-            }
-        };
-        for p in status.partitions.iter().filter(|p| p.leader_node_id == *id) {
-            let want: BTreeSet<NodeId> = map.replicas_of(p.partition).iter().copied().collect();
-            let have: BTreeSet<NodeId> = p.voters.iter().copied().collect();
-            let problem =
-                (want != have).then(|| format!("partition {}: voters {have:?}, replicas {want:?}", p.partition));
-            seen.insert(p.partition, problem);
-        }
-    }
-    if let Some(p) = (0..map.partition_count).find(|p| !seen.contains_key(p)) {
-        return Some(format!("partition {p}: no reachable leader"));
-    }
-    seen.into_values().flatten().next()
 }
 
 #[cfg(test)]

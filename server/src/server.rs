@@ -18,6 +18,7 @@
 //! hear their peers (and commit what is being drained); then the peer
 //! listener stops and the groups shut down.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -39,7 +40,7 @@ use crate::api::decode_errors::DecodeErrorLayer;
 use crate::api::{cluster::ClusterService, ingest::IngestService, query::QueryService};
 use crate::config::NodeConfig;
 use crate::node::Node;
-use crate::raft::service::RaftService;
+use crate::api::raft_service::RaftService;
 
 /// Largest Ingest message decoded: a little above the batch limit, so a
 /// batch just over it is decoded and answered with its exact size, while
@@ -52,7 +53,7 @@ const SMALL_DECODE_LIMIT: usize = 1 << 20;
 const PUBLIC_MAX_CONCURRENT_STREAMS: u32 = 1_024;
 /// Largest peer message: Raft entries batch up to 64 entries of group
 /// commits; snapshots travel in 1 MiB chunks.
-use crate::raft::network::PEER_MAX_MESSAGE_BYTES;
+use crate::raft::peer_link::PEER_MAX_MESSAGE_BYTES;
 /// HTTP/2 streams per peer connection. Raft messages of every group share
 /// two long-lived streams per peer (`raft/peer_link.rs`); the rest are
 /// snapshots, forwarded proposals and pings. Proposals forwarded under load
@@ -73,6 +74,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --peer-listen {}", config.peer_listen))?;
     let node = Node::start(config.clone()).await?;
+    crate::reconciler::spawn(node.clone(), Arc::new(crate::api::cluster::StatusReports));
+    crate::checkpointer::spawn(Arc::downgrade(&node), Duration::from_millis(node.config.checkpoint_interval_ms.max(1)));
     tracing::info!(node_id = node.id, listen = %config.listen, peer_listen = %config.peer_listen, "tallyd started");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

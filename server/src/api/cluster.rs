@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
+use futures::future::BoxFuture;
 use openraft::BasicNode;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::cluster_server::Cluster;
@@ -22,8 +23,10 @@ use tonic::{Request, Response, Status};
 use super::node_addrs;
 use crate::api::transfer::transfer_leadership;
 use crate::meta::{ClusterMap, NodeAddrs, DEFAULT_PARTITIONS, MAX_PARTITIONS};
-use crate::node::Node;
-use crate::raft::types::{Command, NodeId};
+use crate::node::{Listener, Node};
+use crate::partition_view::{local_view, NodeReport, PartitionView, PeerReports};
+use crate::command::Command;
+use crate::type_config::NodeId;
 
 pub struct ClusterService {
     node: Arc<Node>,
@@ -208,13 +211,10 @@ impl Cluster for ClusterService {
             .unwrap_or(0);
         if leader != self.node.id {
             // Initialize is a public call: forward it to the leader's public port.
-            let addr = self
-                .node
-                .addr_of(leader)
-                .or_else(|| nodes.get(&leader).map(|a| a.addr.clone()))
-                .ok_or_else(|| Status::unavailable("metadata leader unknown"))?;
-            let channel =
-                self.node.peers.public_channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
+            // Before the first map is applied only the request knows the
+            // leader's address.
+            let fallback = nodes.get(&leader).map(|a| a.addr.as_str());
+            let channel = self.node.forward_to_leader(leader, Listener::Public, fallback)?;
             return ClusterClient::new(channel).initialize(req).await;
         }
         let count = nodes.len();
@@ -231,25 +231,23 @@ impl Cluster for ClusterService {
 /// Raft state it sees.
 pub fn local_status(node: &Arc<Node>) -> StatusResponse {
     let map = node.map();
-    let mut partitions = Vec::with_capacity(map.partition_count as usize);
-    for p in 0..map.partition_count {
-        let mut info = PartitionInfo { partition: p, replicas: map.replicas_of(p).to_vec(), ..Default::default() };
-        if let Some(replica) = node.partition(p) {
-            // Read in place: polled often, and a copy of the metrics of
-            // 10,000 groups is 10,000 allocations or more.
-            let metrics = replica.raft.metrics();
-            let m = metrics.borrow_watched();
-            info.leader_node_id = m.current_leader.unwrap_or(0);
-            info.term = m.current_term;
-            info.commit_index = m.cluster_committed.as_ref().map(|l| l.index).unwrap_or(0);
-            info.applied_index = m.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
-            info.voters = m.membership_config.voter_ids().collect();
-            drop(m);
-            let group = tally_proto::partition::group_of_partition(p);
-            info.quiesced = node.quiescence.group(group).is_some_and(|q| q.is_quiesced());
-        }
-        partitions.push(info);
-    }
+    let partitions = (0..map.partition_count)
+        .map(|p| {
+            let info = PartitionInfo { partition: p, replicas: map.replicas_of(p).to_vec(), ..Default::default() };
+            match local_view(node, p) {
+                Some(view) => PartitionInfo {
+                    leader_node_id: view.leader.unwrap_or(0),
+                    term: view.term,
+                    commit_index: view.commit_index,
+                    applied_index: view.applied_index,
+                    voters: view.voters,
+                    quiesced: view.quiesced,
+                    ..info
+                },
+                None => info,
+            }
+        })
+        .collect();
     let replicas = node.local_partitions();
     StatusResponse {
         node_id: node.id,
@@ -262,5 +260,44 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         dedup_conflicts: replicas.iter().map(|r| r.dedup.conflicts()).sum(),
         dedup_keys: replicas.iter().map(|r| r.dedup.lock().len() as u64).sum(),
         dedup_bytes: replicas.iter().map(|r| r.dedup.lock().memory().0 as u64).sum(),
+    }
+}
+
+/// Other nodes' reports, asked with `Cluster.Status` on their public port.
+pub struct StatusReports;
+
+impl PeerReports for StatusReports {
+    fn report<'a>(
+        &'a self,
+        from: &'a Node,
+        node: NodeId,
+        addr: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Option<NodeReport>> {
+        Box::pin(async move {
+            let channel = from.peers.public_channel(node, addr).ok()?;
+            let mut request = Request::new(StatusRequest {});
+            request.set_timeout(timeout);
+            let call = ClusterClient::new(channel).status(request);
+            let status = tokio::time::timeout(timeout, call).await.ok()?.ok()?.into_inner();
+            Some(NodeReport {
+                metadata_leader: (status.metadata_leader_node_id != 0).then_some(status.metadata_leader_node_id),
+                partitions: status
+                    .partitions
+                    .into_iter()
+                    // Partitions the node hosts: the ones it reports a term for.
+                    .filter(|p| p.term != 0 || p.leader_node_id != 0 || !p.voters.is_empty())
+                    .map(|p| PartitionView {
+                        partition: p.partition,
+                        leader: (p.leader_node_id != 0).then_some(p.leader_node_id),
+                        term: p.term,
+                        commit_index: p.commit_index,
+                        applied_index: p.applied_index,
+                        voters: p.voters,
+                        quiesced: p.quiesced,
+                    })
+                    .collect(),
+            })
+        })
     }
 }

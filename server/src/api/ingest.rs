@@ -8,20 +8,18 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use openraft::async_runtime::WatchReceiver;
-use tally_proto::internal::propose_response::Status as ProposeStatus;
 use tally_proto::internal::raft_client::RaftClient;
-use tally_proto::internal::{ProposeRequest, ProposeResponse};
+use tally_proto::internal::ProposeRequest;
 use tally_proto::partition::partition_of;
 use tally_proto::v1::ingest_server::Ingest;
 use tally_proto::v1::{Event, IngestRequest, IngestResponse, LeaderHint, Rejection};
 use tally_proto::validate::validate_event;
-use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use super::batch_limits;
-use crate::node::Node;
-use crate::processor::{IngestJob, ProposeOutcome};
-use crate::raft::types::NodeId;
+use super::{batch_limits, propose};
+use crate::node::{Listener, Node};
+use crate::processor::ProposeOutcome;
+use crate::type_config::NodeId;
 use crate::stages::{Stage, Timer};
 
 /// Hops to follow "not leader" hints before giving up on a sub-batch.
@@ -70,53 +68,61 @@ impl Ingest for IngestService {
         let node = &self.node;
         let results = join_all(by_partition.into_iter().map(|(partition, (indexes, events))| async move {
             let timeout = Duration::from_millis(node.config.ingest_timeout_ms);
-            let outcome = match tokio::time::timeout(timeout, route(node, partition, events)).await {
-                Ok(r) => r,
-                Err(_) => ProposeResponse {
-                    status: ProposeStatus::Unavailable as i32,
-                    message: format!("partition {partition}: no commit within {} ms", timeout.as_millis()),
-                    ..Default::default()
+            let routed = match tokio::time::timeout(timeout, route(node, partition, events)).await {
+                Ok(routed) => routed,
+                Err(_) => Routed {
+                    outcome: ProposeOutcome::Unavailable(format!(
+                        "partition {partition}: no commit within {} ms",
+                        timeout.as_millis()
+                    )),
+                    leader: None,
                 },
             };
-            (partition, indexes, outcome)
+            (partition, indexes, routed)
         }))
         .await;
         // Every valid event refused because a dedup index is at its memory
         // bound: the request as a whole is RESOURCE_EXHAUSTED, with why.
-        let exhausted = |o: &ProposeResponse| o.status == ProposeStatus::ResourceExhausted as i32;
-        if response.rejected.is_empty() && !results.is_empty() && results.iter().all(|(_, _, o)| exhausted(o)) {
-            let why =
-                results.iter().map(|(p, _, o)| format!("partition {p}: {}", o.message)).next().unwrap_or_default();
+        let exhausted = |r: &Routed| matches!(r.outcome, ProposeOutcome::Exhausted(_));
+        if response.rejected.is_empty() && !results.is_empty() && results.iter().all(|(_, _, r)| exhausted(r)) {
+            let why = results
+                .iter()
+                .find_map(|(p, _, r)| match &r.outcome {
+                    ProposeOutcome::Exhausted(message) => Some(format!("partition {p}: {message}")),
+                    _ => None,
+                })
+                .unwrap_or_default();
             return Err(Status::resource_exhausted(format!("{why}; {}", retry_advice(dedup_window_ms))));
         }
-        for (partition, indexes, outcome) in results {
-            if outcome.leader_node_id != 0 {
-                response.leaders.push(LeaderHint {
-                    partition,
-                    leader_node_id: outcome.leader_node_id,
-                    leader_addr: outcome.leader_addr.clone(),
-                });
+        for (partition, indexes, routed) in results {
+            if let Some(leader) = routed.leader.filter(|l| *l != 0) {
+                let leader_addr = node.addr_of(leader).unwrap_or_default();
+                response.leaders.push(LeaderHint { partition, leader_node_id: leader, leader_addr });
             }
-            if outcome.status == ProposeStatus::Ok as i32 {
-                response.accepted += outcome.accepted;
-                response.duplicates += outcome.duplicates;
-                response
-                    .duplicate_indexes
-                    .extend(outcome.duplicate_positions.iter().filter_map(|p| indexes.get(*p as usize).copied()));
+            let message = match routed.outcome {
+                ProposeOutcome::Done { accepted, duplicates } => {
+                    response.accepted += accepted;
+                    response.duplicates += duplicates.len() as u32;
+                    response
+                        .duplicate_indexes
+                        .extend(duplicates.iter().filter_map(|p| indexes.get(*p as usize).copied()));
+                    continue;
+                }
+                ProposeOutcome::NotLeader { .. } => String::new(),
+                ProposeOutcome::Unavailable(message) | ProposeOutcome::Exhausted(message) => message,
+            };
+            let retry = retry_advice(dedup_window_ms);
+            let reason = if message.is_empty() {
+                format!("partition {partition} has no reachable leader; {retry}")
             } else {
-                let retry = retry_advice(dedup_window_ms);
-                let reason = if outcome.message.is_empty() {
-                    format!("partition {partition} has no reachable leader; {retry}")
-                } else {
-                    format!("partition {partition}: {}; {retry}", outcome.message)
-                };
-                response.rejected.extend(indexes.into_iter().map(|index| Rejection {
-                    index,
-                    field: String::new(),
-                    reason: reason.clone(),
-                    retryable: true,
-                }));
-            }
+                format!("partition {partition}: {message}; {retry}")
+            };
+            response.rejected.extend(indexes.into_iter().map(|index| Rejection {
+                index,
+                field: String::new(),
+                reason: reason.clone(),
+                retryable: true,
+            }));
         }
         response.rejected.sort_by_key(|r| r.index);
         response.duplicate_indexes.sort_unstable();
@@ -135,30 +141,35 @@ fn retry_advice(dedup_window_ms: u64) -> String {
     format!("retry with the same event_id within the dedup window ({window}) of the first attempt")
 }
 
+/// Where one partition's share ended: the processor's outcome, and the
+/// node that gave it or was named as leader (for the client's hints).
+struct Routed {
+    outcome: ProposeOutcome,
+    leader: Option<NodeId>,
+}
+
 /// Send one partition's events to its leader, following leader hints.
-async fn route(node: &Arc<Node>, partition: u32, events: Vec<Event>) -> ProposeResponse {
+async fn route(node: &Arc<Node>, partition: u32, events: Vec<Event>) -> Routed {
     let mut target = first_guess(node, partition);
-    let mut last = ProposeResponse::default();
+    let mut last = Routed { outcome: ProposeOutcome::Unavailable(String::new()), leader: None };
     for attempt in 0..MAX_ROUTING_ATTEMPTS {
         let Some(to) = target else {
             tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
             target = first_guess(node, partition);
             continue;
         };
-        last = if to == node.id {
-            propose_local(node, partition, events.clone()).await
+        let outcome = if to == node.id {
+            node.propose(partition, events.clone()).await
         } else {
             forward(node, to, partition, events.clone()).await
         };
-        if last.status != ProposeStatus::NotLeader as i32 {
-            return last;
-        }
-        target = if last.leader_node_id != 0 && last.leader_node_id != to { Some(last.leader_node_id) } else { None };
+        let ProposeOutcome::NotLeader { leader } = outcome else {
+            return Routed { outcome, leader: Some(to) };
+        };
+        last = Routed { outcome, leader };
+        target = leader.filter(|l| *l != to);
     }
-    if last.status == ProposeStatus::Ok as i32 {
-        return last;
-    }
-    ProposeResponse { status: ProposeStatus::Unavailable as i32, message: "no leader found".into(), ..last }
+    Routed { outcome: ProposeOutcome::Unavailable("no leader found".into()), leader: last.leader }
 }
 
 fn first_guess(node: &Node, partition: u32) -> Option<NodeId> {
@@ -170,75 +181,15 @@ fn first_guess(node: &Node, partition: u32) -> Option<NodeId> {
     node.preferred_replica(partition)
 }
 
-async fn forward(node: &Node, to: NodeId, partition: u32, events: Vec<Event>) -> ProposeResponse {
-    let unavailable =
-        |message: String| ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() };
-    // Propose is peer traffic: the leader's peer port.
-    let Some(addr) = node.peer_addr_of(to) else {
-        return unavailable(format!("node {to} is not in the cluster map"));
+/// Propose is peer traffic: the leader's peer port.
+async fn forward(node: &Node, to: NodeId, partition: u32, events: Vec<Event>) -> ProposeOutcome {
+    let channel = match node.forward_to_leader(to, Listener::Peer, None) {
+        Ok(channel) => channel,
+        Err(e) => return ProposeOutcome::Unavailable(e.to_string()),
     };
-    let channel = match node.peers.channel(to, &addr) {
-        Ok(c) => c,
-        Err(e) => return unavailable(format!("node {to}: {e}")),
-    };
-    let mut client = RaftClient::new(channel);
-    match client.propose(ProposeRequest { partition, events }).await {
-        Ok(resp) => resp.into_inner(),
-        Err(status) => unavailable(format!("forwarding to node {to}: {}", status.message())),
-    }
-}
-
-/// Hand events to this node's processor for the partition.
-pub async fn propose_local(node: &Node, partition: u32, events: Vec<Event>) -> ProposeResponse {
-    let Some(replica) = node.partition(partition) else {
-        return ProposeResponse {
-            status: ProposeStatus::NotLeader as i32,
-            leader_node_id: node.preferred_replica(partition).unwrap_or(0),
-            message: format!("node {} holds no replica of partition {partition}", node.id),
-            ..Default::default()
-        };
-    };
-    let (reply, rx) = oneshot::channel();
-    if replica.ingest.send(IngestJob::new(events, reply)).await.is_err() {
-        return ProposeResponse {
-            status: ProposeStatus::Unavailable as i32,
-            message: "processor stopped".into(),
-            ..Default::default()
-        };
-    }
-    let outcome = rx.await.unwrap_or(ProposeOutcome::Unavailable("processor stopped".into()));
-    let leader_of = |leader: Option<NodeId>| {
-        let id = leader.unwrap_or(0);
-        (id, node.addr_of(id).unwrap_or_default())
-    };
-    match outcome {
-        ProposeOutcome::Done { accepted, duplicates } => {
-            let (id, addr) = leader_of(Some(node.id));
-            ProposeResponse {
-                status: ProposeStatus::Ok as i32,
-                accepted,
-                duplicates: duplicates.len() as u32,
-                leader_node_id: id,
-                leader_addr: addr,
-                message: String::new(),
-                duplicate_positions: duplicates,
-            }
-        }
-        ProposeOutcome::NotLeader { leader } => {
-            let (id, addr) = leader_of(leader);
-            ProposeResponse {
-                status: ProposeStatus::NotLeader as i32,
-                leader_node_id: id,
-                leader_addr: addr,
-                ..Default::default()
-            }
-        }
-        ProposeOutcome::Unavailable(message) => {
-            ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() }
-        }
-        ProposeOutcome::Exhausted(message) => {
-            ProposeResponse { status: ProposeStatus::ResourceExhausted as i32, message, ..Default::default() }
-        }
+    match RaftClient::new(channel).propose(ProposeRequest { partition, events }).await {
+        Ok(resp) => propose::from_wire(resp.into_inner()),
+        Err(status) => ProposeOutcome::Unavailable(format!("forwarding to node {to}: {}", status.message())),
     }
 }
 

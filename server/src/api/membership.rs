@@ -16,9 +16,11 @@ use tonic::Status;
 
 use super::node_addrs;
 use crate::meta::{ClusterMap, NodeAddrs};
-use crate::node::Node;
-use crate::raft::types::{Command, NodeId};
-use crate::reconciler::{partitions_settled, peer_status, unsettled_partition};
+use crate::node::{Listener, Node};
+use crate::command::Command;
+use crate::type_config::NodeId;
+use super::cluster::StatusReports;
+use crate::partition_view::{partitions_settled, unsettled_partition, PeerReports};
 
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long `remove_node` waits for the others to see a new metadata leader.
@@ -42,10 +44,7 @@ pub async fn coordinator(node: &Arc<Node>) -> Result<Coordinator, Status> {
     if leader == node.id {
         return Ok(Coordinator::Here);
     }
-    let addr =
-        node.addr_of(leader).ok_or_else(|| Status::unavailable(format!("metadata leader {leader} has no address")))?;
-    let channel = node.peers.public_channel(leader, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
-    Ok(Coordinator::Forward(ClusterClient::new(channel)))
+    Ok(Coordinator::Forward(ClusterClient::new(node.forward_to_leader(leader, Listener::Public, None)?)))
 }
 
 fn moved_replicas(before: &ClusterMap, after: &ClusterMap) -> u32 {
@@ -66,7 +65,7 @@ async fn ensure_settled(node: &Arc<Node>, map: &ClusterMap) -> Result<(), Status
         let problem = if voters != nodes {
             Some(format!("metadata group voters {voters:?}, nodes {nodes:?}"))
         } else {
-            unsettled_partition(node, map).await
+            unsettled_partition(node, &StatusReports, map).await
         };
         if problem.is_none() || started.elapsed() > Duration::from_secs(10) {
             break problem;
@@ -89,7 +88,7 @@ async fn commit_and_wait(node: &Arc<Node>, next: ClusterMap) -> Result<(), Statu
     let started = Instant::now();
     let nodes: BTreeSet<NodeId> = next.nodes.keys().copied().collect();
     loop {
-        if metadata_voters(node) == nodes && partitions_settled(node, &next).await {
+        if metadata_voters(node) == nodes && partitions_settled(node, &StatusReports, &next).await {
             return Ok(());
         }
         if started.elapsed() > SETTLE_TIMEOUT {
@@ -163,8 +162,8 @@ async fn metadata_led_by_others(node: &Arc<Node>, map: &ClusterMap, removed: Nod
             views.push(node.metadata_leader().unwrap_or(0));
         }
         for (id, addr) in map.nodes.iter().filter(|(id, _)| **id != node.id) {
-            if let Some(s) = peer_status(node, *id, &addr.addr, Duration::from_secs(1)).await {
-                views.push(s.metadata_leader_node_id);
+            if let Some(report) = StatusReports.report(node, *id, &addr.addr, Duration::from_secs(1)).await {
+                views.push(report.metadata_leader.unwrap_or(0));
             }
         }
         let settled = views.iter().all(|l| *l != removed && *l != 0);

@@ -1,5 +1,9 @@
-//! Public gRPC services. They translate between protobuf and the node; all
-//! counting logic lives in the processor and the storage layer.
+//! The gRPC services: the public ones (Ingest, Query, Cluster) and the peer
+//! service (`raft_service`: Raft messages, snapshots, forwarded proposals).
+//! They translate between protobuf and the node; all counting logic lives
+//! in the processor and the storage layer, and only this layer converts to
+//! and from wire types (`raft/` carries openraft's messages as opaque
+//! payloads).
 //!
 //! Besides the services: `admission` and `decode_errors` are the tower
 //! layers of the public listener (see `server.rs`), `batch_limits` the
@@ -16,4 +20,15 @@ pub mod membership;
 pub mod node_addrs;
 pub mod propose;
 pub mod query;
+pub mod raft_service;
 pub mod transfer;
+
+use crate::node::ForwardError;
+
+/// A call that could not be forwarded is retryable: the leader may be
+/// reachable, or known, a moment later.
+impl From<ForwardError> for tonic::Status {
+    fn from(e: ForwardError) -> tonic::Status {
+        tonic::Status::unavailable(format!("forwarding to the leader: {e}"))
+    }
+}

@@ -15,7 +15,7 @@ use tonic::Status;
 
 use crate::meta::{ClusterMap, NodeAddrs};
 use crate::node::Node;
-use crate::raft::types::NodeId;
+use crate::type_config::NodeId;
 
 /// How long asking a node for its peer address may take.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,5 +1,6 @@
 //! The receiving end of `Propose`: a peer's share of an ingest batch, for a
-//! partition this node leads.
+//! partition this node leads; and the one conversion between a processor's
+//! [`ProposeOutcome`] and the wire's `ProposeResponse`, both ways.
 //!
 //! The forwarding node has already validated and partitioned the events,
 //! but the receiver does not take its word for it: whatever reaches the peer
@@ -10,19 +11,71 @@
 //! of it is counted. (A legitimate peer never sends one, so there is no
 //! per-event answer to give.)
 
+use tally_proto::internal::propose_response::Status as ProposeStatus;
 use tally_proto::internal::{ProposeRequest, ProposeResponse};
 use tally_proto::partition::partition_of;
 use tally_proto::validate::validate_event;
 use tonic::Status;
 
 use super::batch_limits;
-use super::ingest::propose_local;
+use crate::meta::NodeId;
 use crate::node::Node;
+use crate::processor::ProposeOutcome;
 
 /// Check a forwarded share, then hand it to the partition's processor.
 pub async fn serve(node: &Node, request: ProposeRequest) -> Result<ProposeResponse, Status> {
     check(node, &request)?;
-    Ok(propose_local(node, request.partition, request.events).await)
+    Ok(to_wire(node, node.propose(request.partition, request.events).await))
+}
+
+/// A processor's outcome as the forwarding node receives it. The leader
+/// named is this node when it counted the events, else its hint.
+pub fn to_wire(node: &Node, outcome: ProposeOutcome) -> ProposeResponse {
+    let leader = |id: Option<NodeId>| {
+        let id = id.unwrap_or(0);
+        (id, node.addr_of(id).unwrap_or_default())
+    };
+    match outcome {
+        ProposeOutcome::Done { accepted, duplicates } => {
+            let (leader_node_id, leader_addr) = leader(Some(node.id));
+            ProposeResponse {
+                status: ProposeStatus::Ok as i32,
+                accepted,
+                duplicates: duplicates.len() as u32,
+                leader_node_id,
+                leader_addr,
+                message: String::new(),
+                duplicate_positions: duplicates,
+            }
+        }
+        ProposeOutcome::NotLeader { leader: hint } => {
+            let (leader_node_id, leader_addr) = leader(hint);
+            ProposeResponse { status: ProposeStatus::NotLeader as i32, leader_node_id, leader_addr, ..Default::default() }
+        }
+        ProposeOutcome::Unavailable(message) => {
+            ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() }
+        }
+        ProposeOutcome::Exhausted(message) => {
+            ProposeResponse { status: ProposeStatus::ResourceExhausted as i32, message, ..Default::default() }
+        }
+    }
+}
+
+/// The outcome a peer reported for a forwarded share. A status this node
+/// does not know (a newer peer) is taken as unavailable: retryable, and
+/// nothing is claimed counted.
+pub fn from_wire(response: ProposeResponse) -> ProposeOutcome {
+    match ProposeStatus::try_from(response.status) {
+        Ok(ProposeStatus::Ok) => {
+            ProposeOutcome::Done { accepted: response.accepted, duplicates: response.duplicate_positions }
+        }
+        Ok(ProposeStatus::NotLeader) => {
+            ProposeOutcome::NotLeader { leader: (response.leader_node_id != 0).then_some(response.leader_node_id) }
+        }
+        Ok(ProposeStatus::ResourceExhausted) => ProposeOutcome::Exhausted(response.message),
+        Ok(ProposeStatus::Unavailable) => ProposeOutcome::Unavailable(response.message),
+        Err(_) => ProposeOutcome::Unavailable(format!("unknown propose status {}", response.status)),
+    }
 }
 
 fn check(node: &Node, request: &ProposeRequest) -> Result<(), Status> {

@@ -18,8 +18,8 @@ use tally_proto::v1::{Bucket, Consistency, SeriesRequest, SeriesResponse, StatsR
 use tally_proto::validate::{validate_query_key, validate_range};
 use tonic::{Request, Response, Status};
 
-use crate::node::{Node, PartitionReplica};
-use crate::raft::types::NodeId;
+use crate::node::{Listener, Node, PartitionReplica};
+use crate::type_config::NodeId;
 use crate::stages::{Stage, Timer};
 use crate::storage::read::{read_series, read_stats};
 
@@ -115,9 +115,7 @@ impl QueryService {
     }
 
     fn forward_client(&self, to: NodeId) -> Result<QueryClient<tonic::transport::Channel>, Status> {
-        let addr = self.node.addr_of(to).ok_or_else(|| Status::unavailable(format!("node {to} unknown")))?;
-        let channel = self.node.peers.public_channel(to, &addr).map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(QueryClient::new(channel))
+        Ok(QueryClient::new(self.node.forward_to_leader(to, Listener::Public, None)?))
     }
 
     fn partition_count(&self) -> Result<u32, Status> {

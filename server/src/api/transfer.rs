@@ -34,8 +34,8 @@ use tally_proto::v1::TransferLeaderRequest;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
-use crate::node::Node;
-use crate::raft::types::{NodeId, TypeConfig};
+use crate::node::{Listener, Node};
+use crate::type_config::{NodeId, TypeConfig};
 use crate::reconciler::is_caught_up;
 use crate::RaftInstance;
 
@@ -233,8 +233,7 @@ pub async fn transfer_leadership(node: &Arc<Node>, partition: u32, to: NodeId) -
 
 async fn forward(node: &Arc<Node>, via: NodeId, partition: u32, to: NodeId) -> Result<NodeId, TransferError> {
     let remote = |s: Status| TransferError::Remote(s);
-    let addr = node.addr_of(via).ok_or_else(|| remote(Status::unavailable(format!("node {via} has no address"))))?;
-    let channel = node.peers.public_channel(via, &addr).map_err(|e| remote(Status::unavailable(e.to_string())))?;
+    let channel = node.forward_to_leader(via, Listener::Public, None).map_err(|e| remote(e.into()))?;
     let mut request = tonic::Request::new(TransferLeaderRequest { partition, node_id: to });
     // The leader may wait for the target to qualify (one election timeout),
     // then twice (the target, then a fallback).

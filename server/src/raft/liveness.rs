@@ -35,7 +35,7 @@ use crate::clock::ClusterClock;
 use tokio::sync::{mpsc, watch};
 
 use super::peers::PeerPool;
-use super::types::NodeId;
+use crate::type_config::NodeId;
 use crate::meta::ClusterMap;
 use crate::sync::MutexExt;
 

@@ -7,6 +7,4 @@ pub mod peer_link;
 pub mod peers;
 pub mod quiesce;
 pub mod quiesce_state;
-pub mod service;
 pub mod ticker;
-pub mod types;

@@ -22,19 +22,16 @@ use tally_proto::internal::{RaftCallKind, RaftMessage, SnapshotChunk};
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
-use super::peer_link::LinkError;
+use super::peer_link::{LinkError, PEER_MAX_MESSAGE_BYTES};
 use super::peers::{PeerLinks, PeerPool};
 use super::quiesce::GroupQuiescence;
-use super::types::{NodeId, TypeConfig, Vote};
+use crate::type_config::{NodeId, TypeConfig, Vote};
 use crate::stages::{Stage, Timer};
 use crate::storage::codec::{decode, encode};
 use crate::storage::snapshot::SnapshotFile;
 use crate::storage::state_machine::Snapshot;
 
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
-/// Largest peer message either side encodes or decodes (the peer listener
-/// in `server.rs` uses it too).
-pub const PEER_MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Encoded bytes of one AppendEntries at most. Larger runs of entries are
 /// sent in prefixes (openraft's `PartialSuccess`), so a request never nears
 /// what the receiver decodes (`PEER_MAX_MESSAGE_BYTES`, 64 MiB) and
@@ -45,7 +42,7 @@ pub const MAX_APPEND_BYTES: usize = 8 << 20;
 /// busy machine must be able to take a full one, or replication would time
 /// out and re-send the same request forever.
 const APPEND_BYTES_PER_SEC: usize = 4 << 20;
-const _: () = assert!(crate::raft::types::MAX_ENTRY_BYTES + (5 << 20) < PEER_MAX_MESSAGE_BYTES / 2);
+const _: () = assert!(crate::command::MAX_ENTRY_BYTES + (5 << 20) < PEER_MAX_MESSAGE_BYTES / 2);
 /// Deadline of an AppendEntries that carries entries (see `append_entries`).
 const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -160,7 +157,7 @@ impl GroupNetwork {
 fn encode_within(
     mut rpc: AppendEntriesRequest<TypeConfig>,
     max_bytes: usize,
-) -> Result<(Vec<u8>, Option<crate::raft::types::LogId>), RPCError<TypeConfig>> {
+) -> Result<(Vec<u8>, Option<crate::type_config::LogId>), RPCError<TypeConfig>> {
     let mut sent_up_to = None;
     let mut total = 0usize;
     let fitting = rpc
@@ -187,7 +184,7 @@ fn encode_within(
 }
 
 /// Estimated encoded size of one entry.
-fn entry_bytes(entry: &crate::raft::types::Entry) -> usize {
+fn entry_bytes(entry: &crate::type_config::Entry) -> usize {
     match &entry.payload {
         openraft::EntryPayload::Normal(command) => 32 + command.estimated_bytes(),
         openraft::EntryPayload::Blank => 32,
@@ -315,7 +312,8 @@ mod tests {
     use openraft::EntryPayload;
 
     use super::*;
-    use crate::raft::types::{Command, Entry, IngestBatch, LogId, MinuteDelta};
+    use crate::command::{Command, IngestBatch, MinuteDelta};
+use crate::type_config::{Entry, LogId};
 
     fn entry(index: u64, bytes: usize) -> Entry {
         let delta =

@@ -42,8 +42,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::network::PEER_MAX_MESSAGE_BYTES;
-use super::types::NodeId;
+use crate::type_config::NodeId;
 use crate::sync::MutexExt;
 
 /// Calls waiting to be packed into a frame; callers wait (within their own
@@ -57,6 +56,9 @@ pub const MAX_FRAME_CALLS: usize = 2_048;
 /// Encoded bytes of calls in one frame at most (one call larger than this
 /// goes alone). Well under what the receiver decodes.
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
+/// Largest peer message either side encodes or decodes (the peer listener
+/// in `server.rs` and snapshot transfers in `network.rs` use it too).
+pub const PEER_MAX_MESSAGE_BYTES: usize = 64 << 20;
 const _: () = assert!(MAX_FRAME_BYTES * 2 < PEER_MAX_MESSAGE_BYTES);
 /// Reconnect backoff after a failed or broken stream.
 const BACKOFF_MIN: Duration = Duration::from_millis(20);

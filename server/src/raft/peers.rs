@@ -21,7 +21,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use super::peer_link::{LinkEvent, PeerEvents, PeerLink};
-use crate::raft::types::NodeId;
+use crate::type_config::NodeId;
 use crate::sync::RwLockExt;
 
 /// HTTP/2 flow-control windows of peer connections: one conversation

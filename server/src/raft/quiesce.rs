@@ -62,7 +62,7 @@ use super::liveness::{Liveness, PeerChange};
 use super::quiesce_state::{decide, Action, Context, Decision, Event, GroupView, Role, State};
 pub use super::quiesce_state::{QuiesceConfig, ReplicaStart, CREATION_GRACE};
 use super::ticker::GroupTimer;
-use super::types::NodeId;
+use crate::type_config::NodeId;
 use crate::sync::{MutexExt, RwLockExt};
 use crate::RaftInstance;
 

@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use super::liveness::PeerChange;
-use super::types::NodeId;
+use crate::type_config::NodeId;
 
 #[derive(Debug, Clone, Copy)]
 pub struct QuiesceConfig {

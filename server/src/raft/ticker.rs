@@ -48,7 +48,7 @@ use openraft::type_config::alias::WatchReceiverOf;
 use openraft::ServerState;
 use rand::Rng;
 
-use crate::raft::types::{NodeId, TypeConfig};
+use crate::type_config::{NodeId, TypeConfig};
 use crate::sync::RwLockExt;
 use crate::RaftInstance;
 

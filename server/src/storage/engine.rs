@@ -50,7 +50,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::counts::merge_counts;
 use super::keys::{CF_COUNTS, CF_LOG, CF_RAFT, CF_STATE};
 use super::StorageError;
-use crate::raft::types::TypeConfig;
+use crate::type_config::TypeConfig;
 use crate::stages::{Stage, Timer};
 
 /// Write requests waiting for the log writer; senders wait (backpressure)

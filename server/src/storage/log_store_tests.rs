@@ -9,7 +9,7 @@ use openraft::{EntryPayload, RaftLogReader};
 
 use super::log_store::LogStore;
 use super::Engine;
-use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
+use crate::type_config::{Entry, LogId, TypeConfig, Vote};
 
 fn blank(index: u64) -> Entry {
     Entry { log_id: LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index }, payload: EntryPayload::Blank }

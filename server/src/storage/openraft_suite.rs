@@ -10,7 +10,7 @@ use openraft::StorageError;
 use super::log_store::LogStore;
 use super::state_machine::GroupStateMachine;
 use super::Engine;
-use crate::raft::types::TypeConfig;
+use crate::type_config::TypeConfig;
 
 struct RocksBuilder;
 

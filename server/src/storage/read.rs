@@ -18,7 +18,7 @@ use super::counts::CountSum;
 use super::keys::{self, CF_COUNTS, CF_STATE, STATE_APPLIED};
 use super::write_back::WriteBack;
 use super::{Engine, StorageError};
-use crate::raft::types::LogId;
+use crate::type_config::LogId;
 
 /// The applied index a RocksDB snapshot holds for `group`.
 fn disk_applied(engine: &Engine, snap: &rocksdb::Snapshot<'_>, group: u32) -> Result<u64, StorageError> {

@@ -15,7 +15,7 @@ use rocksdb::{IteratorMode, ReadOptions, WriteBatch, DB};
 use super::codec::{decode, encode};
 use super::keys::{self, CF_COUNTS, CF_STATE, STATE_INSTALLING};
 use super::{Engine, StorageError};
-use crate::raft::types::SnapshotMeta;
+use crate::type_config::SnapshotMeta;
 
 const MAGIC: &[u8] = b"TALLYSNAP1";
 const RECORD_STATE: u8 = 1;

@@ -35,9 +35,8 @@ use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MA
 use super::{Engine, StorageError};
 use crate::dedup::DedupIndex;
 use crate::meta::ClusterMap;
-use crate::raft::types::{
-    Command, CommandOutcome, Entry, IngestBatch, LogId, SnapshotMeta, StoredMembership, TypeConfig,
-};
+use crate::command::{Command, CommandOutcome, IngestBatch};
+use crate::type_config::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::stages::{Stage, Timer};
 
 pub type Snapshot = openraft::storage::Snapshot<

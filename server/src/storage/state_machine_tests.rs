@@ -12,7 +12,8 @@ use super::read::{read_series, read_stats, state_digest};
 use super::state_machine::GroupStateMachine;
 use super::Engine;
 use crate::dedup::DedupIndex;
-use crate::raft::types::{Command, Entry, IngestBatch, KeyedEvent, LogId, MinuteDelta};
+use crate::command::{Command, IngestBatch, KeyedEvent, MinuteDelta};
+use crate::type_config::{Entry, LogId};
 
 const GROUP: u32 = 3;
 /// 2024-02-29T23:59:00Z: a minute whose hour, day and month all end with it.

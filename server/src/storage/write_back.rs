@@ -47,7 +47,7 @@ use super::codec::encode;
 use super::counts::CountSum;
 use super::keys::{self, CF_COUNTS, CF_STATE};
 use super::{Engine, StorageError};
-use crate::raft::types::LogId;
+use crate::type_config::LogId;
 use crate::stages::{Stage, Timer};
 use crate::sync::MutexExt;
 

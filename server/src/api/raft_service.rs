@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::types::{SnapshotMeta, TypeConfig, Vote};
+use crate::type_config::{SnapshotMeta, TypeConfig, Vote};
 use crate::api::propose;
 use crate::node::Node;
 use crate::stages::{Stage, Timer};

@@ -1,33 +1,15 @@
-//! The Raft type configuration shared by every group on a node, and the
-//! commands Tally replicates through the Raft logs.
+//! The commands Tally replicates through the Raft logs, and what applying
+//! one answers.
 //!
-//! All groups — the metadata group and every partition group — use the same
-//! [`TypeConfig`], so one storage engine, one network layer and one gRPC
-//! service serve them all; the group id travels beside each message.
+//! Below both the Raft plumbing (`raft/`, which carries them without
+//! looking inside) and the state machine (`storage/`, which applies them):
+//! counting types live here, not in `raft/`.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::meta::ClusterMap;
-
-openraft::declare_raft_types!(
-    /// Tally's openraft type configuration.
-    pub TypeConfig:
-        D = Command,
-        R = CommandOutcome,
-        NodeId = u64,
-        Node = openraft::BasicNode,
-);
-
-pub type NodeId = u64;
-pub type LogId = openraft::LogId<openraft::impls::leader_id_adv::LeaderId<u64, u64>>;
-pub type Entry = <TypeConfig as openraft::RaftTypeConfig>::Entry;
-pub type Vote = <TypeConfig as openraft::RaftTypeConfig>::Vote;
-pub type StoredMembership =
-    openraft::StoredMembership<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, openraft::BasicNode>;
-pub type SnapshotMeta =
-    openraft::SnapshotMeta<openraft::impls::leader_id_adv::LeaderId<u64, u64>, u64, openraft::BasicNode>;
 
 /// Estimated encoded bytes of one ingest entry at most. The processor stops
 /// adding requests to an entry at this size (one request alone — at most
