@@ -17,10 +17,10 @@ use tally_proto::v1::{Event, IngestRequest};
 use tally_proto::validate::validate_event;
 use tally_server::dedup::DedupIndex;
 use tally_server::processor::{build_proposal, IngestJob};
-use tally_server::type_config::{Entry, LogId};
 use tally_server::storage::codec::encode;
 use tally_server::storage::state_machine::GroupStateMachine;
 use tally_server::storage::Engine;
+use tally_server::type_config::{Entry, LogId};
 
 const EVENTS: usize = 1_000;
 const STAMP: u64 = 1_795_680_000_000;

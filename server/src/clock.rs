@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::type_config::NodeId;
 use crate::sync::MutexExt;
+use crate::type_config::NodeId;
 
 /// Readings older than this are ignored: a peer that stopped answering no
 /// longer vouches for the time.

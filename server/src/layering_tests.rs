@@ -97,7 +97,12 @@ fn references(module: &str, text: &str, known: &BTreeMap<String, PathBuf>) -> BT
         let inner = group.split('}').next().unwrap_or("");
         for name in inner.split(',').map(|n| n.trim().split("::").next().unwrap_or("").trim()) {
             if !name.is_empty() {
-                let p: Vec<String> = parent.split("::").filter(|s| !s.is_empty()).map(str::to_string).chain([name.to_string()]).collect();
+                let p: Vec<String> = parent
+                    .split("::")
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .chain([name.to_string()])
+                    .collect();
                 paths.push(p);
             }
         }
@@ -203,8 +208,10 @@ fn no_two_modules_depend_on_each_other() {
 
 #[test]
 fn the_checker_sees_imports() {
-    let known: BTreeMap<String, PathBuf> =
-        ["api", "api::ingest", "api::propose", "node", "raft", "raft::ticker"].iter().map(|m| (m.to_string(), PathBuf::new())).collect();
+    let known: BTreeMap<String, PathBuf> = ["api", "api::ingest", "api::propose", "node", "raft", "raft::ticker"]
+        .iter()
+        .map(|m| (m.to_string(), PathBuf::new()))
+        .collect();
     let text = "use super::{batch_limits, propose};\nuse crate::node::{Listener, Node};\n// crate::raft::ticker in a comment\nlet x = crate::raft::ticker::TICK;";
     let refs = references("api::ingest", text, &known);
     // `super::batch_limits` is no file of its own here: it resolves to `api`.

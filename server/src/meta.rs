@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-
 /// A node's id: unique in the cluster, never reused, never 0 (0 means
 /// "no node" on the wire).
 pub type NodeId = u64;

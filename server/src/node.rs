@@ -32,12 +32,12 @@ use crate::raft::peer_link::LinkEvent;
 use crate::raft::peers::PeerPool;
 use crate::raft::quiesce::{QuiesceConfig, Quiescence, ReplicaStart};
 use crate::raft::ticker::NodeTicker;
-use crate::type_config::NodeId;
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::GroupStateMachine;
 use crate::storage::write_back::WriteBack;
 use crate::storage::Engine;
 use crate::sync::RwLockExt;
+use crate::type_config::NodeId;
 use crate::RaftInstance;
 
 /// Partition replicas opened at once when a map places many on this node.

@@ -42,8 +42,13 @@ pub struct NodeReport {
 /// How to ask another node for its report.
 pub trait PeerReports: Send + Sync {
     /// `node`'s report, or `None` if it does not answer within `timeout`.
-    fn report<'a>(&'a self, from: &'a Node, node: NodeId, addr: &'a str, timeout: Duration)
-        -> BoxFuture<'a, Option<NodeReport>>;
+    fn report<'a>(
+        &'a self,
+        from: &'a Node,
+        node: NodeId,
+        addr: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Option<NodeReport>>;
 }
 
 /// This node's view of partition `partition`, if it hosts a replica.

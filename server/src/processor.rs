@@ -45,11 +45,11 @@ use tally_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::ClusterClock;
+use crate::command::{Command, CommandOutcome, IngestBatch, KeyedEvent, MinuteDelta, MAX_ENTRY_BYTES};
 use crate::dedup::{dedup_key, DedupIndex};
 use crate::raft::quiesce::GroupQuiescence;
-use crate::command::{Command, CommandOutcome, IngestBatch, KeyedEvent, MinuteDelta, MAX_ENTRY_BYTES};
-use crate::type_config::NodeId;
 use crate::stages::{self, Stage};
+use crate::type_config::NodeId;
 use crate::RaftInstance;
 
 /// Queued ingest requests per partition before senders wait.

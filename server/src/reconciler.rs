@@ -41,13 +41,36 @@ const KEEP_LOG_EVERY: Duration = Duration::from_secs(30);
 /// `Cluster.Status` client).
 pub fn spawn(node: Arc<Node>, peers: Arc<dyn PeerReports>) {
     tokio::spawn(async move {
-        let mut kept_logged: BTreeMap<u32, Instant> = BTreeMap::new();
+        let mut pass = Passes::default();
         loop {
             tokio::time::sleep(TICK).await;
-            reconcile_once(&node, peers.as_ref(), &mut kept_logged).await;
+            reconcile_once(&node, peers.as_ref(), &mut pass).await;
         }
     });
 }
+
+/// What one round of the loop carries to the next.
+///
+/// Most rounds visit only the partitions that still need work: those led
+/// here whose voters differ from the map, and replicas the map moved away.
+/// Every partition is visited when the map changes and at least every
+/// [`FULL_PASS`] (a node that became leader of a group whose change a dead
+/// leader left half done picks it up then). An idle node with 10,000
+/// replicas spent most of its CPU on visiting every one of them twice a
+/// second and copying the whole map for it.
+#[derive(Default)]
+struct Passes {
+    /// Map version of the last full pass (0: none yet).
+    map_version: u64,
+    last_full: Option<Instant>,
+    /// Partitions the last round left unsettled.
+    attention: BTreeSet<u32>,
+    /// When a kept replica was last logged (see [`KEEP_LOG_EVERY`]).
+    kept_logged: BTreeMap<u32, Instant>,
+}
+
+/// Every partition is visited at least this often.
+const FULL_PASS: Duration = Duration::from_secs(5);
 
 /// What to do with a replica the cluster map no longer assigns to this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,28 +110,50 @@ pub fn unwanted_replica(
     }
 }
 
-async fn reconcile_once(node: &Arc<Node>, peers: &dyn PeerReports, kept_logged: &mut BTreeMap<u32, Instant>) {
-    let map = node.map();
-    if !map.is_initialized() {
+async fn reconcile_once(node: &Arc<Node>, peers: &dyn PeerReports, pass: &mut Passes) {
+    let (initialized, version) = {
+        let map = node.cluster_map.borrow();
+        (map.is_initialized(), map.version)
+    };
+    if !initialized {
         return;
     }
+    let full = version != pass.map_version || pass.last_full.is_none_or(|t| t.elapsed() >= FULL_PASS);
     // Metadata group: every node of the map is a voter (members join first,
     // leave last: only once no partition group still counts on them).
-    if is_leader(&node.metadata, node.id) {
-        let want: BTreeSet<NodeId> = map.nodes.keys().copied().collect();
-        let have = voters(&node.metadata);
-        let joining: Vec<NodeId> = want.difference(&have).copied().collect();
+    let metadata_change = is_leader(&node.metadata, node.id)
+        .then(|| {
+            let want: BTreeSet<NodeId> = node.cluster_map.borrow().nodes.keys().copied().collect();
+            let have = voters(&node.metadata);
+            (want != have).then_some((want, have))
+        })
+        .flatten();
+    if !full && metadata_change.is_none() && pass.attention.is_empty() {
+        return;
+    }
+    // A copy, held across the awaits below; taken only when there is work.
+    let map = node.map();
+    if let Some((want, have)) = metadata_change {
+        let joining = !want.is_subset(&have);
         let leaving = !have.is_subset(&want);
-        if !joining.is_empty() || (leaving && partitions_settled(node, peers, &map).await) {
+        if joining || (leaving && partitions_settled(node, peers, &map).await) {
             if let Err(e) = change_voters(&node.metadata, &map, &want, &have).await {
                 tracing::warn!(error = %e, "metadata membership change");
             }
         }
     }
+    let replicas = if full {
+        pass.map_version = version;
+        pass.last_full = Some(Instant::now());
+        node.local_partitions()
+    } else {
+        pass.attention.iter().filter_map(|p| node.partition(*p)).collect()
+    };
+    let mut attention = BTreeSet::new();
     // Unwanted replicas whose own log still lists this node as a voter:
     // the leaders are asked about them together, below.
     let mut ask = Vec::new();
-    for replica in node.local_partitions() {
+    for replica in replicas {
         let want: BTreeSet<NodeId> = map.replicas_of(replica.partition).iter().copied().collect();
         if want.is_empty() {
             continue;
@@ -116,6 +161,7 @@ async fn reconcile_once(node: &Arc<Node>, peers: &dyn PeerReports, kept_logged: 
         if is_leader(&replica.raft, node.id) {
             let have = voters(&replica.raft);
             if have != want {
+                attention.insert(replica.partition);
                 tracing::debug!(partition = replica.partition, ?have, ?want, "moving replicas");
                 let group = tally_proto::partition::group_of_partition(replica.partition);
                 if let Some(q) = node.quiescence.group(group) {
@@ -127,17 +173,22 @@ async fn reconcile_once(node: &Arc<Node>, peers: &dyn PeerReports, kept_logged: 
             }
         } else if !want.contains(&node.id) {
             match unwanted_replica(node.id, &members(&replica.raft), &voters(&replica.raft), None) {
-                Unwanted::Drop => drop_replica(node, replica.partition, kept_logged).await,
+                Unwanted::Drop => drop_replica(node, replica.partition, &mut pass.kept_logged).await,
                 Unwanted::AskLeader => ask.push(replica.partition),
                 Unwanted::Keep => {}
             }
+            if node.partition(replica.partition).is_some() {
+                attention.insert(replica.partition);
+            }
         }
     }
+    pass.attention = attention;
     if ask.is_empty() {
-        kept_logged.clear();
+        pass.kept_logged.clear();
         return;
     }
     let reported = leader_voters(node, peers, &map, &ask).await;
+    let kept_logged = &mut pass.kept_logged;
     for partition in ask {
         let Some(replica) = node.partition(partition) else { continue };
         let leader_view = reported.get(&partition).map(|(_, _, v)| v);

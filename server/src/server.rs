@@ -37,10 +37,10 @@ use tower::Layer;
 
 use crate::api::admission::{AdmissionLayer, ADMISSION_WAIT, MAX_CONCURRENT_REQUESTS};
 use crate::api::decode_errors::DecodeErrorLayer;
+use crate::api::raft_service::RaftService;
 use crate::api::{cluster::ClusterService, ingest::IngestService, query::QueryService};
 use crate::config::NodeConfig;
 use crate::node::Node;
-use crate::api::raft_service::RaftService;
 
 /// Largest Ingest message decoded: a little above the batch limit, so a
 /// batch just over it is decoded and answered with its exact size, while
@@ -74,7 +74,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --peer-listen {}", config.peer_listen))?;
     let node = Node::start(config.clone()).await?;
-    crate::reconciler::spawn(node.clone(), Arc::new(crate::api::cluster::StatusReports));
+    crate::reconciler::spawn(node.clone(), Arc::new(crate::api::peer_reports::StatusReports));
     crate::checkpointer::spawn(Arc::downgrade(&node), Duration::from_millis(node.config.checkpoint_interval_ms.max(1)));
     tracing::info!(node_id = node.id, listen = %config.listen, peer_listen = %config.peer_listen, "tallyd started");
 

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
-use futures::future::BoxFuture;
 use openraft::BasicNode;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::cluster_server::Cluster;
@@ -22,10 +21,10 @@ use tonic::{Request, Response, Status};
 
 use super::node_addrs;
 use crate::api::transfer::transfer_leadership;
+use crate::command::Command;
 use crate::meta::{ClusterMap, NodeAddrs, DEFAULT_PARTITIONS, MAX_PARTITIONS};
 use crate::node::{Listener, Node};
-use crate::partition_view::{local_view, NodeReport, PartitionView, PeerReports};
-use crate::command::Command;
+use crate::partition_view::local_view;
 use crate::type_config::NodeId;
 
 pub struct ClusterService {
@@ -260,44 +259,5 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         dedup_conflicts: replicas.iter().map(|r| r.dedup.conflicts()).sum(),
         dedup_keys: replicas.iter().map(|r| r.dedup.lock().len() as u64).sum(),
         dedup_bytes: replicas.iter().map(|r| r.dedup.lock().memory().0 as u64).sum(),
-    }
-}
-
-/// Other nodes' reports, asked with `Cluster.Status` on their public port.
-pub struct StatusReports;
-
-impl PeerReports for StatusReports {
-    fn report<'a>(
-        &'a self,
-        from: &'a Node,
-        node: NodeId,
-        addr: &'a str,
-        timeout: Duration,
-    ) -> BoxFuture<'a, Option<NodeReport>> {
-        Box::pin(async move {
-            let channel = from.peers.public_channel(node, addr).ok()?;
-            let mut request = Request::new(StatusRequest {});
-            request.set_timeout(timeout);
-            let call = ClusterClient::new(channel).status(request);
-            let status = tokio::time::timeout(timeout, call).await.ok()?.ok()?.into_inner();
-            Some(NodeReport {
-                metadata_leader: (status.metadata_leader_node_id != 0).then_some(status.metadata_leader_node_id),
-                partitions: status
-                    .partitions
-                    .into_iter()
-                    // Partitions the node hosts: the ones it reports a term for.
-                    .filter(|p| p.term != 0 || p.leader_node_id != 0 || !p.voters.is_empty())
-                    .map(|p| PartitionView {
-                        partition: p.partition,
-                        leader: (p.leader_node_id != 0).then_some(p.leader_node_id),
-                        term: p.term,
-                        commit_index: p.commit_index,
-                        applied_index: p.applied_index,
-                        voters: p.voters,
-                        quiesced: p.quiesced,
-                    })
-                    .collect(),
-            })
-        })
     }
 }

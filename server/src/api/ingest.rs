@@ -19,8 +19,8 @@ use tonic::{Request, Response, Status};
 use super::{batch_limits, propose};
 use crate::node::{Listener, Node};
 use crate::processor::ProposeOutcome;
-use crate::type_config::NodeId;
 use crate::stages::{Stage, Timer};
+use crate::type_config::NodeId;
 
 /// Hops to follow "not leader" hints before giving up on a sub-batch.
 const MAX_ROUTING_ATTEMPTS: u32 = 4;

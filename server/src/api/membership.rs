@@ -15,12 +15,12 @@ use tally_proto::v1::{AddNodeRequest, AddNodeResponse, RemoveNodeRequest, Remove
 use tonic::Status;
 
 use super::node_addrs;
+use super::peer_reports::StatusReports;
+use crate::command::Command;
 use crate::meta::{ClusterMap, NodeAddrs};
 use crate::node::{Listener, Node};
-use crate::command::Command;
-use crate::type_config::NodeId;
-use super::cluster::StatusReports;
 use crate::partition_view::{partitions_settled, unsettled_partition, PeerReports};
+use crate::type_config::NodeId;
 
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long `remove_node` waits for the others to see a new metadata leader.

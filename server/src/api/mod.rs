@@ -8,8 +8,9 @@
 //! Besides the services: `admission` and `decode_errors` are the tower
 //! layers of the public listener (see `server.rs`), `batch_limits` the
 //! whole-batch limits Ingest and Propose share, `propose` the receiving end
-//! of forwarded ingest, and `node_addrs` how nodes' public and peer
-//! addresses are reported and learnt.
+//! of forwarded ingest, `node_addrs` how nodes' public and peer addresses
+//! are reported and learnt, and `peer_reports` other nodes' views of their
+//! groups for the reconciler and membership changes.
 
 pub mod admission;
 pub mod batch_limits;
@@ -18,6 +19,7 @@ pub mod decode_errors;
 pub mod ingest;
 pub mod membership;
 pub mod node_addrs;
+pub mod peer_reports;
 pub mod propose;
 pub mod query;
 pub mod raft_service;

@@ -50,7 +50,12 @@ pub fn to_wire(node: &Node, outcome: ProposeOutcome) -> ProposeResponse {
         }
         ProposeOutcome::NotLeader { leader: hint } => {
             let (leader_node_id, leader_addr) = leader(hint);
-            ProposeResponse { status: ProposeStatus::NotLeader as i32, leader_node_id, leader_addr, ..Default::default() }
+            ProposeResponse {
+                status: ProposeStatus::NotLeader as i32,
+                leader_node_id,
+                leader_addr,
+                ..Default::default()
+            }
         }
         ProposeOutcome::Unavailable(message) => {
             ProposeResponse { status: ProposeStatus::Unavailable as i32, message, ..Default::default() }

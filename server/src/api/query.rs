@@ -19,9 +19,9 @@ use tally_proto::validate::{validate_query_key, validate_range};
 use tonic::{Request, Response, Status};
 
 use crate::node::{Listener, Node, PartitionReplica};
-use crate::type_config::NodeId;
 use crate::stages::{Stage, Timer};
 use crate::storage::read::{read_series, read_stats};
+use crate::type_config::NodeId;
 
 /// Most buckets one series answer may hold.
 pub const MAX_SERIES_BUCKETS: usize = 10_000;

@@ -20,13 +20,13 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::type_config::{SnapshotMeta, TypeConfig, Vote};
 use crate::api::propose;
 use crate::node::Node;
 use crate::stages::{Stage, Timer};
 use crate::storage::codec::{decode, encode};
 use crate::storage::snapshot::{SnapshotDir, SnapshotFile};
 use crate::storage::state_machine::Snapshot;
+use crate::type_config::{SnapshotMeta, TypeConfig, Vote};
 use crate::RaftInstance;
 
 /// Calls of one conversation being handled at once, at most.

@@ -35,8 +35,8 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
 use crate::node::{Listener, Node};
-use crate::type_config::{NodeId, TypeConfig};
 use crate::reconciler::is_caught_up;
+use crate::type_config::{NodeId, TypeConfig};
 use crate::RaftInstance;
 
 /// gRPC metadata key set on a refused transfer (value: `down` or `behind`),

@@ -11,7 +11,9 @@
 //!
 //! - `Down(peer)` after pings have failed for `suspect_after` and at least
 //!   twice in a row (one slow reply on a starved machine must not move the
-//!   leadership of hundreds of groups);
+//!   leadership of hundreds of groups) — or at once when the connection is
+//!   refused: nothing listens on the peer's port, so its process is gone
+//!   (killed, crashed), and its groups need not wait out the window;
 //! - `Up(peer)` when a peer answers after being down;
 //! - `Restarted(peer)` when it answers with a new boot id: it lost every
 //!   group's in-memory state (leadership, quiescence), possibly faster than
@@ -35,9 +37,20 @@ use crate::clock::ClusterClock;
 use tokio::sync::{mpsc, watch};
 
 use super::peers::PeerPool;
-use crate::type_config::NodeId;
 use crate::meta::ClusterMap;
 use crate::sync::MutexExt;
+use crate::type_config::NodeId;
+
+/// What one ping found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// The peer answered with its boot id.
+    Answered(u64),
+    /// No answer in time, or an error that says nothing certain.
+    Failed,
+    /// The connection was refused: no process listens on the peer port.
+    Refused,
+}
 
 /// A change in a peer's reachability, as seen from this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,8 +176,8 @@ impl Liveness {
         }
     }
 
-    async fn ping(&self, pool: &PeerPool, node: NodeId, addr: &str) -> Option<u64> {
-        let channel = pool.channel(node, addr).ok()?;
+    async fn ping(&self, pool: &PeerPool, node: NodeId, addr: &str) -> Probe {
+        let Ok(channel) = pool.channel(node, addr) else { return Probe::Failed };
         // A ping shares its connection with every group's traffic; on a
         // loaded node it can wait behind thousands of streams. Give it the
         // whole suspicion window rather than one interval, or load alone
@@ -174,20 +187,26 @@ impl Liveness {
         request.set_timeout(deadline);
         let mut client = RaftClient::new(channel);
         let sent_ms = self.clock.local_ms();
-        let reply = tokio::time::timeout(deadline, client.ping(request)).await.ok()?.ok()?.into_inner();
-        self.clock.observe(node, sent_ms, reply.wall_ms, self.clock.local_ms());
-        Some(reply.boot_id)
+        match tokio::time::timeout(deadline, client.ping(request)).await {
+            Ok(Ok(reply)) => {
+                let reply = reply.into_inner();
+                self.clock.observe(node, sent_ms, reply.wall_ms, self.clock.local_ms());
+                Probe::Answered(reply.boot_id)
+            }
+            Ok(Err(status)) if refused(&status) => Probe::Refused,
+            Ok(Err(_)) | Err(_) => Probe::Failed,
+        }
     }
 
     /// Fold one round of probe results into the peer table; return what changed.
-    fn record(&self, results: Vec<(NodeId, Option<u64>)>, now: Instant) -> Vec<PeerChange> {
+    fn record(&self, results: Vec<(NodeId, Probe)>, now: Instant) -> Vec<PeerChange> {
         let mut changes = Vec::new();
         let mut peers = self.peers.lock_unpoisoned();
         for (node, result) in results {
             let state =
                 peers.entry(node).or_insert(PeerState { last_ok: now, consecutive_failures: 0, up: true, boot_id: 0 });
             match result {
-                Some(boot_id) => {
+                Probe::Answered(boot_id) => {
                     if state.boot_id != 0 && state.boot_id != boot_id {
                         changes.push(PeerChange::Restarted(node));
                     } else if !state.up {
@@ -195,7 +214,14 @@ impl Liveness {
                     }
                     *state = PeerState { last_ok: now, consecutive_failures: 0, up: true, boot_id };
                 }
-                None => {
+                Probe::Refused => {
+                    state.consecutive_failures += 1;
+                    if state.up {
+                        state.up = false;
+                        changes.push(PeerChange::Down(node));
+                    }
+                }
+                Probe::Failed => {
                     state.consecutive_failures += 1;
                     if state.up
                         && state.consecutive_failures >= 2
@@ -209,6 +235,22 @@ impl Liveness {
         }
         changes
     }
+}
+
+/// Whether a failed call was refused a connection: the one failure that
+/// proves nothing listens on the peer's port (a timeout or a reset may be a
+/// slow or restarting peer).
+fn refused(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -231,33 +273,33 @@ mod tests {
     fn raft_replies_keep_a_peer_with_slow_pings_up() {
         let l = liveness();
         let t0 = Instant::now();
-        assert!(l.record(vec![(2, Some(5))], t0).is_empty());
+        assert!(l.record(vec![(2, Probe::Answered(5))], t0).is_empty());
         // Pings fail for longer than suspect_after, but replies keep coming.
         for i in 1..=10u64 {
             l.heard_from(2);
             let now = Instant::now().max(t0 + Duration::from_millis(100 * i));
-            assert!(l.record(vec![(2, None)], now).is_empty(), "round {i}");
+            assert!(l.record(vec![(2, Probe::Failed)], now).is_empty(), "round {i}");
         }
         assert!(l.is_up(2));
         // Then silence: the second failed round past suspect_after is down.
         let later = Instant::now() + Duration::from_millis(400);
-        assert_eq!(l.record(vec![(2, None)], later), vec![PeerChange::Down(2)]);
+        assert_eq!(l.record(vec![(2, Probe::Failed)], later), vec![PeerChange::Down(2)]);
     }
 
     #[test]
     fn down_needs_both_repeated_failures_and_elapsed_time() {
         let l = liveness();
         let t0 = Instant::now();
-        assert!(l.record(vec![(2, Some(7))], t0).is_empty());
+        assert!(l.record(vec![(2, Probe::Answered(7))], t0).is_empty());
         // Two quick failures: not long enough.
-        assert!(l.record(vec![(2, None)], t0 + Duration::from_millis(100)).is_empty());
-        assert!(l.record(vec![(2, None)], t0 + Duration::from_millis(200)).is_empty());
+        assert!(l.record(vec![(2, Probe::Failed)], t0 + Duration::from_millis(100)).is_empty());
+        assert!(l.record(vec![(2, Probe::Failed)], t0 + Duration::from_millis(200)).is_empty());
         assert!(l.is_up(2));
-        assert_eq!(l.record(vec![(2, None)], t0 + Duration::from_millis(300)), vec![PeerChange::Down(2)]);
+        assert_eq!(l.record(vec![(2, Probe::Failed)], t0 + Duration::from_millis(300)), vec![PeerChange::Down(2)]);
         assert!(!l.is_up(2));
         // Reported once, not every round.
-        assert!(l.record(vec![(2, None)], t0 + Duration::from_millis(400)).is_empty());
-        assert_eq!(l.record(vec![(2, Some(7))], t0 + Duration::from_millis(500)), vec![PeerChange::Up(2)]);
+        assert!(l.record(vec![(2, Probe::Failed)], t0 + Duration::from_millis(400)).is_empty());
+        assert_eq!(l.record(vec![(2, Probe::Answered(7))], t0 + Duration::from_millis(500)), vec![PeerChange::Up(2)]);
         assert!(l.is_up(2));
     }
 
@@ -265,19 +307,36 @@ mod tests {
     fn one_slow_reply_after_a_pause_is_not_down() {
         let l = liveness();
         let t0 = Instant::now();
-        l.record(vec![(2, Some(7))], t0);
+        l.record(vec![(2, Probe::Answered(7))], t0);
         // This node was paused for 5 s; the first probe after it fails once.
-        assert!(l.record(vec![(2, None)], t0 + Duration::from_secs(5)).is_empty());
-        assert!(l.record(vec![(2, Some(7))], t0 + Duration::from_millis(5100)).is_empty());
+        assert!(l.record(vec![(2, Probe::Failed)], t0 + Duration::from_secs(5)).is_empty());
+        assert!(l.record(vec![(2, Probe::Answered(7))], t0 + Duration::from_millis(5100)).is_empty());
     }
 
     #[test]
     fn a_new_boot_id_reports_a_restart() {
         let l = liveness();
         let t0 = Instant::now();
-        l.record(vec![(2, Some(7)), (3, Some(8))], t0);
+        l.record(vec![(2, Probe::Answered(7)), (3, Probe::Answered(8))], t0);
         assert_eq!(
-            l.record(vec![(2, Some(9)), (3, Some(8))], t0 + Duration::from_millis(100)),
+            l.record(vec![(2, Probe::Answered(9)), (3, Probe::Answered(8))], t0 + Duration::from_millis(100)),
+            vec![PeerChange::Restarted(2)]
+        );
+    }
+
+    #[test]
+    fn a_refused_connection_is_down_at_once() {
+        let l = liveness();
+        let t0 = Instant::now();
+        l.record(vec![(2, Probe::Answered(7))], t0);
+        // Even with a Raft reply just heard: nothing listens any more.
+        l.heard_from(2);
+        assert_eq!(l.record(vec![(2, Probe::Refused)], t0 + Duration::from_millis(100)), vec![PeerChange::Down(2)]);
+        assert!(!l.is_up(2));
+        assert!(l.record(vec![(2, Probe::Refused)], t0 + Duration::from_millis(200)).is_empty());
+        // Back with a new process: a restart.
+        assert_eq!(
+            l.record(vec![(2, Probe::Answered(9))], t0 + Duration::from_millis(300)),
             vec![PeerChange::Restarted(2)]
         );
     }

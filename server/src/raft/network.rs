@@ -25,11 +25,11 @@ use tonic::transport::Channel;
 use super::peer_link::{LinkError, PEER_MAX_MESSAGE_BYTES};
 use super::peers::{PeerLinks, PeerPool};
 use super::quiesce::GroupQuiescence;
-use crate::type_config::{NodeId, TypeConfig, Vote};
 use crate::stages::{Stage, Timer};
 use crate::storage::codec::{decode, encode};
 use crate::storage::snapshot::SnapshotFile;
 use crate::storage::state_machine::Snapshot;
+use crate::type_config::{NodeId, TypeConfig, Vote};
 
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Encoded bytes of one AppendEntries at most. Larger runs of entries are
@@ -313,7 +313,7 @@ mod tests {
 
     use super::*;
     use crate::command::{Command, IngestBatch, MinuteDelta};
-use crate::type_config::{Entry, LogId};
+    use crate::type_config::{Entry, LogId};
 
     fn entry(index: u64, bytes: usize) -> Entry {
         let delta =

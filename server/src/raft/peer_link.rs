@@ -42,8 +42,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::type_config::NodeId;
 use crate::sync::MutexExt;
+use crate::type_config::NodeId;
 
 /// Calls waiting to be packed into a frame; callers wait (within their own
 /// deadline) when it is full.

@@ -21,8 +21,8 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use super::peer_link::{LinkEvent, PeerEvents, PeerLink};
-use crate::type_config::NodeId;
 use crate::sync::RwLockExt;
+use crate::type_config::NodeId;
 
 /// HTTP/2 flow-control windows of peer connections: one conversation
 /// carries every group's appends, so its stream window must hold a full

@@ -62,8 +62,8 @@ use super::liveness::{Liveness, PeerChange};
 use super::quiesce_state::{decide, Action, Context, Decision, Event, GroupView, Role, State};
 pub use super::quiesce_state::{QuiesceConfig, ReplicaStart, CREATION_GRACE};
 use super::ticker::GroupTimer;
-use crate::type_config::NodeId;
 use crate::sync::{MutexExt, RwLockExt};
+use crate::type_config::NodeId;
 use crate::RaftInstance;
 
 /// Quiescence of one group on this node; shared by the group's network
@@ -177,21 +177,25 @@ impl GroupQuiescence {
                     let _ = raft.trigger().elect(true).await;
                 });
             }
-            Action::ElectWhenLeaseEnds { lost } => {
+            Action::ElectWhenLeaseEnds { lost, rank, of } => {
                 // The timer is attached with the Raft instance, before any event.
                 let Some(timer) = self.timer.get().cloned() else { return };
                 let raft = raft.clone();
-                let first_wait = timer.lease_left() + LEASE_MARGIN;
+                let first = timer.lease_left() + LEASE_MARGIN + SUCCESSION_TURN * rank;
+                let every = SUCCESSION_TURN * of.max(1);
                 tokio::spawn(async move {
-                    // Right when this replica's lease ends, and once more a
-                    // moment later in case the other voter's ended later.
-                    for wait in [first_wait, ELECTION_RETRY] {
+                    // From when this replica's lease ends, on its turns: the
+                    // other voter's lease may end a little later, or its
+                    // log be longer (then only its own turn can win).
+                    let mut wait = first;
+                    for _ in 0..SUCCESSION_ATTEMPTS {
                         tokio::time::sleep(wait).await;
                         if raft.metrics().borrow_watched().current_leader != Some(lost) {
                             return;
                         }
                         timer.restart();
                         let _ = raft.trigger().elect(true).await;
+                        wait = every;
                     }
                 });
             }
@@ -267,17 +271,21 @@ pub struct Quiescence {
     swept: Arc<Mutex<HashSet<u32>>>,
 }
 
-/// After the lease a designated voter waits out, a little more: its
+/// After the lease a surviving voter waits out, a little more: its
 /// lease clock starts after openraft's, the other voters' may have started
 /// a moment later.
 const LEASE_MARGIN: Duration = Duration::from_millis(20);
-/// When the designated voter's first pre-vote right after the lease found
-/// no majority, it tries once more this much later.
-const ELECTION_RETRY: Duration = Duration::from_millis(100);
+/// The surviving voters of a busy group whose leader died take turns this
+/// long to campaign (each every `voters × turn`): long enough for a won
+/// election to reach the others before their turn, short next to the lease.
+const SUCCESSION_TURN: Duration = Duration::from_millis(40);
+/// Turns each surviving voter takes at most; after them the ticker's
+/// randomised timers go on as for any group.
+const SUCCESSION_ATTEMPTS: u32 = 8;
 
 /// Every this many sweeps, the sweep visits every group, not only those
 /// whose state needs it: the safety net for a wake-up an event missed.
-const FULL_SWEEP_EVERY: u32 = 8;
+const FULL_SWEEP_EVERY: u32 = 20;
 
 impl Quiescence {
     pub fn new(node_id: NodeId, config: QuiesceConfig, liveness: Arc<Liveness>) -> Arc<Quiescence> {

@@ -161,10 +161,14 @@ pub enum Action {
     /// Restart the election timer and start a pre-vote election now.
     ElectNow,
     /// Once this replica's leader lease for `lost` has run out (the
-    /// ticker's record of when it last heard `lost`), start a pre-vote
-    /// election if it still sees `lost` as its leader.
+    /// ticker's record of when it last heard `lost`), start pre-vote
+    /// elections while it still sees `lost` as its leader: the first after
+    /// `rank` turns, then one every `of` turns, so that the `of` surviving
+    /// voters take turns and never campaign at the same instant.
     ElectWhenLeaseEnds {
         lost: NodeId,
+        rank: u32,
+        of: u32,
     },
     /// Mark activity, then renew the lease (one read-index round) before
     /// the write: a quiesced leader's lease has expired, and openraft
@@ -329,16 +333,22 @@ fn peer_changed(state: &State, change: PeerChange, view: &dyn GroupView, cx: &Co
         // openraft's lease (election timeout max) has run out since they
         // last heard the leader, and a follower whose randomised timer
         // fires earlier is refused and waits a whole timeout again. The
-        // designated voter elects right when the lease is over instead; if
-        // that is still too early, the pre-vote is refused without a term
-        // change and the timers go on as before.
+        // surviving voters elect right when the lease is over instead,
+        // taking turns in id order: the first is not always the one that
+        // can win (under load the other may hold a longer log, and then a
+        // pre-vote from the first is refused for good), and a refused
+        // pre-vote changes no term, so the next turn is cheap.
         PeerChange::Down(peer)
-            if *state == State::Active
-                && view.role() == Role::Follower
-                && view.current_leader() == Some(peer)
-                && designated_successor(peer, view, cx) == Some(me) =>
+            if *state == State::Active && view.role() == Role::Follower && view.current_leader() == Some(peer) =>
         {
-            Decision::with(State::Active, Action::ElectWhenLeaseEnds { lost: peer })
+            let successors = live_successors(peer, view, cx);
+            match successors.iter().position(|v| *v == me) {
+                Some(rank) => Decision::with(
+                    State::Active,
+                    Action::ElectWhenLeaseEnds { lost: peer, rank: rank as u32, of: successors.len() as u32 },
+                ),
+                None => Decision::to(State::Active),
+            }
         }
         _ => Decision::to(state.clone()),
     }
@@ -348,7 +358,14 @@ fn peer_changed(state: &State, change: PeerChange, view: &dyn GroupView, cx: &Co
 /// replica that elects at once when a leader is lost, so that the others do
 /// not split the vote.
 fn designated_successor(lost: NodeId, view: &dyn GroupView, cx: &Context) -> Option<NodeId> {
-    view.voters().into_iter().filter(|v| *v != lost && (cx.is_up)(*v)).min()
+    live_successors(lost, view, cx).first().copied()
+}
+
+/// The voters other than `lost` that liveness reports up, by id.
+fn live_successors(lost: NodeId, view: &dyn GroupView, cx: &Context) -> Vec<NodeId> {
+    let mut voters: Vec<NodeId> = view.voters().into_iter().filter(|v| *v != lost && (cx.is_up)(*v)).collect();
+    voters.sort_unstable();
+    voters
 }
 
 /// A quiet group lost its leader: the designated successor wakes and starts

@@ -311,16 +311,28 @@ fn a_lost_leader_has_the_designated_successor_elect_and_the_others_back_it_up() 
 }
 
 #[test]
-fn a_busy_groups_designated_voter_elects_when_the_lease_ends() {
+fn a_busy_groups_surviving_voters_take_turns_to_elect_when_the_lease_ends() {
     let down = Event::Peer(PeerChange::Down(1));
     let run = Run::with_down(&[1]);
+    // Voters 1, 2, 3; 1 is lost: 2 (this node) goes first of two.
     assert_eq!(
         run.decide(&State::Active, down, &View::follower_of(1)),
-        Decision { next: State::Active, action: Action::ElectWhenLeaseEnds { lost: 1 } }
+        Decision { next: State::Active, action: Action::ElectWhenLeaseEnds { lost: 1, rank: 0, of: 2 } }
     );
-    // Not designated, not its leader, or not a follower: the timers do it.
+    // With voter 0 alive this node takes the second turn: voter 0's log
+    // may be the shorter one, and then only this node can win.
     let view = View { voters: vec![0, 1, 2], ..View::follower_of(1) };
-    assert_eq!(run.decide(&State::Active, down, &view), to(State::Active));
+    assert_eq!(
+        run.decide(&State::Active, down, &view),
+        Decision { next: State::Active, action: Action::ElectWhenLeaseEnds { lost: 1, rank: 1, of: 2 } }
+    );
+    // A voter liveness also reports down takes no turn.
+    let run_two_down = Run::with_down(&[0, 1]);
+    assert_eq!(
+        run_two_down.decide(&State::Active, down, &view),
+        Decision { next: State::Active, action: Action::ElectWhenLeaseEnds { lost: 1, rank: 0, of: 1 } }
+    );
+    // Not its leader, or not a follower: the timers do it.
     assert_eq!(run.decide(&State::Active, down, &View::follower_of(3)), to(State::Active));
     let learner = View { role: Role::Learner, ..View::follower_of(1) };
     assert_eq!(run.decide(&State::Active, down, &learner), to(State::Active));

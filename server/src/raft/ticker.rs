@@ -28,7 +28,7 @@
 //!   heartbeats: the election storm that kept a busy 2-core machine from
 //!   ever leading 1,000 partitions. A dead or unreachable leader's node is
 //!   reported down within the election timeout, and then the group elects
-//!   as soon as the lease allows (`quiesce.rs`), so failover does not wait
+//!   as soon as the lease allows, the survivors taking turns (`quiesce.rs`), so failover does not wait
 //!   for this; only a leader that is alive but silent toward this replica
 //!   (a one-way cut) costs the longer wait.
 //!
@@ -48,8 +48,8 @@ use openraft::type_config::alias::WatchReceiverOf;
 use openraft::ServerState;
 use rand::Rng;
 
-use crate::type_config::{NodeId, TypeConfig};
 use crate::sync::RwLockExt;
+use crate::type_config::{NodeId, TypeConfig};
 use crate::RaftInstance;
 
 /// How often the loop runs: the granularity of election timeouts.

@@ -50,8 +50,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::counts::merge_counts;
 use super::keys::{CF_COUNTS, CF_LOG, CF_RAFT, CF_STATE};
 use super::StorageError;
-use crate::type_config::TypeConfig;
 use crate::stages::{Stage, Timer};
+use crate::type_config::TypeConfig;
 
 /// Write requests waiting for the log writer; senders wait (backpressure)
 /// when it is full. Each group's Raft core has at most a few requests in it

@@ -21,8 +21,8 @@ use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use super::codec::{decode, encode};
 use super::keys::{self, CF_LOG, CF_RAFT, RAFT_COMMITTED, RAFT_PURGED, RAFT_VOTE};
 use super::{Engine, StorageError};
-use crate::type_config::{Entry, LogId, TypeConfig, Vote};
 use crate::sync::MutexExt;
+use crate::type_config::{Entry, LogId, TypeConfig, Vote};
 
 #[derive(Clone)]
 pub struct LogStore {

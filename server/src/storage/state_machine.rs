@@ -33,11 +33,11 @@ use super::keys::{self, CF_COUNTS, CF_STATE};
 use super::snapshot::{self, SnapshotDir, SnapshotFile};
 use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MAX_DIRTY_KEYS};
 use super::{Engine, StorageError};
+use crate::command::{Command, CommandOutcome, IngestBatch};
 use crate::dedup::DedupIndex;
 use crate::meta::ClusterMap;
-use crate::command::{Command, CommandOutcome, IngestBatch};
-use crate::type_config::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::stages::{Stage, Timer};
+use crate::type_config::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
 pub type Snapshot = openraft::storage::Snapshot<
     openraft::impls::leader_id_adv::LeaderId<u64, u64>,

@@ -11,8 +11,8 @@ use tally_proto::time::{DAY_MS, HOUR_MS, MINUTE_MS};
 use super::read::{read_series, read_stats, state_digest};
 use super::state_machine::GroupStateMachine;
 use super::Engine;
-use crate::dedup::DedupIndex;
 use crate::command::{Command, IngestBatch, KeyedEvent, MinuteDelta};
+use crate::dedup::DedupIndex;
 use crate::type_config::{Entry, LogId};
 
 const GROUP: u32 = 3;

@@ -47,9 +47,9 @@ use super::codec::encode;
 use super::counts::CountSum;
 use super::keys::{self, CF_COUNTS, CF_STATE};
 use super::{Engine, StorageError};
-use crate::type_config::LogId;
 use crate::stages::{Stage, Timer};
 use crate::sync::MutexExt;
+use crate::type_config::LogId;
 
 /// Buckets one epoch may hold before it is checkpointed, whatever its age:
 /// bounds a group's memory (~100 bytes a bucket).
