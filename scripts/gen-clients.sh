@@ -38,8 +38,22 @@ GEN="$ROOT/client/python/gen"
 
 die() { echo "gen-clients: $*" >&2; exit 1; }
 
+# Runs that overlap would race: on the virtual environment (checkouts share
+# it) and on this checkout's generated stubs, which `gen_python` deletes and
+# writes again while another run may be importing them (the cluster tests
+# are one binary, and its two Python tests can run at once). Each is taken
+# under an exclusive lock, held until the script, or the Python it becomes
+# with `exec`, exits. flock(1) is util-linux, on every Debian.
+hold_lock() {
+  local file="$1" fd
+  mkdir -p "$(dirname "$file")"
+  exec {fd}>"$file"
+  flock "$fd" || die "could not lock $file"
+}
+
 python_venv() {
   command -v python3 >/dev/null 2>&1 || die "python3 is required for the Python client"
+  hold_lock "$VENV.lock"
   if [[ ! -x "$VENV/bin/python" ]]; then
     echo "gen-clients: creating virtual environment $VENV" >&2
     python3 -m venv "$VENV" || die "could not create a virtual environment at $VENV (Debian: apt-get install python3-venv)"
@@ -55,6 +69,7 @@ python_venv() {
 }
 
 gen_python() {
+  hold_lock "$GEN.lock"
   python_venv
   rm -rf "$GEN"
   mkdir -p "$GEN"
