@@ -46,6 +46,10 @@ pub struct IngestBatch {
     /// One per accepted event with an event_id, in the order of the leader's
     /// reply bookkeeping.
     pub keyed: Vec<KeyedEvent>,
+    /// Proposed before the leader's dedup view was complete (entries of
+    /// earlier terms not yet applied, processor.rs rule 1): keys that apply
+    /// finds already counted are expected here, not a conflict.
+    pub provisional: bool,
 }
 
 /// An accepted event with an idempotency key. At apply, an event whose key

@@ -107,9 +107,9 @@ impl DedupState {
 
     /// The state machine's dedup decision for one entry: each key not yet in
     /// the index (nor earlier in the entry) is recorded under `stamp`; the
-    /// others are skipped and counted as conflicts. Deterministic, so every
-    /// replica skips the same events.
-    pub fn admit(&mut self, stamp: (u64, u64), keys: impl Iterator<Item = u128>) -> Admitted {
+    /// others are skipped, and counted as conflicts unless the entry was
+    /// `provisional`. Deterministic, so every replica skips the same events.
+    pub fn admit(&mut self, stamp: (u64, u64), keys: impl Iterator<Item = u128>, provisional: bool) -> Admitted {
         let generation = KeyTable::generation_of(stamp.0);
         let mut admitted = Admitted::default();
         for (position, k) in keys.enumerate() {
@@ -119,7 +119,9 @@ impl DedupState {
                 admitted.skipped.push(position as u32);
             }
         }
-        self.conflicts += admitted.skipped.len() as u64;
+        if !provisional {
+            self.conflicts += admitted.skipped.len() as u64;
+        }
         admitted
     }
 
@@ -271,12 +273,24 @@ mod tests {
     fn admit_skips_keys_already_counted_and_repeats_within_an_entry() {
         let mut s = DedupState::default();
         s.insert_batch((1_000, 1), vec![7]);
-        let a = s.admit((2_000, 2), [5, 7, 6, 5].into_iter());
+        let a = s.admit((2_000, 2), [5, 7, 6, 5].into_iter(), false);
         assert_eq!(a, Admitted { keys: vec![5, 6], skipped: vec![1, 3] });
         assert_eq!(s.conflicts(), 2);
         // Key 7 keeps its first stamp: expiring batch 1 removes it.
         s.expire_before(2_000);
         assert!(!s.contains(&7) && s.contains(&5) && s.contains(&6));
+    }
+
+    #[test]
+    fn a_provisional_entry_skips_counted_keys_without_calling_them_conflicts() {
+        let mut s = DedupState::default();
+        s.insert_batch((1_000, 1), vec![7]);
+        let a = s.admit((2_000, 2), [7, 8, 8].into_iter(), true);
+        assert_eq!(a, Admitted { keys: vec![8], skipped: vec![0, 2] });
+        assert_eq!(s.conflicts(), 0);
+        let a = s.admit((3_000, 3), [8].into_iter(), false);
+        assert_eq!(a.skipped, vec![0]);
+        assert_eq!(s.conflicts(), 1);
     }
 
     #[test]
@@ -299,8 +313,8 @@ mod budget_tests {
         assert_eq!(budget.max_keys(), (1 << 20) / 23);
         let a = DedupIndex::new(budget.clone());
         let b = DedupIndex::new(budget.clone());
-        a.lock().admit((1_000, 1), 0..1_000u128);
-        b.lock().admit((1_000, 1), 0..500u128);
+        a.lock().admit((1_000, 1), 0..1_000u128, false);
+        b.lock().admit((1_000, 1), 0..500u128, false);
         assert_eq!(budget.used(), 1_500);
         assert!(!budget.would_exceed(1_000));
         assert!(budget.would_exceed(budget.max_keys()));
@@ -309,7 +323,7 @@ mod budget_tests {
         assert_eq!(budget.used(), 1_000);
         drop(a);
         assert_eq!(budget.used(), 0);
-        b.lock().admit((3_000, 2), 0..10u128);
+        b.lock().admit((3_000, 2), 0..10u128, false);
         assert_eq!(budget.used(), 10);
         b.lock().clear();
         assert_eq!(budget.used(), 0);

@@ -364,7 +364,14 @@ impl Node {
                 Err(e) => tracing::debug!(partition, error = %e, "partition already initialised"),
             }
         }
-        let ingest = processor::spawn(raft.clone(), dedup.clone(), self.processor_config(), quiet, self.clock.clone());
+        let ingest = processor::spawn(
+            partition,
+            raft.clone(),
+            dedup.clone(),
+            self.processor_config(),
+            quiet,
+            self.clock.clone(),
+        );
         let recovered = Arc::new(AtomicBool::new(false));
         tokio::spawn({
             let (raft, recovered) = (raft.clone(), recovered.clone());

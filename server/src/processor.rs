@@ -7,12 +7,12 @@
 //! only after their entry is committed and applied.
 //!
 //! Exactly-once rests on these rules (argued in ARCHITECTURE.md):
-//! 1. A leadership session starts only when its dedup view is complete:
-//!    `ensure_linearizable` succeeded in the session's term AND everything in
-//!    the leader's log at that moment is applied. The second half matters
-//!    when a leader keeps its term across a failed session (or, were leader
-//!    restore on, across a restart): entries it appended earlier in the term
-//!    may still commit, so they must be in the index before it decides.
+//! 1. A leadership session starts once this node leads with a committed
+//!    vote, without waiting for its blank entry to commit or for earlier
+//!    entries to apply (waiting cost 150-250 ms per failover on a busy
+//!    machine). Its dedup view may then miss keys of entries not yet
+//!    applied; such events go into an entry as new and rule 5 takes them
+//!    back out. The view only decides replies early, never counts.
 //! 2. Every proposal is bound to the session's leader id (term and node,
 //!    openraft's `with_leader`): a proposal built from one term's view can
 //!    never be appended in another.
@@ -22,9 +22,9 @@
 //!    empty `pending` and rule 1 again.
 //! 5. The state machine has the last word: an entry lists each keyed event
 //!    with its delta, and apply takes back out any event whose key is
-//!    already counted. A mistake in rules 1–4 costs a wrong "accepted" reply
-//!    at worst (and the reply is corrected from apply's outcome), never a
-//!    count.
+//!    already counted, and the reply is corrected from apply's outcome. A
+//!    dedup view that lags (rule 1) or a mistake in rules 2–4 costs a larger
+//!    entry at worst, never a count.
 //!
 //! Dedup keys are stamped with the cluster-checked clock (`clock.rs`), never
 //! below the previous stamp of the log.
@@ -39,10 +39,11 @@ use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::ClientWriteError;
 use openraft::impls::ProgressResponder;
-use openraft::{ReadPolicy, ServerState};
+use openraft::{LinearizerOption, ServerState};
 use tally_proto::time::{bucket_start, Granularity};
 use tally_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::clock::ClusterClock;
 use crate::command::{Command, CommandOutcome, IngestBatch, KeyedEvent, MinuteDelta, MAX_ENTRY_BYTES};
@@ -70,9 +71,6 @@ pub struct ProcessorConfig {
     /// How long to wait for more requests when the pipeline is busy anyway.
     pub linger: Duration,
     pub dedup_window_ms: u64,
-    /// How long a leader may take to become ready before callers are told
-    /// to retry.
-    pub ready_timeout: Duration,
 }
 
 impl Default for ProcessorConfig {
@@ -82,7 +80,6 @@ impl Default for ProcessorConfig {
             max_inflight: 4,
             linger: Duration::from_millis(1),
             dedup_window_ms: 10 * 60 * 1000,
-            ready_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -126,6 +123,7 @@ pub enum ProposeOutcome {
 /// `quiet`: the group's quiescence, woken (and its lease renewed) before a
 /// proposal to a quiesced leader.
 pub fn spawn(
+    partition: u32,
     raft: RaftInstance,
     dedup: Arc<DedupIndex>,
     config: ProcessorConfig,
@@ -134,7 +132,9 @@ pub fn spawn(
 ) -> mpsc::Sender<IngestJob> {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let processor = Processor { raft, dedup, config, quiet, clock };
-    tokio::spawn(processor.run(rx));
+    // A debug span: the partition on every processor log line, free when
+    // debug logging is off.
+    tokio::spawn(processor.run(rx).instrument(tracing::debug_span!("processor", partition)));
     tx
 }
 
@@ -154,6 +154,23 @@ struct Session {
     leader_id: openraft::impls::leader_id_adv::LeaderId<u64, u64>,
     /// Highest dedup stamp proposed so far (starts at the log's clock).
     last_stamp: u64,
+    /// Until everything in the leader's log at the start of the session is
+    /// applied, the log index that must be: proposals until then are
+    /// provisional (rule 1).
+    view_complete_at: Option<u64>,
+}
+
+impl Session {
+    /// Whether the dedup view is still incomplete (and stop asking once not).
+    fn view_incomplete(&mut self, raft: &RaftInstance) -> bool {
+        let Some(at) = self.view_complete_at else { return false };
+        let applied = raft.metrics().borrow_watched().last_applied.as_ref().map(|l| l.index).unwrap_or(0);
+        if applied >= at {
+            self.view_complete_at = None;
+            return false;
+        }
+        true
+    }
 }
 
 /// The answer to one job, adjusted by the state machine's outcome.
@@ -196,6 +213,13 @@ impl Proposal {
         }
     }
 
+    /// Built from an incomplete dedup view (rule 1).
+    fn mark_provisional(&mut self) {
+        if let Command::Ingest(batch) = &mut self.command {
+            batch.provisional = true;
+        }
+    }
+
     fn fail(self, outcome: ProposeOutcome) {
         for j in self.jobs {
             let _ = j.reply.send(outcome.clone());
@@ -231,10 +255,9 @@ impl Processor {
             let is_leader = server.borrow_watched().state == ServerState::Leader;
             if is_leader {
                 let term = self.raft.metrics().borrow_watched().current_term;
-                match tokio::time::timeout(self.config.ready_timeout, self.dedup_view_complete(term)).await {
-                    Ok(Ok(session)) => return Some(session),
-                    Ok(Err(why)) => tracing::debug!(term, why, "not ready to lead yet"),
-                    Err(_) => tracing::warn!(term, "leader not ready in time"),
+                match self.start_session(term).await {
+                    Ok(session) => return Some(session),
+                    Err(why) => tracing::debug!(term, why, "not ready to lead yet"),
                 }
                 // Not ready (e.g. no quorum): answer waiting callers and retry.
                 while let Ok(job) = rx.try_recv() {
@@ -257,32 +280,33 @@ impl Processor {
         }
     }
 
-    /// Rule 1: leadership confirmed in `term` (its blank entry committed and
-    /// applied), then everything in the leader's log applied too.
-    async fn dedup_view_complete(&self, term: u64) -> Result<Session, String> {
-        self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| e.to_string())?;
-        let mut metrics = self.raft.metrics();
+    /// Rule 1: a session starts once this node leads `term` and a quorum
+    /// has answered something it sent in the term (openraft refuses writes
+    /// before: the leader lease). In practice that answer is to the blank
+    /// entry, so the session starts when the blank entry commits; it does not
+    /// wait for that entry, or earlier ones, to apply. Entries not yet
+    /// applied may hold keys the index lacks: proposals until they are
+    /// applied are provisional, such events go into the entry as new, and
+    /// apply takes them back out and the reply says duplicate (rule 5), so
+    /// the count is exact either way.
+    async fn start_session(&self, term: u64) -> Result<Session, String> {
+        let started = Instant::now();
+        // An acknowledgement within the lease, fresh or not, heartbeat if none.
+        let confirmed = LinearizerOption::new(None, true);
+        let _ = self.raft.get_read_linearizer(confirmed).await.map_err(|e| e.to_string())?;
         let (leader_id, log_end) = {
-            let m = metrics.borrow_watched();
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
             if m.state != ServerState::Leader || m.current_term != term || !m.vote.is_committed() {
                 return Err("leadership changed".into());
             }
             (m.vote.leader_id().clone(), m.last_log_index.unwrap_or(0))
         };
-        loop {
-            {
-                let m = metrics.borrow_watched();
-                if m.state != ServerState::Leader || m.vote.leader_id() != &leader_id {
-                    return Err("leadership changed".into());
-                }
-                if m.last_applied.as_ref().map(|l| l.index).unwrap_or(0) >= log_end {
-                    break;
-                }
-            }
-            metrics.changed().await.map_err(|_| "raft stopped".to_string())?;
-        }
+        // The log's clock may still advance as earlier entries apply; apply
+        // keeps it monotonic whatever a proposal carries (dedup.rs).
         let last_stamp = self.dedup.lock().log_clock_ms();
-        Ok(Session { term, leader_id, last_stamp })
+        tracing::debug!(term, confirm_ms = started.elapsed().as_millis() as u64, "leadership confirmed");
+        Ok(Session { term, leader_id, last_stamp, view_complete_at: Some(log_end) })
     }
 
     /// The stamp of the next proposal: the cluster-checked clock, never
@@ -368,7 +392,13 @@ impl Processor {
                 queued_events = queued.iter().map(|j| j.events.len()).sum();
                 let stamp = self.next_stamp(&mut session, &mut warned_clock);
                 let building = stages::Timer::start(Stage::IngestBuildEntry);
-                let proposal = build_proposal(&self.dedup, &mut pending, jobs, stamp, config.dedup_window_ms);
+                // Asked before the index is read: a view that completes
+                // during the build still counts as incomplete for it.
+                let provisional = session.view_incomplete(&self.raft);
+                let mut proposal = build_proposal(&self.dedup, &mut pending, jobs, stamp, config.dedup_window_ms);
+                if provisional {
+                    proposal.mark_provisional();
+                }
                 drop(building);
                 let raft = self.raft.clone();
                 let leader_id = session.leader_id.clone();
@@ -535,7 +565,7 @@ pub fn build_proposal(
             d.event_type = event_type;
         }
     }
-    let batch = IngestBatch { proposed_at_ms: stamp_ms, dedup_window_ms, deltas, keyed };
+    let batch = IngestBatch { proposed_at_ms: stamp_ms, dedup_window_ms, deltas, keyed, provisional: false };
     Proposal { jobs: answered, keyed_owner, keys, command: Command::Ingest(batch) }
 }
 

@@ -71,12 +71,20 @@ impl RaftService {
                 // Granting a vote restarts the election timer, as in Raft.
                 if resp.vote_granted {
                     self.node.ticker.heard(group);
+                    self.node.ticker.candidate_seen(group);
                 }
                 encode_reply(&resp)
             }
             RaftCallKind::PreVote => {
                 let rpc: VoteRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;
-                encode_reply(&raft.pre_vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?)
+                let resp = raft.pre_vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+                // A granted pre-vote changes no term or timer in openraft,
+                // but a successor whose turn comes while another's election
+                // is under way must not campaign across it (quiesce.rs).
+                if resp.vote_granted {
+                    self.node.ticker.candidate_seen(group);
+                }
+                encode_reply(&resp)
             }
             RaftCallKind::TransferLeader => {
                 let rpc: TransferLeaderRequest<TypeConfig> = decode(&msg.payload).map_err(bad_payload)?;

@@ -181,6 +181,7 @@ impl GroupQuiescence {
                 // The timer is attached with the Raft instance, before any event.
                 let Some(timer) = self.timer.get().cloned() else { return };
                 let raft = raft.clone();
+                let group = self.group;
                 let first = timer.lease_left() + LEASE_MARGIN + SUCCESSION_TURN * rank;
                 let every = SUCCESSION_TURN * of.max(1);
                 tokio::spawn(async move {
@@ -188,14 +189,42 @@ impl GroupQuiescence {
                     // other voter's lease may end a little later, or its
                     // log be longer (then only its own turn can win).
                     let mut wait = first;
-                    for _ in 0..SUCCESSION_ATTEMPTS {
+                    let mut campaigned: Option<std::time::Instant> = None;
+                    for turn in 0..SUCCESSION_ATTEMPTS {
                         tokio::time::sleep(wait).await;
-                        if raft.metrics().borrow_watched().current_leader != Some(lost) {
+                        wait = every;
+                        let (leader, state) = {
+                            let m = raft.metrics();
+                            let m = m.borrow_watched();
+                            (m.current_leader, m.state)
+                        };
+                        // Done once a leader other than the lost one is known.
+                        // No leader known is not done: an election (ours or
+                        // another's) is under way or failed, and a failed one
+                        // must not wait for the ticker's full timeout.
+                        if state == openraft::ServerState::Leader || leader.is_some_and(|l| l != lost) {
                             return;
                         }
+                        // Another successor is campaigning (this replica
+                        // granted it a pre-vote or vote during the last round
+                        // of turns): campaigning across it would make two
+                        // candidates of one term, and the loser's higher vote
+                        // then blocks the winner's appends until a lease ends.
+                        if timer.candidate_seen_within(every) {
+                            tracing::debug!(group, turn, "successor skips its turn: another is campaigning");
+                            continue;
+                        }
+                        // Our own election still waiting for answers (a slow
+                        // machine): a new one would only supersede it.
+                        if state == openraft::ServerState::Candidate
+                            && campaigned.is_some_and(|t| t.elapsed() < every * 2)
+                        {
+                            continue;
+                        }
+                        tracing::debug!(group, turn, rank, "successor campaigns");
+                        campaigned = Some(std::time::Instant::now());
                         timer.restart();
                         let _ = raft.trigger().elect(true).await;
-                        wait = every;
                     }
                 });
             }
@@ -276,9 +305,11 @@ pub struct Quiescence {
 /// a moment later.
 const LEASE_MARGIN: Duration = Duration::from_millis(20);
 /// The surviving voters of a busy group whose leader died take turns this
-/// long to campaign (each every `voters × turn`): long enough for a won
-/// election to reach the others before their turn, short next to the lease.
-const SUCCESSION_TURN: Duration = Duration::from_millis(40);
+/// long to campaign (each every `voters × turn`): long enough for the first
+/// one's pre-vote to reach the others before their turn on a loaded machine
+/// (at 40 ms, half of the second voters campaigned before it had), short
+/// next to the lease.
+const SUCCESSION_TURN: Duration = Duration::from_millis(60);
 /// Turns each surviving voter takes at most; after them the ticker's
 /// randomised timers go on as for any group.
 const SUCCESSION_ATTEMPTS: u32 = 8;

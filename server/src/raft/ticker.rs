@@ -82,6 +82,9 @@ pub struct GroupTimer {
     /// leader's message or granted a vote: where openraft's leader lease,
     /// which makes it refuse other candidates, starts.
     heard_ms: AtomicU64,
+    /// Ms on the ticker's clock at which this replica last granted another
+    /// replica a vote or a pre-vote: someone else is campaigning.
+    candidate_seen_ms: AtomicU64,
     clock: TimerClock,
 }
 
@@ -124,6 +127,18 @@ impl GroupTimer {
     pub fn heard(&self) {
         self.heard_ms.store(self.clock.now_ms(), Ordering::Relaxed);
         self.restart();
+    }
+
+    /// This replica granted another a vote or a pre-vote.
+    pub fn candidate_seen(&self) {
+        self.candidate_seen_ms.store(self.clock.now_ms().max(1), Ordering::Relaxed);
+    }
+
+    /// Whether this replica granted another a vote or pre-vote in the last
+    /// `window`: an election of someone else's is under way.
+    pub fn candidate_seen_within(&self, window: Duration) -> bool {
+        let seen = self.candidate_seen_ms.load(Ordering::Relaxed);
+        seen != 0 && self.clock.now_ms() < seen + window.as_millis() as u64
     }
 
     /// The leader stepped aside (a leadership transfer): openraft dropped
@@ -198,6 +213,7 @@ impl NodeTicker {
             removed: AtomicBool::new(false),
             election_due_ms: AtomicU64::new(self.clock.now_ms() + self.clock.timeout_ms()),
             heard_ms: AtomicU64::new(self.clock.now_ms()),
+            candidate_seen_ms: AtomicU64::new(0),
             clock: self.clock,
         });
         self.groups.write_unpoisoned().insert(group, timer.clone());
@@ -222,6 +238,13 @@ impl NodeTicker {
     pub fn heard(&self, group: u32) {
         if let Some(timer) = self.timer(group) {
             timer.heard();
+        }
+    }
+
+    /// [`GroupTimer::candidate_seen`] for `group`.
+    pub fn candidate_seen(&self, group: u32) {
+        if let Some(timer) = self.timer(group) {
+            timer.candidate_seen();
         }
     }
 

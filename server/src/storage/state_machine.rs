@@ -261,7 +261,7 @@ fn apply_ingest(
     log_index: u64,
     ingest: IngestBatch,
 ) -> Result<Vec<u32>, StorageError> {
-    let IngestBatch { proposed_at_ms, dedup_window_ms, mut deltas, keyed } = ingest;
+    let IngestBatch { proposed_at_ms, dedup_window_ms, mut deltas, keyed, provisional } = ingest;
     let mut dedup = dedup.lock();
     // Expire by the log's clock, never the local one: replicas must agree
     // on the index at every log position. The stamp never goes back.
@@ -277,17 +277,24 @@ fn apply_ingest(
         ));
     }
     round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_LOG_CLOCK).to_vec(), encode(&stamp)?));
-    let admitted = dedup.admit((stamp, log_index), keyed.iter().map(|k| k.key));
+    let admitted = dedup.admit((stamp, log_index), keyed.iter().map(|k| k.key), provisional);
     if !admitted.keys.is_empty() {
         round.state.push(StateWrite::Put(keys::dedup_key(group, stamp, log_index).to_vec(), encode(&admitted.keys)?));
     }
-    if !admitted.skipped.is_empty() {
+    if !admitted.skipped.is_empty() && !provisional {
         round
             .state
             .push(StateWrite::Put(keys::tagged(group, keys::STATE_CONFLICTS).to_vec(), encode(&dedup.conflicts())?));
     }
     drop(dedup);
-    if !admitted.skipped.is_empty() {
+    if !admitted.skipped.is_empty() && provisional {
+        tracing::debug!(
+            group,
+            log_index,
+            skipped = admitted.skipped.len(),
+            "a new leader re-proposed events earlier entries had counted; not counted again"
+        );
+    } else if !admitted.skipped.is_empty() {
         tracing::error!(
             group,
             log_index,

@@ -38,6 +38,7 @@ fn keyed_ingest(index: u64, proposed_at_ms: u64, deltas: Vec<MinuteDelta>, keyed
             dedup_window_ms: 600_000,
             deltas,
             keyed,
+            provisional: false,
         })),
     }
 }
