@@ -11,7 +11,9 @@
 # Environment: TALLY_HOME (data and logs, default ./.tally), TALLY_HOST
 # (127.0.0.1), TALLY_BASE_PORT (7001: node i serves clients on base+i-1),
 # TALLY_PEER_BASE_PORT (default base+100: node i's peer port, for Raft
-# traffic between nodes, is peer_base+i-1, so 7101..), TALLY_PARTITIONS
+# traffic between nodes, is peer_base+i-1, so 7101..), TALLY_HTTP_BASE_PORT
+# (default base+1000: node i serves /metrics, /healthz and /readyz on
+# http_base+i-1, so 8001..; "off" = no HTTP listener), TALLY_PARTITIONS
 # (64), TALLY_PROFILE (dev or release; default dev),
 # TALLY_NO_BUILD=1 (up: use the binaries already built, e.g. by bench.sh),
 # TALLY_NO_DEMO=1 (up: skip the demo), TALLY_EXTRA_ARGS (more tallyd flags,
@@ -25,6 +27,7 @@ TALLY_HOME="$(cd "$TALLY_HOME" && pwd)"
 HOST="${TALLY_HOST:-127.0.0.1}"
 BASE_PORT="${TALLY_BASE_PORT:-7001}"
 PEER_BASE_PORT="${TALLY_PEER_BASE_PORT:-$((BASE_PORT + 100))}"
+HTTP_BASE_PORT="${TALLY_HTTP_BASE_PORT:-$((BASE_PORT + 1000))}"
 PARTITIONS="${TALLY_PARTITIONS:-64}"
 PROFILE="${TALLY_PROFILE:-dev}"
 if [[ "$PROFILE" == dev ]]; then BIN_DIR="$CARGO_TARGET_DIR/debug"; else BIN_DIR="$CARGO_TARGET_DIR/$PROFILE"; fi
@@ -33,6 +36,7 @@ TALLY="$BIN_DIR/tally"
 
 addr_of() { echo "$HOST:$((BASE_PORT + $1 - 1))"; }
 peer_addr_of() { echo "$HOST:$((PEER_BASE_PORT + $1 - 1))"; }
+http_args_of() { [[ "$HTTP_BASE_PORT" == off ]] || echo "--http-listen $HOST:$((HTTP_BASE_PORT + $1 - 1))"; }
 pid_of() { cat "$TALLY_HOME/node$1.pid" 2>/dev/null || true; }
 alive() { local p; p=$(pid_of "$1"); [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; }
 count_nodes() { ls "$TALLY_HOME"/node*.addr 2>/dev/null | wc -l; }
@@ -54,7 +58,7 @@ start_node() {
   local extra=()
   read -r -a extra <<<"${TALLY_EXTRA_ARGS:-}"
   RUST_LOG="${RUST_LOG:-info,openraft=error}" nohup "$TALLYD" --node-id "$i" --listen "$addr" \
-    --peer-listen "$(peer_addr_of "$i")" --data-dir "$TALLY_HOME/node$i" ${extra[@]+"${extra[@]}"} >>"$TALLY_HOME/node$i.log" 2>&1 &
+    --peer-listen "$(peer_addr_of "$i")" $(http_args_of "$i") --data-dir "$TALLY_HOME/node$i" ${extra[@]+"${extra[@]}"} >>"$TALLY_HOME/node$i.log" 2>&1 &
   echo $! > "$TALLY_HOME/node$i.pid"
   for _ in $(seq 1 100); do
     if "$TALLY" --addr "$addr" cluster status >/dev/null 2>&1; then return; fi
@@ -87,7 +91,11 @@ cmd_up() {
   "$TALLY" --addr "$(addr_of 1)" cluster wait --timeout 60s
   echo
   echo "Tally is running: $n nodes, $PARTITIONS partitions, data and logs in $TALLY_HOME"
-  for i in $(seq 1 "$n"); do echo "  node $i  $(addr_of "$i")  peers $(peer_addr_of "$i")  (pid $(pid_of "$i"))"; done
+  for i in $(seq 1 "$n"); do
+    metrics=""
+    [[ "$HTTP_BASE_PORT" == off ]] || metrics="  metrics http://$HOST:$((HTTP_BASE_PORT + i - 1))/metrics"
+    echo "  node $i  $(addr_of "$i")  peers $(peer_addr_of "$i")$metrics  (pid $(pid_of "$i"))"
+  done
   if [[ "${TALLY_NO_DEMO:-}" == "" ]]; then demo "$n"; fi
   echo
   echo "Try:  export TALLY_ADDR=$(addr_of 1)"

@@ -78,9 +78,11 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
 }
 
 /// A public and a peer address on free loopback ports.
-fn free_addr_pair() -> anyhow::Result<(String, String)> {
-    let ports = free_ports(2)?;
-    Ok((format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1])))
+/// Public, peer and HTTP addresses for a new node.
+fn free_addrs() -> anyhow::Result<(String, String, String)> {
+    let ports = free_ports(3)?;
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    Ok((addr(0), addr(1), addr(2)))
 }
 
 /// `n` distinct "view" events at `now_ms`, spread over the entities
@@ -103,6 +105,8 @@ pub struct TestNode {
     pub addr: String,
     /// Peer address (`--peer-listen`): Raft traffic, behind the link proxies.
     pub peer_addr: String,
+    /// HTTP address (`--http-listen`): /metrics, /healthz, /readyz.
+    pub http_addr: String,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
@@ -155,11 +159,12 @@ impl TestCluster {
         let binary = tallyd_binary()?;
         let mut nodes = Vec::new();
         for id in 1..=options.nodes {
-            let (addr, peer_addr) = free_addr_pair()?;
+            let (addr, peer_addr, http_addr) = free_addrs()?;
             nodes.push(TestNode {
                 id,
                 addr,
                 peer_addr,
+                http_addr,
                 data_dir: dir.path().join(format!("node{id}")),
                 log_path: dir.path().join(format!("node{id}.log")),
                 child: None,
@@ -236,6 +241,11 @@ impl TestCluster {
     }
 
     /// Process id of a running node.
+    /// `GET path` on node `id`'s HTTP listener: (status, body).
+    pub async fn http_get(&self, id: u64, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(&self.node(id)?.http_addr, path).await
+    }
+
     pub fn pid(&self, id: u64) -> anyhow::Result<u32> {
         Ok(self.node(id)?.child.as_ref().context("node not running")?.id())
     }
@@ -259,6 +269,8 @@ impl TestCluster {
             .arg(&node.addr)
             .arg("--peer-listen")
             .arg(&node.peer_addr)
+            .arg("--http-listen")
+            .arg(&node.http_addr)
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&args)
@@ -603,13 +615,14 @@ impl TestCluster {
     /// Start one more node, not part of the cluster yet (for add-node).
     pub async fn spawn_extra_node(&mut self) -> anyhow::Result<u64> {
         let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
-        let (addr, peer_addr) = free_addr_pair()?;
+        let (addr, peer_addr, http_addr) = free_addrs()?;
         let base =
             self.nodes.first().and_then(|n| n.data_dir.parent().map(Path::to_path_buf)).context("cluster dir")?;
         self.nodes.push(TestNode {
             id,
             addr,
             peer_addr,
+            http_addr,
             data_dir: base.join(format!("node{id}")),
             log_path: base.join(format!("node{id}.log")),
             child: None,
@@ -638,4 +651,22 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// A plain HTTP/1.1 GET with `Connection: close`: all the tests need to read
+/// /metrics and the health endpoints, without an HTTP client crate.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await??;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
+    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    anyhow::ensure!(
+        !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+        "chunked responses are not read here"
+    );
+    Ok((status, body.to_string()))
 }

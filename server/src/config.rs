@@ -24,6 +24,8 @@ pub struct NodeConfig {
     /// Address peers use to reach this node's peer port (default:
     /// peer_listen).
     pub peer_advertise: Option<String>,
+    /// HTTP listen address of /metrics, /healthz and /readyz; empty = off.
+    pub http_listen: String,
     /// Where RocksDB and snapshots live.
     pub data_dir: String,
     /// Dedup window for event ids, seconds (at least 600 recommended).
@@ -81,6 +83,7 @@ impl Default for NodeConfig {
             advertise: None,
             peer_listen: "127.0.0.1:7101".into(),
             peer_advertise: None,
+            http_listen: String::new(),
             data_dir: "./.tally/node1".into(),
             dedup_window_secs: 600,
             dedup_memory_mib: 1024,
@@ -164,6 +167,11 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_advertise: Option<String>,
+    /// Listen address of /metrics (Prometheus), /healthz and /readyz, e.g.
+    /// 127.0.0.1:8001; empty (the default) = no HTTP listener.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<String>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<String>,

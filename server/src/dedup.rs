@@ -140,6 +140,9 @@ impl DedupState {
     }
 }
 
+/// Memory one key of a dedup index takes, as the budget counts it.
+pub const BYTES_PER_KEY: usize = 23;
+
 /// Live dedup keys of every replica of a node together, against which
 /// leaders check the node's memory bound (`--dedup-memory-mib`). Tables
 /// rebuild to 70% full, dropping expired keys, so memory follows the live
@@ -153,7 +156,7 @@ pub struct DedupBudget {
 
 impl DedupBudget {
     pub fn with_memory_mib(mib: u64) -> Arc<DedupBudget> {
-        let max_keys = (mib.saturating_mul(1 << 20) / 23) as usize;
+        let max_keys = (mib.saturating_mul(1 << 20) / BYTES_PER_KEY as u64) as usize;
         Arc::new(DedupBudget { keys: AtomicUsize::new(0), max_keys })
     }
 

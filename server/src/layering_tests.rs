@@ -15,6 +15,7 @@ const LAYERS: &[&str] = &[
     "sync",
     "crash_point",
     "dedup_table",
+    "metrics",
     "stages",
     "meta",
     "command",

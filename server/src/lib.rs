@@ -30,6 +30,7 @@ pub mod crash_point;
 pub mod dedup;
 pub mod dedup_table;
 pub mod meta;
+pub mod metrics;
 pub mod node;
 pub mod partition_view;
 pub mod processor;

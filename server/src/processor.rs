@@ -328,6 +328,7 @@ impl Processor {
     async fn lead_session(&self, rx: &mut mpsc::Receiver<IngestJob>, mut session: Session) -> bool {
         let term = session.term;
         tracing::debug!(term, "leading partition");
+        crate::metrics::metrics().leadership_taken();
         let config = &self.config;
         let mut pending: HashSet<u128> = HashSet::new();
         let mut inflight = FuturesUnordered::new();

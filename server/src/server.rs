@@ -12,6 +12,8 @@
 //!   liveness pings. Nothing on it is reachable from the public port, so it
 //!   can be firewalled to the cluster's own hosts; [`peer_server`] is the one
 //!   place that builds it, where mutual TLS for peers will go.
+//! * The HTTP listener (`--http-listen`, off by default) serves metrics and
+//!   health for operators' tools (`api/http.rs`).
 //!
 //! On SIGTERM the public listener stops accepting and drains its requests
 //! while the peer listener keeps serving, so this node's Raft groups still
@@ -73,7 +75,21 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let peer_listener = TcpListener::bind(&config.peer_listen)
         .await
         .with_context(|| format!("binding --peer-listen {}", config.peer_listen))?;
+    let http_listener = match config.http_listen.as_str() {
+        "" => None,
+        addr => Some(TcpListener::bind(addr).await.with_context(|| format!("binding --http-listen {addr}"))?),
+    };
     let node = Node::start(config.clone()).await?;
+    if let Some(listener) = http_listener {
+        // Metrics and health only: it lives as long as the process and
+        // stops with it; a failure is logged, never fatal to serving.
+        let router = crate::api::http::router(node.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "HTTP listener (--http-listen) stopped");
+            }
+        });
+    }
     crate::reconciler::spawn(node.clone(), Arc::new(crate::api::peer_reports::StatusReports));
     crate::checkpointer::spawn(Arc::downgrade(&node), Duration::from_millis(node.config.checkpoint_interval_ms.max(1)));
     tracing::info!(node_id = node.id, listen = %config.listen, peer_listen = %config.peer_listen, "tallyd started");

@@ -181,6 +181,7 @@ pub fn global() -> &'static Stages {
 
 pub fn record(stage: Stage, took: Duration) {
     global().record(stage, took);
+    crate::metrics::metrics().stage(stage.name(), took.as_secs_f64());
 }
 
 /// Times from now to when it is dropped or `finish`ed.

@@ -22,6 +22,7 @@ mod leadership;
 mod many_partitions;
 mod membership;
 mod membership_crash;
+mod metrics;
 mod nemesis;
 mod peer_port;
 mod quiescence;

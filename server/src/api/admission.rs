@@ -88,6 +88,7 @@ where
                 Ok(Ok(permit)) => permit,
                 // Timed out, or the semaphore closed (never: it is not closed).
                 Ok(Err(_)) | Err(_) => {
+                    crate::metrics::metrics().shed("ingest_slots");
                     return Ok(tonic::Status::resource_exhausted(format!(
                         "{}: node busy: all {max} ingest slots stayed taken for {} ms; \
                          nothing was read or ingested; retry with back-off",

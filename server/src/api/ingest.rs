@@ -17,6 +17,7 @@ use tally_proto::validate::validate_event;
 use tonic::{Request, Response, Status};
 
 use super::{batch_limits, propose};
+use crate::metrics::{metrics, EventOutcome};
 use crate::node::{Listener, Node};
 use crate::processor::ProposeOutcome;
 use crate::stages::{Stage, Timer};
@@ -42,8 +43,13 @@ impl Ingest for IngestService {
         // this service (`admission.rs`): it ran before the body was read.
         let _timer = Timer::start(Stage::IngestRequest);
         let req = request.into_inner();
-        batch_limits::check(&req.events)?;
+        let refused = |n: usize| metrics().events(EventOutcome::RequestRefused, n as u64);
+        if let Err(e) = batch_limits::check(&req.events) {
+            refused(req.events.len());
+            return Err(e);
+        }
         let Some(partition_count) = self.node.partition_count() else {
+            refused(req.events.len());
             return Err(Status::unavailable("the cluster is not initialised yet (see `tally cluster init`)"));
         };
         let dedup_window_ms = self.node.config.dedup_window_secs * 1000;
@@ -92,8 +98,12 @@ impl Ingest for IngestService {
                     _ => None,
                 })
                 .unwrap_or_default();
+            let valid: usize = results.iter().map(|(_, indexes, _)| indexes.len()).sum();
+            metrics().events(EventOutcome::Exhausted, valid as u64);
             return Err(Status::resource_exhausted(format!("{why}; {}", retry_advice(dedup_window_ms))));
         }
+        let invalid = response.rejected.len();
+        let mut exhausted_events = 0usize;
         for (partition, indexes, routed) in results {
             if let Some(leader) = routed.leader.filter(|l| *l != 0) {
                 let leader_addr = node.addr_of(leader).unwrap_or_default();
@@ -109,7 +119,11 @@ impl Ingest for IngestService {
                     continue;
                 }
                 ProposeOutcome::NotLeader { .. } => String::new(),
-                ProposeOutcome::Unavailable(message) | ProposeOutcome::Exhausted(message) => message,
+                ProposeOutcome::Unavailable(message) => message,
+                ProposeOutcome::Exhausted(message) => {
+                    exhausted_events += indexes.len();
+                    message
+                }
             };
             let retry = retry_advice(dedup_window_ms);
             let reason = if message.is_empty() {
@@ -124,6 +138,13 @@ impl Ingest for IngestService {
                 retryable: true,
             }));
         }
+        let m = metrics();
+        m.events(EventOutcome::Accepted, u64::from(response.accepted));
+        m.events(EventOutcome::Duplicate, u64::from(response.duplicates));
+        m.events(EventOutcome::Invalid, invalid as u64);
+        m.events(EventOutcome::Exhausted, exhausted_events as u64);
+        let unavailable = response.rejected.len() - invalid - exhausted_events;
+        m.events(EventOutcome::Unavailable, unavailable as u64);
         response.rejected.sort_by_key(|r| r.index);
         response.duplicate_indexes.sort_unstable();
         Ok(Response::new(response))

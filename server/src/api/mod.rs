@@ -16,6 +16,7 @@ pub mod admission;
 pub mod batch_limits;
 pub mod cluster;
 pub mod decode_errors;
+pub mod http;
 pub mod ingest;
 pub mod membership;
 pub mod node_addrs;

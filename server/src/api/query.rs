@@ -143,12 +143,37 @@ fn forwarded<T>(inner: T, hops: u32) -> Request<T> {
     req
 }
 
+/// A query's latency as its client sees it, recorded (`metrics.rs`) when
+/// dropped, by the node the client called: a forwarded query is timed there,
+/// not again at each hop.
+struct ClientLatency {
+    kind: &'static str,
+    consistency: &'static str,
+    started: Option<std::time::Instant>,
+}
+
+impl ClientLatency {
+    fn start(kind: &'static str, consistency: i32, hops: u32) -> ClientLatency {
+        let consistency = if consistency == Consistency::Stale as i32 { "stale" } else { "linearizable" };
+        ClientLatency { kind, consistency, started: (hops == 0).then(std::time::Instant::now) }
+    }
+}
+
+impl Drop for ClientLatency {
+    fn drop(&mut self) {
+        if let Some(started) = self.started {
+            crate::metrics::metrics().query(self.kind, self.consistency, started.elapsed().as_secs_f64());
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Query for QueryService {
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         let _timer = Timer::start(Stage::ReadRequest);
         let hops = hops(&request);
         let req = request.into_inner();
+        let _latency = ClientLatency::start("stats", req.consistency, hops);
         validate_query_key(&req.entity_id, &req.event_type).map_err(invalid)?;
         validate_range(req.from_ms, req.to_ms).map_err(invalid)?;
         let partition = partition_of(&req.entity_id, self.partition_count()?);
@@ -184,6 +209,7 @@ impl Query for QueryService {
         let _timer = Timer::start(Stage::ReadRequest);
         let hops = hops(&request);
         let req = request.into_inner();
+        let _latency = ClientLatency::start("series", req.consistency, hops);
         validate_query_key(&req.entity_id, &req.event_type).map_err(invalid)?;
         validate_range(req.from_ms, req.to_ms).map_err(invalid)?;
         let granularity = tally_proto::v1::Granularity::try_from(req.granularity)

@@ -173,6 +173,7 @@ impl GroupQuiescence {
                     timer.restart();
                 }
                 let raft = raft.clone();
+                crate::metrics::metrics().election_started();
                 tokio::spawn(async move {
                     let _ = raft.trigger().elect(true).await;
                 });
@@ -222,6 +223,7 @@ impl GroupQuiescence {
                             continue;
                         }
                         tracing::debug!(group, turn, rank, "successor campaigns");
+                        crate::metrics::metrics().election_started();
                         campaigned = Some(std::time::Instant::now());
                         timer.restart();
                         let _ = raft.trigger().elect(true).await;

@@ -307,6 +307,7 @@ impl NodeTicker {
                 continue;
             }
             elections += 1;
+            crate::metrics::metrics().election_started();
             tracing::trace!(group = timer.group, ?state, "election timer fired");
             // Try again one timeout later if this brings no leader.
             timer.restart();
