@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use crate::encoded::{self, EncodedIngestRequest};
 use crate::error::{ClientError, Result};
 use crate::leader_router::{Route, Router};
-use crate::node_pool::{classify, Failure, Node};
+use crate::node_pool::{classify, retry_after, Failure, Node};
 use crate::outcome::{Outcome, Reply, ServerTotals};
 
 /// One event on its way, with whoever waits for its outcome.
@@ -65,6 +65,7 @@ where
     let mut retry = router.config.retry.start(Instant::now());
     let mut avoid: Option<String> = None;
     loop {
+        let mut hint = None;
         let last = match router.pick(route, avoid.as_deref()) {
             Some(node) if node.breaker().try_acquire(Instant::now()) => match f(node.clone()).await {
                 Ok(answer) => {
@@ -79,6 +80,7 @@ where
                     Failure::Transient => {
                         node.breaker().on_success(Instant::now());
                         router.refresh_soon();
+                        hint = retry_after(&status);
                         ClientError::rpc(node.addr(), &status).to_string()
                     }
                     Failure::Node => {
@@ -94,7 +96,7 @@ where
         let now = Instant::now();
         let delay = retry.next_delay(now, &mut rand::rng());
         match delay {
-            Some(delay) => tokio::time::sleep(delay).await,
+            Some(delay) => tokio::time::sleep(delay.max(hint.unwrap_or_default())).await,
             None => {
                 return Err(ClientError::RetriesExhausted {
                     attempts: retry.attempts(),
@@ -118,6 +120,7 @@ pub(crate) async fn deliver(
     let mut retry = router.config.retry.start(Instant::now());
     let mut avoid: Option<String> = None;
     loop {
+        let mut hint = None;
         let last_error = match router.pick(Route::Leader(partition), avoid.as_deref()) {
             Some(node) if node.breaker().try_acquire(Instant::now()) => {
                 let events = items.iter().map(|i| i.event.clone()).collect();
@@ -148,6 +151,7 @@ pub(crate) async fn deliver(
                             } else {
                                 node.breaker().on_success(Instant::now());
                                 router.refresh_soon();
+                                hint = retry_after(&status);
                             }
                             // The request may have been applied before the
                             // answer was lost: the retry then reports those
@@ -162,7 +166,8 @@ pub(crate) async fn deliver(
         };
         let delay = retry.next_delay(Instant::now(), &mut rand::rng());
         match delay {
-            Some(delay) => tokio::time::sleep(delay).await,
+            // A node shedding load said how long to stay away.
+            Some(delay) => tokio::time::sleep(delay.max(hint.unwrap_or_default())).await,
             None => {
                 let attempts = retry.attempts();
                 resolve_all(items, &permits, |_| Outcome::Failed { error: last_error.clone(), attempts });

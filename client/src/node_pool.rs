@@ -111,6 +111,8 @@ pub(crate) fn classify(status: &tonic::Status) -> Failure {
     match status.code() {
         Code::DeadlineExceeded | Code::Cancelled => Failure::Node,
         _ if from_transport => Failure::Node,
+        // Shed load says when to come back; without that, a size limit.
+        Code::ResourceExhausted if retry_after(status).is_none() => Failure::Permanent,
         Code::Unavailable
         | Code::Aborted
         | Code::ResourceExhausted
@@ -119,6 +121,17 @@ pub(crate) fn classify(status: &tonic::Status) -> Failure {
         | Code::Unknown => Failure::Transient,
         _ => Failure::Permanent,
     }
+}
+
+/// Longest `retry-after-ms` hint honoured: a node cannot park a client.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// A node's hint (gRPC metadata `retry-after-ms`, sent with
+/// RESOURCE_EXHAUSTED when it sheds load) of how long to wait before
+/// retrying, capped at [`MAX_RETRY_AFTER`].
+pub(crate) fn retry_after(status: &tonic::Status) -> Option<Duration> {
+    let ms: u64 = status.metadata().get(tally_proto::RETRY_AFTER_MS)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_millis(ms).min(MAX_RETRY_AFTER))
 }
 
 /// The nodes the client has talked to, by address.
@@ -208,6 +221,14 @@ mod tests {
         assert_eq!(classify(&tonic::Status::unavailable("no leader")), Failure::Transient);
         assert_eq!(classify(&tonic::Status::deadline_exceeded("slow")), Failure::Node);
         assert_eq!(classify(&tonic::Status::invalid_argument("bad")), Failure::Permanent);
+        let mut busy = tonic::Status::resource_exhausted("node busy");
+        assert_eq!(classify(&busy), Failure::Permanent, "no hint: a limit that a retry hits again");
+        busy.metadata_mut().insert(tally_proto::RETRY_AFTER_MS, tonic::metadata::MetadataValue::from_static("250"));
+        assert_eq!(classify(&busy), Failure::Transient);
+        assert_eq!(retry_after(&busy), Some(Duration::from_millis(250)));
+        busy.metadata_mut()
+            .insert(tally_proto::RETRY_AFTER_MS, tonic::metadata::MetadataValue::from_static("99999999"));
+        assert_eq!(retry_after(&busy), Some(MAX_RETRY_AFTER), "capped");
         let refused = tonic::Status::from_error(Box::new(std::io::Error::other("connection refused")));
         assert_eq!(classify(&refused), Failure::Node, "{refused:?}");
     }

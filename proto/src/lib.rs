@@ -28,4 +28,9 @@ pub mod internal {
 }
 
 /// Encoded file descriptors of every proto file, for gRPC server reflection.
+/// gRPC metadata key of a RESOURCE_EXHAUSTED reply that is worth retrying:
+/// milliseconds to wait before trying that node again. Without it, the same
+/// request would fail the same way (a size limit).
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tally_descriptor");

@@ -8,6 +8,14 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+/// How `tallyd` writes its log lines.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct NodeConfig {
@@ -26,6 +34,9 @@ pub struct NodeConfig {
     pub peer_advertise: Option<String>,
     /// HTTP listen address of /metrics, /healthz and /readyz; empty = off.
     pub http_listen: String,
+    /// Log lines as human-readable text or as one JSON object per line (for
+    /// log shippers).
+    pub log_format: LogFormat,
     /// Where RocksDB and snapshots live.
     pub data_dir: String,
     /// Dedup window for event ids, seconds (at least 600 recommended).
@@ -84,6 +95,7 @@ impl Default for NodeConfig {
             peer_listen: "127.0.0.1:7101".into(),
             peer_advertise: None,
             http_listen: String::new(),
+            log_format: LogFormat::Text,
             data_dir: "./.tally/node1".into(),
             dedup_window_secs: 600,
             dedup_memory_mib: 1024,
@@ -172,6 +184,10 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<String>,
+    /// Log format: text (default) or json (one object per line).
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<String>,
@@ -255,6 +271,14 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_format_is_text_unless_asked_for_json() {
+        assert_eq!(Cli::parse_from(["tallyd"]).load().unwrap().log_format, LogFormat::Text);
+        let cli = Cli::parse_from(["tallyd", "--log-format", "json"]);
+        assert_eq!(cli.load().unwrap().log_format, LogFormat::Json);
+        assert!(Cli::try_parse_from(["tallyd", "--log-format", "xml"]).is_err());
+    }
 
     #[test]
     fn flags_override_file_override_defaults() {

@@ -1,7 +1,7 @@
 //! `tallyd` entry point: configuration and logging, then [`tally_server::server::run`].
 
 use clap::Parser;
-use tally_server::config::Cli;
+use tally_server::config::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 /// Threads of tokio's blocking pool at most. Storage runs its RocksDB and
@@ -26,9 +26,13 @@ async fn run() -> anyhow::Result<()> {
     // openraft warns on every failed heartbeat and vote: with hundreds of
     // groups a dead peer means thousands of lines a second, which costs more
     // CPU than the failure. `RUST_LOG=info,openraft=warn` brings them back.
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=error")))
-        .init();
     let config = Cli::parse().load().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=error"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        // One JSON object per line, span fields flattened, for log shippers.
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).init(),
+    }
     tally_server::server::run(config).await
 }

@@ -214,7 +214,9 @@ impl Metrics {
                 let _ = queries.get_or_create(&QueryLabels { kind, consistency });
             }
         }
-        let _ = shed.get_or_create(&ShedLabels { reason: "ingest_slots" });
+        for reason in ["ingest_slots", "dedup_full"] {
+            let _ = shed.get_or_create(&ShedLabels { reason });
+        }
         Metrics { registry: Mutex::new(r), events, queries, stages, shed, elections, leaderships, gauges }
     }
 

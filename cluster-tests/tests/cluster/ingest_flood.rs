@@ -261,6 +261,8 @@ async fn a_full_dedup_index_refuses_new_events_until_keys_expire() -> anyhow::Re
             }
             Err(status) => {
                 assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                let hint = status.metadata().get(tally_proto::RETRY_AFTER_MS).and_then(|v| v.to_str().ok());
+                assert_eq!(hint, Some("1000"), "shed load says when to retry: {status:?}");
                 assert!(
                     status.message().contains("--dedup-memory-mib") && status.message().contains("retry"),
                     "{}",

@@ -4,6 +4,7 @@
 //! move the query histogram; the gauges describe the cluster (16 partitions,
 //! each led once, three replicas each); and every series the Grafana
 //! dashboard (deploy/grafana/tally.json) queries exists on every node.
+//! The nodes log with `--log-format json`: every line is one JSON object.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -60,7 +61,8 @@ fn event(entity: &str, id: &str) -> Event {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened_and_serve_every_dashboard_series() -> anyhow::Result<()> {
     let _turn = cluster_tests::serial::shared().await;
-    let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args: vec![] }).await?;
+    let args = ["--log-format", "json"].map(String::from).to_vec();
+    let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: PARTITIONS, args }).await?;
     for id in 1..=3 {
         assert_eq!(cluster.http_get(id, "/healthz").await?.0, 200);
         let (status, body) = cluster.http_get(id, "/readyz").await?;
@@ -156,6 +158,17 @@ async fn metrics_count_what_happened_and_serve_every_dashboard_series() -> anyho
         }
     }
     assert!(names.len() >= 15, "the dashboard queries the golden signals: {names:?}");
+    for node in &cluster.nodes {
+        let log = std::fs::read_to_string(&node.log_path)?;
+        let mut lines = 0;
+        for line in log.lines() {
+            let value: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| anyhow::anyhow!("node {} logged a line that is not JSON ({e}): {line}", node.id))?;
+            assert!(value["level"].is_string() && value["timestamp"].is_string(), "{line}");
+            lines += 1;
+        }
+        assert!(log.contains("\"message\":\"tallyd started\""), "node {}: {lines} lines, no start line", node.id);
+    }
     for (i, samples) in after.iter().enumerate() {
         for name in &names {
             assert!(samples.keys().any(|(n, _)| n == name), "node {}: no series {name} for the dashboard", i + 1);

@@ -23,6 +23,8 @@ use tonic::codegen::http;
 use tonic::server::NamedService;
 use tower::{Layer, Service};
 
+use super::retry_hint::{exhausted, BUSY_RETRY_AFTER, RETRY_AFTER_MS};
+
 /// Ingest requests served at once per node.
 pub const MAX_CONCURRENT_REQUESTS: usize = 256;
 /// How long a request may wait for a slot before it is refused.
@@ -89,13 +91,14 @@ where
                 // Timed out, or the semaphore closed (never: it is not closed).
                 Ok(Err(_)) | Err(_) => {
                     crate::metrics::metrics().shed("ingest_slots");
-                    return Ok(tonic::Status::resource_exhausted(format!(
+                    let message = format!(
                         "{}: node busy: all {max} ingest slots stayed taken for {} ms; \
-                         nothing was read or ingested; retry with back-off",
+                         nothing was read or ingested; retry after {} ms (metadata {RETRY_AFTER_MS})",
                         request.uri().path(),
-                        wait.as_millis()
-                    ))
-                    .into_http());
+                        wait.as_millis(),
+                        BUSY_RETRY_AFTER.as_millis()
+                    );
+                    return Ok(exhausted(message, BUSY_RETRY_AFTER).into_http());
                 }
             };
             let response = inner.call(request).await;

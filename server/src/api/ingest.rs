@@ -16,7 +16,7 @@ use tally_proto::v1::{Event, IngestRequest, IngestResponse, LeaderHint, Rejectio
 use tally_proto::validate::validate_event;
 use tonic::{Request, Response, Status};
 
-use super::{batch_limits, propose};
+use super::{batch_limits, propose, retry_hint};
 use crate::metrics::{metrics, EventOutcome};
 use crate::node::{Listener, Node};
 use crate::processor::ProposeOutcome;
@@ -100,7 +100,9 @@ impl Ingest for IngestService {
                 .unwrap_or_default();
             let valid: usize = results.iter().map(|(_, indexes, _)| indexes.len()).sum();
             metrics().events(EventOutcome::Exhausted, valid as u64);
-            return Err(Status::resource_exhausted(format!("{why}; {}", retry_advice(dedup_window_ms))));
+            metrics().shed("dedup_full");
+            let message = format!("{why}; {}", retry_advice(dedup_window_ms));
+            return Err(retry_hint::exhausted(message, retry_hint::DEDUP_FULL_RETRY_AFTER));
         }
         let invalid = response.rejected.len();
         let mut exhausted_events = 0usize;

@@ -24,6 +24,7 @@ pub mod peer_reports;
 pub mod propose;
 pub mod query;
 pub mod raft_service;
+pub mod retry_hint;
 pub mod transfer;
 
 use crate::node::ForwardError;
