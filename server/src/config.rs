@@ -101,20 +101,22 @@ impl Default for NodeConfig {
             dedup_memory_mib: 1024,
             snapshot_logs: 10_000,
             checkpoint_interval_ms: 5_000,
-            // The lease (twice the election timeout, 500 ms) bounds failover:
-            // voters refuse a new leader until it has run out, and at 800 ms
-            // kill -> first write was 1.1-1.3 s. Heartbeats of 100-150 ms
-            // kept a 1,000-partition cluster on a 2-core machine with one
-            // core taken from electing within a minute (their acks came later
-            // than the lease); at 300 ms, with one conversation per peer and
-            // the node-level ticker, they do not, and followers of a live
-            // leader's node wait several leases before campaigning anyway
-            // (raft/ticker.rs). Heartbeats every 300 ms rather than 200: on a
-            // machine half as fast, 1,000 new groups were all led 22-25 s
-            // after initialisation instead of 31-37 s, since until they
-            // quiesce their heartbeats are most of the load.
+            // The lease (twice the election timeout, 800 ms) bounds failover:
+            // voters refuse a new leader until it has run out. Shorter
+            // (150/300, 100/250) kept a 1,000-partition cluster on a 2-core
+            // machine with one core taken from electing within a minute:
+            // heartbeat acks later than the lease make leaders refuse writes
+            // and followers elect. 250 (a 500 ms lease) with 300 ms
+            // heartbeats failed over in 0.8-1.0 s from a single kill, but
+            // under sustained load (29,456 events/s, 20 kills) the median
+            // went from 1.4 s to 2.3 s and a 10,000-partition start did not
+            // finish electing. Heartbeats every 300 ms rather than 200
+            // (still more than two per lease): on a machine half as fast,
+            // 1,000 new groups were all led 22-25 s after initialisation
+            // instead of 31-37 s, since until they quiesce their heartbeats
+            // are most of the load.
             heartbeat_ms: 300,
-            election_timeout_ms: 250,
+            election_timeout_ms: 400,
             ping_ms: 100,
             quiesce_after_ms: 2_000,
             connect_timeout_ms: 1_000,
