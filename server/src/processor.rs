@@ -7,12 +7,13 @@
 //! only after their entry is committed and applied.
 //!
 //! Exactly-once rests on these rules (argued in ARCHITECTURE.md):
-//! 1. A leadership session starts once this node leads with a committed
-//!    vote, without waiting for its blank entry to commit or for earlier
-//!    entries to apply (waiting cost 150-250 ms per failover on a busy
-//!    machine). Its dedup view may then miss keys of entries not yet
-//!    applied; such events go into an entry as new and rule 5 takes them
-//!    back out. The view only decides replies early, never counts.
+//! 1. A leadership session starts once a quorum has answered this leader in
+//!    its term (openraft's write lease; in practice the blank entry's
+//!    commit), without waiting for earlier entries to apply (that wait cost
+//!    150-300 ms per failover on a busy machine). Until they are applied its
+//!    dedup view may miss their keys: proposals built until then are marked
+//!    `provisional`, such events go into the entry as new and rule 5 takes
+//!    them back out. The view only decides replies early, never counts.
 //! 2. Every proposal is bound to the session's leader id (term and node,
 //!    openraft's `with_leader`): a proposal built from one term's view can
 //!    never be appended in another.
@@ -293,7 +294,7 @@ impl Processor {
         let started = Instant::now();
         // An acknowledgement within the lease, fresh or not, heartbeat if none.
         let confirmed = LinearizerOption::new(None, true);
-        let _ = self.raft.get_read_linearizer(confirmed).await.map_err(|e| e.to_string())?;
+        let _confirmed_at = self.raft.get_read_linearizer(confirmed).await.map_err(|e| e.to_string())?;
         let (leader_id, log_end) = {
             let m = self.raft.metrics();
             let m = m.borrow_watched();

@@ -281,7 +281,8 @@ fn apply_ingest(
     if !admitted.keys.is_empty() {
         round.state.push(StateWrite::Put(keys::dedup_key(group, stamp, log_index).to_vec(), encode(&admitted.keys)?));
     }
-    if !admitted.skipped.is_empty() && !provisional {
+    let conflicts = !admitted.skipped.is_empty() && !provisional;
+    if conflicts {
         round
             .state
             .push(StateWrite::Put(keys::tagged(group, keys::STATE_CONFLICTS).to_vec(), encode(&dedup.conflicts())?));
@@ -294,7 +295,7 @@ fn apply_ingest(
             skipped = admitted.skipped.len(),
             "a new leader re-proposed events earlier entries had counted; not counted again"
         );
-    } else if !admitted.skipped.is_empty() {
+    } else if conflicts {
         tracing::error!(
             group,
             log_index,
