@@ -51,7 +51,7 @@ pub fn tallyd_binary() -> anyhow::Result<PathBuf> {
 /// only if it can be bound now.
 const TEST_PORTS: std::ops::Range<u32> = 10_000..30_000;
 
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let span = TEST_PORTS.end - TEST_PORTS.start;

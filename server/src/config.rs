@@ -134,6 +134,11 @@ impl Default for NodeConfig {
 }
 
 impl NodeConfig {
+    /// The configuration as a TOML file `--config` accepts.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
     pub fn advertise_addr(&self) -> &str {
         self.advertise.as_deref().unwrap_or(&self.listen)
     }
@@ -164,6 +169,11 @@ pub struct Cli {
     #[arg(long, env = "TALLY_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Print the configuration that defaults, file, environment and flags
+    /// add up to (TOML, usable as --config) and exit without starting.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<u64>,
@@ -294,6 +304,18 @@ mod tests {
         assert_eq!(cfg.snapshot_logs, 50);
         assert_eq!(cfg.heartbeat_ms, NodeConfig::default().heartbeat_ms);
         assert_eq!(cfg.peer_listen, "127.0.0.1:7101");
+    }
+
+    #[test]
+    fn a_printed_configuration_reads_back_as_the_same() {
+        let cli =
+            Cli::parse_from(["tallyd", "--node-id", "3", "--http-listen", "0.0.0.0:8001", "--peer-route", "2=h:1"]);
+        let cfg = cli.load().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("printed.toml");
+        std::fs::write(&path, cfg.to_toml().unwrap()).unwrap();
+        let again = Cli::parse_from(["tallyd", "--config", path.to_str().unwrap()]).load().unwrap();
+        assert_eq!(again, cfg);
     }
 
     #[test]

@@ -26,7 +26,13 @@ async fn run() -> anyhow::Result<()> {
     // openraft warns on every failed heartbeat and vote: with hundreds of
     // groups a dead peer means thousands of lines a second, which costs more
     // CPU than the failure. `RUST_LOG=info,openraft=warn` brings them back.
-    let config = Cli::parse().load().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let cli = Cli::parse();
+    let print_config = cli.print_config;
+    let config = cli.load().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    if print_config {
+        print!("{}", config.to_toml().map_err(|e| anyhow::anyhow!("configuration as TOML: {e}"))?);
+        return Ok(());
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=error"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log_format {
