@@ -18,3 +18,14 @@ if ((${#need[@]})); then
   $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust) is required" >&2; exit 1; }
+# Debian's Chromium, for the dashboard's browser test (cluster-tests
+# dashboard.rs). Not needed to build or run Tally: if it cannot be installed
+# the test says it skipped, and nothing else fails.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing chromium (for the dashboard's browser test)" >&2
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  ( export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq || true
+    $SUDO apt-get install -y -qq chromium >/dev/null ) || echo "setup: chromium could not be installed; the browser test will skip" >&2
+fi

@@ -128,7 +128,19 @@ pub struct Metrics {
     shed: Family<ShedLabels, Counter>,
     elections: Counter,
     leaderships: Counter,
+    /// Client queries answered (the histograms' counts, summed), for
+    /// `Cluster.Status` and the dashboard.
+    queries_answered: Counter,
     pub gauges: Gauges,
+}
+
+/// Counters of this node since it started, as `Cluster.Status` reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeTotals {
+    pub events_accepted: u64,
+    pub events_duplicate: u64,
+    pub events_rejected: u64,
+    pub queries: u64,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -217,7 +229,17 @@ impl Metrics {
         for reason in ["ingest_slots", "dedup_full"] {
             let _ = shed.get_or_create(&ShedLabels { reason });
         }
-        Metrics { registry: Mutex::new(r), events, queries, stages, shed, elections, leaderships, gauges }
+        Metrics {
+            registry: Mutex::new(r),
+            events,
+            queries,
+            stages,
+            shed,
+            elections,
+            leaderships,
+            queries_answered: Counter::default(),
+            gauges,
+        }
     }
 
     pub fn events(&self, outcome: EventOutcome, n: u64) {
@@ -228,6 +250,21 @@ impl Metrics {
 
     pub fn query(&self, kind: &'static str, consistency: &'static str, seconds: f64) {
         self.queries.get_or_create(&QueryLabels { kind, consistency }).observe(seconds);
+        self.queries_answered.inc();
+    }
+
+    pub fn totals(&self) -> NodeTotals {
+        let count = |outcome: EventOutcome| self.events.get_or_create(&outcome.labels()).get();
+        NodeTotals {
+            events_accepted: count(EventOutcome::Accepted),
+            events_duplicate: count(EventOutcome::Duplicate),
+            events_rejected: EventOutcome::ALL
+                .into_iter()
+                .filter(|o| !matches!(o, EventOutcome::Accepted | EventOutcome::Duplicate))
+                .map(count)
+                .sum(),
+            queries: self.queries_answered.get(),
+        }
     }
 
     pub fn stage(&self, stage: &'static str, seconds: f64) {

@@ -13,6 +13,7 @@ mod client_python;
 mod client_python_contract;
 mod client_routing;
 mod clock_skew;
+mod dashboard;
 mod deploy_files;
 mod entry_limits;
 mod exactness;
@@ -45,6 +46,7 @@ fn every_cluster_test_takes_its_turn() {
         ("client_python_contract", include_str!("client_python_contract.rs")),
         ("client_routing", include_str!("client_routing.rs")),
         ("clock_skew", include_str!("clock_skew.rs")),
+        ("dashboard", include_str!("dashboard.rs")),
         ("deploy_files", include_str!("deploy_files.rs")),
         ("entry_limits", include_str!("entry_limits.rs")),
         ("exactness", include_str!("exactness.rs")),

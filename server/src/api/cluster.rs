@@ -248,6 +248,7 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         })
         .collect();
     let replicas = node.local_partitions();
+    let totals = crate::metrics::metrics().totals();
     StatusResponse {
         node_id: node.id,
         initialized: map.is_initialized(),
@@ -259,5 +260,9 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         dedup_conflicts: replicas.iter().map(|r| r.dedup.conflicts()).sum(),
         dedup_keys: replicas.iter().map(|r| r.dedup.lock().len() as u64).sum(),
         dedup_bytes: replicas.iter().map(|r| r.dedup.lock().memory().0 as u64).sum(),
+        events_accepted: totals.events_accepted,
+        events_duplicate: totals.events_duplicate,
+        events_rejected: totals.events_rejected,
+        queries: totals.queries,
     }
 }

@@ -8,6 +8,7 @@
 //!   every partition replica here has re-applied what was committed when it
 //!   started (reads from it cannot go backwards); 503 with the reason
 //!   otherwise.
+//! - `GET /` and `/api/…`: the live dashboard (`dashboard.rs`).
 //!
 //! axum, since tonic already builds on it; the listener is separate from the
 //! gRPC ports so that it can be exposed to a monitoring network alone.
@@ -33,7 +34,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(serve_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(node)
+        .with_state(node.clone())
+        .merge(super::dashboard::routes(node))
 }
 
 async fn serve_metrics(State(node): State<Arc<Node>>) -> Response {

@@ -15,6 +15,7 @@
 pub mod admission;
 pub mod batch_limits;
 pub mod cluster;
+pub mod dashboard;
 pub mod decode_errors;
 pub mod http;
 pub mod ingest;
