@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Run a local Tally cluster.
 #
-#   scripts/cluster.sh up [N]        build if needed, start N nodes (default 3),
-#                                    initialise, wait for leaders, show it counting
+#   scripts/cluster.sh up [N] [--secure]
+#                                    build if needed, start N nodes (default 3),
+#                                    initialise, wait for leaders, show it counting;
+#                                    --secure: bearer tokens (admin, writer, reader,
+#                                    node) made under $TALLY_HOME/secure and required
+#                                    on the public ports (TLS is not there yet)
 #   scripts/cluster.sh down          stop every node (SIGTERM, then SIGKILL)
 #   scripts/cluster.sh status        cluster status as seen by node 1
 #   scripts/cluster.sh kill NODE     SIGKILL one node
@@ -38,6 +42,24 @@ addr_of() { echo "$HOST:$((BASE_PORT + $1 - 1))"; }
 peer_addr_of() { echo "$HOST:$((PEER_BASE_PORT + $1 - 1))"; }
 http_args_of() { [[ "$HTTP_BASE_PORT" == off ]] || echo "--http-listen $HOST:$((HTTP_BASE_PORT + $1 - 1))"; }
 pid_of() { cat "$TALLY_HOME/node$1.pid" 2>/dev/null || true; }
+SECURE="$TALLY_HOME/secure"
+secure() { [[ -f "$SECURE/tokens" ]]; }
+# A random token: 24 bytes from the kernel, hex.
+new_token() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+make_secrets() {
+  secure && return
+  mkdir -p "$SECURE"; chmod 700 "$SECURE"
+  : > "$SECURE/tokens.new"
+  for role in admin writer reader node; do
+    new_token > "$SECURE/$role.token"; chmod 600 "$SECURE/$role.token"
+    echo "local-$role $role $(tr -d '\n' < "$SECURE/$role.token" | sha256sum | cut -d' ' -f1)" >> "$SECURE/tokens.new"
+  done
+  mv "$SECURE/tokens.new" "$SECURE/tokens"
+}
+secure_args_of() { secure && echo "--auth-file $SECURE/tokens --node-token-file $SECURE/node.token"; true; }
+# The script's own calls (status, init, wait) need admin rights on a secure cluster.
+as_admin() { if secure; then TALLY_TOKEN="$(cat "$SECURE/admin.token")" "$@"; else "$@"; fi; }
+as_role() { local role=$1; shift; if secure; then TALLY_TOKEN="$(cat "$SECURE/$role.token")" "$@"; else "$@"; fi; }
 alive() { local p; p=$(pid_of "$1"); [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; }
 count_nodes() { ls "$TALLY_HOME"/node*.addr 2>/dev/null | wc -l; }
 
@@ -58,10 +80,10 @@ start_node() {
   local extra=()
   read -r -a extra <<<"${TALLY_EXTRA_ARGS:-}"
   RUST_LOG="${RUST_LOG:-info,openraft=error}" nohup "$TALLYD" --node-id "$i" --listen "$addr" \
-    --peer-listen "$(peer_addr_of "$i")" $(http_args_of "$i") --data-dir "$TALLY_HOME/node$i" ${extra[@]+"${extra[@]}"} >>"$TALLY_HOME/node$i.log" 2>&1 &
+    --peer-listen "$(peer_addr_of "$i")" $(http_args_of "$i") $(secure_args_of) --data-dir "$TALLY_HOME/node$i" ${extra[@]+"${extra[@]}"} >>"$TALLY_HOME/node$i.log" 2>&1 &
   echo $! > "$TALLY_HOME/node$i.pid"
   for _ in $(seq 1 100); do
-    if "$TALLY" --addr "$addr" cluster status >/dev/null 2>&1; then return; fi
+    if as_admin "$TALLY" --addr "$addr" cluster status >/dev/null 2>&1; then return; fi
     if ! alive "$i"; then echo "node $i exited; see $TALLY_HOME/node$i.log" >&2; tail -5 "$TALLY_HOME/node$i.log" >&2; exit 1; fi
     sleep 0.1
   done
@@ -79,16 +101,22 @@ stop_node() {
 }
 
 cmd_up() {
-  local n=${1:-3} nodes=()
+  local n=3 nodes=() arg
+  for arg in "$@"; do
+    case "$arg" in
+      --secure) make_secrets ;;
+      *) n=$arg ;;
+    esac
+  done
   build
   for i in $(seq 1 "$n"); do start_node "$i"; nodes+=(--node "$i=$(addr_of "$i")"); done
   local ok=""
   for _ in $(seq 1 50); do
-    if "$TALLY" --addr "$(addr_of 1)" cluster init "${nodes[@]}" --partitions "$PARTITIONS" >/dev/null 2>&1; then ok=1; break; fi
+    if as_admin "$TALLY" --addr "$(addr_of 1)" cluster init "${nodes[@]}" --partitions "$PARTITIONS" >/dev/null 2>&1; then ok=1; break; fi
     sleep 0.3
   done
   [[ -n "$ok" ]] || { echo "cluster init failed; see $TALLY_HOME/node1.log" >&2; exit 1; }
-  "$TALLY" --addr "$(addr_of 1)" cluster wait --timeout 60s
+  as_admin "$TALLY" --addr "$(addr_of 1)" cluster wait --timeout 60s
   echo
   echo "Tally is running: $n nodes, $PARTITIONS partitions, data and logs in $TALLY_HOME"
   for i in $(seq 1 "$n"); do
@@ -98,6 +126,10 @@ cmd_up() {
   done
   if [[ "${TALLY_NO_DEMO:-}" == "" ]]; then demo "$n"; fi
   echo
+  if secure; then
+    echo "Tokens are required (roles admin, writer, reader): $SECURE/{admin,writer,reader}.token"
+    echo "      export TALLY_TOKEN=\$(cat $SECURE/writer.token)   # to ingest; reader.token to query, admin.token for cluster commands"
+  fi
   echo "Try:  export TALLY_ADDR=$(addr_of 1)"
   echo "      $TALLY ingest video-42 view --repeat 10"
   echo "      $TALLY stats video-42 view --from -1h --to now"
@@ -111,13 +143,13 @@ demo() {
   echo
   echo "Counting: 900 views of demo-video, then one more view sent 100 times with the same event id"
   echo "(counted once), and 25 likes sent to another node"
-  "$TALLY" --addr "$a" ingest demo-video view --repeat 900
-  "$TALLY" --addr "$a" ingest demo-video view --id "demo-once-$(date +%s%N)" --repeat 100
-  "$TALLY" --addr "$other" ingest demo-video like --repeat 25
+  as_role writer "$TALLY" --addr "$a" ingest demo-video view --repeat 900
+  as_role writer "$TALLY" --addr "$a" ingest demo-video view --id "demo-once-$(date +%s%N)" --repeat 100
+  as_role writer "$TALLY" --addr "$other" ingest demo-video like --repeat 25
   echo "stats demo-video view (last hour):"
-  "$TALLY" --addr "$a" stats demo-video view --from -1h --to +1m
+  as_role reader "$TALLY" --addr "$a" stats demo-video view --from -1h --to +1m
   echo "stats demo-video like (last hour), read from node $n:"
-  "$TALLY" --addr "$(addr_of "$n")" stats demo-video like --from -1h --to +1m
+  as_role reader "$TALLY" --addr "$(addr_of "$n")" stats demo-video like --from -1h --to +1m
 }
 
 case "${1:-}" in
@@ -125,9 +157,9 @@ case "${1:-}" in
   down)
     for f in "$TALLY_HOME"/node*.pid; do [[ -e "$f" ]] || continue; i=${f##*node}; i=${i%.pid}; stop_node "$i" TERM; done
     echo "stopped" ;;
-  status) "$TALLY" --addr "${TALLY_ADDR:-$(addr_of 1)}" cluster status ;;
+  status) as_admin "$TALLY" --addr "${TALLY_ADDR:-$(addr_of 1)}" cluster status ;;
   kill) stop_node "${2:?node}" KILL; echo "node $2 killed" ;;
   restart) stop_node "${2:?node}" TERM; start_node "$2"; echo "node $2 restarted" ;;
   demo) demo "${2:-3}" ;;
-  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
+  *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
 esac

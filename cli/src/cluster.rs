@@ -122,10 +122,10 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
 
 /// A cluster stub on the first seed that accepts a connection, and its
 /// address.
-async fn admin_client(cli: &Cli) -> anyhow::Result<(String, ClusterClient<tonic::transport::Channel>)> {
+async fn admin_client(cli: &Cli) -> anyhow::Result<(String, ClusterClient<tally_client::TokenChannel>)> {
     let mut errors = Vec::new();
     for addr in cli.seeds() {
-        match tally_client::connect(&addr).await {
+        match cli.connect_node(&addr).await {
             Ok(channel) => return Ok((addr, ClusterClient::new(channel))),
             Err(e) => errors.push(format!("{addr}: {e}")),
         }
@@ -140,7 +140,7 @@ async fn admin_client(cli: &Cli) -> anyhow::Result<(String, ClusterClient<tonic:
 /// deadline), turning a gRPC error into a readable one.
 async fn admin_call<T, F, Fut>(cli: &Cli, what: &str, timeout: Duration, f: F) -> anyhow::Result<T>
 where
-    F: FnOnce(ClusterClient<tonic::transport::Channel>, Duration) -> Fut,
+    F: FnOnce(ClusterClient<tally_client::TokenChannel>, Duration) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let (addr, client) = admin_client(cli).await?;
@@ -230,10 +230,10 @@ async fn remove_node(cli: &Cli, id: u64, timeout: Duration) -> anyhow::Result<i3
     Ok(0)
 }
 
-async fn raw_client(cli: &Cli) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
+async fn raw_client(cli: &Cli) -> anyhow::Result<ClusterClient<tally_client::TokenChannel>> {
     let seeds = cli.seeds();
     let addr = seeds.first().context("--addr is empty")?;
-    let channel = tally_client::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    let channel = cli.connect_node(addr).await.with_context(|| format!("connecting to {addr}"))?;
     Ok(ClusterClient::new(channel))
 }
 
@@ -540,7 +540,7 @@ pub async fn status_view(cli: &Cli) -> anyhow::Result<StatusView> {
             // Not initialised (or unreachable): report what the seeds say.
             let mut answers = Vec::new();
             for addr in cli.seeds() {
-                let answer = match tally_client::connect(&addr).await {
+                let answer = match cli.connect_node(&addr).await {
                     Ok(channel) => ClusterClient::new(channel)
                         .status(StatusRequest {})
                         .await

@@ -39,6 +39,12 @@ pub struct Cli {
     /// Machine-readable JSON output (one document on stdout).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Bearer token for a cluster that runs with `tallyd --auth-file`
+    /// (roles: writer to ingest, reader to query and read status, admin to
+    /// change the cluster). Prefer the environment variable: a flag shows
+    /// in the process list.
+    #[arg(long, global = true, env = "TALLY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[allow(missing_docs)] // a doc comment here would change clap's help text
     #[command(subcommand)]
     pub command: Command,
@@ -68,6 +74,14 @@ pub enum Command {
 }
 
 impl Cli {
+    /// A channel to one node for raw stubs, presenting `--token`.
+    pub(crate) async fn connect_node(
+        &self,
+        addr: &str,
+    ) -> Result<tally_client::TokenChannel, tally_client::ClientError> {
+        tally_client::connect_with_token(addr, self.token.as_deref()).await
+    }
+
     /// The seed addresses of `--addr`.
     pub fn seeds(&self) -> Vec<String> {
         self.addr.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
@@ -89,7 +103,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 /// Connects a [`TallyClient`](tally_client::TallyClient) to `--addr`.
 pub(crate) async fn client(cli: &Cli) -> anyhow::Result<tally_client::TallyClient> {
     use anyhow::Context;
-    tally_client::TallyClient::connect(cli.seeds()).await.with_context(|| format!("connecting to {}", cli.addr))
+    let config =
+        tally_client::ClientConfig { token: cli.token.clone(), ..tally_client::ClientConfig::new(cli.seeds()) };
+    tally_client::TallyClient::with_config(config).await.with_context(|| format!("connecting to {}", cli.addr))
 }
 
 /// Prints a JSON document on stdout.

@@ -14,7 +14,7 @@ pub(crate) async fn run(cli: &Cli, reset: bool) -> anyhow::Result<i32> {
     let view = crate::cluster::status_view(cli).await?;
     let mut answers: Vec<(String, Result<StagesResponse, String>)> = Vec::new();
     for (addr, _) in &view.answers {
-        let answer = match tally_client::connect(addr).await {
+        let answer = match cli.connect_node(addr).await {
             Ok(channel) => ClusterClient::new(channel)
                 .stages(StagesRequest { reset })
                 .await

@@ -37,6 +37,9 @@ pub struct ClientConfig {
     /// Minimum time between two refreshes of the partition map, so a burst
     /// of "no leader" answers causes one refresh, not thousands.
     pub min_refresh_interval: Duration,
+    /// Bearer token presented on every call, for clusters that run with
+    /// `tallyd --auth-file` (role `writer` to send, `reader` to query).
+    pub token: Option<String>,
 }
 
 /// How events are grouped into requests.
@@ -85,6 +88,7 @@ impl ClientConfig {
             breaker: BreakerConfig::default(),
             batch: BatchConfig::default(),
             min_refresh_interval: Duration::from_millis(200),
+            token: None,
         }
     }
 
@@ -114,6 +118,9 @@ impl ClientConfig {
         }
         if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
             return bad("timeouts must be positive");
+        }
+        if let Some(token) = &self.token {
+            crate::credentials::bearer_header(token)?;
         }
         self.breaker.validate().map_err(|m| ClientError::Config(m.to_owned()))
     }

@@ -56,6 +56,7 @@ impl Router {
             config.request_timeout,
             config.max_requests_per_node,
             config.breaker.clone(),
+            config.token.as_deref().map(crate::credentials::bearer_header).transpose()?,
         );
         for seed in &config.seeds {
             pool.get(seed)?;

@@ -142,6 +142,8 @@ pub(crate) struct NodePool {
     request_timeout: Duration,
     max_requests_per_node: usize,
     breaker: BreakerConfig,
+    /// `authorization` header of every call (`ClientConfig::token`).
+    token: Option<http::HeaderValue>,
 }
 
 /// Tower errors as gRPC statuses: our own timeout becomes
@@ -161,8 +163,9 @@ impl NodePool {
         request_timeout: Duration,
         max_requests_per_node: usize,
         breaker: BreakerConfig,
+        token: Option<http::HeaderValue>,
     ) -> NodePool {
-        NodePool { nodes: RwLock::default(), connect_timeout, request_timeout, max_requests_per_node, breaker }
+        NodePool { nodes: RwLock::default(), connect_timeout, request_timeout, max_requests_per_node, breaker, token }
     }
 
     /// The breaker state of every node, by address.
@@ -198,8 +201,15 @@ impl NodePool {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
         let channel = endpoint.connect_lazy();
+        let token = self.token.clone();
         let service = ServiceBuilder::new()
             .map_err(to_status as fn(BoxError) -> tonic::Status)
+            .map_request(move |mut request: http::Request<Body>| {
+                if let Some(token) = &token {
+                    request.headers_mut().insert(http::header::AUTHORIZATION, token.clone());
+                }
+                request
+            })
             .timeout(self.request_timeout)
             .concurrency_limit(self.max_requests_per_node)
             .service(channel);

@@ -21,11 +21,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use tally_client::TokenChannel;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::ingest_client::IngestClient;
 use tally_proto::v1::query_client::QueryClient;
 use tally_proto::v1::{DigestRequest, InitializeRequest, NodeInfo, StatusRequest, StatusResponse};
-use tonic::transport::Channel;
 
 pub fn tallyd_binary() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("TALLYD_BIN") {
@@ -139,6 +139,9 @@ pub struct TestCluster {
     /// From the moment the cluster was initialised until every node knew a
     /// leader for each of its partitions (at start).
     pub ready_after: Duration,
+    /// The token the harness's own calls present: the nodes' token
+    /// (`--node-token-file` in the args), which may call everything.
+    pub token: Option<String>,
 }
 
 impl TestCluster {
@@ -181,6 +184,13 @@ impl TestCluster {
                 }
             }
         }
+        let token = match options.args.iter().position(|a| a == "--node-token-file") {
+            Some(i) => {
+                let path = options.args.get(i + 1).context("--node-token-file without a path")?;
+                Some(std::fs::read_to_string(path)?.trim().to_string())
+            }
+            None => None,
+        };
         let mut cluster = TestCluster {
             _dir: dir,
             nodes,
@@ -189,6 +199,7 @@ impl TestCluster {
             binary,
             links,
             ready_after: Duration::ZERO,
+            token,
         };
         for id in 1..=options.nodes {
             cluster.spawn(id)?;
@@ -355,19 +366,20 @@ impl TestCluster {
         }
     }
 
-    pub async fn channel(&self, id: u64) -> anyhow::Result<Channel> {
-        Ok(tally_client::connect(&self.addr(id)?).await?)
+    /// A channel to node `id` presenting the harness's token (if any).
+    pub async fn channel(&self, id: u64) -> anyhow::Result<TokenChannel> {
+        Ok(tally_client::connect_with_token(&self.addr(id)?, self.token.as_deref()).await?)
     }
 
-    pub async fn ingest_client(&self, id: u64) -> anyhow::Result<IngestClient<Channel>> {
+    pub async fn ingest_client(&self, id: u64) -> anyhow::Result<IngestClient<TokenChannel>> {
         Ok(IngestClient::new(self.channel(id).await?))
     }
 
-    pub async fn query_client(&self, id: u64) -> anyhow::Result<QueryClient<Channel>> {
+    pub async fn query_client(&self, id: u64) -> anyhow::Result<QueryClient<TokenChannel>> {
         Ok(QueryClient::new(self.channel(id).await?))
     }
 
-    pub async fn cluster_client(&self, id: u64) -> anyhow::Result<ClusterClient<Channel>> {
+    pub async fn cluster_client(&self, id: u64) -> anyhow::Result<ClusterClient<TokenChannel>> {
         Ok(ClusterClient::new(self.channel(id).await?))
     }
 
@@ -656,9 +668,15 @@ impl Drop for TestCluster {
 /// A plain HTTP/1.1 GET with `Connection: close`: all the tests need to read
 /// /metrics and the health endpoints, without an HTTP client crate.
 pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_get_with(addr, path, "").await
+}
+
+/// [`http_get`] with extra header lines (each ending in `\r\n`).
+pub async fn http_get_with(addr: &str, path: &str, headers: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await??;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await??;
     let text = String::from_utf8(raw)?;

@@ -37,6 +37,14 @@ pub struct NodeConfig {
     /// Log lines as human-readable text or as one JSON object per line (for
     /// log shippers).
     pub log_format: LogFormat,
+    /// File of hashed bearer tokens and their roles (`api/auth.rs`); every
+    /// public call but health and reflection then needs one. Reloaded on
+    /// SIGHUP. Unset = no tokens (anyone who reaches the port may call).
+    pub auth_file: Option<String>,
+    /// File holding the token (plain, one line) this node presents on other
+    /// nodes' public ports; it needs the `node` role there. Required with
+    /// `auth_file`.
+    pub node_token_file: Option<String>,
     /// Where RocksDB and snapshots live.
     pub data_dir: String,
     /// Dedup window for event ids, seconds (at least 600 recommended).
@@ -96,6 +104,8 @@ impl Default for NodeConfig {
             peer_advertise: None,
             http_listen: String::new(),
             log_format: LogFormat::Text,
+            auth_file: None,
+            node_token_file: None,
             data_dir: "./.tally/node1".into(),
             dedup_window_secs: 600,
             dedup_memory_mib: 1024,
@@ -200,6 +210,17 @@ pub struct Cli {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    /// File of hashed bearer tokens with roles (NAME ROLES SHA256-HEX per
+    /// line); every public call but health then needs a token. Reloaded on
+    /// SIGHUP.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_file: Option<String>,
+    /// File with the token this node presents to other nodes (role `node`
+    /// in their auth file); required with --auth-file.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_token_file: Option<String>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<String>,

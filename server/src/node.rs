@@ -19,7 +19,6 @@ use openraft::{BasicNode, Raft};
 use tally_proto::partition::{group_of_partition, METADATA_GROUP};
 use tally_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::transport::Channel;
 
 use crate::clock::ClusterClock;
 use crate::config::NodeConfig;
@@ -150,7 +149,16 @@ impl Node {
             .context("raft configuration")?,
         );
         let routes = config.peer_route_map().map_err(|e| anyhow::anyhow!(e))?;
-        let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes);
+        let credentials = match &config.node_token_file {
+            Some(path) => {
+                let token =
+                    std::fs::read_to_string(path).with_context(|| format!("reading --node-token-file {path}"))?;
+                crate::raft::peers::NodeCredentials::bearer(&token)
+                    .map_err(|e| anyhow::anyhow!("--node-token-file {path}: {e}"))?
+            }
+            None => crate::raft::peers::NodeCredentials::default(),
+        };
+        let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes, credentials);
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
         let (metadata, metadata_write_back) = open_group(
             &engine,
@@ -470,7 +478,7 @@ impl Node {
         leader: NodeId,
         listener: Listener,
         fallback_addr: Option<&str>,
-    ) -> Result<Channel, ForwardError> {
+    ) -> Result<crate::raft::peers::NodeChannel, ForwardError> {
         let known = match listener {
             Listener::Public => self.addr_of(leader),
             Listener::Peer => self.peer_addr_of(leader),
@@ -478,7 +486,7 @@ impl Node {
         let addr = known.or_else(|| fallback_addr.map(str::to_string)).ok_or(ForwardError::UnknownNode(leader))?;
         let channel = match listener {
             Listener::Public => self.peers.public_channel(leader, &addr),
-            Listener::Peer => self.peers.channel(leader, &addr),
+            Listener::Peer => self.peers.channel(leader, &addr).map(|c| self.peers.with_credentials(c)),
         };
         channel.map_err(|source| ForwardError::Connect { node: leader, addr, source })
     }

@@ -38,6 +38,7 @@ use tower::layer::util::{Identity, Stack};
 use tower::Layer;
 
 use crate::api::admission::{AdmissionLayer, ADMISSION_WAIT, MAX_CONCURRENT_REQUESTS};
+use crate::api::auth::{AuthLayer, Tokens};
 use crate::api::decode_errors::DecodeErrorLayer;
 use crate::api::raft_service::RaftService;
 use crate::api::{cluster::ClusterService, ingest::IngestService, query::QueryService};
@@ -79,11 +80,27 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         "" => None,
         addr => Some(TcpListener::bind(addr).await.with_context(|| format!("binding --http-listen {addr}"))?),
     };
+    if config.auth_file.is_some() && config.node_token_file.is_none() {
+        anyhow::bail!(
+            "--auth-file needs --node-token-file: nodes forward queries and cluster changes to each other's \
+             public port, and with tokens on they must present one with the node role"
+        );
+    }
+    let tokens = match &config.auth_file {
+        Some(path) => {
+            let table = crate::api::auth::TokenTable::load(std::path::Path::new(path))?;
+            tracing::info!(tokens = table.len(), path = %path, "bearer tokens required on the public port");
+            let tokens = crate::api::auth::Tokens::new(Some(table));
+            tokens.reload_on_sighup(path.into());
+            tokens
+        }
+        None => crate::api::auth::Tokens::new(None),
+    };
     let node = Node::start(config.clone()).await?;
     if let Some(listener) = http_listener {
         // Metrics and health only: it lives as long as the process and
         // stops with it; a failure is logged, never fatal to serving.
-        let router = crate::api::http::router(node.clone());
+        let router = crate::api::http::router(node.clone(), tokens.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
                 tracing::error!(error = %e, "HTTP listener (--http-listen) stopped");
@@ -110,7 +127,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         wait_for_signal().await;
         tracing::info!("shutdown requested: no new requests; draining");
     };
-    let public_serving = public_server(&node, health_service)?
+    let public_serving = public_server(&node, health_service, tokens)?
         .serve_with_incoming_shutdown(TcpListenerStream::new(public_listener), shutdown);
     tokio::select! {
         served = public_serving => served.context("public gRPC server")?,
@@ -142,7 +159,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
 fn public_server(
     node: &std::sync::Arc<Node>,
     health: HealthServer<impl Health>,
-) -> anyhow::Result<Router<Stack<DecodeErrorLayer, Identity>>> {
+    tokens: Tokens,
+) -> anyhow::Result<Router<Stack<DecodeErrorLayer, Stack<AuthLayer, Identity>>>> {
     let descriptors = public_descriptors().context("public file descriptors")?;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(&descriptors)
@@ -160,6 +178,7 @@ fn public_server(
         .tcp_nodelay(true)
         .max_concurrent_streams(PUBLIC_MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .layer(AuthLayer::new(tokens))
         .layer(DecodeErrorLayer::new(&[tally_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET]))
         .add_service(health)
         .add_service(reflection_v1)

@@ -6,6 +6,7 @@
 //! Run one: `cargo test -p cluster-tests --test cluster -- nemesis::`.
 
 mod api_surface;
+mod auth;
 mod client_backpressure;
 mod client_breaker;
 mod client_cli;
@@ -39,6 +40,7 @@ mod transfer_paused_node;
 fn every_cluster_test_takes_its_turn() {
     let sources = [
         ("api_surface", include_str!("api_surface.rs")),
+        ("auth", include_str!("auth.rs")),
         ("client_backpressure", include_str!("client_backpressure.rs")),
         ("client_breaker", include_str!("client_breaker.rs")),
         ("client_cli", include_str!("client_cli.rs")),

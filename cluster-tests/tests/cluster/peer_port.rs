@@ -120,7 +120,7 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
     assert_eq!((count(&cluster, &target, now).await?, count(&cluster, &other, now).await?), (10, 0));
 
     // (a) The public port has no Raft service.
-    let mut public = RaftClient::new(cluster.channel(1).await?);
+    let mut public = RaftClient::new(tally_client::connect(&cluster.addr(1)?).await?);
     let group = RaftMessage { group_id: group_of_partition(0), payload: vec![1, 2, 3], quiesce: false };
     let public_conversation = converse(&mut public, vec![call(1, RaftCallKind::AppendEntries, &group)]).await;
     match public_conversation {

@@ -15,7 +15,11 @@
 //!   and `to` (ms since the epoch), `granularity` (minute, hour, day,
 //!   month), `consistency` (linearizable, stale).
 //!
-//! Only reads: nothing on this listener changes the cluster.
+//! Only reads: nothing on this listener changes the cluster. With tokens on
+//! (`--auth-file`), the JSON routes ask for the same bearer token the
+//! public port would for the same data (any token for the cluster view, a
+//! reader's for counts); the page keeps one the user types in for the
+//! browser session.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,6 +27,7 @@ use std::time::Duration;
 
 use axum::extract::{Query as QueryParams, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -33,6 +38,7 @@ use tally_proto::v1::query_server::Query;
 use tally_proto::v1::{Consistency, Granularity, SeriesRequest, StatsRequest, StatusRequest, StatusResponse};
 use tonic::Request;
 
+use crate::api::auth::Tokens;
 use crate::api::cluster::local_status;
 use crate::api::query::QueryService;
 use crate::node::Node;
@@ -45,7 +51,7 @@ const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
 const DASHBOARD_CSS: &str = include_str!("dashboard/dashboard.css");
 
 /// The dashboard's routes, merged into the HTTP listener's router.
-pub fn routes(node: Arc<Node>) -> Router {
+pub fn routes(node: Arc<Node>, tokens: Tokens) -> Router {
     let asset = |content_type: &'static str, body: &'static str| {
         get(move || async move { ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body) })
     };
@@ -53,10 +59,34 @@ pub fn routes(node: Arc<Node>) -> Router {
         .route("/", asset("text/html; charset=utf-8", INDEX_HTML))
         .route("/dashboard.js", asset("text/javascript; charset=utf-8", DASHBOARD_JS))
         .route("/dashboard.css", asset("text/css; charset=utf-8", DASHBOARD_CSS))
-        .route("/api/cluster", get(cluster))
-        .route("/api/stats", get(stats))
-        .route("/api/series", get(series))
-        .with_state(node)
+        .merge(
+            Router::new()
+                .route("/api/cluster", get(cluster))
+                .route("/api/stats", get(stats))
+                .route("/api/series", get(series))
+                .route_layer(middleware::from_fn_with_state(tokens, require_token))
+                .with_state(node),
+        )
+}
+
+/// The public port's rule for the same data: Status for the cluster view,
+/// Query for counts.
+async fn require_token(State(tokens): State<Tokens>, request: axum::extract::Request, next: Next) -> Response {
+    let as_grpc = match request.uri().path() {
+        "/api/cluster" => "/tally.v1.Cluster/Status",
+        _ => "/tally.v1.Query/Stats",
+    };
+    let header = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    match tokens.check(as_grpc, header) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            let code = match refusal.code() {
+                tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            (code, Json(json!({ "error": refusal.message(), "token_required": true }))).into_response()
+        }
+    }
 }
 
 async fn cluster(State(node): State<Arc<Node>>) -> Json<Value> {

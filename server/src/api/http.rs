@@ -29,13 +29,13 @@ use crate::node::Node;
 use crate::processor::QUEUE_CAPACITY;
 
 /// The router of the HTTP listener.
-pub fn router(node: Arc<Node>) -> Router {
+pub fn router(node: Arc<Node>, tokens: crate::api::auth::Tokens) -> Router {
     Router::new()
         .route("/metrics", get(serve_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(node.clone())
-        .merge(super::dashboard::routes(node))
+        .merge(super::dashboard::routes(node, tokens))
 }
 
 async fn serve_metrics(State(node): State<Arc<Node>>) -> Response {

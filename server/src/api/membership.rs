@@ -29,7 +29,7 @@ const METADATA_HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where the change must run: here, or the metadata leader to forward to.
 pub enum Coordinator {
     Here,
-    Forward(ClusterClient<tonic::transport::Channel>),
+    Forward(ClusterClient<crate::raft::peers::NodeChannel>),
 }
 
 pub async fn coordinator(node: &Arc<Node>) -> Result<Coordinator, Status> {

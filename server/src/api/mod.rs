@@ -13,6 +13,7 @@
 //! groups for the reconciler and membership changes.
 
 pub mod admission;
+pub mod auth;
 pub mod batch_limits;
 pub mod cluster;
 pub mod dashboard;

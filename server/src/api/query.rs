@@ -114,7 +114,7 @@ impl QueryService {
         }
     }
 
-    fn forward_client(&self, to: NodeId) -> Result<QueryClient<tonic::transport::Channel>, Status> {
+    fn forward_client(&self, to: NodeId) -> Result<QueryClient<crate::raft::peers::NodeChannel>, Status> {
         Ok(QueryClient::new(self.node.forward_to_leader(to, Listener::Public, None)?))
     }
 

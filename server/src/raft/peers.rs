@@ -18,6 +18,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
 use super::peer_link::{LinkEvent, PeerEvents, PeerLink};
@@ -29,6 +32,33 @@ use crate::type_config::NodeId;
 /// AppendEntries and the connection a few of them.
 pub const PEER_STREAM_WINDOW: u32 = 16 << 20;
 pub const PEER_CONNECTION_WINDOW: u32 = 64 << 20;
+
+/// What this node presents when it calls another node's public port
+/// (`--node-token-file`): the bearer token of the `node` role, or nothing
+/// when the cluster runs without tokens.
+#[derive(Clone, Default)]
+pub struct NodeCredentials(Option<MetadataValue<Ascii>>);
+
+impl NodeCredentials {
+    /// Credentials from the token; an error if it cannot be a header value.
+    pub fn bearer(token: &str) -> Result<NodeCredentials, String> {
+        let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|_| "the node token has characters a header cannot carry".to_string())?;
+        Ok(NodeCredentials(Some(value)))
+    }
+}
+
+impl Interceptor for NodeCredentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel to another node that carries this node's credentials.
+pub type NodeChannel = InterceptedService<Channel, NodeCredentials>;
 
 /// The two conversations with one peer.
 #[derive(Clone)]
@@ -51,10 +81,15 @@ pub struct PeerPool {
     links: RwLock<HashMap<NodeId, (String, PeerLinks)>>,
     /// What the conversations learn about peers (liveness listens).
     events: Arc<PeerEvents>,
+    credentials: NodeCredentials,
 }
 
 impl PeerPool {
-    pub fn new(connect_timeout: Duration, routes: HashMap<NodeId, String>) -> Arc<PeerPool> {
+    pub fn new(
+        connect_timeout: Duration,
+        routes: HashMap<NodeId, String>,
+        credentials: NodeCredentials,
+    ) -> Arc<PeerPool> {
         Arc::new(PeerPool {
             peer: RwLock::default(),
             public: RwLock::default(),
@@ -62,6 +97,7 @@ impl PeerPool {
             routes,
             links: RwLock::default(),
             events: Arc::default(),
+            credentials,
         })
     }
 
@@ -97,8 +133,13 @@ impl PeerPool {
 
     /// The channel to `node`'s public port at `addr`, for calling a public
     /// service (Cluster, Query) on another node.
-    pub fn public_channel(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        pooled(&self.public, node, addr, || self.connect_lazy(addr))
+    pub fn public_channel(&self, node: NodeId, addr: &str) -> Result<NodeChannel, tonic::transport::Error> {
+        pooled(&self.public, node, addr, || self.connect_lazy(addr)).map(|c| self.with_credentials(c))
+    }
+
+    /// `channel` presenting this node's credentials on every call.
+    pub fn with_credentials(&self, channel: Channel) -> NodeChannel {
+        InterceptedService::new(channel, self.credentials.clone())
     }
 
     fn connect_lazy(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {

@@ -81,9 +81,33 @@ function renderPartitions(cluster) {
   }));
 }
 
+// With tokens on (tallyd --auth-file) the JSON asks for one: kept for this
+// browser session only, sent as the bearer token.
+function authHeaders() {
+  const token = sessionStorage.getItem("tally-token");
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+function askForToken(message) {
+  $("token-form").hidden = false;
+  $("poll-error").textContent = message;
+}
+
+$("token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem("tally-token", $("token").value.trim());
+  $("token").value = "";
+  $("token-form").hidden = true;
+});
+
 async function poll() {
   try {
-    const response = await fetch("/api/cluster", { cache: "no-store" });
+    const response = await fetch("/api/cluster", { cache: "no-store", headers: authHeaders() });
+    if (response.status === 401 || response.status === 403) {
+      askForToken((await response.json()).error);
+      setTimeout(poll, POLL_MS);
+      return;
+    }
     if (!response.ok) throw new Error(`status ${response.status}`);
     const cluster = await response.json();
     serverOffsetMs = cluster.now_ms - Date.now();
@@ -145,8 +169,9 @@ function drawSeries(buckets) {
 }
 
 async function getJson(path, params) {
-  const response = await fetch(path + "?" + new URLSearchParams(params), { cache: "no-store" });
+  const response = await fetch(path + "?" + new URLSearchParams(params), { cache: "no-store", headers: authHeaders() });
   const body = await response.json();
+  if (response.status === 401 || response.status === 403) askForToken(body.error);
   if (!response.ok) throw new Error(body.error || `status ${response.status}`);
   return body;
 }
