@@ -4,9 +4,10 @@
 #   scripts/cluster.sh up [N] [--secure]
 #                                    build if needed, start N nodes (default 3),
 #                                    initialise, wait for leaders, show it counting;
-#                                    --secure: bearer tokens (admin, writer, reader,
-#                                    node) made under $TALLY_HOME/secure and required
-#                                    on the public ports (TLS is not there yet)
+#                                    --secure: TLS on both ports (a local CA and node
+#                                    certificate, mutual TLS between nodes) and bearer
+#                                    tokens (admin, writer, reader, node), all made
+#                                    under $TALLY_HOME/secure
 #   scripts/cluster.sh down          stop every node (SIGTERM, then SIGKILL)
 #   scripts/cluster.sh status        cluster status as seen by node 1
 #   scripts/cluster.sh kill NODE     SIGKILL one node
@@ -54,12 +55,21 @@ make_secrets() {
     new_token > "$SECURE/$role.token"; chmod 600 "$SECURE/$role.token"
     echo "local-$role $role $(tr -d '\n' < "$SECURE/$role.token" | sha256sum | cut -d' ' -f1)" >> "$SECURE/tokens.new"
   done
+  "$TALLY_ROOT/scripts/make-certs.sh" "$SECURE/tls"
   mv "$SECURE/tokens.new" "$SECURE/tokens"
 }
-secure_args_of() { secure && echo "--auth-file $SECURE/tokens --node-token-file $SECURE/node.token"; true; }
-# The script's own calls (status, init, wait) need admin rights on a secure cluster.
-as_admin() { if secure; then TALLY_TOKEN="$(cat "$SECURE/admin.token")" "$@"; else "$@"; fi; }
-as_role() { local role=$1; shift; if secure; then TALLY_TOKEN="$(cat "$SECURE/$role.token")" "$@"; else "$@"; fi; }
+secure_args_of() {
+  secure || return 0
+  echo "--auth-file $SECURE/tokens --node-token-file $SECURE/node.token" \
+    "--tls-cert $SECURE/tls/node.pem --tls-key $SECURE/tls/node.key --peer-ca $SECURE/tls/ca.pem"
+}
+# The script's own calls (status, init, wait) need admin rights on a secure
+# cluster, and every call the cluster's CA.
+as_role() {
+  local role=$1; shift
+  if secure; then TALLY_TOKEN="$(cat "$SECURE/$role.token")" TALLY_CA="$SECURE/tls/ca.pem" "$@"; else "$@"; fi
+}
+as_admin() { as_role admin "$@"; }
 alive() { local p; p=$(pid_of "$1"); [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; }
 count_nodes() { ls "$TALLY_HOME"/node*.addr 2>/dev/null | wc -l; }
 
@@ -127,7 +137,8 @@ cmd_up() {
   if [[ "${TALLY_NO_DEMO:-}" == "" ]]; then demo "$n"; fi
   echo
   if secure; then
-    echo "Tokens are required (roles admin, writer, reader): $SECURE/{admin,writer,reader}.token"
+    echo "TLS and tokens are on: the CA is $SECURE/tls/ca.pem, tokens (roles admin, writer, reader) $SECURE/*.token"
+    echo "      export TALLY_CA=$SECURE/tls/ca.pem"
     echo "      export TALLY_TOKEN=\$(cat $SECURE/writer.token)   # to ingest; reader.token to query, admin.token for cluster commands"
   fi
   echo "Try:  export TALLY_ADDR=$(addr_of 1)"
@@ -161,5 +172,5 @@ case "${1:-}" in
   kill) stop_node "${2:?node}" KILL; echo "node $2 killed" ;;
   restart) stop_node "${2:?node}" TERM; start_node "$2"; echo "node $2 restarted" ;;
   demo) demo "${2:-3}" ;;
-  *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
+  *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 1 ;;
 esac

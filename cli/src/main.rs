@@ -45,6 +45,16 @@ pub struct Cli {
     /// in the process list.
     #[arg(long, global = true, env = "TALLY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) of a cluster that runs with TLS: connect over
+    /// https and verify the nodes against it.
+    #[arg(long, global = true, env = "TALLY_CA")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for nodes that require one (--tls-client-ca).
+    #[arg(long, global = true, env = "TALLY_CERT", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// Key of --cert (PEM).
+    #[arg(long, global = true, env = "TALLY_KEY", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
     #[allow(missing_docs)] // a doc comment here would change clap's help text
     #[command(subcommand)]
     pub command: Command,
@@ -79,7 +89,15 @@ impl Cli {
         &self,
         addr: &str,
     ) -> Result<tally_client::TokenChannel, tally_client::ClientError> {
-        tally_client::connect_with_token(addr, self.token.as_deref()).await
+        tally_client::connect_secure(addr, self.token.as_deref(), self.tls()?.as_ref()).await
+    }
+
+    /// TLS from --ca, --cert and --key; `None` without --ca.
+    pub(crate) fn tls(&self) -> Result<Option<tally_client::TlsFiles>, tally_client::ClientError> {
+        match &self.ca {
+            Some(ca) => tally_client::TlsFiles::read(ca, self.cert.as_deref(), self.key.as_deref()).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The seed addresses of `--addr`.
@@ -103,8 +121,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 /// Connects a [`TallyClient`](tally_client::TallyClient) to `--addr`.
 pub(crate) async fn client(cli: &Cli) -> anyhow::Result<tally_client::TallyClient> {
     use anyhow::Context;
-    let config =
-        tally_client::ClientConfig { token: cli.token.clone(), ..tally_client::ClientConfig::new(cli.seeds()) };
+    let config = tally_client::ClientConfig {
+        token: cli.token.clone(),
+        tls: cli.tls()?,
+        ..tally_client::ClientConfig::new(cli.seeds())
+    };
     tally_client::TallyClient::with_config(config).await.with_context(|| format!("connecting to {}", cli.addr))
 }
 

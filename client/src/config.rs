@@ -40,6 +40,9 @@ pub struct ClientConfig {
     /// Bearer token presented on every call, for clusters that run with
     /// `tallyd --auth-file` (role `writer` to send, `reader` to query).
     pub token: Option<String>,
+    /// TLS for clusters that run with `tallyd --tls-cert` (https to every
+    /// node); `None`: plaintext.
+    pub tls: Option<crate::credentials::TlsFiles>,
 }
 
 /// How events are grouped into requests.
@@ -89,6 +92,7 @@ impl ClientConfig {
             batch: BatchConfig::default(),
             min_refresh_interval: Duration::from_millis(200),
             token: None,
+            tls: None,
         }
     }
 

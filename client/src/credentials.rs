@@ -8,7 +8,7 @@ use tonic::codegen::http::HeaderValue;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{ClientError, Result};
 
@@ -51,6 +51,67 @@ impl Interceptor for BearerToken {
     }
 }
 
+/// TLS to a cluster that runs with `tallyd --tls-cert`: the CA that signed
+/// the nodes' certificates, and a client certificate where the nodes
+/// require one (`tallyd --tls-client-ca`).
+#[derive(Clone)]
+pub struct TlsFiles {
+    ca: Certificate,
+    identity: Option<Identity>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsFiles {{ client certificate: {} }}", self.identity.is_some())
+    }
+}
+
+impl TlsFiles {
+    /// From PEM: the CA, and optionally a client certificate and its key.
+    pub fn from_pem(ca: Vec<u8>, client: Option<(Vec<u8>, Vec<u8>)>) -> TlsFiles {
+        TlsFiles { ca: Certificate::from_pem(ca), identity: client.map(|(cert, key)| Identity::from_pem(cert, key)) }
+    }
+
+    /// Reads the PEM files.
+    pub fn read(
+        ca: &std::path::Path,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<TlsFiles> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClientError::Config(format!("reading {}: {e}", p.display())))
+        };
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            (None, None) => None,
+            _ => {
+                return Err(ClientError::Config("a client certificate needs its key, and a key its certificate".into()))
+            }
+        };
+        Ok(TlsFiles::from_pem(read(ca)?, client))
+    }
+
+    pub(crate) fn client_config(&self) -> ClientTlsConfig {
+        let config = ClientTlsConfig::new().ca_certificate(self.ca.clone());
+        match &self.identity {
+            Some(identity) => config.identity(identity.clone()),
+            None => config,
+        }
+    }
+}
+
+/// An endpoint for `addr` (`host:port` or a URI): https with `tls`.
+pub(crate) fn endpoint(addr: &str, tls: Option<&TlsFiles>) -> Result<Endpoint> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("{scheme}://{addr}") };
+    let address_error = |source| ClientError::Address { addr: addr.to_owned(), source };
+    let endpoint = Endpoint::from_shared(uri).map_err(address_error)?;
+    match tls {
+        Some(tls) => endpoint.tls_config(tls.client_config()).map_err(address_error),
+        None => Ok(endpoint),
+    }
+}
+
 /// A channel whose calls carry a bearer token.
 pub type TokenChannel = InterceptedService<Channel, BearerToken>;
 
@@ -59,11 +120,13 @@ pub type TokenChannel = InterceptedService<Channel, BearerToken>;
 /// [`proto`](crate::proto). [`TallyClient`](crate::TallyClient) manages its
 /// own connections.
 pub async fn connect_with_token(addr: &str, token: Option<&str>) -> Result<TokenChannel> {
+    connect_secure(addr, token, None).await
+}
+
+/// [`connect_with_token`] over TLS when `tls` is given.
+pub async fn connect_secure(addr: &str, token: Option<&str>, tls: Option<&TlsFiles>) -> Result<TokenChannel> {
     let interceptor = BearerToken::new(token)?;
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let endpoint =
-        Endpoint::from_shared(uri).map_err(|source| ClientError::Address { addr: addr.to_owned(), source })?;
-    let channel = endpoint
+    let channel = endpoint(addr, tls)?
         .connect_timeout(std::time::Duration::from_secs(3))
         .tcp_nodelay(true)
         .connect()

@@ -57,6 +57,7 @@ impl Router {
             config.max_requests_per_node,
             config.breaker.clone(),
             config.token.as_deref().map(crate::credentials::bearer_header).transpose()?,
+            config.tls.clone(),
         );
         for seed in &config.seeds {
             pool.get(seed)?;

@@ -68,7 +68,7 @@ pub use backoff::RetryPolicy;
 pub use breaker::{BreakerConfig, BreakerState};
 pub use client::{ClusterStatus, TallyClient};
 pub use config::{BatchConfig, ClientConfig};
-pub use credentials::{connect_with_token, TokenChannel};
+pub use credentials::{connect_secure, connect_with_token, TlsFiles, TokenChannel};
 pub use error::ClientError;
 pub use outcome::{BatchTicket, IngestSummary, Outcome, OutcomeSlot, ServerTotals, Ticket};
 pub use partition_map::PartitionMap;

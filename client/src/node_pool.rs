@@ -25,12 +25,11 @@ use tally_proto::v1::ingest_client::IngestClient;
 use tally_proto::v1::query_client::QueryClient;
 use tonic::body::Body;
 use tonic::codegen::http;
-use tonic::transport::Endpoint;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceBuilder};
 
 use crate::breaker::{BreakerConfig, CircuitBreaker};
-use crate::error::{ClientError, Result};
+use crate::error::Result;
 
 /// The service every generated stub of one node runs on.
 ///
@@ -144,6 +143,7 @@ pub(crate) struct NodePool {
     breaker: BreakerConfig,
     /// `authorization` header of every call (`ClientConfig::token`).
     token: Option<http::HeaderValue>,
+    tls: Option<crate::credentials::TlsFiles>,
 }
 
 /// Tower errors as gRPC statuses: our own timeout becomes
@@ -164,8 +164,17 @@ impl NodePool {
         max_requests_per_node: usize,
         breaker: BreakerConfig,
         token: Option<http::HeaderValue>,
+        tls: Option<crate::credentials::TlsFiles>,
     ) -> NodePool {
-        NodePool { nodes: RwLock::default(), connect_timeout, request_timeout, max_requests_per_node, breaker, token }
+        NodePool {
+            nodes: RwLock::default(),
+            connect_timeout,
+            request_timeout,
+            max_requests_per_node,
+            breaker,
+            token,
+            tls,
+        }
     }
 
     /// The breaker state of every node, by address.
@@ -193,9 +202,7 @@ impl NodePool {
     }
 
     fn build(&self, addr: &str) -> Result<Node> {
-        let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|source| ClientError::Address { addr: addr.to_owned(), source })?
+        let endpoint = crate::credentials::endpoint(addr, self.tls.as_ref())?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

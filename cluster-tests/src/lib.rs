@@ -142,6 +142,9 @@ pub struct TestCluster {
     /// The token the harness's own calls present: the nodes' token
     /// (`--node-token-file` in the args), which may call everything.
     pub token: Option<String>,
+    /// TLS of the harness's own calls: the nodes' CA and certificate
+    /// (`--peer-ca`, `--tls-cert`, `--tls-key` in the args).
+    pub tls: Option<tally_client::TlsFiles>,
 }
 
 impl TestCluster {
@@ -191,7 +194,17 @@ impl TestCluster {
             }
             None => None,
         };
+        let arg = |flag: &str| {
+            options.args.iter().position(|a| a == flag).and_then(|i| options.args.get(i + 1)).map(PathBuf::from)
+        };
+        let tls = match arg("--peer-ca") {
+            Some(ca) => {
+                Some(tally_client::TlsFiles::read(&ca, arg("--tls-cert").as_deref(), arg("--tls-key").as_deref())?)
+            }
+            None => None,
+        };
         let mut cluster = TestCluster {
+            tls,
             _dir: dir,
             nodes,
             partitions: options.partitions,
@@ -368,7 +381,7 @@ impl TestCluster {
 
     /// A channel to node `id` presenting the harness's token (if any).
     pub async fn channel(&self, id: u64) -> anyhow::Result<TokenChannel> {
-        Ok(tally_client::connect_with_token(&self.addr(id)?, self.token.as_deref()).await?)
+        Ok(tally_client::connect_secure(&self.addr(id)?, self.token.as_deref(), self.tls.as_ref()).await?)
     }
 
     pub async fn ingest_client(&self, id: u64) -> anyhow::Result<IngestClient<TokenChannel>> {

@@ -45,6 +45,15 @@ pub struct NodeConfig {
     /// nodes' public ports; it needs the `node` role there. Required with
     /// `auth_file`.
     pub node_token_file: Option<String>,
+    /// This node's certificate and key (PEM), on both ports and for its
+    /// calls to other nodes; with `peer_ca`, turns TLS on (`tls.rs`).
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    /// The cluster's CA (PEM): the peer port requires client certificates
+    /// from it (mutual TLS), and this node verifies the nodes it calls.
+    pub peer_ca: Option<String>,
+    /// CA (PEM) whose client certificates the public port then requires.
+    pub tls_client_ca: Option<String>,
     /// Where RocksDB and snapshots live.
     pub data_dir: String,
     /// Dedup window for event ids, seconds (at least 600 recommended).
@@ -106,6 +115,10 @@ impl Default for NodeConfig {
             log_format: LogFormat::Text,
             auth_file: None,
             node_token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            peer_ca: None,
+            tls_client_ca: None,
             data_dir: "./.tally/node1".into(),
             dedup_window_secs: 600,
             dedup_memory_mib: 1024,
@@ -221,6 +234,24 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_token_file: Option<String>,
+    /// This node's certificate (PEM), served on both ports and presented to
+    /// other nodes; needs --tls-key and --peer-ca.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
+    /// The cluster's CA (PEM): the peer port accepts only nodes with a
+    /// certificate from it (mutual TLS), and this node checks those it calls.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_ca: Option<String>,
+    /// Require client certificates from this CA (PEM) on the public port.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<String>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<String>,

@@ -40,6 +40,7 @@ pub mod server;
 pub mod stages;
 pub mod storage;
 pub mod sync;
+pub mod tls;
 pub mod type_config;
 
 /// The Raft instance type of every group.

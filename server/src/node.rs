@@ -158,7 +158,8 @@ impl Node {
             }
             None => crate::raft::peers::NodeCredentials::default(),
         };
-        let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes, credentials);
+        let tls = crate::tls::NodeTls::load(&config)?.map(|t| t.client());
+        let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes, credentials, tls);
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
         let (metadata, metadata_write_back) = open_group(
             &engine,

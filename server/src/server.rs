@@ -96,6 +96,10 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         }
         None => crate::api::auth::Tokens::new(None),
     };
+    let tls = crate::tls::NodeTls::load(&config)?;
+    if tls.is_some() {
+        tracing::info!("TLS on both ports; the peer port accepts only certificates from --peer-ca");
+    }
     let node = Node::start(config.clone()).await?;
     if let Some(listener) = http_listener {
         // Metrics and health only: it lives as long as the process and
@@ -117,17 +121,18 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     health_reporter.set_serving::<ClusterServer<ClusterService>>().await;
 
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut peer_serving = tokio::spawn(peer_server(&node, health_service.clone()).serve_with_incoming_shutdown(
-        TcpListenerStream::new(peer_listener),
-        async move {
-            let _ = peers_stopped.await;
-        },
-    ));
+    let mut peer_serving =
+        tokio::spawn(peer_server(&node, health_service.clone(), tls.as_ref())?.serve_with_incoming_shutdown(
+            TcpListenerStream::new(peer_listener),
+            async move {
+                let _ = peers_stopped.await;
+            },
+        ));
     let shutdown = async {
         wait_for_signal().await;
         tracing::info!("shutdown requested: no new requests; draining");
     };
-    let public_serving = public_server(&node, health_service, tokens)?
+    let public_serving = public_server(&node, health_service, tokens, tls.as_ref())?
         .serve_with_incoming_shutdown(TcpListenerStream::new(public_listener), shutdown);
     tokio::select! {
         served = public_serving => served.context("public gRPC server")?,
@@ -160,6 +165,7 @@ fn public_server(
     node: &std::sync::Arc<Node>,
     health: HealthServer<impl Health>,
     tokens: Tokens,
+    tls: Option<&crate::tls::NodeTls>,
 ) -> anyhow::Result<Router<Stack<DecodeErrorLayer, Stack<AuthLayer, Identity>>>> {
     let descriptors = public_descriptors().context("public file descriptors")?;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -174,7 +180,11 @@ fn public_server(
         .context("reflection service")?;
     let ingest = AdmissionLayer::new(MAX_CONCURRENT_REQUESTS, ADMISSION_WAIT)
         .layer(IngestServer::new(IngestService::new(node.clone())).max_decoding_message_size(INGEST_DECODE_LIMIT));
-    Ok(tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.public_server()).context("TLS of the public port")?;
+    }
+    Ok(builder
         .tcp_nodelay(true)
         .max_concurrent_streams(PUBLIC_MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -193,8 +203,16 @@ fn public_server(
 /// The peer listener's server: the internal Raft service and health, nothing
 /// a client calls. Peer authentication (mTLS: `tls_config` with a client CA)
 /// belongs on this builder alone.
-fn peer_server(node: &std::sync::Arc<Node>, health: HealthServer<impl Health>) -> Router {
-    tonic::transport::Server::builder()
+fn peer_server(
+    node: &std::sync::Arc<Node>,
+    health: HealthServer<impl Health>,
+    tls: Option<&crate::tls::NodeTls>,
+) -> anyhow::Result<Router> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.peer_server()).context("TLS of the peer port")?;
+    }
+    Ok(builder
         .tcp_nodelay(true)
         .max_concurrent_streams(PEER_MAX_CONCURRENT_STREAMS)
         .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_ACCEPT_RESET_STREAMS))
@@ -206,7 +224,7 @@ fn peer_server(node: &std::sync::Arc<Node>, health: HealthServer<impl Health>) -
             RaftServer::new(RaftService::new(node.clone()))
                 .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES),
-        )
+        ))
 }
 
 /// Tally's file descriptors without the internal ones, for reflection on

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::peer_link::{LinkEvent, PeerEvents, PeerLink};
 use crate::sync::RwLockExt;
@@ -82,6 +82,8 @@ pub struct PeerPool {
     /// What the conversations learn about peers (liveness listens).
     events: Arc<PeerEvents>,
     credentials: NodeCredentials,
+    /// TLS of calls to other nodes (`tls.rs`); `None`: plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl PeerPool {
@@ -89,6 +91,7 @@ impl PeerPool {
         connect_timeout: Duration,
         routes: HashMap<NodeId, String>,
         credentials: NodeCredentials,
+        tls: Option<ClientTlsConfig>,
     ) -> Arc<PeerPool> {
         Arc::new(PeerPool {
             peer: RwLock::default(),
@@ -98,6 +101,7 @@ impl PeerPool {
             links: RwLock::default(),
             events: Arc::default(),
             credentials,
+            tls,
         })
     }
 
@@ -143,12 +147,17 @@ impl PeerPool {
     }
 
     fn connect_lazy(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
             addr.to_string()
         } else {
-            format!("http://{addr}")
+            format!("{scheme}://{addr}")
         };
-        Ok(Endpoint::from_shared(uri)?
+        let mut endpoint = Endpoint::from_shared(uri)?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        Ok(endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             // Generous: a node starved of CPU for a few seconds must not have
