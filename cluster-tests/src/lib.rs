@@ -13,6 +13,7 @@ pub mod model;
 pub mod nemesis;
 pub mod netproxy;
 pub mod python;
+pub mod raw;
 pub mod serial;
 
 use std::os::unix::process::CommandExt;
@@ -75,6 +76,17 @@ pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
     }
     anyhow::ensure!(ports.len() == n, "no {n} free ports in {TEST_PORTS:?}");
     Ok(ports)
+}
+
+/// Peak resident set (VmHWM) of a process, KiB.
+pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    // A process that has exited (a zombie) has no memory figures left.
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or_else(|| anyhow::anyhow!("tallyd (pid {pid}) has no VmHWM: it died"))?;
+    Ok(line.split_whitespace().nth(1).ok_or_else(|| anyhow::anyhow!("bad VmHWM line"))?.parse()?)
 }
 
 /// A public and a peer address on free loopback ports.

@@ -24,14 +24,14 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cluster_tests::raw::{frame_header, raw_ingest};
 use cluster_tests::{ClusterOptions, TestCluster};
 use futures::StreamExt;
 use http_body::Frame;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{Full, StreamBody};
 use tally_proto::v1::{Event, IngestRequest};
-use tonic::codegen::{http, Service};
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Code;
 
 const FLOOD_REQUESTS: usize = 200;
 const FLOOD_BODY_BYTES: usize = 60 << 20;
@@ -39,43 +39,6 @@ const RSS_LIMIT_KIB: u64 = 1 << 20; // 1 GiB
 /// `MAX_CONCURRENT_REQUESTS` of server/src/api/admission.rs.
 const INGEST_SLOTS: usize = 256;
 const SURPLUS: usize = 20;
-
-/// A gRPC message frame header: uncompressed, `len` bytes follow.
-fn frame_header(len: usize) -> [u8; 5] {
-    let mut header = [0u8; 5];
-    header[1..].copy_from_slice(&(len as u32).to_be_bytes());
-    header
-}
-
-/// Send `body` to /tally.v1.Ingest/Ingest and return the gRPC status.
-async fn raw_ingest(mut channel: Channel, body: tonic::body::Body) -> anyhow::Result<Status> {
-    let request = http::Request::builder()
-        .method("POST")
-        .uri("/tally.v1.Ingest/Ingest")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)?;
-    futures::future::poll_fn(|cx| channel.poll_ready(cx)).await?;
-    let response = channel.call(request).await?;
-    let (parts, body) = response.into_parts();
-    if let Some(status) = Status::from_header_map(&parts.headers) {
-        return Ok(status); // trailers-only: refused before any message
-    }
-    let collected = body.collect().await?;
-    let trailers = collected.trailers().cloned().unwrap_or_default();
-    Status::from_header_map(&trailers).ok_or_else(|| anyhow::anyhow!("no grpc-status in the answer"))
-}
-
-/// Peak resident set (VmHWM) of a process, KiB.
-fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    // A process that has exited (a zombie) has no memory figures left.
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .ok_or_else(|| anyhow::anyhow!("tallyd (pid {pid}) has no VmHWM: it died"))?;
-    Ok(line.split_whitespace().nth(1).ok_or_else(|| anyhow::anyhow!("bad VmHWM line"))?.parse()?)
-}
 
 async fn channels(cluster: &TestCluster, n: usize) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::new();
@@ -108,7 +71,7 @@ async fn oversized_and_stalled_ingest_is_refused_before_its_body() -> anyhow::Re
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, partitions: 8, args: vec![] }).await?;
     let pid = cluster.pid(1)?;
     ingest_works(&cluster, "before").await?;
-    let rss_before = peak_rss_kib(pid)?;
+    let rss_before = cluster_tests::peak_rss_kib(pid)?;
 
     // 200 × 60 MiB, all at once, over 4 connections; one shared buffer.
     let mut body = Vec::with_capacity(FLOOD_BODY_BYTES + 5);
@@ -123,7 +86,7 @@ async fn oversized_and_stalled_ingest_is_refused_before_its_body() -> anyhow::Re
     }))
     .await;
     let took = started.elapsed();
-    let rss_after = peak_rss_kib(pid)?;
+    let rss_after = cluster_tests::peak_rss_kib(pid)?;
     println!(
         "flood: {FLOOD_REQUESTS} × {} MiB in {took:?}; tallyd peak RSS {} MiB before, {} MiB after",
         FLOOD_BODY_BYTES >> 20,
@@ -216,7 +179,7 @@ async fn oversized_and_stalled_ingest_is_refused_before_its_body() -> anyhow::Re
             Err(e) => return Err(e),
         }
     }
-    assert!(peak_rss_kib(pid)? < RSS_LIMIT_KIB);
+    assert!(cluster_tests::peak_rss_kib(pid)? < RSS_LIMIT_KIB);
     Ok(())
 }
 

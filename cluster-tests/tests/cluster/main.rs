@@ -31,6 +31,7 @@ mod peer_port;
 mod quiescence;
 mod replica_handoff;
 mod restart_at_once;
+mod spike;
 mod tls;
 mod transfer_down_node;
 mod transfer_paused_node;
@@ -65,6 +66,7 @@ fn every_cluster_test_takes_its_turn() {
         ("quiescence", include_str!("quiescence.rs")),
         ("replica_handoff", include_str!("replica_handoff.rs")),
         ("restart_at_once", include_str!("restart_at_once.rs")),
+        ("spike", include_str!("spike.rs")),
         ("tls", include_str!("tls.rs")),
         ("transfer_down_node", include_str!("transfer_down_node.rs")),
         ("transfer_paused_node", include_str!("transfer_paused_node.rs")),
