@@ -20,6 +20,32 @@ def addrs_from_args():
     return [a.strip() for a in args.addr.split(",") if a.strip()]
 
 
+def channel(addr, options=None):
+    """A channel to one node, as a cluster with TLS and tokens needs it.
+
+    TALLY_CA (the cluster's CA, PEM) turns TLS on; TALLY_CERT and TALLY_KEY
+    add a client certificate (tallyd --tls-client-ca); TALLY_TOKEN is sent
+    as `authorization: Bearer ...` on every call (grpc sends call
+    credentials over TLS only). Without TALLY_CA: plaintext.
+    """
+    import grpc
+
+    ca = os.environ.get("TALLY_CA")
+    if not ca:
+        return grpc.insecure_channel(addr, options=options)
+    read = lambda path: open(path, "rb").read()  # noqa: E731
+    cert, key = os.environ.get("TALLY_CERT"), os.environ.get("TALLY_KEY")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(ca),
+        private_key=read(key) if key else None,
+        certificate_chain=read(cert) if cert else None,
+    )
+    token = os.environ.get("TALLY_TOKEN")
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(addr, credentials, options=options)
+
+
 class Checks:
     def __init__(self):
         self.passed = 0

@@ -7,7 +7,8 @@ virtual environment's Python. Checks: the gRPC health service of every
 node, cluster status, ingestion with event ids, duplicates on re-send, a
 rejected invalid event naming its field, exact stats and series, a stale
 read, and that Python computes the same partition as the server's
-partitioner (xxh3_64(entity_id) mod partition_count).
+partitioner (xxh3_64(entity_id) mod partition_count). With TALLY_CA (and
+TALLY_TOKEN, TALLY_CERT, TALLY_KEY) it connects over TLS with a token.
 
 Prints "N passed, N failed" and exits non-zero on any failure.
 """
@@ -16,6 +17,7 @@ import sys
 import time
 import uuid
 
+import tally_checks
 from tally_checks import Checks, addrs_from_args  # also puts gen/ on the path
 
 import grpc  # noqa: E402
@@ -34,7 +36,7 @@ def partition_of(entity_id: bytes, partition_count: int) -> int:
 
 def main() -> int:
     addrs = addrs_from_args()
-    channels = {a: grpc.insecure_channel(a) for a in addrs}
+    channels = {a: tally_checks.channel(a) for a in addrs}
     first = channels[addrs[0]]
 
     # Health of every node and service.

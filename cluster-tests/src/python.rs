@@ -11,6 +11,12 @@ use crate::TestCluster;
 /// `scripts/gen-clients.sh MODE ADDRS` against every node of `cluster`
 /// (`python-test`: tally_smoke.py, `python-contract`: tally_contract.py).
 pub async fn run_checks(cluster: &TestCluster, mode: &str) -> anyhow::Result<()> {
+    run_checks_with(cluster, mode, &[]).await
+}
+
+/// [`run_checks`] with environment variables for the script (`TALLY_CA`,
+/// `TALLY_TOKEN`, ...).
+pub async fn run_checks_with(cluster: &TestCluster, mode: &str, env: &[(&str, String)]) -> anyhow::Result<()> {
     // The running checkout's, not the one this library was compiled in: a
     // shared target dir may hold a build made from another clone.
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
@@ -19,6 +25,7 @@ pub async fn run_checks(cluster: &TestCluster, mode: &str) -> anyhow::Result<()>
         .arg(&script)
         .arg(mode)
         .arg(crate::cli::all_addrs(cluster))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .kill_on_drop(true)
         .output()
         .await?;
