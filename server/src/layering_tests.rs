@@ -23,6 +23,7 @@ const LAYERS: &[&str] = &[
     "clock",
     "dedup",
     "config",
+    "tls",
     "storage",
     "raft",
     "processor",
