@@ -15,7 +15,9 @@
 //!   faults (failover, quiescence, transfers to a down or paused node,
 //!   replica_handoff: a drop within seconds), loads the machine itself
 //!   (many_partitions: a busy loop on a core; entry_limits: ~85 MiB of big
-//!   entries; ingest_flood: 60 MiB bodies and a peak-RSS bound).
+//!   entries; ingest_flood: 60 MiB bodies and a peak-RSS bound; spike: ten
+//!   times capacity), or moves replicas against deadlines (membership, tls:
+//!   a kill -9 under load).
 //! * [`shared`] — any number of shared tests run together (libtest's thread
 //!   count is the real limit). For tests whose waits are generous next to
 //!   what they wait for and that assert on answers, not on durations: the
