@@ -109,7 +109,12 @@ pub struct Node {
 }
 
 impl Node {
-    pub async fn start(config: NodeConfig) -> anyhow::Result<Arc<Node>> {
+    /// Opens the node's groups and starts its background work. `client_tls`
+    /// is what its calls to other nodes use (`tls.rs`; `None`: plaintext).
+    pub async fn start(
+        config: NodeConfig,
+        client_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> anyhow::Result<Arc<Node>> {
         let data_dir = PathBuf::from(&config.data_dir);
         let engine = Engine::open(&data_dir.join("db")).with_context(|| format!("opening {}", data_dir.display()))?;
         let raft_config = Arc::new(
@@ -158,8 +163,7 @@ impl Node {
             }
             None => crate::raft::peers::NodeCredentials::default(),
         };
-        let tls = crate::tls::NodeTls::load(&config)?.map(|t| t.client());
-        let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes, credentials, tls);
+        let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes, credentials, client_tls);
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
         let (metadata, metadata_write_back) = open_group(
             &engine,

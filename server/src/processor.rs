@@ -294,7 +294,7 @@ impl Processor {
         let started = Instant::now();
         // An acknowledgement within the lease, fresh or not, heartbeat if none.
         let confirmed = LinearizerOption::new(None, true);
-        let _confirmed_at = self.raft.get_read_linearizer(confirmed).await.map_err(|e| e.to_string())?;
+        let _ = self.raft.get_read_linearizer(confirmed).await.map_err(|e| e.to_string())?;
         let (leader_id, log_end) = {
             let m = self.raft.metrics();
             let m = m.borrow_watched();

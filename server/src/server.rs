@@ -100,7 +100,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     if tls.is_some() {
         tracing::info!("TLS on both ports; the peer port accepts only certificates from --peer-ca");
     }
-    let node = Node::start(config.clone()).await?;
+    let node = Node::start(config.clone(), tls.as_ref().map(|t| t.client())).await?;
     if let Some(listener) = http_listener {
         // Metrics and health only: it lives as long as the process and
         // stops with it; a failure is logged, never fatal to serving.

@@ -102,22 +102,25 @@ async fn a_spike_at_ten_times_capacity_is_shed_and_loses_nothing() -> anyhow::Re
                     let request = batch(now, &format!("cap-{w}-{n}"));
                     n += 1;
                     let mut client = clients[w % clients.len()].clone();
+                    let deadline = Instant::now() + Duration::from_secs(60);
                     loop {
                         match client.ingest(request.clone()).await {
                             Ok(reply) if reply.get_ref().rejected.is_empty() => {
                                 accepted.fetch_add(u64::from(reply.get_ref().accepted), Ordering::Relaxed);
                                 break;
                             }
-                            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                            other => anyhow::bail!("capacity batch cap-{w}-{} never acknowledged: {other:?}", n - 1),
                         }
                     }
                     *done.lock().unwrap_or_else(|p| p.into_inner()) += 1;
                 }
+                Ok(())
             })
         })
         .collect();
     for s in senders {
-        s.await?;
+        s.await??;
     }
     let capacity = accepted.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
     let capacity_events = *capacity_batches.lock().unwrap_or_else(|p| p.into_inner()) * u64::from(BATCH);
