@@ -173,7 +173,12 @@ impl TestCluster {
     }
 
     async fn start_with(options: ClusterOptions, proxied: bool) -> anyhow::Result<TestCluster> {
-        let dir = tempfile::Builder::new().prefix("tally-test").tempdir()?;
+        let mut dir = tempfile::Builder::new().prefix("tally-test").tempdir()?;
+        // Keep the nodes' data and logs for a post-mortem when asked to.
+        if std::env::var_os("TALLY_KEEP_TEST_DIR").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping the cluster's directory {}", dir.path().display());
+        }
         let binary = tallyd_binary()?;
         let mut nodes = Vec::new();
         for id in 1..=options.nodes {
@@ -586,6 +591,71 @@ impl TestCluster {
         let text = std::fs::read_to_string(&node.log_path).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Every partition's Raft voters equal its replicas in the cluster map,
+    /// as a live replica that knows a leader reports them, and the metadata
+    /// group has a leader: a membership change has completed.
+    pub async fn membership_settled(&self) -> bool {
+        let mut settled: std::collections::BTreeMap<u32, bool> = std::collections::BTreeMap::new();
+        for id in self.live_node_ids() {
+            let Ok(s) = self.status(id).await else { continue };
+            if s.metadata_leader_node_id == 0 {
+                return false;
+            }
+            for p in &s.partitions {
+                let (mut v, mut r) = (p.voters.clone(), p.replicas.clone());
+                v.sort();
+                r.sort();
+                let here = p.replicas.contains(&id) && p.leader_node_id != 0 && v == r;
+                *settled.entry(p.partition).or_default() |= here;
+            }
+        }
+        settled.len() == self.partitions as usize && settled.values().all(|s| *s)
+    }
+
+    /// What each live node knows of `partitions` (or of every partition it
+    /// replicates that has no settled leader) and the last warnings in its
+    /// log: printed when a liveness check fails, so a failure in CI can be
+    /// read without the run's directory.
+    pub async fn post_mortem(&self, partitions: &[u32]) -> String {
+        let mut out = String::from("--- post-mortem ---\n");
+        for id in self.live_node_ids() {
+            match self.status(id).await {
+                Ok(s) => {
+                    out.push_str(&format!("node {id}: metadata leader {}\n", s.metadata_leader_node_id));
+                    for p in &s.partitions {
+                        let unsettled = p.leader_node_id == 0 || {
+                            let (mut v, mut r) = (p.voters.clone(), p.replicas.clone());
+                            v.sort();
+                            r.sort();
+                            p.replicas.contains(&id) && v != r
+                        };
+                        if partitions.contains(&p.partition) || (partitions.is_empty() && unsettled) {
+                            out.push_str(&format!(
+                                "  partition {}: leader {} term {} commit {} applied {} replicas {:?} voters {:?} quiesced {}\n",
+                                p.partition,
+                                p.leader_node_id,
+                                p.term,
+                                p.commit_index,
+                                p.applied_index,
+                                p.replicas,
+                                p.voters,
+                                p.quiesced
+                            ));
+                        }
+                    }
+                }
+                Err(e) => out.push_str(&format!("node {id}: status failed: {e}\n")),
+            }
+            let log = self.log(id);
+            let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+            out.push_str(&format!("node {id}: last warnings of {}:\n", warnings.len()));
+            for line in &warnings[warnings.len().saturating_sub(15)..] {
+                out.push_str(&format!("  {}\n", line.chars().take(400).collect::<String>()));
+            }
+        }
+        out
     }
 
     pub fn log(&self, id: u64) -> String {

@@ -38,25 +38,15 @@ async fn add_node_completes_after_its_coordinator_is_killed() -> anyhow::Result<
 
     // Every partition's leader reports voters == replicas, with node 4 in.
     let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let s = cluster.status(observer).await?;
-        let s4 = cluster.status(four).await?;
-        let settled = s.partitions.iter().zip(&s4.partitions).all(|(a, b)| {
-            let mut want = a.replicas.clone();
-            want.sort();
-            // Either node may be the one replicating the partition.
-            [a, b].iter().any(|p| {
-                let mut v = p.voters.clone();
-                v.sort();
-                p.leader_node_id != 0 && v == want
-            })
-        });
-        if settled && s.metadata_leader_node_id != 0 {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the change did not finish after its coordinator died: {s:?}");
+    while !cluster.membership_settled().await {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the change did not finish after its coordinator died\n{}",
+            cluster.post_mortem(&[]).await
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    anyhow::ensure!(cluster.status(observer).await?.nodes.iter().any(|n| n.node_id == four), "node 4 is in the map");
     cluster.restart(coordinator).await?;
     cluster.wait_ready(Duration::from_secs(30)).await?;
     let total =
