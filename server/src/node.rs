@@ -410,6 +410,16 @@ impl Node {
     /// Stop and forget a replica this node no longer holds, deleting its data.
     pub async fn drop_partition(&self, partition: u32) -> anyhow::Result<()> {
         let _guard = self.opening.lock().await;
+        // The caller decided on an older map (asking leaders takes seconds):
+        // if a newer map placed the partition here again, it was not opened
+        // anew because this replica still existed, so dropping it now would
+        // leave the node without the replica its leader is adding back as a
+        // learner — a membership change that never completes. Keep it: its
+        // log is a prefix of the group's, and the leader catches it up.
+        if self.cluster_map.borrow().replicas_of(partition).contains(&self.id) {
+            tracing::info!(partition, "keeping a replica the newest map placed here again");
+            return Ok(());
+        }
         let replica = self.partitions.write_unpoisoned().remove(&partition);
         let Some(replica) = replica else { return Ok(()) };
         let _ = replica.raft.shutdown().await;
