@@ -75,6 +75,8 @@ pub enum Command {
     Stats(query::StatsArgs),
     /// Buckets of one granularity over [from, to).
     Series(query::SeriesArgs),
+    /// The k entities with the most events of a type over [from, to), exact.
+    Top(query::TopArgs),
     /// Load generator with latency percentiles and count verification;
     /// `tally bench report` renders docs/BENCHMARKS.md from a run of
     /// scripts/bench.sh.
@@ -113,6 +115,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Ingest(args) => ingest::run(&cli, args).await,
         Command::Stats(args) => query::stats(&cli, args).await,
         Command::Series(args) => query::series(&cli, args).await,
+        Command::Top(args) => query::top(&cli, args).await,
         Command::Bench(command) => bench_steps::run(&cli, command).await,
         Command::ProbeWrites(args) => probe_writes::run(&cli, args).await,
     }

@@ -1,4 +1,4 @@
-//! `tally stats` and `tally series`.
+//! `tally stats`, `tally series` and `tally top`.
 //!
 //! Both go through [`TallyClient`](tally_client::TallyClient), so they are routed
 //! to the partition's leader (or any replica with `--stale`) and retried
@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::{print_json, Cli};
 use tally_client::time_arg::{format_ms, parse_time};
-use tally_client::{Consistency, Granularity};
+use tally_client::{Consistency, Granularity, TopKOrder};
 
 /// Arguments of `tally stats`.
 #[derive(Debug, Args)]
@@ -46,6 +46,28 @@ pub struct SeriesArgs {
     /// minute, hour, day or month.
     #[arg(long, default_value = "minute")]
     pub granularity: String,
+    /// Read from any replica (cheaper, may lag).
+    #[arg(long)]
+    pub stale: bool,
+}
+
+/// Arguments of `tally top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Event type, e.g. view.
+    pub event_type: String,
+    /// Range start (inclusive), rounded down to the hour.
+    #[arg(long, default_value = "-1d", allow_hyphen_values = true)]
+    pub from: String,
+    /// Range end (exclusive), rounded up to the hour.
+    #[arg(long, default_value = "+1m", allow_hyphen_values = true)]
+    pub to: String,
+    /// How many entities (1 to 1,000).
+    #[arg(short = 'k', long, default_value_t = 10)]
+    pub k: u32,
+    /// Rank by the sum of values instead of the count.
+    #[arg(long)]
+    pub by_sum: bool,
     /// Read from any replica (cheaper, may lag).
     #[arg(long)]
     pub stale: bool,
@@ -123,6 +145,43 @@ pub(crate) async fn series(cli: &Cli, args: &SeriesArgs) -> anyhow::Result<i32> 
     } else {
         for b in &s.buckets {
             println!("{}  {:>10}  {:>12}", format_ms(b.start_ms), b.count, exact_sum(b.sum, &b.sum_exact));
+        }
+    }
+    Ok(0)
+}
+
+pub(crate) async fn top(cli: &Cli, args: &TopArgs) -> anyhow::Result<i32> {
+    let (from, to) = (parse_time(&args.from)?, parse_time(&args.to)?);
+    let order = if args.by_sum { TopKOrder::Sum } else { TopKOrder::Count };
+    let client = crate::client(cli).await?;
+    let top = client.top_k(&args.event_type, from..to, args.k, order, consistency(args.stale)).await?;
+    if cli.json {
+        let entries: Vec<_> = top
+            .entries
+            .iter()
+            .map(|e| json!({"entity": String::from_utf8_lossy(&e.entity_id), "count": e.count, "sum": e.sum, "sum_exact": e.sum_exact, "sum_overflow": e.sum_overflow}))
+            .collect();
+        print_json(&json!({
+            "event_type": args.event_type, "k": args.k, "by": if args.by_sum { "sum" } else { "count" },
+            "from_ms": top.effective_from_ms, "to_ms": top.effective_to_ms, "entries": entries,
+        }));
+    } else {
+        println!(
+            "top {} {} by {}   [{} .. {})",
+            args.k,
+            args.event_type,
+            if args.by_sum { "sum" } else { "count" },
+            format_ms(top.effective_from_ms),
+            format_ms(top.effective_to_ms)
+        );
+        for (rank, e) in top.entries.iter().enumerate() {
+            println!(
+                "{:>4}  {:<32}  {:>10}  {:>14}",
+                rank + 1,
+                String::from_utf8_lossy(&e.entity_id),
+                e.count,
+                exact_sum(e.sum, &e.sum_exact)
+            );
         }
     }
     Ok(0)

@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use tally_proto::v1::{
     Consistency, Event, Granularity, SeriesRequest, SeriesResponse, StatsRequest, StatsResponse, StatusRequest,
-    StatusResponse,
+    StatusResponse, TopKOrder, TopKRequest, TopKResponse,
 };
-use tally_proto::validate::{validate_event, validate_query_key, validate_range};
+use tally_proto::validate::{validate_event, validate_query_key, validate_range, validate_top_k};
 use tokio::sync::oneshot;
 
 use crate::batcher::Batcher;
@@ -230,6 +230,35 @@ impl TallyClient {
         call(&self.inner.router, route, |node| {
             let request = node.request(request.clone());
             async move { node.query().series(request).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
+    /// The `k` (1 to 1,000) entities with the highest count (or, with
+    /// [`TopKOrder::Sum`], sum) of `event_type` over `range` rounded out to
+    /// whole hours, exact; highest first. Any node answers: it gathers
+    /// every partition's share itself.
+    pub async fn top_k(
+        &self,
+        event_type: &str,
+        range: Range<i64>,
+        k: u32,
+        order: TopKOrder,
+        consistency: Consistency,
+    ) -> Result<TopKResponse> {
+        validate_top_k(event_type, range.start, range.end, k)?;
+        let request = TopKRequest {
+            event_type: event_type.to_owned(),
+            from_ms: range.start,
+            to_ms: range.end,
+            k,
+            order: order as i32,
+            consistency: consistency as i32,
+            partitions: Vec::new(),
+        };
+        call(&self.inner.router, Route::Any, |node| {
+            let request = node.request(request.clone());
+            async move { node.query().top_k(request).await.map(tonic::Response::into_inner) }
         })
         .await
     }

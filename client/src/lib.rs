@@ -47,7 +47,9 @@
 
 pub use tally_proto as proto;
 pub use tally_proto::partition::partition_of;
-pub use tally_proto::v1::{Consistency, Event, Granularity, SeriesResponse, StatsResponse, StatusResponse};
+pub use tally_proto::v1::{
+    Consistency, Event, Granularity, SeriesResponse, StatsResponse, StatusResponse, TopKOrder, TopKResponse,
+};
 
 pub mod backoff;
 mod batcher;

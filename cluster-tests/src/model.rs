@@ -74,6 +74,28 @@ impl Model {
         (count, sum)
     }
 
+    /// The `k` entities with the highest count (or exact sum, `by_sum`) of
+    /// `event_type` over [from, to): highest first, ties by entity id
+    /// ascending, as `Query.TopK` ranks. (entity, count, exact sum).
+    pub fn top_k(&self, event_type: &str, from: i64, to: i64, k: usize, by_sum: bool) -> Vec<(Vec<u8>, u64, i128)> {
+        let mut all: Vec<(Vec<u8>, u64, i128)> = self
+            .events
+            .keys()
+            .filter(|(_, t)| t == event_type)
+            .map(|(entity, _)| {
+                let (count, sum) = self.exact_stats(entity, event_type, from, to);
+                (entity.clone(), count, sum)
+            })
+            .filter(|(_, count, _)| *count > 0)
+            .collect();
+        all.sort_by(|a, b| {
+            let by_value = if by_sum { b.2.cmp(&a.2) } else { b.1.cmp(&a.1) };
+            by_value.then_with(|| a.0.cmp(&b.0))
+        });
+        all.truncate(k);
+        all
+    }
+
     /// Dense buckets of granularity `g` covering [from, to).
     pub fn series(&self, entity: &[u8], event_type: &str, g: Granularity, from: i64, to: i64) -> Vec<(i64, u64, i64)> {
         let mut by_bucket: HashMap<i64, (u64, i64)> = HashMap::new();

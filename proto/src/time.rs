@@ -161,6 +161,16 @@ pub fn align_range(from_ms: i64, to_ms: i64) -> (i64, i64) {
     (aligned_from, aligned_to)
 }
 
+/// Widens `[from_ms, to_ms)` to whole hours (TopK ranks from hour, day and
+/// month buckets only); like [`align_range`], a `to_ms` that cannot round
+/// up without overflowing rounds down.
+pub fn align_range_to_hours(from_ms: i64, to_ms: i64) -> (i64, i64) {
+    let aligned_from = bucket_start(Granularity::Hour, from_ms);
+    let to_floor = bucket_start(Granularity::Hour, to_ms);
+    let aligned_to = if to_floor == to_ms { to_ms } else { to_floor.checked_add(HOUR_MS).unwrap_or(to_floor) };
+    (aligned_from, aligned_to)
+}
+
 /// The fewest buckets `(granularity, bucket_start)` that exactly tile
 /// `[from_ms, to_ms)`, in ascending time order; empty when `from_ms >= to_ms`.
 ///
@@ -247,6 +257,15 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn hour_aligned_ranges_decompose_without_minutes() {
+        let (from, to) = align_range_to_hours(DAY_MS + 90 * MINUTE_MS, 3 * DAY_MS + 1);
+        assert_eq!((from, to), (DAY_MS + HOUR_MS, 3 * DAY_MS + HOUR_MS));
+        let pieces = decompose(from, to);
+        assert!(pieces.iter().all(|(g, _)| *g != Granularity::Minute), "{pieces:?}");
+        assert_eq!(align_range_to_hours(HOUR_MS, 2 * HOUR_MS), (HOUR_MS, 2 * HOUR_MS));
+    }
 
     // ---- An independent, deliberately naive calendar used as the reference.
 

@@ -70,6 +70,20 @@ pub fn validate_query_key(entity_id: &[u8], event_type: &str) -> Result<(), Fiel
     validate_event_type(event_type)
 }
 
+/// Most entities one TopK answer may rank.
+pub const MAX_TOP_K: u32 = 1_000;
+
+/// Checks a TopK query: its event type as ingestion would, its range as
+/// any query's, and `1 <= k <= MAX_TOP_K`.
+pub fn validate_top_k(event_type: &str, from_ms: i64, to_ms: i64, k: u32) -> Result<(), FieldError> {
+    validate_event_type(event_type)?;
+    validate_range(from_ms, to_ms)?;
+    if k == 0 || k > MAX_TOP_K {
+        return Err(FieldError::new("k", format!("must be 1 to {MAX_TOP_K}, got {k}")));
+    }
+    Ok(())
+}
+
 /// Checks a query's `[from_ms, to_ms)` range: it must start at or after the
 /// epoch, be non-empty, and end no later than the start of year 10000.
 pub fn validate_range(from_ms: i64, to_ms: i64) -> Result<(), FieldError> {

@@ -221,7 +221,7 @@ impl Metrics {
         for outcome in EventOutcome::ALL {
             let _ = events.get_or_create(&outcome.labels());
         }
-        for kind in ["stats", "series"] {
+        for kind in ["stats", "series", "top_k"] {
             for consistency in ["linearizable", "stale"] {
                 let _ = queries.get_or_create(&QueryLabels { kind, consistency });
             }

@@ -33,6 +33,7 @@ mod replica_handoff;
 mod restart_at_once;
 mod spike;
 mod tls;
+mod top_k;
 mod transfer_down_node;
 mod transfer_paused_node;
 

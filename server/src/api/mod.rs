@@ -26,7 +26,9 @@ pub mod peer_reports;
 pub mod propose;
 pub mod query;
 pub mod raft_service;
+pub mod read_routing;
 pub mod retry_hint;
+pub mod top_k;
 pub mod transfer;
 
 use crate::node::ForwardError;

@@ -11,6 +11,14 @@
 //! | `raft`        | group, tag (vote / committed / last purged)     | encoded log id or vote |
 //! | `state`       | group, tag, …                                   | applied log id, membership, cluster map, dedup keys |
 //! | `counts`      | group, entity len, entity, type len, type, granularity, bucket start | count and sum (merge operator) |
+//! | `counts`      | group, [`RANKING_TAG`], type len, type, granularity, bucket start, entity len, entity | the same count and sum, for hour, day and month buckets |
+//!
+//! The second `counts` layout is the ranking index TopK reads: the same
+//! buckets ordered by (type, bucket) first, so every entity's share of one
+//! bucket is one range scan. It is derived from the first at checkpoint
+//! (`write_back.rs`) in the same batch, so it travels in snapshots, digests
+//! and group deletes with the counts and never disagrees with them. Its tag
+//! cannot begin an entity key: entity lengths stay below `0xFF00`.
 
 use tally_proto::time::Granularity;
 
@@ -41,13 +49,19 @@ pub const STATE_CONFLICTS: u8 = 7;
 /// prefix into a key that aliases another series.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("entity_id is {0} bytes; keys hold at most {max}", max = u16::MAX)]
+    #[error("entity_id is {0} bytes; keys hold at most {max}", max = MAX_KEY_ENTITY_LEN)]
     EntityTooLong(usize),
     #[error("event_type is {0} bytes; keys hold at most {max}", max = u8::MAX)]
     TypeTooLong(usize),
     #[error("bucket start {0} ms is before the epoch")]
     NegativeTime(i64),
 }
+
+/// First byte after the group id of a ranking-index key.
+pub const RANKING_TAG: u8 = 0xFF;
+/// Longest entity id a key holds: its u16 length never starts with
+/// [`RANKING_TAG`].
+const MAX_KEY_ENTITY_LEN: usize = 0xFEFF;
 
 pub fn group_prefix(group: u32) -> [u8; 4] {
     group.to_be_bytes()
@@ -99,6 +113,9 @@ pub fn series_prefix(
     event_type: &str,
     granularity: Granularity,
 ) -> Result<Vec<u8>, KeyError> {
+    if entity_id.len() > MAX_KEY_ENTITY_LEN {
+        return Err(KeyError::EntityTooLong(entity_id.len()));
+    }
     let entity_len = u16::try_from(entity_id.len()).map_err(|_| KeyError::EntityTooLong(entity_id.len()))?;
     let type_len = u8::try_from(event_type.len()).map_err(|_| KeyError::TypeTooLong(event_type.len()))?;
     let mut k = Vec::with_capacity(4 + 2 + entity_id.len() + 1 + event_type.len() + 1 + 8);
@@ -140,6 +157,68 @@ pub fn bucket_of_counts_key(key: &[u8]) -> Option<i64> {
     Some(u64::from_be_bytes(tail) as i64)
 }
 
+/// The parts of a counts key (the entity-first layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CountsKey<'a> {
+    pub entity_id: &'a [u8],
+    pub event_type: &'a [u8],
+    pub granularity: u8,
+    pub bucket_start: u64,
+}
+
+/// Splits an entity-first counts key; `None` for a ranking-index key or
+/// anything malformed.
+pub fn parse_counts_key(key: &[u8]) -> Option<CountsKey<'_>> {
+    let rest = key.get(4..)?;
+    if rest.first() == Some(&RANKING_TAG) {
+        return None;
+    }
+    let entity_len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let entity_id = rest.get(2..2 + entity_len)?;
+    let rest = rest.get(2 + entity_len..)?;
+    let type_len = *rest.first()? as usize;
+    let event_type = rest.get(1..1 + type_len)?;
+    let rest = rest.get(1 + type_len..)?;
+    let granularity = *rest.first()?;
+    let bucket_start = u64::from_be_bytes(rest.get(1..9)?.try_into().ok()?);
+    (rest.len() == 9).then_some(CountsKey { entity_id, event_type, granularity, bucket_start })
+}
+
+/// Prefix of the ranking-index keys of one (type, granularity, bucket):
+/// every entity with events there follows it.
+pub fn ranking_prefix(group: u32, event_type: &[u8], granularity: u8, bucket_start: u64) -> Option<Vec<u8>> {
+    let type_len = u8::try_from(event_type.len()).ok()?;
+    let mut k = Vec::with_capacity(4 + 1 + 1 + event_type.len() + 1 + 8 + 2 + 32);
+    k.extend_from_slice(&group.to_be_bytes());
+    k.push(RANKING_TAG);
+    k.push(type_len);
+    k.extend_from_slice(event_type);
+    k.push(granularity);
+    k.extend_from_slice(&bucket_start.to_be_bytes());
+    Some(k)
+}
+
+/// The ranking-index key of a counts key, for the granularities TopK reads
+/// (hour and coarser); `None` for minute buckets.
+pub fn ranking_key_of(group: u32, counts_key: &[u8]) -> Option<Vec<u8>> {
+    let parts = parse_counts_key(counts_key)?;
+    if parts.granularity <= Granularity::Minute.as_u8() {
+        return None;
+    }
+    let mut k = ranking_prefix(group, parts.event_type, parts.granularity, parts.bucket_start)?;
+    k.extend_from_slice(&u16::try_from(parts.entity_id.len()).ok()?.to_be_bytes());
+    k.extend_from_slice(parts.entity_id);
+    Some(k)
+}
+
+/// The entity of a ranking-index key that starts with `prefix`.
+pub fn entity_of_ranking_key<'a>(key: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    let rest = key.strip_prefix(prefix)?;
+    let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let entity = rest.get(2..)?;
+    (entity.len() == len).then_some(entity)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +249,32 @@ mod tests {
         let long_type = "t".repeat(300);
         assert_eq!(series_prefix(1, b"e", &long_type, Granularity::Hour), Err(KeyError::TypeTooLong(300)));
         assert_eq!(bucket_key(1, b"e", "view", Granularity::Minute, -60_000), Err(KeyError::NegativeTime(-60_000)));
-        assert!(series_prefix(1, &vec![b'x'; 65_535], &"t".repeat(255), Granularity::Day).is_ok());
+        assert!(series_prefix(1, &vec![b'x'; 0xFEFF], &"t".repeat(255), Granularity::Day).is_ok());
+        // A length that would start with the ranking tag is refused.
+        assert_eq!(
+            series_prefix(1, &vec![b'x'; 0xFF00], "view", Granularity::Day),
+            Err(KeyError::EntityTooLong(0xFF00))
+        );
+    }
+
+    #[test]
+    fn ranking_keys_mirror_hour_and_coarser_counts_keys() {
+        let day = bucket_key(7, b"video-1", "view", Granularity::Day, 86_400_000).unwrap();
+        let parts = parse_counts_key(&day).unwrap();
+        assert_eq!(
+            (parts.entity_id, parts.event_type, parts.bucket_start),
+            (&b"video-1"[..], &b"view"[..], 86_400_000)
+        );
+        let ranked = ranking_key_of(7, &day).unwrap();
+        let prefix = ranking_prefix(7, b"view", Granularity::Day.as_u8(), 86_400_000).unwrap();
+        assert_eq!(entity_of_ranking_key(&ranked, &prefix), Some(&b"video-1"[..]));
+        // Inside the group's range, and never parsed as a counts key.
+        assert!(ranked.as_slice() >= group_prefix(7).as_slice() && ranked.as_slice() < group_end(7).as_slice());
+        assert_eq!(parse_counts_key(&ranked), None);
+        // Minutes are not indexed; a longer type is another prefix.
+        let minute = bucket_key(7, b"video-1", "view", Granularity::Minute, 60_000).unwrap();
+        assert_eq!(ranking_key_of(7, &minute), None);
+        let other = ranking_prefix(7, b"views", Granularity::Day.as_u8(), 86_400_000).unwrap();
+        assert_eq!(entity_of_ranking_key(&ranked, &other), None);
     }
 }

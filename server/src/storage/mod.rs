@@ -6,6 +6,7 @@ pub mod counts;
 pub mod engine;
 pub mod keys;
 pub mod log_store;
+pub mod ranking;
 pub mod read;
 pub mod snapshot;
 pub mod state_machine;

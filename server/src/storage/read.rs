@@ -21,7 +21,7 @@ use super::{Engine, StorageError};
 use crate::type_config::LogId;
 
 /// The applied index a RocksDB snapshot holds for `group`.
-fn disk_applied(engine: &Engine, snap: &rocksdb::Snapshot<'_>, group: u32) -> Result<u64, StorageError> {
+pub(super) fn disk_applied(engine: &Engine, snap: &rocksdb::Snapshot<'_>, group: u32) -> Result<u64, StorageError> {
     let applied: Option<LogId> = match snap.get_cf(engine.cf(CF_STATE)?, keys::tagged(group, STATE_APPLIED))? {
         Some(v) => decode(&v)?,
         None => None,

@@ -217,6 +217,31 @@ impl WriteBack {
         Overlay { parts }
     }
 
+    /// The memory side of a TopK read: per epoch still in memory, its
+    /// `upto` and the deltas of `event_type` in the `pieces` (granularity,
+    /// bucket start, sorted) by entity. Scans every key in memory (bounded by
+    /// [`MAX_DIRTY_KEYS`]), since memory has no index by type.
+    pub fn ranking_overlay(&self, event_type: &[u8], pieces: &[(u8, u64)]) -> Vec<(u64, HashMap<Vec<u8>, CountSum>)> {
+        let epochs = self.epochs();
+        let mut parts = Vec::new();
+        for epoch in epochs.frozen.iter().map(|e| &**e).chain(std::iter::once(&epochs.active)) {
+            let mut by_entity: HashMap<Vec<u8>, CountSum> = HashMap::new();
+            for (key, delta) in &epoch.counts {
+                let Some(parts) = keys::parse_counts_key(key) else { continue };
+                if parts.event_type == event_type
+                    && pieces.binary_search(&(parts.granularity, parts.bucket_start)).is_ok()
+                {
+                    let slot = by_entity.entry(parts.entity_id.to_vec()).or_default();
+                    *slot = slot.add(*delta);
+                }
+            }
+            if !by_entity.is_empty() {
+                parts.push((epoch.upto(), by_entity));
+            }
+        }
+        parts
+    }
+
     /// Write everything applied so far to RocksDB, with the applied id, in
     /// one batch (`sync`: and fsync it). Blocking. Returns whether anything
     /// was written.
@@ -257,6 +282,11 @@ impl WriteBack {
         for (key, delta) in counts {
             if delta != CountSum::default() {
                 batch.merge_cf(counts_cf, key, delta.encode());
+                // The ranking index (`keys.rs`) in the same batch: it can
+                // never hold a delta the counts lack, or the reverse.
+                if let Some(ranked) = keys::ranking_key_of(self.group, key) {
+                    batch.merge_cf(counts_cf, ranked, delta.encode());
+                }
             }
         }
         batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_APPLIED), encode(&applied)?);

@@ -1,0 +1,109 @@
+//! `Query.TopK`: scatter-gather over partitions from whichever node is
+//! asked.
+//!
+//! Each partition's share comes from a replica chosen as any other read's
+//! (`read_routing::replica_for`: the leader after making the read
+//! linearizable, or for STALE any recovered replica). Partitions this node
+//! can answer are read here (`storage/ranking.rs`); the rest are asked of
+//! the nodes that can, one call per node carrying the list of its
+//! partitions, with the forwarding hop count every query carries. Entities
+//! never span partitions, so the k best of every partition's k best are
+//! the k best overall.
+
+use std::collections::BTreeMap;
+
+use futures::future::{join_all, try_join_all};
+use tally_proto::time::align_range_to_hours;
+use tally_proto::v1::{TopKEntry, TopKOrder, TopKRequest, TopKResponse};
+use tally_proto::validate::validate_top_k;
+use tonic::{Request, Response, Status};
+
+use super::read_routing::{
+    forward_client, forwarded, hops, invalid, partition_count, replica_for, ClientLatency, MAX_HOPS,
+};
+use crate::node::Node;
+use crate::stages::{Stage, Timer};
+use crate::storage::counts::CountSum;
+use crate::storage::ranking::{best_k, read_top_k, RankBy};
+use crate::type_config::NodeId;
+
+pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Response<TopKResponse>, Status> {
+    let _timer = Timer::start(Stage::ReadRequest);
+    let hops = hops(&request);
+    let req = request.into_inner();
+    let _latency = ClientLatency::start("top_k", req.consistency, hops);
+    validate_top_k(&req.event_type, req.from_ms, req.to_ms, req.k).map_err(invalid)?;
+    let by = match TopKOrder::try_from(req.order) {
+        Ok(TopKOrder::Sum) => RankBy::Sum,
+        Ok(TopKOrder::Count | TopKOrder::Unspecified) => RankBy::Count,
+        Err(_) => return Err(Status::invalid_argument(format!("order: must be COUNT or SUM, got {}", req.order))),
+    };
+    let count = partition_count(node)?;
+    let partitions: Vec<u32> = if req.partitions.is_empty() {
+        (0..count).collect()
+    } else {
+        if let Some(p) = req.partitions.iter().find(|p| **p >= count) {
+            return Err(Status::invalid_argument(format!(
+                "partitions: partition {p} does not exist; the cluster has {count} (0 to {})",
+                count - 1
+            )));
+        }
+        let mut ps = req.partitions.clone();
+        ps.sort_unstable();
+        ps.dedup();
+        ps
+    };
+    let (from, to) = align_range_to_hours(req.from_ms, req.to_ms);
+    let k = req.k as usize;
+
+    // Where each partition's share is read.
+    let placements = join_all(partitions.iter().map(|p| replica_for(node, *p, req.consistency))).await;
+    let mut local = Vec::new();
+    let mut remote: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
+    for (partition, placement) in partitions.iter().zip(placements) {
+        match placement? {
+            Ok(replica) => local.push(replica),
+            Err(_) if hops >= MAX_HOPS => {
+                return Err(Status::unavailable(format!("partition {partition}: leader moved; retry")))
+            }
+            Err(node) => remote.entry(node).or_default().push(*partition),
+        }
+    }
+
+    let local_reads = try_join_all(
+        local.iter().map(|replica| read_top_k(&node.engine, &replica.write_back, &req.event_type, from, to, k, by)),
+    );
+    let remote_calls = try_join_all(remote.into_iter().map(|(to_node, share)| {
+        let ask = TopKRequest { partitions: share, ..req.clone() };
+        async move {
+            let mut client = forward_client(node, to_node)?;
+            client.top_k(forwarded(ask, hops)).await.map(Response::into_inner)
+        }
+    }));
+    let (local_lists, remote_replies) = tokio::join!(local_reads, remote_calls);
+    let mut entries: Vec<(Vec<u8>, CountSum)> = Vec::new();
+    for list in local_lists.map_err(|e| Status::internal(e.to_string()))? {
+        entries.extend(list);
+    }
+    for reply in remote_replies? {
+        for e in reply.entries {
+            let sum = e.sum_exact.parse::<i128>().map_err(|_| {
+                Status::internal(format!("a node answered a TopK sum that is not a number: {:?}", e.sum_exact))
+            })?;
+            entries.push((e.entity_id, CountSum { count: e.count, sum }));
+        }
+    }
+    let entries = best_k(entries, k, by)
+        .into_iter()
+        .map(|(entity_id, c)| {
+            let (sum, sum_overflow) = c.sum_i64();
+            TopKEntry { entity_id, count: c.count, sum, sum_overflow, sum_exact: c.sum.to_string() }
+        })
+        .collect();
+    Ok(Response::new(TopKResponse {
+        entries,
+        effective_from_ms: from,
+        effective_to_ms: to,
+        partitions_answered: partitions.len() as u32,
+    }))
+}
