@@ -119,12 +119,78 @@ pub async fn violations(
             ));
         }
     }
+    violations.extend(top_k_violations(cluster, history, via, from, to).await?);
     if let Err(e) = cluster.assert_replicas_identical(Duration::from_secs(60)).await {
         violations.push(format!("{e}"));
     }
     let conflicts = cluster.dedup_conflicts().await?;
     if conflicts != 0 {
         violations.push(format!("the state machines refused {conflicts} events as already counted (dedup_conflicts)"));
+    }
+    Ok(violations)
+}
+
+/// TopK over the run, per event type: each entry's count equals what Stats
+/// answers for that entity, and no entity with more *acknowledged* events
+/// than the last entry's count is missing (its true count can only be
+/// higher). Holds however many unacknowledged events were counted.
+async fn top_k_violations(
+    cluster: &TestCluster,
+    history: &History,
+    via: u64,
+    from: i64,
+    to: i64,
+) -> anyhow::Result<Vec<String>> {
+    const K: u32 = 20;
+    let (from, to) = tally_proto::time::align_range_to_hours(from, to);
+    let mut violations = Vec::new();
+    let mut query = cluster.query_client(via).await?;
+    let types: std::collections::BTreeSet<&String> = history.attempted.keys().map(|(_, t)| t).collect();
+    for event_type in types {
+        let top = query
+            .top_k(tally_proto::v1::TopKRequest {
+                event_type: event_type.clone(),
+                from_ms: from,
+                to_ms: to,
+                k: K,
+                order: 0,
+                consistency: 0,
+                partitions: vec![],
+            })
+            .await?
+            .into_inner();
+        for e in &top.entries {
+            let s = query
+                .stats(StatsRequest {
+                    entity_id: e.entity_id.clone(),
+                    event_type: event_type.clone(),
+                    from_ms: from,
+                    to_ms: to,
+                    consistency: 0,
+                })
+                .await?
+                .into_inner();
+            if (s.count, &s.sum_exact) != (e.count, &e.sum_exact) {
+                violations.push(format!(
+                    "TopK {event_type}: {} has count {} sum {}, Stats says {} sum {}",
+                    String::from_utf8_lossy(&e.entity_id),
+                    e.count,
+                    e.sum_exact,
+                    s.count,
+                    s.sum_exact
+                ));
+            }
+        }
+        let last = if top.entries.len() == K as usize { top.entries.last().map(|e| e.count).unwrap_or(0) } else { 0 };
+        for (entity, t) in history.attempted.keys().filter(|(_, t)| t == event_type) {
+            let (acked, _) = history.acknowledged.exact_stats(entity, t, from, to);
+            if acked > last && !top.entries.iter().any(|e| &e.entity_id == entity) {
+                violations.push(format!(
+                    "TopK {event_type}: {} ({acked} acknowledged) is missing; the last of {K} has {last}",
+                    String::from_utf8_lossy(entity)
+                ));
+            }
+        }
     }
     Ok(violations)
 }
