@@ -13,6 +13,7 @@
 //!   on a follower).
 //! * [`first_write`]: time until a partition acknowledges a write again
 //!   (after a leader is killed).
+//! * [`top_k_latency`]: TopK latency, one query at a time.
 //! * [`measure`]: the one percentile definition and the HDR histograms.
 //! * [`results`]: what a run measured, as types; [`report`]: the benchmark
 //!   report (docs/BENCHMARKS.md) rendered from a work directory of them.
@@ -26,6 +27,7 @@ pub mod probes;
 pub mod report;
 pub mod results;
 pub mod targets;
+pub mod top_k_latency;
 
 /// Client stubs for the subset of etcd's v3 KV API (`package etcdserverpb`:
 /// `KV.Put`, `KV.Txn`) in `etcd/etcdserverpb/kv_subset.proto`, for

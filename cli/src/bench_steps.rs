@@ -49,6 +49,9 @@ pub enum BenchStep {
     /// Exit 0 when every node reports all its replicas quiesced, 1 if not.
     #[command(hide = true)]
     AllQuiesced,
+    /// TopK latency: the same query repeated one at a time, with HDR
+    /// percentiles (`scripts/bench-top-k.sh`).
+    TopK(tally_bench::top_k_latency::TopKLatencyArgs),
 }
 
 pub async fn run(cli: &Cli, command: &BenchCommand) -> anyhow::Result<i32> {
@@ -65,6 +68,19 @@ pub async fn run(cli: &Cli, command: &BenchCommand) -> anyhow::Result<i32> {
             let Some((node, led)) = view.busiest_leader() else { bail!("no reachable node leads a partition") };
             let led: Vec<String> = led.iter().map(u32::to_string).collect();
             println!("{node} {}", led.join(","));
+            Ok(0)
+        }
+        Some(BenchStep::TopK(args)) => {
+            let measured = tally_bench::top_k_latency::run(cli.seeds(), args).await?;
+            if cli.json {
+                crate::print_json(&serde_json::to_value(&measured)?);
+            } else {
+                let l = measured.latency_ms;
+                println!(
+                    "TopK k={} over [{}, {}): {} queries, p50 {:?} ms, p99 {:?} ms, max {:?} ms; {} entries, top count {}",
+                    measured.k, measured.from_ms, measured.to_ms, l.count, l.p50, l.p99, l.max, measured.entries, measured.top_count
+                );
+            }
             Ok(0)
         }
         Some(BenchStep::AllQuiesced) => {

@@ -23,8 +23,8 @@ use clap::Subcommand;
 use serde_json::json;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::{
-    AddNodeRequest, InitializeRequest, NodeInfo, RebalanceRequest, RemoveNodeRequest, StatusRequest, StatusResponse,
-    TransferLeaderRequest,
+    AddNodeRequest, IngestPolicy, InitializeRequest, NodeInfo, RebalanceRequest, RemoveNodeRequest,
+    SetIngestPolicyRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
 };
 
 use crate::table::Table;
@@ -45,6 +45,23 @@ pub enum ClusterCommand {
         /// Replicas per partition.
         #[arg(long, default_value_t = 3)]
         replication_factor: u32,
+        /// Refuse events older than this (TOO_LATE); 0s accepts any age.
+        /// Default 7d.
+        #[arg(long)]
+        allowed_lateness: Option<humantime::Duration>,
+        /// Refuse events further ahead than this (IN_FUTURE). Default 5m.
+        #[arg(long)]
+        max_future_skew: Option<humantime::Duration>,
+    },
+    /// Change which event times the cluster accepts (admin); what is not
+    /// given stays as it is.
+    SetPolicy {
+        /// Refuse events older than this (TOO_LATE); 0s accepts any age.
+        #[arg(long)]
+        allowed_lateness: Option<humantime::Duration>,
+        /// Refuse events further ahead than this (IN_FUTURE).
+        #[arg(long)]
+        max_future_skew: Option<humantime::Duration>,
     },
     /// Nodes, partitions, leaders and replica lag, merged from every node.
     Status {
@@ -105,8 +122,15 @@ pub enum ClusterCommand {
 
 pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i32> {
     match command {
-        ClusterCommand::Init { nodes, partitions, replication_factor } => {
-            init(cli, nodes, *partitions, *replication_factor).await
+        ClusterCommand::Init { nodes, partitions, replication_factor, allowed_lateness, max_future_skew } => {
+            let policy = (allowed_lateness.is_some() || max_future_skew.is_some()).then(|| IngestPolicy {
+                allowed_lateness_ms: allowed_lateness.map_or(DEFAULT_LATENESS_MS, |d| d.as_millis() as u64),
+                max_future_skew_ms: max_future_skew.map_or(DEFAULT_FUTURE_SKEW_MS, |d| d.as_millis() as u64),
+            });
+            init(cli, nodes, *partitions, *replication_factor, policy).await
+        }
+        ClusterCommand::SetPolicy { allowed_lateness, max_future_skew } => {
+            set_policy(cli, *allowed_lateness, *max_future_skew).await
         }
         ClusterCommand::Status { partitions } => status(cli, *partitions).await,
         ClusterCommand::Wait { timeout } => wait(cli, **timeout).await,
@@ -237,7 +261,52 @@ async fn raw_client(cli: &Cli) -> anyhow::Result<ClusterClient<tally_client::Tok
     Ok(ClusterClient::new(channel))
 }
 
-async fn init(cli: &Cli, nodes: &[String], partitions: u32, replication_factor: u32) -> anyhow::Result<i32> {
+/// The server's defaults, for an init that sets only one of the two.
+const DEFAULT_LATENESS_MS: u64 = 7 * 24 * 3_600_000;
+const DEFAULT_FUTURE_SKEW_MS: u64 = 5 * 60_000;
+
+fn print_policy(cli: &Cli, policy: &IngestPolicy) {
+    if cli.json {
+        print_json(&json!({
+            "allowed_lateness_ms": policy.allowed_lateness_ms,
+            "max_future_skew_ms": policy.max_future_skew_ms,
+        }));
+    } else {
+        let lateness = if policy.allowed_lateness_ms == 0 {
+            "any age".to_string()
+        } else {
+            humantime::format_duration(Duration::from_millis(policy.allowed_lateness_ms)).to_string()
+        };
+        println!(
+            "ingest policy: events up to {lateness} late, up to {} ahead",
+            humantime::format_duration(Duration::from_millis(policy.max_future_skew_ms))
+        );
+    }
+}
+
+async fn set_policy(
+    cli: &Cli,
+    allowed_lateness: Option<humantime::Duration>,
+    max_future_skew: Option<humantime::Duration>,
+) -> anyhow::Result<i32> {
+    let mut client = raw_client(cli).await?;
+    let current = client.status(StatusRequest {}).await?.into_inner().ingest_policy.unwrap_or_default();
+    let policy = IngestPolicy {
+        allowed_lateness_ms: allowed_lateness.map_or(current.allowed_lateness_ms, |d| d.as_millis() as u64),
+        max_future_skew_ms: max_future_skew.map_or(current.max_future_skew_ms, |d| d.as_millis() as u64),
+    };
+    let resp = client.set_ingest_policy(SetIngestPolicyRequest { policy: Some(policy) }).await?.into_inner();
+    print_policy(cli, &resp.policy.unwrap_or(policy));
+    Ok(0)
+}
+
+async fn init(
+    cli: &Cli,
+    nodes: &[String],
+    partitions: u32,
+    replication_factor: u32,
+    ingest_policy: Option<IngestPolicy>,
+) -> anyhow::Result<i32> {
     let nodes = nodes
         .iter()
         .map(|n| {
@@ -248,7 +317,7 @@ async fn init(cli: &Cli, nodes: &[String], partitions: u32, replication_factor: 
         .collect::<anyhow::Result<Vec<_>>>()?;
     let resp = raw_client(cli)
         .await?
-        .initialize(InitializeRequest { nodes, partitions, replication_factor })
+        .initialize(InitializeRequest { nodes, partitions, replication_factor, ingest_policy })
         .await?
         .into_inner();
     if cli.json {

@@ -351,6 +351,7 @@ mod tests {
             field: if retryable { String::new() } else { "event_type".into() },
             reason: format!("r{index}"),
             retryable,
+            code: 0,
         }
     }
 

@@ -139,6 +139,11 @@ impl Default for ClusterOptions {
     }
 }
 
+/// The policy test clusters start with: events of any age, the default
+/// 5 minutes ahead.
+pub const TEST_INGEST_POLICY: tally_proto::v1::IngestPolicy =
+    tally_proto::v1::IngestPolicy { allowed_lateness_ms: 0, max_future_skew_ms: 5 * 60_000 };
+
 pub struct TestCluster {
     _dir: tempfile::TempDir,
     pub nodes: Vec<TestNode>,
@@ -247,6 +252,9 @@ impl TestCluster {
                 .collect(),
             partitions: options.partitions,
             replication_factor: 3,
+            // Workloads reach months back (every granularity exercised):
+            // any age is accepted. `ingest_policy` tests the default.
+            ingest_policy: Some(TEST_INGEST_POLICY),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::meta::ClusterMap;
+use crate::meta::{ClusterMap, IngestPolicy};
 
 /// Estimated encoded bytes of one ingest entry at most. The processor stops
 /// adding requests to an entry at this size (one request alone — at most
@@ -25,6 +25,9 @@ pub enum Command {
     Ingest(IngestBatch),
     /// Replace the cluster map (metadata group only).
     SetClusterMap(ClusterMap),
+    /// Replace the ingest policy (metadata group only). Last, so entries
+    /// written before it existed still decode.
+    SetIngestPolicy(IngestPolicy),
 }
 
 /// What the leader commits for a group of coalesced ingest requests: the
@@ -100,6 +103,7 @@ impl Command {
             Command::SetClusterMap(m) => {
                 64 + m.replicas.iter().map(|r| 8 + 10 * r.len()).sum::<usize>() + m.nodes.len() * 128
             }
+            Command::SetIngestPolicy(_) => 64,
         }
     }
 }
@@ -109,6 +113,7 @@ impl fmt::Display for Command {
         match self {
             Command::Ingest(b) => write!(f, "Ingest({} deltas, {} keys)", b.deltas.len(), b.keyed.len()),
             Command::SetClusterMap(m) => write!(f, "SetClusterMap(v{})", m.version),
+            Command::SetIngestPolicy(p) => write!(f, "SetIngestPolicy({p:?})"),
         }
     }
 }

@@ -35,6 +35,48 @@ impl NodeAddrs {
     }
 }
 
+/// Which event times the cluster accepts, relative to its clock when an
+/// event arrives: held by the metadata group beside the map, so every node
+/// applies the same policy, and changed by an admin call.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IngestPolicy {
+    /// An event older than this is refused as `TOO_LATE`. 0 = any age.
+    pub allowed_lateness_ms: u64,
+    /// An event further ahead than this is refused as `IN_FUTURE`.
+    pub max_future_skew_ms: u64,
+}
+
+impl Default for IngestPolicy {
+    fn default() -> Self {
+        IngestPolicy { allowed_lateness_ms: 7 * 24 * 3_600_000, max_future_skew_ms: 5 * 60_000 }
+    }
+}
+
+/// Why an event's time is outside the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeRejection {
+    TooLate { limit_ms: i64 },
+    InFuture { limit_ms: i64 },
+}
+
+impl IngestPolicy {
+    /// Whether an event at `event_time_ms` may be counted at `now_ms`.
+    pub fn check(&self, event_time_ms: i64, now_ms: u64) -> Result<(), TimeRejection> {
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let future_limit = now.saturating_add(i64::try_from(self.max_future_skew_ms).unwrap_or(i64::MAX));
+        if event_time_ms > future_limit {
+            return Err(TimeRejection::InFuture { limit_ms: future_limit });
+        }
+        if self.allowed_lateness_ms > 0 {
+            let late_limit = now.saturating_sub(i64::try_from(self.allowed_lateness_ms).unwrap_or(i64::MAX));
+            if event_time_ms < late_limit {
+                return Err(TimeRejection::TooLate { limit_ms: late_limit });
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ClusterMap {
     /// Bumped by every change, so nodes can tell old maps from new.
@@ -212,6 +254,26 @@ impl ClusterMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_policy_takes_a_week_back_and_five_minutes_ahead() {
+        let policy = IngestPolicy::default();
+        let now = 1_800_000_000_000u64;
+        let t = now as i64;
+        assert_eq!(policy.check(t, now), Ok(()));
+        assert_eq!(policy.check(t - 7 * 86_400_000, now), Ok(()));
+        assert_eq!(
+            policy.check(t - 7 * 86_400_000 - 1, now),
+            Err(TimeRejection::TooLate { limit_ms: t - 7 * 86_400_000 })
+        );
+        assert_eq!(policy.check(t + 300_000, now), Ok(()));
+        assert_eq!(policy.check(t + 300_001, now), Err(TimeRejection::InFuture { limit_ms: t + 300_000 }));
+        // 0 accepts any age, and nothing overflows at the extremes.
+        let any_age = IngestPolicy { allowed_lateness_ms: 0, ..policy };
+        assert_eq!(any_age.check(0, now), Ok(()));
+        assert!(any_age.check(i64::MAX, u64::MAX).is_ok());
+        assert!(policy.check(i64::MIN, 0).is_err());
+    }
 
     fn addrs(i: u64) -> NodeAddrs {
         NodeAddrs::new(format!("n{i}"), format!("n{i}-peer"))

@@ -42,17 +42,23 @@ pub enum EventOutcome {
     Unavailable,
     /// A dedup index was at its memory bound.
     Exhausted,
+    /// Older than the ingest policy allows.
+    TooLate,
+    /// Further ahead than the ingest policy allows.
+    InFuture,
     /// The whole request was refused (too large, cluster not initialised).
     RequestRefused,
 }
 
 impl EventOutcome {
-    const ALL: [EventOutcome; 6] = [
+    const ALL: [EventOutcome; 8] = [
         EventOutcome::Accepted,
         EventOutcome::Duplicate,
         EventOutcome::Invalid,
         EventOutcome::Unavailable,
         EventOutcome::Exhausted,
+        EventOutcome::TooLate,
+        EventOutcome::InFuture,
         EventOutcome::RequestRefused,
     ];
 
@@ -63,6 +69,8 @@ impl EventOutcome {
             EventOutcome::Invalid => ("rejected", "invalid"),
             EventOutcome::Unavailable => ("rejected", "unavailable"),
             EventOutcome::Exhausted => ("rejected", "exhausted"),
+            EventOutcome::TooLate => ("rejected", "too_late"),
+            EventOutcome::InFuture => ("rejected", "in_future"),
             EventOutcome::RequestRefused => ("rejected", "request_refused"),
         };
         OutcomeLabels { outcome, reason }

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::clock::ClusterClock;
 use crate::config::NodeConfig;
 use crate::dedup::{DedupBudget, DedupIndex};
-use crate::meta::ClusterMap;
+use crate::meta::{ClusterMap, IngestPolicy};
 use crate::processor::{self, IngestJob, ProcessorConfig, ProposeOutcome};
 use crate::raft::liveness::Liveness;
 use crate::raft::network::NetworkFactory;
@@ -32,7 +32,7 @@ use crate::raft::peers::PeerPool;
 use crate::raft::quiesce::{QuiesceConfig, Quiescence, ReplicaStart};
 use crate::raft::ticker::NodeTicker;
 use crate::storage::log_store::LogStore;
-use crate::storage::state_machine::GroupStateMachine;
+use crate::storage::state_machine::{GroupStateMachine, MetadataWatches};
 use crate::storage::write_back::WriteBack;
 use crate::storage::Engine;
 use crate::sync::RwLockExt;
@@ -93,6 +93,8 @@ pub struct Node {
     pub metadata: RaftInstance,
     metadata_write_back: Arc<WriteBack>,
     pub cluster_map: watch::Receiver<ClusterMap>,
+    /// Which event times are accepted; the metadata group's, like the map.
+    pub ingest_policy: watch::Receiver<IngestPolicy>,
     pub liveness: Arc<Liveness>,
     pub quiescence: Arc<Quiescence>,
     /// Drives heartbeats and election timers of every group (openraft's
@@ -165,6 +167,7 @@ impl Node {
         };
         let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes, credentials, client_tls);
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
+        let (policy_tx, policy_rx) = watch::channel(IngestPolicy::default());
         let (metadata, metadata_write_back) = open_group(
             &engine,
             &data_dir,
@@ -173,7 +176,7 @@ impl Node {
             config.node_id,
             METADATA_GROUP,
             Arc::default(),
-            Some(map_tx),
+            Some(MetadataWatches { map: map_tx, policy: policy_tx }),
             None,
         )
         .await
@@ -234,6 +237,7 @@ impl Node {
             metadata,
             metadata_write_back,
             cluster_map: map_rx,
+            ingest_policy: policy_rx,
             liveness,
             quiescence,
             ticker,
@@ -527,10 +531,10 @@ async fn open_group(
     node_id: NodeId,
     group: u32,
     dedup: Arc<DedupIndex>,
-    map_tx: Option<watch::Sender<ClusterMap>>,
+    metadata: Option<MetadataWatches>,
     quiescence: Option<Arc<crate::raft::quiesce::GroupQuiescence>>,
 ) -> anyhow::Result<(RaftInstance, Arc<WriteBack>)> {
-    let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, map_tx).await?;
+    let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, metadata).await?;
     let write_back = sm.write_back();
     let log = LogStore::open(engine.clone(), group).await?;
     let network = NetworkFactory::new(group, peers.clone(), quiescence);

@@ -21,6 +21,7 @@ mod exactness;
 mod extreme_values;
 mod failover;
 mod ingest_flood;
+mod ingest_policy;
 mod leadership;
 mod many_partitions;
 mod membership;

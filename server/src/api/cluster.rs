@@ -14,8 +14,8 @@ use tally_proto::v1::cluster_server::Cluster;
 use tally_proto::v1::{
     AddNodeRequest, AddNodeResponse, DigestRequest, DigestResponse, InitializeRequest, InitializeResponse,
     PartitionDigest, PartitionInfo, RebalanceRequest, RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse,
-    StageLatency, StagesRequest, StagesResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse,
+    SetIngestPolicyRequest, SetIngestPolicyResponse, StageLatency, StagesRequest, StagesResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -119,6 +119,13 @@ impl Cluster for ClusterService {
         Ok(Response::new(super::membership::remove_node(&self.node, request.into_inner()).await?))
     }
 
+    async fn set_ingest_policy(
+        &self,
+        request: Request<SetIngestPolicyRequest>,
+    ) -> Result<Response<SetIngestPolicyResponse>, Status> {
+        Ok(Response::new(super::ingest_policy::set(&self.node, request.into_inner()).await?))
+    }
+
     async fn stages(&self, request: Request<StagesRequest>) -> Result<Response<StagesResponse>, Status> {
         let (summary, window) = crate::stages::global().summary(request.into_inner().reset);
         Ok(Response::new(StagesResponse {
@@ -159,6 +166,7 @@ impl Cluster for ClusterService {
             return Err(Status::invalid_argument(format!("partitions: at most {MAX_PARTITIONS}")));
         }
         let rf = if req.replication_factor == 0 { 3 } else { req.replication_factor };
+        let policy = req.ingest_policy.as_ref().map(super::ingest_policy::from_proto).transpose()?;
         let current = self.node.map();
         if current.is_initialized() {
             // Peer addresses left empty are not compared: they were to be learnt.
@@ -217,6 +225,14 @@ impl Cluster for ClusterService {
             return ClusterClient::new(channel).initialize(req).await;
         }
         let count = nodes.len();
+        // The policy before the map: no event is taken under the defaults
+        // between the two.
+        if let Some(policy) = policy {
+            metadata
+                .client_write(Command::SetIngestPolicy(policy))
+                .await
+                .map_err(|e| Status::unavailable(format!("writing the ingest policy: {e}")))?;
+        }
         metadata
             .client_write(Command::SetClusterMap(ClusterMap::initial(nodes, partitions, rf)))
             .await
@@ -264,5 +280,6 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         events_duplicate: totals.events_duplicate,
         events_rejected: totals.events_rejected,
         queries: totals.queries,
+        ingest_policy: Some(super::ingest_policy::to_proto(*node.ingest_policy.borrow())),
     }
 }

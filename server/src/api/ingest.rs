@@ -12,11 +12,12 @@ use tally_proto::internal::raft_client::RaftClient;
 use tally_proto::internal::ProposeRequest;
 use tally_proto::partition::partition_of;
 use tally_proto::v1::ingest_server::Ingest;
-use tally_proto::v1::{Event, IngestRequest, IngestResponse, LeaderHint, Rejection};
+use tally_proto::v1::{Event, IngestRequest, IngestResponse, LeaderHint, Rejection, RejectionCode};
 use tally_proto::validate::validate_event;
 use tonic::{Request, Response, Status};
 
-use super::{batch_limits, propose, retry_hint};
+use super::{batch_limits, ingest_policy, propose, retry_hint};
+use crate::meta::TimeRejection;
 use crate::metrics::{metrics, EventOutcome};
 use crate::node::{Listener, Node};
 use crate::processor::ProposeOutcome;
@@ -55,21 +56,32 @@ impl Ingest for IngestService {
         let dedup_window_ms = self.node.config.dedup_window_secs * 1000;
         let mut response = IngestResponse { dedup_window_ms, ..Default::default() };
         let mut by_partition: BTreeMap<u32, (Vec<u32>, Vec<Event>)> = BTreeMap::new();
+        let policy = *self.node.ingest_policy.borrow();
+        let now_ms = self.node.clock.trusted().now_ms;
+        let (mut too_late, mut in_future) = (0u64, 0u64);
         for (index, event) in req.events.into_iter().enumerate() {
             let index = index as u32;
-            match validate_event(&event) {
-                Ok(()) => {
-                    let slot = by_partition.entry(partition_of(&event.entity_id, partition_count)).or_default();
-                    slot.0.push(index);
-                    slot.1.push(event);
-                }
-                Err(e) => response.rejected.push(Rejection {
+            if let Err(e) = validate_event(&event) {
+                response.rejected.push(Rejection {
                     index,
                     field: e.field.to_string(),
                     reason: e.reason,
                     retryable: false,
-                }),
+                    code: RejectionCode::Invalid as i32,
+                });
+                continue;
             }
+            if let Err(why) = policy.check(event.event_time_ms, now_ms) {
+                match why {
+                    TimeRejection::TooLate { .. } => too_late += 1,
+                    TimeRejection::InFuture { .. } => in_future += 1,
+                }
+                response.rejected.push(ingest_policy::rejection(index, event.event_time_ms, why));
+                continue;
+            }
+            let slot = by_partition.entry(partition_of(&event.entity_id, partition_count)).or_default();
+            slot.0.push(index);
+            slot.1.push(event);
         }
         let node = &self.node;
         let results = join_all(by_partition.into_iter().map(|(partition, (indexes, events))| async move {
@@ -111,6 +123,7 @@ impl Ingest for IngestService {
                 let leader_addr = node.addr_of(leader).unwrap_or_default();
                 response.leaders.push(LeaderHint { partition, leader_node_id: leader, leader_addr });
             }
+            let exhausted_now = matches!(routed.outcome, ProposeOutcome::Exhausted(_));
             let message = match routed.outcome {
                 ProposeOutcome::Done { accepted, duplicates } => {
                     response.accepted += accepted;
@@ -133,17 +146,21 @@ impl Ingest for IngestService {
             } else {
                 format!("partition {partition}: {message}; {retry}")
             };
+            let code = if exhausted_now { RejectionCode::Exhausted } else { RejectionCode::Unavailable };
             response.rejected.extend(indexes.into_iter().map(|index| Rejection {
                 index,
                 field: String::new(),
                 reason: reason.clone(),
                 retryable: true,
+                code: code as i32,
             }));
         }
         let m = metrics();
         m.events(EventOutcome::Accepted, u64::from(response.accepted));
         m.events(EventOutcome::Duplicate, u64::from(response.duplicates));
-        m.events(EventOutcome::Invalid, invalid as u64);
+        m.events(EventOutcome::Invalid, invalid as u64 - too_late - in_future);
+        m.events(EventOutcome::TooLate, too_late);
+        m.events(EventOutcome::InFuture, in_future);
         m.events(EventOutcome::Exhausted, exhausted_events as u64);
         let unavailable = response.rejected.len() - invalid - exhausted_events;
         m.events(EventOutcome::Unavailable, unavailable as u64);

@@ -20,6 +20,7 @@ pub mod dashboard;
 pub mod decode_errors;
 pub mod http;
 pub mod ingest;
+pub mod ingest_policy;
 pub mod membership;
 pub mod node_addrs;
 pub mod peer_reports;

@@ -43,6 +43,8 @@ pub const STATE_DEDUP: u8 = 5;
 pub const STATE_LOG_CLOCK: u8 = 6;
 /// Events skipped at apply because their key was already counted (u64).
 pub const STATE_CONFLICTS: u8 = 7;
+/// The ingest policy (metadata group only).
+pub const STATE_INGEST_POLICY: u8 = 8;
 
 /// A value the key layout cannot represent. Validation keeps requests far
 /// inside these limits; the encoder refuses rather than truncate a length

@@ -35,7 +35,7 @@ use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MA
 use super::{Engine, StorageError};
 use crate::command::{Command, CommandOutcome, IngestBatch};
 use crate::dedup::DedupIndex;
-use crate::meta::ClusterMap;
+use crate::meta::{ClusterMap, IngestPolicy};
 use crate::stages::{Stage, Timer};
 use crate::type_config::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -57,8 +57,8 @@ pub struct GroupStateMachine {
     dedup: Arc<DedupIndex>,
     write_back: Arc<WriteBack>,
     snapshots: SnapshotDir,
-    /// Metadata group only: publishes every applied cluster map.
-    cluster_map: Option<watch::Sender<ClusterMap>>,
+    /// Metadata group only: publishes every applied cluster map and policy.
+    metadata: Option<MetadataWatches>,
     /// The newest snapshot file as found when opening, served once to
     /// openraft's start-up (one trip to the blocking pool, not two).
     initial_snapshot: Option<Option<(SnapshotMeta, std::path::PathBuf)>>,
@@ -69,6 +69,24 @@ struct Loaded {
     applied: Option<LogId>,
     membership: StoredMembership,
     cluster_map: Option<ClusterMap>,
+    ingest_policy: Option<IngestPolicy>,
+}
+
+/// Where the metadata group's state machine publishes what it applies.
+pub struct MetadataWatches {
+    pub map: watch::Sender<ClusterMap>,
+    pub policy: watch::Sender<IngestPolicy>,
+}
+
+impl MetadataWatches {
+    fn publish(&self, map: Option<ClusterMap>, policy: Option<IngestPolicy>) {
+        if let Some(map) = map {
+            self.map.send_replace(map);
+        }
+        if let Some(policy) = policy {
+            self.policy.send_replace(policy);
+        }
+    }
 }
 
 /// What one apply round changed, for the state machine to take over.
@@ -77,6 +95,7 @@ struct Applied {
     /// The newest membership among the round's entries, if any.
     membership: Option<StoredMembership>,
     cluster_map: Option<ClusterMap>,
+    ingest_policy: Option<IngestPolicy>,
     /// One per entry, in order.
     outcomes: Vec<CommandOutcome>,
     /// Buckets the write-back holds after the round.
@@ -89,7 +108,7 @@ impl GroupStateMachine {
         group: u32,
         snapshot_root: &std::path::Path,
         dedup: Arc<DedupIndex>,
-        cluster_map: Option<watch::Sender<ClusterMap>>,
+        metadata: Option<MetadataWatches>,
     ) -> Result<GroupStateMachine, StorageError> {
         let root = snapshot_root.to_path_buf();
         let shared_dedup = dedup.clone();
@@ -115,7 +134,7 @@ impl GroupStateMachine {
             dedup,
             write_back,
             snapshots,
-            cluster_map,
+            metadata,
             initial_snapshot: Some(newest),
         };
         sm.take_loaded(loaded);
@@ -151,8 +170,8 @@ impl GroupStateMachine {
     fn take_loaded(&mut self, loaded: Loaded) {
         self.applied = loaded.applied;
         self.membership = loaded.membership;
-        if let (Some(tx), Some(map)) = (&self.cluster_map, loaded.cluster_map) {
-            tx.send_replace(map);
+        if let Some(watches) = &self.metadata {
+            watches.publish(loaded.cluster_map, loaded.ingest_policy);
         }
     }
 }
@@ -209,7 +228,8 @@ fn load_state(engine: &Engine, group: u32, dedup: &DedupIndex) -> Result<Loaded,
     let conflicts = get_state::<u64>(engine, group, keys::STATE_CONFLICTS)?.unwrap_or(0);
     dedup.lock().restore_counters(clock, conflicts);
     let cluster_map = get_state::<ClusterMap>(engine, group, keys::STATE_CLUSTER_MAP)?;
-    Ok(Loaded { applied, membership, cluster_map })
+    let ingest_policy = get_state::<IngestPolicy>(engine, group, keys::STATE_INGEST_POLICY)?;
+    Ok(Loaded { applied, membership, cluster_map, ingest_policy })
 }
 
 /// Apply a run of entries in memory, starting from `applied`, and hand the
@@ -225,6 +245,7 @@ fn apply_chunk(
     let mut outcomes = Vec::with_capacity(chunk.len());
     let mut membership = None;
     let mut cluster_map = None;
+    let mut ingest_policy = None;
     for entry in chunk {
         let mut outcome = CommandOutcome::default();
         match entry.payload {
@@ -243,13 +264,19 @@ fn apply_chunk(
                 round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_CLUSTER_MAP).to_vec(), encode(&map)?));
                 cluster_map = Some(map);
             }
+            EntryPayload::Normal(Command::SetIngestPolicy(policy)) => {
+                round
+                    .state
+                    .push(StateWrite::Put(keys::tagged(group, keys::STATE_INGEST_POLICY).to_vec(), encode(&policy)?));
+                ingest_policy = Some(policy);
+            }
         }
         applied = Some(entry.log_id);
         outcomes.push(outcome);
     }
     round.applied = applied;
     let dirty_keys = write_back.absorb(round);
-    Ok(Applied { applied, membership, cluster_map, outcomes, dirty_keys })
+    Ok(Applied { applied, membership, cluster_map, ingest_policy, outcomes, dirty_keys })
 }
 
 /// Apply one ingest entry; returns the positions of keyed events not
@@ -365,8 +392,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             if let Some(membership) = done.membership {
                 self.membership = membership;
             }
-            if let (Some(map), Some(tx)) = (done.cluster_map, &self.cluster_map) {
-                tx.send_replace(map);
+            if let Some(watches) = &self.metadata {
+                watches.publish(done.cluster_map, done.ingest_policy);
             }
             for (responder, outcome) in responders.into_iter().zip(done.outcomes) {
                 if let Some(r) = responder {
