@@ -64,6 +64,13 @@ impl ClusterClock {
         self.readings.lock_unpoisoned().insert(peer, (offset, Instant::now()));
     }
 
+    /// Whether a peer's clock was read within the last readings' lifetime:
+    /// until then (just started, or cut off) this node cannot tell whether
+    /// its own clock is off.
+    pub fn checked_by_peers(&self) -> bool {
+        self.readings.lock_unpoisoned().values().any(|(_, at)| at.elapsed() < READING_TTL)
+    }
+
     /// The time to stamp with now.
     pub fn trusted(&self) -> TrustedTime {
         let local = self.local_ms();

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use futures::future::{join_all, try_join_all};
+use futures::StreamExt;
 use tally_proto::time::align_range_to_hours;
 use tally_proto::v1::{TopKEntry, TopKOrder, TopKRequest, TopKResponse};
 use tally_proto::validate::validate_top_k;
@@ -26,6 +27,10 @@ use crate::stages::{Stage, Timer};
 use crate::storage::counts::CountSum;
 use crate::storage::ranking::{best_k, read_top_k, RankBy};
 use crate::type_config::NodeId;
+
+/// Partitions this node reads at once for one TopK: enough to keep the
+/// blocking pool busy, few enough that their lists stay small.
+const LOCAL_READS_AT_ONCE: usize = 8;
 
 pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Response<TopKResponse>, Status> {
     let _timer = Timer::start(Stage::ReadRequest);
@@ -70,9 +75,25 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
         }
     }
 
-    let local_reads = try_join_all(
-        local.iter().map(|replica| read_top_k(&node.engine, &replica.write_back, &req.event_type, from, to, k, by)),
-    );
+    // Partitions are read a few at a time and folded into the running k
+    // best as they finish, so memory stays a few times k entries however
+    // many partitions the node leads.
+    let local_reads = async {
+        let mut best: Vec<(Vec<u8>, CountSum)> = Vec::new();
+        let mut reads = futures::stream::iter(local)
+            .map(|replica| {
+                let (engine, event_type) = (node.engine.clone(), req.event_type.clone());
+                async move { read_top_k(&engine, &replica.write_back, &event_type, from, to, k, by).await }
+            })
+            .buffer_unordered(LOCAL_READS_AT_ONCE);
+        while let Some(list) = reads.next().await {
+            best.extend(list?);
+            if best.len() >= 4 * k {
+                best = best_k(best, k, by);
+            }
+        }
+        Ok::<_, crate::storage::StorageError>(best)
+    };
     let remote_calls = try_join_all(remote.into_iter().map(|(to_node, share)| {
         let ask = TopKRequest { partitions: share, ..req.clone() };
         async move {
@@ -80,11 +101,8 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
             client.top_k(forwarded(ask, hops)).await.map(Response::into_inner)
         }
     }));
-    let (local_lists, remote_replies) = tokio::join!(local_reads, remote_calls);
-    let mut entries: Vec<(Vec<u8>, CountSum)> = Vec::new();
-    for list in local_lists.map_err(|e| Status::internal(e.to_string()))? {
-        entries.extend(list);
-    }
+    let (local_best, remote_replies) = tokio::join!(local_reads, remote_calls);
+    let mut entries = local_best.map_err(|e| Status::internal(e.to_string()))?;
     for reply in remote_replies? {
         for e in reply.entries {
             let sum = e.sum_exact.parse::<i128>().map_err(|_| {

@@ -58,6 +58,14 @@ pub const CHECKPOINT_KEYS: usize = 32_768;
 /// waits for a checkpoint instead of running further ahead of the disk.
 pub const MAX_DIRTY_KEYS: usize = 4 * CHECKPOINT_KEYS;
 
+/// Whether checkpoints write the ranking index: always, except in a
+/// benchmark that measures what the index costs on the ingest path
+/// (`TALLY_BENCH_NO_RANKING_INDEX=1` on every node; TopK is then wrong).
+fn ranking_index() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TALLY_BENCH_NO_RANKING_INDEX").is_none())
+}
+
 /// A write to the group's `state` column family, kept in apply order.
 #[derive(Debug, Clone)]
 pub enum StateWrite {
@@ -284,7 +292,7 @@ impl WriteBack {
                 batch.merge_cf(counts_cf, key, delta.encode());
                 // The ranking index (`keys.rs`) in the same batch: it can
                 // never hold a delta the counts lack, or the reverse.
-                if let Some(ranked) = keys::ranking_key_of(self.group, key) {
+                if let Some(ranked) = ranking_index().then(|| keys::ranking_key_of(self.group, key)).flatten() {
                     batch.merge_cf(counts_cf, ranked, delta.encode());
                 }
             }
