@@ -92,16 +92,7 @@ pub async fn violations(
     let mut violations = Vec::new();
     let mut query = cluster.query_client(via).await?;
     for (entity, event_type) in history.attempted.keys() {
-        let s = query
-            .stats(StatsRequest {
-                entity_id: entity.clone(),
-                event_type: event_type.clone(),
-                from_ms: from,
-                to_ms: to,
-                consistency: 0,
-            })
-            .await?
-            .into_inner();
+        let s = stats(&mut query, entity, event_type, from, to).await?;
         let sum: i128 = s.sum_exact.parse().unwrap_or(s.sum as i128);
         let (acked, acked_sum) = history.acknowledged.exact_stats(entity, event_type, from, to);
         let (attempted, _) = history.attempted.exact_stats(entity, event_type, from, to);
@@ -160,16 +151,7 @@ async fn top_k_violations(
             .await?
             .into_inner();
         for e in &top.entries {
-            let s = query
-                .stats(StatsRequest {
-                    entity_id: e.entity_id.clone(),
-                    event_type: event_type.clone(),
-                    from_ms: from,
-                    to_ms: to,
-                    consistency: 0,
-                })
-                .await?
-                .into_inner();
+            let s = stats(&mut query, &e.entity_id, event_type, from, to).await?;
             if (s.count, &s.sum_exact) != (e.count, &e.sum_exact) {
                 violations.push(format!(
                     "TopK {event_type}: {} has count {} sum {}, Stats says {} sum {}",
@@ -193,4 +175,22 @@ async fn top_k_violations(
         }
     }
     Ok(violations)
+}
+
+/// A linearizable `Stats` of one (entity, type) over [from, to).
+async fn stats(
+    query: &mut tally_proto::v1::query_client::QueryClient<tally_client::TokenChannel>,
+    entity: &[u8],
+    event_type: &str,
+    from: i64,
+    to: i64,
+) -> anyhow::Result<tally_proto::v1::StatsResponse> {
+    let request = StatsRequest {
+        entity_id: entity.to_vec(),
+        event_type: event_type.into(),
+        from_ms: from,
+        to_ms: to,
+        consistency: 0,
+    };
+    Ok(query.stats(request).await?.into_inner())
 }

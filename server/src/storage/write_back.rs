@@ -235,11 +235,11 @@ impl WriteBack {
         for epoch in epochs.frozen.iter().map(|e| &**e).chain(std::iter::once(&epochs.active)) {
             let mut by_entity: HashMap<Vec<u8>, CountSum> = HashMap::new();
             for (key, delta) in &epoch.counts {
-                let Some(parts) = keys::parse_counts_key(key) else { continue };
-                if parts.event_type == event_type
-                    && pieces.binary_search(&(parts.granularity, parts.bucket_start)).is_ok()
+                let Some(bucket) = keys::parse_counts_key(key) else { continue };
+                if bucket.event_type == event_type
+                    && pieces.binary_search(&(bucket.granularity, bucket.bucket_start)).is_ok()
                 {
-                    let slot = by_entity.entry(parts.entity_id.to_vec()).or_default();
+                    let slot = by_entity.entry(bucket.entity_id.to_vec()).or_default();
                     *slot = slot.add(*delta);
                 }
             }
