@@ -1,5 +1,6 @@
 //! `tally cluster init | status | wait | transfer-leader | rebalance |
-//! add-node | remove-node | stages` (the last in `stages.rs`).
+//! add-node | remove-node | set-policy | set-retention | stages` (the last
+//! two in `retention.rs` and `stages.rs`).
 //!
 //! `status` asks every node, not just `--addr`: a node only knows the
 //! leaders of the partitions it replicates, and only the node itself knows
@@ -23,10 +24,11 @@ use clap::Subcommand;
 use serde_json::json;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::{
-    AddNodeRequest, IngestPolicy, InitializeRequest, NodeInfo, RebalanceRequest, RemoveNodeRequest,
+    AddNodeRequest, IngestPolicy, InitializeRequest, NodeInfo, RebalanceRequest, RemoveNodeRequest, RetentionPolicy,
     SetIngestPolicyRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
 };
 
+use crate::retention::RetentionArgs;
 use crate::table::Table;
 use crate::{print_json, Cli};
 use tally_client::PartitionMap;
@@ -52,6 +54,14 @@ pub enum ClusterCommand {
         /// Refuse events further ahead than this (IN_FUTURE). Default 5m.
         #[arg(long)]
         max_future_skew: Option<humantime::Duration>,
+        #[command(flatten)]
+        retention: RetentionArgs,
+    },
+    /// Change how long each granularity's buckets are kept (admin): a
+    /// duration (14d) or forever per flag; what is not given stays.
+    SetRetention {
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// Change which event times the cluster accepts (admin); what is not
     /// given stays as it is.
@@ -122,13 +132,21 @@ pub enum ClusterCommand {
 
 pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i32> {
     match command {
-        ClusterCommand::Init { nodes, partitions, replication_factor, allowed_lateness, max_future_skew } => {
+        ClusterCommand::Init {
+            nodes,
+            partitions,
+            replication_factor,
+            allowed_lateness,
+            max_future_skew,
+            retention,
+        } => {
             let policy = (allowed_lateness.is_some() || max_future_skew.is_some()).then(|| IngestPolicy {
                 allowed_lateness_ms: allowed_lateness.map_or(DEFAULT_LATENESS_MS, |d| d.as_millis() as u64),
                 max_future_skew_ms: max_future_skew.map_or(DEFAULT_FUTURE_SKEW_MS, |d| d.as_millis() as u64),
             });
-            init(cli, nodes, *partitions, *replication_factor, policy).await
+            init(cli, nodes, *partitions, *replication_factor, policy, retention.for_init()).await
         }
+        ClusterCommand::SetRetention { retention } => crate::retention::set(cli, retention).await,
         ClusterCommand::SetPolicy { allowed_lateness, max_future_skew } => {
             set_policy(cli, *allowed_lateness, *max_future_skew).await
         }
@@ -254,7 +272,7 @@ async fn remove_node(cli: &Cli, id: u64, timeout: Duration) -> anyhow::Result<i3
     Ok(0)
 }
 
-async fn raw_client(cli: &Cli) -> anyhow::Result<ClusterClient<tally_client::TokenChannel>> {
+pub(crate) async fn raw_client(cli: &Cli) -> anyhow::Result<ClusterClient<tally_client::TokenChannel>> {
     let seeds = cli.seeds();
     let addr = seeds.first().context("--addr is empty")?;
     let channel = cli.connect_node(addr).await.with_context(|| format!("connecting to {addr}"))?;
@@ -306,6 +324,7 @@ async fn init(
     partitions: u32,
     replication_factor: u32,
     ingest_policy: Option<IngestPolicy>,
+    retention: Option<RetentionPolicy>,
 ) -> anyhow::Result<i32> {
     let nodes = nodes
         .iter()
@@ -317,7 +336,7 @@ async fn init(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let resp = raw_client(cli)
         .await?
-        .initialize(InitializeRequest { nodes, partitions, replication_factor, ingest_policy })
+        .initialize(InitializeRequest { nodes, partitions, replication_factor, ingest_policy, retention })
         .await?
         .into_inner();
     if cli.json {

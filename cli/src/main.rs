@@ -18,6 +18,7 @@ mod cluster;
 mod ingest;
 mod probe_writes;
 mod query;
+mod retention;
 mod stages;
 mod table;
 

@@ -43,7 +43,7 @@ pub struct SeriesArgs {
     /// Range end (exclusive).
     #[arg(long, default_value = "+1m", allow_hyphen_values = true)]
     pub to: String,
-    /// minute, hour, day or month.
+    /// minute, hour, day, month or year.
     #[arg(long, default_value = "minute")]
     pub granularity: String,
     /// Read from any replica (cheaper, may lag).
@@ -88,7 +88,8 @@ pub fn parse_granularity(s: &str) -> anyhow::Result<Granularity> {
         "hour" => Granularity::Hour,
         "day" => Granularity::Day,
         "month" => Granularity::Month,
-        other => bail!("--granularity must be minute, hour, day or month, not {other:?}"),
+        "year" => Granularity::Year,
+        other => bail!("--granularity must be minute, hour, day, month or year, not {other:?}"),
     })
 }
 
@@ -102,6 +103,28 @@ fn exact_sum(sum: i64, exact: &str) -> String {
     }
 }
 
+/// The wire granularity's name, "minute" for an unknown code.
+fn resolution_name(code: i32) -> &'static str {
+    match Granularity::try_from(code).unwrap_or(Granularity::Minute) {
+        Granularity::Hour => "hour",
+        Granularity::Day => "day",
+        Granularity::Month => "month",
+        Granularity::Year => "year",
+        Granularity::Minute | Granularity::Unspecified => "minute",
+    }
+}
+
+/// A note when the answer is coarser than `usual` (retention expired the
+/// finer buckets of part of the range).
+fn coarser_note(code: i32, usual: Granularity) -> String {
+    let name = resolution_name(code);
+    if Granularity::try_from(code).is_ok_and(|g| g != usual && g != Granularity::Unspecified) {
+        format!("   (to whole {name}s: finer buckets of the range have expired)")
+    } else {
+        String::new()
+    }
+}
+
 pub(crate) async fn stats(cli: &Cli, args: &StatsArgs) -> anyhow::Result<i32> {
     let (from, to) = (parse_time(&args.from)?, parse_time(&args.to)?);
     let client = crate::client(cli).await?;
@@ -111,17 +134,18 @@ pub(crate) async fn stats(cli: &Cli, args: &StatsArgs) -> anyhow::Result<i32> {
             "entity": args.entity, "event_type": args.event_type,
             "count": s.count, "sum": s.sum, "sum_exact": s.sum_exact, "sum_overflow": s.sum_overflow,
             "average": s.average,
-            "from_ms": s.effective_from_ms, "to_ms": s.effective_to_ms,
+            "from_ms": s.effective_from_ms, "to_ms": s.effective_to_ms, "resolution": resolution_name(s.resolution),
             "served_by": s.served_by_node_id, "applied_index": s.applied_index,
         }));
     } else {
         println!(
-            "count {}  sum {}  average {:.3}   [{} .. {})",
+            "count {}  sum {}  average {:.3}   [{} .. {}){}",
             s.count,
             exact_sum(s.sum, &s.sum_exact),
             s.average,
             format_ms(s.effective_from_ms),
-            format_ms(s.effective_to_ms)
+            format_ms(s.effective_to_ms),
+            coarser_note(s.resolution, Granularity::Minute)
         );
     }
     Ok(0)
@@ -164,15 +188,17 @@ pub(crate) async fn top(cli: &Cli, args: &TopArgs) -> anyhow::Result<i32> {
         print_json(&json!({
             "event_type": args.event_type, "k": args.k, "by": if args.by_sum { "sum" } else { "count" },
             "from_ms": top.effective_from_ms, "to_ms": top.effective_to_ms, "entries": entries,
+            "resolution": resolution_name(top.resolution),
         }));
     } else {
         println!(
-            "top {} {} by {}   [{} .. {})",
+            "top {} {} by {}   [{} .. {}){}",
             args.k,
             args.event_type,
             if args.by_sum { "sum" } else { "count" },
             format_ms(top.effective_from_ms),
-            format_ms(top.effective_to_ms)
+            format_ms(top.effective_to_ms),
+            coarser_note(top.resolution, Granularity::Hour)
         );
         for (rank, e) in top.entries.iter().enumerate() {
             println!(

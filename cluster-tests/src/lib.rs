@@ -144,6 +144,11 @@ impl Default for ClusterOptions {
 pub const TEST_INGEST_POLICY: tally_proto::v1::IngestPolicy =
     tally_proto::v1::IngestPolicy { allowed_lateness_ms: 0, max_future_skew_ms: 5 * 60_000 };
 
+/// Every granularity kept forever (the default expires minutes after 14
+/// days, and workloads query months back at minute resolution).
+pub const TEST_RETENTION: tally_proto::v1::RetentionPolicy =
+    tally_proto::v1::RetentionPolicy { minute_ms: 0, hour_ms: 0, day_ms: 0, month_ms: 0, year_ms: 0 };
+
 pub struct TestCluster {
     _dir: tempfile::TempDir,
     pub nodes: Vec<TestNode>,
@@ -255,6 +260,8 @@ impl TestCluster {
             // Workloads reach months back (every granularity exercised):
             // any age is accepted. `ingest_policy` tests the default.
             ingest_policy: Some(TEST_INGEST_POLICY),
+            // ... and kept: tests that want expiry set a retention.
+            retention: Some(TEST_RETENTION),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -1,4 +1,5 @@
-//! Time buckets: minutes, hours, days and calendar months, all in UTC.
+//! Time buckets: minutes, hours, days, calendar months and calendar years,
+//! all in UTC.
 //!
 //! Tally keeps one counter per (entity, event type, granularity, bucket
 //! start). A range query is answered by summing the fewest buckets that tile
@@ -48,11 +49,14 @@ pub enum Granularity {
     Day = 2,
     /// A calendar month in UTC.
     Month = 3,
+    /// A calendar year in UTC.
+    Year = 4,
 }
 
 impl Granularity {
     /// Every granularity, finest first.
-    pub const ALL: [Granularity; 4] = [Granularity::Minute, Granularity::Hour, Granularity::Day, Granularity::Month];
+    pub const ALL: [Granularity; 5] =
+        [Granularity::Minute, Granularity::Hour, Granularity::Day, Granularity::Month, Granularity::Year];
 
     /// The stable one-byte code of this granularity.
     pub fn as_u8(self) -> u8 {
@@ -64,13 +68,14 @@ impl Granularity {
         Self::ALL.get(usize::from(code)).copied()
     }
 
-    /// Lowercase name: `"minute"`, `"hour"`, `"day"` or `"month"`.
+    /// Lowercase name: `"minute"`, `"hour"`, `"day"`, `"month"` or `"year"`.
     pub fn name(&self) -> &'static str {
         match self {
             Granularity::Minute => "minute",
             Granularity::Hour => "hour",
             Granularity::Day => "day",
             Granularity::Month => "month",
+            Granularity::Year => "year",
         }
     }
 
@@ -84,7 +89,25 @@ impl Granularity {
             Proto::Hour => Some(Granularity::Hour),
             Proto::Day => Some(Granularity::Day),
             Proto::Month => Some(Granularity::Month),
+            Proto::Year => Some(Granularity::Year),
         }
+    }
+
+    /// The wire enum of this granularity.
+    pub fn to_proto(self) -> crate::v1::Granularity {
+        use crate::v1::Granularity as Proto;
+        match self {
+            Granularity::Minute => Proto::Minute,
+            Granularity::Hour => Proto::Hour,
+            Granularity::Day => Proto::Day,
+            Granularity::Month => Proto::Month,
+            Granularity::Year => Proto::Year,
+        }
+    }
+
+    /// The next coarser granularity, `None` for years.
+    pub fn coarser(self) -> Option<Granularity> {
+        Self::from_u8(self.as_u8() + 1)
     }
 
     /// Length of a bucket for the granularities whose length is fixed.
@@ -93,7 +116,7 @@ impl Granularity {
             Granularity::Minute => Some(MINUTE_MS),
             Granularity::Hour => Some(HOUR_MS),
             Granularity::Day => Some(DAY_MS),
-            Granularity::Month => None,
+            Granularity::Month | Granularity::Year => None,
         }
     }
 }
@@ -106,13 +129,14 @@ impl fmt::Display for Granularity {
 
 /// A string that names no granularity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown granularity {0:?}; expected minute, hour, day or month")]
+#[error("unknown granularity {0:?}; expected minute, hour, day, month or year")]
 pub struct UnknownGranularity(pub String);
 
 impl FromStr for Granularity {
     type Err = UnknownGranularity;
 
-    /// Parses `"minute"`, `"hour"`, `"day"` or `"month"`, ignoring ASCII case.
+    /// Parses `"minute"`, `"hour"`, `"day"`, `"month"` or `"year"`, ignoring
+    /// ASCII case.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         Self::ALL
             .into_iter()
@@ -128,7 +152,10 @@ pub fn bucket_start(granularity: Granularity, t_ms: i64) -> i64 {
         Some(length) => t_ms.saturating_sub(t_ms.rem_euclid(length)),
         None => {
             let (year, month, _day) = civil_from_days(t_ms.div_euclid(DAY_MS));
-            ms_of_first_day_of_month(year, month)
+            match granularity {
+                Granularity::Year => ms_of_first_day_of_month(year, 1),
+                _ => ms_of_first_day_of_month(year, month),
+            }
         }
     }
 }
@@ -142,7 +169,7 @@ pub fn next_bucket_start(granularity: Granularity, bucket_start_ms: i64) -> i64 
         Some(length) => start.saturating_add(length),
         None => {
             let (year, month, _day) = civil_from_days(start.div_euclid(DAY_MS));
-            if month == 12 {
+            if granularity == Granularity::Year || month == 12 {
                 ms_of_first_day_of_month(year + 1, 1)
             } else {
                 ms_of_first_day_of_month(year, month + 1)
@@ -199,6 +226,106 @@ pub fn decompose(from_ms: i64, to_ms: i64) -> Vec<(Granularity, i64)> {
         cursor = end;
     }
     buckets
+}
+
+/// Where each granularity's kept buckets begin, indexed by
+/// [`Granularity::as_u8`]: a bucket of granularity `g` starting before
+/// `floors[g]` has expired (see the retention policy). [`KEEP_ALL`] when
+/// nothing has.
+pub type Floors = [i64; 5];
+
+/// Floors under which nothing has expired.
+pub const KEEP_ALL: Floors = [i64::MIN; 5];
+
+/// Whether the bucket of `granularity` starting at `start_ms` is kept.
+pub fn is_kept(floors: &Floors, granularity: Granularity, start_ms: i64) -> bool {
+    start_ms >= floors[usize::from(granularity.as_u8())]
+}
+
+/// A range tiled by kept buckets: what [`decompose_kept`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tiling {
+    /// In ascending time order, each kept under the floors asked with.
+    pub buckets: Vec<(Granularity, i64)>,
+    /// The range the buckets tile exactly.
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// The coarsest granularity the range had to be widened to (the finest
+    /// asked for when it was not widened): the answer is exact to it.
+    pub resolution: Granularity,
+}
+
+/// Widens `[from_ms, to_ms)` to whole buckets of `granularity`; a `to_ms`
+/// that cannot round up without overflowing rounds down.
+pub fn align_range_to(granularity: Granularity, from_ms: i64, to_ms: i64) -> (i64, i64) {
+    let aligned_from = bucket_start(granularity, from_ms);
+    let to_floor = bucket_start(granularity, to_ms);
+    let aligned_to = if to_floor == to_ms {
+        to_ms
+    } else {
+        let next = next_bucket_start(granularity, to_floor);
+        if next > to_floor && next < i64::MAX {
+            next
+        } else {
+            to_floor
+        }
+    };
+    (aligned_from, aligned_to)
+}
+
+/// The fewest kept buckets, none finer than `finest`, that tile
+/// `[from_ms, to_ms)` — widened outward where the range reaches buckets
+/// past their retention, to the next coarser granularity still kept there.
+///
+/// Like [`decompose`], greedy from the left, coarsest fitting bucket first,
+/// but only kept buckets qualify. When no kept bucket starting at the
+/// cursor fits before the end, the finest kept one is taken and the range
+/// grows to its end. One always exists: the cursor is aligned to the
+/// bucket just taken, which was kept, so the next bucket of that
+/// granularity (later, hence kept too) starts there. Only when even the
+/// range's first year has expired does the range shrink: it starts at the
+/// oldest year kept, since nothing older exists anywhere.
+pub fn decompose_kept(from_ms: i64, to_ms: i64, floors: &Floors, finest: Granularity) -> Tiling {
+    let (mut from, to) = align_range_to(finest, from_ms, to_ms);
+    let coarser_or_equal = || Granularity::ALL.into_iter().filter(move |g| *g >= finest);
+    let mut start = coarser_or_equal().find(|g| is_kept(floors, *g, bucket_start(*g, from)));
+    if start.is_none() {
+        from = from.max(floors[usize::from(Granularity::Year.as_u8())]);
+        start = coarser_or_equal().find(|g| is_kept(floors, *g, bucket_start(*g, from)));
+    }
+    let empty = |at: i64, resolution| Tiling { buckets: Vec::new(), from_ms: at, to_ms: at, resolution };
+    let Some(start) = start else { return empty(from, Granularity::Year) };
+    if from >= to {
+        return empty(from, if start > finest { start } else { finest });
+    }
+    let mut resolution = start;
+    let mut cursor = bucket_start(start, from);
+    let from = cursor;
+    let mut buckets = Vec::new();
+    while cursor < to {
+        let mut finest_kept = None;
+        let mut fitting = None;
+        for g in coarser_or_equal().collect::<Vec<_>>().into_iter().rev() {
+            let end = next_bucket_start(g, cursor);
+            if bucket_start(g, cursor) != cursor || end <= cursor || !is_kept(floors, g, cursor) {
+                continue;
+            }
+            finest_kept = Some((g, end));
+            if fitting.is_none() && end <= to {
+                fitting = Some((g, end));
+            }
+        }
+        let Some((granularity, end)) = fitting.or(finest_kept) else {
+            // Unreachable (see above); stop rather than loop forever.
+            break;
+        };
+        if end > to {
+            resolution = resolution.max(granularity);
+        }
+        buckets.push((granularity, cursor));
+        cursor = end;
+    }
+    Tiling { buckets, from_ms: from, to_ms: cursor, resolution }
 }
 
 /// Starts of the buckets of granularity `granularity` that cover
@@ -333,6 +460,13 @@ mod tests {
                 let (year, month, day) = naive_civil(t / DAY_MS);
                 (day == 1).then(|| t + days_in_month(year, month) * DAY_MS)
             }
+            Granularity::Year => {
+                if t % DAY_MS != 0 {
+                    return None;
+                }
+                let (year, month, day) = naive_civil(t / DAY_MS);
+                (month == 1 && day == 1).then(|| naive_ms(year + 1, 1, 1, 0, 0))
+            }
         }
     }
 
@@ -350,11 +484,11 @@ mod tests {
             assert_eq!(g.name().parse::<Granularity>(), Ok(g));
             assert_eq!(g.to_string(), g.name());
         }
-        assert_eq!(Granularity::from_u8(4), None);
+        assert_eq!(Granularity::from_u8(5), None);
         assert_eq!(Granularity::from_u8(255), None);
         assert_eq!(Granularity::Minute.as_u8(), 0);
         assert_eq!(Granularity::Month.as_u8(), 3);
-        assert_eq!(["minute", "hour", "day", "month"], Granularity::ALL.map(|g| g.name()));
+        assert_eq!(["minute", "hour", "day", "month", "year"], Granularity::ALL.map(|g| g.name()));
         assert_eq!("Hour".parse::<Granularity>(), Ok(Granularity::Hour));
         assert_eq!("week".parse::<Granularity>(), Err(UnknownGranularity("week".to_owned())));
         assert!("".parse::<Granularity>().is_err());
@@ -506,10 +640,86 @@ mod tests {
     }
 
     #[test]
-    fn decompose_a_year_is_twelve_months() {
+    fn decompose_a_year_is_one_bucket() {
         let pieces = decompose(ms(2024, 1, 1, 0, 0), ms(2025, 1, 1, 0, 0));
-        let expected: Vec<_> = (1..=12).map(|m| (Granularity::Month, ms(2024, m, 1, 0, 0))).collect();
-        assert_eq!(pieces, expected);
+        assert_eq!(pieces, vec![(Granularity::Year, ms(2024, 1, 1, 0, 0))]);
+        // December to the next February: one month each side of no year.
+        let pieces = decompose(ms(2023, 12, 1, 0, 0), ms(2025, 2, 1, 0, 0));
+        assert_eq!(
+            pieces,
+            vec![
+                (Granularity::Month, ms(2023, 12, 1, 0, 0)),
+                (Granularity::Year, ms(2024, 1, 1, 0, 0)),
+                (Granularity::Month, ms(2025, 1, 1, 0, 0)),
+            ]
+        );
+        assert_eq!(next_bucket_start(Granularity::Year, ms(2024, 7, 9, 3, 0)), ms(2025, 1, 1, 0, 0));
+        assert_eq!(bucket_start(Granularity::Year, ms(2024, 7, 9, 3, 0)), ms(2024, 1, 1, 0, 0));
+    }
+
+    // ---- decompose_kept.
+
+    fn floors_with(minute: i64, hour: i64) -> Floors {
+        let mut floors = KEEP_ALL;
+        floors[0] = minute;
+        floors[1] = hour;
+        floors
+    }
+
+    #[test]
+    fn decompose_kept_widens_to_the_next_granularity_kept() {
+        let floors = floors_with(ms(2024, 6, 3, 10, 0), i64::MIN);
+        // 09:30 .. 10:45: the minutes before 10:00 have expired, so the
+        // hour 09:00 counts them, then the minutes of 10:xx.
+        let tiling = decompose_kept(ms(2024, 6, 3, 9, 30), ms(2024, 6, 3, 10, 45), &floors, Granularity::Minute);
+        assert_eq!(tiling.from_ms, ms(2024, 6, 3, 9, 0));
+        assert_eq!(tiling.to_ms, ms(2024, 6, 3, 10, 45));
+        assert_eq!(tiling.resolution, Granularity::Hour);
+        assert_eq!(tiling.buckets[0], (Granularity::Hour, ms(2024, 6, 3, 9, 0)));
+        assert_eq!(tiling.buckets.len(), 1 + 45);
+        // A range of kept minutes only is not widened.
+        let recent = decompose_kept(ms(2024, 6, 3, 10, 5), ms(2024, 6, 3, 10, 7), &floors, Granularity::Minute);
+        assert_eq!(
+            (recent.from_ms, recent.to_ms, recent.resolution),
+            (ms(2024, 6, 3, 10, 5), ms(2024, 6, 3, 10, 7), Granularity::Minute)
+        );
+        // The end widens too when its minutes have expired.
+        let floors = floors_with(ms(2024, 6, 3, 10, 30), i64::MIN);
+        let tiling = decompose_kept(ms(2024, 6, 3, 9, 0), ms(2024, 6, 3, 10, 20), &floors, Granularity::Minute);
+        assert_eq!(
+            tiling.buckets,
+            vec![(Granularity::Hour, ms(2024, 6, 3, 9, 0)), (Granularity::Hour, ms(2024, 6, 3, 10, 0))]
+        );
+        assert_eq!(tiling.to_ms, ms(2024, 6, 3, 11, 0));
+        // Hours gone too: days.
+        let floors = floors_with(ms(2024, 6, 3, 0, 0), ms(2024, 6, 1, 0, 0));
+        let tiling = decompose_kept(ms(2024, 5, 20, 7, 0), ms(2024, 6, 3, 1, 0), &floors, Granularity::Minute);
+        assert_eq!(tiling.from_ms, ms(2024, 5, 20, 0, 0));
+        assert_eq!(tiling.resolution, Granularity::Day);
+        assert_eq!(tiling.buckets.last(), Some(&(Granularity::Hour, ms(2024, 6, 3, 0, 0))));
+    }
+
+    #[test]
+    fn decompose_kept_starts_at_the_oldest_year_kept() {
+        let mut floors = KEEP_ALL;
+        for f in &mut floors {
+            *f = ms(2020, 1, 1, 0, 0);
+        }
+        let tiling = decompose_kept(ms(2010, 5, 1, 0, 0), ms(2021, 1, 1, 0, 0), &floors, Granularity::Minute);
+        assert_eq!(tiling.buckets, vec![(Granularity::Year, ms(2020, 1, 1, 0, 0))]);
+        assert_eq!(tiling.from_ms, ms(2020, 1, 1, 0, 0));
+        let gone = decompose_kept(ms(2010, 5, 1, 0, 0), ms(2011, 1, 1, 0, 0), &floors, Granularity::Minute);
+        assert!(gone.buckets.is_empty());
+    }
+
+    #[test]
+    fn decompose_kept_from_hours() {
+        let tiling = decompose_kept(ms(2024, 6, 3, 9, 30), ms(2024, 6, 3, 10, 45), &KEEP_ALL, Granularity::Hour);
+        assert_eq!(
+            tiling.buckets,
+            vec![(Granularity::Hour, ms(2024, 6, 3, 9, 0)), (Granularity::Hour, ms(2024, 6, 3, 10, 0))]
+        );
+        assert_eq!(tiling.resolution, Granularity::Hour);
     }
 
     #[test]
@@ -641,6 +851,37 @@ mod tests {
             prop_assert_eq!(pieces.is_empty(), length_minutes == 0);
             if let Err(problem) = check_tiling(&pieces, from, to) {
                 return Err(TestCaseError::fail(problem));
+            }
+        }
+
+        #[test]
+        fn decompose_kept_keeps_every_bucket_and_covers_the_range(
+            from in minute_aligned(YEAR_2200_MS / MINUTE_MS),
+            length_minutes in prop_oneof![0i64..3 * 24 * 60, 0i64..400 * 24 * 60, 0i64..5 * 366 * 24 * 60],
+            back_minutes in prop_oneof![0i64..3 * 24 * 60, 0i64..400 * 24 * 60],
+            steps in proptest::collection::vec(0i64..60 * 24 * 60, 4),
+        ) {
+            let to = from + length_minutes * MINUTE_MS;
+            // Floors only grow coarser further back, on coarser boundaries.
+            let mut floors = KEEP_ALL;
+            let mut at = from + length_minutes * MINUTE_MS / 2 - back_minutes * MINUTE_MS;
+            for (i, g) in Granularity::ALL.into_iter().take(4).enumerate() {
+                let coarser = g.coarser().unwrap_or(Granularity::Year);
+                floors[i] = bucket_start(coarser, at);
+                at -= steps[i] * MINUTE_MS;
+            }
+            let tiling = decompose_kept(from, to, &floors, Granularity::Minute);
+            prop_assert!(tiling.buckets.iter().all(|(g, s)| is_kept(&floors, *g, *s)));
+            let tiled: Vec<_> = tiling.buckets.clone();
+            if let Err(problem) = check_tiling(&tiled, tiling.from_ms, tiling.to_ms) {
+                return Err(TestCaseError::fail(problem));
+            }
+            prop_assert!(tiling.from_ms <= from && tiling.to_ms >= to);
+            prop_assert_eq!(tiling.buckets.is_empty(), length_minutes == 0);
+            prop_assert_eq!(decompose_kept(from, to, &KEEP_ALL, Granularity::Minute).buckets, decompose(from, to));
+            if from >= floors[0] {
+                prop_assert_eq!(tiling.buckets, decompose(from, to));
+                prop_assert_eq!(tiling.resolution, Granularity::Minute);
             }
         }
 

@@ -9,7 +9,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use tally_proto::time::Floors;
+
 use crate::meta::{ClusterMap, IngestPolicy};
+use crate::retention::RetentionPolicy;
 
 /// Estimated encoded bytes of one ingest entry at most. The processor stops
 /// adding requests to an entry at this size (one request alone — at most
@@ -25,9 +28,15 @@ pub enum Command {
     Ingest(IngestBatch),
     /// Replace the cluster map (metadata group only).
     SetClusterMap(ClusterMap),
-    /// Replace the ingest policy (metadata group only). Last, so entries
-    /// written before it existed still decode.
+    /// Replace the ingest policy (metadata group only). After the variants
+    /// above, so entries written before it existed still decode.
     SetIngestPolicy(IngestPolicy),
+    /// Replace the retention policy (metadata group only).
+    SetRetention(RetentionPolicy),
+    /// Raise the partition's floors (partition groups only): buckets below
+    /// them expire on every replica at this entry (`retention.rs`). Floors
+    /// lower than the ones in force change nothing.
+    Expire(Floors),
 }
 
 /// What the leader commits for a group of coalesced ingest requests: the
@@ -103,7 +112,7 @@ impl Command {
             Command::SetClusterMap(m) => {
                 64 + m.replicas.iter().map(|r| 8 + 10 * r.len()).sum::<usize>() + m.nodes.len() * 128
             }
-            Command::SetIngestPolicy(_) => 64,
+            Command::SetIngestPolicy(_) | Command::SetRetention(_) | Command::Expire(_) => 64,
         }
     }
 }
@@ -114,6 +123,8 @@ impl fmt::Display for Command {
             Command::Ingest(b) => write!(f, "Ingest({} deltas, {} keys)", b.deltas.len(), b.keyed.len()),
             Command::SetClusterMap(m) => write!(f, "SetClusterMap(v{})", m.version),
             Command::SetIngestPolicy(p) => write!(f, "SetIngestPolicy({p:?})"),
+            Command::SetRetention(p) => write!(f, "SetRetention({p:?})"),
+            Command::Expire(floors) => write!(f, "Expire({floors:?})"),
         }
     }
 }

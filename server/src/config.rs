@@ -69,6 +69,10 @@ pub struct NodeConfig {
     /// unwritten change is this old (sooner when it holds many buckets).
     /// Bounds the log replayed after a crash.
     pub checkpoint_interval_ms: u64,
+    /// How often the leaders on this node check whether retention expires
+    /// more of their partitions (`expiry.rs`); floors move at most hourly,
+    /// so this only bounds how late they follow.
+    pub retention_check_ms: u64,
     /// Leader heartbeat interval of an active Raft group.
     pub heartbeat_ms: u64,
     /// Minimum election timeout; the maximum, which is also openraft's
@@ -124,6 +128,7 @@ impl Default for NodeConfig {
             dedup_memory_mib: 1024,
             snapshot_logs: 10_000,
             checkpoint_interval_ms: 5_000,
+            retention_check_ms: 60_000,
             // The lease (twice the election timeout, 800 ms) bounds failover:
             // voters refuse a new leader until it has run out. Shorter
             // (150/300, 100/250) kept a 1,000-partition cluster on a 2-core
@@ -267,6 +272,9 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_interval_ms: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_check_ms: Option<u64>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_ms: Option<u64>,

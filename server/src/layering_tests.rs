@@ -18,6 +18,7 @@ const LAYERS: &[&str] = &[
     "metrics",
     "stages",
     "meta",
+    "retention",
     "command",
     "type_config",
     "clock",
@@ -31,6 +32,7 @@ const LAYERS: &[&str] = &[
     "partition_view",
     "checkpointer",
     "reconciler",
+    "expiry",
     "api",
     "server",
 ];

@@ -4,11 +4,12 @@
 //! above it, and there are no cycles between modules; ARCHITECTURE.md
 //! states the rule and how it is checked):
 //! * [`server`] — the daemon: listeners, and the background tasks it starts
-//!   on the node ([`reconciler`], [`checkpointer`]).
+//!   on the node ([`reconciler`], [`checkpointer`], [`expiry`]).
 //! * [`api`] — every gRPC service, public (Ingest, Query, Cluster) and peer
 //!   (`api::raft_service`). The only layer that converts to and from wire
 //!   types.
-//! * [`reconciler`], [`checkpointer`] — work on the node from above it.
+//! * [`reconciler`], [`checkpointer`], [`expiry`] — work on the node from
+//!   above it.
 //! * [`node`] — the groups a node hosts, `Node::propose` and
 //!   `Node::forward_to_leader`; [`partition_view`] — what nodes report of
 //!   their groups (asked of peers through a trait the API implements).
@@ -18,7 +19,7 @@
 //! * [`storage`] — RocksDB: log storage, state machine, snapshots, reads.
 //!   Knows nothing of gRPC.
 //! * [`type_config`] (openraft's types), [`command`] (what the logs carry),
-//!   [`meta`] (the cluster map), [`dedup`], [`clock`], [`stages`], [`sync`]:
+//!   [`meta`] (the cluster map), [`retention`] (policy and floors), [`dedup`], [`clock`], [`stages`], [`sync`]:
 //!   the vocabulary below all of them.
 
 pub mod api;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod crash_point;
 pub mod dedup;
 pub mod dedup_table;
+pub mod expiry;
 pub mod meta;
 pub mod metrics;
 pub mod node;
@@ -36,6 +38,7 @@ pub mod partition_view;
 pub mod processor;
 pub mod raft;
 pub mod reconciler;
+pub mod retention;
 pub mod server;
 pub mod stages;
 pub mod storage;

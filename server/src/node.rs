@@ -31,6 +31,7 @@ use crate::raft::peer_link::LinkEvent;
 use crate::raft::peers::PeerPool;
 use crate::raft::quiesce::{QuiesceConfig, Quiescence, ReplicaStart};
 use crate::raft::ticker::NodeTicker;
+use crate::retention::RetentionPolicy;
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::{GroupStateMachine, MetadataWatches};
 use crate::storage::write_back::WriteBack;
@@ -95,6 +96,8 @@ pub struct Node {
     pub cluster_map: watch::Receiver<ClusterMap>,
     /// Which event times are accepted; the metadata group's, like the map.
     pub ingest_policy: watch::Receiver<IngestPolicy>,
+    /// The cluster's retention policy, as the metadata group last applied.
+    pub retention: watch::Receiver<RetentionPolicy>,
     pub liveness: Arc<Liveness>,
     pub quiescence: Arc<Quiescence>,
     /// Drives heartbeats and election timers of every group (openraft's
@@ -168,6 +171,7 @@ impl Node {
         let peers = PeerPool::new(Duration::from_millis(config.connect_timeout_ms), routes, credentials, client_tls);
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
         let (policy_tx, policy_rx) = watch::channel(IngestPolicy::default());
+        let (retention_tx, retention_rx) = watch::channel(RetentionPolicy::default());
         let (metadata, metadata_write_back) = open_group(
             &engine,
             &data_dir,
@@ -176,7 +180,7 @@ impl Node {
             config.node_id,
             METADATA_GROUP,
             Arc::default(),
-            Some(MetadataWatches { map: map_tx, policy: policy_tx }),
+            Some(MetadataWatches { map: map_tx, policy: policy_tx, retention: retention_tx }),
             None,
         )
         .await
@@ -238,6 +242,7 @@ impl Node {
             metadata_write_back,
             cluster_map: map_rx,
             ingest_policy: policy_rx,
+            retention: retention_rx,
             liveness,
             quiescence,
             ticker,

@@ -252,7 +252,7 @@ async fn leader_voters(
     reported
 }
 
-fn is_leader(raft: &RaftInstance, me: NodeId) -> bool {
+pub fn is_leader(raft: &RaftInstance, me: NodeId) -> bool {
     let m = raft.metrics();
     let m = m.borrow_watched();
     m.state == ServerState::Leader && m.current_leader == Some(me)

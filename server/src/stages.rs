@@ -32,13 +32,14 @@ pub enum Stage {
     LogFsync,
     ApplyRound,
     Checkpoint,
+    Expiry,
     ReadRequest,
     ReadLinearize,
     ReadStorage,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 13] = [
+    pub const ALL: [Stage; 14] = [
         Stage::IngestRequest,
         Stage::IngestQueueWait,
         Stage::IngestBuildEntry,
@@ -49,6 +50,7 @@ impl Stage {
         Stage::LogFsync,
         Stage::ApplyRound,
         Stage::Checkpoint,
+        Stage::Expiry,
         Stage::ReadRequest,
         Stage::ReadLinearize,
         Stage::ReadStorage,
@@ -66,6 +68,7 @@ impl Stage {
             Stage::LogFsync => "log.fsync",
             Stage::ApplyRound => "apply.round",
             Stage::Checkpoint => "apply.checkpoint",
+            Stage::Expiry => "apply.expiry",
             Stage::ReadRequest => "read.request",
             Stage::ReadLinearize => "read.linearize",
             Stage::ReadStorage => "read.storage",
@@ -86,6 +89,7 @@ impl Stage {
             Stage::LogFsync => "one WAL fsync, covering every group's writes queued since the last",
             Stage::ApplyRound => "one apply round of a group (dedup, aggregation into memory)",
             Stage::Checkpoint => "one checkpoint of a group's state to RocksDB",
+            Stage::Expiry => "finding a group's expired buckets on disk, in the checkpoint after its floors rose",
             Stage::ReadRequest => "a Stats or Series call on the node that received it, forwarding included",
             Stage::ReadLinearize => "making a linearizable read safe (lease check or read-index round, apply wait)",
             Stage::ReadStorage => "reading memory and RocksDB for one query",

@@ -32,6 +32,7 @@ mod peer_port;
 mod quiescence;
 mod replica_handoff;
 mod restart_at_once;
+mod retention;
 mod spike;
 mod tls;
 mod top_k;
@@ -59,6 +60,7 @@ fn every_cluster_test_takes_its_turn() {
         ("extreme_values", include_str!("extreme_values.rs")),
         ("failover", include_str!("failover.rs")),
         ("ingest_flood", include_str!("ingest_flood.rs")),
+        ("ingest_policy", include_str!("ingest_policy.rs")),
         ("leadership", include_str!("leadership.rs")),
         ("many_partitions", include_str!("many_partitions.rs")),
         ("membership", include_str!("membership.rs")),
@@ -68,8 +70,10 @@ fn every_cluster_test_takes_its_turn() {
         ("quiescence", include_str!("quiescence.rs")),
         ("replica_handoff", include_str!("replica_handoff.rs")),
         ("restart_at_once", include_str!("restart_at_once.rs")),
+        ("retention", include_str!("retention.rs")),
         ("spike", include_str!("spike.rs")),
         ("tls", include_str!("tls.rs")),
+        ("top_k", include_str!("top_k.rs")),
         ("transfer_down_node", include_str!("transfer_down_node.rs")),
         ("transfer_paused_node", include_str!("transfer_paused_node.rs")),
     ];

@@ -14,8 +14,8 @@ use tally_proto::v1::cluster_server::Cluster;
 use tally_proto::v1::{
     AddNodeRequest, AddNodeResponse, DigestRequest, DigestResponse, InitializeRequest, InitializeResponse,
     PartitionDigest, PartitionInfo, RebalanceRequest, RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse,
-    SetIngestPolicyRequest, SetIngestPolicyResponse, StageLatency, StagesRequest, StagesResponse, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    SetIngestPolicyRequest, SetIngestPolicyResponse, SetRetentionRequest, SetRetentionResponse, StageLatency,
+    StagesRequest, StagesResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -126,6 +126,13 @@ impl Cluster for ClusterService {
         Ok(Response::new(super::ingest_policy::set(&self.node, request.into_inner()).await?))
     }
 
+    async fn set_retention(
+        &self,
+        request: Request<SetRetentionRequest>,
+    ) -> Result<Response<SetRetentionResponse>, Status> {
+        Ok(Response::new(super::retention::set(&self.node, request.into_inner()).await?))
+    }
+
     async fn stages(&self, request: Request<StagesRequest>) -> Result<Response<StagesResponse>, Status> {
         let (summary, window) = crate::stages::global().summary(request.into_inner().reset);
         Ok(Response::new(StagesResponse {
@@ -167,6 +174,7 @@ impl Cluster for ClusterService {
         }
         let rf = if req.replication_factor == 0 { 3 } else { req.replication_factor };
         let policy = req.ingest_policy.as_ref().map(super::ingest_policy::from_proto).transpose()?;
+        let retention = req.retention.as_ref().map(super::retention::from_proto).transpose()?;
         let current = self.node.map();
         if current.is_initialized() {
             // Peer addresses left empty are not compared: they were to be learnt.
@@ -225,13 +233,19 @@ impl Cluster for ClusterService {
             return ClusterClient::new(channel).initialize(req).await;
         }
         let count = nodes.len();
-        // The policy before the map: no event is taken under the defaults
-        // between the two.
+        // The policies before the map: no event is taken under the
+        // defaults between them.
         if let Some(policy) = policy {
             metadata
                 .client_write(Command::SetIngestPolicy(policy))
                 .await
                 .map_err(|e| Status::unavailable(format!("writing the ingest policy: {e}")))?;
+        }
+        if let Some(retention) = retention {
+            metadata
+                .client_write(Command::SetRetention(retention))
+                .await
+                .map_err(|e| Status::unavailable(format!("writing the retention policy: {e}")))?;
         }
         metadata
             .client_write(Command::SetClusterMap(ClusterMap::initial(nodes, partitions, rf)))
@@ -281,5 +295,6 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         events_rejected: totals.events_rejected,
         queries: totals.queries,
         ingest_policy: Some(super::ingest_policy::to_proto(*node.ingest_policy.borrow())),
+        retention: Some(super::retention::to_proto(*node.retention.borrow())),
     }
 }

@@ -249,7 +249,8 @@ async fn series(State(node): State<Arc<Node>>, args: QueryResult) -> Response {
         "hour" => Granularity::Hour,
         "day" => Granularity::Day,
         "month" => Granularity::Month,
-        other => return bad_request(format!("granularity: {other:?} is not minute, hour, day or month")),
+        "year" => Granularity::Year,
+        other => return bad_request(format!("granularity: {other:?} is not minute, hour, day, month or year")),
     };
     let request = SeriesRequest {
         entity_id: args.entity.into_bytes(),

@@ -28,6 +28,7 @@ pub mod propose;
 pub mod query;
 pub mod raft_service;
 pub mod read_routing;
+pub mod retention;
 pub mod retry_hint;
 pub mod top_k;
 pub mod transfer;

@@ -16,11 +16,11 @@ use tally_proto::validate::{validate_query_key, validate_range};
 use tonic::{Request, Response, Status};
 
 use super::read_routing::{
-    forward_client, forwarded, hops, invalid, partition_count, replica_for, ClientLatency, MAX_HOPS,
+    forward_client, forwarded, hops, invalid, partition_count, replica_for, storage_status, ClientLatency, MAX_HOPS,
 };
 use crate::node::Node;
 use crate::stages::{Stage, Timer};
-use crate::storage::read::{read_series, read_stats};
+use crate::storage::read::{read_series, read_stats, SeriesRead};
 
 /// Most buckets one series answer may hold.
 pub const MAX_SERIES_BUCKETS: usize = 10_000;
@@ -52,24 +52,26 @@ impl Query for QueryService {
             }
             Err(to) => return forward_client(&self.node, to)?.stats(forwarded(req, hops)).await,
         };
-        let (from, to) = align_range(req.from_ms, req.to_ms);
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let reading = Timer::start(Stage::ReadStorage);
-        let total = read_stats(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, from, to)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let read =
+            read_stats(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, req.from_ms, req.to_ms)
+                .await
+                .map_err(storage_status)?;
         drop(reading);
+        let total = read.total;
         let (sum, sum_overflow) = total.sum_i64();
         Ok(Response::new(StatsResponse {
             count: total.count,
             sum,
             average: total.average(),
-            effective_from_ms: from,
-            effective_to_ms: to,
+            effective_from_ms: read.from_ms,
+            effective_to_ms: read.to_ms,
             served_by_node_id: self.node.id,
             applied_index: applied,
             sum_overflow,
             sum_exact: total.sum.to_string(),
+            resolution: read.resolution.to_proto().into(),
         }))
     }
 
@@ -83,7 +85,7 @@ impl Query for QueryService {
         let granularity = tally_proto::v1::Granularity::try_from(req.granularity)
             .ok()
             .and_then(Granularity::from_proto)
-            .ok_or_else(|| Status::invalid_argument("granularity: must be MINUTE, HOUR, DAY or MONTH"))?;
+            .ok_or_else(|| Status::invalid_argument("granularity: must be MINUTE, HOUR, DAY, MONTH or YEAR"))?;
         let (from, to) = align_range(req.from_ms, req.to_ms);
         let buckets = series_starts(granularity, from, to).into_iter().take(MAX_SERIES_BUCKETS + 1).count();
         if buckets > MAX_SERIES_BUCKETS {
@@ -105,8 +107,14 @@ impl Query for QueryService {
         let series =
             read_series(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, granularity, from, to)
                 .await
-                .map_err(|e| Status::internal(e.to_string()))?;
+                .map_err(storage_status)?;
         drop(reading);
+        let series = match series {
+            SeriesRead::Buckets(buckets) => buckets,
+            SeriesRead::Expired { first_kept_ms } => {
+                return Err(super::retention::series_expired(&self.node, granularity, first_kept_ms))
+            }
+        };
         Ok(Response::new(SeriesResponse {
             buckets: series
                 .into_iter()

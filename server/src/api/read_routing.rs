@@ -141,3 +141,12 @@ impl Drop for ClientLatency {
         }
     }
 }
+
+/// A read's storage error as the client sees it: floors that moved under
+/// the read are worth a retry; anything else is the node's fault.
+pub fn storage_status(e: crate::storage::StorageError) -> Status {
+    match e {
+        crate::storage::StorageError::FloorsMoved => Status::unavailable(e.to_string()),
+        e => Status::internal(e.to_string()),
+    }
+}

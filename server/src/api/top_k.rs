@@ -9,23 +9,32 @@
 //! partitions, with the forwarding hop count every query carries. Entities
 //! never span partitions, so the k best of every partition's k best are
 //! the k best overall.
+//!
+//! Every partition must rank the same range, so the node asked tiles it
+//! once, with the floors the cluster's retention policy gives a minute
+//! ahead of its clock: never finer than any partition still keeps (their
+//! leaders raise floors from the same policy at their own, checked,
+//! clocks). A partition whose floors went past them anyway (a retention
+//! shortened a moment ago) refuses, and so does a node that tiled the range
+//! differently; the caller retries.
 
 use std::collections::BTreeMap;
 
 use futures::future::{join_all, try_join_all};
 use futures::StreamExt;
-use tally_proto::time::align_range_to_hours;
+use tally_proto::time::{decompose_kept, Granularity, Tiling};
 use tally_proto::v1::{TopKEntry, TopKOrder, TopKRequest, TopKResponse};
 use tally_proto::validate::validate_top_k;
 use tonic::{Request, Response, Status};
 
 use super::read_routing::{
-    forward_client, forwarded, hops, invalid, partition_count, replica_for, ClientLatency, MAX_HOPS,
+    forward_client, forwarded, hops, invalid, partition_count, replica_for, storage_status, ClientLatency, MAX_HOPS,
 };
 use crate::node::Node;
 use crate::stages::{Stage, Timer};
 use crate::storage::counts::CountSum;
 use crate::storage::ranking::{best_k, read_top_k, RankBy};
+use crate::storage::StorageError;
 use crate::type_config::NodeId;
 
 /// Partitions this node reads at once for one TopK: enough to keep the
@@ -58,7 +67,7 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
         ps.dedup();
         ps
     };
-    let (from, to) = align_range_to_hours(req.from_ms, req.to_ms);
+    let tiling = policy_tiling(node, req.from_ms, req.to_ms);
     let k = req.k as usize;
 
     // Where each partition's share is read.
@@ -82,8 +91,8 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
         let mut best: Vec<(Vec<u8>, CountSum)> = Vec::new();
         let mut reads = futures::stream::iter(local)
             .map(|replica| {
-                let (engine, event_type) = (node.engine.clone(), req.event_type.clone());
-                async move { read_top_k(&engine, &replica.write_back, &event_type, from, to, k, by).await }
+                let (engine, event_type, pieces) = (node.engine.clone(), req.event_type.clone(), &tiling.buckets);
+                async move { read_top_k(&engine, &replica.write_back, &event_type, pieces, k, by).await }
             })
             .buffer_unordered(LOCAL_READS_AT_ONCE);
         while let Some(list) = reads.next().await {
@@ -92,7 +101,7 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
                 best = best_k(best, k, by);
             }
         }
-        Ok::<_, crate::storage::StorageError>(best)
+        Ok::<_, StorageError>(best)
     };
     let remote_calls = try_join_all(remote.into_iter().map(|(to_node, share)| {
         let ask = TopKRequest { partitions: share, ..req.clone() };
@@ -102,8 +111,13 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
         }
     }));
     let (local_best, remote_replies) = tokio::join!(local_reads, remote_calls);
-    let mut entries = local_best.map_err(|e| Status::internal(e.to_string()))?;
+    let mut entries = local_best.map_err(storage_status)?;
     for reply in remote_replies? {
+        if (reply.effective_from_ms, reply.effective_to_ms) != (tiling.from_ms, tiling.to_ms) {
+            return Err(Status::unavailable(
+                "nodes tiled the range differently (the retention policy changed while asked); retry",
+            ));
+        }
         for e in reply.entries {
             let sum = e.sum_exact.parse::<i128>().map_err(|_| {
                 Status::internal(format!("a node answered a TopK sum that is not a number: {:?}", e.sum_exact))
@@ -120,8 +134,22 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
         .collect();
     Ok(Response::new(TopKResponse {
         entries,
-        effective_from_ms: from,
-        effective_to_ms: to,
+        effective_from_ms: tiling.from_ms,
+        effective_to_ms: tiling.to_ms,
         partitions_answered: partitions.len() as u32,
+        resolution: tiling.resolution.to_proto().into(),
     }))
+}
+
+/// How far ahead of this node's clock the policy's floors are taken: more
+/// than the clock skew the cluster tolerates between nodes, so no partition
+/// leader can have raised its floors past them.
+const FLOORS_AHEAD_MS: i64 = 60_000;
+
+/// `[from, to)` tiled by hour and coarser buckets that every partition
+/// still keeps under the retention policy.
+fn policy_tiling(node: &Node, from_ms: i64, to_ms: i64) -> Tiling {
+    let now = i64::try_from(node.clock.trusted().now_ms).unwrap_or(i64::MAX);
+    let floors = node.retention.borrow().floors_at(now.saturating_add(FLOORS_AHEAD_MS));
+    decompose_kept(from_ms, to_ms, &floors, Granularity::Hour)
 }

@@ -45,6 +45,11 @@ pub const STATE_LOG_CLOCK: u8 = 6;
 pub const STATE_CONFLICTS: u8 = 7;
 /// The ingest policy (metadata group only).
 pub const STATE_INGEST_POLICY: u8 = 8;
+/// The retention policy (metadata group only).
+pub const STATE_RETENTION: u8 = 9;
+/// Where each granularity's kept buckets begin (partition groups; see
+/// `retention.rs`).
+pub const STATE_FLOORS: u8 = 10;
 
 /// A value the key layout cannot represent. Validation keeps requests far
 /// inside these limits; the encoder refuses rather than truncate a length
@@ -186,6 +191,19 @@ pub fn parse_counts_key(key: &[u8]) -> Option<CountsKey<'_>> {
     (rest.len() == 9).then_some(CountsKey { entity_id, event_type, granularity, bucket_start })
 }
 
+/// The granularity code and bucket start of a counts or ranking-index key.
+pub fn bucket_of_any_key(key: &[u8]) -> Option<(u8, u64)> {
+    if key.get(4) != Some(&RANKING_TAG) {
+        let parts = parse_counts_key(key)?;
+        return Some((parts.granularity, parts.bucket_start));
+    }
+    let type_len = *key.get(5)? as usize;
+    let rest = key.get(6 + type_len..)?;
+    let granularity = *rest.first()?;
+    let bucket_start = u64::from_be_bytes(rest.get(1..9)?.try_into().ok()?);
+    Some((granularity, bucket_start))
+}
+
 /// Prefix of the ranking-index keys of one (type, granularity, bucket):
 /// every entity with events there follows it.
 pub fn ranking_prefix(group: u32, event_type: &[u8], granularity: u8, bucket_start: u64) -> Option<Vec<u8>> {
@@ -276,6 +294,8 @@ mod tests {
         // Minutes are not indexed; a longer type is another prefix.
         let minute = bucket_key(7, b"video-1", "view", Granularity::Minute, 60_000).unwrap();
         assert_eq!(ranking_key_of(7, &minute), None);
+        assert_eq!(bucket_of_any_key(&day), Some((Granularity::Day.as_u8(), 86_400_000)));
+        assert_eq!(bucket_of_any_key(&ranked), Some((Granularity::Day.as_u8(), 86_400_000)));
         let other = ranking_prefix(7, b"views", Granularity::Day.as_u8(), 86_400_000).unwrap();
         assert_eq!(entity_of_ranking_key(&ranked, &other), None);
     }

@@ -33,6 +33,10 @@ pub enum StorageError {
     Corrupt(String),
     #[error("cannot encode a storage key: {0}")]
     Key(#[from] keys::KeyError),
+    /// Retention expired part of the range while it was read, again and
+    /// again; the caller may retry.
+    #[error("retention expired buckets of the range while it was read; retry")]
+    FloorsMoved,
 }
 
 impl From<std::io::Error> for StorageError {

@@ -1,9 +1,9 @@
 //! TopK of one partition: the k entities with the highest count (or sum) of
 //! one event type over an hour-aligned range.
 //!
-//! **Why it is exact.** The range is tiled by the fewest hour, day and
-//! month buckets ([`decompose`] never needs minutes for an hour-aligned
-//! range). The ranking index (`keys.rs`) holds, for each of those buckets,
+//! **Why it is exact.** The range is tiled by the fewest kept hour, day,
+//! month and year buckets (`decompose_kept` from hours; the coordinator
+//! tiles once for every partition, so all rank the same range). The ranking index (`keys.rs`) holds, for each of those buckets,
 //! every entity's count and sum under one prefix, written in the same
 //! checkpoint batch as the counts themselves; memory adds what is not yet
 //! checkpointed, under the same snapshot rule as every other read
@@ -21,11 +21,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use rocksdb::{Direction, IteratorMode, ReadOptions};
-use tally_proto::time::decompose;
+use tally_proto::time::Granularity;
 
 use super::counts::CountSum;
 use super::keys::{self, CF_COUNTS};
-use super::read::disk_applied;
+use super::read::{all_kept, disk_applied, disk_floors};
 use super::write_back::WriteBack;
 use super::{Engine, StorageError};
 
@@ -57,34 +57,41 @@ pub fn best_k(mut entries: Vec<(Vec<u8>, CountSum)>, k: usize, by: RankBy) -> Ve
     entries
 }
 
-/// The `k` best entities of `event_type` over the hour-aligned
-/// `[from_ms, to_ms)` in this group.
+/// The `k` best entities of `event_type` over the buckets `tiling` (hour
+/// or coarser, as `decompose_kept` gives them) in this group. Fails with
+/// [`StorageError::FloorsMoved`] when the group no longer keeps one of
+/// them: the coordinator tiled with the policy's floors, and this group's
+/// rose past them (a shortened retention); the caller retries.
 pub async fn read_top_k(
     engine: &Arc<Engine>,
     write_back: &WriteBack,
     event_type: &str,
-    from_ms: i64,
-    to_ms: i64,
+    tiling: &[(Granularity, i64)],
     k: usize,
     by: RankBy,
 ) -> Result<Vec<(Vec<u8>, CountSum)>, StorageError> {
     let group = write_back.group();
-    let mut pieces: Vec<(u8, u64)> = decompose(from_ms, to_ms)
-        .into_iter()
-        .filter_map(|(g, start)| Some((g.as_u8(), u64::try_from(start).ok()?)))
-        .collect();
+    let kept: Vec<(Granularity, i64)> = tiling.to_vec();
+    let mut pieces: Vec<(u8, u64)> =
+        tiling.iter().filter_map(|(g, start)| Some((g.as_u8(), u64::try_from(*start).ok()?))).collect();
     pieces.sort_unstable();
     let prefixes: Vec<Vec<u8>> = pieces
         .iter()
         .map(|(g, start)| keys::ranking_prefix(group, event_type.as_bytes(), *g, *start))
         .collect::<Option<_>>()
         .ok_or_else(|| StorageError::Key(keys::KeyError::TypeTooLong(event_type.len())))?;
-    let overlay = write_back.ranking_overlay(event_type.as_bytes(), &pieces);
+    let (floors, overlay) = write_back.ranking_overlay(event_type.as_bytes(), &pieces);
+    if !all_kept(&floors, &kept) {
+        return Err(StorageError::FloorsMoved);
+    }
     engine
         .blocking(move |engine| {
             let db = engine.db();
             let snap = db.snapshot();
             let on_disk = disk_applied(engine, &snap, group)?;
+            if !all_kept(&disk_floors(engine, &snap, group)?, &kept) {
+                return Err(StorageError::FloorsMoved);
+            }
             let mut totals: HashMap<Vec<u8>, CountSum> = HashMap::new();
             for prefix in &prefixes {
                 let mut opts = ReadOptions::default();

@@ -1,6 +1,6 @@
-//! Reads of a partition's counts: stats over a range (the fewest
-//! month/day/hour/minute buckets, fetched with one multi-get) and series of
-//! one granularity (one range scan).
+//! Reads of a partition's counts: stats over a range (the fewest kept
+//! year/month/day/hour/minute buckets, fetched with one multi-get) and
+//! series of one granularity (one range scan).
 //!
 //! Every read is the disk state of a RocksDB snapshot plus what the group's
 //! write-back still holds in memory beyond that snapshot's applied index
@@ -11,11 +11,11 @@
 use std::sync::Arc;
 
 use rocksdb::{Direction, IteratorMode, ReadOptions};
-use tally_proto::time::{decompose, series_starts, Granularity};
+use tally_proto::time::{decompose_kept, is_kept, series_starts, Floors, Granularity, KEEP_ALL};
 
 use super::codec::decode;
 use super::counts::CountSum;
-use super::keys::{self, CF_COUNTS, CF_STATE, STATE_APPLIED};
+use super::keys::{self, CF_COUNTS, CF_STATE, STATE_APPLIED, STATE_FLOORS};
 use super::write_back::WriteBack;
 use super::{Engine, StorageError};
 use crate::type_config::LogId;
@@ -29,7 +29,31 @@ pub(super) fn disk_applied(engine: &Engine, snap: &rocksdb::Snapshot<'_>, group:
     Ok(applied.map(|l| l.index).unwrap_or(0))
 }
 
-/// Total over a minute-aligned [from, to).
+/// Reads that found the floors raised under them try again this often
+/// before giving up ([`StorageError::FloorsMoved`]); floors rise at most
+/// once an hour, so a second try practically always succeeds.
+const FLOOR_RETRIES: usize = 4;
+
+/// The floors a RocksDB snapshot holds for `group`.
+pub(super) fn disk_floors(engine: &Engine, snap: &rocksdb::Snapshot<'_>, group: u32) -> Result<Floors, StorageError> {
+    match snap.get_cf(engine.cf(CF_STATE)?, keys::tagged(group, STATE_FLOORS))? {
+        Some(v) => Ok(decode(&v)?),
+        None => Ok(KEEP_ALL),
+    }
+}
+
+/// What a Stats read counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsRead {
+    pub total: CountSum,
+    /// The range counted: `[from, to)` widened to whole minutes, or to
+    /// whole buckets of `resolution` where minutes (or more) had expired.
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub resolution: Granularity,
+}
+
+/// Total over `[from, to)`, tiled by the buckets the group still keeps.
 pub async fn read_stats(
     engine: &Arc<Engine>,
     write_back: &WriteBack,
@@ -37,36 +61,69 @@ pub async fn read_stats(
     event_type: &str,
     from_ms: i64,
     to_ms: i64,
-) -> Result<CountSum, StorageError> {
+) -> Result<StatsRead, StorageError> {
     let group = write_back.group();
     let prefixes: Vec<Vec<u8>> = Granularity::ALL
         .iter()
         .map(|g| keys::series_prefix(group, entity_id, event_type, *g))
         .collect::<Result<_, _>>()?;
-    let keys: Vec<Vec<u8>> = decompose(from_ms, to_ms)
-        .into_iter()
-        .map(|(g, start)| keys::counts_key(&prefixes[g.as_u8() as usize], start))
-        .collect();
-    let overlay = write_back.overlay(&keys);
-    engine
-        .blocking(move |engine| {
-            let db = engine.db();
-            let snap = db.snapshot();
-            let on_disk = disk_applied(engine, &snap, group)?;
-            let mut opts = ReadOptions::default();
-            opts.set_snapshot(&snap);
-            let mut total = CountSum::default();
-            for (i, value) in
-                db.batched_multi_get_cf_opt(engine.cf(CF_COUNTS)?, &keys, false, &opts).into_iter().enumerate()
-            {
-                if let Some(v) = value? {
-                    total = total.add(CountSum::decode(&v));
+    for _ in 0..FLOOR_RETRIES {
+        let floors = write_back.floors();
+        let tiling = decompose_kept(from_ms, to_ms, &floors, Granularity::Minute);
+        let keys: Vec<Vec<u8>> =
+            tiling.buckets.iter().map(|(g, start)| keys::counts_key(&prefixes[g.as_u8() as usize], *start)).collect();
+        let overlay = write_back.overlay(&keys);
+        if overlay.floors != floors {
+            continue;
+        }
+        let pieces = tiling.buckets.clone();
+        let total = engine
+            .blocking(move |engine| {
+                let db = engine.db();
+                let snap = db.snapshot();
+                let on_disk = disk_applied(engine, &snap, group)?;
+                if !all_kept(&disk_floors(engine, &snap, group)?, &pieces) {
+                    return Ok(None);
                 }
-                total = total.add(overlay.delta(i, on_disk));
-            }
-            Ok(total)
-        })
-        .await
+                let mut opts = ReadOptions::default();
+                opts.set_snapshot(&snap);
+                let mut total = CountSum::default();
+                for (i, value) in
+                    db.batched_multi_get_cf_opt(engine.cf(CF_COUNTS)?, &keys, false, &opts).into_iter().enumerate()
+                {
+                    if let Some(v) = value? {
+                        total = total.add(CountSum::decode(&v));
+                    }
+                    total = total.add(overlay.delta(i, on_disk));
+                }
+                Ok(Some(total))
+            })
+            .await?;
+        if let Some(total) = total {
+            return Ok(StatsRead {
+                total,
+                from_ms: tiling.from_ms,
+                to_ms: tiling.to_ms,
+                resolution: tiling.resolution,
+            });
+        }
+    }
+    Err(StorageError::FloorsMoved)
+}
+
+/// Whether every bucket of `pieces` is kept under `floors`.
+pub(super) fn all_kept(floors: &Floors, pieces: &[(Granularity, i64)]) -> bool {
+    pieces.iter().all(|(g, start)| is_kept(floors, *g, *start))
+}
+
+/// What a Series read found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeriesRead {
+    /// Every bucket of the range, empty ones included.
+    Buckets(Vec<(i64, CountSum)>),
+    /// The range starts before the granularity's oldest bucket kept,
+    /// `first_kept_ms`.
+    Expired { first_kept_ms: i64 },
 }
 
 /// Buckets of `granularity` covering [from, to), empty ones included.
@@ -78,44 +135,59 @@ pub async fn read_series(
     granularity: Granularity,
     from_ms: i64,
     to_ms: i64,
-) -> Result<Vec<(i64, CountSum)>, StorageError> {
+) -> Result<SeriesRead, StorageError> {
     let starts: Vec<i64> = series_starts(granularity, from_ms, to_ms).into_iter().collect();
     let (Some(&first), Some(&last)) = (starts.first(), starts.last()) else {
-        return Ok(Vec::new());
+        return Ok(SeriesRead::Buckets(Vec::new()));
     };
     let group = write_back.group();
     let prefix = keys::series_prefix(group, entity_id, event_type, granularity)?;
     let bucket_keys: Vec<Vec<u8>> = starts.iter().map(|s| keys::counts_key(&prefix, *s)).collect();
-    let overlay = write_back.overlay(&bucket_keys);
-    let found = engine
-        .blocking(move |engine| {
-            let snap = engine.db().snapshot();
-            let on_disk = disk_applied(engine, &snap, group)?;
-            let mut opts = ReadOptions::default();
-            opts.set_snapshot(&snap);
-            opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
-            let from_key = keys::counts_key(&prefix, first);
-            let mut found = std::collections::HashMap::new();
-            let iter =
-                snap.iterator_cf_opt(engine.cf(CF_COUNTS)?, opts, IteratorMode::From(&from_key, Direction::Forward));
-            for item in iter {
-                let (key, value) = item?;
-                if !key.starts_with(&prefix) {
-                    break;
+    for _ in 0..FLOOR_RETRIES {
+        let overlay = write_back.overlay(&bucket_keys);
+        if !is_kept(&overlay.floors, granularity, first) {
+            return Ok(SeriesRead::Expired { first_kept_ms: overlay.floors[usize::from(granularity.as_u8())] });
+        }
+        let prefix = prefix.clone();
+        let found = engine
+            .blocking(move |engine| {
+                let snap = engine.db().snapshot();
+                let on_disk = disk_applied(engine, &snap, group)?;
+                if !is_kept(&disk_floors(engine, &snap, group)?, granularity, first) {
+                    return Ok(None);
                 }
-                if let Some(bucket) = keys::bucket_of_counts_key(&key) {
-                    found.insert(bucket, CountSum::decode(&value));
+                let mut opts = ReadOptions::default();
+                opts.set_snapshot(&snap);
+                opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
+                let from_key = keys::counts_key(&prefix, first);
+                let mut found = std::collections::HashMap::new();
+                let iter = snap.iterator_cf_opt(
+                    engine.cf(CF_COUNTS)?,
+                    opts,
+                    IteratorMode::From(&from_key, Direction::Forward),
+                );
+                for item in iter {
+                    let (key, value) = item?;
+                    if !key.starts_with(&prefix) {
+                        break;
+                    }
+                    if let Some(bucket) = keys::bucket_of_counts_key(&key) {
+                        found.insert(bucket, CountSum::decode(&value));
+                    }
                 }
-            }
-            Ok((found, on_disk))
-        })
-        .await?;
-    let (found, on_disk) = found;
-    Ok(starts
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| (s, found.get(&s).copied().unwrap_or_default().add(overlay.delta(i, on_disk))))
-        .collect())
+                Ok(Some((found, on_disk)))
+            })
+            .await?;
+        let Some((found, on_disk)) = found else { continue };
+        return Ok(SeriesRead::Buckets(
+            starts
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (*s, found.get(s).copied().unwrap_or_default().add(overlay.delta(i, on_disk))))
+                .collect(),
+        ));
+    }
+    Err(StorageError::FloorsMoved)
 }
 
 /// Digest of a group's replicated state (counts and dedup keys) and the
@@ -132,7 +204,7 @@ pub async fn state_digest(engine: &Arc<Engine>, write_back: &Arc<WriteBack>) -> 
 }
 
 fn digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), StorageError> {
-    use super::keys::{STATE_CONFLICTS, STATE_DEDUP};
+    use super::keys::STATE_DEDUP;
     let db = engine.db();
     let snap = db.snapshot();
     let applied = disk_applied(engine, &snap, group)?;
@@ -140,8 +212,8 @@ fn digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), StorageError> 
     let mut count = 0u64;
     let ranges = [
         (CF_COUNTS, keys::group_prefix(group).to_vec(), keys::group_end(group).to_vec()),
-        // Dedup keys, the log clock and the conflict counter.
-        (CF_STATE, keys::tagged(group, STATE_DEDUP).to_vec(), keys::tagged(group, STATE_CONFLICTS + 1).to_vec()),
+        // Dedup keys, the log clock, the conflict counter and the floors.
+        (CF_STATE, keys::tagged(group, STATE_DEDUP).to_vec(), keys::tagged(group, STATE_FLOORS + 1).to_vec()),
     ];
     for (cf_name, start, end) in ranges {
         let mut opts = ReadOptions::default();

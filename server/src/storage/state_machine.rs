@@ -1,8 +1,9 @@
 //! openraft state machine of one group.
 //!
-//! A partition group's state is its counts (minute/hour/day/month buckets of
-//! every (entity, type)) and its dedup index; the metadata group's state is
-//! the cluster map. Apply is in memory: each round's merged deltas and
+//! A partition group's state is its counts (minute/hour/day/month/year
+//! buckets of every (entity, type)), its dedup index and its floors (what
+//! retention expired); the metadata group's state is the cluster map and
+//! the ingest and retention policies. Apply is in memory: each round's merged deltas and
 //! state writes go to the group's write-back ([`WriteBack`]), which
 //! checkpoints them to RocksDB with the applied log id in one batch every
 //! few seconds, so state and applied id on disk never disagree after a
@@ -24,7 +25,7 @@ use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
-use tally_proto::time::{bucket_start, Granularity};
+use tally_proto::time::{bucket_start, is_kept, Floors, Granularity, KEEP_ALL};
 use tokio::sync::{oneshot, watch};
 
 use super::codec::{decode, encode};
@@ -36,6 +37,7 @@ use super::{Engine, StorageError};
 use crate::command::{Command, CommandOutcome, IngestBatch};
 use crate::dedup::DedupIndex;
 use crate::meta::{ClusterMap, IngestPolicy};
+use crate::retention::{raise, RetentionPolicy};
 use crate::stages::{Stage, Timer};
 use crate::type_config::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -70,21 +72,27 @@ struct Loaded {
     membership: StoredMembership,
     cluster_map: Option<ClusterMap>,
     ingest_policy: Option<IngestPolicy>,
+    retention: Option<RetentionPolicy>,
+    floors: Floors,
 }
 
 /// Where the metadata group's state machine publishes what it applies.
 pub struct MetadataWatches {
     pub map: watch::Sender<ClusterMap>,
     pub policy: watch::Sender<IngestPolicy>,
+    pub retention: watch::Sender<RetentionPolicy>,
 }
 
 impl MetadataWatches {
-    fn publish(&self, map: Option<ClusterMap>, policy: Option<IngestPolicy>) {
+    fn publish(&self, map: Option<ClusterMap>, policy: Option<IngestPolicy>, retention: Option<RetentionPolicy>) {
         if let Some(map) = map {
             self.map.send_replace(map);
         }
         if let Some(policy) = policy {
             self.policy.send_replace(policy);
+        }
+        if let Some(retention) = retention {
+            self.retention.send_replace(retention);
         }
     }
 }
@@ -96,6 +104,7 @@ struct Applied {
     membership: Option<StoredMembership>,
     cluster_map: Option<ClusterMap>,
     ingest_policy: Option<IngestPolicy>,
+    retention: Option<RetentionPolicy>,
     /// One per entry, in order.
     outcomes: Vec<CommandOutcome>,
     /// Buckets the write-back holds after the round.
@@ -125,7 +134,7 @@ impl GroupStateMachine {
                 Ok((snapshots, loaded, newest))
             })
             .await?;
-        let write_back = WriteBack::new(group, loaded.applied);
+        let write_back = WriteBack::new(group, loaded.applied, loaded.floors);
         let mut sm = GroupStateMachine {
             group,
             engine,
@@ -171,7 +180,7 @@ impl GroupStateMachine {
         self.applied = loaded.applied;
         self.membership = loaded.membership;
         if let Some(watches) = &self.metadata {
-            watches.publish(loaded.cluster_map, loaded.ingest_policy);
+            watches.publish(loaded.cluster_map, loaded.ingest_policy, loaded.retention);
         }
     }
 }
@@ -229,7 +238,9 @@ fn load_state(engine: &Engine, group: u32, dedup: &DedupIndex) -> Result<Loaded,
     dedup.lock().restore_counters(clock, conflicts);
     let cluster_map = get_state::<ClusterMap>(engine, group, keys::STATE_CLUSTER_MAP)?;
     let ingest_policy = get_state::<IngestPolicy>(engine, group, keys::STATE_INGEST_POLICY)?;
-    Ok(Loaded { applied, membership, cluster_map, ingest_policy })
+    let retention = get_state::<RetentionPolicy>(engine, group, keys::STATE_RETENTION)?;
+    let floors = get_state::<Floors>(engine, group, keys::STATE_FLOORS)?.unwrap_or(KEEP_ALL);
+    Ok(Loaded { applied, membership, cluster_map, ingest_policy, retention, floors })
 }
 
 /// Apply a run of entries in memory, starting from `applied`, and hand the
@@ -246,6 +257,8 @@ fn apply_chunk(
     let mut membership = None;
     let mut cluster_map = None;
     let mut ingest_policy = None;
+    let mut retention = None;
+    let mut floors = write_back.floors();
     for entry in chunk {
         let mut outcome = CommandOutcome::default();
         match entry.payload {
@@ -258,7 +271,7 @@ fn apply_chunk(
                 membership = Some(stored);
             }
             EntryPayload::Normal(Command::Ingest(ingest)) => {
-                outcome.skipped = apply_ingest(group, dedup, &mut round, entry.log_id.index, ingest)?;
+                outcome.skipped = apply_ingest(group, dedup, &mut round, &floors, entry.log_id.index, ingest)?;
             }
             EntryPayload::Normal(Command::SetClusterMap(map)) => {
                 round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_CLUSTER_MAP).to_vec(), encode(&map)?));
@@ -270,13 +283,29 @@ fn apply_chunk(
                     .push(StateWrite::Put(keys::tagged(group, keys::STATE_INGEST_POLICY).to_vec(), encode(&policy)?));
                 ingest_policy = Some(policy);
             }
+            EntryPayload::Normal(Command::SetRetention(policy)) => {
+                round
+                    .state
+                    .push(StateWrite::Put(keys::tagged(group, keys::STATE_RETENTION).to_vec(), encode(&policy)?));
+                retention = Some(policy);
+            }
+            EntryPayload::Normal(Command::Expire(proposed)) => {
+                let raised = raise(&floors, &proposed);
+                if raised != floors {
+                    floors = raised;
+                    round
+                        .state
+                        .push(StateWrite::Put(keys::tagged(group, keys::STATE_FLOORS).to_vec(), encode(&floors)?));
+                    round.floors = Some(floors);
+                }
+            }
         }
         applied = Some(entry.log_id);
         outcomes.push(outcome);
     }
     round.applied = applied;
     let dirty_keys = write_back.absorb(round);
-    Ok(Applied { applied, membership, cluster_map, ingest_policy, outcomes, dirty_keys })
+    Ok(Applied { applied, membership, cluster_map, ingest_policy, retention, outcomes, dirty_keys })
 }
 
 /// Apply one ingest entry; returns the positions of keyed events not
@@ -285,6 +314,7 @@ fn apply_ingest(
     group: u32,
     dedup: &DedupIndex,
     round: &mut RoundChanges,
+    floors: &Floors,
     log_index: u64,
     ingest: IngestBatch,
 ) -> Result<Vec<u32>, StorageError> {
@@ -344,7 +374,13 @@ fn apply_ingest(
         }
         let delta = CountSum { count: d.count, sum: d.sum };
         for g in Granularity::ALL {
-            let key = match keys::bucket_key(group, &d.entity_id, &d.event_type, g, bucket_start(g, d.minute_ms)) {
+            let start = bucket_start(g, d.minute_ms);
+            if !is_kept(floors, g, start) {
+                // Expired (a late event): counted in the coarser buckets
+                // still kept, like every event of its time.
+                continue;
+            }
+            let key = match keys::bucket_key(group, &d.entity_id, &d.event_type, g, start) {
                 Ok(key) => key,
                 Err(e) => {
                     // Validation keeps such deltas out of the log; if one got in
@@ -393,7 +429,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 self.membership = membership;
             }
             if let Some(watches) = &self.metadata {
-                watches.publish(done.cluster_map, done.ingest_policy);
+                watches.publish(done.cluster_map, done.ingest_policy, done.retention);
             }
             for (responder, outcome) in responders.into_iter().zip(done.outcomes) {
                 if let Some(r) = responder {
@@ -461,8 +497,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                     crate::crash_point::reach("snapshot-install-written");
                     snapshots.publish(&snapshot.path, &meta)?;
                     let loaded = load_state(engine, group, &dedup)?;
-                    let applied = loaded.applied;
-                    Ok((loaded, applied))
+                    let (applied, floors) = (loaded.applied, loaded.floors);
+                    Ok((loaded, applied, floors))
                 })
             })
             .await?;

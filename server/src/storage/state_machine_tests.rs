@@ -8,7 +8,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 use tally_proto::time::{DAY_MS, HOUR_MS, MINUTE_MS};
 
-use super::read::{read_series, read_stats, state_digest};
+use super::read::{read_series, read_stats, state_digest, SeriesRead};
 use super::state_machine::GroupStateMachine;
 use super::Engine;
 use crate::command::{Command, IngestBatch, KeyedEvent, MinuteDelta};
@@ -54,6 +54,14 @@ async fn open(dir: &std::path::Path) -> (Arc<Engine>, GroupStateMachine, Arc<Ded
     (engine, sm, dedup)
 }
 
+/// The buckets of a series read of a range nothing has expired from.
+fn buckets(read: SeriesRead) -> Vec<(i64, super::counts::CountSum)> {
+    match read {
+        SeriesRead::Buckets(buckets) => buckets,
+        SeriesRead::Expired { first_kept_ms } => panic!("expired before {first_kept_ms}"),
+    }
+}
+
 async fn apply(sm: &mut GroupStateMachine, entries: Vec<Entry>) {
     let stream = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
     sm.apply(stream).await.unwrap();
@@ -75,7 +83,7 @@ async fn apply_aggregates_into_every_granularity() {
     assert_eq!(applied, Some(log_id(2)));
     assert_eq!(dedup.lock().len(), 4);
 
-    let stats = async |from, to| read_stats(&engine, &sm.write_back(), b"v", "view", from, to).await.unwrap();
+    let stats = async |from, to| read_stats(&engine, &sm.write_back(), b"v", "view", from, to).await.unwrap().total;
     let minute = stats(T, T + MINUTE_MS).await;
     assert_eq!((minute.count, minute.sum), (3, 15));
     // A whole month (February 2024) is one bucket read.
@@ -95,7 +103,7 @@ async fn apply_aggregates_into_every_granularity() {
     )
     .await
     .unwrap();
-    assert_eq!(hours.iter().map(|(_, c)| c.count).collect::<Vec<_>>(), vec![0, 4, 0]);
+    assert_eq!(buckets(hours).iter().map(|(_, c)| c.count).collect::<Vec<_>>(), vec![0, 4, 0]);
 }
 
 #[tokio::test]
@@ -141,7 +149,11 @@ async fn snapshot_installs_identically_and_survives_restart() {
         assert_eq!(follower.applied_state().await.unwrap().0, Some(log_id(50)));
         assert_eq!(dedup.lock().len(), 50);
         assert_eq!(
-            read_stats(&follower_engine, &follower.write_back(), b"late", "view", 0, T + DAY_MS).await.unwrap().count,
+            read_stats(&follower_engine, &follower.write_back(), b"late", "view", 0, T + DAY_MS)
+                .await
+                .unwrap()
+                .total
+                .count,
             0
         );
         apply(&mut follower, vec![ingest(51, 60_000, vec![delta("late", T, 1, 1)], vec![999])]).await;
@@ -209,7 +221,7 @@ async fn apply_skips_events_whose_key_is_already_counted() {
         {
             let (engine, mut sm, dedup) = open(dir.path()).await;
             apply(&mut sm, log()).await;
-            let s = read_stats(&engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap();
+            let s = read_stats(&engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap().total;
             // Entry 2 counts key 3 once and the keyless event: 2 + 2 events.
             assert_eq!((s.count, s.sum), (4, 10 + 6 + 1));
             assert_eq!(dedup.conflicts(), 2);
@@ -251,18 +263,18 @@ async fn sums_at_the_i64_limits_are_exact_whatever_rocksdb_merges_first() {
     checkpoint(&sm);
     engine.db().compact_range_cf(engine.cf(super::keys::CF_COUNTS).unwrap(), None::<&[u8]>, None::<&[u8]>);
     apply(&mut sm, vec![big(4, i64::MIN)]).await;
-    let s = read_stats(&engine, &sm.write_back(), b"x", "view", T, T + MINUTE_MS).await.unwrap();
+    let s = read_stats(&engine, &sm.write_back(), b"x", "view", T, T + MINUTE_MS).await.unwrap().total;
     assert_eq!((s.count, s.sum), (4, -2));
     // Over a day (another bucket, merged in another order) it agrees.
     let day = read_stats(&engine, &sm.write_back(), b"x", "view", T - 23 * HOUR_MS - 59 * MINUTE_MS, T + MINUTE_MS)
         .await
         .unwrap();
-    assert_eq!(day.sum, -2);
+    assert_eq!(day.total.sum, -2);
     let partial =
         read_series(&engine, &sm.write_back(), b"x", "view", tally_proto::time::Granularity::Minute, T, T + MINUTE_MS)
             .await
             .unwrap();
-    assert_eq!(partial[0].1.sum, -2);
+    assert_eq!(buckets(partial)[0].1.sum, -2);
 }
 
 #[tokio::test]
@@ -273,9 +285,12 @@ async fn reads_add_memory_to_the_last_checkpoint() {
     assert!(sm.write_back().checkpoint(&engine, false).unwrap());
     apply(&mut sm, vec![ingest(2, 2_000, vec![delta("v", T, 3, 3)], vec![2])]).await;
     // One bucket on disk (2) and in memory (3); the month bucket likewise.
-    assert_eq!(read_stats(&engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap().count, 5);
+    assert_eq!(read_stats(&engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap().total.count, 5);
     let feb = 1_706_745_600_000;
-    assert_eq!(read_stats(&engine, &sm.write_back(), b"v", "view", feb, feb + 29 * DAY_MS).await.unwrap().count, 5);
+    assert_eq!(
+        read_stats(&engine, &sm.write_back(), b"v", "view", feb, feb + 29 * DAY_MS).await.unwrap().total.count,
+        5
+    );
     let minutes = read_series(
         &engine,
         &sm.write_back(),
@@ -287,7 +302,7 @@ async fn reads_add_memory_to_the_last_checkpoint() {
     )
     .await
     .unwrap();
-    assert_eq!(minutes.iter().map(|(_, c)| c.count).collect::<Vec<_>>(), vec![0, 5]);
+    assert_eq!(buckets(minutes).iter().map(|(_, c)| c.count).collect::<Vec<_>>(), vec![0, 5]);
 }
 
 /// A crash loses what memory held since the last checkpoint; openraft
@@ -324,5 +339,67 @@ async fn a_crash_between_checkpoints_replays_to_the_same_state() {
     apply(&mut sm, log[10..].to_vec()).await;
     assert_eq!(state_digest(&engine, &sm.write_back()).await.unwrap(), want);
     let total = read_stats(&engine, &sm.write_back(), b"e1", "view", T - DAY_MS, T + MINUTE_MS).await.unwrap();
-    assert_eq!(total.count, (1..=30).filter(|i| i % 4 == 1).sum::<u64>());
+    assert_eq!(total.total.count, (1..=30).filter(|i| i % 4 == 1).sum::<u64>());
+}
+
+#[tokio::test]
+async fn expiry_removes_the_same_buckets_on_every_replica() {
+    use tally_proto::time::{bucket_start, Granularity, KEEP_ALL};
+    // An old minute, two days before T; the floors expire minutes before
+    // the hour a day before T.
+    let old = T - 2 * DAY_MS;
+    let mut floors = KEEP_ALL;
+    floors[0] = bucket_start(Granularity::Hour, T - DAY_MS);
+    let log = || {
+        vec![
+            ingest(1, 1_000, vec![delta("v", old, 2, 2), delta("v", T, 1, 1)], vec![]),
+            Entry { log_id: log_id(2), payload: EntryPayload::Normal(Command::Expire(floors)) },
+            // A late event for the expired minute: its hour, day, month
+            // and year still count it.
+            ingest(3, 3_000, vec![delta("v", old, 5, 5)], vec![]),
+            // Lower floors change nothing.
+            Entry { log_id: log_id(4), payload: EntryPayload::Normal(Command::Expire(KEEP_ALL)) },
+        ]
+    };
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_engine, mut a, _) = open(a_dir.path()).await;
+    apply(&mut a, log()).await;
+    // Replica b writes its first entry to disk before the expiry comes.
+    let (b_engine, mut b, _) = open(b_dir.path()).await;
+    let mut entries = log();
+    let rest = entries.split_off(1);
+    apply(&mut b, entries).await;
+    state_digest(&b_engine, &b.write_back()).await.unwrap();
+    apply(&mut b, rest).await;
+
+    for (engine, sm) in [(&a_engine, &a), (&b_engine, &b)] {
+        let read = read_stats(engine, &sm.write_back(), b"v", "view", old, old + MINUTE_MS).await.unwrap();
+        assert_eq!(read.total.count, 7);
+        assert_eq!(read.resolution, Granularity::Hour);
+        assert_eq!(
+            (read.from_ms, read.to_ms),
+            (bucket_start(Granularity::Hour, old), bucket_start(Granularity::Hour, old) + HOUR_MS)
+        );
+        let recent = read_stats(engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap();
+        assert_eq!((recent.total.count, recent.resolution), (1, Granularity::Minute));
+        let minutes = read_series(engine, &sm.write_back(), b"v", "view", Granularity::Minute, old, old + MINUTE_MS)
+            .await
+            .unwrap();
+        assert_eq!(minutes, SeriesRead::Expired { first_kept_ms: floors[0] });
+    }
+    let digest_a = state_digest(&a_engine, &a.write_back()).await.unwrap();
+    assert_eq!(digest_a, state_digest(&b_engine, &b.write_back()).await.unwrap());
+    // On disk: no minute bucket below the floor, in either layout.
+    for engine in [&a_engine, &b_engine] {
+        let cf = engine.cf(super::keys::CF_COUNTS).unwrap();
+        for item in engine.db().iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (key, _) = item.unwrap();
+            assert!(super::write_back::is_kept_key(&floors, &key), "expired key left on disk: {key:?}");
+        }
+    }
+    // The floors are state: a restart keeps them.
+    drop((a, a_engine));
+    let (a_engine, a, _) = open(a_dir.path()).await;
+    assert_eq!(a.write_back().floors(), floors);
+    assert_eq!(state_digest(&a_engine, &a.write_back()).await.unwrap(), digest_a);
 }

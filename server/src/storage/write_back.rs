@@ -34,6 +34,17 @@
 //! Checkpoints of a group are serialised (`writing`), and installing a
 //! snapshot or deleting the group holds the same lock, so a checkpoint can
 //! never land on top of a state that replaced it.
+//!
+//! **Expiry.** The group's floors (`retention.rs`: per granularity, the
+//! oldest bucket kept) are state like the counts: an applied `Expire`
+//! raises them in memory at once, and apply stops adding to buckets below
+//! them. The checkpoint that writes the epoch raising them also deletes,
+//! in the same batch, every bucket on disk below them (counts and ranking
+//! index) and drops the expired deltas still in memory, so the disk at an
+//! applied id holds exactly the buckets kept at it — digests and snapshots
+//! need no filtering. Reads tile their range with kept buckets under the
+//! floors they see with the overlay, and check that the disk snapshot's
+//! floors are not higher (else they retry: the range moved under them).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +53,8 @@ use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt};
 use rocksdb::WriteBatch;
+
+use tally_proto::time::{Floors, KEEP_ALL};
 
 use super::codec::encode;
 use super::counts::CountSum;
@@ -81,6 +94,8 @@ pub struct RoundChanges {
     pub state: Vec<StateWrite>,
     /// The applied id after the round.
     pub applied: Option<LogId>,
+    /// The group's floors after the round, when it raised them.
+    pub floors: Option<Floors>,
 }
 
 #[derive(Default)]
@@ -91,6 +106,8 @@ struct Epoch {
     applied: Option<LogId>,
     /// When its first change came.
     since: Option<Instant>,
+    /// Whether its entries raised the floors.
+    raised_floors: bool,
 }
 
 impl Epoch {
@@ -105,6 +122,8 @@ struct Epochs {
     frozen: VecDeque<Arc<Epoch>>,
     /// The applied id of the newest epoch written (or loaded).
     written: Option<LogId>,
+    /// The floors after the newest epoch.
+    floors: Floors,
 }
 
 impl Epochs {
@@ -117,6 +136,8 @@ impl Epochs {
 pub struct Overlay {
     /// (upto, one delta per requested key) for each epoch holding any.
     parts: Vec<(u64, Vec<CountSum>)>,
+    /// The floors after the newest epoch: the state the read sees.
+    pub floors: Floors,
 }
 
 impl Overlay {
@@ -142,14 +163,16 @@ pub struct WriteBack {
 }
 
 impl WriteBack {
-    /// `written`: the applied id RocksDB holds for the group.
-    pub fn new(group: u32, written: Option<LogId>) -> Arc<WriteBack> {
+    /// `written`: the applied id RocksDB holds for the group, `floors` the
+    /// floors it holds.
+    pub fn new(group: u32, written: Option<LogId>, floors: Floors) -> Arc<WriteBack> {
         Arc::new(WriteBack {
             group,
             epochs: Mutex::new(Epochs {
                 active: Epoch { applied: written, ..Default::default() },
                 frozen: VecDeque::new(),
                 written,
+                floors,
             }),
             writing: Mutex::new(false),
             background: AtomicBool::new(false),
@@ -183,7 +206,16 @@ impl WriteBack {
         if round.applied.is_some() {
             active.applied = round.applied;
         }
+        if let Some(floors) = round.floors {
+            active.raised_floors = true;
+            epochs.floors = floors;
+        }
         epochs.dirty_keys()
+    }
+
+    /// The floors after everything applied so far.
+    pub fn floors(&self) -> Floors {
+        self.epochs().floors
     }
 
     /// Whether the group has changes in memory older than `age`, or more
@@ -222,14 +254,18 @@ impl WriteBack {
                 parts.push((epoch.upto(), deltas));
             }
         }
-        Overlay { parts }
+        Overlay { parts, floors: epochs.floors }
     }
 
     /// The memory side of a TopK read: per epoch still in memory, its
     /// `upto` and the deltas of `event_type` in the `pieces` (granularity,
     /// bucket start, sorted) by entity. Scans every key in memory (bounded by
     /// [`MAX_DIRTY_KEYS`]), since memory has no index by type.
-    pub fn ranking_overlay(&self, event_type: &[u8], pieces: &[(u8, u64)]) -> Vec<(u64, HashMap<Vec<u8>, CountSum>)> {
+    pub fn ranking_overlay(
+        &self,
+        event_type: &[u8],
+        pieces: &[(u8, u64)],
+    ) -> (Floors, Vec<(u64, HashMap<Vec<u8>, CountSum>)>) {
         let epochs = self.epochs();
         let mut parts = Vec::new();
         for epoch in epochs.frozen.iter().map(|e| &**e).chain(std::iter::once(&epochs.active)) {
@@ -247,7 +283,7 @@ impl WriteBack {
                 parts.push((epoch.upto(), by_entity));
             }
         }
-        parts
+        (epochs.floors, parts)
     }
 
     /// Write everything applied so far to RocksDB, with the applied id, in
@@ -258,7 +294,7 @@ impl WriteBack {
         if *closed {
             return Ok(false);
         }
-        let pending: Vec<Arc<Epoch>> = {
+        let (pending, floors): (Vec<Arc<Epoch>>, Floors) = {
             let mut epochs = self.epochs();
             let active_moved = epochs.active.applied != epochs.frozen.back().map_or(epochs.written, |e| e.applied);
             if active_moved || !epochs.active.counts.is_empty() || !epochs.active.state.is_empty() {
@@ -266,7 +302,9 @@ impl WriteBack {
                 let frozen = std::mem::replace(&mut epochs.active, Epoch { applied, ..Default::default() });
                 epochs.frozen.push_back(Arc::new(frozen));
             }
-            epochs.frozen.iter().cloned().collect()
+            // Every epoch is frozen now, so these are the floors at the
+            // last pending epoch's applied id.
+            (epochs.frozen.iter().cloned().collect(), epochs.floors)
         };
         let Some(last) = pending.last() else { return Ok(false) };
         let _timer = Timer::start(Stage::Checkpoint);
@@ -274,6 +312,13 @@ impl WriteBack {
         let mut batch = WriteBatch::default();
         let state_cf = engine.cf(CF_STATE)?;
         let counts_cf = engine.cf(CF_COUNTS)?;
+        // Floors raised since the last checkpoint: what they expired leaves
+        // the disk in this batch, and the deltas to it leave memory (apply
+        // added them before the floors rose).
+        let expiring = pending.iter().any(|e| e.raised_floors);
+        if expiring {
+            delete_expired(engine, self.group, &floors, &mut batch)?;
+        }
         let mut counts: HashMap<&[u8], CountSum> = HashMap::new();
         for epoch in &pending {
             for write in &epoch.state {
@@ -288,6 +333,9 @@ impl WriteBack {
             }
         }
         for (key, delta) in counts {
+            if expiring && !is_kept_key(&floors, key) {
+                continue;
+            }
             if delta != CountSum::default() {
                 batch.merge_cf(counts_cf, key, delta.encode());
                 // The ranking index (`keys.rs`) in the same batch: it can
@@ -314,11 +362,19 @@ impl WriteBack {
     /// Replace the group's state on disk with `f` (a snapshot install),
     /// dropping what memory holds: the new state supersedes it. `f`
     /// returns the applied id it installed. Blocking.
-    pub fn replace<T>(&self, f: impl FnOnce() -> Result<(T, Option<LogId>), StorageError>) -> Result<T, StorageError> {
+    pub fn replace<T>(
+        &self,
+        f: impl FnOnce() -> Result<(T, Option<LogId>, Floors), StorageError>,
+    ) -> Result<T, StorageError> {
         let _writing = self.writing();
-        let (out, applied) = f()?;
+        let (out, applied, floors) = f()?;
         let mut epochs = self.epochs();
-        *epochs = Epochs { active: Epoch { applied, ..Default::default() }, frozen: VecDeque::new(), written: applied };
+        *epochs = Epochs {
+            active: Epoch { applied, ..Default::default() },
+            frozen: VecDeque::new(),
+            written: applied,
+            floors,
+        };
         Ok(out)
     }
 
@@ -330,12 +386,52 @@ impl WriteBack {
         let mut epochs = self.epochs();
         epochs.frozen.clear();
         epochs.active = Epoch::default();
+        epochs.floors = KEEP_ALL;
     }
 
     /// Buckets in memory, every epoch together.
     pub fn dirty_keys(&self) -> usize {
         self.epochs().dirty_keys()
     }
+}
+
+/// Whether a counts or ranking-index key's bucket is kept under `floors`
+/// (a key that does not parse is kept: nothing is deleted by guess).
+pub fn is_kept_key(floors: &Floors, key: &[u8]) -> bool {
+    let Some((granularity, start)) = keys::bucket_of_any_key(key) else { return true };
+    match (floors.get(usize::from(granularity)), i64::try_from(start)) {
+        (Some(floor), Ok(start)) => start >= *floor,
+        _ => true,
+    }
+}
+
+/// Add to `batch` a delete of every bucket of `group` on disk that
+/// `floors` expire. Blocking; one pass over the group's counts (a full
+/// scan: counts keys are entity-major, so a granularity's old buckets are
+/// spread over the whole range). Runs only in the checkpoint after floors
+/// rose, at most once per step (an hour for minutes).
+fn delete_expired(engine: &Engine, group: u32, floors: &Floors, batch: &mut WriteBatch) -> Result<(), StorageError> {
+    if *floors == KEEP_ALL {
+        return Ok(());
+    }
+    let _timer = Timer::start(Stage::Expiry);
+    let cf = engine.cf(CF_COUNTS)?;
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(keys::group_end(group).to_vec());
+    let start = keys::group_prefix(group);
+    let mut deleted = 0u64;
+    for item in engine.db().iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward))
+    {
+        let (key, _) = item?;
+        if !is_kept_key(floors, &key) {
+            batch.delete_cf(cf, &key);
+            deleted += 1;
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(group, deleted, "expired buckets deleted");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -350,12 +446,12 @@ mod tests {
     fn round(key: &[u8], count: u64, applied: u64) -> RoundChanges {
         let mut counts = HashMap::new();
         counts.insert(key.to_vec(), CountSum { count, sum: count as i128 });
-        RoundChanges { counts, state: Vec::new(), applied: log_id(applied) }
+        RoundChanges { counts, state: Vec::new(), applied: log_id(applied), floors: None }
     }
 
     #[test]
     fn overlay_counts_only_epochs_the_disk_lacks() {
-        let wb = WriteBack::new(1, None);
+        let wb = WriteBack::new(1, None, KEEP_ALL);
         wb.absorb(round(b"k", 2, 1));
         wb.absorb(round(b"k", 3, 2));
         let overlay = wb.overlay(&[b"k".to_vec(), b"other".to_vec()]);
@@ -369,7 +465,7 @@ mod tests {
     fn a_read_spanning_a_checkpoint_counts_each_delta_once() {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(dir.path()).unwrap();
-        let wb = WriteBack::new(1, None);
+        let wb = WriteBack::new(1, None, KEEP_ALL);
         wb.absorb(round(b"k", 2, 1));
         // The reader copies memory, then the checkpoint writes and clears
         // it, then the reader looks at disk: the disk has it, the copy is
@@ -390,7 +486,7 @@ mod tests {
     fn a_closed_group_is_never_written_again() {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(dir.path()).unwrap();
-        let wb = WriteBack::new(1, None);
+        let wb = WriteBack::new(1, None, KEEP_ALL);
         wb.absorb(round(b"k", 2, 1));
         wb.close();
         assert!(!wb.checkpoint(&engine, false).unwrap());
@@ -398,7 +494,7 @@ mod tests {
 
     #[test]
     fn due_by_age_or_size() {
-        let wb = WriteBack::new(1, None);
+        let wb = WriteBack::new(1, None, KEEP_ALL);
         assert!(!wb.due(Duration::ZERO));
         wb.absorb(round(b"k", 1, 1));
         assert!(wb.due(Duration::ZERO));

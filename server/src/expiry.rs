@@ -1,0 +1,62 @@
+//! The node's expiry loop: every `--retention-check-ms` (a minute), each
+//! partition leader on this node commits the floors the cluster's
+//! retention policy gives at its clock, when they are above the partition's
+//! (`Command::Expire`; `retention.rs` explains why expiry goes through the
+//! log). Applying the entry expires the buckets on every replica alike,
+//! and the checkpoint after it deletes them (`storage/write_back.rs`).
+//!
+//! Only with a clock the other nodes have checked: a leader whose clock ran
+//! ahead must not expire buckets early. A partition whose leader is down
+//! expires when the next leader's turn comes; floors move in steps of an
+//! hour or more, so an idle partition costs one entry an hour at most.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tally_proto::partition::group_of_partition;
+
+use crate::command::Command;
+use crate::node::Node;
+use crate::reconciler::is_leader;
+use crate::retention::raise;
+
+/// Longest wait for one partition's Expire to commit before the loop moves
+/// on (it tries again next round).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn spawn(node: Weak<Node>, every: Duration) {
+    tokio::spawn(async move {
+        let mut round = tokio::time::interval(every);
+        round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            round.tick().await;
+            let Some(node) = node.upgrade() else { return };
+            expire_led_partitions(&node).await;
+        }
+    });
+}
+
+async fn expire_led_partitions(node: &Arc<Node>) {
+    let alone = node.cluster_map.borrow().nodes.len() <= 1;
+    if !node.clock.checked_by_peers() && !alone {
+        return;
+    }
+    let now = i64::try_from(node.clock.trusted().now_ms).unwrap_or(i64::MAX);
+    let wanted = node.retention.borrow().floors_at(now);
+    for replica in node.local_partitions() {
+        let current = replica.write_back.floors();
+        if raise(&current, &wanted) == current || !is_leader(&replica.raft, node.id) {
+            continue;
+        }
+        if let Some(quiet) = node.quiescence.group(group_of_partition(replica.partition)) {
+            quiet.prepare_write().await;
+        }
+        match tokio::time::timeout(COMMIT_TIMEOUT, replica.raft.client_write(Command::Expire(wanted))).await {
+            Ok(Ok(_)) => tracing::debug!(partition = replica.partition, ?wanted, "floors raised"),
+            Ok(Err(e)) => {
+                tracing::debug!(partition = replica.partition, error = %e, "expiry not committed; next round")
+            }
+            Err(_) => tracing::debug!(partition = replica.partition, "expiry commit timed out; next round"),
+        }
+    }
+}
