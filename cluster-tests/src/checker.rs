@@ -93,6 +93,9 @@ pub async fn violations(
     let mut query = cluster.query_client(via).await?;
     for (entity, event_type) in history.attempted.keys() {
         let s = stats(&mut query, entity, event_type, from, to).await?;
+        // Retention may have widened the range to coarser buckets: the
+        // model is asked about the range the cluster says it counted.
+        let (from, to) = (s.effective_from_ms, s.effective_to_ms);
         let sum: i128 = s.sum_exact.parse().unwrap_or(s.sum as i128);
         let (acked, acked_sum) = history.acknowledged.exact_stats(entity, event_type, from, to);
         let (attempted, _) = history.attempted.exact_stats(entity, event_type, from, to);
@@ -150,6 +153,7 @@ async fn top_k_violations(
             })
             .await?
             .into_inner();
+        let (from, to) = (top.effective_from_ms, top.effective_to_ms);
         for e in &top.entries {
             let s = stats(&mut query, &e.entity_id, event_type, from, to).await?;
             if (s.count, &s.sum_exact) != (e.count, &e.sum_exact) {

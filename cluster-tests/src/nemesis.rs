@@ -37,9 +37,13 @@ pub enum Fault {
     /// kill -9 a node, then ask for leadership transfers to it and a
     /// rebalance; every partition must keep accepting writes.
     TransferToDead,
+    /// Shorten the retention policy one step (every partition commits new
+    /// floors and deletes what they expire), and kill -9 the busiest leader
+    /// a moment later, while it does.
+    ShortenRetention,
 }
 
-pub const ALL_FAULTS: [Fault; 10] = [
+pub const ALL_FAULTS: [Fault; 11] = [
     Fault::KillRestart,
     Fault::RestartAtOnce,
     Fault::Pause,
@@ -50,7 +54,12 @@ pub const ALL_FAULTS: [Fault; 10] = [
     Fault::SlowNetwork,
     Fault::ClockSkew,
     Fault::TransferToDead,
+    Fault::ShortenRetention,
 ];
+
+/// The retention policies `ShortenRetention` steps through, (minutes,
+/// hours) kept in hours: each expires more of the run's ten days of events.
+pub const RETENTION_STEPS: [(u64, u64); 4] = [(12, 6 * 24), (6, 5 * 24), (3, 4 * 24), (1, 3 * 24)];
 
 /// Run settings, from `TALLY_NEMESIS_SEED` and `TALLY_NEMESIS_SECS`.
 #[derive(Debug, Clone)]
@@ -134,8 +143,11 @@ pub fn apply_links(cluster: &TestCluster, fault: Fault, victim: u64, rng: &mut S
             }
             format!("cut node {victim}'s links to {others:?}, one way")
         }
-        Fault::KillRestart | Fault::RestartAtOnce | Fault::Pause | Fault::ClockSkew | Fault::TransferToDead => {
-            String::new()
-        }
+        Fault::KillRestart
+        | Fault::RestartAtOnce
+        | Fault::Pause
+        | Fault::ClockSkew
+        | Fault::TransferToDead
+        | Fault::ShortenRetention => String::new(),
     }
 }

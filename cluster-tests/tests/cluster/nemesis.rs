@@ -1,7 +1,8 @@
 //! Jepsen-style run: concurrent clients ingest unique events and retry until
 //! acknowledged while a seeded nemesis kills (and restarts at once), pauses,
-//! partitions (both ways and one way), skews clocks and transfers leadership
-//! to dead nodes. One writer sends values at the i64 limits. After healing,
+//! partitions (both ways and one way), skews clocks, transfers leadership
+//! to dead nodes and shortens the retention (then kills a leader while
+//! partitions expire buckets). One writer sends values at the i64 limits. After healing,
 //! the checker (`cluster_tests::checker`) holds every acknowledged event —
 //! tracked per event, even when the rest of its batch was given up — to
 //! exactly once in counts and exact sums, requires identical replica
@@ -17,13 +18,15 @@ use std::time::{Duration, Instant};
 use cluster_tests::checker::{self, Writers};
 use cluster_tests::ingestor::RetryingIngestor;
 use cluster_tests::model::Workload;
-use cluster_tests::nemesis::{apply_links, time_to_first_write, Fault, NemesisConfig};
-use cluster_tests::{ClusterOptions, TestCluster};
+use cluster_tests::nemesis::{apply_links, time_to_first_write, Fault, NemesisConfig, RETENTION_STEPS};
+use cluster_tests::{ClusterOptions, TestCluster, TEST_RETENTION};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tally_bench::measure::percentile;
-use tally_proto::time::{align_range, DAY_MS};
-use tally_proto::v1::{AddNodeRequest, RebalanceRequest, RemoveNodeRequest, TransferLeaderRequest};
+use tally_proto::time::{align_range, DAY_MS, HOUR_MS};
+use tally_proto::v1::{
+    AddNodeRequest, RebalanceRequest, RemoveNodeRequest, RetentionPolicy, SetRetentionRequest, TransferLeaderRequest,
+};
 
 const SKEW_MS: i64 = 11 * 60_000;
 
@@ -36,7 +39,14 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
         nodes: 3,
         partitions: 16,
         // Frequent snapshots and checkpoints: faults land during both.
-        args: vec!["--snapshot-logs".into(), "200".into(), "--checkpoint-interval-ms".into(), "200".into()],
+        args: vec![
+            "--snapshot-logs".into(),
+            "200".into(),
+            "--checkpoint-interval-ms".into(),
+            "200".into(),
+            "--retention-check-ms".into(),
+            "500".into(),
+        ],
     })
     .await?;
     let end = tally_client::time_arg::now_ms();
@@ -50,6 +60,7 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
 
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut recoveries: Vec<Duration> = Vec::new();
+    let mut retention_steps = RETENTION_STEPS.iter().cycle();
     let mut applied: BTreeMap<String, u32> = BTreeMap::new();
     let started = Instant::now();
     for fault in config.schedule() {
@@ -146,6 +157,25 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
                 tokio::time::sleep(config.hold).await;
                 cluster.restart(dead).await?;
                 ingestor.mark_live(dead);
+            }
+            Fault::ShortenRetention => {
+                let (minutes_h, hours_h) = retention_steps.next().copied().unwrap_or((1, 72));
+                let policy = RetentionPolicy {
+                    minute_ms: minutes_h * HOUR_MS as u64,
+                    hour_ms: hours_h * HOUR_MS as u64,
+                    ..TEST_RETENTION
+                };
+                let mut admin = cluster.cluster_client(via).await?;
+                let set =
+                    admin.set_retention(SetRetentionRequest { policy: Some(policy) }).await.map(|r| r.into_inner());
+                let after = rng.random_range(0..500);
+                tokio::time::sleep(Duration::from_millis(after)).await;
+                ingestor.mark_dead(victim);
+                cluster.kill9(victim)?;
+                eprintln!("nemesis: retention minutes {minutes_h} h, hours {hours_h} h ({:?}); kill -9 node {victim} {after} ms later", set.map(|_| "set"));
+                tokio::time::sleep(config.hold).await;
+                cluster.restart(victim).await?;
+                ingestor.mark_live(victim);
             }
             links => {
                 let what = apply_links(&cluster, links, victim, &mut rng);
