@@ -14,6 +14,7 @@
 //! verification found a mismatch.
 
 mod bench_steps;
+mod canary;
 mod cluster;
 mod ingest;
 mod probe_writes;
@@ -84,6 +85,9 @@ pub enum Command {
     Bench(Box<bench_steps::BenchCommand>),
     /// Time until each partition acknowledges a write (e.g. after a leader dies).
     ProbeWrites(probe_writes::ProbeWritesArgs),
+    /// Write known events continuously and check their counts and how soon
+    /// every node shows them; Prometheus metrics with --metrics-listen.
+    Canary(canary::CanaryArgs),
 }
 
 impl Cli {
@@ -119,6 +123,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Top(args) => query::top(&cli, args).await,
         Command::Bench(command) => bench_steps::run(&cli, command).await,
         Command::ProbeWrites(args) => probe_writes::run(&cli, args).await,
+        Command::Canary(args) => canary::run(&cli, args).await,
     }
 }
 

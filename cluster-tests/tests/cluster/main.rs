@@ -7,6 +7,7 @@
 
 mod api_surface;
 mod auth;
+mod canary;
 mod client_backpressure;
 mod client_breaker;
 mod client_cli;
@@ -46,6 +47,7 @@ fn every_cluster_test_takes_its_turn() {
     let sources = [
         ("api_surface", include_str!("api_surface.rs")),
         ("auth", include_str!("auth.rs")),
+        ("canary", include_str!("canary.rs")),
         ("client_backpressure", include_str!("client_backpressure.rs")),
         ("client_breaker", include_str!("client_breaker.rs")),
         ("client_cli", include_str!("client_cli.rs")),
