@@ -196,7 +196,7 @@ pub async fn first_write(
                 // Different partitions start on different nodes.
                 let k = result.attempts as usize + partition as usize;
                 let channel = channels[k % channels.len()].clone();
-                let event = Event {
+                let event = Event { actor_id: Vec::new(),
                     entity_id: result.entity.clone().into_bytes(),
                     event_type: "probe".into(),
                     event_time_ms: now_ms(),

@@ -214,6 +214,7 @@ struct Recent {
 /// Producer `k`'s event number `r.n`: the same bytes every time it is built.
 fn build_event(shared: &Shared, k: usize, r: &Recent) -> Event {
     Event {
+        actor_id: Vec::new(),
         entity_id: entity_name(&shared.prefix, r.entity).into_bytes(),
         event_type: shared.types[usize::from(r.event_type)].0.clone(),
         event_time_ms: r.time_ms,

@@ -396,6 +396,7 @@ async fn run_visibility(
 async fn probe(client: &TallyClient, readers: &Readers, entity: String, event_type: String, n: u64) -> Visibility {
     let event_time_ms = now_ms();
     let event = Event {
+        actor_id: Vec::new(),
         entity_id: entity.clone().into_bytes(),
         event_type: event_type.clone(),
         event_time_ms,

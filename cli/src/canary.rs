@@ -271,6 +271,7 @@ async fn write_loop(client: TallyClient, shared: Arc<Shared>, metrics: Arc<Metri
             l.entity.clone()
         };
         let event = Event {
+            actor_id: Vec::new(),
             entity_id: entity,
             event_type: EVENT_TYPE.into(),
             event_time_ms: tally_client::time_arg::now_ms(),

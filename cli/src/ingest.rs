@@ -89,6 +89,9 @@ struct Record {
     event_id: Option<String>,
     #[serde(default)]
     value: Option<i64>,
+    /// Who caused it (for unique counts).
+    #[serde(default, alias = "actor")]
+    actor_id: Option<String>,
 }
 
 /// A parsed record or why it could not be.
@@ -103,6 +106,7 @@ fn to_event(record: Record, now: i64) -> Parsed {
         Some(other) => return Err(("event_time_ms", format!("{other} is not a time"))),
     };
     Ok(Event {
+        actor_id: record.actor_id.unwrap_or_default().into_bytes(),
         entity_id: record.entity_id.into_bytes(),
         event_type: record.event_type,
         event_time_ms,
@@ -221,6 +225,7 @@ pub(crate) async fn run(cli: &Cli, args: &IngestArgs) -> anyhow::Result<i32> {
             tokio::spawn(async move {
                 for i in 0..repeat {
                     let event = Event {
+                        actor_id: Vec::new(),
                         entity_id: entity.clone().into_bytes(),
                         event_type: event_type.clone(),
                         event_time_ms,

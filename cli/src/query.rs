@@ -133,16 +133,18 @@ pub(crate) async fn stats(cli: &Cli, args: &StatsArgs) -> anyhow::Result<i32> {
         print_json(&json!({
             "entity": args.entity, "event_type": args.event_type,
             "count": s.count, "sum": s.sum, "sum_exact": s.sum_exact, "sum_overflow": s.sum_overflow,
+            "uniques": s.uniques,
             "average": s.average,
             "from_ms": s.effective_from_ms, "to_ms": s.effective_to_ms, "resolution": resolution_name(s.resolution),
             "served_by": s.served_by_node_id, "applied_index": s.applied_index,
         }));
     } else {
         println!(
-            "count {}  sum {}  average {:.3}   [{} .. {}){}",
+            "count {}  sum {}  average {:.3}{}   [{} .. {}){}",
             s.count,
             exact_sum(s.sum, &s.sum_exact),
             s.average,
+            if s.uniques > 0 { format!("  uniques ~{}", s.uniques) } else { String::new() },
             format_ms(s.effective_from_ms),
             format_ms(s.effective_to_ms),
             coarser_note(s.resolution, Granularity::Minute)

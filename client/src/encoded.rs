@@ -88,6 +88,7 @@ mod tests {
 
     fn event(i: u8) -> Event {
         Event {
+            actor_id: Vec::new(),
             entity_id: vec![b'e', i],
             event_type: "view".into(),
             event_time_ms: 1_700_000_000_000 + i64::from(i),

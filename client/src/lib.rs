@@ -82,6 +82,7 @@ use tonic::transport::{Channel, Endpoint};
 /// fields directly: `Event { value: Some(30), ..event("v", "watch") }`.
 pub fn event(entity_id: impl Into<Vec<u8>>, event_type: impl Into<String>) -> Event {
     Event {
+        actor_id: Vec::new(),
         entity_id: entity_id.into(),
         event_type: event_type.into(),
         event_time_ms: time_arg::now_ms(),

@@ -102,6 +102,7 @@ fn free_addrs() -> anyhow::Result<(String, String, String)> {
 pub fn view_events(n: u32, entities: u32, now_ms: i64, tag: &str) -> Vec<tally_proto::v1::Event> {
     (0..n)
         .map(|i| tally_proto::v1::Event {
+            actor_id: Vec::new(),
             entity_id: format!("video-{}", i % entities).into_bytes(),
             event_type: "view".into(),
             event_time_ms: now_ms,

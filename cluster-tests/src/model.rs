@@ -11,6 +11,7 @@ use tally_proto::v1::Event;
 /// One event with the given fields and no value (counts 1, adds 0).
 pub fn event(entity: &str, event_type: &str, time: i64, id: &str) -> Event {
     Event {
+        actor_id: Vec::new(),
         entity_id: entity.as_bytes().to_vec(),
         event_type: event_type.into(),
         event_time_ms: time,
@@ -164,7 +165,11 @@ impl Workload {
             None
         };
         let kind = if self.extreme { "extreme" } else { "video" };
+        // Viewers, so every fault run also carries unique-actor sketches
+        // through crashes and snapshots (their digests must agree).
+        let actor = format!("viewer-{}", self.next_id % 997).into_bytes();
         Event {
+            actor_id: actor,
             entity_id: format!("{kind}-{entity}").into_bytes(),
             event_type: event_type.to_string(),
             event_time_ms: time,

@@ -24,6 +24,8 @@ use crate::v1::Event;
 
 /// Longest accepted `entity_id`, in bytes.
 pub const MAX_ENTITY_ID_BYTES: usize = 256;
+/// Longest accepted `actor_id`, in bytes.
+pub const MAX_ACTOR_ID_BYTES: usize = 256;
 /// Longest accepted `event_type`, in characters (all allowed characters are
 /// ASCII, so this is also its length in bytes).
 pub const MAX_EVENT_TYPE_CHARS: usize = 64;
@@ -59,6 +61,7 @@ pub fn validate_event(event: &Event) -> Result<(), FieldError> {
     validate_event_type(&event.event_type)?;
     validate_event_time(event.event_time_ms)?;
     validate_event_id(&event.event_id)?;
+    validate_actor_id(&event.actor_id)?;
     Ok(())
 }
 
@@ -155,6 +158,16 @@ fn validate_event_time(event_time_ms: i64) -> Result<(), FieldError> {
     Ok(())
 }
 
+fn validate_actor_id(actor_id: &[u8]) -> Result<(), FieldError> {
+    if actor_id.len() > MAX_ACTOR_ID_BYTES {
+        return Err(FieldError::new(
+            "actor_id",
+            format!("must be at most {MAX_ACTOR_ID_BYTES} bytes, got {}", actor_id.len()),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_event_id(event_id: &[u8]) -> Result<(), FieldError> {
     let len = event_id.len();
     if len > MAX_EVENT_ID_BYTES {
@@ -169,6 +182,7 @@ mod tests {
 
     fn valid_event() -> Event {
         Event {
+            actor_id: Vec::new(),
             entity_id: b"video-1".to_vec(),
             event_type: "view".to_owned(),
             event_time_ms: 1_700_000_000_000,

@@ -34,6 +34,7 @@ fn events(seed: u64) -> Vec<Event> {
         .map(|i| {
             let x = (i + seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             Event {
+                actor_id: Vec::new(),
                 entity_id: format!("bench-{}", (x >> 40) % 50_000).into_bytes(),
                 event_type: ["view", "view", "like", "comment"][(x % 4) as usize].into(),
                 event_time_ms: now - ((x >> 20) % 7_200_000) as i64,

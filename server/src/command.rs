@@ -88,6 +88,11 @@ pub struct MinuteDelta {
     pub count: u64,
     /// Exact: i64 values summed in 128 bits never overflow.
     pub sum: i128,
+    /// Hashes of the distinct actor ids of its events (`sketch::actor_hash`),
+    /// for the buckets' unique-actor sketches. An event apply finds already
+    /// counted leaves its actor here: a sketch is a set, and a duplicate's
+    /// actor is its original's.
+    pub actors: Vec<u64>,
 }
 
 /// The state machine's answer to one applied command.
@@ -106,7 +111,11 @@ impl Command {
     pub fn estimated_bytes(&self) -> usize {
         match self {
             Command::Ingest(b) => {
-                64 + b.deltas.iter().map(|d| d.entity_id.len() + d.event_type.len() + 48).sum::<usize>()
+                64 + b
+                    .deltas
+                    .iter()
+                    .map(|d| d.entity_id.len() + d.event_type.len() + 48 + 10 * d.actors.len())
+                    .sum::<usize>()
                     + b.keyed.len() * 32
             }
             Command::SetClusterMap(m) => {

@@ -546,11 +546,15 @@ pub fn build_proposal(
                     minute_ms: minute,
                     count: 0,
                     sum: 0,
+                    actors: Vec::new(),
                 });
             }
             if let Some(d) = deltas.get_mut(slot as usize) {
                 d.count += 1;
                 d.sum += value as i128;
+                if !event.actor_id.is_empty() {
+                    d.actors.push(crate::storage::sketch::actor_hash(&event.actor_id));
+                }
             }
             if let Some(key) = key {
                 keyed.push(KeyedEvent { key, delta: slot, value });
@@ -565,6 +569,9 @@ pub fn build_proposal(
         if let Some(d) = deltas.get_mut(slot as usize) {
             d.entity_id = entity_id;
             d.event_type = event_type;
+            // A popular video's minute has many repeat viewers: each once.
+            d.actors.sort_unstable();
+            d.actors.dedup();
         }
     }
     let batch = IngestBatch { proposed_at_ms: stamp_ms, dedup_window_ms, deltas, keyed, provisional: false };
@@ -576,7 +583,14 @@ mod tests {
     use super::*;
 
     fn ev(entity: &str, t: i64, id: &str, value: Option<i64>) -> Event {
-        Event { entity_id: entity.into(), event_type: "view".into(), event_time_ms: t, event_id: id.into(), value }
+        Event {
+            actor_id: Vec::new(),
+            entity_id: entity.into(),
+            event_type: "view".into(),
+            event_time_ms: t,
+            event_id: id.into(),
+            value,
+        }
     }
 
     fn job(events: Vec<Event>) -> (IngestJob, oneshot::Receiver<ProposeOutcome>) {
@@ -641,6 +655,7 @@ mod tests {
     fn the_size_estimate_bounds_the_encoded_entry() {
         let events: Vec<Event> = (0..1_000)
             .map(|i| Event {
+                actor_id: Vec::new(),
                 entity_id: vec![b'e'; 200 + i % 57],
                 event_type: "view".into(),
                 event_time_ms: 1_790_000_000_000 + i as i64 * 61_000,

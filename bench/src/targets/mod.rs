@@ -306,6 +306,7 @@ mod tests {
         let batcher = PeerBatcher::start(fake.clone(), settings);
         let events: Vec<Event> = (0..95)
             .map(|i| Event {
+                actor_id: Vec::new(),
                 entity_id: b"e".to_vec(),
                 event_type: "view".into(),
                 event_time_ms: 1,

@@ -44,6 +44,7 @@ fn events(tag: &str, n: u32) -> Vec<Event> {
     let now = tally_client::time_arg::now_ms();
     (0..n)
         .map(|i| Event {
+            actor_id: Vec::new(),
             entity_id: format!("video-auth-{}", i % 5).into_bytes(),
             event_type: "view".into(),
             event_time_ms: now,

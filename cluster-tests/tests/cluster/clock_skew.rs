@@ -19,6 +19,7 @@ const SKEW_MS: i64 = 11 * 60_000;
 fn batch(tag: &str, n: usize, now: i64) -> Vec<Event> {
     (0..n)
         .map(|i| Event {
+            actor_id: Vec::new(),
             entity_id: format!("clip-{}", i % 40).into_bytes(),
             event_type: "view".into(),
             event_time_ms: now - (i as i64 % 50) * 1_000,

@@ -115,6 +115,7 @@ async fn the_dashboard_shows_the_cluster_and_a_series_in_a_browser() -> anyhow::
     let now = tally_client::time_arg::now_ms();
     let events: Vec<Event> = (0..17)
         .map(|i| Event {
+            actor_id: Vec::new(),
             entity_id: b"video-dash".to_vec(),
             event_type: "view".into(),
             event_time_ms: now - (i % 4) * 60_000,

@@ -33,6 +33,7 @@ fn big_request(r: usize) -> Vec<Event> {
             let mut entity = format!("r{r}-e{i}-").into_bytes();
             entity.resize(256, b'x');
             Event {
+                actor_id: Vec::new(),
                 entity_id: entity,
                 event_type: "view".into(),
                 event_time_ms: 1_790_000_000_000,

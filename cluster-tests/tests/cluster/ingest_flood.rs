@@ -53,6 +53,7 @@ async fn ingest_works(cluster: &TestCluster, tag: &str) -> anyhow::Result<()> {
     let now = tally_client::time_arg::now_ms();
     let events = (0..100)
         .map(|i| Event {
+            actor_id: Vec::new(),
             entity_id: format!("video-{i}").into_bytes(),
             event_type: "view".into(),
             event_time_ms: now,
@@ -196,6 +197,7 @@ async fn a_full_dedup_index_refuses_new_events_until_keys_expire() -> anyhow::Re
     let batch = |r: u32| -> Vec<Event> {
         (0..5_000u32)
             .map(|i| Event {
+                actor_id: Vec::new(),
                 entity_id: format!("v{}", i % 50).into_bytes(),
                 event_type: "view".into(),
                 event_time_ms: now,
@@ -252,6 +254,7 @@ async fn a_full_dedup_index_refuses_new_events_until_keys_expire() -> anyhow::Re
             .ingest(IngestRequest {
                 events: (0..50)
                     .map(|e| Event {
+                        actor_id: Vec::new(),
                         entity_id: format!("v{e}").into_bytes(),
                         event_type: "tick".into(),
                         event_time_ms: now,

@@ -13,6 +13,7 @@ async fn write_and_count(cluster: &TestCluster, n: u32, tag: &str) -> anyhow::Re
     let now = tally_client::time_arg::now_ms();
     let events = (0..n)
         .map(|i| Event {
+            actor_id: Vec::new(),
             entity_id: format!("video-{}", i % 7).into_bytes(),
             event_type: "view".into(),
             event_time_ms: now,

@@ -39,6 +39,7 @@ mod tls;
 mod top_k;
 mod transfer_down_node;
 mod transfer_paused_node;
+mod uniques;
 
 /// Every test takes a turn (`cluster_tests::serial`) before anything else,
 /// so that a new test cannot silently overlap a timing-sensitive one.
@@ -78,6 +79,7 @@ fn every_cluster_test_takes_its_turn() {
         ("top_k", include_str!("top_k.rs")),
         ("transfer_down_node", include_str!("transfer_down_node.rs")),
         ("transfer_paused_node", include_str!("transfer_paused_node.rs")),
+        ("uniques", include_str!("uniques.rs")),
     ];
     for (module, source) in sources {
         let tests = source.matches("#[tokio::test").count();

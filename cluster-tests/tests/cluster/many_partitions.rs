@@ -91,6 +91,7 @@ async fn a_thousand_partitions_elect_within_30s_with_a_core_taken() -> anyhow::R
     let events: Vec<Event> = entities
         .iter()
         .map(|e| Event {
+            actor_id: Vec::new(),
             entity_id: e.as_bytes().to_vec(),
             event_type: "view".into(),
             event_time_ms: now,

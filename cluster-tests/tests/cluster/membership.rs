@@ -14,6 +14,7 @@ const ENTITIES: u32 = 40;
 async fn ingest(cluster: &TestCluster, via: u64, n: u32, tag: &str, now: i64) -> anyhow::Result<()> {
     let events = (0..n)
         .map(|i| Event {
+            actor_id: Vec::new(),
             entity_id: format!("video-{}", i % ENTITIES).into_bytes(),
             event_type: "view".into(),
             event_time_ms: now,

@@ -50,6 +50,7 @@ async fn scrape_all(cluster: &TestCluster) -> anyhow::Result<Vec<Samples>> {
 
 fn event(entity: &str, id: &str) -> Event {
     Event {
+        actor_id: Vec::new(),
         entity_id: entity.as_bytes().to_vec(),
         event_type: "view".into(),
         event_time_ms: tally_client::time_arg::now_ms(),

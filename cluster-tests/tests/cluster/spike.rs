@@ -42,6 +42,7 @@ fn batch(now: i64, tag: &str) -> IngestRequest {
     IngestRequest {
         events: (0..BATCH)
             .map(|i| Event {
+                actor_id: Vec::new(),
                 entity_id: format!("video-spike-{}", i % ENTITIES).into_bytes(),
                 event_type: "view".into(),
                 event_time_ms: now,

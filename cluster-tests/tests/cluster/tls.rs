@@ -99,6 +99,7 @@ async fn tls_on_both_ports_refuses_strangers_and_survives_a_kill() -> anyhow::Re
         }
         let events: Vec<Event> = (0..BATCH)
             .map(|i| Event {
+                actor_id: Vec::new(),
                 entity_id: format!("video-tls-{}", i % ENTITIES).into_bytes(),
                 event_type: "view".into(),
                 event_time_ms: now,

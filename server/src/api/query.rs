@@ -72,6 +72,7 @@ impl Query for QueryService {
             sum_overflow,
             sum_exact: total.sum.to_string(),
             resolution: read.resolution.to_proto().into(),
+            uniques: read.uniques,
         }))
     }
 

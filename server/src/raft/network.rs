@@ -320,8 +320,14 @@ mod tests {
     use crate::type_config::{Entry, LogId};
 
     fn entry(index: u64, bytes: usize) -> Entry {
-        let delta =
-            MinuteDelta { entity_id: vec![b'e'; bytes], event_type: "view".into(), minute_ms: 0, count: 1, sum: 1 };
+        let delta = MinuteDelta {
+            entity_id: vec![b'e'; bytes],
+            event_type: "view".into(),
+            minute_ms: 0,
+            count: 1,
+            sum: 1,
+            actors: vec![],
+        };
         let batch = IngestBatch { deltas: vec![delta], ..Default::default() };
         Entry {
             log_id: LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index },

@@ -48,7 +48,7 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOp
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::counts::merge_counts;
-use super::keys::{CF_COUNTS, CF_LOG, CF_RAFT, CF_STATE};
+use super::keys::{CF_COUNTS, CF_LOG, CF_RAFT, CF_STATE, CF_UNIQUES};
 use super::StorageError;
 use crate::stages::{Stage, Timer};
 use crate::type_config::TypeConfig;
@@ -105,11 +105,15 @@ impl Engine {
         // Checkpoints add deltas to buckets without reading them first.
         counts_opts.set_merge_operator_associative("tally_counts", merge_counts);
         counts_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let mut uniques_opts = Options::default();
+        uniques_opts.set_merge_operator_associative("tally_uniques", super::sketch::merge_sketches);
+        uniques_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_LOG, log_opts),
             ColumnFamilyDescriptor::new(CF_RAFT, Options::default()),
             ColumnFamilyDescriptor::new(CF_STATE, Options::default()),
             ColumnFamilyDescriptor::new(CF_COUNTS, counts_opts),
+            ColumnFamilyDescriptor::new(CF_UNIQUES, uniques_opts),
         ];
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, cfs)?);
         let fsyncs = Arc::new(AtomicU64::new(0));

@@ -11,7 +11,8 @@
 //! | `raft`        | group, tag (vote / committed / last purged)     | encoded log id or vote |
 //! | `state`       | group, tag, …                                   | applied log id, membership, cluster map, dedup keys |
 //! | `counts`      | group, entity len, entity, type len, type, granularity, bucket start | count and sum (merge operator) |
-//! | `counts`      | group, [`RANKING_TAG`], type len, type, granularity, bucket start, entity len, entity | the same count and sum, for hour, day and month buckets |
+//! | `counts`      | group, [`RANKING_TAG`], type len, type, granularity, bucket start, entity len, entity | the same count and sum, for hour, day, month and year buckets |
+//! | `uniques`     | as the first `counts` layout                    | HyperLogLog sketch of the bucket's actors (`sketch.rs`; merge operator: union) |
 //!
 //! The second `counts` layout is the ranking index TopK reads: the same
 //! buckets ordered by (type, bucket) first, so every entity's share of one
@@ -26,6 +27,8 @@ pub const CF_LOG: &str = "log";
 pub const CF_RAFT: &str = "raft";
 pub const CF_STATE: &str = "state";
 pub const CF_COUNTS: &str = "counts";
+/// Unique-actor sketches, keyed like the counts (first layout).
+pub const CF_UNIQUES: &str = "uniques";
 
 pub const RAFT_VOTE: u8 = 1;
 pub const RAFT_COMMITTED: u8 = 2;

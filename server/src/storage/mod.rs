@@ -8,6 +8,7 @@ pub mod keys;
 pub mod log_store;
 pub mod ranking;
 pub mod read;
+pub mod sketch;
 pub mod snapshot;
 pub mod state_machine;
 pub mod write_back;

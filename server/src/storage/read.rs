@@ -15,7 +15,8 @@ use tally_proto::time::{decompose_kept, is_kept, series_starts, Floors, Granular
 
 use super::codec::decode;
 use super::counts::CountSum;
-use super::keys::{self, CF_COUNTS, CF_STATE, STATE_APPLIED, STATE_FLOORS};
+use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES, STATE_APPLIED, STATE_FLOORS};
+use super::sketch::Sketch;
 use super::write_back::WriteBack;
 use super::{Engine, StorageError};
 use crate::type_config::LogId;
@@ -46,6 +47,8 @@ pub(super) fn disk_floors(engine: &Engine, snap: &rocksdb::Snapshot<'_>, group: 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatsRead {
     pub total: CountSum,
+    /// Estimated distinct actors of the counted events.
+    pub uniques: u64,
     /// The range counted: `[from, to)` widened to whole minutes, or to
     /// whole buckets of `resolution` where minutes (or more) had expired.
     pub from_ms: i64,
@@ -76,6 +79,7 @@ pub async fn read_stats(
         if overlay.floors != floors {
             continue;
         }
+        let mut sketch = write_back.uniques_overlay(&keys);
         let pieces = tiling.buckets.clone();
         let total = engine
             .blocking(move |engine| {
@@ -96,12 +100,18 @@ pub async fn read_stats(
                     }
                     total = total.add(overlay.delta(i, on_disk));
                 }
-                Ok(Some(total))
+                for value in db.batched_multi_get_cf_opt(engine.cf(CF_UNIQUES)?, &keys, false, &opts) {
+                    if let Some(on_disk) = value?.as_deref().and_then(Sketch::decode) {
+                        sketch.merge(&on_disk);
+                    }
+                }
+                Ok(Some((total, sketch.estimate())))
             })
             .await?;
-        if let Some(total) = total {
+        if let Some((total, uniques)) = total {
             return Ok(StatsRead {
                 total,
+                uniques,
                 from_ms: tiling.from_ms,
                 to_ms: tiling.to_ms,
                 resolution: tiling.resolution,
@@ -212,6 +222,7 @@ fn digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), StorageError> 
     let mut count = 0u64;
     let ranges = [
         (CF_COUNTS, keys::group_prefix(group).to_vec(), keys::group_end(group).to_vec()),
+        (CF_UNIQUES, keys::group_prefix(group).to_vec(), keys::group_end(group).to_vec()),
         // Dedup keys, the log clock, the conflict counter and the floors.
         (CF_STATE, keys::tagged(group, STATE_DEDUP).to_vec(), keys::tagged(group, STATE_FLOORS + 1).to_vec()),
     ];

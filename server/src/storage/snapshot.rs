@@ -13,13 +13,14 @@ use std::path::{Path, PathBuf};
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, DB};
 
 use super::codec::{decode, encode};
-use super::keys::{self, CF_COUNTS, CF_STATE, STATE_INSTALLING};
+use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES, STATE_INSTALLING};
 use super::{Engine, StorageError};
 use crate::type_config::SnapshotMeta;
 
 const MAGIC: &[u8] = b"TALLYSNAP1";
 const RECORD_STATE: u8 = 1;
 const RECORD_COUNTS: u8 = 2;
+const RECORD_UNIQUES: u8 = 3;
 const END: u8 = 0;
 /// Flush the install batch past this many bytes.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
@@ -149,7 +150,7 @@ pub fn write_snapshot_file(
     let mut w = BufWriter::with_capacity(1 << 20, file);
     w.write_all(MAGIC)?;
     write_block(&mut w, &encode(meta)?)?;
-    for (cf_name, tag) in [(CF_STATE, RECORD_STATE), (CF_COUNTS, RECORD_COUNTS)] {
+    for (cf_name, tag) in [(CF_STATE, RECORD_STATE), (CF_COUNTS, RECORD_COUNTS), (CF_UNIQUES, RECORD_UNIQUES)] {
         let cf = db.cf_handle(cf_name).ok_or_else(|| StorageError::Corrupt(format!("missing cf {cf_name}")))?;
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(keys::group_end(group));
@@ -185,12 +186,14 @@ pub fn write_snapshot_file(
 pub fn install_snapshot_file(engine: &Engine, group: u32, path: &Path) -> Result<SnapshotMeta, StorageError> {
     let state = engine.cf(CF_STATE)?;
     let counts = engine.cf(CF_COUNTS)?;
+    let uniques = engine.cf(CF_UNIQUES)?;
     let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
     let meta = read_header(&mut reader)?;
 
     let mut batch = WriteBatch::default();
     batch.delete_range_cf(state, keys::group_prefix(group), keys::group_end(group));
     batch.delete_range_cf(counts, keys::group_prefix(group), keys::group_end(group));
+    batch.delete_range_cf(uniques, keys::group_prefix(group), keys::group_end(group));
     batch.put_cf(state, keys::tagged(group, STATE_INSTALLING), []);
     engine.write_synced(batch)?;
     crate::crash_point::reach("snapshot-install-wiped");
@@ -203,6 +206,7 @@ pub fn install_snapshot_file(engine: &Engine, group: u32, path: &Path) -> Result
             END => break,
             RECORD_STATE => state,
             RECORD_COUNTS => counts,
+            RECORD_UNIQUES => uniques,
             other => return Err(StorageError::Corrupt(format!("snapshot record tag {other}"))),
         };
         let key = read_block(&mut reader)?;

@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::codec::{decode, encode};
 use super::counts::CountSum;
-use super::keys::{self, CF_COUNTS, CF_STATE};
+use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES};
 use super::snapshot::{self, SnapshotDir, SnapshotFile};
 use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MAX_DIRTY_KEYS};
 use super::{Engine, StorageError};
@@ -202,6 +202,7 @@ fn recover_interrupted_install(engine: &Engine, group: u32, snapshots: &Snapshot
             let mut batch = WriteBatch::default();
             batch.delete_range_cf(engine.cf(CF_STATE)?, keys::group_prefix(group), keys::group_end(group));
             batch.delete_range_cf(engine.cf(CF_COUNTS)?, keys::group_prefix(group), keys::group_end(group));
+            batch.delete_range_cf(engine.cf(CF_UNIQUES)?, keys::group_prefix(group), keys::group_end(group));
             engine.write_synced(batch)?;
         }
     }
@@ -390,6 +391,10 @@ fn apply_ingest(
                     break;
                 }
             };
+            if !d.actors.is_empty() {
+                let sketch = round.uniques.entry(key.clone()).or_default();
+                d.actors.iter().for_each(|hash| sketch.insert(*hash));
+            }
             let slot = round.counts.entry(key).or_default();
             *slot = slot.add(delta);
         }
@@ -543,5 +548,6 @@ pub fn delete_group_state(engine: &Engine, write_back: &WriteBack) -> Result<(),
     let mut batch = WriteBatch::default();
     batch.delete_range_cf(engine.cf(CF_STATE)?, keys::group_prefix(group), keys::group_end(group));
     batch.delete_range_cf(engine.cf(CF_COUNTS)?, keys::group_prefix(group), keys::group_end(group));
+    batch.delete_range_cf(engine.cf(CF_UNIQUES)?, keys::group_prefix(group), keys::group_end(group));
     engine.write(batch)
 }

@@ -44,7 +44,14 @@ fn keyed_ingest(index: u64, proposed_at_ms: u64, deltas: Vec<MinuteDelta>, keyed
 }
 
 fn delta(entity: &str, minute_ms: i64, count: u64, sum: i64) -> MinuteDelta {
-    MinuteDelta { entity_id: entity.as_bytes().to_vec(), event_type: "view".into(), minute_ms, count, sum: sum as i128 }
+    MinuteDelta {
+        entity_id: entity.as_bytes().to_vec(),
+        event_type: "view".into(),
+        minute_ms,
+        count,
+        sum: sum as i128,
+        actors: vec![],
+    }
 }
 
 async fn open(dir: &std::path::Path) -> (Arc<Engine>, GroupStateMachine, Arc<DedupIndex>) {

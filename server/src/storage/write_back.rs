@@ -58,7 +58,8 @@ use tally_proto::time::{Floors, KEEP_ALL};
 
 use super::codec::encode;
 use super::counts::CountSum;
-use super::keys::{self, CF_COUNTS, CF_STATE};
+use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES};
+use super::sketch::Sketch;
 use super::{Engine, StorageError};
 use crate::stages::{Stage, Timer};
 use crate::sync::MutexExt;
@@ -91,6 +92,8 @@ pub enum StateWrite {
 #[derive(Default)]
 pub struct RoundChanges {
     pub counts: HashMap<Vec<u8>, CountSum>,
+    /// Unique-actor sketches of the buckets whose events carried actors.
+    pub uniques: HashMap<Vec<u8>, Sketch>,
     pub state: Vec<StateWrite>,
     /// The applied id after the round.
     pub applied: Option<LogId>,
@@ -101,6 +104,7 @@ pub struct RoundChanges {
 #[derive(Default)]
 struct Epoch {
     counts: HashMap<Vec<u8>, CountSum>,
+    uniques: HashMap<Vec<u8>, Sketch>,
     state: Vec<StateWrite>,
     /// The applied id once this epoch's entries are in.
     applied: Option<LogId>,
@@ -128,7 +132,8 @@ struct Epochs {
 
 impl Epochs {
     fn dirty_keys(&self) -> usize {
-        self.active.counts.len() + self.frozen.iter().map(|e| e.counts.len()).sum::<usize>()
+        let epoch_keys = |e: &Epoch| e.counts.len() + e.uniques.len();
+        epoch_keys(&self.active) + self.frozen.iter().map(|e| epoch_keys(e)).sum::<usize>()
     }
 }
 
@@ -202,6 +207,14 @@ impl WriteBack {
                 *slot = slot.add(delta);
             }
         }
+        for (key, sketch) in round.uniques {
+            match active.uniques.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut slot) => slot.get_mut().merge(&sketch),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(sketch);
+                }
+            }
+        }
         active.state.extend(round.state);
         if round.applied.is_some() {
             active.applied = round.applied;
@@ -257,6 +270,21 @@ impl WriteBack {
         Overlay { parts, floors: epochs.floors }
     }
 
+    /// The union of the sketches memory holds for `keys`, every epoch
+    /// (a union is idempotent: what is also on disk is counted once).
+    pub fn uniques_overlay(&self, keys: &[Vec<u8>]) -> Sketch {
+        let epochs = self.epochs();
+        let mut union = Sketch::default();
+        for epoch in epochs.frozen.iter().map(|e| &**e).chain(std::iter::once(&epochs.active)) {
+            for key in keys {
+                if let Some(sketch) = epoch.uniques.get(key) {
+                    union.merge(sketch);
+                }
+            }
+        }
+        union
+    }
+
     /// The memory side of a TopK read: per epoch still in memory, its
     /// `upto` and the deltas of `event_type` in the `pieces` (granularity,
     /// bucket start, sorted) by entity. Scans every key in memory (bounded by
@@ -297,7 +325,11 @@ impl WriteBack {
         let (pending, floors): (Vec<Arc<Epoch>>, Floors) = {
             let mut epochs = self.epochs();
             let active_moved = epochs.active.applied != epochs.frozen.back().map_or(epochs.written, |e| e.applied);
-            if active_moved || !epochs.active.counts.is_empty() || !epochs.active.state.is_empty() {
+            if active_moved
+                || !epochs.active.counts.is_empty()
+                || !epochs.active.uniques.is_empty()
+                || !epochs.active.state.is_empty()
+            {
                 let applied = epochs.active.applied;
                 let frozen = std::mem::replace(&mut epochs.active, Epoch { applied, ..Default::default() });
                 epochs.frozen.push_back(Arc::new(frozen));
@@ -320,7 +352,11 @@ impl WriteBack {
             delete_expired(engine, self.group, &floors, &mut batch)?;
         }
         let mut counts: HashMap<&[u8], CountSum> = HashMap::new();
+        let mut uniques: HashMap<&[u8], Sketch> = HashMap::new();
         for epoch in &pending {
+            for (key, sketch) in &epoch.uniques {
+                uniques.entry(key.as_slice()).or_default().merge(sketch);
+            }
             for write in &epoch.state {
                 match write {
                     StateWrite::Put(k, v) => batch.put_cf(state_cf, k, v),
@@ -343,6 +379,12 @@ impl WriteBack {
                 if let Some(ranked) = ranking_index().then(|| keys::ranking_key_of(self.group, key)).flatten() {
                     batch.merge_cf(counts_cf, ranked, delta.encode());
                 }
+            }
+        }
+        let uniques_cf = engine.cf(CF_UNIQUES)?;
+        for (key, sketch) in uniques {
+            if !expiring || is_kept_key(&floors, key) {
+                batch.merge_cf(uniques_cf, key, sketch.encode());
             }
         }
         batch.put_cf(state_cf, keys::tagged(self.group, keys::STATE_APPLIED), encode(&applied)?);
@@ -415,17 +457,19 @@ fn delete_expired(engine: &Engine, group: u32, floors: &Floors, batch: &mut Writ
         return Ok(());
     }
     let _timer = Timer::start(Stage::Expiry);
-    let cf = engine.cf(CF_COUNTS)?;
-    let mut opts = rocksdb::ReadOptions::default();
-    opts.set_iterate_upper_bound(keys::group_end(group).to_vec());
-    let start = keys::group_prefix(group);
     let mut deleted = 0u64;
-    for item in engine.db().iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward))
-    {
-        let (key, _) = item?;
-        if !is_kept_key(floors, &key) {
-            batch.delete_cf(cf, &key);
-            deleted += 1;
+    for cf_name in [CF_COUNTS, CF_UNIQUES] {
+        let cf = engine.cf(cf_name)?;
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::group_end(group).to_vec());
+        let start = keys::group_prefix(group);
+        let from = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        for item in engine.db().iterator_cf_opt(cf, opts, from) {
+            let (key, _) = item?;
+            if !is_kept_key(floors, &key) {
+                batch.delete_cf(cf, &key);
+                deleted += 1;
+            }
         }
     }
     if deleted > 0 {
@@ -446,7 +490,7 @@ mod tests {
     fn round(key: &[u8], count: u64, applied: u64) -> RoundChanges {
         let mut counts = HashMap::new();
         counts.insert(key.to_vec(), CountSum { count, sum: count as i128 });
-        RoundChanges { counts, state: Vec::new(), applied: log_id(applied), floors: None }
+        RoundChanges { counts, uniques: HashMap::new(), state: Vec::new(), applied: log_id(applied), floors: None }
     }
 
     #[test]
