@@ -48,7 +48,8 @@
 # in flight for redis/etcd, 32), BENCH_FAILOVER_KILLS (20),
 # BENCH_FAILOVER_RATE (events/s during the kills; default half of the tally
 # phase's saturated rate, which `--only failover` alone lacks),
-# BENCH_TALLYD_ARGS (extra tallyd flags for every Tally cluster, e.g.
+# BENCH_ACTORS (give Tally's events actor ids out of this many viewers, for
+# the cost of unique counts), BENCH_TALLYD_ARGS (extra tallyd flags for every Tally cluster, e.g.
 # `--election-timeout-ms 300` to compare settings side by side), BENCH_KEEP=1
 # (keep the work directory).
 set -euo pipefail
@@ -271,6 +272,8 @@ run_target() {
   # Reads beside the writes are Tally's alone (the peers have no such API).
   local half_extra=()
   [[ "$target" == tally ]] && half_extra=("${READ_FLAGS[@]}")
+  # Unique-actor sketches on the ingest path, when asked for.
+  [[ "$target" == tally && -n "${BENCH_ACTORS:-}" ]] && common+=(--actors "$BENCH_ACTORS")
   local t0 t1 rc=0 ok=1
   log "$name: saturation run ($DURATION, as fast as it goes)"
   t0=$(cpu_ticks "${SERVER_PIDS[@]}")

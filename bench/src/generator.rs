@@ -137,6 +137,10 @@ pub struct BenchArgs {
     /// visibility on a follower (stale read) is timed (0 = none).
     #[arg(long, default_value_t = 0.0)]
     pub visibility_rate: f64,
+    /// Tally only: give each event an actor_id out of this many viewers
+    /// (0 = none), for unique counts; a re-sent event keeps its actor.
+    #[arg(long, default_value_t = 0)]
+    pub actors: u64,
 }
 
 /// Parses `view=8,like=1` into names and weights.
@@ -211,10 +215,23 @@ struct Recent {
     value: i64,
 }
 
+/// A well-mixed 64-bit function of `x` (SplitMix64's finaliser): actors
+/// spread evenly whatever the event numbers.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// Producer `k`'s event number `r.n`: the same bytes every time it is built.
 fn build_event(shared: &Shared, k: usize, r: &Recent) -> Event {
+    let actor_id = match shared.args.actors {
+        0 => Vec::new(),
+        actors => format!("viewer-{}", splitmix64(((k as u64) << 40) ^ r.n as u64) % actors).into_bytes(),
+    };
     Event {
-        actor_id: Vec::new(),
+        actor_id,
         entity_id: entity_name(&shared.prefix, r.entity).into_bytes(),
         event_type: shared.types[usize::from(r.event_type)].0.clone(),
         event_time_ms: r.time_ms,
@@ -665,6 +682,7 @@ fn clone_args(a: &BenchArgs) -> BenchArgs {
         time_spread: a.time_spread,
         query_rate: a.query_rate,
         visibility_rate: a.visibility_rate,
+        actors: a.actors,
     }
 }
 

@@ -19,7 +19,8 @@
 //! * [`storage`] — RocksDB: log storage, state machine, snapshots, reads.
 //!   Knows nothing of gRPC.
 //! * [`type_config`] (openraft's types), [`command`] (what the logs carry),
-//!   [`meta`] (the cluster map), [`retention`] (policy and floors), [`dedup`], [`clock`], [`stages`], [`sync`]:
+//!   [`meta`] (the cluster map), [`retention`] (policy and floors),
+//!   [`dedup`], [`clock`], [`stages`], [`sync`]:
 //!   the vocabulary below all of them.
 
 pub mod api;

@@ -149,7 +149,7 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
     assert!(
         nodes
             .iter()
-            .all(|n| n["stages"].as_array().is_some_and(|s| s.len() == 13 && s.iter().all(|s| s["p99_ms"].is_f64()))),
+            .all(|n| n["stages"].as_array().is_some_and(|s| s.len() == 14 && s.iter().all(|s| s["p99_ms"].is_f64()))),
         "{j}"
     );
     let j = tally(&addr, &["--json", "cluster", "stages"], None).await?.json()?;
@@ -196,7 +196,7 @@ async fn cli_commands_produce_the_documented_json() -> anyhow::Result<()> {
 
     let bad = tally(&addr, &["series", "x", "view", "--granularity", "week"], None).await?;
     assert_eq!(bad.code, 1);
-    assert!(bad.stderr.contains("minute, hour, day or month"), "{}", bad.stderr);
+    assert!(bad.stderr.contains("minute, hour, day, month or year"), "{}", bad.stderr);
 
     // bench: verifies its own counts and reports percentiles, to stdout and file.
     let out = dir.path().join("bench.json");
