@@ -13,6 +13,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use futures::StreamExt;
 use tally_proto::partition::group_of_partition;
 
 use crate::command::Command;
@@ -23,6 +24,8 @@ use crate::retention::raise;
 /// Longest wait for one partition's Expire to commit before the loop moves
 /// on (it tries again next round).
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Expiry commits in flight at once per node.
+const COMMITS_AT_ONCE: usize = 16;
 
 pub fn spawn(node: Weak<Node>, every: Duration) {
     tokio::spawn(async move {
@@ -43,20 +46,29 @@ async fn expire_led_partitions(node: &Arc<Node>) {
     }
     let now = i64::try_from(node.clock.trusted().now_ms).unwrap_or(i64::MAX);
     let wanted = node.retention.borrow().floors_at(now);
-    for replica in node.local_partitions() {
-        let current = replica.write_back.floors();
-        if raise(&current, &wanted) == current || !is_leader(&replica.raft, node.id) {
-            continue;
-        }
-        if let Some(quiet) = node.quiescence.group(group_of_partition(replica.partition)) {
-            quiet.prepare_write().await;
-        }
-        match tokio::time::timeout(COMMIT_TIMEOUT, replica.raft.client_write(Command::Expire(wanted))).await {
-            Ok(Ok(_)) => tracing::debug!(partition = replica.partition, ?wanted, "floors raised"),
-            Ok(Err(e)) => {
-                tracing::debug!(partition = replica.partition, error = %e, "expiry not committed; next round")
+    // A few commits at once: the first expiry after a policy change
+    // reaches every partition, and one at a time would take minutes on a
+    // node leading thousands.
+    let due: Vec<_> = node
+        .local_partitions()
+        .into_iter()
+        .filter(|r| {
+            let current = r.write_back.floors();
+            raise(&current, &wanted) != current && is_leader(&r.raft, node.id)
+        })
+        .collect();
+    futures::stream::iter(due)
+        .for_each_concurrent(COMMITS_AT_ONCE, |replica| async move {
+            if let Some(quiet) = node.quiescence.group(group_of_partition(replica.partition)) {
+                quiet.prepare_write().await;
             }
-            Err(_) => tracing::debug!(partition = replica.partition, "expiry commit timed out; next round"),
-        }
-    }
+            match tokio::time::timeout(COMMIT_TIMEOUT, replica.raft.client_write(Command::Expire(wanted))).await {
+                Ok(Ok(_)) => tracing::debug!(partition = replica.partition, ?wanted, "floors raised"),
+                Ok(Err(e)) => {
+                    tracing::debug!(partition = replica.partition, error = %e, "expiry not committed; next round")
+                }
+                Err(_) => tracing::debug!(partition = replica.partition, "expiry commit timed out; next round"),
+            }
+        })
+        .await;
 }

@@ -105,6 +105,8 @@ pub struct RoundChanges {
 struct Epoch {
     counts: HashMap<Vec<u8>, CountSum>,
     uniques: HashMap<Vec<u8>, Sketch>,
+    /// What `uniques` weighs (`Sketch::weight`), kept as it changes.
+    uniques_weight: usize,
     state: Vec<StateWrite>,
     /// The applied id once this epoch's entries are in.
     applied: Option<LogId>,
@@ -132,7 +134,8 @@ struct Epochs {
 
 impl Epochs {
     fn dirty_keys(&self) -> usize {
-        let epoch_keys = |e: &Epoch| e.counts.len() + e.uniques.len();
+        // Sketches count by their size: a dense one is 160 buckets' worth.
+        let epoch_keys = |e: &Epoch| e.counts.len() + e.uniques_weight;
         epoch_keys(&self.active) + self.frozen.iter().map(|e| epoch_keys(e)).sum::<usize>()
     }
 }
@@ -209,8 +212,13 @@ impl WriteBack {
         }
         for (key, sketch) in round.uniques {
             match active.uniques.entry(key) {
-                std::collections::hash_map::Entry::Occupied(mut slot) => slot.get_mut().merge(&sketch),
+                std::collections::hash_map::Entry::Occupied(mut slot) => {
+                    let before = slot.get().weight();
+                    slot.get_mut().merge(&sketch);
+                    active.uniques_weight = active.uniques_weight + slot.get().weight() - before;
+                }
                 std::collections::hash_map::Entry::Vacant(slot) => {
+                    active.uniques_weight += sketch.weight();
                     slot.insert(sketch);
                 }
             }
