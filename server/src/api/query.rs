@@ -119,9 +119,9 @@ impl Query for QueryService {
         Ok(Response::new(SeriesResponse {
             buckets: series
                 .into_iter()
-                .map(|(start_ms, c)| {
+                .map(|(start_ms, c, uniques)| {
                     let (sum, sum_overflow) = c.sum_i64();
-                    Bucket { start_ms, count: c.count, sum, sum_overflow, sum_exact: c.sum.to_string() }
+                    Bucket { start_ms, count: c.count, sum, sum_overflow, sum_exact: c.sum.to_string(), uniques }
                 })
                 .collect(),
             served_by_node_id: self.node.id,

@@ -129,8 +129,9 @@ pub(super) fn all_kept(floors: &Floors, pieces: &[(Granularity, i64)]) -> bool {
 /// What a Series read found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SeriesRead {
-    /// Every bucket of the range, empty ones included.
-    Buckets(Vec<(i64, CountSum)>),
+    /// Every bucket of the range, empty ones included: start, count and
+    /// sum, estimated distinct actors.
+    Buckets(Vec<(i64, CountSum, u64)>),
     /// The range starts before the granularity's oldest bucket kept,
     /// `first_kept_ms`.
     Expired { first_kept_ms: i64 },
@@ -155,6 +156,7 @@ pub async fn read_series(
     let bucket_keys: Vec<Vec<u8>> = starts.iter().map(|s| keys::counts_key(&prefix, *s)).collect();
     for _ in 0..FLOOR_RETRIES {
         let overlay = write_back.overlay(&bucket_keys);
+        let sketches = write_back.uniques_overlay_each(&bucket_keys);
         if !is_kept(&overlay.floors, granularity, first) {
             return Ok(SeriesRead::Expired { first_kept_ms: overlay.floors[usize::from(granularity.as_u8())] });
         }
@@ -185,15 +187,45 @@ pub async fn read_series(
                         found.insert(bucket, CountSum::decode(&value));
                     }
                 }
-                Ok(Some((found, on_disk)))
+                let mut opts = ReadOptions::default();
+                opts.set_snapshot(&snap);
+                opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
+                let mut sketches_on_disk = std::collections::HashMap::new();
+                let iter = snap.iterator_cf_opt(
+                    engine.cf(CF_UNIQUES)?,
+                    opts,
+                    IteratorMode::From(&from_key, Direction::Forward),
+                );
+                for item in iter {
+                    let (key, value) = item?;
+                    if !key.starts_with(&prefix) {
+                        break;
+                    }
+                    if let (Some(bucket), Some(sketch)) = (keys::bucket_of_counts_key(&key), Sketch::decode(&value)) {
+                        sketches_on_disk.insert(bucket, sketch);
+                    }
+                }
+                Ok(Some((found, sketches_on_disk, on_disk)))
             })
             .await?;
-        let Some((found, on_disk)) = found else { continue };
+        let Some((found, mut sketches_on_disk, on_disk)) = found else { continue };
         return Ok(SeriesRead::Buckets(
             starts
                 .iter()
+                .zip(sketches)
                 .enumerate()
-                .map(|(i, s)| (*s, found.get(s).copied().unwrap_or_default().add(overlay.delta(i, on_disk))))
+                .map(|(i, (s, in_memory))| {
+                    let total = found.get(s).copied().unwrap_or_default().add(overlay.delta(i, on_disk));
+                    let uniques = match (sketches_on_disk.remove(s), in_memory) {
+                        (Some(mut disk), Some(memory)) => {
+                            disk.merge(&memory);
+                            disk.estimate()
+                        }
+                        (Some(only), None) | (None, Some(only)) => only.estimate(),
+                        (None, None) => 0,
+                    };
+                    (*s, total, uniques)
+                })
                 .collect(),
         ));
     }

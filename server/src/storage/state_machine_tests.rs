@@ -64,7 +64,7 @@ async fn open(dir: &std::path::Path) -> (Arc<Engine>, GroupStateMachine, Arc<Ded
 /// The buckets of a series read of a range nothing has expired from.
 fn buckets(read: SeriesRead) -> Vec<(i64, super::counts::CountSum)> {
     match read {
-        SeriesRead::Buckets(buckets) => buckets,
+        SeriesRead::Buckets(buckets) => buckets.into_iter().map(|(start, total, _)| (start, total)).collect(),
         SeriesRead::Expired { first_kept_ms } => panic!("expired before {first_kept_ms}"),
     }
 }

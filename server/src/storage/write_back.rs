@@ -293,6 +293,23 @@ impl WriteBack {
         union
     }
 
+    /// Per key, the union of the sketches memory holds for it (as
+    /// [`WriteBack::uniques_overlay`], one key at a time).
+    pub fn uniques_overlay_each(&self, keys: &[Vec<u8>]) -> Vec<Option<Sketch>> {
+        let epochs = self.epochs();
+        keys.iter()
+            .map(|key| {
+                let mut found: Option<Sketch> = None;
+                for epoch in epochs.frozen.iter().map(|e| &**e).chain(std::iter::once(&epochs.active)) {
+                    if let Some(sketch) = epoch.uniques.get(key) {
+                        found.get_or_insert_with(Sketch::default).merge(sketch);
+                    }
+                }
+                found
+            })
+            .collect()
+    }
+
     /// The memory side of a TopK read: per epoch still in memory, its
     /// `upto` and the deltas of `event_type` in the `pieces` (granularity,
     /// bucket start, sorted) by entity. Scans every key in memory (bounded by
