@@ -168,43 +168,8 @@ pub async fn read_series(
                 if !is_kept(&disk_floors(engine, &snap, group)?, granularity, first) {
                     return Ok(None);
                 }
-                let mut opts = ReadOptions::default();
-                opts.set_snapshot(&snap);
-                opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
-                let from_key = keys::counts_key(&prefix, first);
-                let mut found = std::collections::HashMap::new();
-                let iter = snap.iterator_cf_opt(
-                    engine.cf(CF_COUNTS)?,
-                    opts,
-                    IteratorMode::From(&from_key, Direction::Forward),
-                );
-                for item in iter {
-                    let (key, value) = item?;
-                    if !key.starts_with(&prefix) {
-                        break;
-                    }
-                    if let Some(bucket) = keys::bucket_of_counts_key(&key) {
-                        found.insert(bucket, CountSum::decode(&value));
-                    }
-                }
-                let mut opts = ReadOptions::default();
-                opts.set_snapshot(&snap);
-                opts.set_iterate_upper_bound(keys::counts_key(&prefix, last.saturating_add(1)));
-                let mut sketches_on_disk = std::collections::HashMap::new();
-                let iter = snap.iterator_cf_opt(
-                    engine.cf(CF_UNIQUES)?,
-                    opts,
-                    IteratorMode::From(&from_key, Direction::Forward),
-                );
-                for item in iter {
-                    let (key, value) = item?;
-                    if !key.starts_with(&prefix) {
-                        break;
-                    }
-                    if let (Some(bucket), Some(sketch)) = (keys::bucket_of_counts_key(&key), Sketch::decode(&value)) {
-                        sketches_on_disk.insert(bucket, sketch);
-                    }
-                }
+                let found = scan_series(engine, &snap, CF_COUNTS, &prefix, first, last, |v| Some(CountSum::decode(v)))?;
+                let sketches_on_disk = scan_series(engine, &snap, CF_UNIQUES, &prefix, first, last, Sketch::decode)?;
                 Ok(Some((found, sketches_on_disk, on_disk)))
             })
             .await?;
@@ -230,6 +195,34 @@ pub async fn read_series(
         ));
     }
     Err(StorageError::FloorsMoved)
+}
+
+/// The buckets of one series in `[first, last]` that `cf` holds in `snap`,
+/// decoded by `decode` (a value that does not decode is left out).
+fn scan_series<T>(
+    engine: &Engine,
+    snap: &rocksdb::Snapshot<'_>,
+    cf: &str,
+    prefix: &[u8],
+    first: i64,
+    last: i64,
+    decode: impl Fn(&[u8]) -> Option<T>,
+) -> Result<std::collections::HashMap<i64, T>, StorageError> {
+    let mut opts = ReadOptions::default();
+    opts.set_snapshot(snap);
+    opts.set_iterate_upper_bound(keys::counts_key(prefix, last.saturating_add(1)));
+    let from_key = keys::counts_key(prefix, first);
+    let mut found = std::collections::HashMap::new();
+    for item in snap.iterator_cf_opt(engine.cf(cf)?, opts, IteratorMode::From(&from_key, Direction::Forward)) {
+        let (key, value) = item?;
+        if !key.starts_with(prefix) {
+            break;
+        }
+        if let (Some(bucket), Some(decoded)) = (keys::bucket_of_counts_key(&key), decode(&value)) {
+            found.insert(bucket, decoded);
+        }
+    }
+    Ok(found)
 }
 
 /// Digest of a group's replicated state (counts and dedup keys) and the
