@@ -3,7 +3,8 @@
 //!
 //! **Why it is exact.** The range is tiled by the fewest kept hour, day,
 //! month and year buckets (`decompose_kept` from hours; the coordinator
-//! tiles once for every partition, so all rank the same range). The ranking index (`keys.rs`) holds, for each of those buckets,
+//! tiles once for every partition, so all rank the same range). The
+//! ranking index (`keys.rs`) holds, for each of those buckets,
 //! every entity's count and sum under one prefix, written in the same
 //! checkpoint batch as the counts themselves; memory adds what is not yet
 //! checkpointed, under the same snapshot rule as every other read

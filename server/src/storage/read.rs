@@ -79,7 +79,8 @@ pub async fn read_stats(
         if overlay.floors != floors {
             continue;
         }
-        let mut sketch = write_back.uniques_overlay(&keys);
+        let mut sketch = Sketch::default();
+        write_back.uniques_overlay_each(&keys).iter().flatten().for_each(|s| sketch.merge(s));
         let pieces = tiling.buckets.clone();
         let total = engine
             .blocking(move |engine| {

@@ -278,23 +278,8 @@ impl WriteBack {
         Overlay { parts, floors: epochs.floors }
     }
 
-    /// The union of the sketches memory holds for `keys`, every epoch
-    /// (a union is idempotent: what is also on disk is counted once).
-    pub fn uniques_overlay(&self, keys: &[Vec<u8>]) -> Sketch {
-        let epochs = self.epochs();
-        let mut union = Sketch::default();
-        for epoch in epochs.frozen.iter().map(|e| &**e).chain(std::iter::once(&epochs.active)) {
-            for key in keys {
-                if let Some(sketch) = epoch.uniques.get(key) {
-                    union.merge(sketch);
-                }
-            }
-        }
-        union
-    }
-
-    /// Per key, the union of the sketches memory holds for it (as
-    /// [`WriteBack::uniques_overlay`], one key at a time).
+    /// Per key, the union of the sketches memory holds for it, every epoch
+    /// (a union is idempotent: what is also on disk counts once).
     pub fn uniques_overlay_each(&self, keys: &[Vec<u8>]) -> Vec<Option<Sketch>> {
         let epochs = self.epochs();
         keys.iter()
