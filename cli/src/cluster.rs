@@ -47,13 +47,10 @@ pub enum ClusterCommand {
         /// Replicas per partition.
         #[arg(long, default_value_t = 3)]
         replication_factor: u32,
-        /// Refuse events older than this (TOO_LATE); 0s accepts any age.
-        /// Default 7d.
-        #[arg(long)]
-        allowed_lateness: Option<humantime::Duration>,
-        /// Refuse events further ahead than this (IN_FUTURE). Default 5m.
-        #[arg(long)]
-        max_future_skew: Option<humantime::Duration>,
+        /// Ingest policy (defaults: 7d late, 5m ahead; dead letters kept 7d,
+        /// at most 100000 per partition).
+        #[command(flatten)]
+        policy: PolicyArgs,
         #[command(flatten)]
         retention: RetentionArgs,
     },
@@ -66,12 +63,8 @@ pub enum ClusterCommand {
     /// Change which event times the cluster accepts (admin); what is not
     /// given stays as it is.
     SetPolicy {
-        /// Refuse events older than this (TOO_LATE); 0s accepts any age.
-        #[arg(long)]
-        allowed_lateness: Option<humantime::Duration>,
-        /// Refuse events further ahead than this (IN_FUTURE).
-        #[arg(long)]
-        max_future_skew: Option<humantime::Duration>,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
     /// Nodes, partitions, leaders and replica lag, merged from every node.
     Status {
@@ -130,26 +123,58 @@ pub enum ClusterCommand {
     },
 }
 
+/// The ingest policy's flags, for `init` and `set-policy`.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct PolicyArgs {
+    /// Refuse events older than this (TOO_LATE); 0s accepts any age.
+    #[arg(long)]
+    allowed_lateness: Option<humantime::Duration>,
+    /// Refuse events further ahead than this (IN_FUTURE).
+    #[arg(long)]
+    max_future_skew: Option<humantime::Duration>,
+    /// How long each partition's dead-letter log keeps a rejected event;
+    /// 0s keeps it until the size bound drops it.
+    #[arg(long)]
+    dead_letter_keep: Option<humantime::Duration>,
+    /// Rejected events each partition's dead-letter log holds at most (the
+    /// oldest are dropped, and counted); 0 keeps none.
+    #[arg(long)]
+    dead_letter_max_events: Option<u64>,
+}
+
+impl PolicyArgs {
+    fn any(&self) -> bool {
+        self.allowed_lateness.is_some()
+            || self.max_future_skew.is_some()
+            || self.dead_letter_keep.is_some()
+            || self.dead_letter_max_events.is_some()
+    }
+
+    /// The policy with these flags over `base` (unset dead-letter fields
+    /// in `base` are the server's defaults).
+    fn over(&self, base: IngestPolicy) -> IngestPolicy {
+        IngestPolicy {
+            allowed_lateness_ms: self.allowed_lateness.map_or(base.allowed_lateness_ms, |d| d.as_millis() as u64),
+            max_future_skew_ms: self.max_future_skew.map_or(base.max_future_skew_ms, |d| d.as_millis() as u64),
+            dead_letter_keep_ms: self.dead_letter_keep.map(|d| d.as_millis() as u64).or(base.dead_letter_keep_ms),
+            dead_letter_max_events: self.dead_letter_max_events.or(base.dead_letter_max_events),
+        }
+    }
+}
+
 pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i32> {
     match command {
-        ClusterCommand::Init {
-            nodes,
-            partitions,
-            replication_factor,
-            allowed_lateness,
-            max_future_skew,
-            retention,
-        } => {
-            let policy = (allowed_lateness.is_some() || max_future_skew.is_some()).then(|| IngestPolicy {
-                allowed_lateness_ms: allowed_lateness.map_or(DEFAULT_LATENESS_MS, |d| d.as_millis() as u64),
-                max_future_skew_ms: max_future_skew.map_or(DEFAULT_FUTURE_SKEW_MS, |d| d.as_millis() as u64),
-            });
+        ClusterCommand::Init { nodes, partitions, replication_factor, policy, retention } => {
+            let defaults = IngestPolicy {
+                allowed_lateness_ms: DEFAULT_LATENESS_MS,
+                max_future_skew_ms: DEFAULT_FUTURE_SKEW_MS,
+                ..Default::default()
+            };
+            let policy = policy.any().then(|| policy.over(defaults));
             init(cli, nodes, *partitions, *replication_factor, policy, retention.for_init()).await
         }
         ClusterCommand::SetRetention { retention } => crate::retention::set(cli, retention).await,
-        ClusterCommand::SetPolicy { allowed_lateness, max_future_skew } => {
-            set_policy(cli, *allowed_lateness, *max_future_skew).await
-        }
+        ClusterCommand::SetPolicy { policy } => set_policy(cli, policy).await,
         ClusterCommand::Status { partitions } => status(cli, *partitions).await,
         ClusterCommand::Wait { timeout } => wait(cli, **timeout).await,
         ClusterCommand::TransferLeader { partition, node, timeout } => {
@@ -288,6 +313,8 @@ fn print_policy(cli: &Cli, policy: &IngestPolicy) {
         print_json(&json!({
             "allowed_lateness_ms": policy.allowed_lateness_ms,
             "max_future_skew_ms": policy.max_future_skew_ms,
+            "dead_letter_keep_ms": policy.dead_letter_keep_ms,
+            "dead_letter_max_events": policy.dead_letter_max_events,
         }));
     } else {
         let lateness = if policy.allowed_lateness_ms == 0 {
@@ -299,20 +326,23 @@ fn print_policy(cli: &Cli, policy: &IngestPolicy) {
             "ingest policy: events up to {lateness} late, up to {} ahead",
             humantime::format_duration(Duration::from_millis(policy.max_future_skew_ms))
         );
+        let keep = match policy.dead_letter_keep_ms {
+            Some(0) => "until the log is full".to_string(),
+            Some(ms) => format!("for {}", humantime::format_duration(Duration::from_millis(ms))),
+            None => "for the default time".to_string(),
+        };
+        match policy.dead_letter_max_events {
+            Some(0) => println!("dead-letter log: off"),
+            Some(n) => println!("dead-letter log: rejected events kept {keep}, at most {n} per partition"),
+            None => println!("dead-letter log: rejected events kept {keep}, default size"),
+        }
     }
 }
 
-async fn set_policy(
-    cli: &Cli,
-    allowed_lateness: Option<humantime::Duration>,
-    max_future_skew: Option<humantime::Duration>,
-) -> anyhow::Result<i32> {
+async fn set_policy(cli: &Cli, args: &PolicyArgs) -> anyhow::Result<i32> {
     let mut client = raw_client(cli).await?;
     let current = client.status(StatusRequest {}).await?.into_inner().ingest_policy.unwrap_or_default();
-    let policy = IngestPolicy {
-        allowed_lateness_ms: allowed_lateness.map_or(current.allowed_lateness_ms, |d| d.as_millis() as u64),
-        max_future_skew_ms: max_future_skew.map_or(current.max_future_skew_ms, |d| d.as_millis() as u64),
-    };
+    let policy = args.over(current);
     let resp = client.set_ingest_policy(SetIngestPolicyRequest { policy: Some(policy) }).await?.into_inner();
     print_policy(cli, &resp.policy.unwrap_or(policy));
     Ok(0)

@@ -16,6 +16,7 @@
 mod bench_steps;
 mod canary;
 mod cluster;
+mod dlq;
 mod ingest;
 mod probe_writes;
 mod query;
@@ -73,6 +74,13 @@ pub enum Command {
     },
     /// Ingest events from arguments, or NDJSON/CSV from a file or stdin.
     Ingest(ingest::IngestArgs),
+    /// The dead-letter logs: rejected events with their reasons; export
+    /// them to fix and ingest again.
+    Dlq {
+        #[allow(missing_docs)]
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
     /// Count, sum and average over [from, to).
     Stats(query::StatsArgs),
     /// Buckets of one granularity over [from, to).
@@ -118,6 +126,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Cluster { command } => cluster::run(&cli, command).await,
         Command::Ingest(args) => ingest::run(&cli, args).await,
+        Command::Dlq { command } => dlq::run(&cli, command).await,
         Command::Stats(args) => query::stats(&cli, args).await,
         Command::Series(args) => query::series(&cli, args).await,
         Command::Top(args) => query::top(&cli, args).await,

@@ -22,6 +22,13 @@ pub struct History {
     /// Batches with at least one event given up (its other events may
     /// still be acknowledged, and are checked exactly).
     pub batches_given_up: u64,
+    /// The events sent to be refused (one per batch, a day ahead:
+    /// IN_FUTURE), those acknowledged all the same (a leader whose clock no
+    /// peer had checked yet does not judge times), and how many replies
+    /// refused one.
+    pub doomed_attempted: Model,
+    pub doomed_acknowledged: Model,
+    pub refused: u64,
 }
 
 /// Writers ingesting until stopped.
@@ -45,15 +52,29 @@ impl Writers {
                 tokio::spawn(async move {
                     let mut i = w as u64;
                     while !stop.load(Ordering::Relaxed) {
-                        let events: Vec<Event> = (0..batch).map(|_| workload.event()).collect();
+                        let mut events: Vec<Event> = (0..batch).map(|_| workload.event()).collect();
                         {
                             let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
                             h.batches_attempted += 1;
                             events.iter().for_each(|e| h.attempted.record(e));
                         }
+                        // One event per batch the cluster must refuse and
+                        // keep in its dead-letter log, never count: the
+                        // entries mix counts and dead letters through
+                        // every fault, and digests compare both.
+                        let doomed = workload.doomed_event();
+                        history.lock().unwrap_or_else(|p| p.into_inner()).doomed_attempted.record(&doomed);
+                        events.insert(events.len() / 2, doomed);
                         let tracked = ingestor.send_tracked(events, i, patience).await;
                         let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
-                        tracked.acknowledged.iter().for_each(|e| h.acknowledged.record(e));
+                        h.refused += tracked.refused;
+                        for e in &tracked.acknowledged {
+                            if e.entity_id.starts_with(crate::model::DOOMED_PREFIX.as_bytes()) {
+                                h.doomed_acknowledged.record(e);
+                            } else {
+                                h.acknowledged.record(e);
+                            }
+                        }
                         if let Some(e) = tracked.given_up {
                             eprintln!("writer {w}: part of a batch given up: {e}");
                             h.batches_given_up += 1;
@@ -114,12 +135,51 @@ pub async fn violations(
         }
     }
     violations.extend(top_k_violations(cluster, history, via, from, to).await?);
+    violations.extend(dead_letter_violations(cluster, history, via).await?);
     if let Err(e) = cluster.assert_replicas_identical(Duration::from_secs(60)).await {
         violations.push(format!("{e}"));
     }
     let conflicts = cluster.dedup_conflicts().await?;
     if conflicts != 0 {
         violations.push(format!("the state machines refused {conflicts} events as already counted (dedup_conflicts)"));
+    }
+    Ok(violations)
+}
+
+/// The refused events: never counted, and every refusal in the partition's
+/// dead-letter log (a refusal is answered only once its entry is applied;
+/// a resent one may be there twice, so at least as many; nothing dropped).
+async fn dead_letter_violations(cluster: &TestCluster, history: &History, via: u64) -> anyhow::Result<Vec<String>> {
+    let mut violations = Vec::new();
+    let mut query = cluster.query_client(via).await?;
+    let now = tally_client::time_arg::now_ms();
+    let (from, to) = (now - tally_proto::time::DAY_MS, now + 3 * tally_proto::time::DAY_MS);
+    for (entity, event_type) in history.doomed_attempted.keys() {
+        let s = stats(&mut query, entity, event_type, from, to).await?;
+        let (acked, _) = history.doomed_acknowledged.exact_stats(entity, event_type, from, to);
+        let (attempted, _) = history.doomed_attempted.exact_stats(entity, event_type, from, to);
+        let exact = history.batches_given_up == 0;
+        if (exact && s.count != acked) || s.count < acked || s.count > attempted {
+            violations.push(format!(
+                "{}: {} events meant to be refused counted; {acked} of {attempted} were acknowledged",
+                String::from_utf8_lossy(entity),
+                s.count
+            ));
+        }
+    }
+    let mut admin = cluster.cluster_client(via).await?;
+    let (mut kept, mut dropped) = (0u64, 0u64);
+    for partition in 0..cluster.partitions {
+        let req = tally_proto::v1::DeadLettersRequest { partition, ..Default::default() };
+        let page = admin.dead_letters(req).await?.into_inner();
+        kept += page.in_future;
+        dropped += page.dropped;
+    }
+    if kept < history.refused || dropped != 0 {
+        violations.push(format!(
+            "dead-letter logs hold {kept} IN_FUTURE records (dropped {dropped}), but {} refusals were answered",
+            history.refused
+        ));
     }
     Ok(violations)
 }

@@ -117,14 +117,28 @@ impl RetryingIngestor {
                     let resp = resp.into_inner();
                     tracked.acked.accepted += resp.accepted as u64;
                     tracked.acked.duplicates += resp.duplicates as u64;
-                    if let Some(bad) = resp.rejected.iter().find(|r| !r.retryable) {
+                    // Refused for good: only the events meant to be, as IN_FUTURE.
+                    let doomed = |r: &tally_proto::v1::Rejection| {
+                        r.code == tally_proto::v1::RejectionCode::InFuture as i32
+                            && remaining
+                                .get(r.index as usize)
+                                .is_some_and(|e| e.entity_id.starts_with(crate::model::DOOMED_PREFIX.as_bytes()))
+                    };
+                    if let Some(bad) = resp.rejected.iter().find(|r| !r.retryable && !doomed(r)) {
                         tracked.given_up = Some(anyhow::anyhow!("valid event rejected: {bad:?}"));
                         break;
                     }
-                    let retry: BTreeSet<u32> = resp.rejected.iter().map(|r| r.index).collect();
+                    let refused: BTreeSet<u32> =
+                        resp.rejected.iter().filter(|r| !r.retryable).map(|r| r.index).collect();
+                    let retry: BTreeSet<u32> = resp.rejected.iter().filter(|r| r.retryable).map(|r| r.index).collect();
                     let (again, done): (Vec<_>, Vec<_>) =
                         remaining.into_iter().enumerate().partition(|(i, _)| retry.contains(&(*i as u32)));
-                    tracked.acknowledged.extend(done.into_iter().map(|(_, e)| e));
+                    for (i, e) in done {
+                        if !refused.contains(&(i as u32)) {
+                            tracked.acknowledged.push(e);
+                        }
+                    }
+                    tracked.refused += refused.len() as u64;
                     remaining = again.into_iter().map(|(_, e)| e).collect();
                     if !remaining.is_empty() {
                         tokio::time::sleep(Duration::from_millis(50 + rand::random::<u64>() % 150)).await;
@@ -145,6 +159,8 @@ impl RetryingIngestor {
 pub struct Tracked {
     /// Events the cluster acknowledged (each exactly once in here).
     pub acknowledged: Vec<Event>,
+    /// Events refused as meant to be (IN_FUTURE, `Workload::doomed_event`).
+    pub refused: u64,
     pub acked: Acked,
     /// Why the rest were given up, if any were.
     pub given_up: Option<anyhow::Error>,

@@ -142,8 +142,12 @@ impl Default for ClusterOptions {
 
 /// The policy test clusters start with: events of any age, the default
 /// 5 minutes ahead.
-pub const TEST_INGEST_POLICY: tally_proto::v1::IngestPolicy =
-    tally_proto::v1::IngestPolicy { allowed_lateness_ms: 0, max_future_skew_ms: 5 * 60_000 };
+pub const TEST_INGEST_POLICY: tally_proto::v1::IngestPolicy = tally_proto::v1::IngestPolicy {
+    allowed_lateness_ms: 0,
+    max_future_skew_ms: 5 * 60_000,
+    dead_letter_keep_ms: Some(7 * 24 * 3_600_000),
+    dead_letter_max_events: Some(100_000),
+};
 
 /// Every granularity kept forever (the default expires minutes after 14
 /// days, and workloads query months back at minute resolution).

@@ -128,6 +128,9 @@ pub struct Workload {
     extreme: bool,
 }
 
+/// Entities of events meant to be refused (see [`Workload::doomed_event`]).
+pub const DOOMED_PREFIX: &str = "doomed-";
+
 impl Workload {
     pub fn new(seed: u64, entities: u32, end_ms: i64, span_ms: i64) -> Workload {
         Workload {
@@ -175,6 +178,21 @@ impl Workload {
             event_time_ms: time,
             event_id: format!("{}-{}", self.prefix, self.next_id).into_bytes(),
             value,
+        }
+    }
+
+    /// An event a day ahead of the clock: refused as IN_FUTURE by every
+    /// policy the tests use, kept in its partition's dead-letter log, never
+    /// counted. Its entity starts with [`DOOMED_PREFIX`].
+    pub fn doomed_event(&mut self) -> Event {
+        self.next_id += 1;
+        Event {
+            actor_id: Vec::new(),
+            entity_id: format!("{DOOMED_PREFIX}{}", self.prefix).into_bytes(),
+            event_type: "view".into(),
+            event_time_ms: tally_client::time_arg::now_ms() + tally_proto::time::DAY_MS,
+            event_id: format!("{}-{}", self.prefix, self.next_id).into_bytes(),
+            value: None,
         }
     }
 

@@ -16,7 +16,8 @@ use tally_proto::partition::partition_of;
 use tally_proto::v1::{Event, IngestRequest};
 use tally_proto::validate::validate_event;
 use tally_server::dedup::DedupIndex;
-use tally_server::processor::{build_proposal, IngestJob};
+use tally_server::meta::IngestPolicy;
+use tally_server::processor::{build_proposal, EntryRules, IngestJob};
 use tally_server::storage::codec::encode;
 use tally_server::storage::state_machine::GroupStateMachine;
 use tally_server::storage::Engine;
@@ -47,7 +48,12 @@ fn events(seed: u64) -> Vec<Event> {
 
 fn jobs(events: Vec<Event>) -> Vec<IngestJob> {
     let (reply, _) = tokio::sync::oneshot::channel();
-    vec![IngestJob::new(events, reply)]
+    vec![IngestJob::new(events, Vec::new(), reply)]
+}
+
+/// The default policy, checked against the stamp, as a leader does.
+fn rules() -> EntryRules {
+    EntryRules { dedup_window_ms: WINDOW, policy: IngestPolicy::default(), check_times: true }
 }
 
 fn per_event(c: &mut Criterion) {
@@ -62,12 +68,12 @@ fn per_event(c: &mut Criterion) {
         let dedup = DedupIndex::default();
         b.iter_batched(
             || jobs(batch.clone()),
-            |jobs| build_proposal(&dedup, &mut HashSet::new(), jobs, STAMP, WINDOW),
+            |jobs| build_proposal(&dedup, &mut HashSet::new(), jobs, STAMP, &rules()),
             BatchSize::SmallInput,
         )
     });
     let command =
-        build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(batch.clone()), STAMP, WINDOW).command;
+        build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(batch.clone()), STAMP, &rules()).command;
     g.bench_function("encode_log_entry", |b| b.iter(|| encode(&command)));
     g.finish();
 }
@@ -93,7 +99,7 @@ fn apply(c: &mut Criterion) {
             || {
                 index += 1;
                 let command =
-                    build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(events(index)), STAMP, WINDOW)
+                    build_proposal(&DedupIndex::default(), &mut HashSet::new(), jobs(events(index)), STAMP, &rules())
                         .command;
                 Entry {
                     log_id: LogId { leader_id: LeaderId { term: 1, node_id: 1 }, index },

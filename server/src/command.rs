@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use tally_proto::time::Floors;
 
-use crate::meta::{ClusterMap, IngestPolicy};
+use crate::meta::{ClusterMap, DeadLetterBounds, IngestPolicy};
 use crate::retention::RetentionPolicy;
 
 /// Estimated encoded bytes of one ingest entry at most. The processor stops
@@ -62,6 +62,81 @@ pub struct IngestBatch {
     /// earlier terms not yet applied, processor.rs rule 1): keys that apply
     /// finds already counted are expected here, not a conflict.
     pub provisional: bool,
+    /// Events of these requests that were rejected (by the leader for their
+    /// time, or by validation), for the partition's dead-letter log.
+    pub dead_letters: Vec<DeadLetter>,
+    /// The bounds of the dead-letter log in force when proposed: apply trims
+    /// by the entry's bounds, so every replica keeps the same records.
+    pub dead_letter_bounds: DeadLetterBounds,
+}
+
+/// Why an event went to the dead-letter log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// Older than the allowed lateness: the limit it crossed.
+    TooLate { limit_ms: i64 },
+    /// Further ahead than the allowed skew.
+    InFuture { limit_ms: i64 },
+    /// A field failed validation.
+    Invalid { field: String, reason: String },
+}
+
+/// A rejected event as it arrived (long fields cut, see `truncated`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub entity_id: Vec<u8>,
+    pub event_type: String,
+    pub event_time_ms: i64,
+    pub event_id: Vec<u8>,
+    pub value: Option<i64>,
+    pub actor_id: Vec<u8>,
+    pub reason: DeadLetterReason,
+    /// A field was longer than [`DEAD_LETTER_FIELD_BYTES`] and was cut.
+    pub truncated: bool,
+}
+
+/// Longest field a dead letter keeps: an invalid event may carry a huge
+/// one, and the log is bounded by records, so each record is bounded too.
+pub const DEAD_LETTER_FIELD_BYTES: usize = 4096;
+
+impl DeadLetter {
+    /// The record of `event`, rejected for `reason`.
+    pub fn of(event: &tally_proto::v1::Event, reason: DeadLetterReason) -> DeadLetter {
+        let mut truncated = false;
+        let mut cut = |bytes: &[u8]| {
+            truncated |= bytes.len() > DEAD_LETTER_FIELD_BYTES;
+            bytes[..bytes.len().min(DEAD_LETTER_FIELD_BYTES)].to_vec()
+        };
+        let (entity_id, event_id, actor_id) = (cut(&event.entity_id), cut(&event.event_id), cut(&event.actor_id));
+        let mut event_type = event.event_type.clone();
+        if event_type.len() > DEAD_LETTER_FIELD_BYTES {
+            let mut end = DEAD_LETTER_FIELD_BYTES;
+            while !event_type.is_char_boundary(end) {
+                end -= 1;
+            }
+            event_type.truncate(end);
+            truncated = true;
+        }
+        DeadLetter {
+            entity_id,
+            event_type,
+            event_time_ms: event.event_time_ms,
+            event_id,
+            value: event.value,
+            actor_id,
+            reason,
+            truncated,
+        }
+    }
+
+    /// Upper estimate of its encoded size.
+    pub fn estimated_bytes(&self) -> usize {
+        let reason = match &self.reason {
+            DeadLetterReason::Invalid { field, reason } => field.len() + reason.len(),
+            _ => 0,
+        };
+        64 + self.entity_id.len() + self.event_type.len() + self.event_id.len() + self.actor_id.len() + reason
+    }
 }
 
 /// An accepted event with an idempotency key. At apply, an event whose key
@@ -117,6 +192,7 @@ impl Command {
                     .map(|d| d.entity_id.len() + d.event_type.len() + 48 + 10 * d.actors.len())
                     .sum::<usize>()
                     + b.keyed.len() * 32
+                    + b.dead_letters.iter().map(DeadLetter::estimated_bytes).sum::<usize>()
             }
             Command::SetClusterMap(m) => {
                 64 + m.replicas.iter().map(|r| 8 + 10 * r.len()).sum::<usize>() + m.nodes.len() * 128
@@ -129,7 +205,13 @@ impl Command {
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Command::Ingest(b) => write!(f, "Ingest({} deltas, {} keys)", b.deltas.len(), b.keyed.len()),
+            Command::Ingest(b) => write!(
+                f,
+                "Ingest({} deltas, {} keys, {} dead letters)",
+                b.deltas.len(),
+                b.keyed.len(),
+                b.dead_letters.len()
+            ),
             Command::SetClusterMap(m) => write!(f, "SetClusterMap(v{})", m.version),
             Command::SetIngestPolicy(p) => write!(f, "SetIngestPolicy({p:?})"),
             Command::SetRetention(p) => write!(f, "SetRetention({p:?})"),

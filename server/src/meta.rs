@@ -44,11 +44,31 @@ pub struct IngestPolicy {
     pub allowed_lateness_ms: u64,
     /// An event further ahead than this is refused as `IN_FUTURE`.
     pub max_future_skew_ms: u64,
+    /// What each partition's dead-letter log keeps of the rejected events.
+    pub dead_letters: DeadLetterBounds,
 }
+
+/// How much a partition's dead-letter log keeps (`meta::IngestPolicy`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadLetterBounds {
+    /// Records older than this on the log's clock are dropped; 0 = no age
+    /// bound.
+    pub keep_ms: u64,
+    /// Records kept at most; 0 = none kept.
+    pub max_events: u64,
+}
+
+/// A week of rejected events, at most 100,000 per partition.
+pub const DEFAULT_DEAD_LETTER_BOUNDS: DeadLetterBounds =
+    DeadLetterBounds { keep_ms: 7 * 24 * 3_600_000, max_events: 100_000 };
 
 impl Default for IngestPolicy {
     fn default() -> Self {
-        IngestPolicy { allowed_lateness_ms: 7 * 24 * 3_600_000, max_future_skew_ms: 5 * 60_000 }
+        IngestPolicy {
+            allowed_lateness_ms: 7 * 24 * 3_600_000,
+            max_future_skew_ms: 5 * 60_000,
+            dead_letters: DEFAULT_DEAD_LETTER_BOUNDS,
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,6 +21,7 @@ use tally_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::ClusterClock;
+use crate::command::DeadLetter;
 use crate::config::NodeConfig;
 use crate::dedup::{DedupBudget, DedupIndex};
 use crate::meta::{ClusterMap, IngestPolicy};
@@ -32,6 +33,7 @@ use crate::raft::peers::PeerPool;
 use crate::raft::quiesce::{QuiesceConfig, Quiescence, ReplicaStart};
 use crate::raft::ticker::NodeTicker;
 use crate::retention::RetentionPolicy;
+use crate::storage::dead_letters::DeadLetterLog;
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::{GroupStateMachine, MetadataWatches};
 use crate::storage::write_back::WriteBack;
@@ -83,6 +85,8 @@ pub struct PartitionReplica {
     /// The replica's state in memory not yet checkpointed; reads go
     /// through it.
     pub write_back: Arc<WriteBack>,
+    /// The summary of the replica's dead-letter log (replicated state).
+    pub dead_letters: Arc<Mutex<DeadLetterLog>>,
 }
 
 pub struct Node {
@@ -172,7 +176,7 @@ impl Node {
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
         let (policy_tx, policy_rx) = watch::channel(IngestPolicy::default());
         let (retention_tx, retention_rx) = watch::channel(RetentionPolicy::default());
-        let (metadata, metadata_write_back) = open_group(
+        let (metadata, metadata_write_back, _) = open_group(
             &engine,
             &data_dir,
             &peers,
@@ -341,7 +345,7 @@ impl Node {
         let dedup = Arc::new(DedupIndex::new(self.dedup_budget.clone()));
         let quiet = self.quiescence.register(group);
         let data_dir = PathBuf::from(&self.config.data_dir);
-        let (raft, write_back) = open_group(
+        let (raft, write_back, dead_letters) = open_group(
             &self.engine,
             &data_dir,
             &self.peers,
@@ -393,6 +397,7 @@ impl Node {
             self.processor_config(),
             quiet,
             self.clock.clone(),
+            processor::PolicySource { policy: self.ingest_policy.clone(), cluster_map: self.cluster_map.clone() },
         );
         let recovered = Arc::new(AtomicBool::new(false));
         tokio::spawn({
@@ -403,7 +408,7 @@ impl Node {
                 }
             }
         });
-        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup, write_back }))
+        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup, write_back, dead_letters }))
     }
 
     fn processor_config(&self) -> ProcessorConfig {
@@ -479,13 +484,15 @@ impl Node {
     /// Hand one partition's events to this node's processor for it and wait
     /// for the outcome. The events must already be validated and belong to
     /// the partition (the services check; the processor trusts them).
-    pub async fn propose(&self, partition: u32, events: Vec<Event>) -> ProposeOutcome {
+    /// `invalid`: events of the request refused for their fields, for the
+    /// partition's dead-letter log.
+    pub async fn propose(&self, partition: u32, events: Vec<Event>, invalid: Vec<DeadLetter>) -> ProposeOutcome {
         let Some(replica) = self.partition(partition) else {
             // No replica here: its first replica is the best guess.
             return ProposeOutcome::NotLeader { leader: self.preferred_replica(partition) };
         };
         let (reply, outcome) = oneshot::channel();
-        if replica.ingest.send(IngestJob::new(events, reply)).await.is_err() {
+        if replica.ingest.send(IngestJob::new(events, invalid, reply)).await.is_err() {
             return ProposeOutcome::Unavailable("processor stopped".into());
         }
         outcome.await.unwrap_or_else(|_| ProposeOutcome::Unavailable("processor stopped".into()))
@@ -538,11 +545,12 @@ async fn open_group(
     dedup: Arc<DedupIndex>,
     metadata: Option<MetadataWatches>,
     quiescence: Option<Arc<crate::raft::quiesce::GroupQuiescence>>,
-) -> anyhow::Result<(RaftInstance, Arc<WriteBack>)> {
+) -> anyhow::Result<(RaftInstance, Arc<WriteBack>, Arc<Mutex<DeadLetterLog>>)> {
     let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, metadata).await?;
     let write_back = sm.write_back();
+    let dead_letters = sm.dead_letters();
     let log = LogStore::open(engine.clone(), group).await?;
     let network = NetworkFactory::new(group, peers.clone(), quiescence);
     let raft = Raft::new(node_id, raft_config.clone(), network, log, sm).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((raft, write_back))
+    Ok((raft, write_back, dead_letters))
 }

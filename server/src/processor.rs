@@ -28,7 +28,12 @@
 //!    entry at worst, never a count.
 //!
 //! Dedup keys are stamped with the cluster-checked clock (`clock.rs`), never
-//! below the previous stamp of the log.
+//! below the previous stamp of the log. Event times are checked against the
+//! same stamp (the cluster's `IngestPolicy`): events too late or too far
+//! ahead are answered as rejected and go into the entry as dead letters
+//! (`storage/dead_letters.rs`), with the events the API refused for their
+//! fields. Duplicates are decided first: a retry of an event that was
+//! counted is a duplicate even if its time has since become too late.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -47,8 +52,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::clock::ClusterClock;
-use crate::command::{Command, CommandOutcome, IngestBatch, KeyedEvent, MinuteDelta, MAX_ENTRY_BYTES};
+use crate::command::{
+    Command, CommandOutcome, DeadLetter, DeadLetterReason, IngestBatch, KeyedEvent, MinuteDelta, MAX_ENTRY_BYTES,
+};
 use crate::dedup::{dedup_key, DedupIndex};
+use crate::meta::{ClusterMap, IngestPolicy, TimeRejection};
 use crate::raft::quiesce::GroupQuiescence;
 use crate::stages::{self, Stage};
 use crate::type_config::NodeId;
@@ -88,29 +96,62 @@ impl Default for ProcessorConfig {
 /// Validated events of one partition from one caller.
 pub struct IngestJob {
     pub events: Vec<Event>,
+    /// Events of the same request that failed validation, already answered
+    /// as rejected: only for the dead-letter log.
+    pub invalid: Vec<DeadLetter>,
     pub reply: oneshot::Sender<ProposeOutcome>,
     /// When it was queued (for `ingest.queue_wait`).
     pub enqueued: Instant,
 }
 
 impl IngestJob {
-    pub fn new(events: Vec<Event>, reply: oneshot::Sender<ProposeOutcome>) -> IngestJob {
-        IngestJob { events, reply, enqueued: Instant::now() }
+    pub fn new(events: Vec<Event>, invalid: Vec<DeadLetter>, reply: oneshot::Sender<ProposeOutcome>) -> IngestJob {
+        IngestJob { events, invalid, reply, enqueued: Instant::now() }
     }
 
-    /// Upper estimate of what this job adds to an entry.
+    /// Upper estimate of what this job adds to an entry (an event rejected
+    /// for its time goes in whole, as a dead letter).
     fn entry_bytes(&self) -> usize {
-        self.events.iter().map(|e| e.entity_id.len() + e.event_type.len() + EVENT_OVERHEAD_BYTES).sum()
+        let events: usize = self
+            .events
+            .iter()
+            .map(|e| {
+                e.entity_id.len() + e.event_type.len() + e.event_id.len() + e.actor_id.len() + EVENT_OVERHEAD_BYTES
+            })
+            .sum();
+        events + self.invalid.iter().map(DeadLetter::estimated_bytes).sum::<usize>()
     }
+}
+
+/// Where the processor reads the cluster's ingest policy, and whether its
+/// clock may judge event times.
+#[derive(Clone)]
+pub struct PolicySource {
+    pub policy: tokio::sync::watch::Receiver<IngestPolicy>,
+    pub cluster_map: tokio::sync::watch::Receiver<ClusterMap>,
+}
+
+/// What one entry is built under.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRules {
+    pub dedup_window_ms: u64,
+    pub policy: IngestPolicy,
+    /// Whether event times are checked: not by a node whose clock no peer
+    /// has checked yet (just restarted, or cut off), which may be minutes
+    /// off — refusing a valid event is the worse mistake. Alone in its
+    /// cluster, its clock is the cluster's.
+    pub check_times: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProposeOutcome {
     /// `duplicates` holds the positions, within the job's events, of the
-    /// events that were already counted.
+    /// events that were already counted; `rejected` those refused for
+    /// their time (both ascending).
     Done {
         accepted: u32,
         duplicates: Vec<u32>,
+        rejected: Vec<(u32, TimeRejection)>,
     },
     NotLeader {
         leader: Option<NodeId>,
@@ -130,9 +171,10 @@ pub fn spawn(
     config: ProcessorConfig,
     quiet: Arc<GroupQuiescence>,
     clock: Arc<ClusterClock>,
+    policy: PolicySource,
 ) -> mpsc::Sender<IngestJob> {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    let processor = Processor { raft, dedup, config, quiet, clock };
+    let processor = Processor { raft, dedup, config, quiet, clock, policy };
     // A debug span: the partition on every processor log line, free when
     // debug logging is off.
     tokio::spawn(processor.run(rx).instrument(tracing::debug_span!("processor", partition)));
@@ -145,6 +187,7 @@ struct Processor {
     config: ProcessorConfig,
     quiet: Arc<GroupQuiescence>,
     clock: Arc<ClusterClock>,
+    policy: PolicySource,
 }
 
 /// A leadership session: what every proposal of it is bound to.
@@ -179,6 +222,7 @@ struct JobReply {
     reply: oneshot::Sender<ProposeOutcome>,
     accepted: u32,
     duplicates: Vec<u32>,
+    rejected: Vec<(u32, TimeRejection)>,
 }
 
 /// One proposal: the jobs it answers and what each contributed.
@@ -210,7 +254,11 @@ impl Proposal {
         }
         for mut j in self.jobs {
             j.duplicates.sort_unstable();
-            let _ = j.reply.send(ProposeOutcome::Done { accepted: j.accepted, duplicates: j.duplicates });
+            let _ = j.reply.send(ProposeOutcome::Done {
+                accepted: j.accepted,
+                duplicates: j.duplicates,
+                rejected: j.rejected,
+            });
         }
     }
 
@@ -238,6 +286,12 @@ impl Processor {
                 return;
             }
         }
+    }
+
+    fn rules(&self) -> EntryRules {
+        let policy = *self.policy.policy.borrow();
+        let check_times = self.clock.checked_by_peers() || self.policy.cluster_map.borrow().nodes.len() <= 1;
+        EntryRules { dedup_window_ms: self.config.dedup_window_ms, policy, check_times }
     }
 
     fn leader_hint(&self) -> Option<NodeId> {
@@ -397,7 +451,7 @@ impl Processor {
                 // Asked before the index is read: a view that completes
                 // during the build still counts as incomplete for it.
                 let provisional = session.view_incomplete(&self.raft);
-                let mut proposal = build_proposal(&self.dedup, &mut pending, jobs, stamp, config.dedup_window_ms);
+                let mut proposal = build_proposal(&self.dedup, &mut pending, jobs, stamp, &self.rules());
                 if provisional {
                     proposal.mark_provisional();
                 }
@@ -512,7 +566,7 @@ pub fn build_proposal(
     pending: &mut HashSet<u128>,
     jobs: Vec<IngestJob>,
     stamp_ms: u64,
-    dedup_window_ms: u64,
+    rules: &EntryRules,
 ) -> Proposal {
     let mut slots: HashMap<(Vec<u8>, String, i64), u32> = HashMap::new();
     let mut deltas: Vec<MinuteDelta> = Vec::new();
@@ -520,17 +574,32 @@ pub fn build_proposal(
     let mut keyed_owner = Vec::new();
     let mut keys = Vec::new();
     let mut answered = Vec::with_capacity(jobs.len());
+    let mut dead_letters = Vec::new();
     let index = dedup.lock();
     for (job_index, job) in jobs.into_iter().enumerate() {
-        let (mut accepted, mut duplicates) = (0u32, Vec::new());
+        let (mut accepted, mut duplicates, mut rejected) = (0u32, Vec::new(), Vec::new());
         for (position, event) in job.events.into_iter().enumerate() {
             let key =
                 (!event.event_id.is_empty()).then(|| dedup_key(&event.entity_id, &event.event_type, &event.event_id));
             if let Some(key) = key {
-                if index.contains(&key) || !pending.insert(key) {
+                if index.contains(&key) || pending.contains(&key) {
                     duplicates.push(position as u32);
                     continue;
                 }
+            }
+            if rules.check_times {
+                if let Err(why) = rules.policy.check(event.event_time_ms, stamp_ms) {
+                    let reason = match why {
+                        TimeRejection::TooLate { limit_ms } => DeadLetterReason::TooLate { limit_ms },
+                        TimeRejection::InFuture { limit_ms } => DeadLetterReason::InFuture { limit_ms },
+                    };
+                    dead_letters.push(DeadLetter::of(&event, reason));
+                    rejected.push((position as u32, why));
+                    continue;
+                }
+            }
+            if let Some(key) = key {
+                pending.insert(key);
             }
             accepted += 1;
             let value = event.value.unwrap_or(1);
@@ -562,7 +631,8 @@ pub fn build_proposal(
                 keys.push(key);
             }
         }
-        answered.push(JobReply { reply: job.reply, accepted, duplicates });
+        dead_letters.extend(job.invalid);
+        answered.push(JobReply { reply: job.reply, accepted, duplicates, rejected });
     }
     drop(index);
     for ((entity_id, event_type, _), slot) in slots {
@@ -574,7 +644,15 @@ pub fn build_proposal(
             d.actors.dedup();
         }
     }
-    let batch = IngestBatch { proposed_at_ms: stamp_ms, dedup_window_ms, deltas, keyed, provisional: false };
+    let batch = IngestBatch {
+        proposed_at_ms: stamp_ms,
+        dedup_window_ms: rules.dedup_window_ms,
+        deltas,
+        keyed,
+        provisional: false,
+        dead_letters,
+        dead_letter_bounds: rules.policy.dead_letters,
+    };
     Proposal { jobs: answered, keyed_owner, keys, command: Command::Ingest(batch) }
 }
 
@@ -593,9 +671,47 @@ mod tests {
         }
     }
 
+    /// Rules that never refuse an event for its time.
+    fn rules(dedup_window_ms: u64) -> EntryRules {
+        EntryRules { dedup_window_ms, policy: IngestPolicy::default(), check_times: false }
+    }
+
+    #[test]
+    fn events_outside_the_policy_become_dead_letters_after_the_dedup_check() {
+        let index = DedupIndex::default();
+        index.lock().insert_batch((0, 1), vec![dedup_key(b"a", "view", b"counted")]);
+        let now = 100 * 86_400_000u64;
+        let week_ago = now as i64 - 8 * 86_400_000;
+        let (j, rx) = job(vec![
+            ev("a", now as i64, "1", None),
+            ev("a", week_ago, "counted", None), // a retry of a counted event: a duplicate
+            ev("a", week_ago, "2", None),
+            ev("a", now as i64 + 3_600_000, "3", None),
+            ev("a", week_ago, "2", None), // the same again: rejected again, not a duplicate
+        ]);
+        let mut pending = HashSet::new();
+        let checked = EntryRules { check_times: true, ..rules(600_000) };
+        let p = build_proposal(&index, &mut pending, vec![j], now, &checked);
+        let Command::Ingest(batch) = &p.command else { panic!("not an ingest") };
+        assert_eq!(batch.deltas.iter().map(|d| d.count).sum::<u64>(), 1);
+        let reasons: Vec<_> = batch.dead_letters.iter().map(|d| (d.event_id.clone(), d.reason.clone())).collect();
+        let late = DeadLetterReason::TooLate { limit_ms: now as i64 - 7 * 86_400_000 };
+        let ahead = DeadLetterReason::InFuture { limit_ms: now as i64 + 300_000 };
+        assert_eq!(reasons, vec![(b"2".to_vec(), late.clone()), (b"3".to_vec(), ahead), (b"2".to_vec(), late)]);
+        assert_eq!(batch.dead_letter_bounds, IngestPolicy::default().dead_letters);
+        // Rejected events hold no dedup key: a corrected retry may count.
+        assert_eq!(pending.len(), 1);
+        p.answer(&CommandOutcome::default());
+        let ProposeOutcome::Done { accepted, duplicates, rejected } = rx.blocking_recv().unwrap() else {
+            panic!("not done")
+        };
+        assert_eq!((accepted, duplicates), (1, vec![1]));
+        assert_eq!(rejected.iter().map(|r| r.0).collect::<Vec<_>>(), vec![2, 3, 4]);
+    }
+
     fn job(events: Vec<Event>) -> (IngestJob, oneshot::Receiver<ProposeOutcome>) {
         let (reply, rx) = oneshot::channel();
-        (IngestJob::new(events, reply), rx)
+        (IngestJob::new(events, Vec::new(), reply), rx)
     }
 
     #[test]
@@ -612,7 +728,7 @@ mod tests {
         ]);
         let (j2, _rx2) =
             job(vec![ev("a", 120_000, "inflight", None), ev("a", 119_999, "", Some(2)), ev("a", 119_999, "", Some(2))]);
-        let p = build_proposal(&index, &mut pending, vec![j1, j2], 7_000, 600_000);
+        let p = build_proposal(&index, &mut pending, vec![j1, j2], 7_000, &rules(600_000));
         let counts: Vec<(u32, Vec<u32>)> = p.jobs.iter().map(|j| (j.accepted, j.duplicates.clone())).collect();
         assert_eq!(counts, vec![(2, vec![2, 3]), (2, vec![0])]);
         let Command::Ingest(batch) = &p.command else { panic!("not an ingest") };
@@ -631,9 +747,9 @@ mod tests {
         let index = DedupIndex::default();
         let mut pending = HashSet::new();
         let (j1, rx1) = job(vec![ev("a", 0, "x", None), ev("a", 0, "y", None), ev("a", 0, "", None)]);
-        let p = build_proposal(&index, &mut pending, vec![j1], 1, 600_000);
+        let p = build_proposal(&index, &mut pending, vec![j1], 1, &rules(600_000));
         p.answer(&CommandOutcome { skipped: vec![1] });
-        assert_eq!(rx1.await.unwrap(), ProposeOutcome::Done { accepted: 2, duplicates: vec![1] });
+        assert_eq!(rx1.await.unwrap(), ProposeOutcome::Done { accepted: 2, duplicates: vec![1], rejected: vec![] });
     }
 
     #[test]
@@ -665,7 +781,7 @@ mod tests {
             .collect();
         let (j, _rx) = job(events);
         let estimate = j.entry_bytes();
-        let p = build_proposal(&DedupIndex::default(), &mut HashSet::new(), vec![j], u64::MAX, u64::MAX);
+        let p = build_proposal(&DedupIndex::default(), &mut HashSet::new(), vec![j], u64::MAX, &rules(u64::MAX));
         let encoded = crate::storage::codec::encode(&p.command).unwrap().len();
         assert!(encoded <= estimate, "encoded {encoded} > estimate {estimate}");
         let Command::Ingest(mut batch) = p.command else { panic!("not an ingest") };

@@ -45,7 +45,12 @@ async fn events_outside_the_policy_are_rejected_by_index_and_counted_nowhere() -
     )
     .await?;
     assert_eq!(run.json()?["allowed_lateness_ms"].as_u64(), Some(WEEK_MS), "{:?}", run.json());
-    let default = IngestPolicy { allowed_lateness_ms: WEEK_MS, max_future_skew_ms: 5 * MINUTE_MS as u64 };
+    let default = IngestPolicy {
+        allowed_lateness_ms: WEEK_MS,
+        max_future_skew_ms: 5 * MINUTE_MS as u64,
+        dead_letter_keep_ms: Some(WEEK_MS),
+        dead_letter_max_events: Some(100_000),
+    };
     policy_everywhere(&cluster, default).await?;
 
     let events = vec![
@@ -110,7 +115,11 @@ async fn events_outside_the_policy_are_rejected_by_index_and_counted_nowhere() -
     let mut admin = cluster.cluster_client(1).await?;
     let err = admin
         .set_ingest_policy(SetIngestPolicyRequest {
-            policy: Some(IngestPolicy { allowed_lateness_ms: 0, max_future_skew_ms: 2 * DAY_MS as u64 }),
+            policy: Some(IngestPolicy {
+                allowed_lateness_ms: 0,
+                max_future_skew_ms: 2 * DAY_MS as u64,
+                ..Default::default()
+            }),
         })
         .await
         .expect_err("too far ahead");

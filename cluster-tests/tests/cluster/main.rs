@@ -16,6 +16,7 @@ mod client_python_contract;
 mod client_routing;
 mod clock_skew;
 mod dashboard;
+mod dead_letters;
 mod deploy_files;
 mod entry_limits;
 mod exactness;
@@ -57,6 +58,7 @@ fn every_cluster_test_takes_its_turn() {
         ("client_routing", include_str!("client_routing.rs")),
         ("clock_skew", include_str!("clock_skew.rs")),
         ("dashboard", include_str!("dashboard.rs")),
+        ("dead_letters", include_str!("dead_letters.rs")),
         ("deploy_files", include_str!("deploy_files.rs")),
         ("entry_limits", include_str!("entry_limits.rs")),
         ("exactness", include_str!("exactness.rs")),

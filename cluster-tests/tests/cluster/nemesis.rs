@@ -239,17 +239,24 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
         history.batches_given_up
     );
     eprintln!(
+        "events meant to be refused (IN_FUTURE) {}: refused {}, acknowledged {} (a leader not yet clock-checked)",
+        history.doomed_attempted.distinct_events(),
+        history.refused,
+        history.doomed_acknowledged.distinct_events()
+    );
+    eprintln!(
         "kill -9 → first write on the victim's partitions: p50 {:?}, p99 {:?} over {} partitions",
         percentile(&recoveries, 0.5),
         percentile(&recoveries, 0.99),
         recoveries.len()
     );
-    eprintln!("violations (counts, sums, digests, dedup conflicts): {}", violations.len());
+    eprintln!("violations (counts, sums, digests, dedup conflicts, dead letters): {}", violations.len());
     for v in violations.iter().take(20) {
         eprintln!("  {v}");
     }
     assert!(violations.is_empty(), "{} violations (see above)", violations.len());
     assert!(history.acknowledged.distinct_events() > 0, "the workload made progress");
+    assert!(history.refused > 0, "the cluster refused events (and kept them as dead letters)");
     cluster.heal();
     Ok(())
 }

@@ -23,7 +23,7 @@ use tally_proto::internal::{
 };
 use tally_proto::partition::{group_of_partition, partition_of};
 use tally_proto::v1::ingest_client::IngestClient;
-use tally_proto::v1::{IngestRequest, StatsRequest};
+use tally_proto::v1::{DeadLetter, IngestRequest, RejectionCode, StatsRequest};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -136,7 +136,8 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
         Code::Unimplemented,
         "",
     )?;
-    let propose = ProposeRequest { partition: 0, events: vec![event(&target, "view", now, "via-public")] };
+    let propose =
+        ProposeRequest { partition: 0, events: vec![event(&target, "view", now, "via-public")], invalid: vec![] };
     expect_code("public Propose", public.propose(propose).await, Code::Unimplemented, "")?;
     let chunk = SnapshotChunk { group_id: group_of_partition(0), header: vec![0xff; 8], data: vec![] };
     expect_code(
@@ -164,6 +165,7 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
         let bad = ProposeRequest {
             partition: 0,
             events: vec![event(&target, "view", now, "ok"), event(&target, "Not Valid", now, "bad")],
+            invalid: vec![],
         };
         expect_code(
             &at("Propose with an invalid event"),
@@ -174,6 +176,7 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
         let foreign = ProposeRequest {
             partition: 0,
             events: vec![event(&target, "view", now, "mine"), event(&other, "view", now, "foreign")],
+            invalid: vec![],
         };
         expect_code(
             &at("Propose with another partition's event"),
@@ -181,18 +184,54 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
             Code::InvalidArgument,
             "belongs to partition 1",
         )?;
+        // Dead letters ride along only for their own partition, and only
+        // as INVALID: the leader judges times itself.
+        let dead_letter = |e: &str, code: RejectionCode| DeadLetter {
+            event: Some(event(e, "Not Valid", now, "dl")),
+            code: code as i32,
+            field: "event_type".into(),
+            reason: "bad".into(),
+            ..Default::default()
+        };
+        let foreign_dead_letter = ProposeRequest {
+            partition: 0,
+            events: vec![],
+            invalid: vec![dead_letter(&target, RejectionCode::Invalid), dead_letter(&other, RejectionCode::Invalid)],
+        };
+        expect_code(
+            &at("Propose with another partition's dead letter"),
+            peer.propose(foreign_dead_letter).await,
+            Code::InvalidArgument,
+            "invalid[1].event.entity_id",
+        )?;
+        let claimed_late = ProposeRequest {
+            partition: 0,
+            events: vec![],
+            invalid: vec![dead_letter(&target, RejectionCode::TooLate)],
+        };
+        expect_code(
+            &at("Propose with a dead letter not INVALID"),
+            peer.propose(claimed_late).await,
+            Code::InvalidArgument,
+            "must be INVALID",
+        )?;
         let many = ProposeRequest {
             partition: 0,
             events: (0..10_001).map(|i| event(&target, "view", now, &format!("many-{i}"))).collect(),
+            invalid: vec![],
         };
         expect_code(&at("Propose with too many events"), peer.propose(many).await, Code::ResourceExhausted, "10000")?;
         let big = ProposeRequest {
             partition: 0,
             events: (0..9_000).map(|i| event(&target, "view", now, &format!("{i:0>500}"))).collect(),
+            invalid: vec![],
         };
         expect_code(&at("Propose over 4 MiB"), peer.propose(big).await, Code::ResourceExhausted, "bytes")?;
-        let nowhere =
-            ProposeRequest { partition: PARTITIONS + 5, events: vec![event(&target, "view", now, "nowhere")] };
+        let nowhere = ProposeRequest {
+            partition: PARTITIONS + 5,
+            events: vec![event(&target, "view", now, "nowhere")],
+            invalid: vec![],
+        };
         expect_code(
             &at("Propose to a partition that does not exist"),
             peer.propose(nowhere).await,

@@ -12,10 +12,11 @@ use openraft::BasicNode;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::cluster_server::Cluster;
 use tally_proto::v1::{
-    AddNodeRequest, AddNodeResponse, DigestRequest, DigestResponse, InitializeRequest, InitializeResponse,
-    PartitionDigest, PartitionInfo, RebalanceRequest, RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse,
-    SetIngestPolicyRequest, SetIngestPolicyResponse, SetRetentionRequest, SetRetentionResponse, StageLatency,
-    StagesRequest, StagesResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    AddNodeRequest, AddNodeResponse, DeadLettersRequest, DeadLettersResponse, DigestRequest, DigestResponse,
+    InitializeRequest, InitializeResponse, PartitionDigest, PartitionInfo, RebalanceRequest, RebalanceResponse,
+    RemoveNodeRequest, RemoveNodeResponse, SetIngestPolicyRequest, SetIngestPolicyResponse, SetRetentionRequest,
+    SetRetentionResponse, StageLatency, StagesRequest, StagesResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -41,6 +42,13 @@ impl ClusterService {
 impl Cluster for ClusterService {
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(local_status(&self.node)))
+    }
+
+    async fn dead_letters(
+        &self,
+        request: Request<DeadLettersRequest>,
+    ) -> Result<Response<DeadLettersResponse>, Status> {
+        Ok(Response::new(super::dead_letters::serve(&self.node, request).await?))
     }
 
     async fn digest(&self, request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {

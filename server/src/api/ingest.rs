@@ -1,6 +1,11 @@
 //! The public Ingest service: validate, split the batch by partition, and
 //! have each partition's leader process its share — locally, or over the
 //! internal Propose call to the leader's node.
+//!
+//! Events whose fields fail validation are answered here; those that still
+//! have an entity go with their partition's share to be kept in its
+//! dead-letter log. Event times are judged by the leader (`processor.rs`),
+//! against its log's clock.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,7 +21,8 @@ use tally_proto::v1::{Event, IngestRequest, IngestResponse, LeaderHint, Rejectio
 use tally_proto::validate::validate_event;
 use tonic::{Request, Response, Status};
 
-use super::{batch_limits, ingest_policy, propose, retry_hint};
+use super::{batch_limits, dead_letters, ingest_policy, propose, retry_hint};
+use crate::command::{DeadLetter, DeadLetterReason};
 use crate::meta::TimeRejection;
 use crate::metrics::{metrics, EventOutcome};
 use crate::node::{Listener, Node};
@@ -55,18 +61,13 @@ impl Ingest for IngestService {
         };
         let dedup_window_ms = self.node.config.dedup_window_secs * 1000;
         let mut response = IngestResponse { dedup_window_ms, ..Default::default() };
-        let mut by_partition: BTreeMap<u32, (Vec<u32>, Vec<Event>)> = BTreeMap::new();
-        let policy = *self.node.ingest_policy.borrow();
-        let now_ms = self.node.clock.trusted().now_ms;
-        // A node whose clock no peer has checked yet (just restarted, or cut
-        // off) may be minutes off: it does not refuse events by time, since
-        // refusing a valid event is the worse mistake. Alone in its cluster,
-        // its clock is the cluster's.
-        let clock_checked = self.node.clock.checked_by_peers() || self.node.cluster_map.borrow().nodes.len() <= 1;
-        let (mut too_late, mut in_future) = (0u64, 0u64);
+        let mut by_partition: BTreeMap<u32, Share> = BTreeMap::new();
         for (index, event) in req.events.into_iter().enumerate() {
             let index = index as u32;
+            let slot = by_partition.entry(partition_of(&event.entity_id, partition_count)).or_default();
             if let Err(e) = validate_event(&event) {
+                let reason = DeadLetterReason::Invalid { field: e.field.to_string(), reason: e.reason.clone() };
+                slot.invalid.push(DeadLetter::of(&event, reason));
                 response.rejected.push(Rejection {
                     index,
                     field: e.field.to_string(),
@@ -76,23 +77,15 @@ impl Ingest for IngestService {
                 });
                 continue;
             }
-            let in_policy = if clock_checked { policy.check(event.event_time_ms, now_ms) } else { Ok(()) };
-            if let Err(why) = in_policy {
-                match why {
-                    TimeRejection::TooLate { .. } => too_late += 1,
-                    TimeRejection::InFuture { .. } => in_future += 1,
-                }
-                response.rejected.push(ingest_policy::rejection(index, event.event_time_ms, why));
-                continue;
-            }
-            let slot = by_partition.entry(partition_of(&event.entity_id, partition_count)).or_default();
-            slot.0.push(index);
-            slot.1.push(event);
+            slot.indexes.push(index);
+            slot.times.push(event.event_time_ms);
+            slot.events.push(event);
         }
         let node = &self.node;
-        let results = join_all(by_partition.into_iter().map(|(partition, (indexes, events))| async move {
+        let results = join_all(by_partition.into_iter().map(|(partition, share)| async move {
+            let Share { indexes, times, events, invalid } = share;
             let timeout = Duration::from_millis(node.config.ingest_timeout_ms);
-            let routed = match tokio::time::timeout(timeout, route(node, partition, events)).await {
+            let routed = match tokio::time::timeout(timeout, route(node, partition, events, invalid)).await {
                 Ok(routed) => routed,
                 Err(_) => Routed {
                     outcome: ProposeOutcome::Unavailable(format!(
@@ -102,7 +95,7 @@ impl Ingest for IngestService {
                     leader: None,
                 },
             };
-            (partition, indexes, routed)
+            (partition, (indexes, times), routed)
         }))
         .await;
         // Every valid event refused because a dedup index is at its memory
@@ -116,27 +109,40 @@ impl Ingest for IngestService {
                     _ => None,
                 })
                 .unwrap_or_default();
-            let valid: usize = results.iter().map(|(_, indexes, _)| indexes.len()).sum();
+            let valid: usize = results.iter().map(|(_, (indexes, _), _)| indexes.len()).sum();
             metrics().events(EventOutcome::Exhausted, valid as u64);
             metrics().shed("dedup_full");
             let message = format!("{why}; {}", retry_advice(dedup_window_ms));
             return Err(retry_hint::exhausted(message, retry_hint::DEDUP_FULL_RETRY_AFTER));
         }
         let invalid = response.rejected.len();
+        let (mut too_late, mut in_future) = (0usize, 0usize);
         let mut exhausted_events = 0usize;
-        for (partition, indexes, routed) in results {
+        for (partition, (indexes, times), routed) in results {
             if let Some(leader) = routed.leader.filter(|l| *l != 0) {
                 let leader_addr = node.addr_of(leader).unwrap_or_default();
                 response.leaders.push(LeaderHint { partition, leader_node_id: leader, leader_addr });
             }
             let exhausted_now = matches!(routed.outcome, ProposeOutcome::Exhausted(_));
             let message = match routed.outcome {
-                ProposeOutcome::Done { accepted, duplicates } => {
+                ProposeOutcome::Done { accepted, duplicates, rejected } => {
                     response.accepted += accepted;
                     response.duplicates += duplicates.len() as u32;
                     response
                         .duplicate_indexes
                         .extend(duplicates.iter().filter_map(|p| indexes.get(*p as usize).copied()));
+                    for (position, why) in rejected {
+                        let (Some(&index), Some(&time)) =
+                            (indexes.get(position as usize), times.get(position as usize))
+                        else {
+                            continue;
+                        };
+                        match why {
+                            TimeRejection::TooLate { .. } => too_late += 1,
+                            TimeRejection::InFuture { .. } => in_future += 1,
+                        }
+                        response.rejected.push(ingest_policy::rejection(index, time, why));
+                    }
                     continue;
                 }
                 ProposeOutcome::NotLeader { .. } => String::new(),
@@ -164,11 +170,11 @@ impl Ingest for IngestService {
         let m = metrics();
         m.events(EventOutcome::Accepted, u64::from(response.accepted));
         m.events(EventOutcome::Duplicate, u64::from(response.duplicates));
-        m.events(EventOutcome::Invalid, invalid as u64 - too_late - in_future);
-        m.events(EventOutcome::TooLate, too_late);
-        m.events(EventOutcome::InFuture, in_future);
+        m.events(EventOutcome::Invalid, invalid as u64);
+        m.events(EventOutcome::TooLate, too_late as u64);
+        m.events(EventOutcome::InFuture, in_future as u64);
         m.events(EventOutcome::Exhausted, exhausted_events as u64);
-        let unavailable = response.rejected.len() - invalid - exhausted_events;
+        let unavailable = response.rejected.len() - invalid - too_late - in_future - exhausted_events;
         m.events(EventOutcome::Unavailable, unavailable as u64);
         response.rejected.sort_by_key(|r| r.index);
         response.duplicate_indexes.sort_unstable();
@@ -187,6 +193,17 @@ fn retry_advice(dedup_window_ms: u64) -> String {
     format!("retry with the same event_id within the dedup window ({window}) of the first attempt")
 }
 
+/// One partition's share of a request: its valid events (with their
+/// request indexes and times, for the reply) and the invalid ones for its
+/// dead-letter log.
+#[derive(Default)]
+struct Share {
+    indexes: Vec<u32>,
+    times: Vec<i64>,
+    events: Vec<Event>,
+    invalid: Vec<DeadLetter>,
+}
+
 /// Where one partition's share ended: the processor's outcome, and the
 /// node that gave it or was named as leader (for the client's hints).
 struct Routed {
@@ -195,7 +212,7 @@ struct Routed {
 }
 
 /// Send one partition's events to its leader, following leader hints.
-async fn route(node: &Arc<Node>, partition: u32, events: Vec<Event>) -> Routed {
+async fn route(node: &Arc<Node>, partition: u32, events: Vec<Event>, invalid: Vec<DeadLetter>) -> Routed {
     let mut target = first_guess(node, partition);
     let mut last = Routed { outcome: ProposeOutcome::Unavailable(String::new()), leader: None };
     for attempt in 0..MAX_ROUTING_ATTEMPTS {
@@ -205,9 +222,9 @@ async fn route(node: &Arc<Node>, partition: u32, events: Vec<Event>) -> Routed {
             continue;
         };
         let outcome = if to == node.id {
-            node.propose(partition, events.clone()).await
+            node.propose(partition, events.clone(), invalid.clone()).await
         } else {
-            forward(node, to, partition, events.clone()).await
+            forward(node, to, partition, events.clone(), &invalid).await
         };
         let ProposeOutcome::NotLeader { leader } = outcome else {
             return Routed { outcome, leader: Some(to) };
@@ -228,12 +245,19 @@ fn first_guess(node: &Node, partition: u32) -> Option<NodeId> {
 }
 
 /// Propose is peer traffic: the leader's peer port.
-async fn forward(node: &Node, to: NodeId, partition: u32, events: Vec<Event>) -> ProposeOutcome {
+async fn forward(
+    node: &Node,
+    to: NodeId,
+    partition: u32,
+    events: Vec<Event>,
+    invalid: &[DeadLetter],
+) -> ProposeOutcome {
     let channel = match node.forward_to_leader(to, Listener::Peer, None) {
         Ok(channel) => channel,
         Err(e) => return ProposeOutcome::Unavailable(e.to_string()),
     };
-    match RaftClient::new(channel).propose(ProposeRequest { partition, events }).await {
+    let invalid = invalid.iter().map(|d| dead_letters::to_proto(d, 0)).collect();
+    match RaftClient::new(channel).propose(ProposeRequest { partition, events, invalid }).await {
         Ok(resp) => propose::from_wire(resp.into_inner()),
         Err(status) => ProposeOutcome::Unavailable(format!("forwarding to node {to}: {}", status.message())),
     }

@@ -3,10 +3,12 @@
 //!
 //! The policy lives in the metadata group (`meta::IngestPolicy`,
 //! `Command::SetIngestPolicy`), so every node applies the one committed
-//! last. An Ingest request is checked by the node that receives it, against
-//! its cluster-checked clock (`clock.rs`: within `--max-clock-skew-ms` of
-//! the other nodes'), before anything is routed: events outside the policy
-//! are rejected one by one, the rest of the batch goes on.
+//! last. Event times are checked by the partition's leader against the
+//! stamp of the entry it builds (the log's clock: its cluster-checked clock,
+//! `clock.rs`, never behind an earlier entry's), not by the node a client
+//! called: events outside the policy are rejected one by one and kept in
+//! the partition's dead-letter log (`storage/dead_letters.rs`), the rest of
+//! the batch goes on.
 
 use std::sync::Arc;
 
@@ -15,15 +17,24 @@ use tonic::Status;
 
 use super::membership::{coordinator, Coordinator};
 use crate::command::Command;
-use crate::meta::{IngestPolicy, TimeRejection};
+use crate::meta::{DeadLetterBounds, IngestPolicy, TimeRejection, DEFAULT_DEAD_LETTER_BOUNDS};
 use crate::node::Node;
 
 /// Longest `max_future_skew_ms` accepted: a day. More would let a client's
 /// wrong clock fill buckets nobody will query for years.
 const MAX_FUTURE_SKEW_MS: u64 = 24 * 3_600_000;
 
+/// Most rejected events a partition's dead-letter log may be asked to keep
+/// (a record is at most ~16 KiB; typical ones ~100 bytes).
+const MAX_DEAD_LETTER_EVENTS: u64 = 10_000_000;
+
 pub fn to_proto(policy: IngestPolicy) -> pb::IngestPolicy {
-    pb::IngestPolicy { allowed_lateness_ms: policy.allowed_lateness_ms, max_future_skew_ms: policy.max_future_skew_ms }
+    pb::IngestPolicy {
+        allowed_lateness_ms: policy.allowed_lateness_ms,
+        max_future_skew_ms: policy.max_future_skew_ms,
+        dead_letter_keep_ms: Some(policy.dead_letters.keep_ms),
+        dead_letter_max_events: Some(policy.dead_letters.max_events),
+    }
 }
 
 /// A policy from a request, or INVALID_ARGUMENT naming the field.
@@ -34,7 +45,20 @@ pub fn from_proto(policy: &pb::IngestPolicy) -> Result<IngestPolicy, Status> {
             policy.max_future_skew_ms
         )));
     }
-    Ok(IngestPolicy { allowed_lateness_ms: policy.allowed_lateness_ms, max_future_skew_ms: policy.max_future_skew_ms })
+    let max_events = policy.dead_letter_max_events.unwrap_or(DEFAULT_DEAD_LETTER_BOUNDS.max_events);
+    if max_events > MAX_DEAD_LETTER_EVENTS {
+        return Err(Status::invalid_argument(format!(
+            "policy.dead_letter_max_events: must be at most {MAX_DEAD_LETTER_EVENTS}, got {max_events}"
+        )));
+    }
+    Ok(IngestPolicy {
+        allowed_lateness_ms: policy.allowed_lateness_ms,
+        max_future_skew_ms: policy.max_future_skew_ms,
+        dead_letters: DeadLetterBounds {
+            keep_ms: policy.dead_letter_keep_ms.unwrap_or(DEFAULT_DEAD_LETTER_BOUNDS.keep_ms),
+            max_events,
+        },
+    })
 }
 
 /// `Cluster.SetIngestPolicy`: committed by the metadata leader.

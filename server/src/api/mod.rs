@@ -6,7 +6,8 @@
 //! payloads).
 //!
 //! Besides the services: `admission` and `decode_errors` are the tower
-//! layers of the public listener (see `server.rs`), `batch_limits` the
+//! layers of the public listener (see `server.rs`), `dead_letters` the
+//! dead-letter log's call and wire forms, `batch_limits` the
 //! whole-batch limits Ingest and Propose share, `propose` the receiving end
 //! of forwarded ingest, `node_addrs` how nodes' public and peer addresses
 //! are reported and learnt, and `peer_reports` other nodes' views of their
@@ -17,6 +18,7 @@ pub mod auth;
 pub mod batch_limits;
 pub mod cluster;
 pub mod dashboard;
+pub mod dead_letters;
 pub mod decode_errors;
 pub mod http;
 pub mod ingest;

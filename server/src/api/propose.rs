@@ -12,20 +12,22 @@
 //! per-event answer to give.)
 
 use tally_proto::internal::propose_response::Status as ProposeStatus;
-use tally_proto::internal::{ProposeRequest, ProposeResponse};
+use tally_proto::internal::{ProposeRequest, ProposeResponse, TimeRejected};
 use tally_proto::partition::partition_of;
+use tally_proto::v1::RejectionCode;
 use tally_proto::validate::validate_event;
 use tonic::Status;
 
-use super::batch_limits;
-use crate::meta::NodeId;
+use super::{batch_limits, dead_letters};
+use crate::meta::{NodeId, TimeRejection};
 use crate::node::Node;
 use crate::processor::ProposeOutcome;
 
 /// Check a forwarded share, then hand it to the partition's processor.
 pub async fn serve(node: &Node, request: ProposeRequest) -> Result<ProposeResponse, Status> {
     check(node, &request)?;
-    Ok(to_wire(node, node.propose(request.partition, request.events).await))
+    let invalid = request.invalid.into_iter().map(dead_letters::invalid_from_proto).collect::<Result<Vec<_>, _>>()?;
+    Ok(to_wire(node, node.propose(request.partition, request.events, invalid).await))
 }
 
 /// A processor's outcome as the forwarding node receives it. The leader
@@ -36,8 +38,18 @@ pub fn to_wire(node: &Node, outcome: ProposeOutcome) -> ProposeResponse {
         (id, node.addr_of(id).unwrap_or_default())
     };
     match outcome {
-        ProposeOutcome::Done { accepted, duplicates } => {
+        ProposeOutcome::Done { accepted, duplicates, rejected } => {
             let (leader_node_id, leader_addr) = leader(Some(node.id));
+            let time_rejected = rejected
+                .into_iter()
+                .map(|(position, why)| {
+                    let (code, limit_ms) = match why {
+                        TimeRejection::TooLate { limit_ms } => (RejectionCode::TooLate, limit_ms),
+                        TimeRejection::InFuture { limit_ms } => (RejectionCode::InFuture, limit_ms),
+                    };
+                    TimeRejected { position, code: code as i32, limit_ms }
+                })
+                .collect();
             ProposeResponse {
                 status: ProposeStatus::Ok as i32,
                 accepted,
@@ -46,6 +58,7 @@ pub fn to_wire(node: &Node, outcome: ProposeOutcome) -> ProposeResponse {
                 leader_addr,
                 message: String::new(),
                 duplicate_positions: duplicates,
+                time_rejected,
             }
         }
         ProposeOutcome::NotLeader { leader: hint } => {
@@ -72,7 +85,17 @@ pub fn to_wire(node: &Node, outcome: ProposeOutcome) -> ProposeResponse {
 pub fn from_wire(response: ProposeResponse) -> ProposeOutcome {
     match ProposeStatus::try_from(response.status) {
         Ok(ProposeStatus::Ok) => {
-            ProposeOutcome::Done { accepted: response.accepted, duplicates: response.duplicate_positions }
+            let mut rejected = Vec::with_capacity(response.time_rejected.len());
+            for r in response.time_rejected {
+                let why = match RejectionCode::try_from(r.code) {
+                    Ok(RejectionCode::TooLate) => TimeRejection::TooLate { limit_ms: r.limit_ms },
+                    Ok(RejectionCode::InFuture) => TimeRejection::InFuture { limit_ms: r.limit_ms },
+                    // Nothing the leader refused may pass as accepted or vanish.
+                    _ => return ProposeOutcome::Unavailable(format!("unknown time rejection code {}", r.code)),
+                };
+                rejected.push((r.position, why));
+            }
+            ProposeOutcome::Done { accepted: response.accepted, duplicates: response.duplicate_positions, rejected }
         }
         Ok(ProposeStatus::NotLeader) => {
             ProposeOutcome::NotLeader { leader: (response.leader_node_id != 0).then_some(response.leader_node_id) }
@@ -95,6 +118,22 @@ fn check(node: &Node, request: &ProposeRequest) -> Result<(), Status> {
         )));
     }
     batch_limits::check(&request.events)?;
+    if request.invalid.len() > tally_proto::validate::MAX_BATCH_EVENTS {
+        return Err(Status::invalid_argument(format!(
+            "invalid: at most {} dead letters a request, got {}",
+            tally_proto::validate::MAX_BATCH_EVENTS,
+            request.invalid.len()
+        )));
+    }
+    for (index, d) in request.invalid.iter().enumerate() {
+        let entity = d.event.as_ref().map(|e| e.entity_id.as_slice()).unwrap_or_default();
+        let belongs = partition_of(entity, partition_count);
+        if belongs != partition {
+            return Err(Status::invalid_argument(format!(
+                "invalid[{index}].event.entity_id: the event belongs to partition {belongs}, not to partition {partition}"
+            )));
+        }
+    }
     for (index, event) in request.events.iter().enumerate() {
         validate_event(event).map_err(|e| Status::invalid_argument(format!("events[{index}].{e}")))?;
         let belongs = partition_of(&event.entity_id, partition_count);

@@ -9,7 +9,7 @@
 //! |---------------|-------------------------------------------------|-------|
 //! | `log`         | group, index                                    | Raft entry |
 //! | `raft`        | group, tag (vote / committed / last purged)     | encoded log id or vote |
-//! | `state`       | group, tag, …                                   | applied log id, membership, cluster map, dedup keys |
+//! | `state`       | group, tag, …                                   | applied log id, membership, cluster map, dedup keys, dead letters |
 //! | `counts`      | group, entity len, entity, type len, type, granularity, bucket start | count and sum (merge operator) |
 //! | `counts`      | group, [`RANKING_TAG`], type len, type, granularity, bucket start, entity len, entity | the same count and sum, for hour, day, month and year buckets |
 //! | `uniques`     | as the first `counts` layout                    | HyperLogLog sketch of the bucket's actors (`sketch.rs`; merge operator: union) |
@@ -53,6 +53,13 @@ pub const STATE_RETENTION: u8 = 9;
 /// Where each granularity's kept buckets begin (partition groups; see
 /// `retention.rs`).
 pub const STATE_FLOORS: u8 = 10;
+/// Dead letters of one applied entry: tag, stamp (8), log index (8)
+/// (`dead_letters.rs`).
+pub const STATE_DEAD_LETTERS: u8 = 11;
+/// Dead letters dropped because the log was full (u64).
+pub const STATE_DEAD_LETTERS_DROPPED: u8 = 12;
+/// The last tag of the replicated partition state a digest covers.
+pub const STATE_LAST_DIGESTED: u8 = STATE_DEAD_LETTERS_DROPPED;
 
 /// A value the key layout cannot represent. Validation keeps requests far
 /// inside these limits; the encoder refuses rather than truncate a length
@@ -103,9 +110,15 @@ pub fn tagged(group: u32, tag: u8) -> [u8; 5] {
 }
 
 pub fn dedup_key(group: u32, proposed_at_ms: u64, log_index: u64) -> [u8; 21] {
+    stamped_key(group, STATE_DEDUP, proposed_at_ms, log_index)
+}
+
+/// A state key of one applied entry's records, in log order (stamps never
+/// go back): tag, the entry's stamp, its log index.
+pub fn stamped_key(group: u32, tag: u8, stamp_ms: u64, log_index: u64) -> [u8; 21] {
     let mut k = [0u8; 21];
-    k[..5].copy_from_slice(&tagged(group, STATE_DEDUP));
-    k[5..13].copy_from_slice(&proposed_at_ms.to_be_bytes());
+    k[..5].copy_from_slice(&tagged(group, tag));
+    k[5..13].copy_from_slice(&stamp_ms.to_be_bytes());
     k[13..].copy_from_slice(&log_index.to_be_bytes());
     k
 }

@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod counts;
+pub mod dead_letters;
 pub mod engine;
 pub mod keys;
 pub mod log_store;

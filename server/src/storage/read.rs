@@ -15,7 +15,7 @@ use tally_proto::time::{decompose_kept, is_kept, series_starts, Floors, Granular
 
 use super::codec::decode;
 use super::counts::CountSum;
-use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES, STATE_APPLIED, STATE_FLOORS};
+use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES, STATE_APPLIED, STATE_FLOORS, STATE_LAST_DIGESTED};
 use super::sketch::Sketch;
 use super::write_back::WriteBack;
 use super::{Engine, StorageError};
@@ -249,8 +249,9 @@ fn digest(engine: &Engine, group: u32) -> Result<(u64, u64, u64), StorageError> 
     let ranges = [
         (CF_COUNTS, keys::group_prefix(group).to_vec(), keys::group_end(group).to_vec()),
         (CF_UNIQUES, keys::group_prefix(group).to_vec(), keys::group_end(group).to_vec()),
-        // Dedup keys, the log clock, the conflict counter and the floors.
-        (CF_STATE, keys::tagged(group, STATE_DEDUP).to_vec(), keys::tagged(group, STATE_FLOORS + 1).to_vec()),
+        // Dedup keys, the log clock, the conflict counter, the floors and
+        // the dead-letter log.
+        (CF_STATE, keys::tagged(group, STATE_DEDUP).to_vec(), keys::tagged(group, STATE_LAST_DIGESTED + 1).to_vec()),
     ];
     for (cf_name, start, end) in ranges {
         let mut opts = ReadOptions::default();

@@ -1,8 +1,8 @@
 //! openraft state machine of one group.
 //!
 //! A partition group's state is its counts (minute/hour/day/month/year
-//! buckets of every (entity, type)), its dedup index and its floors (what
-//! retention expired); the metadata group's state is the cluster map and
+//! buckets of every (entity, type)), its dedup index, its floors (what
+//! retention expired) and its dead-letter log (`dead_letters.rs`); the metadata group's state is the cluster map and
 //! the ingest and retention policies. Apply is in memory: each round's merged deltas and
 //! state writes go to the group's write-back ([`WriteBack`]), which
 //! checkpoints them to RocksDB with the applied log id in one batch every
@@ -19,7 +19,7 @@
 //! Rounds of one group run one after another.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -30,6 +30,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::codec::{decode, encode};
 use super::counts::CountSum;
+use super::dead_letters::DeadLetterLog;
 use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES};
 use super::snapshot::{self, SnapshotDir, SnapshotFile};
 use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MAX_DIRTY_KEYS};
@@ -39,6 +40,7 @@ use crate::dedup::DedupIndex;
 use crate::meta::{ClusterMap, IngestPolicy};
 use crate::retention::{raise, RetentionPolicy};
 use crate::stages::{Stage, Timer};
+use crate::sync::MutexExt;
 use crate::type_config::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
 pub type Snapshot = openraft::storage::Snapshot<
@@ -57,6 +59,7 @@ pub struct GroupStateMachine {
     applied: Option<LogId>,
     membership: StoredMembership,
     dedup: Arc<DedupIndex>,
+    dead_letters: Arc<Mutex<DeadLetterLog>>,
     write_back: Arc<WriteBack>,
     snapshots: SnapshotDir,
     /// Metadata group only: publishes every applied cluster map and policy.
@@ -74,6 +77,7 @@ struct Loaded {
     ingest_policy: Option<IngestPolicy>,
     retention: Option<RetentionPolicy>,
     floors: Floors,
+    dead_letters: DeadLetterLog,
 }
 
 /// Where the metadata group's state machine publishes what it applies.
@@ -141,6 +145,7 @@ impl GroupStateMachine {
             applied: None,
             membership: StoredMembership::default(),
             dedup,
+            dead_letters: Arc::default(),
             write_back,
             snapshots,
             metadata,
@@ -153,6 +158,11 @@ impl GroupStateMachine {
     /// The group's write-back, which reads and checkpoints go through.
     pub fn write_back(&self) -> Arc<WriteBack> {
         self.write_back.clone()
+    }
+
+    /// The summary of the group's dead-letter log, as applied.
+    pub fn dead_letters(&self) -> Arc<Mutex<DeadLetterLog>> {
+        self.dead_letters.clone()
     }
 
     /// Start a checkpoint beside apply once the write-back holds an epoch's
@@ -178,6 +188,7 @@ impl GroupStateMachine {
     /// Take over the in-memory view read by [`load_state`].
     fn take_loaded(&mut self, loaded: Loaded) {
         self.applied = loaded.applied;
+        *self.dead_letters.lock_unpoisoned() = loaded.dead_letters;
         self.membership = loaded.membership;
         if let Some(watches) = &self.metadata {
             watches.publish(loaded.cluster_map, loaded.ingest_policy, loaded.retention);
@@ -241,7 +252,8 @@ fn load_state(engine: &Engine, group: u32, dedup: &DedupIndex) -> Result<Loaded,
     let ingest_policy = get_state::<IngestPolicy>(engine, group, keys::STATE_INGEST_POLICY)?;
     let retention = get_state::<RetentionPolicy>(engine, group, keys::STATE_RETENTION)?;
     let floors = get_state::<Floors>(engine, group, keys::STATE_FLOORS)?.unwrap_or(KEEP_ALL);
-    Ok(Loaded { applied, membership, cluster_map, ingest_policy, retention, floors })
+    let dead_letters = DeadLetterLog::load(engine, group)?;
+    Ok(Loaded { applied, membership, cluster_map, ingest_policy, retention, floors, dead_letters })
 }
 
 /// Apply a run of entries in memory, starting from `applied`, and hand the
@@ -249,6 +261,7 @@ fn load_state(engine: &Engine, group: u32, dedup: &DedupIndex) -> Result<Loaded,
 fn apply_chunk(
     group: u32,
     dedup: &DedupIndex,
+    dead_letters: &Mutex<DeadLetterLog>,
     write_back: &WriteBack,
     mut applied: Option<LogId>,
     chunk: Vec<Entry>,
@@ -272,7 +285,8 @@ fn apply_chunk(
                 membership = Some(stored);
             }
             EntryPayload::Normal(Command::Ingest(ingest)) => {
-                outcome.skipped = apply_ingest(group, dedup, &mut round, &floors, entry.log_id.index, ingest)?;
+                outcome.skipped =
+                    apply_ingest(group, dedup, dead_letters, &mut round, &floors, entry.log_id.index, ingest)?;
             }
             EntryPayload::Normal(Command::SetClusterMap(map)) => {
                 round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_CLUSTER_MAP).to_vec(), encode(&map)?));
@@ -314,12 +328,21 @@ fn apply_chunk(
 fn apply_ingest(
     group: u32,
     dedup: &DedupIndex,
+    dead_letters: &Mutex<DeadLetterLog>,
     round: &mut RoundChanges,
     floors: &Floors,
     log_index: u64,
     ingest: IngestBatch,
 ) -> Result<Vec<u32>, StorageError> {
-    let IngestBatch { proposed_at_ms, dedup_window_ms, mut deltas, keyed, provisional } = ingest;
+    let IngestBatch {
+        proposed_at_ms,
+        dedup_window_ms,
+        mut deltas,
+        keyed,
+        provisional,
+        dead_letters: rejected,
+        dead_letter_bounds,
+    } = ingest;
     let mut dedup = dedup.lock();
     // Expire by the log's clock, never the local one: replicas must agree
     // on the index at every log position. The stamp never goes back.
@@ -346,6 +369,8 @@ fn apply_ingest(
             .push(StateWrite::Put(keys::tagged(group, keys::STATE_CONFLICTS).to_vec(), encode(&dedup.conflicts())?));
     }
     drop(dedup);
+    // On the entry's (monotonic) stamp, like the dedup keys.
+    dead_letters.lock_unpoisoned().apply(group, stamp, log_index, &rejected, dead_letter_bounds, &mut round.state)?;
     if !admitted.skipped.is_empty() && provisional {
         tracing::debug!(
             group,
@@ -420,11 +445,12 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             let (chunk, responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
             let (group, dedup, write_back, applied) =
                 (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
+            let dead_letters = self.dead_letters.clone();
             let done = self
                 .engine
                 .blocking(move |_| {
                     let _timer = Timer::start(Stage::ApplyRound);
-                    apply_chunk(group, &dedup, &write_back, applied, chunk)
+                    apply_chunk(group, &dedup, &dead_letters, &write_back, applied, chunk)
                 })
                 .await?;
             // Written: now the in-memory view moves, and only then are

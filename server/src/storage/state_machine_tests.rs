@@ -11,8 +11,9 @@ use tally_proto::time::{DAY_MS, HOUR_MS, MINUTE_MS};
 use super::read::{read_series, read_stats, state_digest, SeriesRead};
 use super::state_machine::GroupStateMachine;
 use super::Engine;
-use crate::command::{Command, IngestBatch, KeyedEvent, MinuteDelta};
+use crate::command::{Command, DeadLetter, DeadLetterReason, IngestBatch, KeyedEvent, MinuteDelta};
 use crate::dedup::DedupIndex;
+use crate::meta::DeadLetterBounds;
 use crate::type_config::{Entry, LogId};
 
 const GROUP: u32 = 3;
@@ -39,6 +40,29 @@ fn keyed_ingest(index: u64, proposed_at_ms: u64, deltas: Vec<MinuteDelta>, keyed
             deltas,
             keyed,
             provisional: false,
+            dead_letters: vec![],
+            dead_letter_bounds: crate::meta::DEFAULT_DEAD_LETTER_BOUNDS,
+        })),
+    }
+}
+
+/// An entry of `n` events rejected as too late, under `bounds`.
+fn rejected(index: u64, proposed_at_ms: u64, n: usize, bounds: DeadLetterBounds) -> Entry {
+    let event = |i: usize| tally_proto::v1::Event {
+        entity_id: format!("v{index}-{i}").into_bytes(),
+        event_type: "view".into(),
+        event_time_ms: 5,
+        ..Default::default()
+    };
+    let dead_letters = (0..n).map(|i| DeadLetter::of(&event(i), DeadLetterReason::TooLate { limit_ms: 10 })).collect();
+    Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(Command::Ingest(IngestBatch {
+            proposed_at_ms,
+            dedup_window_ms: 600_000,
+            dead_letters,
+            dead_letter_bounds: bounds,
+            ..Default::default()
         })),
     }
 }
@@ -409,4 +433,64 @@ async fn expiry_removes_the_same_buckets_on_every_replica() {
     let (a_engine, a, _) = open(a_dir.path()).await;
     assert_eq!(a.write_back().floors(), floors);
     assert_eq!(state_digest(&a_engine, &a.write_back()).await.unwrap(), digest_a);
+}
+
+/// The dead-letter log is state like the counts: every replica keeps the
+/// same records under the bounds each entry carries, whenever it
+/// checkpoints, and a restart or a snapshot brings back the same log.
+#[tokio::test]
+async fn dead_letters_are_trimmed_alike_on_every_replica() {
+    use super::dead_letters::read_page;
+    let bounds = DeadLetterBounds { keep_ms: 10_000, max_events: 5 };
+    let log = || {
+        vec![
+            rejected(1, 1_000, 2, bounds),
+            rejected(2, 2_000, 2, bounds),
+            // 6 > 5: the oldest entry's two go (dropped, counted).
+            rejected(3, 3_000, 2, bounds),
+            // No dead letters, but a stamp 10 s after entry 2: it expires
+            // (not counted as dropped).
+            rejected(4, 12_500, 0, bounds),
+            rejected(5, 13_000, 1, bounds),
+        ]
+    };
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_engine, mut a, _) = open(a_dir.path()).await;
+    apply(&mut a, log()).await;
+    let (b_engine, mut b, _) = open(b_dir.path()).await;
+    let mut entries = log();
+    let rest = entries.split_off(2);
+    apply(&mut b, entries).await;
+    state_digest(&b_engine, &b.write_back()).await.unwrap();
+    apply(&mut b, rest).await;
+
+    let digest_a = state_digest(&a_engine, &a.write_back()).await.unwrap();
+    assert_eq!(digest_a, state_digest(&b_engine, &b.write_back()).await.unwrap());
+    for (engine, sm) in [(&a_engine, &a), (&b_engine, &b)] {
+        let (kept, dropped) = sm.dead_letters().lock().unwrap().counts();
+        // Entry 1 dropped for space (2), entry 2 expired; entries 3 and 5 kept.
+        assert_eq!((kept.too_late, kept.total(), dropped), (3, 3, 2));
+        let page = read_page(engine, GROUP, None, 10).unwrap();
+        let ids: Vec<_> = page.records.iter().map(|(stamp, d)| (*stamp, d.entity_id.clone())).collect();
+        assert_eq!(ids, vec![(3_000, b"v3-0".to_vec()), (3_000, b"v3-1".to_vec()), (13_000, b"v5-0".to_vec())]);
+        assert!(page.next.is_none());
+        // Pages of two continue where the last one ended.
+        let first = read_page(engine, GROUP, None, 2).unwrap();
+        assert_eq!(first.records.len(), 2);
+        let second = read_page(engine, GROUP, first.next, 2).unwrap();
+        assert_eq!(second.records.iter().map(|(_, d)| d.entity_id.clone()).collect::<Vec<_>>(), vec![b"v5-0".to_vec()]);
+        assert!(second.next.is_none());
+    }
+    // A restart reloads the same summary.
+    drop((a, a_engine));
+    let (a_engine, a, _) = open(a_dir.path()).await;
+    assert_eq!(a.dead_letters().lock().unwrap().counts().1, 2);
+    assert_eq!(a.dead_letters().lock().unwrap().counts().0.total(), 3);
+    assert_eq!(state_digest(&a_engine, &a.write_back()).await.unwrap(), digest_a);
+    // Bounds of 0 events turn the log off: what it held goes.
+    let mut a = a;
+    apply(&mut a, vec![rejected(6, 14_000, 3, DeadLetterBounds { keep_ms: 0, max_events: 0 })]).await;
+    assert_eq!(a.dead_letters().lock().unwrap().counts().0.total(), 0);
+    state_digest(&a_engine, &a.write_back()).await.unwrap();
+    assert!(read_page(&a_engine, GROUP, None, 10).unwrap().records.is_empty());
 }
