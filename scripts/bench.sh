@@ -49,9 +49,11 @@
 # BENCH_FAILOVER_RATE (events/s during the kills; default half of the tally
 # phase's saturated rate, which `--only failover` alone lacks),
 # BENCH_ACTORS (give Tally's events actor ids out of this many viewers, for
-# the cost of unique counts), BENCH_TALLYD_ARGS (extra tallyd flags for every Tally cluster, e.g.
-# `--election-timeout-ms 300` to compare settings side by side), BENCH_KEEP=1
-# (keep the work directory).
+# the cost of unique counts), BENCH_RAW_LOG (turn on Tally's raw-event log
+# with this many events per partition, for its cost), BENCH_TALLYD_ARGS
+# (extra tallyd flags for every Tally cluster, e.g. `--election-timeout-ms
+# 300` to compare settings side by side), BENCH_KEEP=1 (keep the work
+# directory).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 
@@ -65,7 +67,7 @@ while (($#)); do
     --duration=*) DURATION="${1#*=}" ;;
     --only) ONLY="${2:?--only needs a comma-separated list}"; shift ;;
     --only=*) ONLY="${1#*=}" ;;
-    -h|--help) sed -n '2,51p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,54p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -274,6 +276,11 @@ run_target() {
   [[ "$target" == tally ]] && half_extra=("${READ_FLAGS[@]}")
   # Unique-actor sketches on the ingest path, when asked for.
   [[ "$target" == tally && -n "${BENCH_ACTORS:-}" ]] && common+=(--actors "$BENCH_ACTORS")
+  # The raw-event log on the ingest path, when asked for.
+  if [[ "$target" == tally && -n "${BENCH_RAW_LOG:-}" ]]; then
+    "$TALLY" "${BENCH_ADDR[@]}" cluster set-policy --raw-log-max-events "$BENCH_RAW_LOG" >>"$WORK/tally-up.log" 2>&1 \
+      || log "$name: could not turn the raw-event log on"
+  fi
   local t0 t1 rc=0 ok=1
   log "$name: saturation run ($DURATION, as fast as it goes)"
   t0=$(cpu_ticks "${SERVER_PIDS[@]}")

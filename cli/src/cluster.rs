@@ -140,6 +140,14 @@ pub struct PolicyArgs {
     /// oldest are dropped, and counted); 0 keeps none.
     #[arg(long)]
     dead_letter_max_events: Option<u64>,
+    /// How long each partition's raw-event log (for `tally audit`) keeps an
+    /// event; 0s keeps it until the size bound drops it.
+    #[arg(long)]
+    raw_log_keep: Option<humantime::Duration>,
+    /// Events each partition's raw-event log holds at most (the oldest are
+    /// dropped, and counted); 0 (the default) keeps no raw-event log.
+    #[arg(long)]
+    raw_log_max_events: Option<u64>,
 }
 
 impl PolicyArgs {
@@ -148,6 +156,8 @@ impl PolicyArgs {
             || self.max_future_skew.is_some()
             || self.dead_letter_keep.is_some()
             || self.dead_letter_max_events.is_some()
+            || self.raw_log_keep.is_some()
+            || self.raw_log_max_events.is_some()
     }
 
     /// The policy with these flags over `base` (unset dead-letter fields
@@ -158,6 +168,8 @@ impl PolicyArgs {
             max_future_skew_ms: self.max_future_skew.map_or(base.max_future_skew_ms, |d| d.as_millis() as u64),
             dead_letter_keep_ms: self.dead_letter_keep.map(|d| d.as_millis() as u64).or(base.dead_letter_keep_ms),
             dead_letter_max_events: self.dead_letter_max_events.or(base.dead_letter_max_events),
+            raw_log_keep_ms: self.raw_log_keep.map(|d| d.as_millis() as u64).or(base.raw_log_keep_ms),
+            raw_log_max_events: self.raw_log_max_events.or(base.raw_log_max_events),
         }
     }
 }
@@ -315,6 +327,8 @@ fn print_policy(cli: &Cli, policy: &IngestPolicy) {
             "max_future_skew_ms": policy.max_future_skew_ms,
             "dead_letter_keep_ms": policy.dead_letter_keep_ms,
             "dead_letter_max_events": policy.dead_letter_max_events,
+            "raw_log_keep_ms": policy.raw_log_keep_ms,
+            "raw_log_max_events": policy.raw_log_max_events,
         }));
     } else {
         let lateness = if policy.allowed_lateness_ms == 0 {
@@ -326,16 +340,20 @@ fn print_policy(cli: &Cli, policy: &IngestPolicy) {
             "ingest policy: events up to {lateness} late, up to {} ahead",
             humantime::format_duration(Duration::from_millis(policy.max_future_skew_ms))
         );
-        let keep = match policy.dead_letter_keep_ms {
-            Some(0) => "until the log is full".to_string(),
-            Some(ms) => format!("for {}", humantime::format_duration(Duration::from_millis(ms))),
-            None => "for the default time".to_string(),
+        let describe = |what: &str, keep_ms: Option<u64>, max_events: Option<u64>| {
+            let keep = match keep_ms {
+                Some(0) => "until the log is full".to_string(),
+                Some(ms) => format!("for {}", humantime::format_duration(Duration::from_millis(ms))),
+                None => "for the default time".to_string(),
+            };
+            match max_events {
+                Some(0) => format!("{what}: off"),
+                Some(n) => format!("{what}: kept {keep}, at most {n} events per partition"),
+                None => format!("{what}: kept {keep}, default size"),
+            }
         };
-        match policy.dead_letter_max_events {
-            Some(0) => println!("dead-letter log: off"),
-            Some(n) => println!("dead-letter log: rejected events kept {keep}, at most {n} per partition"),
-            None => println!("dead-letter log: rejected events kept {keep}, default size"),
-        }
+        println!("{}", describe("dead-letter log", policy.dead_letter_keep_ms, policy.dead_letter_max_events));
+        println!("{}", describe("raw-event log", policy.raw_log_keep_ms, policy.raw_log_max_events));
     }
 }
 

@@ -13,6 +13,7 @@
 //! `probe-writes` found partitions that never acknowledged), 3 when `bench`
 //! verification found a mismatch.
 
+mod audit;
 mod bench_steps;
 mod canary;
 mod cluster;
@@ -87,6 +88,9 @@ pub enum Command {
     Series(query::SeriesArgs),
     /// The k entities with the most events of a type over [from, to), exact.
     Top(query::TopArgs),
+    /// Recount a series from the raw-event log and compare with its counts
+    /// (exit 3 when any minute differs).
+    Audit(audit::AuditArgs),
     /// Load generator with latency percentiles and count verification;
     /// `tally bench report` renders docs/BENCHMARKS.md from a run of
     /// scripts/bench.sh.
@@ -130,6 +134,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Stats(args) => query::stats(&cli, args).await,
         Command::Series(args) => query::series(&cli, args).await,
         Command::Top(args) => query::top(&cli, args).await,
+        Command::Audit(args) => audit::run(&cli, args).await,
         Command::Bench(command) => bench_steps::run(&cli, command).await,
         Command::ProbeWrites(args) => probe_writes::run(&cli, args).await,
         Command::Canary(args) => canary::run(&cli, args).await,

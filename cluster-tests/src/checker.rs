@@ -136,12 +136,54 @@ pub async fn violations(
     }
     violations.extend(top_k_violations(cluster, history, via, from, to).await?);
     violations.extend(dead_letter_violations(cluster, history, via).await?);
+    violations.extend(audit_violations(cluster, history, via, from, to).await?);
     if let Err(e) = cluster.assert_replicas_identical(Duration::from_secs(60)).await {
         violations.push(format!("{e}"));
     }
     let conflicts = cluster.dedup_conflicts().await?;
     if conflicts != 0 {
         violations.push(format!("the state machines refused {conflicts} events as already counted (dedup_conflicts)"));
+    }
+    Ok(violations)
+}
+
+/// With the raw-event log on, a recount from it must agree with the counts
+/// for every series audited (the first [`AUDITED`] the workload touched):
+/// it holds exactly what apply counted, whatever the faults.
+async fn audit_violations(
+    cluster: &TestCluster,
+    history: &History,
+    via: u64,
+    from: i64,
+    to: i64,
+) -> anyhow::Result<Vec<String>> {
+    const AUDITED: usize = 24;
+    let raw_on = cluster.status(via).await?.ingest_policy.and_then(|p| p.raw_log_max_events).unwrap_or(0) > 0;
+    if !raw_on {
+        return Ok(Vec::new());
+    }
+    let mut violations = Vec::new();
+    let mut query = cluster.query_client(via).await?;
+    eprintln!("auditing {} series against the raw-event log", history.attempted.keys().take(AUDITED).count());
+    for (entity, event_type) in history.attempted.keys().take(AUDITED) {
+        let request = tally_proto::v1::AuditRequest {
+            entity_id: entity.clone(),
+            event_type: event_type.clone(),
+            from_ms: from,
+            to_ms: to,
+            consistency: 0,
+        };
+        let reply = query.audit(request).await?.into_inner();
+        if !reply.differences.is_empty() || reply.raw_log_dropped != 0 {
+            violations.push(format!(
+                "audit of {}/{event_type}: recounted {} but counted {} ({} minutes differ, {} raw events dropped)",
+                String::from_utf8_lossy(entity),
+                reply.raw_count,
+                reply.counted,
+                reply.differences.len(),
+                reply.raw_log_dropped
+            ));
+        }
     }
     Ok(violations)
 }

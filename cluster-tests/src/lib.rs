@@ -147,6 +147,8 @@ pub const TEST_INGEST_POLICY: tally_proto::v1::IngestPolicy = tally_proto::v1::I
     max_future_skew_ms: 5 * 60_000,
     dead_letter_keep_ms: Some(7 * 24 * 3_600_000),
     dead_letter_max_events: Some(100_000),
+    raw_log_keep_ms: Some(7 * 24 * 3_600_000),
+    raw_log_max_events: Some(0),
 };
 
 /// Every granularity kept forever (the default expires minutes after 14
@@ -435,6 +437,44 @@ impl TestCluster {
 
     pub async fn status(&self, id: u64) -> anyhow::Result<StatusResponse> {
         Ok(self.cluster_client(id).await?.status(StatusRequest {}).await?.into_inner())
+    }
+
+    /// Wait until every live node reports an ingest policy `applied` accepts.
+    pub async fn wait_for_policy(
+        &self,
+        applied: impl Fn(&tally_proto::v1::IngestPolicy) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for id in self.live_node_ids() {
+            while !self.status(id).await?.ingest_policy.is_some_and(|p| applied(&p)) {
+                anyhow::ensure!(Instant::now() < deadline, "node {id} never applied the ingest policy");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ingest `events` through `via`, resending them (same ids) while any is
+    /// refused for a retryable reason (a leader killed a moment ago); the
+    /// reply that had none.
+    pub async fn ingest_answered(
+        &self,
+        via: u64,
+        events: &[tally_proto::v1::Event],
+    ) -> anyhow::Result<tally_proto::v1::IngestResponse> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let request = tally_proto::v1::IngestRequest { events: events.to_vec() };
+            if let Ok(reply) = self.ingest_client(via).await?.ingest(request).await {
+                let reply = reply.into_inner();
+                if !reply.rejected.iter().any(|r| r.retryable) {
+                    return Ok(reply);
+                }
+                anyhow::ensure!(Instant::now() < deadline, "still refused: {reply:?}");
+            }
+            anyhow::ensure!(Instant::now() < deadline, "never answered");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Linearizable count of `event_type` events of `entities` over

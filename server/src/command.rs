@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use tally_proto::time::Floors;
 
-use crate::meta::{ClusterMap, DeadLetterBounds, IngestPolicy};
+use crate::meta::{ClusterMap, IngestPolicy, LogBounds};
 use crate::retention::RetentionPolicy;
 
 /// Estimated encoded bytes of one ingest entry at most. The processor stops
@@ -67,7 +67,36 @@ pub struct IngestBatch {
     pub dead_letters: Vec<DeadLetter>,
     /// The bounds of the dead-letter log in force when proposed: apply trims
     /// by the entry's bounds, so every replica keeps the same records.
-    pub dead_letter_bounds: DeadLetterBounds,
+    pub dead_letter_bounds: LogBounds,
+    /// The accepted events as they arrived, when the raw-event log is on
+    /// (empty otherwise), for `tally audit` to recount.
+    pub raw_events: Vec<RawEvent>,
+    pub raw_event_bounds: LogBounds,
+}
+
+/// An accepted event for the raw-event log: its delta gives entity and type.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RawEvent {
+    /// Index into `IngestBatch::deltas`.
+    pub delta: u32,
+    /// Its position in `IngestBatch::keyed`, if it has an event_id: apply
+    /// leaves out an event it takes back out of the counts.
+    pub keyed: Option<u32>,
+    pub event_time_ms: i64,
+    pub value: Option<i64>,
+    pub event_id: Vec<u8>,
+    pub actor_id: Vec<u8>,
+}
+
+/// A counted event as the raw-event log keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RawRecord {
+    pub entity_id: Vec<u8>,
+    pub event_type: String,
+    pub event_time_ms: i64,
+    pub value: Option<i64>,
+    pub event_id: Vec<u8>,
+    pub actor_id: Vec<u8>,
 }
 
 /// Why an event went to the dead-letter log.
@@ -193,6 +222,7 @@ impl Command {
                     .sum::<usize>()
                     + b.keyed.len() * 32
                     + b.dead_letters.iter().map(DeadLetter::estimated_bytes).sum::<usize>()
+                    + b.raw_events.iter().map(|r| 32 + r.event_id.len() + r.actor_id.len()).sum::<usize>()
             }
             Command::SetClusterMap(m) => {
                 64 + m.replicas.iter().map(|r| 8 + 10 * r.len()).sum::<usize>() + m.nodes.len() * 128

@@ -45,12 +45,16 @@ pub struct IngestPolicy {
     /// An event further ahead than this is refused as `IN_FUTURE`.
     pub max_future_skew_ms: u64,
     /// What each partition's dead-letter log keeps of the rejected events.
-    pub dead_letters: DeadLetterBounds,
+    pub dead_letters: LogBounds,
+    /// What each partition's raw-event log keeps of the counted events
+    /// (for `tally audit`); off (`max_events` 0) by default.
+    pub raw_events: LogBounds,
 }
 
-/// How much a partition's dead-letter log keeps (`meta::IngestPolicy`).
+/// How much one of a partition's record logs (dead letters, raw events;
+/// `storage/entry_log.rs`) keeps.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct DeadLetterBounds {
+pub struct LogBounds {
     /// Records older than this on the log's clock are dropped; 0 = no age
     /// bound.
     pub keep_ms: u64,
@@ -58,16 +62,19 @@ pub struct DeadLetterBounds {
     pub max_events: u64,
 }
 
+/// No raw-event log; when one is turned on, a week of events by default.
+pub const DEFAULT_RAW_EVENTS: LogBounds = LogBounds { keep_ms: 7 * 24 * 3_600_000, max_events: 0 };
+
 /// A week of rejected events, at most 100,000 per partition.
-pub const DEFAULT_DEAD_LETTER_BOUNDS: DeadLetterBounds =
-    DeadLetterBounds { keep_ms: 7 * 24 * 3_600_000, max_events: 100_000 };
+pub const DEFAULT_DEAD_LETTERS: LogBounds = LogBounds { keep_ms: 7 * 24 * 3_600_000, max_events: 100_000 };
 
 impl Default for IngestPolicy {
     fn default() -> Self {
         IngestPolicy {
             allowed_lateness_ms: 7 * 24 * 3_600_000,
             max_future_skew_ms: 5 * 60_000,
-            dead_letters: DEFAULT_DEAD_LETTER_BOUNDS,
+            dead_letters: DEFAULT_DEAD_LETTERS,
+            raw_events: DEFAULT_RAW_EVENTS,
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::raft::peers::PeerPool;
 use crate::raft::quiesce::{QuiesceConfig, Quiescence, ReplicaStart};
 use crate::raft::ticker::NodeTicker;
 use crate::retention::RetentionPolicy;
-use crate::storage::dead_letters::DeadLetterLog;
+use crate::storage::entry_log::PartitionLogs;
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::{GroupStateMachine, MetadataWatches};
 use crate::storage::write_back::WriteBack;
@@ -85,8 +85,9 @@ pub struct PartitionReplica {
     /// The replica's state in memory not yet checkpointed; reads go
     /// through it.
     pub write_back: Arc<WriteBack>,
-    /// The summary of the replica's dead-letter log (replicated state).
-    pub dead_letters: Arc<Mutex<DeadLetterLog>>,
+    /// The summary of the replica's dead-letter and raw-event logs
+    /// (replicated state).
+    pub logs: Arc<Mutex<PartitionLogs>>,
 }
 
 pub struct Node {
@@ -345,7 +346,7 @@ impl Node {
         let dedup = Arc::new(DedupIndex::new(self.dedup_budget.clone()));
         let quiet = self.quiescence.register(group);
         let data_dir = PathBuf::from(&self.config.data_dir);
-        let (raft, write_back, dead_letters) = open_group(
+        let (raft, write_back, logs) = open_group(
             &self.engine,
             &data_dir,
             &self.peers,
@@ -408,7 +409,7 @@ impl Node {
                 }
             }
         });
-        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup, write_back, dead_letters }))
+        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup, write_back, logs }))
     }
 
     fn processor_config(&self) -> ProcessorConfig {
@@ -545,12 +546,12 @@ async fn open_group(
     dedup: Arc<DedupIndex>,
     metadata: Option<MetadataWatches>,
     quiescence: Option<Arc<crate::raft::quiesce::GroupQuiescence>>,
-) -> anyhow::Result<(RaftInstance, Arc<WriteBack>, Arc<Mutex<DeadLetterLog>>)> {
+) -> anyhow::Result<(RaftInstance, Arc<WriteBack>, Arc<Mutex<PartitionLogs>>)> {
     let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, metadata).await?;
     let write_back = sm.write_back();
-    let dead_letters = sm.dead_letters();
+    let logs = sm.logs();
     let log = LogStore::open(engine.clone(), group).await?;
     let network = NetworkFactory::new(group, peers.clone(), quiescence);
     let raft = Raft::new(node_id, raft_config.clone(), network, log, sm).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((raft, write_back, dead_letters))
+    Ok((raft, write_back, logs))
 }

@@ -53,7 +53,8 @@ use tracing::Instrument;
 
 use crate::clock::ClusterClock;
 use crate::command::{
-    Command, CommandOutcome, DeadLetter, DeadLetterReason, IngestBatch, KeyedEvent, MinuteDelta, MAX_ENTRY_BYTES,
+    Command, CommandOutcome, DeadLetter, DeadLetterReason, IngestBatch, KeyedEvent, MinuteDelta, RawEvent,
+    MAX_ENTRY_BYTES,
 };
 use crate::dedup::{dedup_key, DedupIndex};
 use crate::meta::{ClusterMap, IngestPolicy, TimeRejection};
@@ -65,10 +66,12 @@ use crate::RaftInstance;
 /// Queued ingest requests per partition before senders wait.
 pub const QUEUE_CAPACITY: usize = 4096;
 
-/// Estimated entry bytes an event adds beyond its entity and type: its share
-/// of a delta (minute, count, sum, lengths) and its keyed record (key, delta
-/// index, value). Generous, so the estimate bounds the encoded size.
-const EVENT_OVERHEAD_BYTES: usize = 64;
+/// Estimated entry bytes an event adds beyond its entity, type, id and
+/// actor: its share of a delta (minute, count, sum, lengths), its keyed
+/// record (key, delta index, value) and, with the raw-event log on, its raw
+/// record (time, value, indexes). Generous, so the estimate bounds the
+/// encoded size.
+const EVENT_OVERHEAD_BYTES: usize = 112;
 
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
@@ -575,6 +578,8 @@ pub fn build_proposal(
     let mut keys = Vec::new();
     let mut answered = Vec::with_capacity(jobs.len());
     let mut dead_letters = Vec::new();
+    let mut raw_events = Vec::new();
+    let raw_on = rules.policy.raw_events.max_events > 0;
     let index = dedup.lock();
     for (job_index, job) in jobs.into_iter().enumerate() {
         let (mut accepted, mut duplicates, mut rejected) = (0u32, Vec::new(), Vec::new());
@@ -630,6 +635,16 @@ pub fn build_proposal(
                 keyed_owner.push((job_index as u32, position as u32));
                 keys.push(key);
             }
+            if raw_on {
+                raw_events.push(RawEvent {
+                    delta: slot,
+                    keyed: key.map(|_| keyed.len() as u32 - 1),
+                    event_time_ms: event.event_time_ms,
+                    value: event.value,
+                    event_id: event.event_id,
+                    actor_id: event.actor_id,
+                });
+            }
         }
         dead_letters.extend(job.invalid);
         answered.push(JobReply { reply: job.reply, accepted, duplicates, rejected });
@@ -652,6 +667,8 @@ pub fn build_proposal(
         provisional: false,
         dead_letters,
         dead_letter_bounds: rules.policy.dead_letters,
+        raw_events,
+        raw_event_bounds: rules.policy.raw_events,
     };
     Proposal { jobs: answered, keyed_owner, keys, command: Command::Ingest(batch) }
 }
@@ -781,7 +798,11 @@ mod tests {
             .collect();
         let (j, _rx) = job(events);
         let estimate = j.entry_bytes();
-        let p = build_proposal(&DedupIndex::default(), &mut HashSet::new(), vec![j], u64::MAX, &rules(u64::MAX));
+        // With the raw-event log on: the worst case.
+        let raw_on = crate::meta::LogBounds { keep_ms: 0, max_events: 1 };
+        let rules =
+            EntryRules { policy: IngestPolicy { raw_events: raw_on, ..IngestPolicy::default() }, ..rules(u64::MAX) };
+        let p = build_proposal(&DedupIndex::default(), &mut HashSet::new(), vec![j], u64::MAX, &rules);
         let encoded = crate::storage::codec::encode(&p.command).unwrap().len();
         assert!(encoded <= estimate, "encoded {encoded} > estimate {estimate}");
         let Command::Ingest(mut batch) = p.command else { panic!("not an ingest") };

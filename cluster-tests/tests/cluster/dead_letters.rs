@@ -12,9 +12,7 @@ use cluster_tests::model::event;
 use cluster_tests::{ClusterOptions, TestCluster};
 use tally_proto::partition::partition_of;
 use tally_proto::time::{DAY_MS, HOUR_MS};
-use tally_proto::v1::{
-    Consistency, DeadLettersRequest, Event, IngestRequest, IngestResponse, RejectionCode, StatsRequest,
-};
+use tally_proto::v1::{Consistency, DeadLettersRequest, Event, IngestRequest, RejectionCode, StatsRequest};
 use tonic::Code;
 
 const PARTITIONS: u32 = 4;
@@ -32,33 +30,6 @@ async fn count(cluster: &TestCluster, via: u64, entity: &str, now: i64) -> anyho
         consistency: 0,
     };
     Ok(cluster.query_client(via).await?.stats(req).await?.into_inner().count)
-}
-
-/// Send until nothing is refused for a retryable reason (a leader killed
-/// a moment ago), with the same event ids.
-async fn send(cluster: &TestCluster, via: u64, events: Vec<Event>) -> anyhow::Result<IngestResponse> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let reply = cluster.ingest_client(via).await?.ingest(IngestRequest { events: events.clone() }).await?;
-        let reply = reply.into_inner();
-        if !reply.rejected.iter().any(|r| r.retryable) {
-            return Ok(reply);
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "still refused: {reply:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Every node applies the policy before the test relies on it.
-async fn wait_for_log_size(cluster: &TestCluster, max_events: u64) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    for id in cluster.node_ids() {
-        while cluster.status(id).await?.ingest_policy.and_then(|p| p.dead_letter_max_events) != Some(max_events) {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "node {id} never applied the policy");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +57,7 @@ async fn rejected_events_are_kept_bounded_replicated_and_can_be_ingested_again()
     .await?;
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.json()?["dead_letter_max_events"].as_u64(), Some(25), "{run:?}");
-    wait_for_log_size(&cluster, 25).await?;
+    cluster.wait_for_policy(|p| p.dead_letter_max_events == Some(25)).await?;
     let now = tally_client::time_arg::now_ms();
     let entity = "dlq-video";
     let partition = partition_of(entity.as_bytes(), PARTITIONS);
@@ -166,7 +137,7 @@ async fn rejected_events_are_kept_bounded_replicated_and_can_be_ingested_again()
     cluster.kill9(3)?;
     let via = if leader == 3 { 1 } else { leader };
     let more = events(entity, "late-c", 10, now - 5 * DAY_MS);
-    let reply = send(&cluster, via, more).await?;
+    let reply = cluster.ingest_answered(via, &more).await?;
     assert!(reply.rejected.iter().all(|r| r.code == RejectionCode::TooLate as i32), "{reply:?}");
     assert_eq!(reply.rejected.len(), 10, "{reply:?}");
     let counts = tally(&["--json", "dlq", "count"]).await?.json()?;
@@ -174,7 +145,7 @@ async fn rejected_events_are_kept_bounded_replicated_and_can_be_ingested_again()
     assert_eq!((counts["total"].as_u64(), counts["dropped"].as_u64()), (Some(14), Some(14)), "{counts}");
     for i in 0..80 {
         let filler = events(entity, &format!("fill-{i}"), 2, now - HOUR_MS);
-        assert_eq!(send(&cluster, via, filler).await?.accepted, 2);
+        assert_eq!(cluster.ingest_answered(via, &filler).await?.accepted, 2);
     }
     cluster.restart(3).await?;
     cluster.wait_ready(Duration::from_secs(60)).await?;
@@ -238,7 +209,7 @@ async fn rejected_events_are_kept_bounded_replicated_and_can_be_ingested_again()
     // A log of 0 events keeps nothing, and what it held goes.
     let run = tally(&["cluster", "set-policy", "--dead-letter-max-events", "0"]).await?;
     assert_eq!(run.code, 0, "{run:?}");
-    wait_for_log_size(&cluster, 0).await?;
+    cluster.wait_for_policy(|p| p.dead_letter_max_events == Some(0)).await?;
     cluster.ingest_client(1).await?.ingest(IngestRequest { events: events(entity, "gone", 2, 0) }).await?;
     let counts = tally(&["--json", "dlq", "count"]).await?.json()?;
     assert_eq!(counts["total"].as_u64(), Some(0), "{counts}");

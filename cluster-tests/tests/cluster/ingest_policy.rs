@@ -50,6 +50,8 @@ async fn events_outside_the_policy_are_rejected_by_index_and_counted_nowhere() -
         max_future_skew_ms: 5 * MINUTE_MS as u64,
         dead_letter_keep_ms: Some(WEEK_MS),
         dead_letter_max_events: Some(100_000),
+        raw_log_keep_ms: Some(WEEK_MS),
+        raw_log_max_events: Some(0),
     };
     policy_everywhere(&cluster, default).await?;
 

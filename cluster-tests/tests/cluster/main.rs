@@ -6,6 +6,7 @@
 //! Run one: `cargo test -p cluster-tests --test cluster -- nemesis::`.
 
 mod api_surface;
+mod audit;
 mod auth;
 mod canary;
 mod client_backpressure;
@@ -48,6 +49,7 @@ mod uniques;
 fn every_cluster_test_takes_its_turn() {
     let sources = [
         ("api_surface", include_str!("api_surface.rs")),
+        ("audit", include_str!("audit.rs")),
         ("auth", include_str!("auth.rs")),
         ("canary", include_str!("canary.rs")),
         ("client_backpressure", include_str!("client_backpressure.rs")),

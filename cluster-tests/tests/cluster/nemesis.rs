@@ -49,6 +49,18 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
         ],
     })
     .await?;
+    // The raw-event log on: every fault also carries it through crashes and
+    // snapshots, and the checker audits entities against it.
+    let policy = tally_proto::v1::IngestPolicy {
+        raw_log_max_events: Some(10_000_000),
+        raw_log_keep_ms: Some(0),
+        ..cluster_tests::TEST_INGEST_POLICY
+    };
+    cluster
+        .cluster_client(1)
+        .await?
+        .set_ingest_policy(tally_proto::v1::SetIngestPolicyRequest { policy: Some(policy) })
+        .await?;
     let end = tally_client::time_arg::now_ms();
     let ingestor = RetryingIngestor::new(
         cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect(),

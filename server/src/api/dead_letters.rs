@@ -14,7 +14,7 @@ use super::{ingest_policy, read_routing};
 use crate::command::{DeadLetter, DeadLetterReason};
 use crate::meta::TimeRejection;
 use crate::node::{Listener, Node};
-use crate::storage::dead_letters::{read_page, Cursor};
+use crate::storage::entry_log::{read_page, Cursor, DeadLetters};
 use crate::sync::MutexExt;
 
 /// Records one page holds at most.
@@ -105,7 +105,7 @@ pub async fn serve(node: &Arc<Node>, request: Request<DeadLettersRequest>) -> Re
             return Ok(client.dead_letters(read_routing::forwarded(req, hops)).await?.into_inner());
         }
     };
-    let (kept, dropped) = replica.dead_letters.lock_unpoisoned().counts();
+    let (kept, dropped) = replica.logs.lock_unpoisoned().dead_letters.counts();
     let write_back = replica.write_back.clone();
     let limit = req.limit as usize;
     // The newest records may still be in memory: written first.
@@ -113,16 +113,16 @@ pub async fn serve(node: &Arc<Node>, request: Request<DeadLettersRequest>) -> Re
         .engine
         .blocking(move |engine| {
             write_back.checkpoint(engine, false)?;
-            read_page(engine, write_back.group(), after, limit)
+            read_page::<DeadLetters>(engine, write_back.group(), after, limit)
         })
         .await
         .map_err(read_routing::storage_status)?;
     Ok(DeadLettersResponse {
         records: page.records.iter().map(|(stamp, d)| to_proto(d, *stamp)).collect(),
         next_cursor: page.next.map(Cursor::to_bytes).unwrap_or_default(),
-        too_late: kept.too_late,
-        in_future: kept.in_future,
-        invalid: kept.invalid,
+        too_late: kept[0],
+        in_future: kept[1],
+        invalid: kept[2],
         dropped,
         served_by_node_id: node.id,
     })

@@ -17,7 +17,7 @@ use tonic::Status;
 
 use super::membership::{coordinator, Coordinator};
 use crate::command::Command;
-use crate::meta::{DeadLetterBounds, IngestPolicy, TimeRejection, DEFAULT_DEAD_LETTER_BOUNDS};
+use crate::meta::{IngestPolicy, LogBounds, TimeRejection, DEFAULT_DEAD_LETTERS, DEFAULT_RAW_EVENTS};
 use crate::node::Node;
 
 /// Longest `max_future_skew_ms` accepted: a day. More would let a client's
@@ -27,6 +27,8 @@ const MAX_FUTURE_SKEW_MS: u64 = 24 * 3_600_000;
 /// Most rejected events a partition's dead-letter log may be asked to keep
 /// (a record is at most ~16 KiB; typical ones ~100 bytes).
 const MAX_DEAD_LETTER_EVENTS: u64 = 10_000_000;
+/// Most events a partition's raw-event log may be asked to keep.
+const MAX_RAW_LOG_EVENTS: u64 = 100_000_000;
 
 pub fn to_proto(policy: IngestPolicy) -> pb::IngestPolicy {
     pb::IngestPolicy {
@@ -34,6 +36,8 @@ pub fn to_proto(policy: IngestPolicy) -> pb::IngestPolicy {
         max_future_skew_ms: policy.max_future_skew_ms,
         dead_letter_keep_ms: Some(policy.dead_letters.keep_ms),
         dead_letter_max_events: Some(policy.dead_letters.max_events),
+        raw_log_keep_ms: Some(policy.raw_events.keep_ms),
+        raw_log_max_events: Some(policy.raw_events.max_events),
     }
 }
 
@@ -45,18 +49,28 @@ pub fn from_proto(policy: &pb::IngestPolicy) -> Result<IngestPolicy, Status> {
             policy.max_future_skew_ms
         )));
     }
-    let max_events = policy.dead_letter_max_events.unwrap_or(DEFAULT_DEAD_LETTER_BOUNDS.max_events);
+    let max_events = policy.dead_letter_max_events.unwrap_or(DEFAULT_DEAD_LETTERS.max_events);
     if max_events > MAX_DEAD_LETTER_EVENTS {
         return Err(Status::invalid_argument(format!(
             "policy.dead_letter_max_events: must be at most {MAX_DEAD_LETTER_EVENTS}, got {max_events}"
         )));
     }
+    let raw_max_events = policy.raw_log_max_events.unwrap_or(DEFAULT_RAW_EVENTS.max_events);
+    if raw_max_events > MAX_RAW_LOG_EVENTS {
+        return Err(Status::invalid_argument(format!(
+            "policy.raw_log_max_events: must be at most {MAX_RAW_LOG_EVENTS}, got {raw_max_events}"
+        )));
+    }
     Ok(IngestPolicy {
         allowed_lateness_ms: policy.allowed_lateness_ms,
         max_future_skew_ms: policy.max_future_skew_ms,
-        dead_letters: DeadLetterBounds {
-            keep_ms: policy.dead_letter_keep_ms.unwrap_or(DEFAULT_DEAD_LETTER_BOUNDS.keep_ms),
+        dead_letters: LogBounds {
+            keep_ms: policy.dead_letter_keep_ms.unwrap_or(DEFAULT_DEAD_LETTERS.keep_ms),
             max_events,
+        },
+        raw_events: LogBounds {
+            keep_ms: policy.raw_log_keep_ms.unwrap_or(DEFAULT_RAW_EVENTS.keep_ms),
+            max_events: raw_max_events,
         },
     })
 }

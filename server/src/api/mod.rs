@@ -7,13 +7,14 @@
 //!
 //! Besides the services: `admission` and `decode_errors` are the tower
 //! layers of the public listener (see `server.rs`), `dead_letters` the
-//! dead-letter log's call and wire forms, `batch_limits` the
+//! dead-letter log's call and wire forms, `audit` the raw-log recount, `batch_limits` the
 //! whole-batch limits Ingest and Propose share, `propose` the receiving end
 //! of forwarded ingest, `node_addrs` how nodes' public and peer addresses
 //! are reported and learnt, and `peer_reports` other nodes' views of their
 //! groups for the reconciler and membership changes.
 
 pub mod admission;
+pub mod audit;
 pub mod auth;
 pub mod batch_limits;
 pub mod cluster;

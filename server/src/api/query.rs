@@ -11,7 +11,10 @@ use openraft::async_runtime::WatchReceiver;
 use tally_proto::partition::partition_of;
 use tally_proto::time::{align_range, series_starts, Granularity};
 use tally_proto::v1::query_server::Query;
-use tally_proto::v1::{Bucket, SeriesRequest, SeriesResponse, StatsRequest, StatsResponse, TopKRequest, TopKResponse};
+use tally_proto::v1::{
+    AuditRequest, AuditResponse, Bucket, SeriesRequest, SeriesResponse, StatsRequest, StatsResponse, TopKRequest,
+    TopKResponse,
+};
 use tally_proto::validate::{validate_query_key, validate_range};
 use tonic::{Request, Response, Status};
 
@@ -37,6 +40,10 @@ impl QueryService {
 
 #[tonic::async_trait]
 impl Query for QueryService {
+    async fn audit(&self, request: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
+        Ok(Response::new(super::audit::serve(&self.node, request).await?))
+    }
+
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         let _timer = Timer::start(Stage::ReadRequest);
         let hops = hops(&request);

@@ -54,12 +54,16 @@ pub const STATE_RETENTION: u8 = 9;
 /// `retention.rs`).
 pub const STATE_FLOORS: u8 = 10;
 /// Dead letters of one applied entry: tag, stamp (8), log index (8)
-/// (`dead_letters.rs`).
+/// (`entry_log.rs`).
 pub const STATE_DEAD_LETTERS: u8 = 11;
 /// Dead letters dropped because the log was full (u64).
 pub const STATE_DEAD_LETTERS_DROPPED: u8 = 12;
+/// Raw events of one applied entry: tag, stamp (8), log index (8).
+pub const STATE_RAW_EVENTS: u8 = 13;
+/// Raw events dropped because the log was full (u64).
+pub const STATE_RAW_EVENTS_DROPPED: u8 = 14;
 /// The last tag of the replicated partition state a digest covers.
-pub const STATE_LAST_DIGESTED: u8 = STATE_DEAD_LETTERS_DROPPED;
+pub const STATE_LAST_DIGESTED: u8 = STATE_RAW_EVENTS_DROPPED;
 
 /// A value the key layout cannot represent. Validation keeps requests far
 /// inside these limits; the encoder refuses rather than truncate a length

@@ -1,10 +1,11 @@
 //! Storage: the node's RocksDB and, on top of it, openraft's log storage and
 //! state machine for each group. Knows nothing of gRPC.
 
+pub mod audit;
 pub mod codec;
 pub mod counts;
-pub mod dead_letters;
 pub mod engine;
+pub mod entry_log;
 pub mod keys;
 pub mod log_store;
 pub mod ranking;

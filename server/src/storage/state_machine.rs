@@ -2,7 +2,8 @@
 //!
 //! A partition group's state is its counts (minute/hour/day/month/year
 //! buckets of every (entity, type)), its dedup index, its floors (what
-//! retention expired) and its dead-letter log (`dead_letters.rs`); the metadata group's state is the cluster map and
+//! retention expired) and its record logs (`entry_log.rs`: dead letters
+//! and, when on, raw events); the metadata group's state is the cluster map and
 //! the ingest and retention policies. Apply is in memory: each round's merged deltas and
 //! state writes go to the group's write-back ([`WriteBack`]), which
 //! checkpoints them to RocksDB with the applied log id in one batch every
@@ -30,12 +31,12 @@ use tokio::sync::{oneshot, watch};
 
 use super::codec::{decode, encode};
 use super::counts::CountSum;
-use super::dead_letters::DeadLetterLog;
+use super::entry_log::{DeadLetters, PartitionLogs, RawEvents};
 use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES};
 use super::snapshot::{self, SnapshotDir, SnapshotFile};
 use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MAX_DIRTY_KEYS};
 use super::{Engine, StorageError};
-use crate::command::{Command, CommandOutcome, IngestBatch};
+use crate::command::{Command, CommandOutcome, IngestBatch, RawRecord};
 use crate::dedup::DedupIndex;
 use crate::meta::{ClusterMap, IngestPolicy};
 use crate::retention::{raise, RetentionPolicy};
@@ -59,7 +60,7 @@ pub struct GroupStateMachine {
     applied: Option<LogId>,
     membership: StoredMembership,
     dedup: Arc<DedupIndex>,
-    dead_letters: Arc<Mutex<DeadLetterLog>>,
+    logs: Arc<Mutex<PartitionLogs>>,
     write_back: Arc<WriteBack>,
     snapshots: SnapshotDir,
     /// Metadata group only: publishes every applied cluster map and policy.
@@ -77,7 +78,7 @@ struct Loaded {
     ingest_policy: Option<IngestPolicy>,
     retention: Option<RetentionPolicy>,
     floors: Floors,
-    dead_letters: DeadLetterLog,
+    logs: PartitionLogs,
 }
 
 /// Where the metadata group's state machine publishes what it applies.
@@ -145,7 +146,7 @@ impl GroupStateMachine {
             applied: None,
             membership: StoredMembership::default(),
             dedup,
-            dead_letters: Arc::default(),
+            logs: Arc::default(),
             write_back,
             snapshots,
             metadata,
@@ -160,9 +161,9 @@ impl GroupStateMachine {
         self.write_back.clone()
     }
 
-    /// The summary of the group's dead-letter log, as applied.
-    pub fn dead_letters(&self) -> Arc<Mutex<DeadLetterLog>> {
-        self.dead_letters.clone()
+    /// The summary of the group's record logs, as applied.
+    pub fn logs(&self) -> Arc<Mutex<PartitionLogs>> {
+        self.logs.clone()
     }
 
     /// Start a checkpoint beside apply once the write-back holds an epoch's
@@ -188,7 +189,7 @@ impl GroupStateMachine {
     /// Take over the in-memory view read by [`load_state`].
     fn take_loaded(&mut self, loaded: Loaded) {
         self.applied = loaded.applied;
-        *self.dead_letters.lock_unpoisoned() = loaded.dead_letters;
+        *self.logs.lock_unpoisoned() = loaded.logs;
         self.membership = loaded.membership;
         if let Some(watches) = &self.metadata {
             watches.publish(loaded.cluster_map, loaded.ingest_policy, loaded.retention);
@@ -252,8 +253,8 @@ fn load_state(engine: &Engine, group: u32, dedup: &DedupIndex) -> Result<Loaded,
     let ingest_policy = get_state::<IngestPolicy>(engine, group, keys::STATE_INGEST_POLICY)?;
     let retention = get_state::<RetentionPolicy>(engine, group, keys::STATE_RETENTION)?;
     let floors = get_state::<Floors>(engine, group, keys::STATE_FLOORS)?.unwrap_or(KEEP_ALL);
-    let dead_letters = DeadLetterLog::load(engine, group)?;
-    Ok(Loaded { applied, membership, cluster_map, ingest_policy, retention, floors, dead_letters })
+    let logs = PartitionLogs::load(engine, group)?;
+    Ok(Loaded { applied, membership, cluster_map, ingest_policy, retention, floors, logs })
 }
 
 /// Apply a run of entries in memory, starting from `applied`, and hand the
@@ -261,7 +262,7 @@ fn load_state(engine: &Engine, group: u32, dedup: &DedupIndex) -> Result<Loaded,
 fn apply_chunk(
     group: u32,
     dedup: &DedupIndex,
-    dead_letters: &Mutex<DeadLetterLog>,
+    logs: &Mutex<PartitionLogs>,
     write_back: &WriteBack,
     mut applied: Option<LogId>,
     chunk: Vec<Entry>,
@@ -285,8 +286,7 @@ fn apply_chunk(
                 membership = Some(stored);
             }
             EntryPayload::Normal(Command::Ingest(ingest)) => {
-                outcome.skipped =
-                    apply_ingest(group, dedup, dead_letters, &mut round, &floors, entry.log_id.index, ingest)?;
+                outcome.skipped = apply_ingest(group, dedup, logs, &mut round, &floors, entry.log_id.index, ingest)?;
             }
             EntryPayload::Normal(Command::SetClusterMap(map)) => {
                 round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_CLUSTER_MAP).to_vec(), encode(&map)?));
@@ -328,7 +328,7 @@ fn apply_chunk(
 fn apply_ingest(
     group: u32,
     dedup: &DedupIndex,
-    dead_letters: &Mutex<DeadLetterLog>,
+    logs: &Mutex<PartitionLogs>,
     round: &mut RoundChanges,
     floors: &Floors,
     log_index: u64,
@@ -340,8 +340,10 @@ fn apply_ingest(
         mut deltas,
         keyed,
         provisional,
-        dead_letters: rejected,
+        dead_letters,
         dead_letter_bounds,
+        raw_events,
+        raw_event_bounds,
     } = ingest;
     let mut dedup = dedup.lock();
     // Expire by the log's clock, never the local one: replicas must agree
@@ -369,8 +371,34 @@ fn apply_ingest(
             .push(StateWrite::Put(keys::tagged(group, keys::STATE_CONFLICTS).to_vec(), encode(&dedup.conflicts())?));
     }
     drop(dedup);
-    // On the entry's (monotonic) stamp, like the dedup keys.
-    dead_letters.lock_unpoisoned().apply(group, stamp, log_index, &rejected, dead_letter_bounds, &mut round.state)?;
+    // On the entry's (monotonic) stamp, like the dedup keys. Raw events
+    // apply takes back out of the counts leave the raw log too.
+    let raw: Vec<RawRecord> = raw_events
+        .into_iter()
+        .filter(|r| r.keyed.is_none_or(|k| admitted.skipped.binary_search(&k).is_err()))
+        .filter_map(|r| {
+            let d = deltas.get(r.delta as usize)?;
+            Some(RawRecord {
+                entity_id: d.entity_id.clone(),
+                event_type: d.event_type.clone(),
+                event_time_ms: r.event_time_ms,
+                value: r.value,
+                event_id: r.event_id,
+                actor_id: r.actor_id,
+            })
+        })
+        .collect();
+    let mut logs = logs.lock_unpoisoned();
+    logs.dead_letters.apply::<DeadLetters>(
+        group,
+        stamp,
+        log_index,
+        &dead_letters,
+        dead_letter_bounds,
+        &mut round.state,
+    )?;
+    logs.raw_events.apply::<RawEvents>(group, stamp, log_index, &raw, raw_event_bounds, &mut round.state)?;
+    drop(logs);
     if !admitted.skipped.is_empty() && provisional {
         tracing::debug!(
             group,
@@ -445,12 +473,12 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             let (chunk, responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
             let (group, dedup, write_back, applied) =
                 (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
-            let dead_letters = self.dead_letters.clone();
+            let logs = self.logs.clone();
             let done = self
                 .engine
                 .blocking(move |_| {
                     let _timer = Timer::start(Stage::ApplyRound);
-                    apply_chunk(group, &dedup, &dead_letters, &write_back, applied, chunk)
+                    apply_chunk(group, &dedup, &logs, &write_back, applied, chunk)
                 })
                 .await?;
             // Written: now the in-memory view moves, and only then are

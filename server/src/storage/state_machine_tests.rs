@@ -13,7 +13,7 @@ use super::state_machine::GroupStateMachine;
 use super::Engine;
 use crate::command::{Command, DeadLetter, DeadLetterReason, IngestBatch, KeyedEvent, MinuteDelta};
 use crate::dedup::DedupIndex;
-use crate::meta::DeadLetterBounds;
+use crate::meta::LogBounds;
 use crate::type_config::{Entry, LogId};
 
 const GROUP: u32 = 3;
@@ -41,13 +41,14 @@ fn keyed_ingest(index: u64, proposed_at_ms: u64, deltas: Vec<MinuteDelta>, keyed
             keyed,
             provisional: false,
             dead_letters: vec![],
-            dead_letter_bounds: crate::meta::DEFAULT_DEAD_LETTER_BOUNDS,
+            dead_letter_bounds: crate::meta::DEFAULT_DEAD_LETTERS,
+            ..Default::default()
         })),
     }
 }
 
 /// An entry of `n` events rejected as too late, under `bounds`.
-fn rejected(index: u64, proposed_at_ms: u64, n: usize, bounds: DeadLetterBounds) -> Entry {
+fn rejected(index: u64, proposed_at_ms: u64, n: usize, bounds: LogBounds) -> Entry {
     let event = |i: usize| tally_proto::v1::Event {
         entity_id: format!("v{index}-{i}").into_bytes(),
         event_type: "view".into(),
@@ -440,8 +441,8 @@ async fn expiry_removes_the_same_buckets_on_every_replica() {
 /// checkpoints, and a restart or a snapshot brings back the same log.
 #[tokio::test]
 async fn dead_letters_are_trimmed_alike_on_every_replica() {
-    use super::dead_letters::read_page;
-    let bounds = DeadLetterBounds { keep_ms: 10_000, max_events: 5 };
+    use super::entry_log::{read_page, DeadLetters};
+    let bounds = LogBounds { keep_ms: 10_000, max_events: 5 };
     let log = || {
         vec![
             rejected(1, 1_000, 2, bounds),
@@ -467,30 +468,87 @@ async fn dead_letters_are_trimmed_alike_on_every_replica() {
     let digest_a = state_digest(&a_engine, &a.write_back()).await.unwrap();
     assert_eq!(digest_a, state_digest(&b_engine, &b.write_back()).await.unwrap());
     for (engine, sm) in [(&a_engine, &a), (&b_engine, &b)] {
-        let (kept, dropped) = sm.dead_letters().lock().unwrap().counts();
+        let (kept, dropped) = sm.logs().lock().unwrap().dead_letters.counts();
         // Entry 1 dropped for space (2), entry 2 expired; entries 3 and 5 kept.
-        assert_eq!((kept.too_late, kept.total(), dropped), (3, 3, 2));
-        let page = read_page(engine, GROUP, None, 10).unwrap();
+        assert_eq!((kept, dropped), ([3, 0, 0], 2));
+        let page = read_page::<DeadLetters>(engine, GROUP, None, 10).unwrap();
         let ids: Vec<_> = page.records.iter().map(|(stamp, d)| (*stamp, d.entity_id.clone())).collect();
         assert_eq!(ids, vec![(3_000, b"v3-0".to_vec()), (3_000, b"v3-1".to_vec()), (13_000, b"v5-0".to_vec())]);
         assert!(page.next.is_none());
         // Pages of two continue where the last one ended.
-        let first = read_page(engine, GROUP, None, 2).unwrap();
+        let first = read_page::<DeadLetters>(engine, GROUP, None, 2).unwrap();
         assert_eq!(first.records.len(), 2);
-        let second = read_page(engine, GROUP, first.next, 2).unwrap();
+        let second = read_page::<DeadLetters>(engine, GROUP, first.next, 2).unwrap();
         assert_eq!(second.records.iter().map(|(_, d)| d.entity_id.clone()).collect::<Vec<_>>(), vec![b"v5-0".to_vec()]);
         assert!(second.next.is_none());
     }
     // A restart reloads the same summary.
     drop((a, a_engine));
     let (a_engine, a, _) = open(a_dir.path()).await;
-    assert_eq!(a.dead_letters().lock().unwrap().counts().1, 2);
-    assert_eq!(a.dead_letters().lock().unwrap().counts().0.total(), 3);
+    assert_eq!(a.logs().lock().unwrap().dead_letters.counts(), ([3, 0, 0], 2));
     assert_eq!(state_digest(&a_engine, &a.write_back()).await.unwrap(), digest_a);
     // Bounds of 0 events turn the log off: what it held goes.
     let mut a = a;
-    apply(&mut a, vec![rejected(6, 14_000, 3, DeadLetterBounds { keep_ms: 0, max_events: 0 })]).await;
-    assert_eq!(a.dead_letters().lock().unwrap().counts().0.total(), 0);
+    apply(&mut a, vec![rejected(6, 14_000, 3, LogBounds { keep_ms: 0, max_events: 0 })]).await;
+    assert_eq!(a.logs().lock().unwrap().dead_letters.counts().0, [0, 0, 0]);
     state_digest(&a_engine, &a.write_back()).await.unwrap();
-    assert!(read_page(&a_engine, GROUP, None, 10).unwrap().records.is_empty());
+    assert!(read_page::<DeadLetters>(&a_engine, GROUP, None, 10).unwrap().records.is_empty());
+}
+
+/// The raw-event log holds what the counts hold: an event apply takes back
+/// out (its key already counted) leaves the raw log too, so an audit of a
+/// replica agrees; and the log is state, equal across replicas.
+#[tokio::test]
+async fn raw_events_follow_what_apply_counts() {
+    use crate::command::RawEvent;
+    let raw = |keyed: Option<u32>, value: i64| RawEvent {
+        delta: 0,
+        keyed,
+        event_time_ms: T + 5,
+        value: Some(value),
+        event_id: vec![],
+        actor_id: vec![],
+    };
+    let bounds = LogBounds { keep_ms: 0, max_events: 100 };
+    let entry = |index: u64, keyed: Vec<KeyedEvent>, raw_events: Vec<RawEvent>, count: u64, sum: i64| Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(Command::Ingest(IngestBatch {
+            proposed_at_ms: index * 1_000,
+            dedup_window_ms: 600_000,
+            deltas: vec![delta("v", T, count, sum)],
+            keyed,
+            raw_events,
+            raw_event_bounds: bounds,
+            provisional: true,
+            ..Default::default()
+        })),
+    };
+    let key = |key: u128, value: i64| KeyedEvent { key, delta: 0, value };
+    let log = || {
+        vec![
+            entry(1, vec![key(1, 2), key(2, 3)], vec![raw(Some(0), 2), raw(Some(1), 3), raw(None, 4)], 3, 9),
+            // Key 1 again (a re-proposal): taken back out of counts and raw log.
+            entry(2, vec![key(1, 2), key(3, 5)], vec![raw(Some(0), 2), raw(Some(1), 5)], 2, 7),
+        ]
+    };
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_engine, mut a, _) = open(a_dir.path()).await;
+    apply(&mut a, log()).await;
+    let (b_engine, mut b, _) = open(b_dir.path()).await;
+    let mut entries = log();
+    let rest = entries.split_off(1);
+    apply(&mut b, entries).await;
+    state_digest(&b_engine, &b.write_back()).await.unwrap();
+    apply(&mut b, rest).await;
+    assert_eq!(
+        state_digest(&a_engine, &a.write_back()).await.unwrap(),
+        state_digest(&b_engine, &b.write_back()).await.unwrap()
+    );
+    for (engine, sm) in [(&a_engine, &a), (&b_engine, &b)] {
+        assert_eq!(sm.logs().lock().unwrap().raw_events.counts(), ([4, 0, 0], 0));
+        let read = super::audit::audit(engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap();
+        assert_eq!((read.raw_total.count, read.raw_total.sum), (4, 14));
+        assert_eq!(read.raw_total, read.counted_total);
+        assert!(read.differences.is_empty());
+    }
 }
