@@ -71,6 +71,10 @@ pub enum ClusterCommand {
         /// Also list every partition.
         #[arg(long)]
         partitions: bool,
+        /// Load instead: each node's events/s, bytes/s and CPU, and the
+        /// busiest partitions first (all of them with --partitions).
+        #[arg(long)]
+        hot: bool,
     },
     /// Wait until the cluster is initialised and every partition has a leader.
     Wait {
@@ -187,7 +191,7 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
         }
         ClusterCommand::SetRetention { retention } => crate::retention::set(cli, retention).await,
         ClusterCommand::SetPolicy { policy } => set_policy(cli, policy).await,
-        ClusterCommand::Status { partitions } => status(cli, *partitions).await,
+        ClusterCommand::Status { partitions, hot } => status(cli, *partitions, *hot).await,
         ClusterCommand::Wait { timeout } => wait(cli, **timeout).await,
         ClusterCommand::TransferLeader { partition, node, timeout } => {
             transfer_leader(cli, *partition, *node, **timeout).await
@@ -566,6 +570,94 @@ impl StatusView {
         })
     }
 
+    /// Load: each node's (as it reports it) and each partition's (as its
+    /// leader reports it), busiest partitions first.
+    pub fn hot_json(&self) -> serde_json::Value {
+        let nodes: Vec<_> = self
+            .reports()
+            .map(|s| {
+                let l = s.load.unwrap_or_default();
+                json!({"node_id": s.node_id, "events_per_sec": l.events_per_sec, "bytes_per_sec": l.bytes_per_sec,
+                    "processor_cpu": l.processor_cpu, "apply_cpu": l.apply_cpu, "process_cpu": l.process_cpu,
+                    "queued_requests": l.queued_requests, "partitions_led": l.partitions_led})
+            })
+            .collect();
+        let mut partitions: Vec<_> = self
+            .reports()
+            .flat_map(|s| s.partitions.iter().filter(|p| p.leader_node_id == s.node_id && s.node_id != 0))
+            .map(|p| {
+                json!({"partition": p.partition, "leader": p.leader_node_id, "events_per_sec": p.events_per_sec,
+                    "bytes_per_sec": p.bytes_per_sec, "processor_cpu": p.processor_cpu, "apply_cpu": p.apply_cpu,
+                    "queued_requests": p.queued_requests})
+            })
+            .collect();
+        let rate = |v: &serde_json::Value| v["events_per_sec"].as_f64().unwrap_or(0.0);
+        partitions.sort_by(|a, b| rate(b).total_cmp(&rate(a)));
+        let total: f64 = partitions.iter().map(rate).sum();
+        let spread = {
+            let cpus: Vec<f64> = nodes.iter().filter_map(|n| n["process_cpu"].as_f64()).collect();
+            let (min, max) = cpus.iter().fold((f64::MAX, 0.0f64), |(lo, hi), c| (lo.min(*c), hi.max(*c)));
+            if cpus.is_empty() || min <= 0.0 {
+                serde_json::Value::Null
+            } else {
+                json!(max / min)
+            }
+        };
+        json!({"events_per_sec": total, "cpu_max_over_min": spread, "nodes": nodes, "partitions": partitions})
+    }
+
+    /// The human rendering of [`StatusView::hot_json`], `limit` partitions.
+    pub fn render_hot(&self, limit: usize) -> String {
+        let doc = self.hot_json();
+        let f = |v: &serde_json::Value, digits: usize| format!("{:.*}", digits, v.as_f64().unwrap_or(0.0));
+        let mut nodes =
+            Table::new(["node", "events/s", "bytes/s", "cpu (process)", "processor", "apply", "queued", "leads"]);
+        for n in doc["nodes"].as_array().into_iter().flatten() {
+            nodes.row([
+                n["node_id"].to_string(),
+                f(&n["events_per_sec"], 0),
+                f(&n["bytes_per_sec"], 0),
+                f(&n["process_cpu"], 2),
+                f(&n["processor_cpu"], 2),
+                f(&n["apply_cpu"], 2),
+                n["queued_requests"].to_string(),
+                n["partitions_led"].to_string(),
+            ]);
+        }
+        let mut out = format!(
+            "load (per second, smoothed over ~10 s; CPU in cores): {} events/s in all{}\n",
+            f(&doc["events_per_sec"], 0),
+            doc["cpu_max_over_min"]
+                .as_f64()
+                .map(|s| format!(", busiest node's CPU {s:.2}× the idlest's"))
+                .unwrap_or_default()
+        );
+        out.push_str(&nodes.render());
+        let partitions = doc["partitions"].as_array().cloned().unwrap_or_default();
+        let total = doc["events_per_sec"].as_f64().unwrap_or(0.0);
+        let mut parts =
+            Table::new(["partition", "leader", "events/s", "share", "bytes/s", "processor", "apply", "queued"]);
+        for p in partitions.iter().take(limit) {
+            let rate = p["events_per_sec"].as_f64().unwrap_or(0.0);
+            parts.row([
+                p["partition"].to_string(),
+                p["leader"].to_string(),
+                f(&p["events_per_sec"], 0),
+                if total > 0.0 { format!("{:.1}%", 100.0 * rate / total) } else { "-".into() },
+                f(&p["bytes_per_sec"], 0),
+                f(&p["processor_cpu"], 3),
+                f(&p["apply_cpu"], 3),
+                p["queued_requests"].to_string(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&parts.render());
+        if partitions.len() > limit {
+            out.push_str(&format!("({} more partitions; --partitions lists all)\n", partitions.len() - limit));
+        }
+        out
+    }
+
     /// The human rendering.
     pub fn render(&self, with_partitions: bool) -> String {
         let doc = self.to_json();
@@ -692,12 +784,13 @@ pub async fn status_view(cli: &Cli) -> anyhow::Result<StatusView> {
     }
 }
 
-async fn status(cli: &Cli, with_partitions: bool) -> anyhow::Result<i32> {
+async fn status(cli: &Cli, with_partitions: bool, hot: bool) -> anyhow::Result<i32> {
     let view = status_view(cli).await?;
-    if cli.json {
-        print_json(&view.to_json());
-    } else {
-        print!("{}", view.render(with_partitions));
+    match (cli.json, hot) {
+        (true, false) => print_json(&view.to_json()),
+        (false, false) => print!("{}", view.render(with_partitions)),
+        (true, true) => print_json(&view.hot_json()),
+        (false, true) => print!("{}", view.render_hot(if with_partitions { usize::MAX } else { 20 })),
     }
     // Success when some node answered, initialised or not: scripts probe a
     // freshly started node with this command before `cluster init`.

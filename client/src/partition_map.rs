@@ -195,7 +195,7 @@ mod tests {
                     commit_index: 0,
                     applied_index: 0,
                     voters: vec![1, 2, 3],
-                    quiesced: false,
+                    ..Default::default()
                 })
                 .collect(),
             metadata_leader_node_id: 1,

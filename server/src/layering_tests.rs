@@ -17,6 +17,7 @@ const LAYERS: &[&str] = &[
     "dedup_table",
     "metrics",
     "stages",
+    "load",
     "meta",
     "retention",
     "command",

@@ -32,6 +32,7 @@ pub mod crash_point;
 pub mod dedup;
 pub mod dedup_table;
 pub mod expiry;
+pub mod load;
 pub mod meta;
 pub mod metrics;
 pub mod node;

@@ -105,9 +105,31 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 21))
 }
 
+/// A partition replica's load series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub partition: u32,
+}
+
+/// Whose CPU share: a partition's processor or its apply.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CpuLabels {
+    pub stage: &'static str,
+}
+
+/// A float gauge.
+pub type GaugeF64 = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// Gauges the scrape handler fills in from the node before encoding.
 #[derive(Default)]
 pub struct Gauges {
+    /// Load (`load.rs`) of the partitions this node leads, per partition.
+    pub partition_events_per_second: Family<PartitionLabels, GaugeF64>,
+    pub partition_bytes_per_second: Family<PartitionLabels, GaugeF64>,
+    /// The node's load: sums over its replicas.
+    pub load_events_per_second: GaugeF64,
+    pub load_bytes_per_second: GaugeF64,
+    pub load_cpu: Family<CpuLabels, GaugeF64>,
     pub partitions_led: Gauge,
     pub replicas: Gauge,
     pub quiesced_replicas: Gauge,
@@ -224,6 +246,31 @@ impl Metrics {
             g.process_cpu_seconds.clone(),
         );
         r.register("peers_up", "Peers node-level liveness reports up", g.peers_up.clone());
+        r.register(
+            "partition_events_per_second",
+            "Events a partition this node leads takes in, per second (smoothed over ~10 s)",
+            g.partition_events_per_second.clone(),
+        );
+        r.register(
+            "partition_bytes_per_second",
+            "Event bytes a partition this node leads takes in, per second",
+            g.partition_bytes_per_second.clone(),
+        );
+        r.register(
+            "load_events_per_second",
+            "Events this node's leaders take in, per second",
+            g.load_events_per_second.clone(),
+        );
+        r.register(
+            "load_bytes_per_second",
+            "Event bytes this node's leaders take in, per second",
+            g.load_bytes_per_second.clone(),
+        );
+        r.register(
+            "load_cpu",
+            "Cores this node's partition processors and applies use (smoothed over ~10 s)",
+            g.load_cpu.clone(),
+        );
         // Series that exist from the start (at 0), so a dashboard or alert
         // never sees "no data" for what simply has not happened yet.
         for outcome in EventOutcome::ALL {

@@ -24,6 +24,7 @@ use crate::clock::ClusterClock;
 use crate::command::DeadLetter;
 use crate::config::NodeConfig;
 use crate::dedup::{DedupBudget, DedupIndex};
+use crate::load::PartitionLoad;
 use crate::meta::{ClusterMap, IngestPolicy};
 use crate::processor::{self, IngestJob, ProcessorConfig, ProposeOutcome};
 use crate::raft::liveness::Liveness;
@@ -88,6 +89,8 @@ pub struct PartitionReplica {
     /// The summary of the replica's dead-letter and raw-event logs
     /// (replicated state).
     pub logs: Arc<Mutex<PartitionLogs>>,
+    /// How busy the replica is (`load.rs`).
+    pub load: Arc<PartitionLoad>,
 }
 
 pub struct Node {
@@ -101,6 +104,8 @@ pub struct Node {
     pub cluster_map: watch::Receiver<ClusterMap>,
     /// Which event times are accepted; the metadata group's, like the map.
     pub ingest_policy: watch::Receiver<IngestPolicy>,
+    /// The CPU this process uses (for `Cluster.Status`'s node load).
+    pub process_cpu: crate::load::ProcessCpu,
     /// The cluster's retention policy, as the metadata group last applied.
     pub retention: watch::Receiver<RetentionPolicy>,
     pub liveness: Arc<Liveness>,
@@ -177,7 +182,7 @@ impl Node {
         let (map_tx, map_rx) = watch::channel(ClusterMap::default());
         let (policy_tx, policy_rx) = watch::channel(IngestPolicy::default());
         let (retention_tx, retention_rx) = watch::channel(RetentionPolicy::default());
-        let (metadata, metadata_write_back, _) = open_group(
+        let GroupParts { raft: metadata, write_back: metadata_write_back, .. } = open_group(
             &engine,
             &data_dir,
             &peers,
@@ -247,6 +252,7 @@ impl Node {
             metadata_write_back,
             cluster_map: map_rx,
             ingest_policy: policy_rx,
+            process_cpu: Default::default(),
             retention: retention_rx,
             liveness,
             quiescence,
@@ -346,7 +352,7 @@ impl Node {
         let dedup = Arc::new(DedupIndex::new(self.dedup_budget.clone()));
         let quiet = self.quiescence.register(group);
         let data_dir = PathBuf::from(&self.config.data_dir);
-        let (raft, write_back, logs) = open_group(
+        let GroupParts { raft, write_back, logs, load } = open_group(
             &self.engine,
             &data_dir,
             &self.peers,
@@ -399,6 +405,7 @@ impl Node {
             quiet,
             self.clock.clone(),
             processor::PolicySource { policy: self.ingest_policy.clone(), cluster_map: self.cluster_map.clone() },
+            load.clone(),
         );
         let recovered = Arc::new(AtomicBool::new(false));
         tokio::spawn({
@@ -409,7 +416,7 @@ impl Node {
                 }
             }
         });
-        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup, write_back, logs }))
+        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup, write_back, logs, load }))
     }
 
     fn processor_config(&self) -> ProcessorConfig {
@@ -546,12 +553,20 @@ async fn open_group(
     dedup: Arc<DedupIndex>,
     metadata: Option<MetadataWatches>,
     quiescence: Option<Arc<crate::raft::quiesce::GroupQuiescence>>,
-) -> anyhow::Result<(RaftInstance, Arc<WriteBack>, Arc<Mutex<PartitionLogs>>)> {
+) -> anyhow::Result<GroupParts> {
     let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, metadata).await?;
     let write_back = sm.write_back();
-    let logs = sm.logs();
+    let (logs, load) = (sm.logs(), sm.load());
     let log = LogStore::open(engine.clone(), group).await?;
     let network = NetworkFactory::new(group, peers.clone(), quiescence);
     let raft = Raft::new(node_id, raft_config.clone(), network, log, sm).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((raft, write_back, logs))
+    Ok(GroupParts { raft, write_back, logs, load })
+}
+
+/// A group as opened: its Raft, and the handles the node keeps beside it.
+struct GroupParts {
+    raft: RaftInstance,
+    write_back: Arc<WriteBack>,
+    logs: Arc<Mutex<PartitionLogs>>,
+    load: Arc<PartitionLoad>,
 }

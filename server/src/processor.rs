@@ -57,6 +57,7 @@ use crate::command::{
     MAX_ENTRY_BYTES,
 };
 use crate::dedup::{dedup_key, DedupIndex};
+use crate::load::PartitionLoad;
 use crate::meta::{ClusterMap, IngestPolicy, TimeRejection};
 use crate::raft::quiesce::GroupQuiescence;
 use crate::stages::{self, Stage};
@@ -175,9 +176,10 @@ pub fn spawn(
     quiet: Arc<GroupQuiescence>,
     clock: Arc<ClusterClock>,
     policy: PolicySource,
+    load: Arc<PartitionLoad>,
 ) -> mpsc::Sender<IngestJob> {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    let processor = Processor { raft, dedup, config, quiet, clock, policy };
+    let processor = Processor { raft, dedup, config, quiet, clock, policy, load };
     // A debug span: the partition on every processor log line, free when
     // debug logging is off.
     tokio::spawn(processor.run(rx).instrument(tracing::debug_span!("processor", partition)));
@@ -191,6 +193,7 @@ struct Processor {
     quiet: Arc<GroupQuiescence>,
     clock: Arc<ClusterClock>,
     policy: PolicySource,
+    load: Arc<PartitionLoad>,
 }
 
 /// A leadership session: what every proposal of it is bound to.
@@ -451,6 +454,9 @@ impl Processor {
                 queued_events = queued.iter().map(|j| j.events.len()).sum();
                 let stamp = self.next_stamp(&mut session, &mut warned_clock);
                 let building = stages::Timer::start(Stage::IngestBuildEntry);
+                let build_started = Instant::now();
+                let events: usize = jobs.iter().map(|j| j.events.len()).sum();
+                let bytes: usize = jobs.iter().flat_map(|j| &j.events).map(prost::Message::encoded_len).sum();
                 // Asked before the index is read: a view that completes
                 // during the build still counts as incomplete for it.
                 let provisional = session.view_incomplete(&self.raft);
@@ -459,6 +465,7 @@ impl Processor {
                     proposal.mark_provisional();
                 }
                 drop(building);
+                self.load.proposed(events as u64, bytes as u64, build_started.elapsed());
                 let raft = self.raft.clone();
                 let leader_id = session.leader_id.clone();
                 let mut proposal = proposal;

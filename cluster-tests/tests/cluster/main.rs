@@ -26,6 +26,7 @@ mod failover;
 mod ingest_flood;
 mod ingest_policy;
 mod leadership;
+mod load_visibility;
 mod many_partitions;
 mod membership;
 mod membership_crash;
@@ -69,6 +70,7 @@ fn every_cluster_test_takes_its_turn() {
         ("ingest_flood", include_str!("ingest_flood.rs")),
         ("ingest_policy", include_str!("ingest_policy.rs")),
         ("leadership", include_str!("leadership.rs")),
+        ("load_visibility", include_str!("load_visibility.rs")),
         ("many_partitions", include_str!("many_partitions.rs")),
         ("membership", include_str!("membership.rs")),
         ("membership_crash", include_str!("membership_crash.rs")),

@@ -13,10 +13,10 @@ use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::cluster_server::Cluster;
 use tally_proto::v1::{
     AddNodeRequest, AddNodeResponse, DeadLettersRequest, DeadLettersResponse, DigestRequest, DigestResponse,
-    InitializeRequest, InitializeResponse, PartitionDigest, PartitionInfo, RebalanceRequest, RebalanceResponse,
-    RemoveNodeRequest, RemoveNodeResponse, SetIngestPolicyRequest, SetIngestPolicyResponse, SetRetentionRequest,
-    SetRetentionResponse, StageLatency, StagesRequest, StagesResponse, StatusRequest, StatusResponse,
-    TransferLeaderRequest, TransferLeaderResponse,
+    InitializeRequest, InitializeResponse, NodeLoad, PartitionDigest, PartitionInfo, RebalanceRequest,
+    RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse, SetIngestPolicyRequest, SetIngestPolicyResponse,
+    SetRetentionRequest, SetRetentionResponse, StageLatency, StagesRequest, StagesResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -268,23 +268,36 @@ impl Cluster for ClusterService {
 /// Raft state it sees.
 pub fn local_status(node: &Arc<Node>) -> StatusResponse {
     let map = node.map();
+    let mut load = NodeLoad::default();
     let partitions = (0..map.partition_count)
         .map(|p| {
             let info = PartitionInfo { partition: p, replicas: map.replicas_of(p).to_vec(), ..Default::default() };
-            match local_view(node, p) {
-                Some(view) => PartitionInfo {
-                    leader_node_id: view.leader.unwrap_or(0),
-                    term: view.term,
-                    commit_index: view.commit_index,
-                    applied_index: view.applied_index,
-                    voters: view.voters,
-                    quiesced: view.quiesced,
-                    ..info
-                },
-                None => info,
+            let (Some(view), Some(replica)) = (local_view(node, p), node.partition(p)) else { return info };
+            let rates = replica.load.rates();
+            let queued_requests = (replica.ingest.max_capacity() - replica.ingest.capacity()) as u32;
+            load.events_per_sec += rates.events_per_sec;
+            load.bytes_per_sec += rates.bytes_per_sec;
+            load.processor_cpu += rates.processor_cpu;
+            load.apply_cpu += rates.apply_cpu;
+            load.queued_requests += queued_requests;
+            load.partitions_led += u32::from(view.leader == Some(node.id));
+            PartitionInfo {
+                leader_node_id: view.leader.unwrap_or(0),
+                term: view.term,
+                commit_index: view.commit_index,
+                applied_index: view.applied_index,
+                voters: view.voters,
+                quiesced: view.quiesced,
+                events_per_sec: rates.events_per_sec,
+                bytes_per_sec: rates.bytes_per_sec,
+                processor_cpu: rates.processor_cpu,
+                apply_cpu: rates.apply_cpu,
+                queued_requests,
+                ..info
             }
         })
         .collect();
+    load.process_cpu = node.process_cpu.cores();
     let replicas = node.local_partitions();
     let totals = crate::metrics::metrics().totals();
     StatusResponse {
@@ -304,5 +317,6 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         queries: totals.queries,
         ingest_policy: Some(super::ingest_policy::to_proto(*node.ingest_policy.borrow())),
         retention: Some(super::retention::to_proto(*node.retention.borrow())),
+        load: Some(load),
     }
 }

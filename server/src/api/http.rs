@@ -24,7 +24,7 @@ use axum::Router;
 use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 
-use crate::metrics::{metrics, process_usage};
+use crate::metrics::{metrics, process_usage, CpuLabels, PartitionLabels};
 use crate::node::Node;
 use crate::processor::QUEUE_CAPACITY;
 
@@ -66,12 +66,20 @@ fn refresh_gauges(node: &Node) {
     let g = &metrics().gauges;
     let replicas = node.local_partitions();
     let (mut led, mut quiesced, mut max_term, mut queued, mut lag) = (0i64, 0i64, 0u64, 0usize, 0u64);
+    let mut load = crate::load::LoadRates::default();
+    g.partition_events_per_second.clear();
+    g.partition_bytes_per_second.clear();
     for r in &replicas {
+        let rates = r.load.rates();
+        load = load.add(rates);
         {
             let m = r.raft.metrics();
             let m = m.borrow_watched();
             if m.state == ServerState::Leader {
                 led += 1;
+                let labels = PartitionLabels { partition: r.partition };
+                g.partition_events_per_second.get_or_create(&labels).set(rates.events_per_sec);
+                g.partition_bytes_per_second.get_or_create(&labels).set(rates.bytes_per_sec);
             }
             max_term = max_term.max(m.current_term);
             let applied = m.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
@@ -86,6 +94,10 @@ fn refresh_gauges(node: &Node) {
         }
         queued += QUEUE_CAPACITY.saturating_sub(r.ingest.capacity());
     }
+    g.load_events_per_second.set(load.events_per_sec);
+    g.load_bytes_per_second.set(load.bytes_per_sec);
+    g.load_cpu.get_or_create(&CpuLabels { stage: "processor" }).set(load.processor_cpu);
+    g.load_cpu.get_or_create(&CpuLabels { stage: "apply" }).set(load.apply_cpu);
     g.partitions_led.set(led);
     g.replicas.set(replicas.len() as i64);
     g.quiesced_replicas.set(quiesced);

@@ -38,6 +38,7 @@ use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MA
 use super::{Engine, StorageError};
 use crate::command::{Command, CommandOutcome, IngestBatch, RawRecord};
 use crate::dedup::DedupIndex;
+use crate::load::PartitionLoad;
 use crate::meta::{ClusterMap, IngestPolicy};
 use crate::retention::{raise, RetentionPolicy};
 use crate::stages::{Stage, Timer};
@@ -61,6 +62,8 @@ pub struct GroupStateMachine {
     membership: StoredMembership,
     dedup: Arc<DedupIndex>,
     logs: Arc<Mutex<PartitionLogs>>,
+    /// The group's load counters (apply time).
+    load: Arc<PartitionLoad>,
     write_back: Arc<WriteBack>,
     snapshots: SnapshotDir,
     /// Metadata group only: publishes every applied cluster map and policy.
@@ -147,6 +150,7 @@ impl GroupStateMachine {
             membership: StoredMembership::default(),
             dedup,
             logs: Arc::default(),
+            load: Arc::default(),
             write_back,
             snapshots,
             metadata,
@@ -159,6 +163,11 @@ impl GroupStateMachine {
     /// The group's write-back, which reads and checkpoints go through.
     pub fn write_back(&self) -> Arc<WriteBack> {
         self.write_back.clone()
+    }
+
+    /// The group's load counters.
+    pub fn load(&self) -> Arc<PartitionLoad> {
+        self.load.clone()
     }
 
     /// The summary of the group's record logs, as applied.
@@ -473,12 +482,15 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             let (chunk, responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
             let (group, dedup, write_back, applied) =
                 (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
-            let logs = self.logs.clone();
+            let (logs, load) = (self.logs.clone(), self.load.clone());
             let done = self
                 .engine
                 .blocking(move |_| {
                     let _timer = Timer::start(Stage::ApplyRound);
-                    apply_chunk(group, &dedup, &logs, &write_back, applied, chunk)
+                    let started = std::time::Instant::now();
+                    let done = apply_chunk(group, &dedup, &logs, &write_back, applied, chunk);
+                    load.applied(started.elapsed());
+                    done
                 })
                 .await?;
             // Written: now the in-memory view moves, and only then are
