@@ -31,7 +31,7 @@
 //! below the previous stamp of the log. Event times are checked against the
 //! same stamp (the cluster's `IngestPolicy`): events too late or too far
 //! ahead are answered as rejected and go into the entry as dead letters
-//! (`storage/dead_letters.rs`), with the events the API refused for their
+//! (`storage/entry_log.rs`), with the events the API refused for their
 //! fields. Duplicates are decided first: a retry of an event that was
 //! counted is a duplicate even if its time has since become too late.
 

@@ -44,6 +44,13 @@ pub trait LogKind {
     /// State tag of its dropped-records counter.
     const DROPPED_TAG: u8;
     fn class(record: &Self::Record) -> usize;
+
+    /// The classes of one stored entry's records (for the summary rebuilt
+    /// on open): decodes them unless a kind knows better.
+    fn classes_of(value: &[u8]) -> Result<Classes, StorageError> {
+        let records: Vec<Self::Record> = decode(value)?;
+        Ok(classes::<Self>(&records))
+    }
 }
 
 /// The dead-letter log: classes TOO_LATE, IN_FUTURE, INVALID.
@@ -72,9 +79,22 @@ impl LogKind for RawEvents {
     fn class(_: &RawRecord) -> usize {
         0
     }
+
+    /// One class: the count is the encoded vector's length prefix (a
+    /// varint), so opening a group does not decode millions of records.
+    fn classes_of(value: &[u8]) -> Result<Classes, StorageError> {
+        let mut count = 0u64;
+        for (i, byte) in value.iter().take(10).enumerate() {
+            count |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok([count, 0, 0]);
+            }
+        }
+        Err(StorageError::Corrupt("raw-event log entry without a length".into()))
+    }
 }
 
-fn classes<K: LogKind>(records: &[K::Record]) -> Classes {
+fn classes<K: LogKind + ?Sized>(records: &[K::Record]) -> Classes {
     let mut counts = [0u64; 3];
     for r in records {
         counts[K::class(r).min(2)] += 1;
@@ -178,8 +198,7 @@ impl EntryLog {
         for item in scan::<K>(engine, &snap, group, &keys::tagged(group, K::TAG))? {
             let (key, value) = item?;
             let (stamp_ms, log_index) = stamp_of(&key)?;
-            let records: Vec<K::Record> = decode(&value)?;
-            let classes = classes::<K>(&records);
+            let classes = K::classes_of(&value)?;
             (0..3).for_each(|c| log.kept[c] += classes[c]);
             log.entries.push_back(EntryRecords { stamp_ms, log_index, classes });
         }
@@ -301,4 +320,25 @@ pub fn scan_all<K: LogKind>(
         out.extend(records.into_iter().filter(|r| keep(r)));
     }
     Ok((out, oldest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raw_entry_is_counted_from_its_length_prefix() {
+        let record = RawRecord {
+            entity_id: b"v".to_vec(),
+            event_type: "view".into(),
+            event_time_ms: 1,
+            value: None,
+            event_id: vec![],
+            actor_id: vec![],
+        };
+        for n in [0usize, 1, 127, 128, 300, 20_000] {
+            let value = encode(&vec![record.clone(); n]).unwrap();
+            assert_eq!(RawEvents::classes_of(&value).unwrap(), [n as u64, 0, 0]);
+        }
+    }
 }
