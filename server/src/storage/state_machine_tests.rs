@@ -99,6 +99,25 @@ async fn apply(sm: &mut GroupStateMachine, entries: Vec<Entry>) {
     sm.apply(stream).await.unwrap();
 }
 
+/// A replica in a directory of its own.
+type Replica = (tempfile::TempDir, Arc<Engine>, GroupStateMachine);
+
+/// Two replicas of one log: `a` applies it in one go; `b` checkpoints after
+/// its first `split` entries and then applies the rest — the same entries
+/// reach their disks through different checkpoints.
+async fn two_replicas(log: Vec<Entry>, split: usize) -> (Replica, Replica) {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_engine, mut a, _) = open(a_dir.path()).await;
+    apply(&mut a, log.clone()).await;
+    let (b_engine, mut b, _) = open(b_dir.path()).await;
+    let mut entries = log;
+    let rest = entries.split_off(split);
+    apply(&mut b, entries).await;
+    state_digest(&b_engine, &b.write_back()).await.unwrap();
+    apply(&mut b, rest).await;
+    ((a_dir, a_engine, a), (b_dir, b_engine, b))
+}
+
 #[tokio::test]
 async fn apply_aggregates_into_every_granularity() {
     let dir = tempfile::tempdir().unwrap();
@@ -393,16 +412,8 @@ async fn expiry_removes_the_same_buckets_on_every_replica() {
             Entry { log_id: log_id(4), payload: EntryPayload::Normal(Command::Expire(KEEP_ALL)) },
         ]
     };
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a_engine, mut a, _) = open(a_dir.path()).await;
-    apply(&mut a, log()).await;
     // Replica b writes its first entry to disk before the expiry comes.
-    let (b_engine, mut b, _) = open(b_dir.path()).await;
-    let mut entries = log();
-    let rest = entries.split_off(1);
-    apply(&mut b, entries).await;
-    state_digest(&b_engine, &b.write_back()).await.unwrap();
-    apply(&mut b, rest).await;
+    let ((a_dir, a_engine, a), (_b_dir, b_engine, b)) = two_replicas(log(), 1).await;
 
     for (engine, sm) in [(&a_engine, &a), (&b_engine, &b)] {
         let read = read_stats(engine, &sm.write_back(), b"v", "view", old, old + MINUTE_MS).await.unwrap();
@@ -455,15 +466,7 @@ async fn dead_letters_are_trimmed_alike_on_every_replica() {
             rejected(5, 13_000, 1, bounds),
         ]
     };
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a_engine, mut a, _) = open(a_dir.path()).await;
-    apply(&mut a, log()).await;
-    let (b_engine, mut b, _) = open(b_dir.path()).await;
-    let mut entries = log();
-    let rest = entries.split_off(2);
-    apply(&mut b, entries).await;
-    state_digest(&b_engine, &b.write_back()).await.unwrap();
-    apply(&mut b, rest).await;
+    let ((a_dir, a_engine, a), (_b_dir, b_engine, b)) = two_replicas(log(), 2).await;
 
     let digest_a = state_digest(&a_engine, &a.write_back()).await.unwrap();
     assert_eq!(digest_a, state_digest(&b_engine, &b.write_back()).await.unwrap());
@@ -531,15 +534,7 @@ async fn raw_events_follow_what_apply_counts() {
             entry(2, vec![key(1, 2), key(3, 5)], vec![raw(Some(0), 2), raw(Some(1), 5)], 2, 7),
         ]
     };
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a_engine, mut a, _) = open(a_dir.path()).await;
-    apply(&mut a, log()).await;
-    let (b_engine, mut b, _) = open(b_dir.path()).await;
-    let mut entries = log();
-    let rest = entries.split_off(1);
-    apply(&mut b, entries).await;
-    state_digest(&b_engine, &b.write_back()).await.unwrap();
-    apply(&mut b, rest).await;
+    let ((_a_dir, a_engine, a), (_b_dir, b_engine, b)) = two_replicas(log(), 1).await;
     assert_eq!(
         state_digest(&a_engine, &a.write_back()).await.unwrap(),
         state_digest(&b_engine, &b.write_back()).await.unwrap()
