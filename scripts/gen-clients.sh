@@ -7,6 +7,9 @@
 #   scripts/gen-clients.sh python-contract ADDRS
 #                                            generate, then run client/python/tally_contract.py
 #                                            (error codes and limits as a grpcio client sees them)
+#   scripts/gen-clients.sh python-archive DIR EXPECT.json
+#                                            read a cold archive's Parquet files with pyarrow
+#                                            (client/python/archive_check.py, for the cluster tests)
 #   scripts/gen-clients.sh go                generate Go stubs into gen/go/ (needs protoc,
 #                                            protoc-gen-go and protoc-gen-go-grpc; see below)
 #
@@ -30,6 +33,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 GRPCIO_VERSION=1.76.0
+PYARROW_VERSION=26.0.1
 XXHASH_VERSION=3.5.0
 if [[ -n "${TALLY_VENV:-}" ]]; then VENV="$TALLY_VENV"
 elif [[ -n "${TALLY_HOME:-}" ]]; then VENV="$TALLY_HOME/venv"
@@ -58,7 +62,7 @@ python_venv() {
     echo "gen-clients: creating virtual environment $VENV" >&2
     python3 -m venv "$VENV" || die "could not create a virtual environment at $VENV (Debian: apt-get install python3-venv)"
   fi
-  local want="grpcio==$GRPCIO_VERSION grpcio-tools==$GRPCIO_VERSION grpcio-health-checking==$GRPCIO_VERSION xxhash==$XXHASH_VERSION"
+  local want="grpcio==$GRPCIO_VERSION grpcio-tools==$GRPCIO_VERSION grpcio-health-checking==$GRPCIO_VERSION xxhash==$XXHASH_VERSION pyarrow==$PYARROW_VERSION"
   if [[ "$(cat "$VENV/.tally-packages" 2>/dev/null)" != "$want" ]]; then
     echo "gen-clients: installing $want" >&2
     # shellcheck disable=SC2086
@@ -85,6 +89,12 @@ case "${1:-python}" in
     addrs="${2:?usage: gen-clients.sh python-test HOST:PORT[,HOST:PORT...]}"
     gen_python
     exec "$VENV/bin/python" "$ROOT/client/python/tally_smoke.py" --addr "$addrs"
+    ;;
+  python-archive)
+    dir="${2:?usage: gen-clients.sh python-archive ARCHIVE_DIR EXPECT.json}"
+    expect="${3:?usage: gen-clients.sh python-archive ARCHIVE_DIR EXPECT.json}"
+    python_venv
+    exec "$VENV/bin/python" "$ROOT/client/python/archive_check.py" --dir "$dir" --expect "$expect"
     ;;
   python-contract)
     addrs="${2:?usage: gen-clients.sh python-contract HOST:PORT[,HOST:PORT...]}"

@@ -137,20 +137,31 @@ pub(crate) async fn stats(cli: &Cli, args: &StatsArgs) -> anyhow::Result<i32> {
             "average": s.average,
             "from_ms": s.effective_from_ms, "to_ms": s.effective_to_ms, "resolution": resolution_name(s.resolution),
             "served_by": s.served_by_node_id, "applied_index": s.applied_index,
+            "archive_buckets": s.archive_buckets,
         }));
     } else {
         println!(
-            "count {}  sum {}  average {:.3}{}   [{} .. {}){}",
+            "count {}  sum {}  average {:.3}{}   [{} .. {}){}{}",
             s.count,
             exact_sum(s.sum, &s.sum_exact),
             s.average,
             if s.uniques > 0 { format!("  uniques ~{}", s.uniques) } else { String::new() },
             format_ms(s.effective_from_ms),
             format_ms(s.effective_to_ms),
-            coarser_note(s.resolution, Granularity::Minute)
+            coarser_note(s.resolution, Granularity::Minute),
+            archive_note(s.archive_buckets)
         );
     }
     Ok(0)
+}
+
+/// Says how much of an answer came from the cold archive.
+fn archive_note(buckets: u32) -> String {
+    match buckets {
+        0 => String::new(),
+        1 => "  (1 bucket from the archive)".into(),
+        n => format!("  ({n} buckets from the archive)"),
+    }
 }
 
 pub(crate) async fn series(cli: &Cli, args: &SeriesArgs) -> anyhow::Result<i32> {
@@ -167,10 +178,14 @@ pub(crate) async fn series(cli: &Cli, args: &SeriesArgs) -> anyhow::Result<i32> 
         print_json(&json!({
             "entity": args.entity, "event_type": args.event_type, "granularity": args.granularity,
             "buckets": buckets, "served_by": s.served_by_node_id, "applied_index": s.applied_index,
+            "archive_buckets": s.archive_buckets,
         }));
     } else {
         for b in &s.buckets {
             println!("{}  {:>10}  {:>12}", format_ms(b.start_ms), b.count, exact_sum(b.sum, &b.sum_exact));
+        }
+        if s.archive_buckets > 0 {
+            println!("{}", archive_note(s.archive_buckets).trim());
         }
     }
     Ok(0)

@@ -47,17 +47,36 @@ pub struct RetentionArgs {
     /// How long year buckets are kept (default forever).
     #[arg(long, value_parser = parse_keep)]
     pub keep_years: Option<Keep>,
+    /// Archive buckets that ended this long ago to the nodes' --archive-url
+    /// (at least 1h; `off`, the default, archives nothing). Events older
+    /// than that are refused from then on.
+    #[arg(long, value_parser = parse_archive_after)]
+    pub archive_after: Option<Keep>,
+}
+
+fn parse_archive_after(text: &str) -> Result<Keep, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(Keep(0));
+    }
+    let d = humantime::parse_duration(text).map_err(|e| format!("{e} (a duration such as 30d, or off)"))?;
+    u64::try_from(d.as_millis()).map(Keep).map_err(|_| "too long".to_string())
 }
 
 const DAY_MS: u64 = 86_400_000;
 
 /// The server's default policy.
-pub const DEFAULT: RetentionPolicy =
-    RetentionPolicy { minute_ms: 14 * DAY_MS, hour_ms: 400 * DAY_MS, day_ms: 0, month_ms: 0, year_ms: 0 };
+pub const DEFAULT: RetentionPolicy = RetentionPolicy {
+    minute_ms: 14 * DAY_MS,
+    hour_ms: 400 * DAY_MS,
+    day_ms: 0,
+    month_ms: 0,
+    year_ms: 0,
+    archive_after_ms: 0,
+};
 
 impl RetentionArgs {
     fn any(&self) -> bool {
-        [self.keep_minutes, self.keep_hours, self.keep_days, self.keep_months, self.keep_years]
+        [self.keep_minutes, self.keep_hours, self.keep_days, self.keep_months, self.keep_years, self.archive_after]
             .iter()
             .any(Option::is_some)
     }
@@ -71,6 +90,7 @@ impl RetentionArgs {
             day_ms: pick(self.keep_days, base.day_ms),
             month_ms: pick(self.keep_months, base.month_ms),
             year_ms: pick(self.keep_years, base.year_ms),
+            archive_after_ms: pick(self.archive_after, base.archive_after_ms),
         }
     }
 
@@ -96,15 +116,20 @@ pub fn print(cli: &Cli, policy: &RetentionPolicy) {
             "day_ms": policy.day_ms,
             "month_ms": policy.month_ms,
             "year_ms": policy.year_ms,
+            "archive_after_ms": policy.archive_after_ms,
         }));
     } else {
         println!(
-            "retention: minutes {}, hours {}, days {}, months {}, years {}",
+            "retention: minutes {}, hours {}, days {}, months {}, years {}; archive {}",
             human(policy.minute_ms),
             human(policy.hour_ms),
             human(policy.day_ms),
             human(policy.month_ms),
-            human(policy.year_ms)
+            human(policy.year_ms),
+            match policy.archive_after_ms {
+                0 => "off".to_string(),
+                ms => format!("after {}", human(ms)),
+            }
         );
     }
 }

@@ -153,8 +153,14 @@ pub const TEST_INGEST_POLICY: tally_proto::v1::IngestPolicy = tally_proto::v1::I
 
 /// Every granularity kept forever (the default expires minutes after 14
 /// days, and workloads query months back at minute resolution).
-pub const TEST_RETENTION: tally_proto::v1::RetentionPolicy =
-    tally_proto::v1::RetentionPolicy { minute_ms: 0, hour_ms: 0, day_ms: 0, month_ms: 0, year_ms: 0 };
+pub const TEST_RETENTION: tally_proto::v1::RetentionPolicy = tally_proto::v1::RetentionPolicy {
+    minute_ms: 0,
+    hour_ms: 0,
+    day_ms: 0,
+    month_ms: 0,
+    year_ms: 0,
+    archive_after_ms: 0,
+};
 
 pub struct TestCluster {
     _dir: tempfile::TempDir,

@@ -53,7 +53,12 @@ fn jobs(events: Vec<Event>) -> Vec<IngestJob> {
 
 /// The default policy, checked against the stamp, as a leader does.
 fn rules() -> EntryRules {
-    EntryRules { dedup_window_ms: WINDOW, policy: IngestPolicy::default(), check_times: true }
+    EntryRules {
+        dedup_window_ms: WINDOW,
+        policy: IngestPolicy::default(),
+        check_times: true,
+        sealed_below_ms: i64::MIN,
+    }
 }
 
 fn per_event(c: &mut Criterion) {

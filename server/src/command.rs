@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use tally_proto::time::Floors;
 
+use crate::archive_manifest::ArchiveSegment;
 use crate::meta::{ClusterMap, IngestPolicy, LogBounds};
 use crate::retention::RetentionPolicy;
 
@@ -37,6 +38,12 @@ pub enum Command {
     /// them expire on every replica at this entry (`retention.rs`). Floors
     /// lower than the ones in force change nothing.
     Expire(Floors),
+    /// Refuse, from this entry on, every delta of a minute before
+    /// `below_ms` (partition groups only): its buckets are about to be
+    /// archived (`storage/archive_manifest.rs`).
+    Seal { below_ms: i64 },
+    /// A sealed range is in the archive: append it to the manifest.
+    Archived(ArchiveSegment),
 }
 
 /// What the leader commits for a group of coalesced ingest requests: the
@@ -207,6 +214,10 @@ pub struct CommandOutcome {
     /// leader's dedup argument holds; the leader reports them as duplicates,
     /// and every node counts them (`dedup_conflicts`) so a violation is seen.
     pub skipped: Vec<u32>,
+    /// Indexes in `IngestBatch::deltas` of deltas not counted because their
+    /// minute is sealed for the archive (an entry built before the leader
+    /// saw the seal): the leader answers their events TOO_LATE.
+    pub sealed: Vec<u32>,
 }
 
 impl Command {
@@ -227,7 +238,8 @@ impl Command {
             Command::SetClusterMap(m) => {
                 64 + m.replicas.iter().map(|r| 8 + 10 * r.len()).sum::<usize>() + m.nodes.len() * 128
             }
-            Command::SetIngestPolicy(_) | Command::SetRetention(_) | Command::Expire(_) => 64,
+            Command::SetIngestPolicy(_) | Command::SetRetention(_) | Command::Expire(_) | Command::Seal { .. } => 64,
+            Command::Archived(segment) => 64 + segment.path.len(),
         }
     }
 }
@@ -246,12 +258,14 @@ impl fmt::Display for Command {
             Command::SetIngestPolicy(p) => write!(f, "SetIngestPolicy({p:?})"),
             Command::SetRetention(p) => write!(f, "SetRetention({p:?})"),
             Command::Expire(floors) => write!(f, "Expire({floors:?})"),
+            Command::Seal { below_ms } => write!(f, "Seal(below {below_ms})"),
+            Command::Archived(segment) => write!(f, "Archived(upto {}, {})", segment.upto_ms, segment.path),
         }
     }
 }
 
 impl fmt::Display for CommandOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CommandOutcome(skipped={})", self.skipped.len())
+        write!(f, "CommandOutcome(skipped={}, sealed={})", self.skipped.len(), self.sealed.len())
     }
 }

@@ -73,6 +73,16 @@ pub struct NodeConfig {
     /// more of their partitions (`expiry.rs`); floors move at most hourly,
     /// so this only bounds how late they follow.
     pub retention_check_ms: u64,
+    /// The cold archive (`storage/archive.rs`): `s3://bucket/prefix`,
+    /// `file:///dir` or a directory; every node must name the same one.
+    /// Without it this node neither exports nor reads archived buckets.
+    pub archive_url: Option<String>,
+    /// How often the leaders on this node seal and export what the
+    /// retention policy's `archive_after_ms` makes due (`archiver.rs`).
+    pub archive_check_ms: u64,
+    /// How long archived rows read once stay cached (archived files never
+    /// change; the lease bounds how long a file removed by hand answers).
+    pub archive_cache_lease_ms: u64,
     /// Leader heartbeat interval of an active Raft group.
     pub heartbeat_ms: u64,
     /// Minimum election timeout; the maximum, which is also openraft's
@@ -129,6 +139,9 @@ impl Default for NodeConfig {
             snapshot_logs: 10_000,
             checkpoint_interval_ms: 5_000,
             retention_check_ms: 60_000,
+            archive_url: None,
+            archive_check_ms: 60_000,
+            archive_cache_lease_ms: 300_000,
             // The lease (twice the election timeout, 800 ms) bounds failover:
             // voters refuse a new leader until it has run out. Shorter
             // (150/300, 100/250) kept a 1,000-partition cluster on a 2-core
@@ -275,6 +288,17 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_check_ms: Option<u64>,
+    /// The cold archive: s3://bucket/prefix, file:///dir or a directory
+    /// (the same for every node).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_url: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_check_ms: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_cache_lease_ms: Option<u64>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_ms: Option<u64>,

@@ -20,6 +20,7 @@ const LAYERS: &[&str] = &[
     "load",
     "meta",
     "retention",
+    "archive_manifest",
     "command",
     "type_config",
     "clock",
@@ -34,6 +35,7 @@ const LAYERS: &[&str] = &[
     "checkpointer",
     "reconciler",
     "expiry",
+    "archiver",
     "api",
     "server",
 ];

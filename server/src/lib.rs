@@ -24,6 +24,8 @@
 //!   the vocabulary below all of them.
 
 pub mod api;
+pub mod archive_manifest;
+pub mod archiver;
 pub mod checkpointer;
 pub mod clock;
 pub mod command;

@@ -20,6 +20,7 @@ use tally_proto::partition::{group_of_partition, METADATA_GROUP};
 use tally_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::archive_manifest::SharedManifest;
 use crate::clock::ClusterClock;
 use crate::command::DeadLetter;
 use crate::config::NodeConfig;
@@ -34,6 +35,7 @@ use crate::raft::peers::PeerPool;
 use crate::raft::quiesce::{QuiesceConfig, Quiescence, ReplicaStart};
 use crate::raft::ticker::NodeTicker;
 use crate::retention::RetentionPolicy;
+use crate::storage::archive::ArchiveStore;
 use crate::storage::entry_log::PartitionLogs;
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::{GroupStateMachine, MetadataWatches};
@@ -91,6 +93,8 @@ pub struct PartitionReplica {
     pub logs: Arc<Mutex<PartitionLogs>>,
     /// How busy the replica is (`load.rs`).
     pub load: Arc<PartitionLoad>,
+    /// The partition's archive manifest (replicated state).
+    pub archive: Arc<SharedManifest>,
 }
 
 pub struct Node {
@@ -108,6 +112,8 @@ pub struct Node {
     pub process_cpu: crate::load::ProcessCpu,
     /// The cluster's retention policy, as the metadata group last applied.
     pub retention: watch::Receiver<RetentionPolicy>,
+    /// The cold archive (`--archive-url`), if this node has one.
+    pub archive: Option<Arc<ArchiveStore>>,
     pub liveness: Arc<Liveness>,
     pub quiescence: Arc<Quiescence>,
     /// Drives heartbeats and election timers of every group (openraft's
@@ -242,6 +248,13 @@ impl Node {
         // second is plenty, and it visits every group each time.
         quiescence.clone().spawn(peer_changes, Duration::from_millis(250));
         let dedup_budget = DedupBudget::with_memory_mib(config.dedup_memory_mib);
+        let archive = match &config.archive_url {
+            Some(url) => {
+                let lease = Duration::from_millis(config.archive_cache_lease_ms);
+                Some(Arc::new(ArchiveStore::open(url, lease).with_context(|| format!("opening the archive {url}"))?))
+            }
+            None => None,
+        };
         let node = Arc::new(Node {
             id: config.node_id,
             config,
@@ -254,6 +267,7 @@ impl Node {
             ingest_policy: policy_rx,
             process_cpu: Default::default(),
             retention: retention_rx,
+            archive,
             liveness,
             quiescence,
             ticker,
@@ -352,7 +366,7 @@ impl Node {
         let dedup = Arc::new(DedupIndex::new(self.dedup_budget.clone()));
         let quiet = self.quiescence.register(group);
         let data_dir = PathBuf::from(&self.config.data_dir);
-        let GroupParts { raft, write_back, logs, load } = open_group(
+        let GroupParts { raft, write_back, logs, load, archive } = open_group(
             &self.engine,
             &data_dir,
             &self.peers,
@@ -404,7 +418,11 @@ impl Node {
             self.processor_config(),
             quiet,
             self.clock.clone(),
-            processor::PolicySource { policy: self.ingest_policy.clone(), cluster_map: self.cluster_map.clone() },
+            processor::PolicySource {
+                policy: self.ingest_policy.clone(),
+                cluster_map: self.cluster_map.clone(),
+                archive: archive.clone(),
+            },
             load.clone(),
         );
         let recovered = Arc::new(AtomicBool::new(false));
@@ -416,7 +434,7 @@ impl Node {
                 }
             }
         });
-        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup, write_back, logs, load }))
+        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup, write_back, logs, load, archive }))
     }
 
     fn processor_config(&self) -> ProcessorConfig {
@@ -556,11 +574,11 @@ async fn open_group(
 ) -> anyhow::Result<GroupParts> {
     let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, metadata).await?;
     let write_back = sm.write_back();
-    let (logs, load) = (sm.logs(), sm.load());
+    let (logs, load, archive) = (sm.logs(), sm.load(), sm.archive());
     let log = LogStore::open(engine.clone(), group).await?;
     let network = NetworkFactory::new(group, peers.clone(), quiescence);
     let raft = Raft::new(node_id, raft_config.clone(), network, log, sm).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(GroupParts { raft, write_back, logs, load })
+    Ok(GroupParts { raft, write_back, logs, load, archive })
 }
 
 /// A group as opened: its Raft, and the handles the node keeps beside it.
@@ -569,4 +587,5 @@ struct GroupParts {
     write_back: Arc<WriteBack>,
     logs: Arc<Mutex<PartitionLogs>>,
     load: Arc<PartitionLoad>,
+    archive: Arc<SharedManifest>,
 }

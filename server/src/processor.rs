@@ -51,6 +51,7 @@ use tally_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use crate::archive_manifest::SharedManifest;
 use crate::clock::ClusterClock;
 use crate::command::{
     Command, CommandOutcome, DeadLetter, DeadLetterReason, IngestBatch, KeyedEvent, MinuteDelta, RawEvent,
@@ -133,6 +134,8 @@ impl IngestJob {
 pub struct PolicySource {
     pub policy: tokio::sync::watch::Receiver<IngestPolicy>,
     pub cluster_map: tokio::sync::watch::Receiver<ClusterMap>,
+    /// The partition's archive seal (events before it are refused).
+    pub archive: Arc<SharedManifest>,
 }
 
 /// What one entry is built under.
@@ -145,6 +148,11 @@ pub struct EntryRules {
     /// off — refusing a valid event is the worse mistake. Alone in its
     /// cluster, its clock is the cluster's.
     pub check_times: bool,
+    /// Events before this are refused as too late: their buckets are sealed
+    /// for the archive (`archive_manifest.rs`). Replicated state, so checked
+    /// whatever the clock; apply refuses them too, for entries built before
+    /// the seal was seen.
+    pub sealed_below_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,7 +237,12 @@ struct JobReply {
     accepted: u32,
     duplicates: Vec<u32>,
     rejected: Vec<(u32, TimeRejection)>,
+    /// Per event of the job, the delta counting it (`NOT_COUNTED` if none):
+    /// to answer the events of deltas apply refused as sealed.
+    deltas: Vec<u32>,
 }
+
+const NOT_COUNTED: u32 = u32::MAX;
 
 /// One proposal: the jobs it answers and what each contributed.
 pub struct Proposal {
@@ -248,8 +261,20 @@ impl Proposal {
     }
 
     /// Answer every job. Events the state machine skipped (already counted)
-    /// move from accepted to duplicates.
-    fn answer(mut self, outcome: &CommandOutcome) {
+    /// move from accepted to duplicates; those of deltas it refused as
+    /// sealed (before `sealed_below_ms`) to rejected, as too late.
+    fn answer(mut self, outcome: &CommandOutcome, sealed_below_ms: i64) {
+        if !outcome.sealed.is_empty() {
+            for j in &mut self.jobs {
+                for (position, delta) in j.deltas.iter().enumerate() {
+                    if *delta != NOT_COUNTED && outcome.sealed.binary_search(delta).is_ok() {
+                        j.accepted = j.accepted.saturating_sub(1);
+                        j.rejected.push((position as u32, TimeRejection::TooLate { limit_ms: sealed_below_ms }));
+                    }
+                }
+                j.rejected.sort_unstable_by_key(|(position, _)| *position);
+            }
+        }
         for &k in &outcome.skipped {
             if let Some(&(job, position)) = self.keyed_owner.get(k as usize) {
                 if let Some(j) = self.jobs.get_mut(job as usize) {
@@ -297,7 +322,8 @@ impl Processor {
     fn rules(&self) -> EntryRules {
         let policy = *self.policy.policy.borrow();
         let check_times = self.clock.checked_by_peers() || self.policy.cluster_map.borrow().nodes.len() <= 1;
-        EntryRules { dedup_window_ms: self.config.dedup_window_ms, policy, check_times }
+        let sealed_below_ms = self.policy.archive.sealed_below_ms();
+        EntryRules { dedup_window_ms: self.config.dedup_window_ms, policy, check_times, sealed_below_ms }
     }
 
     fn leader_hint(&self) -> Option<NodeId> {
@@ -508,7 +534,7 @@ impl Processor {
                             for k in &proposal.keys {
                                 pending.remove(k);
                             }
-                            proposal.answer(&outcome);
+                            proposal.answer(&outcome, self.policy.archive.sealed_below_ms());
                         }
                         Err(outcome) => {
                             // Rule 4. The entry may still commit under the next
@@ -590,6 +616,7 @@ pub fn build_proposal(
     let index = dedup.lock();
     for (job_index, job) in jobs.into_iter().enumerate() {
         let (mut accepted, mut duplicates, mut rejected) = (0u32, Vec::new(), Vec::new());
+        let mut counted_by = vec![NOT_COUNTED; job.events.len()];
         for (position, event) in job.events.into_iter().enumerate() {
             let key =
                 (!event.event_id.is_empty()).then(|| dedup_key(&event.entity_id, &event.event_type, &event.event_id));
@@ -599,16 +626,17 @@ pub fn build_proposal(
                     continue;
                 }
             }
-            if rules.check_times {
-                if let Err(why) = rules.policy.check(event.event_time_ms, stamp_ms) {
-                    let reason = match why {
-                        TimeRejection::TooLate { limit_ms } => DeadLetterReason::TooLate { limit_ms },
-                        TimeRejection::InFuture { limit_ms } => DeadLetterReason::InFuture { limit_ms },
-                    };
-                    dead_letters.push(DeadLetter::of(&event, reason));
-                    rejected.push((position as u32, why));
-                    continue;
-                }
+            let sealed = (event.event_time_ms < rules.sealed_below_ms)
+                .then_some(TimeRejection::TooLate { limit_ms: rules.sealed_below_ms });
+            let policy = || rules.policy.check(event.event_time_ms, stamp_ms).err();
+            if let Some(why) = sealed.or_else(|| rules.check_times.then(policy).flatten()) {
+                let reason = match why {
+                    TimeRejection::TooLate { limit_ms } => DeadLetterReason::TooLate { limit_ms },
+                    TimeRejection::InFuture { limit_ms } => DeadLetterReason::InFuture { limit_ms },
+                };
+                dead_letters.push(DeadLetter::of(&event, reason));
+                rejected.push((position as u32, why));
+                continue;
             }
             if let Some(key) = key {
                 pending.insert(key);
@@ -618,6 +646,9 @@ pub fn build_proposal(
             let minute = bucket_start(Granularity::Minute, event.event_time_ms);
             let next = deltas.len() as u32;
             let slot = *slots.entry((event.entity_id, event.event_type, minute)).or_insert(next);
+            if let Some(c) = counted_by.get_mut(position) {
+                *c = slot;
+            }
             if slot == next {
                 // First event of this (entity, type, minute): the map took the
                 // key's strings; the delta gets them back at the end.
@@ -654,7 +685,7 @@ pub fn build_proposal(
             }
         }
         dead_letters.extend(job.invalid);
-        answered.push(JobReply { reply: job.reply, accepted, duplicates, rejected });
+        answered.push(JobReply { reply: job.reply, accepted, duplicates, rejected, deltas: counted_by });
     }
     drop(index);
     for ((entity_id, event_type, _), slot) in slots {
@@ -697,7 +728,7 @@ mod tests {
 
     /// Rules that never refuse an event for its time.
     fn rules(dedup_window_ms: u64) -> EntryRules {
-        EntryRules { dedup_window_ms, policy: IngestPolicy::default(), check_times: false }
+        EntryRules { dedup_window_ms, policy: IngestPolicy::default(), check_times: false, sealed_below_ms: i64::MIN }
     }
 
     #[test]
@@ -725,7 +756,7 @@ mod tests {
         assert_eq!(batch.dead_letter_bounds, IngestPolicy::default().dead_letters);
         // Rejected events hold no dedup key: a corrected retry may count.
         assert_eq!(pending.len(), 1);
-        p.answer(&CommandOutcome::default());
+        p.answer(&CommandOutcome::default(), i64::MIN);
         let ProposeOutcome::Done { accepted, duplicates, rejected } = rx.blocking_recv().unwrap() else {
             panic!("not done")
         };
@@ -772,7 +803,7 @@ mod tests {
         let mut pending = HashSet::new();
         let (j1, rx1) = job(vec![ev("a", 0, "x", None), ev("a", 0, "y", None), ev("a", 0, "", None)]);
         let p = build_proposal(&index, &mut pending, vec![j1], 1, &rules(600_000));
-        p.answer(&CommandOutcome { skipped: vec![1] });
+        p.answer(&CommandOutcome { skipped: vec![1], sealed: Vec::new() }, i64::MIN);
         assert_eq!(rx1.await.unwrap(), ProposeOutcome::Done { accepted: 2, duplicates: vec![1], rejected: vec![] });
     }
 

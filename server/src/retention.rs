@@ -27,12 +27,17 @@ const MAX_RETENTION_MS: u64 = 1_000 * 366 * DAY_MS as u64;
 pub struct RetentionPolicy {
     /// Indexed by `Granularity::as_u8`: minute, hour, day, month, year.
     pub keep_ms: [u64; 5],
+    /// Buckets that ended at least this long ago go to the cold archive
+    /// (`archiver.rs`), and no event for them is counted any more; 0 = no
+    /// archive. Once a partition archives, retention drops only archived
+    /// buckets.
+    pub archive_after_ms: u64,
 }
 
 impl Default for RetentionPolicy {
     /// Minutes 14 days, hours 400 days, days, months and years forever.
     fn default() -> Self {
-        RetentionPolicy { keep_ms: [14 * DAY_MS as u64, 400 * DAY_MS as u64, 0, 0, 0] }
+        RetentionPolicy { keep_ms: [14 * DAY_MS as u64, 400 * DAY_MS as u64, 0, 0, 0], archive_after_ms: 0 }
     }
 }
 
@@ -43,6 +48,8 @@ pub enum RetentionError {
     TooShort(Granularity, u64, &'static str, u64),
     #[error("{0}_ms: at most {MAX_RETENTION_MS} ms (1,000 years; 0 keeps forever), got {1}")]
     TooLong(Granularity, u64),
+    #[error("archive_after_ms: must be 0 (no archive) or at least {HOUR_MS} ms, one hour (buckets are sealed a whole hour at a time), and at most {MAX_RETENTION_MS}, got {0}")]
+    ArchiveAfter(u64),
     #[error("{coarser}_ms: must keep {coarser} buckets at least as long as {finer} buckets ({finer}_ms is {finer_ms}, {coarser}_ms is {coarser_ms}; 0 = forever)")]
     CoarserShorter { finer: Granularity, finer_ms: u64, coarser: Granularity, coarser_ms: u64 },
 }
@@ -57,6 +64,10 @@ impl RetentionPolicy {
     /// at least one step, and coarser kept at least as long as finer — so
     /// every range stays answerable at some resolution.
     pub fn validate(&self) -> Result<(), RetentionError> {
+        let archive = self.archive_after_ms;
+        if archive != 0 && !(HOUR_MS as u64..=MAX_RETENTION_MS).contains(&archive) {
+            return Err(RetentionError::ArchiveAfter(archive));
+        }
         for g in Granularity::ALL {
             let Some(ms) = self.keep(g) else { continue };
             let (step_ms, step) = step(g);
@@ -89,6 +100,15 @@ impl RetentionPolicy {
     /// The floors this policy gives at log time `now_ms`: for each
     /// granularity kept for a while, the start of the step (one bucket of
     /// the next coarser granularity) holding `now − retention`.
+    /// The archive seal at log time `now_ms`: the start of the hour (the
+    /// day, when archiving after a day or more: one file a day per
+    /// partition) holding `now − archive_after`; `None` without an archive.
+    pub fn seal_at(&self, now_ms: i64) -> Option<i64> {
+        let after = i64::try_from(self.archive_after_ms).ok().filter(|ms| *ms > 0)?;
+        let step = if after >= DAY_MS { Granularity::Day } else { Granularity::Hour };
+        Some(bucket_start(step, now_ms.saturating_sub(after)))
+    }
+
     pub fn floors_at(&self, now_ms: i64) -> Floors {
         let mut floors = KEEP_ALL;
         for g in Granularity::ALL {
@@ -158,17 +178,25 @@ mod tests {
 
     #[test]
     fn rules_name_the_granularity() {
-        let short = RetentionPolicy { keep_ms: [60_000, 0, 0, 0, 0] };
+        let short = RetentionPolicy { keep_ms: [60_000, 0, 0, 0, 0], archive_after_ms: 0 };
         assert!(short.validate().unwrap_err().to_string().starts_with("minute_ms: must be 0 (forever) or at least"));
-        let inverted = RetentionPolicy { keep_ms: [10 * DAY_MS as u64, 2 * DAY_MS as u64, 0, 0, 0] };
+        let inverted =
+            RetentionPolicy { keep_ms: [10 * DAY_MS as u64, 2 * DAY_MS as u64, 0, 0, 0], archive_after_ms: 0 };
         assert!(inverted.validate().unwrap_err().to_string().starts_with("hour_ms: must keep hour buckets"));
-        let finite_after_forever = RetentionPolicy { keep_ms: [0, 400 * DAY_MS as u64, 0, 0, 0] };
+        let finite_after_forever = RetentionPolicy { keep_ms: [0, 400 * DAY_MS as u64, 0, 0, 0], archive_after_ms: 0 };
         assert!(finite_after_forever.validate().is_err());
         let all_finite = RetentionPolicy {
             keep_ms: [HOUR_MS as u64, DAY_MS as u64, 400 * DAY_MS as u64, 800 * DAY_MS as u64, 900 * DAY_MS as u64],
+            archive_after_ms: 0,
         };
         assert_eq!(all_finite.validate(), Ok(()));
-        assert!(RetentionPolicy { keep_ms: [0, 0, 0, 0, u64::MAX] }.validate().is_err());
+        assert!(RetentionPolicy { keep_ms: [0, 0, 0, 0, u64::MAX], archive_after_ms: 0 }.validate().is_err());
+        let archive = |ms| RetentionPolicy { archive_after_ms: ms, ..RetentionPolicy::default() };
+        assert!(archive(60_000).validate().unwrap_err().to_string().starts_with("archive_after_ms: must be 0"));
+        assert_eq!(archive(HOUR_MS as u64).validate(), Ok(()));
+        assert_eq!(archive(HOUR_MS as u64).seal_at(5 * HOUR_MS + 30 * 60_000), Some(4 * HOUR_MS));
+        assert_eq!(RetentionPolicy::default().seal_at(5 * HOUR_MS), None);
+        assert_eq!(archive(DAY_MS as u64).seal_at(3 * DAY_MS + 5 * HOUR_MS), Some(2 * DAY_MS));
     }
 
     #[test]

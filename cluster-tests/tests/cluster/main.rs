@@ -6,6 +6,7 @@
 //! Run one: `cargo test -p cluster-tests --test cluster -- nemesis::`.
 
 mod api_surface;
+mod archive;
 mod audit;
 mod auth;
 mod canary;
@@ -50,6 +51,7 @@ mod uniques;
 fn every_cluster_test_takes_its_turn() {
     let sources = [
         ("api_surface", include_str!("api_surface.rs")),
+        ("archive", include_str!("archive.rs")),
         ("audit", include_str!("audit.rs")),
         ("auth", include_str!("auth.rs")),
         ("canary", include_str!("canary.rs")),

@@ -139,8 +139,7 @@ async fn expired_buckets_answer_coarser_exactly_on_every_replica() -> anyhow::Re
     )
     .await?;
     assert_eq!(run.code, 0, "{}", run.stderr);
-    let policy =
-        RetentionPolicy { minute_ms: HOUR_MS as u64, hour_ms: DAY_MS as u64, day_ms: 0, month_ms: 0, year_ms: 0 };
+    let policy = RetentionPolicy { minute_ms: HOUR_MS as u64, hour_ms: DAY_MS as u64, ..cluster_tests::TEST_RETENTION };
     assert_eq!(run.json()?["minute_ms"].as_u64(), Some(policy.minute_ms));
     let two = RetryingIngestor::new((1..=2).map(|id| (id, cluster.addr(id).unwrap_or_default())).collect());
     two.send_all(second.chunks(40).map(<[Event]>::to_vec).collect(), 4).await?;

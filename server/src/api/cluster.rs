@@ -281,7 +281,11 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
             load.apply_cpu += rates.apply_cpu;
             load.queued_requests += queued_requests;
             load.partitions_led += u32::from(view.leader == Some(node.id));
+            let archive = replica.archive.get();
             PartitionInfo {
+                sealed_below_ms: archive.sealed_below_ms.unwrap_or(0),
+                archived_upto_ms: archive.archived_upto().unwrap_or(0),
+                archive_segments: archive.segments.len() as u32,
                 leader_node_id: view.leader.unwrap_or(0),
                 term: view.term,
                 commit_index: view.commit_index,

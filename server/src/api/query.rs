@@ -23,7 +23,7 @@ use super::read_routing::{
 };
 use crate::node::Node;
 use crate::stages::{Stage, Timer};
-use crate::storage::read::{read_series, read_stats, SeriesRead};
+use crate::storage::read::{read_series, read_stats, ArchiveAccess, SeriesRead};
 
 /// Most buckets one series answer may hold.
 pub const MAX_SERIES_BUCKETS: usize = 10_000;
@@ -61,10 +61,18 @@ impl Query for QueryService {
         };
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let reading = Timer::start(Stage::ReadStorage);
-        let read =
-            read_stats(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, req.from_ms, req.to_ms)
-                .await
-                .map_err(storage_status)?;
+        let archive = ArchiveAccess { manifest: &replica.archive, store: self.node.archive.as_deref() };
+        let read = read_stats(
+            &self.node.engine,
+            &replica.write_back,
+            Some(archive),
+            &req.entity_id,
+            &req.event_type,
+            req.from_ms,
+            req.to_ms,
+        )
+        .await
+        .map_err(storage_status)?;
         drop(reading);
         let total = read.total;
         let (sum, sum_overflow) = total.sum_i64();
@@ -80,6 +88,7 @@ impl Query for QueryService {
             sum_exact: total.sum.to_string(),
             resolution: read.resolution.to_proto().into(),
             uniques: read.uniques,
+            archive_buckets: read.archive_buckets,
         }))
     }
 
@@ -112,13 +121,22 @@ impl Query for QueryService {
         };
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let reading = Timer::start(Stage::ReadStorage);
-        let series =
-            read_series(&self.node.engine, &replica.write_back, &req.entity_id, &req.event_type, granularity, from, to)
-                .await
-                .map_err(storage_status)?;
+        let archive = ArchiveAccess { manifest: &replica.archive, store: self.node.archive.as_deref() };
+        let series = read_series(
+            &self.node.engine,
+            &replica.write_back,
+            Some(archive),
+            &req.entity_id,
+            &req.event_type,
+            granularity,
+            from,
+            to,
+        )
+        .await
+        .map_err(storage_status)?;
         drop(reading);
-        let series = match series {
-            SeriesRead::Buckets(buckets) => buckets,
+        let (series, archive_buckets) = match series {
+            SeriesRead::Buckets(buckets, archived) => (buckets, archived),
             SeriesRead::Expired { first_kept_ms } => {
                 return Err(super::retention::series_expired(&self.node, granularity, first_kept_ms))
             }
@@ -133,6 +151,7 @@ impl Query for QueryService {
                 .collect(),
             served_by_node_id: self.node.id,
             applied_index: applied,
+            archive_buckets,
         }))
     }
 

@@ -146,7 +146,10 @@ impl Drop for ClientLatency {
 /// the read are worth a retry; anything else is the node's fault.
 pub fn storage_status(e: crate::storage::StorageError) -> Status {
     match e {
-        crate::storage::StorageError::FloorsMoved => Status::unavailable(e.to_string()),
+        crate::storage::StorageError::FloorsMoved | crate::storage::StorageError::Archive(_) => {
+            Status::unavailable(e.to_string())
+        }
+        crate::storage::StorageError::NoArchive => Status::failed_precondition(e.to_string()),
         e => Status::internal(e.to_string()),
     }
 }

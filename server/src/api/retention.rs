@@ -18,13 +18,15 @@ use crate::retention::{describe, RetentionPolicy};
 
 pub fn to_proto(policy: RetentionPolicy) -> pb::RetentionPolicy {
     let [minute_ms, hour_ms, day_ms, month_ms, year_ms] = policy.keep_ms;
-    pb::RetentionPolicy { minute_ms, hour_ms, day_ms, month_ms, year_ms }
+    pb::RetentionPolicy { minute_ms, hour_ms, day_ms, month_ms, year_ms, archive_after_ms: policy.archive_after_ms }
 }
 
 /// A policy from a request, or INVALID_ARGUMENT naming the field.
 pub fn from_proto(policy: &pb::RetentionPolicy) -> Result<RetentionPolicy, Status> {
-    let wanted =
-        RetentionPolicy { keep_ms: [policy.minute_ms, policy.hour_ms, policy.day_ms, policy.month_ms, policy.year_ms] };
+    let wanted = RetentionPolicy {
+        keep_ms: [policy.minute_ms, policy.hour_ms, policy.day_ms, policy.month_ms, policy.year_ms],
+        archive_after_ms: policy.archive_after_ms,
+    };
     wanted.validate().map_err(|e| Status::invalid_argument(format!("policy.{e}")))?;
     Ok(wanted)
 }

@@ -62,8 +62,10 @@ pub const STATE_DEAD_LETTERS_DROPPED: u8 = 12;
 pub const STATE_RAW_EVENTS: u8 = 13;
 /// Raw events dropped because the log was full (u64).
 pub const STATE_RAW_EVENTS_DROPPED: u8 = 14;
+/// The partition's archive manifest (`archive_manifest.rs`).
+pub const STATE_ARCHIVE: u8 = 15;
 /// The last tag of the replicated partition state a digest covers.
-pub const STATE_LAST_DIGESTED: u8 = STATE_RAW_EVENTS_DROPPED;
+pub const STATE_LAST_DIGESTED: u8 = STATE_ARCHIVE;
 
 /// A value the key layout cannot represent. Validation keeps requests far
 /// inside these limits; the encoder refuses rather than truncate a length

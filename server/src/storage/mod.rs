@@ -1,6 +1,7 @@
 //! Storage: the node's RocksDB and, on top of it, openraft's log storage and
 //! state machine for each group. Knows nothing of gRPC.
 
+pub mod archive;
 pub mod audit;
 pub mod codec;
 pub mod counts;
@@ -40,6 +41,12 @@ pub enum StorageError {
     /// again; the caller may retry.
     #[error("retention expired buckets of the range while it was read; retry")]
     FloorsMoved,
+    /// The cold archive could not be read or written.
+    #[error("archive: {0}")]
+    Archive(String),
+    /// A read reaches archived buckets on a node without an archive.
+    #[error("the range reaches archived buckets, but this node has no --archive-url (every node needs the same one)")]
+    NoArchive,
 }
 
 impl From<std::io::Error> for StorageError {

@@ -13,12 +13,14 @@ use std::sync::Arc;
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 use tally_proto::time::{decompose_kept, is_kept, series_starts, Floors, Granularity, KEEP_ALL};
 
+use super::archive::{ArchiveStore, ArchivedBucket};
 use super::codec::decode;
 use super::counts::CountSum;
 use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES, STATE_APPLIED, STATE_FLOORS, STATE_LAST_DIGESTED};
 use super::sketch::Sketch;
 use super::write_back::WriteBack;
 use super::{Engine, StorageError};
+use crate::archive_manifest::{ArchiveManifest, ArchiveSegment, SharedManifest};
 use crate::type_config::LogId;
 
 /// The applied index a RocksDB snapshot holds for `group`.
@@ -54,12 +56,24 @@ pub struct StatsRead {
     pub from_ms: i64,
     pub to_ms: i64,
     pub resolution: Granularity,
+    /// Buckets read from the cold archive.
+    pub archive_buckets: u32,
 }
 
-/// Total over `[from, to)`, tiled by the buckets the group still keeps.
+/// Where a partition's archived buckets are read: its manifest as applied
+/// and this node's archive, if it has one.
+#[derive(Clone, Copy)]
+pub struct ArchiveAccess<'a> {
+    pub manifest: &'a SharedManifest,
+    pub store: Option<&'a ArchiveStore>,
+}
+
+/// Total over `[from, to)`, tiled by the buckets the group still keeps,
+/// and below them (with `archive`) by the buckets its archive holds.
 pub async fn read_stats(
     engine: &Arc<Engine>,
     write_back: &WriteBack,
+    archive: Option<ArchiveAccess<'_>>,
     entity_id: &[u8],
     event_type: &str,
     from_ms: i64,
@@ -71,18 +85,23 @@ pub async fn read_stats(
         .map(|g| keys::series_prefix(group, entity_id, event_type, *g))
         .collect::<Result<_, _>>()?;
     for _ in 0..FLOOR_RETRIES {
+        // Floors first, then the manifest (apply publishes them the other
+        // way round): the manifest covers whatever the floors dropped.
         let floors = write_back.floors();
-        let tiling = decompose_kept(from_ms, to_ms, &floors, Granularity::Minute);
+        let manifest = archive.map(|a| a.manifest.get());
+        let readable = manifest.as_ref().map_or(floors, |m| m.readable_floors(&floors));
+        let tiling = decompose_kept(from_ms, to_ms, &readable, Granularity::Minute);
+        let (hot, cold): (Vec<_>, Vec<_>) = tiling.buckets.iter().partition(|(g, start)| is_kept(&floors, *g, *start));
         let keys: Vec<Vec<u8>> =
-            tiling.buckets.iter().map(|(g, start)| keys::counts_key(&prefixes[g.as_u8() as usize], *start)).collect();
+            hot.iter().map(|(g, start)| keys::counts_key(&prefixes[g.as_u8() as usize], *start)).collect();
         let overlay = write_back.overlay(&keys);
         if overlay.floors != floors {
             continue;
         }
         let mut sketch = Sketch::default();
         write_back.uniques_overlay_each(&keys).iter().flatten().for_each(|s| sketch.merge(s));
-        let pieces = tiling.buckets.clone();
-        let total = engine
+        let pieces = hot.clone();
+        let found = engine
             .blocking(move |engine| {
                 let db = engine.db();
                 let snap = db.snapshot();
@@ -106,20 +125,60 @@ pub async fn read_stats(
                         sketch.merge(&on_disk);
                     }
                 }
-                Ok(Some((total, sketch.estimate())))
+                Ok(Some((total, sketch)))
             })
             .await?;
-        if let Some((total, uniques)) = total {
-            return Ok(StatsRead {
-                total,
-                uniques,
-                from_ms: tiling.from_ms,
-                to_ms: tiling.to_ms,
-                resolution: tiling.resolution,
-            });
+        let Some((mut total, mut sketch)) = found else { continue };
+        if let (Some(access), Some(manifest)) = (archive, &manifest) {
+            for row in read_archived(access, manifest, entity_id, event_type, &cold).await? {
+                total = total.add(row.total);
+                if let Some(s) = row.sketch.as_deref().and_then(Sketch::decode) {
+                    sketch.merge(&s);
+                }
+            }
         }
+        return Ok(StatsRead {
+            total,
+            uniques: sketch.estimate(),
+            from_ms: tiling.from_ms,
+            to_ms: tiling.to_ms,
+            resolution: tiling.resolution,
+            archive_buckets: cold.len() as u32,
+        });
     }
     Err(StorageError::FloorsMoved)
+}
+
+/// The archived rows of `wanted` buckets (a bucket not in its file had no
+/// events), each segment's file read once.
+async fn read_archived(
+    access: ArchiveAccess<'_>,
+    manifest: &ArchiveManifest,
+    entity_id: &[u8],
+    event_type: &str,
+    wanted: &[(Granularity, i64)],
+) -> Result<Vec<ArchivedBucket>, StorageError> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let store = access.store.ok_or(StorageError::NoArchive)?;
+    // Segments in order of their end: one read of each file.
+    let mut by_segment: std::collections::BTreeMap<i64, (&ArchiveSegment, Vec<(u8, i64)>)> = Default::default();
+    for &(g, start) in wanted {
+        let segment = manifest.segment_of(g, start).ok_or_else(|| {
+            StorageError::Archive(format!("no archived segment holds the {} bucket starting at {start} ms", g.name()))
+        })?;
+        by_segment.entry(segment.upto_ms).or_insert_with(|| (segment, Vec::new())).1.push((g.as_u8(), start));
+    }
+    let mut found = Vec::new();
+    for (segment, mut buckets) in by_segment.into_values() {
+        buckets.sort_unstable();
+        let rows = store.read(segment, entity_id, event_type).await?;
+        found.extend(
+            rows.iter().filter(|r| buckets.binary_search(&(r.granularity.as_u8(), r.start_ms)).is_ok()).cloned(),
+        );
+    }
+    Ok(found)
 }
 
 /// Whether every bucket of `pieces` is kept under `floors`.
@@ -131,17 +190,19 @@ pub(super) fn all_kept(floors: &Floors, pieces: &[(Granularity, i64)]) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SeriesRead {
     /// Every bucket of the range, empty ones included: start, count and
-    /// sum, estimated distinct actors.
-    Buckets(Vec<(i64, CountSum, u64)>),
-    /// The range starts before the granularity's oldest bucket kept,
-    /// `first_kept_ms`.
+    /// sum, estimated distinct actors; and how many came from the archive.
+    Buckets(Vec<(i64, CountSum, u64)>, u32),
+    /// The range starts before the granularity's oldest bucket kept (or
+    /// archived), `first_kept_ms`.
     Expired { first_kept_ms: i64 },
 }
 
 /// Buckets of `granularity` covering [from, to), empty ones included.
+#[allow(clippy::too_many_arguments)]
 pub async fn read_series(
     engine: &Arc<Engine>,
     write_back: &WriteBack,
+    archive: Option<ArchiveAccess<'_>>,
     entity_id: &[u8],
     event_type: &str,
     granularity: Granularity,
@@ -150,38 +211,61 @@ pub async fn read_series(
 ) -> Result<SeriesRead, StorageError> {
     let starts: Vec<i64> = series_starts(granularity, from_ms, to_ms).into_iter().collect();
     let (Some(&first), Some(&last)) = (starts.first(), starts.last()) else {
-        return Ok(SeriesRead::Buckets(Vec::new()));
+        return Ok(SeriesRead::Buckets(Vec::new(), 0));
     };
     let group = write_back.group();
+    let g = usize::from(granularity.as_u8());
     let prefix = keys::series_prefix(group, entity_id, event_type, granularity)?;
     let bucket_keys: Vec<Vec<u8>> = starts.iter().map(|s| keys::counts_key(&prefix, *s)).collect();
     for _ in 0..FLOOR_RETRIES {
         let overlay = write_back.overlay(&bucket_keys);
         let sketches = write_back.uniques_overlay_each(&bucket_keys);
-        if !is_kept(&overlay.floors, granularity, first) {
-            return Ok(SeriesRead::Expired { first_kept_ms: overlay.floors[usize::from(granularity.as_u8())] });
+        let floors = overlay.floors;
+        let manifest = archive.map(|a| a.manifest.get());
+        let readable = manifest.as_ref().map_or(floors, |m| m.readable_floors(&floors));
+        if !is_kept(&readable, granularity, first) {
+            return Ok(SeriesRead::Expired { first_kept_ms: readable[g] });
         }
+        let first_hot = starts.iter().copied().find(|s| is_kept(&floors, granularity, *s));
+        let cold: Vec<(Granularity, i64)> =
+            starts.iter().filter(|s| !is_kept(&floors, granularity, **s)).map(|s| (granularity, *s)).collect();
         let prefix = prefix.clone();
         let found = engine
             .blocking(move |engine| {
                 let snap = engine.db().snapshot();
                 let on_disk = disk_applied(engine, &snap, group)?;
-                if !is_kept(&disk_floors(engine, &snap, group)?, granularity, first) {
+                let Some(first_hot) = first_hot else {
+                    return Ok(Some(Default::default()));
+                };
+                if !is_kept(&disk_floors(engine, &snap, group)?, granularity, first_hot) {
                     return Ok(None);
                 }
-                let found = scan_series(engine, &snap, CF_COUNTS, &prefix, first, last, |v| Some(CountSum::decode(v)))?;
-                let sketches_on_disk = scan_series(engine, &snap, CF_UNIQUES, &prefix, first, last, Sketch::decode)?;
+                let found =
+                    scan_series(engine, &snap, CF_COUNTS, &prefix, first_hot, last, |v| Some(CountSum::decode(v)))?;
+                let sketches_on_disk =
+                    scan_series(engine, &snap, CF_UNIQUES, &prefix, first_hot, last, Sketch::decode)?;
                 Ok(Some((found, sketches_on_disk, on_disk)))
             })
             .await?;
-        let Some((found, mut sketches_on_disk, on_disk)) = found else { continue };
+        let Some((mut found, mut sketches_on_disk, on_disk)) = found else { continue };
+        if let (Some(access), Some(manifest)) = (archive, &manifest) {
+            for row in read_archived(access, manifest, entity_id, event_type, &cold).await? {
+                found.insert(row.start_ms, row.total);
+                if let Some(s) = row.sketch.as_deref().and_then(Sketch::decode) {
+                    sketches_on_disk.insert(row.start_ms, s);
+                }
+            }
+        }
         return Ok(SeriesRead::Buckets(
             starts
                 .iter()
                 .zip(sketches)
                 .enumerate()
                 .map(|(i, (s, in_memory))| {
-                    let total = found.get(s).copied().unwrap_or_default().add(overlay.delta(i, on_disk));
+                    // Archived buckets are sealed: memory holds nothing for them.
+                    let in_memory_total =
+                        if is_kept(&floors, granularity, *s) { overlay.delta(i, on_disk) } else { CountSum::default() };
+                    let total = found.get(s).copied().unwrap_or_default().add(in_memory_total);
                     let uniques = match (sketches_on_disk.remove(s), in_memory) {
                         (Some(mut disk), Some(memory)) => {
                             disk.merge(&memory);
@@ -193,6 +277,7 @@ pub async fn read_series(
                     (*s, total, uniques)
                 })
                 .collect(),
+            cold.len() as u32,
         ));
     }
     Err(StorageError::FloorsMoved)

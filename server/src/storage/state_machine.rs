@@ -36,6 +36,7 @@ use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES};
 use super::snapshot::{self, SnapshotDir, SnapshotFile};
 use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MAX_DIRTY_KEYS};
 use super::{Engine, StorageError};
+use crate::archive_manifest::{ArchiveManifest, SharedManifest};
 use crate::command::{Command, CommandOutcome, IngestBatch, RawRecord};
 use crate::dedup::DedupIndex;
 use crate::load::PartitionLoad;
@@ -62,6 +63,8 @@ pub struct GroupStateMachine {
     membership: StoredMembership,
     dedup: Arc<DedupIndex>,
     logs: Arc<Mutex<PartitionLogs>>,
+    /// The partition's archive manifest, as applied.
+    archive: Arc<SharedManifest>,
     /// The group's load counters (apply time).
     load: Arc<PartitionLoad>,
     write_back: Arc<WriteBack>,
@@ -82,6 +85,7 @@ struct Loaded {
     retention: Option<RetentionPolicy>,
     floors: Floors,
     logs: PartitionLogs,
+    archive: ArchiveManifest,
 }
 
 /// Where the metadata group's state machine publishes what it applies.
@@ -150,6 +154,7 @@ impl GroupStateMachine {
             membership: StoredMembership::default(),
             dedup,
             logs: Arc::default(),
+            archive: Arc::default(),
             load: Arc::default(),
             write_back,
             snapshots,
@@ -173,6 +178,11 @@ impl GroupStateMachine {
     /// The summary of the group's record logs, as applied.
     pub fn logs(&self) -> Arc<Mutex<PartitionLogs>> {
         self.logs.clone()
+    }
+
+    /// The partition's archive manifest, as applied.
+    pub fn archive(&self) -> Arc<SharedManifest> {
+        self.archive.clone()
     }
 
     /// Start a checkpoint beside apply once the write-back holds an epoch's
@@ -199,6 +209,7 @@ impl GroupStateMachine {
     fn take_loaded(&mut self, loaded: Loaded) {
         self.applied = loaded.applied;
         *self.logs.lock_unpoisoned() = loaded.logs;
+        self.archive.set(loaded.archive);
         self.membership = loaded.membership;
         if let Some(watches) = &self.metadata {
             watches.publish(loaded.cluster_map, loaded.ingest_policy, loaded.retention);
@@ -263,7 +274,8 @@ fn load_state(engine: &Engine, group: u32, dedup: &DedupIndex) -> Result<Loaded,
     let retention = get_state::<RetentionPolicy>(engine, group, keys::STATE_RETENTION)?;
     let floors = get_state::<Floors>(engine, group, keys::STATE_FLOORS)?.unwrap_or(KEEP_ALL);
     let logs = PartitionLogs::load(engine, group)?;
-    Ok(Loaded { applied, membership, cluster_map, ingest_policy, retention, floors, logs })
+    let archive = get_state::<ArchiveManifest>(engine, group, keys::STATE_ARCHIVE)?.unwrap_or_default();
+    Ok(Loaded { applied, membership, cluster_map, ingest_policy, retention, floors, logs, archive })
 }
 
 /// Apply a run of entries in memory, starting from `applied`, and hand the
@@ -272,6 +284,7 @@ fn apply_chunk(
     group: u32,
     dedup: &DedupIndex,
     logs: &Mutex<PartitionLogs>,
+    archive: &SharedManifest,
     write_back: &WriteBack,
     mut applied: Option<LogId>,
     chunk: Vec<Entry>,
@@ -283,6 +296,8 @@ fn apply_chunk(
     let mut ingest_policy = None;
     let mut retention = None;
     let mut floors = write_back.floors();
+    let mut manifest = archive.get();
+    let mut manifest_changed = false;
     for entry in chunk {
         let mut outcome = CommandOutcome::default();
         match entry.payload {
@@ -295,7 +310,8 @@ fn apply_chunk(
                 membership = Some(stored);
             }
             EntryPayload::Normal(Command::Ingest(ingest)) => {
-                outcome.skipped = apply_ingest(group, dedup, logs, &mut round, &floors, entry.log_id.index, ingest)?;
+                (outcome.skipped, outcome.sealed) =
+                    apply_ingest(group, dedup, logs, &mut round, &floors, &manifest, entry.log_id.index, ingest)?;
             }
             EntryPayload::Normal(Command::SetClusterMap(map)) => {
                 round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_CLUSTER_MAP).to_vec(), encode(&map)?));
@@ -314,7 +330,8 @@ fn apply_chunk(
                 retention = Some(policy);
             }
             EntryPayload::Normal(Command::Expire(proposed)) => {
-                let raised = raise(&floors, &proposed);
+                // Nothing leaves the hot store before it is archived.
+                let raised = raise(&floors, &manifest.cap_floors(&proposed));
                 if raised != floors {
                     floors = raised;
                     round
@@ -323,26 +340,49 @@ fn apply_chunk(
                     round.floors = Some(floors);
                 }
             }
+            EntryPayload::Normal(Command::Seal { below_ms }) => {
+                if Arc::make_mut(&mut manifest).seal(below_ms, &floors) {
+                    manifest_changed = true;
+                    round
+                        .state
+                        .push(StateWrite::Put(keys::tagged(group, keys::STATE_ARCHIVE).to_vec(), encode(&*manifest)?));
+                }
+            }
+            EntryPayload::Normal(Command::Archived(segment)) => {
+                if Arc::make_mut(&mut manifest).add(segment) {
+                    manifest_changed = true;
+                    round
+                        .state
+                        .push(StateWrite::Put(keys::tagged(group, keys::STATE_ARCHIVE).to_vec(), encode(&*manifest)?));
+                }
+            }
         }
         applied = Some(entry.log_id);
         outcomes.push(outcome);
     }
     round.applied = applied;
+    // The manifest before the floors it allows (readers read floors first).
+    if manifest_changed {
+        archive.set((*manifest).clone());
+    }
     let dirty_keys = write_back.absorb(round);
     Ok(Applied { applied, membership, cluster_map, ingest_policy, retention, outcomes, dirty_keys })
 }
 
 /// Apply one ingest entry; returns the positions of keyed events not
-/// counted because their key already was (see `KeyedEvent`).
+/// counted because their key already was (see `KeyedEvent`), and the
+/// deltas not counted because their minute is sealed for the archive.
+#[allow(clippy::too_many_arguments)]
 fn apply_ingest(
     group: u32,
     dedup: &DedupIndex,
     logs: &Mutex<PartitionLogs>,
     round: &mut RoundChanges,
     floors: &Floors,
+    manifest: &ArchiveManifest,
     log_index: u64,
     ingest: IngestBatch,
-) -> Result<Vec<u32>, StorageError> {
+) -> Result<(Vec<u32>, Vec<u32>), StorageError> {
     let IngestBatch {
         proposed_at_ms,
         dedup_window_ms,
@@ -369,7 +409,24 @@ fn apply_ingest(
         ));
     }
     round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_LOG_CLOCK).to_vec(), encode(&stamp)?));
-    let admitted = dedup.admit((stamp, log_index), keyed.iter().map(|k| k.key), provisional);
+    // Deltas of sealed minutes are not counted, and their events' keys not
+    // recorded: they were refused, so a corrected retry must not be taken
+    // for a duplicate.
+    let sealed: Vec<u32> = (0..deltas.len() as u32)
+        .filter(|&i| deltas.get(i as usize).is_some_and(|d| manifest.is_sealed(d.minute_ms)))
+        .collect();
+    let is_sealed = |delta: u32| !sealed.is_empty() && sealed.binary_search(&delta).is_ok();
+    let counted: Vec<u32> =
+        (0..keyed.len() as u32).filter(|&k| keyed.get(k as usize).is_some_and(|e| !is_sealed(e.delta))).collect();
+    let mut admitted = dedup.admit(
+        (stamp, log_index),
+        counted.iter().filter_map(|&k| keyed.get(k as usize)).map(|k| k.key),
+        provisional,
+    );
+    // Back to positions in `keyed` (ascending, like `counted`).
+    for position in &mut admitted.skipped {
+        *position = counted.get(*position as usize).copied().unwrap_or(u32::MAX);
+    }
     if !admitted.keys.is_empty() {
         round.state.push(StateWrite::Put(keys::dedup_key(group, stamp, log_index).to_vec(), encode(&admitted.keys)?));
     }
@@ -384,7 +441,7 @@ fn apply_ingest(
     // apply takes back out of the counts leave the raw log too.
     let raw: Vec<RawRecord> = raw_events
         .into_iter()
-        .filter(|r| r.keyed.is_none_or(|k| admitted.skipped.binary_search(&k).is_err()))
+        .filter(|r| r.keyed.is_none_or(|k| admitted.skipped.binary_search(&k).is_err()) && !is_sealed(r.delta))
         .filter_map(|r| {
             let d = deltas.get(r.delta as usize)?;
             Some(RawRecord {
@@ -431,8 +488,8 @@ fn apply_ingest(
             d.sum = d.sum.wrapping_sub(event.value as i128);
         }
     }
-    for d in deltas {
-        if d.count == 0 && d.sum == 0 {
+    for (i, d) in deltas.into_iter().enumerate() {
+        if (d.count == 0 && d.sum == 0) || is_sealed(i as u32) {
             continue;
         }
         let delta = CountSum { count: d.count, sum: d.sum };
@@ -461,7 +518,10 @@ fn apply_ingest(
             *slot = slot.add(delta);
         }
     }
-    Ok(admitted.skipped)
+    if !sealed.is_empty() {
+        tracing::debug!(group, log_index, deltas = sealed.len(), "deltas of sealed minutes not counted");
+    }
+    Ok((admitted.skipped, sealed))
 }
 
 impl RaftStateMachine<TypeConfig> for GroupStateMachine {
@@ -482,13 +542,13 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             let (chunk, responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
             let (group, dedup, write_back, applied) =
                 (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
-            let (logs, load) = (self.logs.clone(), self.load.clone());
+            let (logs, load, archive) = (self.logs.clone(), self.load.clone(), self.archive.clone());
             let done = self
                 .engine
                 .blocking(move |_| {
                     let _timer = Timer::start(Stage::ApplyRound);
                     let started = std::time::Instant::now();
-                    let done = apply_chunk(group, &dedup, &logs, &write_back, applied, chunk);
+                    let done = apply_chunk(group, &dedup, &logs, &archive, &write_back, applied, chunk);
                     load.applied(started.elapsed());
                     done
                 })

@@ -89,7 +89,7 @@ async fn open(dir: &std::path::Path) -> (Arc<Engine>, GroupStateMachine, Arc<Ded
 /// The buckets of a series read of a range nothing has expired from.
 fn buckets(read: SeriesRead) -> Vec<(i64, super::counts::CountSum)> {
     match read {
-        SeriesRead::Buckets(buckets) => buckets.into_iter().map(|(start, total, _)| (start, total)).collect(),
+        SeriesRead::Buckets(buckets, _) => buckets.into_iter().map(|(start, total, _)| (start, total)).collect(),
         SeriesRead::Expired { first_kept_ms } => panic!("expired before {first_kept_ms}"),
     }
 }
@@ -134,7 +134,8 @@ async fn apply_aggregates_into_every_granularity() {
     assert_eq!(applied, Some(log_id(2)));
     assert_eq!(dedup.lock().len(), 4);
 
-    let stats = async |from, to| read_stats(&engine, &sm.write_back(), b"v", "view", from, to).await.unwrap().total;
+    let stats =
+        async |from, to| read_stats(&engine, &sm.write_back(), None, b"v", "view", from, to).await.unwrap().total;
     let minute = stats(T, T + MINUTE_MS).await;
     assert_eq!((minute.count, minute.sum), (3, 15));
     // A whole month (February 2024) is one bucket read.
@@ -146,6 +147,7 @@ async fn apply_aggregates_into_every_granularity() {
     let hours = read_series(
         &engine,
         &sm.write_back(),
+        None,
         b"v",
         "view",
         tally_proto::time::Granularity::Hour,
@@ -200,7 +202,7 @@ async fn snapshot_installs_identically_and_survives_restart() {
         assert_eq!(follower.applied_state().await.unwrap().0, Some(log_id(50)));
         assert_eq!(dedup.lock().len(), 50);
         assert_eq!(
-            read_stats(&follower_engine, &follower.write_back(), b"late", "view", 0, T + DAY_MS)
+            read_stats(&follower_engine, &follower.write_back(), None, b"late", "view", 0, T + DAY_MS)
                 .await
                 .unwrap()
                 .total
@@ -272,7 +274,7 @@ async fn apply_skips_events_whose_key_is_already_counted() {
         {
             let (engine, mut sm, dedup) = open(dir.path()).await;
             apply(&mut sm, log()).await;
-            let s = read_stats(&engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap().total;
+            let s = read_stats(&engine, &sm.write_back(), None, b"v", "view", T, T + MINUTE_MS).await.unwrap().total;
             // Entry 2 counts key 3 once and the keyless event: 2 + 2 events.
             assert_eq!((s.count, s.sum), (4, 10 + 6 + 1));
             assert_eq!(dedup.conflicts(), 2);
@@ -314,17 +316,26 @@ async fn sums_at_the_i64_limits_are_exact_whatever_rocksdb_merges_first() {
     checkpoint(&sm);
     engine.db().compact_range_cf(engine.cf(super::keys::CF_COUNTS).unwrap(), None::<&[u8]>, None::<&[u8]>);
     apply(&mut sm, vec![big(4, i64::MIN)]).await;
-    let s = read_stats(&engine, &sm.write_back(), b"x", "view", T, T + MINUTE_MS).await.unwrap().total;
+    let s = read_stats(&engine, &sm.write_back(), None, b"x", "view", T, T + MINUTE_MS).await.unwrap().total;
     assert_eq!((s.count, s.sum), (4, -2));
     // Over a day (another bucket, merged in another order) it agrees.
-    let day = read_stats(&engine, &sm.write_back(), b"x", "view", T - 23 * HOUR_MS - 59 * MINUTE_MS, T + MINUTE_MS)
-        .await
-        .unwrap();
-    assert_eq!(day.total.sum, -2);
-    let partial =
-        read_series(&engine, &sm.write_back(), b"x", "view", tally_proto::time::Granularity::Minute, T, T + MINUTE_MS)
+    let day =
+        read_stats(&engine, &sm.write_back(), None, b"x", "view", T - 23 * HOUR_MS - 59 * MINUTE_MS, T + MINUTE_MS)
             .await
             .unwrap();
+    assert_eq!(day.total.sum, -2);
+    let partial = read_series(
+        &engine,
+        &sm.write_back(),
+        None,
+        b"x",
+        "view",
+        tally_proto::time::Granularity::Minute,
+        T,
+        T + MINUTE_MS,
+    )
+    .await
+    .unwrap();
     assert_eq!(buckets(partial)[0].1.sum, -2);
 }
 
@@ -336,15 +347,19 @@ async fn reads_add_memory_to_the_last_checkpoint() {
     assert!(sm.write_back().checkpoint(&engine, false).unwrap());
     apply(&mut sm, vec![ingest(2, 2_000, vec![delta("v", T, 3, 3)], vec![2])]).await;
     // One bucket on disk (2) and in memory (3); the month bucket likewise.
-    assert_eq!(read_stats(&engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap().total.count, 5);
+    assert_eq!(
+        read_stats(&engine, &sm.write_back(), None, b"v", "view", T, T + MINUTE_MS).await.unwrap().total.count,
+        5
+    );
     let feb = 1_706_745_600_000;
     assert_eq!(
-        read_stats(&engine, &sm.write_back(), b"v", "view", feb, feb + 29 * DAY_MS).await.unwrap().total.count,
+        read_stats(&engine, &sm.write_back(), None, b"v", "view", feb, feb + 29 * DAY_MS).await.unwrap().total.count,
         5
     );
     let minutes = read_series(
         &engine,
         &sm.write_back(),
+        None,
         b"v",
         "view",
         tally_proto::time::Granularity::Minute,
@@ -389,7 +404,7 @@ async fn a_crash_between_checkpoints_replays_to_the_same_state() {
     assert_eq!(dedup.lock().len(), 10, "the index is the checkpoint's");
     apply(&mut sm, log[10..].to_vec()).await;
     assert_eq!(state_digest(&engine, &sm.write_back()).await.unwrap(), want);
-    let total = read_stats(&engine, &sm.write_back(), b"e1", "view", T - DAY_MS, T + MINUTE_MS).await.unwrap();
+    let total = read_stats(&engine, &sm.write_back(), None, b"e1", "view", T - DAY_MS, T + MINUTE_MS).await.unwrap();
     assert_eq!(total.total.count, (1..=30).filter(|i| i % 4 == 1).sum::<u64>());
 }
 
@@ -416,18 +431,19 @@ async fn expiry_removes_the_same_buckets_on_every_replica() {
     let ((a_dir, a_engine, a), (_b_dir, b_engine, b)) = two_replicas(log(), 1).await;
 
     for (engine, sm) in [(&a_engine, &a), (&b_engine, &b)] {
-        let read = read_stats(engine, &sm.write_back(), b"v", "view", old, old + MINUTE_MS).await.unwrap();
+        let read = read_stats(engine, &sm.write_back(), None, b"v", "view", old, old + MINUTE_MS).await.unwrap();
         assert_eq!(read.total.count, 7);
         assert_eq!(read.resolution, Granularity::Hour);
         assert_eq!(
             (read.from_ms, read.to_ms),
             (bucket_start(Granularity::Hour, old), bucket_start(Granularity::Hour, old) + HOUR_MS)
         );
-        let recent = read_stats(engine, &sm.write_back(), b"v", "view", T, T + MINUTE_MS).await.unwrap();
+        let recent = read_stats(engine, &sm.write_back(), None, b"v", "view", T, T + MINUTE_MS).await.unwrap();
         assert_eq!((recent.total.count, recent.resolution), (1, Granularity::Minute));
-        let minutes = read_series(engine, &sm.write_back(), b"v", "view", Granularity::Minute, old, old + MINUTE_MS)
-            .await
-            .unwrap();
+        let minutes =
+            read_series(engine, &sm.write_back(), None, b"v", "view", Granularity::Minute, old, old + MINUTE_MS)
+                .await
+                .unwrap();
         assert_eq!(minutes, SeriesRead::Expired { first_kept_ms: floors[0] });
     }
     let digest_a = state_digest(&a_engine, &a.write_back()).await.unwrap();
@@ -546,4 +562,81 @@ async fn raw_events_follow_what_apply_counts() {
         assert_eq!(read.raw_total, read.counted_total);
         assert!(read.differences.is_empty());
     }
+}
+
+/// The archive's seal and segments are state like the floors: a sealed
+/// minute's delta is refused on every replica (its keys not recorded), no
+/// bucket leaves the hot store before the archive holds it, and reads take
+/// dropped buckets from the archive's file — exactly.
+#[tokio::test]
+async fn sealed_buckets_are_archived_before_they_expire() {
+    use super::archive::ArchiveStore;
+    use super::read::ArchiveAccess;
+    use crate::archive_manifest::ArchiveSegment;
+    use tally_proto::time::{bucket_start, Granularity};
+    let old = T - 2 * DAY_MS;
+    let seal = bucket_start(Granularity::Hour, T - DAY_MS);
+    let late_key = 77u128;
+    let mut drop_minutes = tally_proto::time::KEEP_ALL;
+    drop_minutes[0] = bucket_start(Granularity::Hour, T);
+    let entry = |index, command| Entry { log_id: log_id(index), payload: EntryPayload::Normal(command) };
+    let sealed_log = vec![
+        keyed_ingest(
+            1,
+            1_000,
+            vec![delta("v", old, 2, 7), delta("v", T, 1, 1)],
+            vec![KeyedEvent { key: 5, delta: 0, value: 3 }],
+        ),
+        entry(2, Command::Seal { below_ms: seal }),
+        // Built before the leader saw the seal: refused at apply.
+        keyed_ingest(3, 3_000, vec![delta("v", old, 1, 9)], vec![KeyedEvent { key: late_key, delta: 0, value: 9 }]),
+        // Nothing is archived yet: the floors must not move.
+        entry(4, Command::Expire(drop_minutes)),
+    ];
+    let ((a_dir, a_engine, mut a), (_b_dir, b_engine, mut b)) = two_replicas(sealed_log, 2).await;
+    assert_eq!(a.write_back().floors(), tally_proto::time::KEEP_ALL, "floors wait for the archive");
+    let before = read_stats(&a_engine, &a.write_back(), None, b"v", "view", old, old + MINUTE_MS).await.unwrap();
+    assert_eq!((before.total.count, before.total.sum), (2, 7), "the sealed minute's late delta is not counted");
+
+    let store = ArchiveStore::open(&a_dir.path().join("archive").to_string_lossy(), std::time::Duration::from_secs(60))
+        .unwrap();
+    let manifest = a.archive().get();
+    let segment = store.export(&a_engine, &a.write_back(), 2, &manifest).await.unwrap().unwrap();
+    assert_eq!((segment.after_ms, segment.upto_ms), (None, seal));
+    // The old minute, its hour and its day end before the seal: 3 rows.
+    assert_eq!(segment.rows, 3, "{segment:?}");
+    let archived = vec![
+        entry(5, Command::Archived(segment.clone())),
+        // A repeat (a leader that crashed after committing) is appended once.
+        entry(6, Command::Archived(ArchiveSegment { path: "elsewhere".into(), ..segment.clone() })),
+        entry(7, Command::Expire(drop_minutes)),
+    ];
+    apply(&mut a, archived.clone()).await;
+    apply(&mut b, archived).await;
+    for (engine, sm) in [(&a_engine, &a), (&b_engine, &b)] {
+        assert_eq!(sm.archive().get().segments, vec![segment.clone()]);
+        assert_eq!(sm.write_back().floors()[0], seal, "minutes drop up to what the archive holds");
+        let shared = sm.archive();
+        let access = ArchiveAccess { manifest: &shared, store: Some(&store) };
+        let read =
+            read_stats(engine, &sm.write_back(), Some(access), b"v", "view", old, old + MINUTE_MS).await.unwrap();
+        assert_eq!((read.total.count, read.total.sum, read.resolution), (2, 7, Granularity::Minute));
+        assert_eq!(read.archive_buckets, 1);
+        let all = read_stats(engine, &sm.write_back(), Some(access), b"v", "view", old - DAY_MS, T + MINUTE_MS)
+            .await
+            .unwrap();
+        assert_eq!((all.total.count, all.resolution), (3, Granularity::Minute));
+        let without = read_stats(engine, &sm.write_back(), None, b"v", "view", old, old + MINUTE_MS).await.unwrap();
+        assert_eq!(without.resolution, Granularity::Hour, "without the archive, the kept hour answers");
+    }
+    assert_eq!(
+        state_digest(&a_engine, &a.write_back()).await.unwrap(),
+        state_digest(&b_engine, &b.write_back()).await.unwrap()
+    );
+    // The refused event's key was not recorded: a corrected retry is new.
+    drop((a, a_engine));
+    let (_engine, a, dedup) = open(a_dir.path()).await;
+    assert!(!dedup.lock().contains(&late_key));
+    assert!(dedup.lock().contains(&5));
+    assert_eq!(a.archive().get().segments, vec![segment]);
 }
