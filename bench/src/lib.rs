@@ -14,6 +14,7 @@
 //! * [`first_write`]: time until a partition acknowledges a write again
 //!   (after a leader is killed).
 //! * [`top_k_latency`]: TopK latency, one query at a time.
+//! * [`stats_latency`]: Stats latency over one range for many entities (cold and warm passes).
 //! * [`measure`]: the one percentile definition and the HDR histograms.
 //! * [`results`]: what a run measured, as types; [`report`]: the benchmark
 //!   report (docs/BENCHMARKS.md) rendered from a work directory of them.
@@ -26,6 +27,7 @@ pub mod measure;
 pub mod probes;
 pub mod report;
 pub mod results;
+pub mod stats_latency;
 pub mod targets;
 pub mod top_k_latency;
 

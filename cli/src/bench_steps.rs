@@ -52,6 +52,9 @@ pub enum BenchStep {
     /// TopK latency: the same query repeated one at a time, with HDR
     /// percentiles (`scripts/bench-top-k.sh`).
     TopK(tally_bench::top_k_latency::TopKLatencyArgs),
+    /// Stats latency over one range for the range's top entities, a cold
+    /// pass then a warm one (`scripts/bench-archive.sh`).
+    Stats(tally_bench::stats_latency::StatsLatencyArgs),
 }
 
 pub async fn run(cli: &Cli, command: &BenchCommand) -> anyhow::Result<i32> {
@@ -79,6 +82,19 @@ pub async fn run(cli: &Cli, command: &BenchCommand) -> anyhow::Result<i32> {
                 println!(
                     "TopK k={} over [{}, {}): {} queries, p50 {:?} ms, p99 {:?} ms, max {:?} ms; {} entries, top count {}",
                     measured.k, measured.from_ms, measured.to_ms, l.count, l.p50, l.p99, l.max, measured.entries, measured.top_count
+                );
+            }
+            Ok(0)
+        }
+        Some(BenchStep::Stats(args)) => {
+            let m = tally_bench::stats_latency::run(cli.seeds(), args).await?;
+            if cli.json {
+                crate::print_json(&serde_json::to_value(&m)?);
+            } else {
+                let (a, b) = (m.first_ms, m.second_ms);
+                println!(
+                    "Stats over [{}, {}) for {} entities: first pass p50 {:?} ms, p99 {:?} ms; second pass p50 {:?} ms, p99 {:?} ms; {} archive buckets, {} events",
+                    m.from_ms, m.to_ms, m.entities, a.p50, a.p99, b.p50, b.p99, m.archive_buckets, m.events_counted
                 );
             }
             Ok(0)

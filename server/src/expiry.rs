@@ -5,6 +5,10 @@
 //! log). Applying the entry expires the buckets on every replica alike,
 //! and the checkpoint after it deletes them (`storage/write_back.rs`).
 //!
+//! With an archive (`archive_after_ms`), a partition expires nothing until
+//! its first seal, and apply then keeps every bucket until it is archived
+//! (`archive_manifest.rs`).
+//!
 //! Only with a clock the other nodes have checked: a leader whose clock ran
 //! ahead must not expire buckets early. A partition whose leader is down
 //! expires when the next leader's turn comes; floors move in steps of an
@@ -45,7 +49,10 @@ async fn expire_led_partitions(node: &Arc<Node>) {
         return;
     }
     let now = i64::try_from(node.clock.trusted().now_ms).unwrap_or(i64::MAX);
-    let wanted = node.retention.borrow().floors_at(now);
+    let (wanted, archiving) = {
+        let policy = node.retention.borrow();
+        (policy.floors_at(now), policy.archive_after_ms > 0)
+    };
     // A few commits at once: the first expiry after a policy change
     // reaches every partition, and one at a time would take minutes on a
     // node leading thousands.
@@ -53,6 +60,12 @@ async fn expire_led_partitions(node: &Arc<Node>) {
         .local_partitions()
         .into_iter()
         .filter(|r| {
+            // With an archive, nothing expires before the partition's first
+            // seal: apply caps floors at the archive only from then on, and
+            // buckets dropped earlier would never reach the archive.
+            if archiving && r.archive.get().sealed_below_ms.is_none() {
+                return false;
+            }
             let current = r.write_back.floors();
             raise(&current, &wanted) != current && is_leader(&r.raft, node.id)
         })

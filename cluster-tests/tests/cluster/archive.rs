@@ -64,7 +64,7 @@ async fn archived_buckets_answer_exactly_after_they_leave_the_nodes() -> anyhow:
         partitions: PARTITIONS,
         args: [
             "--snapshot-logs",
-            "50",
+            "30",
             "--retention-check-ms",
             "300",
             "--archive-check-ms",
@@ -88,7 +88,7 @@ async fn archived_buckets_answer_exactly_after_they_leave_the_nodes() -> anyhow:
     // snapshots, which carry the manifest.
     cluster.kill9(3)?;
     let two = RetryingIngestor::new((1..=2).map(|id| (id, cluster.addr(id).unwrap_or_default())).collect());
-    two.send_all(second.chunks(200).map(<[Event]>::to_vec).collect(), 4).await?;
+    two.send_all(second.chunks(20).map(<[Event]>::to_vec).collect(), 4).await?;
 
     let addr = cluster.addr(1)?;
     let bad = cluster_tests::cli::tally(&addr, &["cluster", "set-retention", "--archive-after", "10m"], None).await?;
