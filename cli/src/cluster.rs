@@ -527,9 +527,17 @@ impl StatusView {
                     *max = (*max).max(*lag);
                 }
                 let commit = indexes.get(&(route.leader, p)).map(|(c, _)| *c);
+                // The cold archive as the leader applied it (0: none).
+                let archive = self
+                    .reports()
+                    .find(|s| s.node_id == route.leader)
+                    .and_then(|s| s.partitions.iter().find(|i| i.partition == p))
+                    .map(|i| (i.sealed_below_ms, i.archived_upto_ms, i.archive_segments));
                 json!({
                     "partition": p, "leader": route.leader, "term": route.term, "replicas": route.replicas,
                     "voters": route.voters, "changing": route.changing(), "commit_index": commit,
+                    "sealed_below_ms": archive.map(|a| a.0), "archived_upto_ms": archive.map(|a| a.1),
+                    "archive_segments": archive.map(|a| a.2),
                     "lag": lags.iter().map(|(n, l)| (n.to_string(), json!(l))).collect::<serde_json::Map<_, _>>(),
                 })
             })

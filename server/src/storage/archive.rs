@@ -60,8 +60,12 @@ use super::write_back::WriteBack;
 use super::{Engine, StorageError};
 use crate::archive_manifest::{ArchiveManifest, ArchiveSegment};
 
-/// Rows per Parquet row group: the unit a read of one entity fetches.
-const ROW_GROUP_ROWS: usize = 16_384;
+/// Rows per Parquet row group: the unit a read of one entity fetches and
+/// decodes (an entity's day of minutes is ~1,500 rows).
+const ROW_GROUP_ROWS: usize = 4_096;
+/// Files whose footers (metadata: row groups and their statistics) stay
+/// cached, so a read of another entity fetches only its row groups.
+const CACHED_FOOTERS: u64 = 4_096;
 /// Bytes of cached rows at most (each row weighs its sketch and ~96 bytes).
 const CACHE_BYTES: u64 = 256 << 20;
 
@@ -82,6 +86,7 @@ pub struct ArchiveStore {
     store: Arc<dyn ObjectStore>,
     url: String,
     cache: moka::sync::Cache<CacheKey, Arc<Vec<ArchivedBucket>>>,
+    footers: moka::sync::Cache<String, Arc<ParquetMetaData>>,
 }
 
 impl std::fmt::Debug for ArchiveStore {
@@ -125,7 +130,8 @@ impl ArchiveStore {
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .build();
-        Ok(ArchiveStore { store, url: url.to_owned(), cache })
+        let footers = moka::sync::Cache::builder().time_to_live(lease).max_capacity(CACHED_FOOTERS).build();
+        Ok(ArchiveStore { store, url: url.to_owned(), cache, footers })
     }
 
     pub fn url(&self) -> &str {
@@ -201,9 +207,14 @@ impl ArchiveStore {
     ) -> Result<Vec<ArchivedBucket>, StorageError> {
         let path = &segment.path;
         let failed = |e: &dyn std::fmt::Display| archive_error(&format!("reading {path} in {}", self.url), e);
-        let reader =
-            FileRanges { store: self.store.clone(), path: StorePath::from(path.as_str()), size: segment.bytes };
+        let reader = FileRanges {
+            store: self.store.clone(),
+            path: StorePath::from(path.as_str()),
+            size: segment.bytes,
+            footer: self.footers.get(path),
+        };
         let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(|e| failed(&e))?;
+        self.footers.insert(path.clone(), builder.metadata().clone());
         // Rows are sorted by entity: only groups whose range holds it.
         let groups: Vec<usize> = builder
             .metadata()
@@ -235,6 +246,8 @@ struct FileRanges {
     store: Arc<dyn ObjectStore>,
     path: StorePath,
     size: u64,
+    /// The footer, when an earlier read left it cached.
+    footer: Option<Arc<ParquetMetaData>>,
 }
 
 impl AsyncFileReader for FileRanges {
@@ -248,6 +261,9 @@ impl AsyncFileReader for FileRanges {
         options: Option<&'a ArrowReaderOptions>,
     ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
         async move {
+            if let Some(footer) = &self.footer {
+                return Ok(footer.clone());
+            }
             let size = self.size;
             let metadata =
                 ParquetMetaDataReader::new().with_arrow_reader_options(options).load_and_finish(self, size).await?;
