@@ -47,9 +47,17 @@ ask
 "$TALLY" --addr "$ADDR" cluster set-retention --archive-after 1d --keep-minutes 1h --keep-hours 1d >&2
 echo "waiting for every partition to archive and drop those buckets" >&2
 for _ in $(seq 1 300); do
+  left="$("$TALLY" --addr "$ADDR" --json cluster status | python3 -c \
+    'import json,sys; print(sum(1 for p in json.load(sys.stdin)["partitions"] if not p.get("archived_upto_ms")))')"
+  [[ "$left" == 0 ]] && break
+  sleep 2
+done
+for _ in $(seq 1 300); do
   # Another type: the measured entities stay out of the cache until measured.
   if ask like 20 2>/dev/null | grep -q " [1-9][0-9]* archive buckets"; then break; fi
   sleep 2
 done
+# The expiry that dropped them (a pass over each partition) is done too.
+sleep 10
 echo "from the archive (files: $(find "$WORK/archive" -name '*.parquet' | wc -l), $(du -sh "$WORK/archive" | cut -f1)):"
 ask

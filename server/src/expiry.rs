@@ -59,19 +59,23 @@ async fn expire_led_partitions(node: &Arc<Node>) {
     let due: Vec<_> = node
         .local_partitions()
         .into_iter()
-        .filter(|r| {
+        .filter_map(|r| {
             // With an archive, nothing expires before the partition's first
             // seal: apply caps floors at the archive only from then on, and
             // buckets dropped earlier would never reach the archive.
-            if archiving && r.archive.get().sealed_below_ms.is_none() {
-                return false;
+            let manifest = r.archive.get();
+            if archiving && manifest.sealed_below_ms.is_none() {
+                return None;
             }
+            // What apply would allow: asking for more would commit an entry
+            // every round that raises nothing.
+            let wanted = manifest.cap_floors(&wanted);
             let current = r.write_back.floors();
-            raise(&current, &wanted) != current && is_leader(&r.raft, node.id)
+            (raise(&current, &wanted) != current && is_leader(&r.raft, node.id)).then_some((r, wanted))
         })
         .collect();
     futures::stream::iter(due)
-        .for_each_concurrent(COMMITS_AT_ONCE, |replica| async move {
+        .for_each_concurrent(COMMITS_AT_ONCE, |(replica, wanted)| async move {
             if let Some(quiet) = node.quiescence.group(group_of_partition(replica.partition)) {
                 quiet.prepare_write().await;
             }

@@ -2,7 +2,10 @@
 //! acknowledged while a seeded nemesis kills (and restarts at once), pauses,
 //! partitions (both ways and one way), skews clocks, transfers leadership
 //! to dead nodes and shortens the retention (then kills a leader while
-//! partitions expire buckets). One writer sends values at the i64 limits. After healing,
+//! partitions expire buckets). The cold archive is on throughout: events
+//! older than its seal, sent first, are sealed and archived by every
+//! partition, then dropped from the nodes by the shortened retentions, and
+//! the checker reads them back from the archive. One writer sends values at the i64 limits. After healing,
 //! the checker (`cluster_tests::checker`) holds every acknowledged event —
 //! tracked per event, even when the rest of its batch was given up — to
 //! exactly once in counts and exact sums, requires identical replica
@@ -23,18 +26,22 @@ use cluster_tests::{ClusterOptions, TestCluster, TEST_RETENTION};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tally_bench::measure::percentile;
-use tally_proto::time::{align_range, DAY_MS, HOUR_MS};
+use tally_proto::time::{align_range, bucket_start, Granularity, DAY_MS, HOUR_MS};
 use tally_proto::v1::{
-    AddNodeRequest, RebalanceRequest, RemoveNodeRequest, RetentionPolicy, SetRetentionRequest, TransferLeaderRequest,
+    AddNodeRequest, Event, RebalanceRequest, RemoveNodeRequest, RetentionPolicy, SetRetentionRequest,
+    TransferLeaderRequest,
 };
 
 const SKEW_MS: i64 = 11 * 60_000;
+/// The workload spans 10 days: sealing 11 days back refuses none of it.
+const ARCHIVE_AFTER_MS: u64 = 11 * DAY_MS as u64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::Result<()> {
     let _turn = cluster_tests::serial::exclusive().await;
     let config = NemesisConfig::from_env(60);
     eprintln!("nemesis seed {} for {:?} (TALLY_NEMESIS_SEED reproduces it)", config.seed, config.duration);
+    let archive = tempfile::tempdir()?;
     let mut cluster = TestCluster::start_proxied(ClusterOptions {
         nodes: 3,
         partitions: 16,
@@ -46,6 +53,10 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
             "200".into(),
             "--retention-check-ms".into(),
             "500".into(),
+            "--archive-check-ms".into(),
+            "500".into(),
+            "--archive-url".into(),
+            archive.path().to_string_lossy().to_string(),
         ],
     })
     .await?;
@@ -65,10 +76,24 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     let ingestor = RetryingIngestor::new(
         cluster.node_ids().into_iter().map(|id| (id, cluster.addr(id).unwrap_or_default())).collect(),
     );
+    // Older than any seal of the run: archived, then dropped from the nodes.
+    let oldest_seal = bucket_start(Granularity::Day, end - ARCHIVE_AFTER_MS as i64);
+    let mut archived = Workload::new(config.seed.wrapping_add(5), 40, oldest_seal, 12 * HOUR_MS);
+    let preload: Vec<Event> = (0..2_000).map(|_| archived.event()).collect();
+    ingestor.send_all(preload.chunks(100).map(<[Event]>::to_vec).collect(), 4).await?;
+    let archiving = RetentionPolicy { archive_after_ms: ARCHIVE_AFTER_MS, ..TEST_RETENTION };
+    cluster.cluster_client(1).await?.set_retention(SetRetentionRequest { policy: Some(archiving) }).await?;
     let mut workloads: Vec<Workload> =
         (0..3u64).map(|w| Workload::new(config.seed.wrapping_add(w * 7919), 200, end, 10 * DAY_MS)).collect();
     workloads.push(Workload::new(config.seed.wrapping_add(4), 20, end, 10 * DAY_MS).with_extreme_values());
     let writers = Writers::spawn(&ingestor, workloads, 200, Duration::from_secs(120));
+    {
+        let mut history = writers.history.lock().unwrap_or_else(|p| p.into_inner());
+        for e in &preload {
+            history.attempted.record(e);
+            history.acknowledged.record(e);
+        }
+    }
 
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut recoveries: Vec<Duration> = Vec::new();
@@ -175,6 +200,7 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
                 let policy = RetentionPolicy {
                     minute_ms: minutes_h * HOUR_MS as u64,
                     hour_ms: hours_h * HOUR_MS as u64,
+                    archive_after_ms: ARCHIVE_AFTER_MS,
                     ..TEST_RETENTION
                 };
                 let mut admin = cluster.cluster_client(via).await?;
@@ -220,8 +246,28 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
 
     // Checker.
     let probe_via = cluster.live_node_ids()[0];
-    let (from, to) = align_range(end - 11 * DAY_MS, end + 60_000);
+    let (from, to) = align_range(oldest_seal - DAY_MS, end + 60_000);
     let mut violations = checker::violations(&cluster, &history, probe_via, from, to).await?;
+    // Every partition sealed and archived what is older than any seal.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let behind: Vec<u32> = cluster
+            .status(probe_via)
+            .await?
+            .partitions
+            .iter()
+            .filter(|p| p.archived_upto_ms < oldest_seal)
+            .map(|p| p.partition)
+            .collect();
+        if behind.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            violations.push(format!("partitions {behind:?} never archived up to {oldest_seal}"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     // One agreed leader per partition among its replicas, and it accepts a write.
     let mut leaders: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for id in cluster.live_node_ids() {
