@@ -61,3 +61,13 @@ done
 sleep 10
 echo "from the archive (files: $(find "$WORK/archive" -name '*.parquet' | wc -l), $(du -sh "$WORK/archive" | cut -f1)):"
 ask
+# What exporting cost the leaders: rows, bytes and time per segment, summed.
+cat "$WORK"/tally/node*.log | grep ' archived' | sed 's/\x1b\[[0-9;]*m//g' | python3 -c '
+import re, sys
+rows = size = took = n = 0
+for line in sys.stdin:
+    f = dict(re.findall(r"(\w+)=(\d+)", line))
+    if "rows" in f and "took_ms" in f:
+        n += 1; rows += int(f["rows"]); size += int(f["bytes"]); took += int(f["took_ms"])
+print(f"export: {n} segments, {rows} rows, {size / 2**20:.1f} MiB of Parquet, {took / 1000:.1f} s of leader time in all")'
+

@@ -764,6 +764,20 @@ impl TestCluster {
         }
     }
 
+    /// Restart node `id`, which was down while the others took writes, and
+    /// wait until every partition's replicas are identical. True when it
+    /// caught up through at least one snapshot install; false when the
+    /// leaders' logs still held all it missed (their snapshot, which lets
+    /// them purge, was not written yet) — a test of snapshot catch-up then
+    /// takes the node down again for more.
+    pub async fn restart_and_converge(&mut self, id: u64) -> anyhow::Result<bool> {
+        let before = self.log(id).matches("installed snapshot").count();
+        self.restart(id).await?;
+        self.wait_ready(Duration::from_secs(60)).await?;
+        self.assert_replicas_identical(Duration::from_secs(60)).await?;
+        Ok(self.log(id).matches("installed snapshot").count() > before)
+    }
+
     /// Every partition's replicas hold identical state (after convergence).
     /// Returns how many replicas were compared.
     pub async fn assert_replicas_identical(&self, timeout: Duration) -> anyhow::Result<usize> {

@@ -90,13 +90,15 @@ async fn archive_partition(
         commit(node, replica, Command::Seal { below_ms: seal }).await?;
     }
     let manifest = replica.archive.get();
+    let started = std::time::Instant::now();
     let Some(segment) = store.export(&node.engine, &replica.write_back, replica.partition, &manifest).await? else {
         return Ok(());
     };
     crate::crash_point::reach("archive-written");
-    let (upto, rows) = (segment.upto_ms, segment.rows);
+    let (upto, rows, bytes) = (segment.upto_ms, segment.rows, segment.bytes);
     commit(node, replica, Command::Archived(segment)).await?;
-    tracing::info!(partition = replica.partition, upto, rows, "archived");
+    let took_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(partition = replica.partition, upto, rows, bytes, took_ms, "archived");
     Ok(())
 }
 

@@ -256,6 +256,16 @@ impl AsyncFileReader for FileRanges {
         async move { store.get_range(&path, range).await.map_err(|e| ParquetError::External(Box::new(e))) }.boxed()
     }
 
+    /// A row group's column chunks in one request (the store merges
+    /// neighbouring ranges), not one per column.
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<std::ops::Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        let (store, path) = (self.store.clone(), self.path.clone());
+        async move { store.get_ranges(&path, &ranges).await.map_err(|e| ParquetError::External(Box::new(e))) }.boxed()
+    }
+
     fn get_metadata<'a>(
         &'a mut self,
         options: Option<&'a ArrowReaderOptions>,
