@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Archived-range query latency, side by side with the same ranges read from
-# the nodes: a 3-node release cluster with an archive (a local directory),
-# EVENTS events over IDS entities spread over the last 3 days; then
-# `tally bench stats` asks, for the 200 most viewed entities, a 6-hour range
-# two days back with minute edges (minutes and hours: 24 minute buckets and
-# 5 hour buckets per entity) — first while every bucket is on the nodes,
-# then after `set-retention --archive-after 1d --keep-minutes 1h
+# the nodes: a 3-node cluster (release build; BENCH_PROFILE=dev for the test
+# command's) with an archive (a local directory), EVENTS events over IDS
+# entities spread over the last 3 days; then `tally bench stats` asks, for
+# the 200 most viewed entities, 10:07-16:05 UTC two days back (58 minute
+# buckets and 5 hour buckets per entity): first while every bucket is on
+# the nodes, then after `set-retention --archive-after 1d --keep-minutes 1h
 # --keep-hours 1d` has archived them and dropped them from the nodes. Each
 # run makes a cold pass (files not read yet) and a warm one (the archive's
-# lease cache).
+# lease cache); the leaders' export time is summed from their logs.
 #
 #   scripts/bench-archive.sh [EVENTS]     (default 2,000,000)
 #

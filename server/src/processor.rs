@@ -807,6 +807,38 @@ mod tests {
         assert_eq!(rx1.await.unwrap(), ProposeOutcome::Done { accepted: 2, duplicates: vec![1], rejected: vec![] });
     }
 
+    /// The seal refuses old events at the leader (as dead letters), and
+    /// apply's refusal of a delta built before the leader saw the seal turns
+    /// its events, keyed or not, into TOO_LATE rejections.
+    #[tokio::test]
+    async fn sealed_events_are_answered_too_late() {
+        let index = DedupIndex::default();
+        let mut pending = HashSet::new();
+        let sealed = EntryRules { sealed_below_ms: 3_600_000, ..rules(600_000) };
+        let (j1, rx1) = job(vec![ev("a", 0, "x", None), ev("a", 3_600_000, "y", None)]);
+        let p = build_proposal(&index, &mut pending, vec![j1], 1, &sealed);
+        let Command::Ingest(batch) = &p.command else { panic!("not an ingest") };
+        assert_eq!(batch.dead_letters.len(), 1);
+        assert_eq!(batch.deltas.len(), 1);
+        p.answer(&CommandOutcome::default(), 3_600_000);
+        let too_late = TimeRejection::TooLate { limit_ms: 3_600_000 };
+        assert_eq!(
+            rx1.await.unwrap(),
+            ProposeOutcome::Done { accepted: 1, duplicates: vec![], rejected: vec![(0, too_late)] }
+        );
+
+        // Built before the seal: apply refuses the first minute's delta.
+        let (j2, rx2) = job(vec![ev("b", 7_200_000, "", None), ev("b", 0, "z", None), ev("b", 60, "", None)]);
+        let p = build_proposal(&index, &mut pending, vec![j2], 1, &rules(600_000));
+        let Command::Ingest(batch) = &p.command else { panic!("not an ingest") };
+        let old = batch.deltas.iter().position(|d| d.minute_ms == 0).unwrap() as u32;
+        p.answer(&CommandOutcome { skipped: Vec::new(), sealed: vec![old] }, 3_600_000);
+        assert_eq!(
+            rx2.await.unwrap(),
+            ProposeOutcome::Done { accepted: 1, duplicates: vec![], rejected: vec![(1, too_late), (2, too_late)] }
+        );
+    }
+
     #[test]
     fn batches_stay_under_the_event_and_byte_caps() {
         let mut queued: VecDeque<IngestJob> = (0..5).map(|_| job(vec![ev("e", 0, "", None); 400]).0).collect();
