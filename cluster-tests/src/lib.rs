@@ -863,3 +863,20 @@ pub async fn http_get_with(addr: &str, path: &str, headers: &str) -> anyhow::Res
     );
     Ok((status, body.to_string()))
 }
+
+/// A Stats request of one (entity, type) over [from, to).
+pub fn stats_request(
+    entity: &[u8],
+    event_type: &str,
+    from: i64,
+    to: i64,
+    consistency: tally_proto::v1::Consistency,
+) -> tally_proto::v1::StatsRequest {
+    tally_proto::v1::StatsRequest {
+        entity_id: entity.to_vec(),
+        event_type: event_type.into(),
+        from_ms: from,
+        to_ms: to,
+        consistency: consistency as i32,
+    }
+}

@@ -15,27 +15,17 @@ use std::time::{Duration, Instant};
 
 use cluster_tests::ingestor::RetryingIngestor;
 use cluster_tests::model::{Model, Workload};
-use cluster_tests::{ClusterOptions, TestCluster};
+use cluster_tests::{stats_request, ClusterOptions, TestCluster};
 use tally_proto::partition::partition_of;
 use tally_proto::time::{bucket_start, next_bucket_start, series_starts, Granularity, DAY_MS, HOUR_MS, MINUTE_MS};
 use tally_proto::v1::{
     AddNodeRequest, Consistency, Event, Granularity as WireGranularity, RejectionCode, RemoveNodeRequest,
-    SeriesRequest, StatsRequest, StatusResponse,
+    SeriesRequest, StatusResponse,
 };
 
 const EVENTS: usize = 4_000;
 const ENTITIES: u32 = 60;
 const PARTITIONS: u32 = 8;
-
-fn stats_request(entity: &[u8], event_type: &str, from: i64, to: i64, consistency: Consistency) -> StatsRequest {
-    StatsRequest {
-        entity_id: entity.to_vec(),
-        event_type: event_type.into(),
-        from_ms: from,
-        to_ms: to,
-        consistency: consistency as i32,
-    }
-}
 
 /// Each partition's archived horizon as node `id` applied it.
 fn archived_upto(status: &StatusResponse) -> Vec<i64> {

@@ -13,26 +13,16 @@ use std::time::{Duration, Instant};
 
 use cluster_tests::ingestor::RetryingIngestor;
 use cluster_tests::model::{event, Model, Workload};
-use cluster_tests::{ClusterOptions, TestCluster};
+use cluster_tests::{stats_request, ClusterOptions, TestCluster};
 use tally_proto::time::{bucket_start, Granularity, DAY_MS, HOUR_MS, MINUTE_MS};
 use tally_proto::v1::{
-    Consistency, Event, Granularity as WireGranularity, IngestRequest, RetentionPolicy, SeriesRequest, StatsRequest,
-    StatsResponse, TopKOrder, TopKRequest,
+    Consistency, Event, Granularity as WireGranularity, IngestRequest, RetentionPolicy, SeriesRequest, StatsResponse,
+    TopKOrder, TopKRequest,
 };
 use tonic::Code;
 
 const EVENTS: usize = 6_000;
 const ENTITIES: u32 = 120;
-
-fn stats_request(entity: &[u8], event_type: &str, from: i64, to: i64, consistency: Consistency) -> StatsRequest {
-    StatsRequest {
-        entity_id: entity.to_vec(),
-        event_type: event_type.into(),
-        from_ms: from,
-        to_ms: to,
-        consistency: consistency as i32,
-    }
-}
 
 fn series_request(entity: &[u8], from: i64, to: i64, granularity: WireGranularity) -> SeriesRequest {
     SeriesRequest {

@@ -134,10 +134,6 @@ impl ArchiveStore {
         Ok(ArchiveStore { store, url: url.to_owned(), cache, footers })
     }
 
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
     /// The file of a partition's segment, relative to the archive's root.
     pub fn segment_path(partition: u32, after_ms: Option<i64>, upto_ms: i64) -> String {
         let after = after_ms.map_or_else(|| "start".to_owned(), |a| a.to_string());

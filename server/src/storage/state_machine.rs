@@ -416,16 +416,16 @@ fn apply_ingest(
         .filter(|&i| deltas.get(i as usize).is_some_and(|d| manifest.is_sealed(d.minute_ms)))
         .collect();
     let is_sealed = |delta: u32| !sealed.is_empty() && sealed.binary_search(&delta).is_ok();
-    let counted: Vec<u32> =
-        (0..keyed.len() as u32).filter(|&k| keyed.get(k as usize).is_some_and(|e| !is_sealed(e.delta))).collect();
-    let mut admitted = dedup.admit(
-        (stamp, log_index),
-        counted.iter().filter_map(|&k| keyed.get(k as usize)).map(|k| k.key),
-        provisional,
-    );
-    // Back to positions in `keyed` (ascending, like `counted`).
-    for position in &mut admitted.skipped {
-        *position = counted.get(*position as usize).copied().unwrap_or(u32::MAX);
+    let mut admitted =
+        dedup.admit((stamp, log_index), keyed.iter().filter(|e| !is_sealed(e.delta)).map(|k| k.key), provisional);
+    if !sealed.is_empty() {
+        // Back to positions in `keyed` (only entries with sealed deltas
+        // skipped any: the common entry pays nothing).
+        let counted: Vec<u32> =
+            (0..keyed.len() as u32).filter(|&k| keyed.get(k as usize).is_some_and(|e| !is_sealed(e.delta))).collect();
+        for position in &mut admitted.skipped {
+            *position = counted.get(*position as usize).copied().unwrap_or(u32::MAX);
+        }
     }
     if !admitted.keys.is_empty() {
         round.state.push(StateWrite::Put(keys::dedup_key(group, stamp, log_index).to_vec(), encode(&admitted.keys)?));
