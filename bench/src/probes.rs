@@ -439,6 +439,7 @@ async fn probe(client: &TallyClient, readers: &Readers, entity: String, event_ty
         from_ms: event_time_ms - 60_000,
         to_ms: event_time_ms + 60_000,
         consistency: Consistency::Stale as i32,
+        share_partition_plus_one: 0,
     };
     while acked.elapsed() < VISIBILITY_TIMEOUT {
         let mut r = tonic::Request::new(request.clone());

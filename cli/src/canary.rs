@@ -332,6 +332,7 @@ async fn check_loop(
         for (node, reader) in readers.iter_mut() {
             for (lane, entity) in entities.iter().enumerate() {
                 let request = StatsRequest {
+                    share_partition_plus_one: 0,
                     entity_id: entity.clone(),
                     event_type: EVENT_TYPE.into(),
                     from_ms: range.start,

@@ -1,6 +1,6 @@
 //! `tally cluster init | status | wait | transfer-leader | rebalance |
-//! add-node | remove-node | set-policy | set-retention | stages` (the last
-//! two in `retention.rs` and `stages.rs`).
+//! add-node | remove-node | set-policy | set-retention | stages | spread`
+//! (the last three in `retention.rs`, `stages.rs` and `spread.rs`).
 //!
 //! `status` asks every node, not just `--addr`: a node only knows the
 //! leaders of the partitions it replicates, and only the node itself knows
@@ -91,6 +91,20 @@ pub enum ClusterCommand {
         node: u64,
         /// Give up after this long.
         #[arg(long, default_value = "30s")]
+        timeout: humantime::Duration,
+    },
+    /// Spread a hot entity's events over more partitions: from the next
+    /// minute its home has not counted, each event goes to one of WAYS more
+    /// partitions by a hash of its event_id; queries sum the shares.
+    /// Permanent; asking again shows the spread in force.
+    Spread {
+        /// The entity id.
+        entity: String,
+        /// Partitions to spread over besides the home.
+        #[arg(long, default_value_t = 4)]
+        ways: u32,
+        /// Give up after this long.
+        #[arg(long, default_value = "60s")]
         timeout: humantime::Duration,
     },
     /// Move leaderships so every node leads an even share of the partitions.
@@ -197,6 +211,7 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
             transfer_leader(cli, *partition, *node, **timeout).await
         }
         ClusterCommand::Rebalance { timeout } => rebalance(cli, **timeout).await,
+        ClusterCommand::Spread { entity, ways, timeout } => crate::spread::run(cli, entity, *ways, **timeout).await,
         ClusterCommand::AddNode { node_addr, timeout } => add_node(cli, node_addr, **timeout).await,
         ClusterCommand::RemoveNode { node_id, timeout } => remove_node(cli, *node_id, **timeout).await,
         ClusterCommand::Stages { reset } => crate::stages::run(cli, *reset).await,
@@ -221,7 +236,7 @@ async fn admin_client(cli: &Cli) -> anyhow::Result<(String, ClusterClient<tally_
 
 /// Runs one admin call bounded by `timeout` (also sent as the gRPC
 /// deadline), turning a gRPC error into a readable one.
-async fn admin_call<T, F, Fut>(cli: &Cli, what: &str, timeout: Duration, f: F) -> anyhow::Result<T>
+pub(crate) async fn admin_call<T, F, Fut>(cli: &Cli, what: &str, timeout: Duration, f: F) -> anyhow::Result<T>
 where
     F: FnOnce(ClusterClient<tally_client::TokenChannel>, Duration) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -240,7 +255,7 @@ where
 }
 
 /// A request with `timeout` as its gRPC deadline.
-fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+pub(crate) fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(timeout);
     request
@@ -575,6 +590,7 @@ impl StatusView {
             "changing": map.partitions().iter().filter(|r| r.changing()).count(),
             "nodes": nodes,
             "partitions": partitions,
+            "spreads": crate::spread::spreads_of(self.reports()).iter().map(crate::spread::to_json).collect::<Vec<_>>(),
         })
     }
 
@@ -691,6 +707,9 @@ impl StatusView {
                 doc["changing"],
                 if with_partitions { " (marked *)" } else { " (see --partitions)" }
             ));
+        }
+        for spread in crate::spread::spreads_of(self.reports()) {
+            out.push_str(&format!("spread: {}\n", crate::spread::describe(&spread)));
         }
         out.push('\n');
         let mut nodes = Table::new([

@@ -34,6 +34,7 @@ use crate::encoded;
 use crate::error::{ClientError, Result};
 use crate::leader_router::Router;
 use crate::outcome::{Reply, ServerTotals};
+use tally_proto::routing::Routing;
 use tally_proto::v1::Event;
 
 /// Open while any event of its epoch is unresolved; dropping the last
@@ -106,9 +107,9 @@ pub(crate) struct Batcher {
     permits: Arc<Semaphore>,
     epochs: std::sync::Mutex<Epochs>,
     capacity: usize,
-    /// The cluster's partition count (fixed for its life), for routing
-    /// events before they are encoded.
-    partitions: u32,
+    /// Where the routing of events before they are encoded comes from (the
+    /// partitioner and the spreads of hot entities).
+    router: Arc<Router>,
 }
 
 impl Batcher {
@@ -118,14 +119,14 @@ impl Batcher {
         let (commands, rx) = mpsc::channel(capacity.min(4096));
         let (current, current_done) = new_epoch();
         let partitions = router.with_map(|m| m.partition_count()).max(1);
-        let task = Task::new(router, totals, permits.clone(), partitions as usize);
+        let task = Task::new(router.clone(), totals, permits.clone(), partitions as usize);
         tokio::spawn(task.run(rx));
         Batcher {
             commands,
             permits,
             epochs: std::sync::Mutex::new(Epochs { current, current_done, closed: Vec::new() }),
             capacity,
-            partitions,
+            router,
         }
     }
 
@@ -138,20 +139,15 @@ impl Batcher {
         self.capacity.saturating_sub(self.permits.available_permits())
     }
 
-    fn item(&self, event: &Event, reply: Reply, epoch: Arc<EpochToken>) -> Item {
-        Item {
-            event: encoded::encode_event(event),
-            partition: crate::partition_of(&event.entity_id, self.partitions),
-            reply,
-            _epoch: epoch,
-        }
+    fn item(&self, routing: &Routing, event: &Event, reply: Reply, epoch: Arc<EpochToken>) -> Item {
+        Item { event: encoded::encode_event(event), partition: routing.partition_of_event(event), reply, _epoch: epoch }
     }
 
     /// Queues one event, waiting while the buffer is full.
     pub(crate) async fn send(&self, event: &Event, reply: Reply) -> Result<()> {
         let permit = self.permits.acquire().await.map_err(|_| ClientError::Closed)?;
         let epoch = self.lock_epochs().current.clone();
-        let item = self.item(event, reply, epoch);
+        let item = self.item(&self.router.with_map(|m| m.routing()), event, reply, epoch);
         self.commands.send(Command::Event(item)).await.map_err(|_| ClientError::Closed)?;
         // From here the delivery task returns the permit when the event is
         // resolved. (Cancelled before this line, the permit is dropped and
@@ -171,7 +167,9 @@ impl Batcher {
             // At most MAX_CHUNK: the cast cannot truncate.
             let permits = self.permits.acquire_many(part.len() as u32).await.map_err(|_| ClientError::Closed)?;
             let epoch = self.lock_epochs().current.clone();
-            let items = part.into_iter().map(|(event, reply)| self.item(&event, reply, epoch.clone())).collect();
+            let routing = self.router.with_map(|m| m.routing());
+            let items =
+                part.into_iter().map(|(event, reply)| self.item(&routing, &event, reply, epoch.clone())).collect();
             self.commands.send(Command::Events(items)).await.map_err(|_| ClientError::Closed)?;
             permits.forget();
         }

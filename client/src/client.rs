@@ -197,6 +197,7 @@ impl TallyClient {
             from_ms: range.start,
             to_ms: range.end,
             consistency: consistency as i32,
+            share_partition_plus_one: 0,
         };
         let route = self.query_route(entity_id, consistency);
         call(&self.inner.router, route, |node| {
@@ -225,6 +226,7 @@ impl TallyClient {
             to_ms: range.end,
             granularity: granularity as i32,
             consistency: consistency as i32,
+            share_partition_plus_one: 0,
         };
         let route = self.query_route(entity_id, consistency);
         call(&self.inner.router, route, |node| {

@@ -18,6 +18,9 @@
 //! function the server uses too, so client and server cannot disagree.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tally_proto::routing::{Routing, SpreadRoute};
 
 use tally_proto::v1::{LeaderHint, StatusResponse};
 
@@ -57,6 +60,11 @@ pub struct PartitionMap {
     partition_count: u32,
     nodes: BTreeMap<u64, String>,
     partitions: Vec<PartitionRoute>,
+    /// The partitioner and the active spreads of hot entities, from the
+    /// report that knows most of them. A client whose map predates a spread
+    /// still counts right: the home partition answers "moved" and the node
+    /// routes those events again.
+    routing: Arc<Routing>,
 }
 
 impl PartitionMap {
@@ -65,10 +73,25 @@ impl PartitionMap {
     pub fn merge(statuses: &[StatusResponse]) -> Option<PartitionMap> {
         let initialized: Vec<&StatusResponse> = statuses.iter().filter(|s| s.initialized).collect();
         let partition_count = initialized.iter().map(|s| s.partition_count).max()?;
+        let spreads = initialized
+            .iter()
+            .map(|s| &s.spreads)
+            .max_by_key(|spreads| spreads.iter().filter(|s| s.from_ms != 0).count())
+            .map(|spreads| {
+                spreads
+                    .iter()
+                    .filter(|s| s.from_ms != 0)
+                    .map(|s| {
+                        (s.entity_id.clone(), SpreadRoute { from_ms: s.from_ms, partitions: s.partitions.clone() })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
         let mut map = PartitionMap {
             partition_count,
             nodes: BTreeMap::new(),
             partitions: vec![PartitionRoute::default(); partition_count as usize],
+            routing: Arc::new(Routing::new(partition_count, spreads)),
         };
         // (term, reported by the leader itself) of the voters taken so far.
         let mut voters_seen: Vec<Option<(u64, bool)>> = vec![None; partition_count as usize];
@@ -108,9 +131,14 @@ impl PartitionMap {
         self.partition_count
     }
 
-    /// The partition of an entity, exactly as the server computes it.
+    /// The home partition of an entity, exactly as the server computes it.
     pub fn partition_of(&self, entity_id: &[u8]) -> u32 {
         tally_proto::partition::partition_of(entity_id, self.partition_count)
+    }
+
+    /// How events are routed: the partitioner and the active spreads.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.clone()
     }
 
     /// Leader of `partition` and its address, when known.

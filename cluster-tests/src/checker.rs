@@ -297,6 +297,7 @@ async fn stats(
         from_ms: from,
         to_ms: to,
         consistency: 0,
+        share_partition_plus_one: 0,
     };
     Ok(query.stats(request).await?.into_inner())
 }

@@ -502,6 +502,7 @@ impl TestCluster {
                 from_ms,
                 to_ms,
                 consistency: 0,
+                share_partition_plus_one: 0,
             };
             total += q.stats(req).await?.into_inner().count;
         }
@@ -878,5 +879,6 @@ pub fn stats_request(
         from_ms: from,
         to_ms: to,
         consistency: consistency as i32,
+        share_partition_plus_one: 0,
     }
 }

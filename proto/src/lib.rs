@@ -4,12 +4,14 @@
 //!   peer-to-peer Raft traffic).
 //! * [`partition`]: which partition an entity belongs to. Client and server
 //!   both route with this one function, so they can never disagree.
+//! * [`routing`]: the partitioner plus spread hot entities (`Routing`).
 //! * [`validate`]: the rules an event must satisfy, with errors that name
 //!   the offending field.
 //! * [`time`]: minute/hour/day/month buckets and the decomposition of a time
 //!   range into the fewest buckets.
 
 pub mod partition;
+pub mod routing;
 pub mod time;
 pub mod validate;
 

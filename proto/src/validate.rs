@@ -105,7 +105,7 @@ pub fn validate_range(from_ms: i64, to_ms: i64) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn validate_entity_id(entity_id: &[u8]) -> Result<(), FieldError> {
+pub fn validate_entity_id(entity_id: &[u8]) -> Result<(), FieldError> {
     let len = entity_id.len();
     if len == 0 || len > MAX_ENTITY_ID_BYTES {
         return Err(FieldError::new("entity_id", format!("must be 1 to {MAX_ENTITY_ID_BYTES} bytes, got {len}")));

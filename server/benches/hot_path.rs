@@ -58,6 +58,7 @@ fn rules() -> EntryRules {
         policy: IngestPolicy::default(),
         check_times: true,
         sealed_below_ms: i64::MIN,
+        moved: Default::default(),
     }
 }
 

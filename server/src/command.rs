@@ -44,6 +44,11 @@ pub enum Command {
     Seal { below_ms: i64 },
     /// A sealed range is in the archive: append it to the manifest.
     Archived(ArchiveSegment),
+    /// Stop counting the entity's events from `from_ms` on (partition
+    /// groups only, the entity's home): it is being spread (`moved.rs`).
+    /// Apply fixes the actual start, never before a minute already counted,
+    /// and answers it in `CommandOutcome::spread_from_ms`.
+    Spread { entity_id: Vec<u8>, from_ms: i64 },
 }
 
 /// What the leader commits for a group of coalesced ingest requests: the
@@ -218,6 +223,12 @@ pub struct CommandOutcome {
     /// minute is sealed for the archive (an entry built before the leader
     /// saw the seal): the leader answers their events TOO_LATE.
     pub sealed: Vec<u32>,
+    /// Indexes in `IngestBatch::deltas` of deltas not counted because their
+    /// entity was spread away from this partition (an entry built before
+    /// the leader saw the spread): the leader answers their events "moved".
+    pub moved: Vec<u32>,
+    /// For `Command::Spread`: the `from_ms` in force.
+    pub spread_from_ms: Option<i64>,
 }
 
 impl Command {
@@ -240,6 +251,7 @@ impl Command {
             }
             Command::SetIngestPolicy(_) | Command::SetRetention(_) | Command::Expire(_) | Command::Seal { .. } => 64,
             Command::Archived(segment) => 64 + segment.path.len(),
+            Command::Spread { entity_id, .. } => 64 + entity_id.len(),
         }
     }
 }
@@ -260,12 +272,21 @@ impl fmt::Display for Command {
             Command::Expire(floors) => write!(f, "Expire({floors:?})"),
             Command::Seal { below_ms } => write!(f, "Seal(below {below_ms})"),
             Command::Archived(segment) => write!(f, "Archived(upto {}, {})", segment.upto_ms, segment.path),
+            Command::Spread { entity_id, from_ms } => {
+                write!(f, "Spread({}, from {from_ms})", String::from_utf8_lossy(entity_id))
+            }
         }
     }
 }
 
 impl fmt::Display for CommandOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CommandOutcome(skipped={}, sealed={})", self.skipped.len(), self.sealed.len())
+        write!(
+            f,
+            "CommandOutcome(skipped={}, sealed={}, moved={})",
+            self.skipped.len(),
+            self.sealed.len(),
+            self.moved.len()
+        )
     }
 }

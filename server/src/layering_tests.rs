@@ -19,6 +19,7 @@ const LAYERS: &[&str] = &[
     "stages",
     "load",
     "meta",
+    "moved",
     "retention",
     "archive_manifest",
     "command",

@@ -37,6 +37,7 @@ pub mod expiry;
 pub mod load;
 pub mod meta;
 pub mod metrics;
+pub mod moved;
 pub mod node;
 pub mod partition_view;
 pub mod processor;

@@ -114,6 +114,20 @@ pub struct ClusterMap {
     pub replication_factor: u32,
     /// Replica node ids of each partition; the first is the preferred leader.
     pub replicas: Vec<Vec<NodeId>>,
+    /// Hot entities spread over more partitions than their home
+    /// (`moved.rs` argues why no event is lost or counted twice).
+    #[serde(default)]
+    pub spreads: BTreeMap<Vec<u8>, SpreadPlan>,
+}
+
+/// A hot entity's spread as the map holds it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SpreadPlan {
+    /// The partitions sharing its events from `from_ms` on (never the home).
+    pub partitions: Vec<u32>,
+    /// Fixed by the home partition's log (`Command::Spread`); `None` while
+    /// pending, when every event still goes home.
+    pub from_ms: Option<i64>,
 }
 
 impl ClusterMap {
@@ -128,7 +142,65 @@ impl ClusterMap {
         let replicas = (0..partition_count as usize)
             .map(|p| (0..rf).filter_map(|i| ids.get((p + i) % n).copied()).collect())
             .collect();
-        ClusterMap { version: 1, nodes, partition_count, replication_factor: rf as u32, replicas }
+        ClusterMap {
+            version: 1,
+            nodes,
+            partition_count,
+            replication_factor: rf as u32,
+            replicas,
+            spreads: BTreeMap::new(),
+        }
+    }
+
+    /// The map with `entity` planned to spread over `ways` partitions: the
+    /// ones after its home, whose preferred leaders are on successive nodes
+    /// (`initial`). Pending until the home fixes `from_ms`. An entity
+    /// already spread keeps its spread (the map is returned unchanged).
+    pub fn with_spread_planned(&self, entity: &[u8], ways: u32) -> Result<ClusterMap, String> {
+        if ways == 0 || ways >= self.partition_count {
+            return Err(format!(
+                "ways: must be 1 to {} (the partitions besides the entity's home), got {ways}",
+                self.partition_count.saturating_sub(1)
+            ));
+        }
+        if self.spreads.contains_key(entity) {
+            return Ok(self.clone());
+        }
+        let home = tally_proto::partition::partition_of(entity, self.partition_count);
+        let partitions = (1..=ways).map(|i| (home + i) % self.partition_count).collect();
+        let mut next = self.clone();
+        next.version += 1;
+        next.spreads.insert(entity.to_vec(), SpreadPlan { partitions, from_ms: None });
+        Ok(next)
+    }
+
+    /// The map with `entity`'s planned spread active from `from_ms`; `None`
+    /// when there is nothing to change.
+    pub fn with_spread_active(&self, entity: &[u8], from_ms: i64) -> Option<ClusterMap> {
+        let plan = self.spreads.get(entity)?;
+        if plan.from_ms.is_some() {
+            return None;
+        }
+        let mut next = self.clone();
+        next.version += 1;
+        next.spreads
+            .insert(entity.to_vec(), SpreadPlan { partitions: plan.partitions.clone(), from_ms: Some(from_ms) });
+        Some(next)
+    }
+
+    /// How events are routed under this map: the partitioner and the
+    /// active spreads.
+    pub fn routing(&self) -> tally_proto::routing::Routing {
+        tally_proto::routing::Routing::new(
+            self.partition_count,
+            self.spreads.iter().filter_map(|(entity, plan)| {
+                let from_ms = plan.from_ms?;
+                Some((
+                    entity.clone(),
+                    tally_proto::routing::SpreadRoute { from_ms, partitions: plan.partitions.clone() },
+                ))
+            }),
+        )
     }
 
     /// The map after `id` joins: the new node takes over replicas from the
@@ -378,6 +450,25 @@ mod tests {
         assert!(two[0].starts_with("nodes:") && two.iter().any(|d| d.starts_with("replication_factor")), "{two:?}");
         let moved = (1..=3).map(|i| (i, NodeAddrs::new(format!("n{i}"), "elsewhere"))).collect();
         assert!(map.shape_differences(&ClusterMap::initial(moved, 8, 3))[0].contains("peer_addr"));
+    }
+
+    #[test]
+    fn a_spread_is_planned_then_activated_once() {
+        let map = ClusterMap::initial((1..=3).map(|i| (i, addrs(i))).collect(), 8, 3);
+        let home = tally_proto::partition::partition_of(b"hot", 8);
+        assert!(map.with_spread_planned(b"hot", 0).unwrap_err().starts_with("ways: must be 1 to 7"));
+        assert!(map.with_spread_planned(b"hot", 8).is_err());
+        let planned = map.with_spread_planned(b"hot", 3).unwrap();
+        assert_eq!(planned.version, map.version + 1);
+        let plan = &planned.spreads[b"hot".as_slice()];
+        assert_eq!(plan.partitions, (1..=3).map(|i| (home + i) % 8).collect::<Vec<_>>());
+        assert_eq!(plan.from_ms, None);
+        assert_eq!(planned.routing().spread_of(b"hot"), None, "pending: nothing routes differently");
+        assert_eq!(planned.with_spread_planned(b"hot", 5).unwrap(), planned, "planned once");
+        let active = planned.with_spread_active(b"hot", 60_000).unwrap();
+        assert_eq!(active.routing().spread_of(b"hot").map(|s| s.from_ms), Some(60_000));
+        assert_eq!(active.with_spread_active(b"hot", 120_000), None, "from_ms is fixed once");
+        assert_eq!(map.with_spread_active(b"hot", 1), None, "nothing planned");
     }
 
     #[test]

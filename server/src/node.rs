@@ -17,6 +17,7 @@ use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Raft};
 use tally_proto::partition::{group_of_partition, METADATA_GROUP};
+use tally_proto::routing::Routing;
 use tally_proto::v1::Event;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -27,6 +28,7 @@ use crate::config::NodeConfig;
 use crate::dedup::{DedupBudget, DedupIndex};
 use crate::load::PartitionLoad;
 use crate::meta::{ClusterMap, IngestPolicy};
+use crate::moved::SharedMoved;
 use crate::processor::{self, IngestJob, ProcessorConfig, ProposeOutcome};
 use crate::raft::liveness::Liveness;
 use crate::raft::network::NetworkFactory;
@@ -41,7 +43,7 @@ use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::{GroupStateMachine, MetadataWatches};
 use crate::storage::write_back::WriteBack;
 use crate::storage::Engine;
-use crate::sync::RwLockExt;
+use crate::sync::{MutexExt, RwLockExt};
 use crate::type_config::NodeId;
 use crate::RaftInstance;
 
@@ -95,6 +97,8 @@ pub struct PartitionReplica {
     pub load: Arc<PartitionLoad>,
     /// The partition's archive manifest (replicated state).
     pub archive: Arc<SharedManifest>,
+    /// Entities spread away from the partition (replicated state).
+    pub moved: Arc<SharedMoved>,
 }
 
 pub struct Node {
@@ -123,10 +127,17 @@ pub struct Node {
     /// Dedup slots of every replica here, against `--dedup-memory-mib`.
     pub dedup_budget: Arc<DedupBudget>,
     partitions: RwLock<HashMap<u32, Arc<PartitionReplica>>>,
+    /// How events are routed under the current map, rebuilt when its
+    /// version changes (`routing`).
+    routing: Mutex<Option<(u64, Arc<Routing>)>>,
     /// Serialises group creation so two map updates never open one group twice.
     opening: tokio::sync::Mutex<()>,
     /// Serialises membership changes coordinated by this node.
     pub admin: tokio::sync::Mutex<()>,
+    /// Held from reading the cluster map to committing its successor, so
+    /// two changes (a membership change, a spread) never overwrite each
+    /// other. Short: never held while replicas move.
+    pub map_writes: tokio::sync::Mutex<()>,
 }
 
 impl Node {
@@ -274,8 +285,10 @@ impl Node {
             clock,
             dedup_budget,
             partitions: RwLock::default(),
+            routing: Mutex::new(None),
             opening: tokio::sync::Mutex::new(()),
             admin: tokio::sync::Mutex::new(()),
+            map_writes: tokio::sync::Mutex::new(()),
         });
         node.clone().sync_groups_with_map().await?;
         tokio::spawn(node.clone().follow_cluster_map());
@@ -311,6 +324,24 @@ impl Node {
     pub fn partition_count(&self) -> Option<u32> {
         let map = self.cluster_map.borrow();
         map.is_initialized().then_some(map.partition_count)
+    }
+
+    /// How events are routed under the current map; `None` before the
+    /// cluster is initialised.
+    pub fn routing(&self) -> Option<Arc<Routing>> {
+        let map = self.cluster_map.borrow();
+        if !map.is_initialized() {
+            return None;
+        }
+        let mut cached = self.routing.lock_unpoisoned();
+        match &*cached {
+            Some((version, routing)) if *version == map.version => Some(routing.clone()),
+            _ => {
+                let routing = Arc::new(map.routing());
+                *cached = Some((map.version, routing.clone()));
+                Some(routing)
+            }
+        }
     }
 
     /// The first replica of a partition: its preferred leader.
@@ -366,7 +397,7 @@ impl Node {
         let dedup = Arc::new(DedupIndex::new(self.dedup_budget.clone()));
         let quiet = self.quiescence.register(group);
         let data_dir = PathBuf::from(&self.config.data_dir);
-        let GroupParts { raft, write_back, logs, load, archive } = open_group(
+        let GroupParts { raft, write_back, logs, load, archive, moved } = open_group(
             &self.engine,
             &data_dir,
             &self.peers,
@@ -422,6 +453,7 @@ impl Node {
                 policy: self.ingest_policy.clone(),
                 cluster_map: self.cluster_map.clone(),
                 archive: archive.clone(),
+                moved: moved.clone(),
             },
             load.clone(),
         );
@@ -434,7 +466,18 @@ impl Node {
                 }
             }
         });
-        Ok(Arc::new(PartitionReplica { partition, raft, ingest, recovered, dedup, write_back, logs, load, archive }))
+        Ok(Arc::new(PartitionReplica {
+            partition,
+            raft,
+            ingest,
+            recovered,
+            dedup,
+            write_back,
+            logs,
+            load,
+            archive,
+            moved,
+        }))
     }
 
     fn processor_config(&self) -> ProcessorConfig {
@@ -574,11 +617,11 @@ async fn open_group(
 ) -> anyhow::Result<GroupParts> {
     let sm = GroupStateMachine::open(engine.clone(), group, &data_dir.join("snapshots"), dedup, metadata).await?;
     let write_back = sm.write_back();
-    let (logs, load, archive) = (sm.logs(), sm.load(), sm.archive());
+    let (logs, load, archive, moved) = (sm.logs(), sm.load(), sm.archive(), sm.moved());
     let log = LogStore::open(engine.clone(), group).await?;
     let network = NetworkFactory::new(group, peers.clone(), quiescence);
     let raft = Raft::new(node_id, raft_config.clone(), network, log, sm).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(GroupParts { raft, write_back, logs, load, archive })
+    Ok(GroupParts { raft, write_back, logs, load, archive, moved })
 }
 
 /// A group as opened: its Raft, and the handles the node keeps beside it.
@@ -588,4 +631,5 @@ struct GroupParts {
     logs: Arc<Mutex<PartitionLogs>>,
     load: Arc<PartitionLoad>,
     archive: Arc<SharedManifest>,
+    moved: Arc<SharedMoved>,
 }

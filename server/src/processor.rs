@@ -60,6 +60,7 @@ use crate::command::{
 use crate::dedup::{dedup_key, DedupIndex};
 use crate::load::PartitionLoad;
 use crate::meta::{ClusterMap, IngestPolicy, TimeRejection};
+use crate::moved::{MovedEntities, SharedMoved};
 use crate::raft::quiesce::GroupQuiescence;
 use crate::stages::{self, Stage};
 use crate::type_config::NodeId;
@@ -136,10 +137,13 @@ pub struct PolicySource {
     pub cluster_map: tokio::sync::watch::Receiver<ClusterMap>,
     /// The partition's archive seal (events before it are refused).
     pub archive: Arc<SharedManifest>,
+    /// Entities spread away from the partition (their new events are
+    /// answered "moved").
+    pub moved: Arc<SharedMoved>,
 }
 
 /// What one entry is built under.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EntryRules {
     pub dedup_window_ms: u64,
     pub policy: IngestPolicy,
@@ -153,6 +157,10 @@ pub struct EntryRules {
     /// whatever the clock; apply refuses them too, for entries built before
     /// the seal was seen.
     pub sealed_below_ms: i64,
+    /// Entities spread away (`moved.rs`): their events from the spread's
+    /// start are answered "moved", not counted. Replicated state too, and
+    /// apply refuses them alike.
+    pub moved: Arc<MovedEntities>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +172,9 @@ pub enum ProposeOutcome {
         accepted: u32,
         duplicates: Vec<u32>,
         rejected: Vec<(u32, TimeRejection)>,
+        /// Positions of events not counted because their entity was spread
+        /// away: to be routed again by the new map (ascending).
+        moved: Vec<u32>,
     },
     NotLeader {
         leader: Option<NodeId>,
@@ -237,8 +248,9 @@ struct JobReply {
     accepted: u32,
     duplicates: Vec<u32>,
     rejected: Vec<(u32, TimeRejection)>,
+    moved: Vec<u32>,
     /// Per event of the job, the delta counting it (`NOT_COUNTED` if none):
-    /// to answer the events of deltas apply refused as sealed.
+    /// to answer the events of deltas apply refused (sealed or moved).
     deltas: Vec<u32>,
 }
 
@@ -264,15 +276,22 @@ impl Proposal {
     /// move from accepted to duplicates; those of deltas it refused as
     /// sealed (before `sealed_below_ms`) to rejected, as too late.
     fn answer(mut self, outcome: &CommandOutcome, sealed_below_ms: i64) {
-        if !outcome.sealed.is_empty() {
+        if !outcome.sealed.is_empty() || !outcome.moved.is_empty() {
             for j in &mut self.jobs {
                 for (position, delta) in j.deltas.iter().enumerate() {
-                    if *delta != NOT_COUNTED && outcome.sealed.binary_search(delta).is_ok() {
+                    if *delta == NOT_COUNTED {
+                        continue;
+                    }
+                    if outcome.sealed.binary_search(delta).is_ok() {
                         j.accepted = j.accepted.saturating_sub(1);
                         j.rejected.push((position as u32, TimeRejection::TooLate { limit_ms: sealed_below_ms }));
+                    } else if outcome.moved.binary_search(delta).is_ok() {
+                        j.accepted = j.accepted.saturating_sub(1);
+                        j.moved.push(position as u32);
                     }
                 }
                 j.rejected.sort_unstable_by_key(|(position, _)| *position);
+                j.moved.sort_unstable();
             }
         }
         for &k in &outcome.skipped {
@@ -289,6 +308,7 @@ impl Proposal {
                 accepted: j.accepted,
                 duplicates: j.duplicates,
                 rejected: j.rejected,
+                moved: j.moved,
             });
         }
     }
@@ -323,7 +343,8 @@ impl Processor {
         let policy = *self.policy.policy.borrow();
         let check_times = self.clock.checked_by_peers() || self.policy.cluster_map.borrow().nodes.len() <= 1;
         let sealed_below_ms = self.policy.archive.sealed_below_ms();
-        EntryRules { dedup_window_ms: self.config.dedup_window_ms, policy, check_times, sealed_below_ms }
+        let moved = self.policy.moved.get();
+        EntryRules { dedup_window_ms: self.config.dedup_window_ms, policy, check_times, sealed_below_ms, moved }
     }
 
     fn leader_hint(&self) -> Option<NodeId> {
@@ -615,9 +636,15 @@ pub fn build_proposal(
     let raw_on = rules.policy.raw_events.max_events > 0;
     let index = dedup.lock();
     for (job_index, job) in jobs.into_iter().enumerate() {
-        let (mut accepted, mut duplicates, mut rejected) = (0u32, Vec::new(), Vec::new());
+        let (mut accepted, mut duplicates, mut rejected, mut moved) = (0u32, Vec::new(), Vec::new(), Vec::new());
         let mut counted_by = vec![NOT_COUNTED; job.events.len()];
         for (position, event) in job.events.into_iter().enumerate() {
+            // Before the dedup check: the partition it moved to owns the
+            // event's key now.
+            if rules.moved.refuses(&event.entity_id, bucket_start(Granularity::Minute, event.event_time_ms)) {
+                moved.push(position as u32);
+                continue;
+            }
             let key =
                 (!event.event_id.is_empty()).then(|| dedup_key(&event.entity_id, &event.event_type, &event.event_id));
             if let Some(key) = key {
@@ -685,7 +712,7 @@ pub fn build_proposal(
             }
         }
         dead_letters.extend(job.invalid);
-        answered.push(JobReply { reply: job.reply, accepted, duplicates, rejected, deltas: counted_by });
+        answered.push(JobReply { reply: job.reply, accepted, duplicates, rejected, moved, deltas: counted_by });
     }
     drop(index);
     for ((entity_id, event_type, _), slot) in slots {
@@ -728,7 +755,13 @@ mod tests {
 
     /// Rules that never refuse an event for its time.
     fn rules(dedup_window_ms: u64) -> EntryRules {
-        EntryRules { dedup_window_ms, policy: IngestPolicy::default(), check_times: false, sealed_below_ms: i64::MIN }
+        EntryRules {
+            dedup_window_ms,
+            policy: IngestPolicy::default(),
+            check_times: false,
+            sealed_below_ms: i64::MIN,
+            moved: Arc::default(),
+        }
     }
 
     #[test]
@@ -757,7 +790,7 @@ mod tests {
         // Rejected events hold no dedup key: a corrected retry may count.
         assert_eq!(pending.len(), 1);
         p.answer(&CommandOutcome::default(), i64::MIN);
-        let ProposeOutcome::Done { accepted, duplicates, rejected } = rx.blocking_recv().unwrap() else {
+        let ProposeOutcome::Done { accepted, duplicates, rejected, .. } = rx.blocking_recv().unwrap() else {
             panic!("not done")
         };
         assert_eq!((accepted, duplicates), (1, vec![1]));
@@ -803,8 +836,11 @@ mod tests {
         let mut pending = HashSet::new();
         let (j1, rx1) = job(vec![ev("a", 0, "x", None), ev("a", 0, "y", None), ev("a", 0, "", None)]);
         let p = build_proposal(&index, &mut pending, vec![j1], 1, &rules(600_000));
-        p.answer(&CommandOutcome { skipped: vec![1], sealed: Vec::new() }, i64::MIN);
-        assert_eq!(rx1.await.unwrap(), ProposeOutcome::Done { accepted: 2, duplicates: vec![1], rejected: vec![] });
+        p.answer(&CommandOutcome { skipped: vec![1], ..Default::default() }, i64::MIN);
+        assert_eq!(
+            rx1.await.unwrap(),
+            ProposeOutcome::Done { accepted: 2, duplicates: vec![1], rejected: vec![], moved: vec![] }
+        );
     }
 
     /// The seal refuses old events at the leader (as dead letters), and
@@ -824,7 +860,7 @@ mod tests {
         let too_late = TimeRejection::TooLate { limit_ms: 3_600_000 };
         assert_eq!(
             rx1.await.unwrap(),
-            ProposeOutcome::Done { accepted: 1, duplicates: vec![], rejected: vec![(0, too_late)] }
+            ProposeOutcome::Done { accepted: 1, duplicates: vec![], rejected: vec![(0, too_late)], moved: vec![] }
         );
 
         // Built before the seal: apply refuses the first minute's delta.
@@ -832,10 +868,48 @@ mod tests {
         let p = build_proposal(&index, &mut pending, vec![j2], 1, &rules(600_000));
         let Command::Ingest(batch) = &p.command else { panic!("not an ingest") };
         let old = batch.deltas.iter().position(|d| d.minute_ms == 0).unwrap() as u32;
-        p.answer(&CommandOutcome { skipped: Vec::new(), sealed: vec![old] }, 3_600_000);
+        p.answer(&CommandOutcome { sealed: vec![old], ..Default::default() }, 3_600_000);
         assert_eq!(
             rx2.await.unwrap(),
-            ProposeOutcome::Done { accepted: 1, duplicates: vec![], rejected: vec![(1, too_late), (2, too_late)] }
+            ProposeOutcome::Done {
+                accepted: 1,
+                duplicates: vec![],
+                rejected: vec![(1, too_late), (2, too_late)],
+                moved: vec![]
+            }
+        );
+    }
+
+    /// Events of an entity spread away are answered "moved", not counted,
+    /// their keys not pending; so are those of deltas apply refused.
+    #[tokio::test]
+    async fn events_of_a_spread_entity_are_answered_moved() {
+        let index = DedupIndex::default();
+        let mut pending = HashSet::new();
+        let mut moved = crate::moved::MovedEntities::default();
+        moved.move_out(b"hot", 120_000);
+        let spread = EntryRules { moved: Arc::new(moved), ..rules(600_000) };
+        let (j1, rx1) =
+            job(vec![ev("hot", 60_000, "a", None), ev("hot", 120_000, "b", None), ev("c", 120_000, "", None)]);
+        let p = build_proposal(&index, &mut pending, vec![j1], 1, &spread);
+        assert!(!pending.contains(&dedup_key(b"hot", "view", b"b")), "the new partition owns the key");
+        let Command::Ingest(batch) = &p.command else { panic!("not an ingest") };
+        assert_eq!(batch.deltas.len(), 2);
+        p.answer(&CommandOutcome::default(), i64::MIN);
+        assert_eq!(
+            rx1.await.unwrap(),
+            ProposeOutcome::Done { accepted: 2, duplicates: vec![], rejected: vec![], moved: vec![1] }
+        );
+
+        // Built before the spread: apply refuses the delta at its start.
+        let (j2, rx2) = job(vec![ev("hot", 120_000, "d", None), ev("hot", 0, "e", None)]);
+        let p = build_proposal(&index, &mut pending, vec![j2], 1, &rules(600_000));
+        let Command::Ingest(batch) = &p.command else { panic!("not an ingest") };
+        let refused = batch.deltas.iter().position(|d| d.minute_ms == 120_000).unwrap() as u32;
+        p.answer(&CommandOutcome { moved: vec![refused], ..Default::default() }, i64::MIN);
+        assert_eq!(
+            rx2.await.unwrap(),
+            ProposeOutcome::Done { accepted: 1, duplicates: vec![], rejected: vec![], moved: vec![0] }
         );
     }
 

@@ -86,6 +86,7 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
     let mut query = cluster.query_client(3).await?;
     let err = query
         .stats(StatsRequest {
+            share_partition_plus_one: 0,
             entity_id: b"video-1".to_vec(),
             event_type: "view".into(),
             from_ms: now,
@@ -98,6 +99,7 @@ async fn edges_of_the_api() -> anyhow::Result<()> {
     assert!(err.message().starts_with("to_ms"), "{}", err.message());
     let err = query
         .series(SeriesRequest {
+            share_partition_plus_one: 0,
             entity_id: b"video-1".to_vec(),
             event_type: "view".into(),
             from_ms: 0,
@@ -149,6 +151,7 @@ async fn stats(cluster: &TestCluster, node: u64, entity: &str, event_type: &str,
         .query_client(node)
         .await?
         .stats(StatsRequest {
+            share_partition_plus_one: 0,
             entity_id: entity.into(),
             event_type: event_type.into(),
             from_ms: now - 3_600_000,

@@ -182,6 +182,7 @@ async fn archived_buckets_answer_exactly_after_they_leave_the_nodes() -> anyhow:
             .query_client(3)
             .await?
             .series(SeriesRequest {
+                share_partition_plus_one: 0,
                 entity_id: entity.clone(),
                 event_type: "view".into(),
                 from_ms: from,

@@ -56,6 +56,7 @@ fn events(tag: &str, n: u32) -> Vec<Event> {
 
 fn stats(entity: &str) -> StatsRequest {
     StatsRequest {
+        share_partition_plus_one: 0,
         entity_id: entity.as_bytes().to_vec(),
         event_type: "view".into(),
         from_ms: 0,

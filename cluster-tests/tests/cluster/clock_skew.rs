@@ -105,6 +105,7 @@ async fn a_leader_with_a_skewed_clock_still_recognises_retries() -> anyhow::Resu
     for clip in 0..40 {
         let s = query
             .stats(StatsRequest {
+                share_partition_plus_one: 0,
                 entity_id: format!("clip-{clip}").into_bytes(),
                 event_type: "view".into(),
                 from_ms: from,

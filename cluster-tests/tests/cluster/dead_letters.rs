@@ -23,6 +23,7 @@ fn events(entity: &str, tag: &str, n: usize, time: i64) -> Vec<Event> {
 
 async fn count(cluster: &TestCluster, via: u64, entity: &str, now: i64) -> anyhow::Result<u64> {
     let req = StatsRequest {
+        share_partition_plus_one: 0,
         entity_id: entity.as_bytes().to_vec(),
         event_type: "view".into(),
         from_ms: now - 30 * DAY_MS,

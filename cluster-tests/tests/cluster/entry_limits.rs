@@ -98,6 +98,7 @@ async fn a_follower_far_behind_catches_up_through_big_entries() -> anyhow::Resul
         for event in big_request(r).into_iter().step_by(997) {
             let s = query
                 .stats(StatsRequest {
+                    share_partition_plus_one: 0,
                     entity_id: event.entity_id,
                     event_type: "view".into(),
                     from_ms: 1_789_999_000_000,

@@ -74,6 +74,7 @@ async fn counts_are_exact_at_every_granularity_and_replicas_agree() -> anyhow::R
     for (entity, event_type) in &keys {
         let s = query
             .stats(StatsRequest {
+                share_partition_plus_one: 0,
                 entity_id: entity.clone(),
                 event_type: event_type.clone(),
                 from_ms: from,
@@ -101,6 +102,7 @@ async fn counts_are_exact_at_every_granularity_and_replicas_agree() -> anyhow::R
         let b = a + workload.rng().random_range(1..40 * DAY_MS);
         let s = query
             .stats(StatsRequest {
+                share_partition_plus_one: 0,
                 entity_id: entity.clone(),
                 event_type: event_type.clone(),
                 from_ms: a,
@@ -126,6 +128,7 @@ async fn counts_are_exact_at_every_granularity_and_replicas_agree() -> anyhow::R
             let (from, to) = align_range(end - span - HOUR_MS / 3, end + 60_000);
             let s = query
                 .series(SeriesRequest {
+                    share_partition_plus_one: 0,
                     entity_id: entity.clone(),
                     event_type: event_type.clone(),
                     from_ms: from,
@@ -151,6 +154,7 @@ async fn counts_are_exact_at_every_granularity_and_replicas_agree() -> anyhow::R
         for (entity, event_type) in keys.iter().take(30) {
             let s = q
                 .stats(StatsRequest {
+                    share_partition_plus_one: 0,
                     entity_id: entity.clone(),
                     event_type: event_type.clone(),
                     from_ms: from,

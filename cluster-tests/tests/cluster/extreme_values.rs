@@ -51,6 +51,7 @@ async fn sums_at_the_i64_limits_are_exact_on_every_replica() -> anyhow::Result<(
         for (entity, event_type) in history.acknowledged.keys() {
             let s = query
                 .stats(StatsRequest {
+                    share_partition_plus_one: 0,
                     entity_id: entity.clone(),
                     event_type: event_type.clone(),
                     from_ms: from,

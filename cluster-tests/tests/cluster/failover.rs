@@ -34,6 +34,7 @@ async fn check_counts(
     for (entity, event_type) in model.keys() {
         let s = q
             .stats(StatsRequest {
+                share_partition_plus_one: 0,
                 entity_id: entity.clone(),
                 event_type: event_type.clone(),
                 from_ms: from,

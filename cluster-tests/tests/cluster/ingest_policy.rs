@@ -89,6 +89,7 @@ async fn events_outside_the_policy_are_rejected_by_index_and_counted_nowhere() -
         .query_client(2)
         .await?
         .stats(StatsRequest {
+            share_partition_plus_one: 0,
             entity_id: b"v".to_vec(),
             event_type: "view".into(),
             from_ms: now - 40 * DAY_MS,

@@ -123,6 +123,7 @@ async fn a_thousand_partitions_elect_within_30s_with_a_core_taken() -> anyhow::R
     drop(hog);
     for e in entities.iter().step_by(97) {
         let req = StatsRequest {
+            share_partition_plus_one: 0,
             entity_id: e.clone().into_bytes(),
             event_type: "view".into(),
             from_ms: now - 60_000,

@@ -100,6 +100,7 @@ async fn metrics_count_what_happened_and_serve_every_dashboard_series() -> anyho
     for (i, stale) in [false, false, true, false, true, false].into_iter().enumerate() {
         let consistency = if stale { Consistency::Stale } else { Consistency::Linearizable } as i32;
         let req = StatsRequest {
+            share_partition_plus_one: 0,
             entity_id: b"video-1".to_vec(),
             event_type: "view".into(),
             from_ms: 0,

@@ -43,6 +43,7 @@ async fn connect(addr: &str) -> anyhow::Result<Channel> {
 
 async fn count(cluster: &TestCluster, entity: &str, now: i64) -> anyhow::Result<u64> {
     let req = StatsRequest {
+        share_partition_plus_one: 0,
         entity_id: entity.into(),
         event_type: "view".into(),
         from_ms: now - 3_600_000,
@@ -136,8 +137,12 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
         Code::Unimplemented,
         "",
     )?;
-    let propose =
-        ProposeRequest { partition: 0, events: vec![event(&target, "view", now, "via-public")], invalid: vec![] };
+    let propose = ProposeRequest {
+        map_version: 0,
+        partition: 0,
+        events: vec![event(&target, "view", now, "via-public")],
+        invalid: vec![],
+    };
     expect_code("public Propose", public.propose(propose).await, Code::Unimplemented, "")?;
     let chunk = SnapshotChunk { group_id: group_of_partition(0), header: vec![0xff; 8], data: vec![] };
     expect_code(
@@ -163,6 +168,7 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
         assert_eq!(pong.node_id, id);
 
         let bad = ProposeRequest {
+            map_version: 0,
             partition: 0,
             events: vec![event(&target, "view", now, "ok"), event(&target, "Not Valid", now, "bad")],
             invalid: vec![],
@@ -174,6 +180,7 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
             "events[1].event_type",
         )?;
         let foreign = ProposeRequest {
+            map_version: 0,
             partition: 0,
             events: vec![event(&target, "view", now, "mine"), event(&other, "view", now, "foreign")],
             invalid: vec![],
@@ -194,6 +201,7 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
             ..Default::default()
         };
         let foreign_dead_letter = ProposeRequest {
+            map_version: 0,
             partition: 0,
             events: vec![],
             invalid: vec![dead_letter(&target, RejectionCode::Invalid), dead_letter(&other, RejectionCode::Invalid)],
@@ -205,6 +213,7 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
             "invalid[1].event.entity_id",
         )?;
         let claimed_late = ProposeRequest {
+            map_version: 0,
             partition: 0,
             events: vec![],
             invalid: vec![dead_letter(&target, RejectionCode::TooLate)],
@@ -216,18 +225,21 @@ async fn peer_traffic_is_on_its_own_port_and_checked() -> anyhow::Result<()> {
             "must be INVALID",
         )?;
         let many = ProposeRequest {
+            map_version: 0,
             partition: 0,
             events: (0..10_001).map(|i| event(&target, "view", now, &format!("many-{i}"))).collect(),
             invalid: vec![],
         };
         expect_code(&at("Propose with too many events"), peer.propose(many).await, Code::ResourceExhausted, "10000")?;
         let big = ProposeRequest {
+            map_version: 0,
             partition: 0,
             events: (0..9_000).map(|i| event(&target, "view", now, &format!("{i:0>500}"))).collect(),
             invalid: vec![],
         };
         expect_code(&at("Propose over 4 MiB"), peer.propose(big).await, Code::ResourceExhausted, "bytes")?;
         let nowhere = ProposeRequest {
+            map_version: 0,
             partition: PARTITIONS + 5,
             events: vec![event(&target, "view", now, "nowhere")],
             invalid: vec![],

@@ -26,6 +26,7 @@ const ENTITIES: u32 = 120;
 
 fn series_request(entity: &[u8], from: i64, to: i64, granularity: WireGranularity) -> SeriesRequest {
     SeriesRequest {
+        share_partition_plus_one: 0,
         entity_id: entity.to_vec(),
         event_type: "view".into(),
         from_ms: from,

@@ -89,6 +89,7 @@ async fn uniques_are_within_the_sketch_error_from_every_node() -> anyhow::Result
             let name = format!("video-{entity}");
             for (from, to) in ranges {
                 let request = |consistency: Consistency| StatsRequest {
+                    share_partition_plus_one: 0,
                     entity_id: name.clone().into_bytes(),
                     event_type: "view".into(),
                     from_ms: from,
@@ -119,6 +120,7 @@ async fn uniques_are_within_the_sketch_error_from_every_node() -> anyhow::Result
     let day_start = tally_proto::time::bucket_start(tally_proto::time::Granularity::Day, now - 3 * DAY_MS);
     let days = query
         .series(SeriesRequest {
+            share_partition_plus_one: 0,
             entity_id: b"video-0".to_vec(),
             event_type: "view".into(),
             from_ms: day_start,

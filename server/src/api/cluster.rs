@@ -15,8 +15,8 @@ use tally_proto::v1::{
     AddNodeRequest, AddNodeResponse, DeadLettersRequest, DeadLettersResponse, DigestRequest, DigestResponse,
     InitializeRequest, InitializeResponse, NodeLoad, PartitionDigest, PartitionInfo, RebalanceRequest,
     RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse, SetIngestPolicyRequest, SetIngestPolicyResponse,
-    SetRetentionRequest, SetRetentionResponse, StageLatency, StagesRequest, StagesResponse, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    SetRetentionRequest, SetRetentionResponse, SpreadRequest, SpreadResponse, StageLatency, StagesRequest,
+    StagesResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -125,6 +125,10 @@ impl Cluster for ClusterService {
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
         Ok(Response::new(super::membership::remove_node(&self.node, request.into_inner()).await?))
+    }
+
+    async fn spread(&self, request: Request<SpreadRequest>) -> Result<Response<SpreadResponse>, Status> {
+        Ok(Response::new(super::spread::spread(&self.node, request.into_inner()).await?))
     }
 
     async fn set_ingest_policy(
@@ -322,5 +326,6 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         ingest_policy: Some(super::ingest_policy::to_proto(*node.ingest_policy.borrow())),
         retention: Some(super::retention::to_proto(*node.retention.borrow())),
         load: Some(load),
+        spreads: super::spread::spread_infos(&map),
     }
 }

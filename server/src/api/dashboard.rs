@@ -225,6 +225,7 @@ async fn stats(State(node): State<Arc<Node>>, args: QueryResult) -> Response {
         from_ms: args.from,
         to_ms: args.to,
         consistency: consistency as i32,
+        share_partition_plus_one: 0,
     };
     match QueryService::new(node).stats(Request::new(request)).await {
         Ok(reply) => {
@@ -259,6 +260,7 @@ async fn series(State(node): State<Arc<Node>>, args: QueryResult) -> Response {
         to_ms: args.to,
         granularity: granularity as i32,
         consistency: consistency as i32,
+        share_partition_plus_one: 0,
     };
     match QueryService::new(node).series(Request::new(request)).await {
         Ok(reply) => {

@@ -15,7 +15,7 @@ use futures::future::join_all;
 use openraft::async_runtime::WatchReceiver;
 use tally_proto::internal::raft_client::RaftClient;
 use tally_proto::internal::ProposeRequest;
-use tally_proto::partition::partition_of;
+use tally_proto::routing::Routing;
 use tally_proto::v1::ingest_server::Ingest;
 use tally_proto::v1::{Event, IngestRequest, IngestResponse, LeaderHint, Rejection, RejectionCode};
 use tally_proto::validate::validate_event;
@@ -55,7 +55,7 @@ impl Ingest for IngestService {
             refused(req.events.len());
             return Err(e);
         }
-        let Some(partition_count) = self.node.partition_count() else {
+        let Some(routing) = self.node.routing() else {
             refused(req.events.len());
             return Err(Status::unavailable("the cluster is not initialised yet (see `tally cluster init`)"));
         };
@@ -64,8 +64,9 @@ impl Ingest for IngestService {
         let mut by_partition: BTreeMap<u32, Share> = BTreeMap::new();
         for (index, event) in req.events.into_iter().enumerate() {
             let index = index as u32;
-            let slot = by_partition.entry(partition_of(&event.entity_id, partition_count)).or_default();
             if let Err(e) = validate_event(&event) {
+                // Its dead letter goes to the entity's home partition.
+                let slot = by_partition.entry(routing.home_of(&event.entity_id)).or_default();
                 let reason = DeadLetterReason::Invalid { field: e.field.to_string(), reason: e.reason.clone() };
                 slot.invalid.push(DeadLetter::of(&event, reason));
                 response.rejected.push(Rejection {
@@ -77,27 +78,9 @@ impl Ingest for IngestService {
                 });
                 continue;
             }
-            slot.indexes.push(index);
-            slot.times.push(event.event_time_ms);
-            slot.events.push(event);
+            by_partition.entry(routing.partition_of_event(&event)).or_default().push(index, event);
         }
-        let node = &self.node;
-        let results = join_all(by_partition.into_iter().map(|(partition, share)| async move {
-            let Share { indexes, times, events, invalid } = share;
-            let timeout = Duration::from_millis(node.config.ingest_timeout_ms);
-            let routed = match tokio::time::timeout(timeout, route(node, partition, events, invalid)).await {
-                Ok(routed) => routed,
-                Err(_) => Routed {
-                    outcome: ProposeOutcome::Unavailable(format!(
-                        "partition {partition}: no commit within {} ms",
-                        timeout.as_millis()
-                    )),
-                    leader: None,
-                },
-            };
-            (partition, (indexes, times), routed)
-        }))
-        .await;
+        let results = dispatch(&self.node, by_partition).await;
         // Every valid event refused because a dedup index is at its memory
         // bound: the request as a whole is RESOURCE_EXHAUSTED, with why.
         let exhausted = |r: &Routed| matches!(r.outcome, ProposeOutcome::Exhausted(_));
@@ -120,12 +103,27 @@ impl Ingest for IngestService {
         let mut exhausted_events = 0usize;
         for (partition, (indexes, times), routed) in results {
             if let Some(leader) = routed.leader.filter(|l| *l != 0) {
-                let leader_addr = node.addr_of(leader).unwrap_or_default();
+                let leader_addr = self.node.addr_of(leader).unwrap_or_default();
                 response.leaders.push(LeaderHint { partition, leader_node_id: leader, leader_addr });
             }
             let exhausted_now = matches!(routed.outcome, ProposeOutcome::Exhausted(_));
             let message = match routed.outcome {
-                ProposeOutcome::Done { accepted, duplicates, rejected } => {
+                ProposeOutcome::Done { accepted, duplicates, rejected, moved } => {
+                    // Still moved after the last round: the spread's map
+                    // has not reached this node yet.
+                    let reason = format!(
+                        "partition {partition}: the entity is being spread over more partitions; {}",
+                        retry_advice(dedup_window_ms)
+                    );
+                    response.rejected.extend(moved.iter().filter_map(|p| indexes.get(*p as usize)).map(|&index| {
+                        Rejection {
+                            index,
+                            field: String::new(),
+                            reason: reason.clone(),
+                            retryable: true,
+                            code: RejectionCode::Unavailable as i32,
+                        }
+                    }));
                     response.accepted += accepted;
                     response.duplicates += duplicates.len() as u32;
                     response
@@ -204,6 +202,99 @@ struct Share {
     invalid: Vec<DeadLetter>,
 }
 
+impl Share {
+    fn push(&mut self, index: u32, event: Event) {
+        self.indexes.push(index);
+        self.times.push(event.event_time_ms);
+        self.events.push(event);
+    }
+}
+
+/// Rounds of routing a request's events: a partition answers "moved" for
+/// the events of an entity spread away from it, and they go again by the
+/// map that spread it.
+const ROUTING_ROUNDS: usize = 3;
+/// How long a round waits for this node's map to route moved events
+/// elsewhere (the spread is committed to the map right after the home
+/// partition's log, so normally it is already here).
+const MAP_WAIT: Duration = Duration::from_secs(2);
+
+/// One partition's share as answered: the request indexes and times of
+/// its events, and where it ended.
+type ShareResult = (u32, (Vec<u32>, Vec<i64>), Routed);
+
+/// Send every partition's share to its leader, at once; events a partition
+/// answers "moved" are routed again by the newest map, up to
+/// [`ROUTING_ROUNDS`] times. Moved events were not counted and their keys
+/// not recorded (`moved.rs`), so sending them again counts them once.
+async fn dispatch(node: &Arc<Node>, mut shares: BTreeMap<u32, Share>) -> Vec<ShareResult> {
+    let mut results = Vec::with_capacity(shares.len());
+    for round in 0..ROUTING_ROUNDS {
+        let answered = join_all(shares.into_iter().map(|(partition, share)| async move {
+            let Share { indexes, times, events, invalid } = share;
+            let timeout = Duration::from_millis(node.config.ingest_timeout_ms);
+            let (routed, events) = match tokio::time::timeout(timeout, route(node, partition, events, invalid)).await {
+                Ok(routed) => routed,
+                Err(_) => (
+                    Routed {
+                        outcome: ProposeOutcome::Unavailable(format!(
+                            "partition {partition}: no commit within {} ms",
+                            timeout.as_millis()
+                        )),
+                        leader: None,
+                    },
+                    Vec::new(),
+                ),
+            };
+            (partition, (indexes, times), routed, events)
+        }))
+        .await;
+        let last_round = round + 1 == ROUTING_ROUNDS;
+        let mut again: Vec<(u32, u32, Event)> = Vec::new();
+        for (partition, (indexes, times), mut routed, events) in answered {
+            if let ProposeOutcome::Done { moved, .. } = &mut routed.outcome {
+                if !last_round && !moved.is_empty() && events.len() == indexes.len() {
+                    let mut events: Vec<Option<Event>> = events.into_iter().map(Some).collect();
+                    for position in std::mem::take(moved) {
+                        let p = position as usize;
+                        if let (Some(&index), Some(event)) = (indexes.get(p), events.get_mut(p).and_then(Option::take))
+                        {
+                            again.push((partition, index, event));
+                        }
+                    }
+                }
+            }
+            results.push((partition, (indexes, times), routed));
+        }
+        if again.is_empty() {
+            break;
+        }
+        let routing = routed_away(node, &again).await;
+        shares = BTreeMap::new();
+        for (_, index, event) in again {
+            shares.entry(routing.partition_of_event(&event)).or_default().push(index, event);
+        }
+    }
+    results
+}
+
+/// The newest routing, once it sends every moved event away from the
+/// partition that refused it (or after [`MAP_WAIT`]).
+async fn routed_away(node: &Node, moved: &[(u32, u32, Event)]) -> Arc<Routing> {
+    let deadline = tokio::time::Instant::now() + MAP_WAIT;
+    loop {
+        if let Some(routing) = node.routing() {
+            let away = moved.iter().all(|(from, _, e)| routing.partition_of_event(e) != *from);
+            if away || tokio::time::Instant::now() >= deadline {
+                return routing;
+            }
+        } else if tokio::time::Instant::now() >= deadline {
+            return Arc::new(Routing::default());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Where one partition's share ended: the processor's outcome, and the
 /// node that gave it or was named as leader (for the client's hints).
 struct Routed {
@@ -211,8 +302,9 @@ struct Routed {
     leader: Option<NodeId>,
 }
 
-/// Send one partition's events to its leader, following leader hints.
-async fn route(node: &Arc<Node>, partition: u32, events: Vec<Event>, invalid: Vec<DeadLetter>) -> Routed {
+/// Send one partition's events to its leader, following leader hints; the
+/// events come back for a second round (see [`dispatch`]).
+async fn route(node: &Arc<Node>, partition: u32, events: Vec<Event>, invalid: Vec<DeadLetter>) -> (Routed, Vec<Event>) {
     let mut target = first_guess(node, partition);
     let mut last = Routed { outcome: ProposeOutcome::Unavailable(String::new()), leader: None };
     for attempt in 0..MAX_ROUTING_ATTEMPTS {
@@ -227,12 +319,12 @@ async fn route(node: &Arc<Node>, partition: u32, events: Vec<Event>, invalid: Ve
             forward(node, to, partition, events.clone(), &invalid).await
         };
         let ProposeOutcome::NotLeader { leader } = outcome else {
-            return Routed { outcome, leader: Some(to) };
+            return (Routed { outcome, leader: Some(to) }, events);
         };
         last = Routed { outcome, leader };
         target = leader.filter(|l| *l != to);
     }
-    Routed { outcome: ProposeOutcome::Unavailable("no leader found".into()), leader: last.leader }
+    (Routed { outcome: ProposeOutcome::Unavailable("no leader found".into()), leader: last.leader }, events)
 }
 
 fn first_guess(node: &Node, partition: u32) -> Option<NodeId> {
@@ -257,7 +349,8 @@ async fn forward(
         Err(e) => return ProposeOutcome::Unavailable(e.to_string()),
     };
     let invalid = invalid.iter().map(|d| dead_letters::to_proto(d, 0)).collect();
-    match RaftClient::new(channel).propose(ProposeRequest { partition, events, invalid }).await {
+    let map_version = node.cluster_map.borrow().version;
+    match RaftClient::new(channel).propose(ProposeRequest { partition, events, invalid, map_version }).await {
         Ok(resp) => propose::from_wire(resp.into_inner()),
         Err(status) => ProposeOutcome::Unavailable(format!("forwarding to node {to}: {}", status.message())),
     }

@@ -80,11 +80,19 @@ async fn ensure_settled(node: &Arc<Node>, map: &ClusterMap) -> Result<(), Status
     }
 }
 
-async fn commit_and_wait(node: &Arc<Node>, next: ClusterMap) -> Result<(), Status> {
-    node.metadata
-        .client_write(Command::SetClusterMap(next.clone()))
-        .await
-        .map_err(|e| Status::unavailable(format!("committing the new cluster map: {e}")))?;
+async fn commit_and_wait(node: &Arc<Node>, mut next: ClusterMap) -> Result<(), Status> {
+    {
+        // Spreads (`spread.rs`) may have changed the map since `next` was
+        // computed from it; a membership change keeps them as they are now.
+        let _map_writes = node.map_writes.lock().await;
+        let current = node.map();
+        next.spreads = current.spreads.clone();
+        next.version = next.version.max(current.version + 1);
+        node.metadata
+            .client_write(Command::SetClusterMap(next.clone()))
+            .await
+            .map_err(|e| Status::unavailable(format!("committing the new cluster map: {e}")))?;
+    }
     let started = Instant::now();
     let nodes: BTreeSet<NodeId> = next.nodes.keys().copied().collect();
     loop {

@@ -33,6 +33,8 @@ pub mod raft_service;
 pub mod read_routing;
 pub mod retention;
 pub mod retry_hint;
+pub mod shares;
+pub mod spread;
 pub mod top_k;
 pub mod transfer;
 

@@ -13,7 +13,6 @@
 
 use tally_proto::internal::propose_response::Status as ProposeStatus;
 use tally_proto::internal::{ProposeRequest, ProposeResponse, TimeRejected};
-use tally_proto::partition::partition_of;
 use tally_proto::v1::RejectionCode;
 use tally_proto::validate::validate_event;
 use tonic::Status;
@@ -23,8 +22,18 @@ use crate::meta::{NodeId, TimeRejection};
 use crate::node::Node;
 use crate::processor::ProposeOutcome;
 
+/// How long a share forwarded under a newer map waits for it here.
+const MAP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Check a forwarded share, then hand it to the partition's processor.
 pub async fn serve(node: &Node, request: ProposeRequest) -> Result<ProposeResponse, Status> {
+    if node.cluster_map.borrow().version < request.map_version {
+        let mut map = node.cluster_map.clone();
+        let newer = map.wait_for(|m| m.version >= request.map_version);
+        // On timeout, judge by the map at hand: at worst a refused share,
+        // which the forwarder reports as retryable.
+        let _ = tokio::time::timeout(MAP_WAIT, newer).await;
+    }
     check(node, &request)?;
     let invalid = request.invalid.into_iter().map(dead_letters::invalid_from_proto).collect::<Result<Vec<_>, _>>()?;
     Ok(to_wire(node, node.propose(request.partition, request.events, invalid).await))
@@ -38,7 +47,7 @@ pub fn to_wire(node: &Node, outcome: ProposeOutcome) -> ProposeResponse {
         (id, node.addr_of(id).unwrap_or_default())
     };
     match outcome {
-        ProposeOutcome::Done { accepted, duplicates, rejected } => {
+        ProposeOutcome::Done { accepted, duplicates, rejected, moved } => {
             let (leader_node_id, leader_addr) = leader(Some(node.id));
             let time_rejected = rejected
                 .into_iter()
@@ -59,6 +68,7 @@ pub fn to_wire(node: &Node, outcome: ProposeOutcome) -> ProposeResponse {
                 message: String::new(),
                 duplicate_positions: duplicates,
                 time_rejected,
+                moved_positions: moved,
             }
         }
         ProposeOutcome::NotLeader { leader: hint } => {
@@ -95,7 +105,12 @@ pub fn from_wire(response: ProposeResponse) -> ProposeOutcome {
                 };
                 rejected.push((r.position, why));
             }
-            ProposeOutcome::Done { accepted: response.accepted, duplicates: response.duplicate_positions, rejected }
+            ProposeOutcome::Done {
+                accepted: response.accepted,
+                duplicates: response.duplicate_positions,
+                rejected,
+                moved: response.moved_positions,
+            }
         }
         Ok(ProposeStatus::NotLeader) => {
             ProposeOutcome::NotLeader { leader: (response.leader_node_id != 0).then_some(response.leader_node_id) }
@@ -107,9 +122,10 @@ pub fn from_wire(response: ProposeResponse) -> ProposeOutcome {
 }
 
 fn check(node: &Node, request: &ProposeRequest) -> Result<(), Status> {
-    let Some(partition_count) = node.partition_count() else {
+    let Some(routing) = node.routing() else {
         return Err(Status::unavailable("the cluster is not initialised on this node yet"));
     };
+    let partition_count = routing.partition_count();
     let partition = request.partition;
     if partition >= partition_count {
         return Err(Status::invalid_argument(format!(
@@ -127,7 +143,7 @@ fn check(node: &Node, request: &ProposeRequest) -> Result<(), Status> {
     }
     for (index, d) in request.invalid.iter().enumerate() {
         let entity = d.event.as_ref().map(|e| e.entity_id.as_slice()).unwrap_or_default();
-        let belongs = partition_of(entity, partition_count);
+        let belongs = routing.home_of(entity);
         if belongs != partition {
             return Err(Status::invalid_argument(format!(
                 "invalid[{index}].event.entity_id: the event belongs to partition {belongs}, not to partition {partition}"
@@ -136,8 +152,11 @@ fn check(node: &Node, request: &ProposeRequest) -> Result<(), Status> {
     }
     for (index, event) in request.events.iter().enumerate() {
         validate_event(event).map_err(|e| Status::invalid_argument(format!("events[{index}].{e}")))?;
-        let belongs = partition_of(&event.entity_id, partition_count);
-        if belongs != partition {
+        let belongs = routing.partition_of_event(event);
+        // The home also takes an event the forwarder's newer map sends
+        // elsewhere: it answers it "moved" (this node's map is older).
+        let home = routing.home_of(&event.entity_id);
+        if belongs != partition && home != partition {
             return Err(Status::invalid_argument(format!(
                 "events[{index}].entity_id: the event belongs to partition {belongs}, not to partition {partition}"
             )));

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use futures::future::join_all;
+
 use openraft::async_runtime::WatchReceiver;
 use tally_proto::partition::partition_of;
 use tally_proto::time::{align_range, series_starts, Granularity};
@@ -21,6 +23,7 @@ use tonic::{Request, Response, Status};
 use super::read_routing::{
     forward_client, forwarded, hops, invalid, partition_count, replica_for, storage_status, ClientLatency, MAX_HOPS,
 };
+use super::shares;
 use crate::node::Node;
 use crate::stages::{Stage, Timer};
 use crate::storage::read::{read_series, read_stats, ArchiveAccess, SeriesRead};
@@ -51,45 +54,19 @@ impl Query for QueryService {
         let _latency = ClientLatency::start("stats", req.consistency, hops);
         validate_query_key(&req.entity_id, &req.event_type).map_err(invalid)?;
         validate_range(req.from_ms, req.to_ms).map_err(invalid)?;
-        let partition = partition_of(&req.entity_id, partition_count(&self.node)?);
-        let replica = match replica_for(&self.node, partition, req.consistency).await? {
-            Ok(r) => r,
-            Err(_) if hops >= MAX_HOPS => {
-                return Err(Status::unavailable(format!("partition {partition}: leader moved; retry")))
-            }
-            Err(to) => return forward_client(&self.node, to)?.stats(forwarded(req, hops)).await,
-        };
-        let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
-        let reading = Timer::start(Stage::ReadStorage);
-        let archive = ArchiveAccess { manifest: &replica.archive, store: self.node.archive.as_deref() };
-        let read = read_stats(
-            &self.node.engine,
-            &replica.write_back,
-            Some(archive),
-            &req.entity_id,
-            &req.event_type,
-            req.from_ms,
-            req.to_ms,
-        )
-        .await
-        .map_err(storage_status)?;
-        drop(reading);
-        let total = read.total;
-        let (sum, sum_overflow) = total.sum_i64();
-        Ok(Response::new(StatsResponse {
-            count: total.count,
-            sum,
-            average: total.average(),
-            effective_from_ms: read.from_ms,
-            effective_to_ms: read.to_ms,
-            served_by_node_id: self.node.id,
-            applied_index: applied,
-            sum_overflow,
-            sum_exact: total.sum.to_string(),
-            resolution: read.resolution.to_proto().into(),
-            uniques: read.uniques,
-            archive_buckets: read.archive_buckets,
+        let partitions = partitions_to_read(&self.node, &req.entity_id, req.share_partition_plus_one)?;
+        if let [partition] = partitions[..] {
+            return self.stats_of(req, partition, hops).await.map(Response::new);
+        }
+        // A spread entity: every share, at once, summed.
+        let shares = join_all(partitions.iter().map(|&partition| {
+            let req = StatsRequest { share_partition_plus_one: partition + 1, ..req.clone() };
+            self.stats_of(req, partition, hops)
         }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, Status>>()?;
+        Ok(Response::new(shares::merge_stats(self.node.id, shares)))
     }
 
     async fn series(&self, request: Request<SeriesRequest>) -> Result<Response<SeriesResponse>, Status> {
@@ -111,14 +88,92 @@ impl Query for QueryService {
                 granularity.name()
             )));
         }
-        let partition = partition_of(&req.entity_id, partition_count(&self.node)?);
+        let partitions = partitions_to_read(&self.node, &req.entity_id, req.share_partition_plus_one)?;
+        if let [partition] = partitions[..] {
+            return self.series_of(req, partition, granularity, hops).await.map(Response::new);
+        }
+        let shares = join_all(partitions.iter().map(|&partition| {
+            let req = SeriesRequest { share_partition_plus_one: partition + 1, ..req.clone() };
+            self.series_of(req, partition, granularity, hops)
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, Status>>()?;
+        shares::merge_series(self.node.id, shares).map(Response::new)
+    }
+
+    async fn top_k(&self, request: Request<TopKRequest>) -> Result<Response<TopKResponse>, Status> {
+        super::top_k::top_k(&self.node, request).await
+    }
+}
+
+impl QueryService {
+    /// Stats of one partition: read here, or forwarded to where it can be.
+    /// A share (`share_partition_plus_one` set) carries its actors' sketch.
+    async fn stats_of(&self, req: StatsRequest, partition: u32, hops: u32) -> Result<StatsResponse, Status> {
         let replica = match replica_for(&self.node, partition, req.consistency).await? {
             Ok(r) => r,
             Err(_) if hops >= MAX_HOPS => {
                 return Err(Status::unavailable(format!("partition {partition}: leader moved; retry")))
             }
-            Err(to) => return forward_client(&self.node, to)?.series(forwarded(req, hops)).await,
+            Err(to) => {
+                return Ok(forward_client(&self.node, to)?.stats(forwarded(req, hops)).await?.into_inner());
+            }
         };
+        let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
+        let reading = Timer::start(Stage::ReadStorage);
+        let archive = ArchiveAccess { manifest: &replica.archive, store: self.node.archive.as_deref() };
+        let read = read_stats(
+            &self.node.engine,
+            &replica.write_back,
+            Some(archive),
+            &req.entity_id,
+            &req.event_type,
+            req.from_ms,
+            req.to_ms,
+        )
+        .await
+        .map_err(storage_status)?;
+        drop(reading);
+        let total = read.total;
+        let (sum, sum_overflow) = total.sum_i64();
+        let share = req.share_partition_plus_one != 0;
+        Ok(StatsResponse {
+            count: total.count,
+            sum,
+            average: total.average(),
+            effective_from_ms: read.from_ms,
+            effective_to_ms: read.to_ms,
+            served_by_node_id: self.node.id,
+            applied_index: applied,
+            sum_overflow,
+            sum_exact: total.sum.to_string(),
+            resolution: read.resolution.to_proto().into(),
+            uniques: read.sketch.estimate(),
+            archive_buckets: read.archive_buckets,
+            actors_sketch: if share { read.sketch.encode() } else { Vec::new() },
+            shares: 1,
+        })
+    }
+
+    /// A series of one partition, as [`QueryService::stats_of`].
+    async fn series_of(
+        &self,
+        req: SeriesRequest,
+        partition: u32,
+        granularity: Granularity,
+        hops: u32,
+    ) -> Result<SeriesResponse, Status> {
+        let replica = match replica_for(&self.node, partition, req.consistency).await? {
+            Ok(r) => r,
+            Err(_) if hops >= MAX_HOPS => {
+                return Err(Status::unavailable(format!("partition {partition}: leader moved; retry")))
+            }
+            Err(to) => {
+                return Ok(forward_client(&self.node, to)?.series(forwarded(req, hops)).await?.into_inner());
+            }
+        };
+        let (from, to) = align_range(req.from_ms, req.to_ms);
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let reading = Timer::start(Stage::ReadStorage);
         let archive = ArchiveAccess { manifest: &replica.archive, store: self.node.archive.as_deref() };
@@ -141,21 +196,43 @@ impl Query for QueryService {
                 return Err(super::retention::series_expired(&self.node, granularity, first_kept_ms))
             }
         };
-        Ok(Response::new(SeriesResponse {
+        let share = req.share_partition_plus_one != 0;
+        Ok(SeriesResponse {
             buckets: series
                 .into_iter()
-                .map(|(start_ms, c, uniques)| {
+                .map(|(start_ms, c, sketch)| {
                     let (sum, sum_overflow) = c.sum_i64();
-                    Bucket { start_ms, count: c.count, sum, sum_overflow, sum_exact: c.sum.to_string(), uniques }
+                    Bucket {
+                        start_ms,
+                        count: c.count,
+                        sum,
+                        sum_overflow,
+                        sum_exact: c.sum.to_string(),
+                        uniques: sketch.estimate(),
+                        actors_sketch: if share { sketch.encode() } else { Vec::new() },
+                    }
                 })
                 .collect(),
             served_by_node_id: self.node.id,
             applied_index: applied,
             archive_buckets,
-        }))
+            shares: 1,
+        })
     }
+}
 
-    async fn top_k(&self, request: Request<TopKRequest>) -> Result<Response<TopKResponse>, Status> {
-        super::top_k::top_k(&self.node, request).await
+/// The partitions a read of `entity_id` covers: the one share asked for
+/// (`share_partition_plus_one`), else the entity's home and its spread's.
+fn partitions_to_read(node: &Node, entity_id: &[u8], share_partition_plus_one: u32) -> Result<Vec<u32>, Status> {
+    let count = partition_count(node)?;
+    if share_partition_plus_one != 0 {
+        let partition = share_partition_plus_one - 1;
+        if partition >= count {
+            return Err(Status::invalid_argument(format!(
+                "share_partition_plus_one: partition {partition} does not exist; the cluster has {count}"
+            )));
+        }
+        return Ok(vec![partition]);
     }
+    Ok(node.routing().map_or_else(|| vec![partition_of(entity_id, count)], |r| r.partitions_of_entity(entity_id)))
 }

@@ -12,8 +12,8 @@ use futures::{Stream, StreamExt};
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tally_proto::internal::raft_server::Raft as RaftRpc;
 use tally_proto::internal::{
-    PeerCall, PeerFrame, PeerReply, PeerReplyFrame, PingRequest, PingResponse, ProposeRequest, ProposeResponse,
-    RaftCallKind, RaftMessage, SnapshotChunk,
+    CommitSpreadRequest, CommitSpreadResponse, PeerCall, PeerFrame, PeerReply, PeerReplyFrame, PingRequest,
+    PingResponse, ProposeRequest, ProposeResponse, RaftCallKind, RaftMessage, SnapshotChunk,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
@@ -174,6 +174,13 @@ impl RaftRpc for RaftService {
             .ready_chunks(CONVERSE_REPLIES_PER_FRAME)
             .map(|replies| Ok(PeerReplyFrame { replies }));
         Ok(Response::new(Box::pin(frames)))
+    }
+
+    async fn commit_spread(
+        &self,
+        request: Request<CommitSpreadRequest>,
+    ) -> Result<Response<CommitSpreadResponse>, Status> {
+        Ok(Response::new(super::spread::serve_commit(&self.node, request.into_inner()).await?))
     }
 
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {

@@ -64,8 +64,11 @@ pub const STATE_RAW_EVENTS: u8 = 13;
 pub const STATE_RAW_EVENTS_DROPPED: u8 = 14;
 /// The partition's archive manifest (`archive_manifest.rs`).
 pub const STATE_ARCHIVE: u8 = 15;
+/// Entities spread away from the partition, and its latest counted minute
+/// (`moved.rs`).
+pub const STATE_MOVED: u8 = 16;
 /// The last tag of the replicated partition state a digest covers.
-pub const STATE_LAST_DIGESTED: u8 = STATE_ARCHIVE;
+pub const STATE_LAST_DIGESTED: u8 = STATE_MOVED;
 
 /// A value the key layout cannot represent. Validation keeps requests far
 /// inside these limits; the encoder refuses rather than truncate a length

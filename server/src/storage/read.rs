@@ -46,11 +46,12 @@ pub(super) fn disk_floors(engine: &Engine, snap: &rocksdb::Snapshot<'_>, group: 
 }
 
 /// What a Stats read counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct StatsRead {
     pub total: CountSum,
-    /// Estimated distinct actors of the counted events.
-    pub uniques: u64,
+    /// The distinct actors of the counted events: merged, and estimated
+    /// (`Sketch::estimate`) for the answer.
+    pub sketch: Sketch,
     /// The range counted: `[from, to)` widened to whole minutes, or to
     /// whole buckets of `resolution` where minutes (or more) had expired.
     pub from_ms: i64,
@@ -139,7 +140,7 @@ pub async fn read_stats(
         }
         return Ok(StatsRead {
             total,
-            uniques: sketch.estimate(),
+            sketch,
             from_ms: tiling.from_ms,
             to_ms: tiling.to_ms,
             resolution: tiling.resolution,
@@ -187,11 +188,12 @@ pub(super) fn all_kept(floors: &Floors, pieces: &[(Granularity, i64)]) -> bool {
 }
 
 /// What a Series read found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum SeriesRead {
     /// Every bucket of the range, empty ones included: start, count and
-    /// sum, estimated distinct actors; and how many came from the archive.
-    Buckets(Vec<(i64, CountSum, u64)>, u32),
+    /// sum, the sketch of its distinct actors; and how many came from the
+    /// archive.
+    Buckets(Vec<(i64, CountSum, Sketch)>, u32),
     /// The range starts before the granularity's oldest bucket kept (or
     /// archived), `first_kept_ms`.
     Expired { first_kept_ms: i64 },
@@ -266,15 +268,16 @@ pub async fn read_series(
                     let in_memory_total =
                         if is_kept(&floors, granularity, *s) { overlay.delta(i, on_disk) } else { CountSum::default() };
                     let total = found.get(s).copied().unwrap_or_default().add(in_memory_total);
-                    let uniques = match (sketches_on_disk.remove(s), in_memory) {
+                    let sketch = match (sketches_on_disk.remove(s), in_memory) {
                         (Some(mut disk), Some(memory)) => {
                             disk.merge(&memory);
-                            disk.estimate()
+                            disk
                         }
-                        (Some(only), None) | (None, Some(only)) => only.estimate(),
-                        (None, None) => 0,
+                        (Some(only), None) => only,
+                        (None, Some(only)) => only.clone(),
+                        (None, None) => Sketch::default(),
                     };
-                    (*s, total, uniques)
+                    (*s, total, sketch)
                 })
                 .collect(),
             cold.len() as u32,

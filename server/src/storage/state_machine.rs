@@ -41,6 +41,7 @@ use crate::command::{Command, CommandOutcome, IngestBatch, RawRecord};
 use crate::dedup::DedupIndex;
 use crate::load::PartitionLoad;
 use crate::meta::{ClusterMap, IngestPolicy};
+use crate::moved::{MovedEntities, SharedMoved};
 use crate::retention::{raise, RetentionPolicy};
 use crate::stages::{Stage, Timer};
 use crate::sync::MutexExt;
@@ -65,6 +66,8 @@ pub struct GroupStateMachine {
     logs: Arc<Mutex<PartitionLogs>>,
     /// The partition's archive manifest, as applied.
     archive: Arc<SharedManifest>,
+    /// Entities spread away from the partition, as applied.
+    moved: Arc<SharedMoved>,
     /// The group's load counters (apply time).
     load: Arc<PartitionLoad>,
     write_back: Arc<WriteBack>,
@@ -86,6 +89,7 @@ struct Loaded {
     floors: Floors,
     logs: PartitionLogs,
     archive: ArchiveManifest,
+    moved: MovedEntities,
 }
 
 /// Where the metadata group's state machine publishes what it applies.
@@ -155,6 +159,7 @@ impl GroupStateMachine {
             dedup,
             logs: Arc::default(),
             archive: Arc::default(),
+            moved: Arc::default(),
             load: Arc::default(),
             write_back,
             snapshots,
@@ -185,6 +190,11 @@ impl GroupStateMachine {
         self.archive.clone()
     }
 
+    /// The entities spread away from the partition, as applied.
+    pub fn moved(&self) -> Arc<SharedMoved> {
+        self.moved.clone()
+    }
+
     /// Start a checkpoint beside apply once the write-back holds an epoch's
     /// worth of buckets; wait for one when it holds several (the disk fell
     /// behind, and memory stays bounded).
@@ -210,6 +220,7 @@ impl GroupStateMachine {
         self.applied = loaded.applied;
         *self.logs.lock_unpoisoned() = loaded.logs;
         self.archive.set(loaded.archive);
+        self.moved.set(loaded.moved);
         self.membership = loaded.membership;
         if let Some(watches) = &self.metadata {
             watches.publish(loaded.cluster_map, loaded.ingest_policy, loaded.retention);
@@ -275,16 +286,19 @@ fn load_state(engine: &Engine, group: u32, dedup: &DedupIndex) -> Result<Loaded,
     let floors = get_state::<Floors>(engine, group, keys::STATE_FLOORS)?.unwrap_or(KEEP_ALL);
     let logs = PartitionLogs::load(engine, group)?;
     let archive = get_state::<ArchiveManifest>(engine, group, keys::STATE_ARCHIVE)?.unwrap_or_default();
-    Ok(Loaded { applied, membership, cluster_map, ingest_policy, retention, floors, logs, archive })
+    let moved = get_state::<MovedEntities>(engine, group, keys::STATE_MOVED)?.unwrap_or_default();
+    Ok(Loaded { applied, membership, cluster_map, ingest_policy, retention, floors, logs, archive, moved })
 }
 
 /// Apply a run of entries in memory, starting from `applied`, and hand the
 /// changes to the write-back. Blocking (CPU only).
+#[allow(clippy::too_many_arguments)]
 fn apply_chunk(
     group: u32,
     dedup: &DedupIndex,
     logs: &Mutex<PartitionLogs>,
     archive: &SharedManifest,
+    shared_moved: &SharedMoved,
     write_back: &WriteBack,
     mut applied: Option<LogId>,
     chunk: Vec<Entry>,
@@ -298,6 +312,8 @@ fn apply_chunk(
     let mut floors = write_back.floors();
     let mut manifest = archive.get();
     let mut manifest_changed = false;
+    let mut moved = shared_moved.get();
+    let mut moved_changed = false;
     for entry in chunk {
         let mut outcome = CommandOutcome::default();
         match entry.payload {
@@ -310,8 +326,13 @@ fn apply_chunk(
                 membership = Some(stored);
             }
             EntryPayload::Normal(Command::Ingest(ingest)) => {
-                (outcome.skipped, outcome.sealed) =
-                    apply_ingest(group, dedup, logs, &mut round, &floors, &manifest, entry.log_id.index, ingest)?;
+                let refusals = Refusals { manifest: &manifest, moved: &moved };
+                let (skipped, refused, latest_minute) =
+                    apply_ingest(group, dedup, logs, &mut round, &floors, refusals, entry.log_id.index, ingest)?;
+                (outcome.skipped, outcome.sealed, outcome.moved) = (skipped, refused.sealed, refused.moved);
+                if latest_minute.is_some_and(|m| Arc::make_mut(&mut moved).counted(m)) {
+                    moved_changed = true;
+                }
             }
             EntryPayload::Normal(Command::SetClusterMap(map)) => {
                 round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_CLUSTER_MAP).to_vec(), encode(&map)?));
@@ -348,6 +369,11 @@ fn apply_chunk(
                         .push(StateWrite::Put(keys::tagged(group, keys::STATE_ARCHIVE).to_vec(), encode(&*manifest)?));
                 }
             }
+            EntryPayload::Normal(Command::Spread { entity_id, from_ms }) => {
+                let before = moved.moved.len();
+                outcome.spread_from_ms = Some(Arc::make_mut(&mut moved).move_out(&entity_id, from_ms));
+                moved_changed |= moved.moved.len() != before;
+            }
             EntryPayload::Normal(Command::Archived(segment)) => {
                 if Arc::make_mut(&mut manifest).add(segment) {
                     manifest_changed = true;
@@ -361,6 +387,11 @@ fn apply_chunk(
         outcomes.push(outcome);
     }
     round.applied = applied;
+    if moved_changed {
+        round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_MOVED).to_vec(), encode(&*moved)?));
+        // Before the entries' answers: a proposer told "spread" finds it.
+        shared_moved.set((*moved).clone());
+    }
     // The manifest before the floors it allows (readers read floors first).
     if manifest_changed {
         archive.set((*manifest).clone());
@@ -369,9 +400,24 @@ fn apply_chunk(
     Ok(Applied { applied, membership, cluster_map, ingest_policy, retention, outcomes, dirty_keys })
 }
 
+/// What makes apply refuse a delta: a sealed minute, or an entity spread
+/// away from the partition.
+#[derive(Clone, Copy)]
+struct Refusals<'a> {
+    manifest: &'a ArchiveManifest,
+    moved: &'a MovedEntities,
+}
+
+/// Deltas (indexes in `IngestBatch::deltas`) apply refused, by reason.
+#[derive(Default)]
+struct Refused {
+    sealed: Vec<u32>,
+    moved: Vec<u32>,
+}
+
 /// Apply one ingest entry; returns the positions of keyed events not
-/// counted because their key already was (see `KeyedEvent`), and the
-/// deltas not counted because their minute is sealed for the archive.
+/// counted because their key already was (see `KeyedEvent`), the deltas
+/// refused (`Refusals`), and the latest minute it counted.
 #[allow(clippy::too_many_arguments)]
 fn apply_ingest(
     group: u32,
@@ -379,10 +425,10 @@ fn apply_ingest(
     logs: &Mutex<PartitionLogs>,
     round: &mut RoundChanges,
     floors: &Floors,
-    manifest: &ArchiveManifest,
+    refusals: Refusals<'_>,
     log_index: u64,
     ingest: IngestBatch,
-) -> Result<(Vec<u32>, Vec<u32>), StorageError> {
+) -> Result<(Vec<u32>, Refused, Option<i64>), StorageError> {
     let IngestBatch {
         proposed_at_ms,
         dedup_window_ms,
@@ -409,12 +455,24 @@ fn apply_ingest(
         ));
     }
     round.state.push(StateWrite::Put(keys::tagged(group, keys::STATE_LOG_CLOCK).to_vec(), encode(&stamp)?));
-    // Deltas of sealed minutes are not counted, and their events' keys not
-    // recorded: they were refused, so a corrected retry must not be taken
-    // for a duplicate.
-    let sealed: Vec<u32> = (0..deltas.len() as u32)
-        .filter(|&i| deltas.get(i as usize).is_some_and(|d| manifest.is_sealed(d.minute_ms)))
-        .collect();
+    // Deltas of sealed minutes, or of entities spread away, are not
+    // counted, and their events' keys not recorded: they were refused, so
+    // a retry (corrected, or routed anew) must not be taken for a duplicate.
+    let mut refused = Refused::default();
+    for (i, d) in deltas.iter().enumerate() {
+        if refusals.manifest.is_sealed(d.minute_ms) {
+            refused.sealed.push(i as u32);
+        } else if refusals.moved.refuses(&d.entity_id, d.minute_ms) {
+            refused.moved.push(i as u32);
+        }
+    }
+    let sealed: Vec<u32> = if refused.moved.is_empty() {
+        refused.sealed.clone()
+    } else {
+        let mut all = [refused.sealed.as_slice(), refused.moved.as_slice()].concat();
+        all.sort_unstable();
+        all
+    };
     let is_sealed = |delta: u32| !sealed.is_empty() && sealed.binary_search(&delta).is_ok();
     let mut admitted =
         dedup.admit((stamp, log_index), keyed.iter().filter(|e| !is_sealed(e.delta)).map(|k| k.key), provisional);
@@ -488,10 +546,12 @@ fn apply_ingest(
             d.sum = d.sum.wrapping_sub(event.value as i128);
         }
     }
+    let mut latest_minute = None;
     for (i, d) in deltas.into_iter().enumerate() {
         if (d.count == 0 && d.sum == 0) || is_sealed(i as u32) {
             continue;
         }
+        latest_minute = latest_minute.max(Some(d.minute_ms));
         let delta = CountSum { count: d.count, sum: d.sum };
         for g in Granularity::ALL {
             let start = bucket_start(g, d.minute_ms);
@@ -519,9 +579,15 @@ fn apply_ingest(
         }
     }
     if !sealed.is_empty() {
-        tracing::debug!(group, log_index, deltas = sealed.len(), "deltas of sealed minutes not counted");
+        tracing::debug!(
+            group,
+            log_index,
+            sealed = refused.sealed.len(),
+            moved = refused.moved.len(),
+            "deltas of sealed minutes or spread entities not counted"
+        );
     }
-    Ok((admitted.skipped, sealed))
+    Ok((admitted.skipped, refused, latest_minute))
 }
 
 impl RaftStateMachine<TypeConfig> for GroupStateMachine {
@@ -542,13 +608,14 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             let (chunk, responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
             let (group, dedup, write_back, applied) =
                 (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
-            let (logs, load, archive) = (self.logs.clone(), self.load.clone(), self.archive.clone());
+            let (logs, load, archive, moved) =
+                (self.logs.clone(), self.load.clone(), self.archive.clone(), self.moved.clone());
             let done = self
                 .engine
                 .blocking(move |_| {
                     let _timer = Timer::start(Stage::ApplyRound);
                     let started = std::time::Instant::now();
-                    let done = apply_chunk(group, &dedup, &logs, &archive, &write_back, applied, chunk);
+                    let done = apply_chunk(group, &dedup, &logs, &archive, &moved, &write_back, applied, chunk);
                     load.applied(started.elapsed());
                     done
                 })

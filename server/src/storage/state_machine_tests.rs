@@ -444,7 +444,7 @@ async fn expiry_removes_the_same_buckets_on_every_replica() {
             read_series(engine, &sm.write_back(), None, b"v", "view", Granularity::Minute, old, old + MINUTE_MS)
                 .await
                 .unwrap();
-        assert_eq!(minutes, SeriesRead::Expired { first_kept_ms: floors[0] });
+        assert!(matches!(minutes, SeriesRead::Expired { first_kept_ms } if first_kept_ms == floors[0]));
     }
     let digest_a = state_digest(&a_engine, &a.write_back()).await.unwrap();
     assert_eq!(digest_a, state_digest(&b_engine, &b.write_back()).await.unwrap());
@@ -639,4 +639,55 @@ async fn sealed_buckets_are_archived_before_they_expire() {
     assert!(!dedup.lock().contains(&late_key));
     assert!(dedup.lock().contains(&5));
     assert_eq!(a.archive().get().segments, vec![segment]);
+}
+
+#[tokio::test]
+async fn a_spread_entity_is_counted_at_home_only_before_its_start() {
+    let entry = |index, command| Entry { log_id: log_id(index), payload: EntryPayload::Normal(command) };
+    let (hot_key, late_key, other_key) = (41u128, 42u128, 43u128);
+    let log = vec![
+        // The home counted up to minute T + 2 min.
+        keyed_ingest(
+            1,
+            1_000,
+            vec![delta("hot", T, 1, 1), delta("hot", T + 2 * MINUTE_MS, 1, 1)],
+            vec![KeyedEvent { key: 1, delta: 1, value: 1 }],
+        ),
+        // Asked from T: fixed at the first minute not counted, T + 3 min.
+        entry(2, Command::Spread { entity_id: b"hot".to_vec(), from_ms: T }),
+        // A repeat changes nothing.
+        entry(3, Command::Spread { entity_id: b"hot".to_vec(), from_ms: T + DAY_MS }),
+        // Built before the leader saw the spread: the delta at T + 3 min is
+        // refused, its key not recorded; the late one and another entity's
+        // are counted.
+        keyed_ingest(
+            4,
+            4_000,
+            vec![delta("hot", T + 3 * MINUTE_MS, 2, 5), delta("hot", T + MINUTE_MS, 1, 1), delta("cold", T, 1, 1)],
+            vec![
+                KeyedEvent { key: hot_key, delta: 0, value: 2 },
+                KeyedEvent { key: late_key, delta: 1, value: 1 },
+                KeyedEvent { key: other_key, delta: 2, value: 1 },
+            ],
+        ),
+    ];
+    let ((a_dir, a_engine, a), (_b_dir, b_engine, b)) = two_replicas(log, 3).await;
+    for (engine, sm) in [(&a_engine, &a), (&b_engine, &b)] {
+        let moved = sm.moved().get();
+        assert_eq!(moved.moved.get(b"hot".as_slice()), Some(&(T + 3 * MINUTE_MS)));
+        assert_eq!(moved.latest_minute_ms, Some(T + 2 * MINUTE_MS), "the refused delta is not counted");
+        let hot = read_stats(engine, &sm.write_back(), None, b"hot", "view", T, T + DAY_MS).await.unwrap();
+        assert_eq!((hot.total.count, hot.total.sum), (3, 3));
+        let cold = read_stats(engine, &sm.write_back(), None, b"cold", "view", T, T + DAY_MS).await.unwrap();
+        assert_eq!(cold.total.count, 1);
+    }
+    assert_eq!(
+        state_digest(&a_engine, &a.write_back()).await.unwrap(),
+        state_digest(&b_engine, &b.write_back()).await.unwrap()
+    );
+    drop((a, a_engine));
+    let (_engine, a, dedup) = open(a_dir.path()).await;
+    assert!(!dedup.lock().contains(&hot_key), "a refused event's key is free for its new partition");
+    assert!(dedup.lock().contains(&late_key) && dedup.lock().contains(&other_key));
+    assert_eq!(a.moved().get().moved.get(b"hot".as_slice()), Some(&(T + 3 * MINUTE_MS)), "survives a restart");
 }
