@@ -37,10 +37,12 @@
 # * idle cost: a fresh cluster of 1000 partitions (64 in --smoke) and no
 #   load: time from start to every partition led, CPU and peak RSS per node,
 #   once with quiescence (the default), once with it off (`tallyd
-#   --quiesce-after-ms 0`), and once with 10,000 partitions (not in --smoke).
+#   --quiesce-after-ms 0`), and once with 10,000 partitions (not in --smoke);
+# * heavy skew: Zipf 1.3 over 1M ids, automatic spreading of hot entities
+#   off vs on, throughput and per-node CPU (`scripts/bench-skew.sh`).
 #
 # --only PHASES: a comma-separated subset of tally, failover, idle,
-# idle-large, redis-incr, redis-dedup, etcd (e.g. `--only failover,idle-large`
+# idle-large, redis-incr, redis-dedup, etcd, skew (e.g. `--only failover,idle-large`
 # to re-measure failover and the 10,000-partition start); the report then
 # goes to a temp file, not docs/BENCHMARKS.md, which only a full run rewrites.
 #
@@ -67,7 +69,7 @@ while (($#)); do
     --duration=*) DURATION="${1#*=}" ;;
     --only) ONLY="${2:?--only needs a comma-separated list}"; shift ;;
     --only=*) ONLY="${1#*=}" ;;
-    -h|--help) sed -n '2,54p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,56p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -433,6 +435,14 @@ fi
 wanted redis-incr && run_target redis-incr redis-incr redis
 wanted redis-dedup && run_target redis-dedup redis-dedup redis
 wanted etcd && run_target etcd etcd etcd
+# Heavy skew (Zipf 1.3): automatic spreading off vs on, throughput and the
+# per-node CPU spread (scripts/bench-skew.sh, which prints its own summary).
+if wanted skew; then
+  log "skew: Zipf 1.3 over 1M ids, automatic spreading off, then on"
+  BENCH_PROFILE="$PROFILE" TALLY_NO_BUILD=1 "$TALLY_ROOT/scripts/bench-skew.sh" "$DURATION" >"$WORK/skew.txt" \
+    2>"$WORK/skew.err" || { tail -5 "$WORK/skew.err" >&2; FAILED+=(skew); }
+  cat "$WORK/skew.txt" >&2
+fi
 
 # --- report ------------------------------------------------------------------
 if [[ -n "$SMOKE" || -n "$ONLY" ]]; then

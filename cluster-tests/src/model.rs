@@ -126,6 +126,9 @@ pub struct Workload {
     next_id: u64,
     prefix: String,
     extreme: bool,
+    /// Times are the last `span_ms` before the clock when the event is
+    /// made, not before `end_ms` (see [`Workload::live`]).
+    live: bool,
 }
 
 /// Entities of events meant to be refused (see [`Workload::doomed_event`]).
@@ -141,7 +144,17 @@ impl Workload {
             next_id: 0,
             prefix: format!("s{seed}"),
             extreme: false,
+            live: false,
         }
+    }
+
+    /// Events of the last `span_ms` as they are made, on entities
+    /// `live-0` … (the hot ones a fault run spreads): their times pass any
+    /// spread's start, so both sides of it are written.
+    pub fn live(mut self) -> Workload {
+        self.live = true;
+        self.prefix = format!("{}l", self.prefix);
+        self
     }
 
     /// Values at and near the i64 limits (sums leave the i64 range, and any
@@ -157,7 +170,8 @@ impl Workload {
         let u: f64 = self.rng.random();
         let entity = ((u * u) * self.entities as f64) as u32;
         let event_type = EVENT_TYPES[self.rng.random_range(0..EVENT_TYPES.len())];
-        let time = self.end_ms - self.rng.random_range(0..self.span_ms);
+        let end = if self.live { tally_client::time_arg::now_ms() } else { self.end_ms };
+        let time = end - self.rng.random_range(0..self.span_ms);
         self.next_id += 1;
         let value = if self.extreme {
             const EXTREMES: [i64; 6] = [i64::MAX, i64::MIN, i64::MAX - 1, i64::MIN + 1, -1, 1];
@@ -167,7 +181,13 @@ impl Workload {
         } else {
             None
         };
-        let kind = if self.extreme { "extreme" } else { "video" };
+        let kind = if self.extreme {
+            "extreme"
+        } else if self.live {
+            "live"
+        } else {
+            "video"
+        };
         // Viewers, so every fault run also carries unique-actor sketches
         // through crashes and snapshots (their digests must agree).
         let actor = format!("viewer-{}", self.next_id % 997).into_bytes();

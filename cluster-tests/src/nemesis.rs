@@ -41,9 +41,13 @@ pub enum Fault {
     /// floors and deletes what they expire), and kill -9 the busiest leader
     /// a moment later, while it does.
     ShortenRetention,
+    /// Spread a hot entity over more partitions while it is written to
+    /// (`Cluster.Spread`), and kill -9 its home partition's leader a moment
+    /// later, while the spread is under way.
+    Spread,
 }
 
-pub const ALL_FAULTS: [Fault; 11] = [
+pub const ALL_FAULTS: [Fault; 12] = [
     Fault::KillRestart,
     Fault::RestartAtOnce,
     Fault::Pause,
@@ -55,6 +59,7 @@ pub const ALL_FAULTS: [Fault; 11] = [
     Fault::ClockSkew,
     Fault::TransferToDead,
     Fault::ShortenRetention,
+    Fault::Spread,
 ];
 
 /// The retention policies `ShortenRetention` steps through, (minutes,
@@ -148,6 +153,7 @@ pub fn apply_links(cluster: &TestCluster, fault: Fault, victim: u64, rng: &mut S
         | Fault::Pause
         | Fault::ClockSkew
         | Fault::TransferToDead
-        | Fault::ShortenRetention => String::new(),
+        | Fault::ShortenRetention
+        | Fault::Spread => String::new(),
     }
 }

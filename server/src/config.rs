@@ -83,6 +83,15 @@ pub struct NodeConfig {
     /// How long archived rows read once stay cached (archived files never
     /// change; the lease bounds how long a file removed by hand answers).
     pub archive_cache_lease_ms: u64,
+    /// Spread an entity by itself once it takes more than this share (0 to
+    /// 1) of a busy partition's events for two checks in a row (`api/
+    /// spread.rs`); 0 (the default) leaves spreading to the operator.
+    /// Acted on by the metadata leader: give every node the same value.
+    pub auto_spread_share: f64,
+    /// A partition below this many events/s is never busy enough to spread.
+    pub auto_spread_min_events_per_sec: f64,
+    /// Partitions an automatic spread adds besides the home.
+    pub auto_spread_ways: u32,
     /// Leader heartbeat interval of an active Raft group.
     pub heartbeat_ms: u64,
     /// Minimum election timeout; the maximum, which is also openraft's
@@ -142,6 +151,9 @@ impl Default for NodeConfig {
             archive_url: None,
             archive_check_ms: 60_000,
             archive_cache_lease_ms: 300_000,
+            auto_spread_share: 0.0,
+            auto_spread_min_events_per_sec: 1_000.0,
+            auto_spread_ways: 4,
             // The lease (twice the election timeout, 800 ms) bounds failover:
             // voters refuse a new leader until it has run out. Shorter
             // (150/300, 100/250) kept a 1,000-partition cluster on a 2-core
@@ -299,6 +311,17 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_cache_lease_ms: Option<u64>,
+    /// Spread an entity above this share of a busy partition's events by
+    /// itself (0 = never).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_spread_share: Option<f64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_spread_min_events_per_sec: Option<f64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_spread_ways: Option<u32>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_ms: Option<u64>,

@@ -17,6 +17,7 @@ const LAYERS: &[&str] = &[
     "dedup_table",
     "metrics",
     "stages",
+    "hot_entity",
     "load",
     "meta",
     "moved",

@@ -34,6 +34,7 @@ pub mod crash_point;
 pub mod dedup;
 pub mod dedup_table;
 pub mod expiry;
+pub mod hot_entity;
 pub mod load;
 pub mod meta;
 pub mod metrics;

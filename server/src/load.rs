@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::hot_entity::HotEntities;
 use crate::sync::MutexExt;
 
 /// Smoothing time constant of the rates.
@@ -27,6 +28,8 @@ pub struct PartitionLoad {
     process_ns: AtomicU64,
     apply_ns: AtomicU64,
     rates: Mutex<Sampled>,
+    /// The hottest entity among the events the leader's processor took.
+    pub hot: HotEntities,
 }
 
 #[derive(Debug)]
@@ -44,6 +47,7 @@ impl Default for PartitionLoad {
             process_ns: AtomicU64::new(0),
             apply_ns: AtomicU64::new(0),
             rates: Mutex::new(Sampled { last: (Instant::now(), [0; 4]), rates: LoadRates::default() }),
+            hot: HotEntities::default(),
         }
     }
 }

@@ -511,6 +511,9 @@ impl Processor {
                 if provisional {
                     proposal.mark_provisional();
                 }
+                if let Command::Ingest(batch) = &proposal.command {
+                    self.load.hot.saw(batch.deltas.iter().map(|d| (d.entity_id.as_slice(), d.count)));
+                }
                 drop(building);
                 self.load.proposed(events as u64, bytes as u64, build_started.elapsed());
                 let raft = self.raft.clone();

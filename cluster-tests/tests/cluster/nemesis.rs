@@ -5,7 +5,10 @@
 //! partitions expire buckets). The cold archive is on throughout: events
 //! older than its seal, sent first, are sealed and archived by every
 //! partition, then dropped from the nodes by the shortened retentions, and
-//! the checker reads them back from the archive. One writer sends values at the i64 limits. After healing,
+//! the checker reads them back from the archive. One writer sends values at
+//! the i64 limits; another writes hot entities as time passes, which the
+//! nemesis spreads over more partitions (killing the home partition's
+//! leader while it does). After healing,
 //! the checker (`cluster_tests::checker`) holds every acknowledged event —
 //! tracked per event, even when the rest of its batch was given up — to
 //! exactly once in counts and exact sums, requires identical replica
@@ -28,13 +31,15 @@ use rand::{Rng, SeedableRng};
 use tally_bench::measure::percentile;
 use tally_proto::time::{align_range, bucket_start, Granularity, DAY_MS, HOUR_MS};
 use tally_proto::v1::{
-    AddNodeRequest, Event, RebalanceRequest, RemoveNodeRequest, RetentionPolicy, SetRetentionRequest,
+    AddNodeRequest, Event, RebalanceRequest, RemoveNodeRequest, RetentionPolicy, SetRetentionRequest, SpreadRequest,
     TransferLeaderRequest,
 };
 
 const SKEW_MS: i64 = 11 * 60_000;
 /// The workload spans 10 days: sealing 11 days back refuses none of it.
 const ARCHIVE_AFTER_MS: u64 = 11 * DAY_MS as u64;
+/// Entities of the live writer (`live-0` …), the ones the run spreads.
+const LIVE_ENTITIES: u32 = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::Result<()> {
@@ -86,6 +91,8 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     let mut workloads: Vec<Workload> =
         (0..3u64).map(|w| Workload::new(config.seed.wrapping_add(w * 7919), 200, end, 10 * DAY_MS)).collect();
     workloads.push(Workload::new(config.seed.wrapping_add(4), 20, end, 10 * DAY_MS).with_extreme_values());
+    // Hot entities written as time passes, for the spreads to move.
+    workloads.push(Workload::new(config.seed.wrapping_add(6), LIVE_ENTITIES, end, 2 * 60_000).live());
     let writers = Writers::spawn(&ingestor, workloads, 200, Duration::from_secs(120));
     {
         let mut history = writers.history.lock().unwrap_or_else(|p| p.into_inner());
@@ -98,6 +105,7 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut recoveries: Vec<Duration> = Vec::new();
     let mut retention_steps = RETENTION_STEPS.iter().cycle();
+    let mut spread: Vec<Vec<u8>> = Vec::new();
     let mut applied: BTreeMap<String, u32> = BTreeMap::new();
     let started = Instant::now();
     for fault in config.schedule() {
@@ -215,6 +223,42 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
                 cluster.restart(victim).await?;
                 ingestor.mark_live(victim);
             }
+            Fault::Spread => {
+                // The hottest live entity not spread yet (the workload
+                // favours low numbers), or the last one again.
+                let n = (spread.len() as u32).min(LIVE_ENTITIES - 1);
+                let entity = format!("live-{n}").into_bytes();
+                let home = tally_proto::partition::partition_of(&entity, cluster.partitions);
+                let home_leader = cluster
+                    .status(via)
+                    .await?
+                    .partitions
+                    .iter()
+                    .find(|p| p.partition == home)
+                    .map(|p| p.leader_node_id)
+                    .filter(|l| *l != 0)
+                    .unwrap_or(victim);
+                let coordinator = cluster.node_ids().into_iter().find(|id| *id != home_leader).unwrap_or(via);
+                let mut admin = cluster.cluster_client(coordinator).await?;
+                let request = SpreadRequest { entity_id: entity.clone(), ways: 3 };
+                let asked = tokio::spawn(async move { admin.spread(request).await.map(|r| r.into_inner()) });
+                let after = rng.random_range(0..500);
+                tokio::time::sleep(Duration::from_millis(after)).await;
+                ingestor.mark_dead(home_leader);
+                cluster.kill9(home_leader)?;
+                let answer = asked.await?;
+                eprintln!(
+                    "nemesis: spread {} (home {home}) over 3 more partitions; kill -9 its leader, node {home_leader}, {after} ms later: {:?}",
+                    String::from_utf8_lossy(&entity),
+                    answer.map(|a| a.spread.map(|s| s.from_ms)).map_err(|e| e.message().to_string())
+                );
+                if !spread.contains(&entity) {
+                    spread.push(entity);
+                }
+                tokio::time::sleep(config.hold).await;
+                cluster.restart(home_leader).await?;
+                ingestor.mark_live(home_leader);
+            }
             links => {
                 let what = apply_links(&cluster, links, victim, &mut rng);
                 eprintln!("nemesis: {what}");
@@ -246,8 +290,29 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
 
     // Checker.
     let probe_via = cluster.live_node_ids()[0];
-    let (from, to) = align_range(oldest_seal - DAY_MS, end + 60_000);
+    // To a minute past now: the live writer's events reach the run's end.
+    let (from, to) = align_range(oldest_seal - DAY_MS, tally_client::time_arg::now_ms() + 60_000);
     let mut violations = checker::violations(&cluster, &history, probe_via, from, to).await?;
+    // Every spread asked for became active, whatever was killed meanwhile
+    // (the metadata leader finishes what a coordinator left pending).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let spreads = cluster.status(probe_via).await?.spreads;
+        let inactive: Vec<String> = spread
+            .iter()
+            .filter(|e| !spreads.iter().any(|s| &s.entity_id == *e && s.from_ms != 0))
+            .map(|e| String::from_utf8_lossy(e).into_owned())
+            .collect();
+        if inactive.is_empty() {
+            eprintln!("nemesis: {} spreads active", spread.len());
+            break;
+        }
+        if Instant::now() > deadline {
+            violations.push(format!("spreads never became active: {inactive:?}"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     // Every partition sealed and archived what is older than any seal.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

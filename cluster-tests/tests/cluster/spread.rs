@@ -10,7 +10,7 @@ use std::time::Duration;
 use cluster_tests::ingestor::RetryingIngestor;
 use cluster_tests::{ClusterOptions, TestCluster};
 use tally_proto::time::{bucket_start, Granularity, MINUTE_MS};
-use tally_proto::v1::{Consistency, Event, Granularity as PbGranularity, SeriesRequest, StatsRequest};
+use tally_proto::v1::{Consistency, Event, Granularity as PbGranularity, SeriesRequest, StatsRequest, TopKRequest};
 
 const HOT: &str = "video-hot";
 const BATCH: usize = 250;
@@ -154,7 +154,83 @@ async fn spreading_a_hot_entity_under_load_counts_every_event_once() -> anyhow::
             .into_inner();
         assert_eq!((r.count, r.shares), (want, 1));
     }
+    // TopK ranks the spread entity by all of its shares.
+    let top = query
+        .top_k(TopKRequest {
+            event_type: "view".into(),
+            from_ms: from - 50 * MINUTE_MS,
+            to_ms: to + 50 * MINUTE_MS,
+            k: 3,
+            consistency: Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(top.entries.first().map(|e| (e.entity_id.as_slice(), e.count)), Some((HOT.as_bytes(), count)));
     cluster.assert_replicas_identical(Duration::from_secs(30)).await?;
     assert_eq!(cluster.dedup_conflicts().await?, 0);
     Ok(())
+}
+
+/// With `--auto-spread-share`, the metadata leader spreads an entity that
+/// takes most of a busy partition's events by itself, and nothing sent
+/// meanwhile is lost or counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_entity_is_spread_without_an_operator() -> anyhow::Result<()> {
+    let _turn = cluster_tests::serial::shared().await;
+    let args = ["--auto-spread-share", "0.5", "--auto-spread-min-events-per-sec", "20", "--auto-spread-ways", "2"];
+    let cluster = TestCluster::start(ClusterOptions {
+        nodes: 3,
+        partitions: 8,
+        args: args.iter().map(|a| a.to_string()).collect(),
+    })
+    .await?;
+    let ingestor = RetryingIngestor::new((1..=3).map(|id| (id, cluster.addr(id).unwrap_or_default())).collect());
+    const AUTO_HOT: &str = "video-auto-hot";
+    let started = tokio::time::Instant::now();
+    let mut sent: Vec<Event> = Vec::new();
+    let mut after_start = 0;
+    while after_start < 500 {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(150), "no spread after {:?}", started.elapsed());
+        let now = tally_client::time_arg::now_ms();
+        let batch: Vec<Event> = (0..100)
+            .map(|i| Event {
+                entity_id: if i % 5 == 4 { format!("video-cool-{}", i % 3) } else { AUTO_HOT.into() }.into_bytes(),
+                event_type: "view".into(),
+                event_time_ms: now,
+                event_id: format!("auto-{}", sent.len() + i).into_bytes(),
+                value: None,
+                actor_id: Vec::new(),
+            })
+            .collect();
+        let acked = ingestor.send_all(batches_sent_twice(&batch), 2).await?;
+        assert_eq!(acked.accepted + acked.duplicates, 200);
+        let spread = cluster.status(1).await?.spreads.into_iter().find(|s| s.entity_id == AUTO_HOT.as_bytes());
+        if let Some(s) = spread.filter(|s| s.from_ms != 0) {
+            assert_eq!(s.partitions.len(), 2, "{s:?}");
+            after_start += batch.iter().filter(|e| e.event_time_ms >= s.from_ms).count();
+        }
+        sent.extend(batch);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hot = sent.iter().filter(|e| e.entity_id == AUTO_HOT.as_bytes()).count() as u64;
+    let mut query = cluster.query_client(2).await?;
+    let r = query
+        .stats(StatsRequest {
+            entity_id: AUTO_HOT.as_bytes().to_vec(),
+            event_type: "view".into(),
+            from_ms: started_ms(&sent) - MINUTE_MS,
+            to_ms: tally_client::time_arg::now_ms() + MINUTE_MS,
+            consistency: Consistency::Linearizable as i32,
+            share_partition_plus_one: 0,
+        })
+        .await?
+        .into_inner();
+    assert_eq!((r.count, r.shares), (hot, 3));
+    cluster.assert_replicas_identical(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+fn started_ms(events: &[Event]) -> i64 {
+    events.iter().map(|e| e.event_time_ms).min().unwrap_or(0)
 }

@@ -286,7 +286,11 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
             load.queued_requests += queued_requests;
             load.partitions_led += u32::from(view.leader == Some(node.id));
             let archive = replica.archive.get();
+            let hot = if view.leader == Some(node.id) { replica.load.hot.hottest() } else { None };
+            let (hot_entity_id, hot_entity_share) = hot.map_or((Vec::new(), 0.0), |h| (h.entity_id, h.share));
             PartitionInfo {
+                hot_entity_id,
+                hot_entity_share,
                 sealed_below_ms: archive.sealed_below_ms.unwrap_or(0),
                 archived_upto_ms: archive.archived_upto().unwrap_or(0),
                 archive_segments: archive.segments.len() as u32,

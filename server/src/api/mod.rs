@@ -16,6 +16,7 @@
 pub mod admission;
 pub mod audit;
 pub mod auth;
+pub mod auto_spread;
 pub mod batch_limits;
 pub mod cluster;
 pub mod dashboard;

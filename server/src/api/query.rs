@@ -14,8 +14,8 @@ use tally_proto::partition::partition_of;
 use tally_proto::time::{align_range, series_starts, Granularity};
 use tally_proto::v1::query_server::Query;
 use tally_proto::v1::{
-    AuditRequest, AuditResponse, Bucket, SeriesRequest, SeriesResponse, StatsRequest, StatsResponse, TopKRequest,
-    TopKResponse,
+    AuditRequest, AuditResponse, Bucket, SeriesRequest, SeriesResponse, StatsRequest, StatsResponse, TopKEntry,
+    TopKRequest, TopKResponse,
 };
 use tally_proto::validate::{validate_query_key, validate_range};
 use tonic::{Request, Response, Status};
@@ -26,6 +26,7 @@ use super::read_routing::{
 use super::shares;
 use crate::node::Node;
 use crate::stages::{Stage, Timer};
+use crate::storage::ranking::{best_k, RankBy};
 use crate::storage::read::{read_series, read_stats, ArchiveAccess, SeriesRead};
 
 /// Most buckets one series answer may hold.
@@ -103,7 +104,13 @@ impl Query for QueryService {
     }
 
     async fn top_k(&self, request: Request<TopKRequest>) -> Result<Response<TopKResponse>, Status> {
-        super::top_k::top_k(&self.node, request).await
+        let whole = request.get_ref().partitions.is_empty();
+        let req = request.get_ref().clone();
+        let mut answer = super::top_k::top_k(&self.node, request).await?.into_inner();
+        if whole {
+            self.exact_spread_entries(&req, &mut answer).await?;
+        }
+        Ok(Response::new(answer))
     }
 }
 
@@ -235,4 +242,41 @@ fn partitions_to_read(node: &Node, entity_id: &[u8], share_partition_plus_one: u
         return Ok(vec![partition]);
     }
     Ok(node.routing().map_or_else(|| vec![partition_of(entity_id, count)], |r| r.partitions_of_entity(entity_id)))
+}
+
+impl QueryService {
+    /// TopK's spread entities with their exact totals over its range (a
+    /// share may be missing from its partition's list), ranked again.
+    async fn exact_spread_entries(&self, req: &TopKRequest, answer: &mut TopKResponse) -> Result<(), Status> {
+        let Some(routing) = self.node.routing() else { return Ok(()) };
+        if !answer.entries.iter().any(|e| routing.spread_of(&e.entity_id).is_some()) {
+            return Ok(());
+        }
+        let mut ranked = Vec::with_capacity(answer.entries.len());
+        for entry in answer.entries.drain(..) {
+            let mut total = shares::total_of(entry.count, entry.sum, &entry.sum_exact);
+            if routing.spread_of(&entry.entity_id).is_some() {
+                let stats = StatsRequest {
+                    entity_id: entry.entity_id.clone(),
+                    event_type: req.event_type.clone(),
+                    from_ms: answer.effective_from_ms,
+                    to_ms: answer.effective_to_ms,
+                    consistency: req.consistency,
+                    share_partition_plus_one: 0,
+                };
+                let exact = self.stats(Request::new(stats)).await?.into_inner();
+                total = shares::total_of(exact.count, exact.sum, &exact.sum_exact);
+            }
+            ranked.push((entry.entity_id, total));
+        }
+        let by = if req.order == tally_proto::v1::TopKOrder::Sum as i32 { RankBy::Sum } else { RankBy::Count };
+        answer.entries = best_k(ranked, req.k as usize, by)
+            .into_iter()
+            .map(|(entity_id, c)| {
+                let (sum, sum_overflow) = c.sum_i64();
+                TopKEntry { entity_id, count: c.count, sum, sum_overflow, sum_exact: c.sum.to_string() }
+            })
+            .collect();
+        Ok(())
+    }
 }

@@ -13,8 +13,8 @@ use tonic::Status;
 use crate::storage::counts::CountSum;
 use crate::storage::sketch::Sketch;
 
-/// One share's exact count and sum.
-fn total_of(count: u64, sum: i64, sum_exact: &str) -> CountSum {
+/// One share's exact count and sum (`sum_exact`, else the clamped `sum`).
+pub fn total_of(count: u64, sum: i64, sum_exact: &str) -> CountSum {
     CountSum { count, sum: sum_exact.parse::<i128>().unwrap_or(i128::from(sum)) }
 }
 

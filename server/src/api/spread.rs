@@ -50,15 +50,7 @@ pub async fn spread(node: &Arc<Node>, req: SpreadRequest) -> Result<SpreadRespon
     if let Coordinator::Forward(mut leader) = coordinator(node).await? {
         return Ok(leader.spread(req).await?.into_inner());
     }
-    {
-        let _map_writes = node.map_writes.lock().await;
-        let map = node.map();
-        let next = map.with_spread_planned(&req.entity_id, req.ways).map_err(Status::invalid_argument)?;
-        if next != map {
-            commit_map(node, next).await?;
-        }
-    }
-    complete_pending(node).await;
+    plan_and_complete(node, &req.entity_id, req.ways).await?;
     let mut watch = node.cluster_map.clone();
     let active = watch.wait_for(|m| m.spreads.get(&req.entity_id).is_some_and(|p| p.from_ms.is_some()));
     let map = match tokio::time::timeout(ACTIVATE_TIMEOUT, active).await {
@@ -101,6 +93,21 @@ pub fn spawn_completer(node: Arc<Node>) {
             }
         }
     });
+}
+
+/// Plans `entity`'s spread over `ways` partitions (an entity already
+/// spread keeps its spread) and drives pending spreads to active.
+pub async fn plan_and_complete(node: &Arc<Node>, entity: &[u8], ways: u32) -> Result<(), Status> {
+    {
+        let _map_writes = node.map_writes.lock().await;
+        let map = node.map();
+        let next = map.with_spread_planned(entity, ways).map_err(Status::invalid_argument)?;
+        if next != map {
+            commit_map(node, next).await?;
+        }
+    }
+    complete_pending(node).await;
+    Ok(())
 }
 
 /// Steps 2 and 3 for every pending spread.

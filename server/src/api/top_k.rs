@@ -6,9 +6,13 @@
 //! linearizable, or for STALE any recovered replica). Partitions this node
 //! can answer are read here (`storage/ranking.rs`); the rest are asked of
 //! the nodes that can, one call per node carrying the list of its
-//! partitions, with the forwarding hop count every query carries. Entities
-//! never span partitions, so the k best of every partition's k best are
-//! the k best overall.
+//! partitions, with the forwarding hop count every query carries. An
+//! entity lives in one partition unless it was spread (`Cluster.Spread`):
+//! then the lists are summed per entity, and the node asked replaces each
+//! spread entity that ranks with its exact total over the range (a Stats
+//! of all its shares, `query.rs`). So the k best of every partition's k best are the k
+//! best overall, except that a spread entity ranks only once one of its
+//! shares ranks in its own partition.
 //!
 //! Every partition must rank the same range, so the node asked tiles it
 //! once, with the floors the cluster's retention policy gives a minute
@@ -98,7 +102,7 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
         while let Some(list) = reads.next().await {
             best.extend(list?);
             if best.len() >= 4 * k {
-                best = best_k(best, k, by);
+                best = best_k(summed_per_entity(best), k, by);
             }
         }
         Ok::<_, StorageError>(best)
@@ -125,7 +129,7 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
             entries.push((e.entity_id, CountSum { count: e.count, sum }));
         }
     }
-    let entries = best_k(entries, k, by)
+    let entries = best_k(summed_per_entity(entries), k, by)
         .into_iter()
         .map(|(entity_id, c)| {
             let (sum, sum_overflow) = c.sum_i64();
@@ -139,6 +143,16 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
         partitions_answered: partitions.len() as u32,
         resolution: tiling.resolution.to_proto().into(),
     }))
+}
+
+/// Entries of one entity (the shares of a spread one) summed into one.
+fn summed_per_entity(entries: Vec<(Vec<u8>, CountSum)>) -> Vec<(Vec<u8>, CountSum)> {
+    let mut summed: BTreeMap<Vec<u8>, CountSum> = BTreeMap::new();
+    for (entity, c) in entries {
+        let slot = summed.entry(entity).or_default();
+        *slot = slot.add(c);
+    }
+    summed.into_iter().collect()
 }
 
 /// How far ahead of this node's clock the policy's floors are taken: more
