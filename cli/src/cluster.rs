@@ -1,5 +1,5 @@
 //! `tally cluster init | status | wait | transfer-leader | rebalance |
-//! add-node | remove-node | set-policy | set-retention | stages | spread`
+//! add-node | remove-node | balancer | set-policy | set-retention | stages | spread`
 //! (the last three in `retention.rs`, `stages.rs` and `spread.rs`).
 //!
 //! `status` asks every node, not just `--addr`: a node only knows the
@@ -25,7 +25,7 @@ use serde_json::json;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::{
     AddNodeRequest, IngestPolicy, InitializeRequest, NodeInfo, RebalanceRequest, RemoveNodeRequest, RetentionPolicy,
-    SetIngestPolicyRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
+    SetBalancerRequest, SetIngestPolicyRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
 };
 
 use crate::retention::RetentionArgs;
@@ -106,6 +106,12 @@ pub enum ClusterCommand {
         /// Give up after this long.
         #[arg(long, default_value = "60s")]
         timeout: humantime::Duration,
+    },
+    /// Pause (off) or resume (on) the balancer, which moves leaderships
+    /// toward even load by itself.
+    Balancer {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
     },
     /// Move leaderships so every node leads an even share of the partitions.
     Rebalance {
@@ -212,6 +218,7 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
         }
         ClusterCommand::Rebalance { timeout } => rebalance(cli, **timeout).await,
         ClusterCommand::Spread { entity, ways, timeout } => crate::spread::run(cli, entity, *ways, **timeout).await,
+        ClusterCommand::Balancer { state } => balancer(cli, state == "off").await,
         ClusterCommand::AddNode { node_addr, timeout } => add_node(cli, node_addr, **timeout).await,
         ClusterCommand::RemoveNode { node_id, timeout } => remove_node(cli, *node_id, **timeout).await,
         ClusterCommand::Stages { reset } => crate::stages::run(cli, *reset).await,
@@ -279,6 +286,20 @@ async fn transfer_leader(cli: &Cli, partition: u32, node: u64, timeout: Duration
         eprintln!("error: {what}: the leader is node {} when the call returned", resp.leader_node_id);
     }
     Ok(if moved { 0 } else { 1 })
+}
+
+async fn balancer(cli: &Cli, paused: bool) -> anyhow::Result<i32> {
+    let what = if paused { "pausing the balancer" } else { "resuming the balancer" };
+    let resp = admin_call(cli, what, Duration::from_secs(30), |mut c, t| async move {
+        c.set_balancer(with_deadline(SetBalancerRequest { paused }, t)).await
+    })
+    .await?;
+    if cli.json {
+        print_json(&json!({"balancer_paused": resp.paused}));
+    } else {
+        println!("balancer {}", if resp.paused { "off (paused)" } else { "on" });
+    }
+    Ok(0)
 }
 
 async fn rebalance(cli: &Cli, timeout: Duration) -> anyhow::Result<i32> {
@@ -591,6 +612,7 @@ impl StatusView {
             "nodes": nodes,
             "partitions": partitions,
             "spreads": crate::spread::spreads_of(self.reports()).iter().map(crate::spread::to_json).collect::<Vec<_>>(),
+            "balancer_paused": self.reports().any(|s| s.balancer_paused),
         })
     }
 
@@ -707,6 +729,9 @@ impl StatusView {
                 doc["changing"],
                 if with_partitions { " (marked *)" } else { " (see --partitions)" }
             ));
+        }
+        if doc["balancer_paused"] == json!(true) {
+            out.push_str("balancer: off (`tally cluster balancer on` resumes it)\n");
         }
         for spread in crate::spread::spreads_of(self.reports()) {
             out.push_str(&format!("spread: {}\n", crate::spread::describe(&spread)));

@@ -45,9 +45,12 @@ pub enum Fault {
     /// (`Cluster.Spread`), and kill -9 its home partition's leader a moment
     /// later, while the spread is under way.
     Spread,
+    /// Pause the balancer, kill -9 the busiest leader and restart it (its
+    /// leaderships pile up elsewhere), resume the balancer.
+    PauseBalancer,
 }
 
-pub const ALL_FAULTS: [Fault; 12] = [
+pub const ALL_FAULTS: [Fault; 13] = [
     Fault::KillRestart,
     Fault::RestartAtOnce,
     Fault::Pause,
@@ -60,6 +63,7 @@ pub const ALL_FAULTS: [Fault; 12] = [
     Fault::TransferToDead,
     Fault::ShortenRetention,
     Fault::Spread,
+    Fault::PauseBalancer,
 ];
 
 /// The retention policies `ShortenRetention` steps through, (minutes,
@@ -154,6 +158,7 @@ pub fn apply_links(cluster: &TestCluster, fault: Fault, victim: u64, rng: &mut S
         | Fault::ClockSkew
         | Fault::TransferToDead
         | Fault::ShortenRetention
-        | Fault::Spread => String::new(),
+        | Fault::Spread
+        | Fault::PauseBalancer => String::new(),
     }
 }

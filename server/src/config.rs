@@ -92,6 +92,9 @@ pub struct NodeConfig {
     pub auto_spread_min_events_per_sec: f64,
     /// Partitions an automatic spread adds besides the home.
     pub auto_spread_ways: u32,
+    /// How often the metadata leader's balancer may move one leadership
+    /// toward even load (`api/balancer.rs`); 0 turns it off on this node.
+    pub balancer_interval_ms: u64,
     /// Leader heartbeat interval of an active Raft group.
     pub heartbeat_ms: u64,
     /// Minimum election timeout; the maximum, which is also openraft's
@@ -154,6 +157,7 @@ impl Default for NodeConfig {
             auto_spread_share: 0.0,
             auto_spread_min_events_per_sec: 1_000.0,
             auto_spread_ways: 4,
+            balancer_interval_ms: 10_000,
             // The lease (twice the election timeout, 800 ms) bounds failover:
             // voters refuse a new leader until it has run out. Shorter
             // (150/300, 100/250) kept a 1,000-partition cluster on a 2-core
@@ -322,6 +326,10 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_spread_ways: Option<u32>,
+    /// How often the balancer may move a leadership (0 = off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balancer_interval_ms: Option<u64>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_ms: Option<u64>,

@@ -118,6 +118,10 @@ pub struct ClusterMap {
     /// (`moved.rs` argues why no event is lost or counted twice).
     #[serde(default)]
     pub spreads: BTreeMap<Vec<u8>, SpreadPlan>,
+    /// The balancer (`api/balancer.rs`) moves no leadership while set
+    /// (`tally cluster balancer off`).
+    #[serde(default)]
+    pub balancer_paused: bool,
 }
 
 /// A hot entity's spread as the map holds it.
@@ -149,7 +153,19 @@ impl ClusterMap {
             replication_factor: rf as u32,
             replicas,
             spreads: BTreeMap::new(),
+            balancer_paused: false,
         }
+    }
+
+    /// The map with the balancer paused or running; `None` if it already is.
+    pub fn with_balancer_paused(&self, paused: bool) -> Option<ClusterMap> {
+        if self.balancer_paused == paused {
+            return None;
+        }
+        let mut next = self.clone();
+        next.version += 1;
+        next.balancer_paused = paused;
+        Some(next)
     }
 
     /// The map with `entity` planned to spread over `ways` partitions: the

@@ -9,6 +9,7 @@ mod api_surface;
 mod archive;
 mod audit;
 mod auth;
+mod balancer;
 mod canary;
 mod client_backpressure;
 mod client_breaker;
@@ -55,6 +56,7 @@ fn every_cluster_test_takes_its_turn() {
         ("archive", include_str!("archive.rs")),
         ("audit", include_str!("audit.rs")),
         ("auth", include_str!("auth.rs")),
+        ("balancer", include_str!("balancer.rs")),
         ("canary", include_str!("canary.rs")),
         ("client_backpressure", include_str!("client_backpressure.rs")),
         ("client_breaker", include_str!("client_breaker.rs")),

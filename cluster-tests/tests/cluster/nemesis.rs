@@ -8,7 +8,8 @@
 //! the checker reads them back from the archive. One writer sends values at
 //! the i64 limits; another writes hot entities as time passes, which the
 //! nemesis spreads over more partitions (killing the home partition's
-//! leader while it does). After healing,
+//! leader while it does). The balancer moves leaderships throughout, and is
+//! paused once while a leader is killed. After healing,
 //! the checker (`cluster_tests::checker`) holds every acknowledged event —
 //! tracked per event, even when the rest of its batch was given up — to
 //! exactly once in counts and exact sums, requires identical replica
@@ -31,8 +32,8 @@ use rand::{Rng, SeedableRng};
 use tally_bench::measure::percentile;
 use tally_proto::time::{align_range, bucket_start, Granularity, DAY_MS, HOUR_MS};
 use tally_proto::v1::{
-    AddNodeRequest, Event, RebalanceRequest, RemoveNodeRequest, RetentionPolicy, SetRetentionRequest, SpreadRequest,
-    TransferLeaderRequest,
+    AddNodeRequest, Event, RebalanceRequest, RemoveNodeRequest, RetentionPolicy, SetBalancerRequest,
+    SetRetentionRequest, SpreadRequest, TransferLeaderRequest,
 };
 
 const SKEW_MS: i64 = 11 * 60_000;
@@ -52,6 +53,9 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
         partitions: 16,
         // Frequent snapshots and checkpoints: faults land during both.
         args: vec![
+            // The balancer moves leaderships under the faults too.
+            "--balancer-interval-ms".into(),
+            "2000".into(),
             "--snapshot-logs".into(),
             "200".into(),
             "--checkpoint-interval-ms".into(),
@@ -258,6 +262,25 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
                 tokio::time::sleep(config.hold).await;
                 cluster.restart(home_leader).await?;
                 ingestor.mark_live(home_leader);
+            }
+            Fault::PauseBalancer => {
+                // Paused while the busiest leader is killed and restarted
+                // (its leaderships pile up on the others), resumed after.
+                let mut admin = cluster.cluster_client(via).await?;
+                let paused =
+                    admin.set_balancer(SetBalancerRequest { paused: true }).await.map(|r| r.into_inner().paused);
+                ingestor.mark_dead(victim);
+                cluster.kill9(victim)?;
+                tokio::time::sleep(config.hold).await;
+                cluster.restart(victim).await?;
+                ingestor.mark_live(victim);
+                let resumed =
+                    admin.set_balancer(SetBalancerRequest { paused: false }).await.map(|r| r.into_inner().paused);
+                eprintln!(
+                    "nemesis: balancer paused ({:?}), kill -9 node {victim}, restarted, balancer resumed ({:?})",
+                    paused.map_err(|e| e.message().to_string()),
+                    resumed.map_err(|e| e.message().to_string())
+                );
             }
             links => {
                 let what = apply_links(&cluster, links, victim, &mut rng);

@@ -10,10 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_proto::v1::cluster_client::ClusterClient;
-use tally_proto::v1::StatusRequest;
-
 use super::spread::plan_and_complete;
+use super::statuses::all_statuses;
 use crate::node::Node;
 
 /// Checks while this node leads the metadata group; nothing without
@@ -59,20 +57,7 @@ impl AutoSpread {
     /// sighted [`AUTO_SIGHTINGS`] times in a row is spread.
     async fn check(&mut self, node: &Arc<Node>) {
         let map = node.map();
-        let mut reports = vec![super::cluster::local_status(node)];
-        for (&id, addrs) in &map.nodes {
-            if id == node.id {
-                continue;
-            }
-            let Ok(channel) = node.peers.public_channel(id, &addrs.addr) else { continue };
-            let mut request = tonic::Request::new(StatusRequest {});
-            request.set_timeout(STATUS_TIMEOUT);
-            if let Ok(Ok(status)) =
-                tokio::time::timeout(STATUS_TIMEOUT, ClusterClient::new(channel).status(request)).await
-            {
-                reports.push(status.into_inner());
-            }
-        }
+        let reports = all_statuses(node, STATUS_TIMEOUT).await;
         let config = &node.config;
         let mut hot: Vec<(Vec<u8>, u32, f64)> = Vec::new();
         for report in &reports {

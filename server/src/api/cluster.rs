@@ -14,9 +14,10 @@ use tally_proto::v1::cluster_server::Cluster;
 use tally_proto::v1::{
     AddNodeRequest, AddNodeResponse, DeadLettersRequest, DeadLettersResponse, DigestRequest, DigestResponse,
     InitializeRequest, InitializeResponse, NodeLoad, PartitionDigest, PartitionInfo, RebalanceRequest,
-    RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse, SetIngestPolicyRequest, SetIngestPolicyResponse,
-    SetRetentionRequest, SetRetentionResponse, SpreadRequest, SpreadResponse, StageLatency, StagesRequest,
-    StagesResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse, SetBalancerRequest, SetBalancerResponse,
+    SetIngestPolicyRequest, SetIngestPolicyResponse, SetRetentionRequest, SetRetentionResponse, SpreadRequest,
+    SpreadResponse, StageLatency, StagesRequest, StagesResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -125,6 +126,18 @@ impl Cluster for ClusterService {
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
         Ok(Response::new(super::membership::remove_node(&self.node, request.into_inner()).await?))
+    }
+
+    async fn set_balancer(
+        &self,
+        request: Request<SetBalancerRequest>,
+    ) -> Result<Response<SetBalancerResponse>, Status> {
+        let req = request.into_inner();
+        if let super::membership::Coordinator::Forward(mut leader) = super::membership::coordinator(&self.node).await? {
+            return leader.set_balancer(req).await;
+        }
+        super::map_change::change_map(&self.node, |map| Ok(map.with_balancer_paused(req.paused))).await?;
+        Ok(Response::new(SetBalancerResponse { paused: self.node.map().balancer_paused }))
     }
 
     async fn spread(&self, request: Request<SpreadRequest>) -> Result<Response<SpreadResponse>, Status> {
@@ -331,5 +344,6 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         retention: Some(super::retention::to_proto(*node.retention.borrow())),
         load: Some(load),
         spreads: super::spread::spread_infos(&map),
+        balancer_paused: map.balancer_paused,
     }
 }

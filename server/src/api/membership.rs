@@ -82,11 +82,13 @@ async fn ensure_settled(node: &Arc<Node>, map: &ClusterMap) -> Result<(), Status
 
 async fn commit_and_wait(node: &Arc<Node>, mut next: ClusterMap) -> Result<(), Status> {
     {
-        // Spreads (`spread.rs`) may have changed the map since `next` was
-        // computed from it; a membership change keeps them as they are now.
+        // Spreads (`spread.rs`) and the balancer switch may have changed
+        // the map since `next` was computed from it; a membership change
+        // keeps them as they are now.
         let _map_writes = node.map_writes.lock().await;
         let current = node.map();
         next.spreads = current.spreads.clone();
+        next.balancer_paused = current.balancer_paused;
         next.version = next.version.max(current.version + 1);
         node.metadata
             .client_write(Command::SetClusterMap(next.clone()))

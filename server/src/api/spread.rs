@@ -30,6 +30,7 @@ use tally_proto::partition::{group_of_partition, partition_of};
 use tally_proto::v1::{SpreadInfo, SpreadRequest, SpreadResponse};
 use tonic::Status;
 
+use super::map_change::change_map;
 use super::membership::{coordinator, Coordinator};
 use crate::command::Command;
 use crate::meta::ClusterMap;
@@ -98,14 +99,11 @@ pub fn spawn_completer(node: Arc<Node>) {
 /// Plans `entity`'s spread over `ways` partitions (an entity already
 /// spread keeps its spread) and drives pending spreads to active.
 pub async fn plan_and_complete(node: &Arc<Node>, entity: &[u8], ways: u32) -> Result<(), Status> {
-    {
-        let _map_writes = node.map_writes.lock().await;
-        let map = node.map();
+    change_map(node, |map| {
         let next = map.with_spread_planned(entity, ways).map_err(Status::invalid_argument)?;
-        if next != map {
-            commit_map(node, next).await?;
-        }
-    }
+        Ok((next != *map).then_some(next))
+    })
+    .await?;
     complete_pending(node).await;
     Ok(())
 }
@@ -124,10 +122,9 @@ async fn complete_pending(node: &Arc<Node>) {
                 continue;
             }
         };
-        let _map_writes = node.map_writes.lock().await;
-        let Some(next) = node.map().with_spread_active(&entity, from_ms) else { continue };
-        match commit_map(node, next).await {
-            Ok(()) => tracing::info!(
+        match change_map(node, |map| Ok(map.with_spread_active(&entity, from_ms))).await {
+            Ok(false) => {}
+            Ok(true) => tracing::info!(
                 entity = %String::from_utf8_lossy(&entity),
                 home,
                 from_ms,
@@ -135,14 +132,6 @@ async fn complete_pending(node: &Arc<Node>) {
             ),
             Err(e) => tracing::info!(error = %e, "spread: activating it failed; retried"),
         }
-    }
-}
-
-async fn commit_map(node: &Node, next: ClusterMap) -> Result<(), Status> {
-    match tokio::time::timeout(COMMIT_TIMEOUT, node.metadata.client_write(Command::SetClusterMap(next))).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(Status::unavailable(format!("committing the cluster map: {e}"))),
-        Err(_) => Err(Status::unavailable("committing the cluster map timed out")),
     }
 }
 
