@@ -83,17 +83,26 @@ run() { # MODE
   load "$DURATION" "$WORK/run-$mode.json"
   t1=$(date +%s.%N)
   for i in 0 1 2; do after+=("$(ticks "${pids[$i]}")"); done
-  python3 - "$mode" "$WORK/run-$mode.json" "$t0" "$t1" "$(getconf CLK_TCK)" \
+  # The partitions' load as their leaders saw it (smoothed over ~10 s).
+  "$TALLY" --addr "$ADDR" --json cluster status --hot >"$WORK/hot-$mode.json" 2>/dev/null || echo '{}' >"$WORK/hot-$mode.json"
+  python3 - "$mode" "$WORK/run-$mode.json" "$WORK/hot-$mode.json" "$t0" "$t1" "$(getconf CLK_TCK)" \
     "${before[0]}" "${after[0]}" "${before[1]}" "${after[1]}" "${before[2]}" "${after[2]}" <<'EOF' | tee -a "$WORK/summary"
 import json, sys
-mode, path, t0, t1, tck = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
-ticks = [int(b) for b in sys.argv[6:]]
+mode, path, hot_path = sys.argv[1], sys.argv[2], sys.argv[3]
+t0, t1, tck = float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+ticks = [int(b) for b in sys.argv[7:]]
+parts = json.load(open(hot_path)).get("partitions", [])
+total = sum(p.get("events_per_sec", 0) for p in parts) or 1
+top = max(parts, key=lambda p: p.get("events_per_sec", 0), default={})
 secs = t1 - t0
 cpu = [(ticks[2 * i + 1] - ticks[2 * i]) / tck / secs for i in range(3)]
 run = json.load(open(path))
 print(json.dumps({"mode": mode, "throughput_eps": round(run["throughput_eps"]), "node_cpu_cores": [round(c, 2) for c in cpu],
                   "cpu_max_over_min": round(max(cpu) / max(min(cpu), 1e-9), 2),
-                  "p99_ms": run["latency_ms"].get("p99")}))
+                  "p99_ms": run["latency_ms"].get("p99"),
+                  "hottest_partition": top.get("partition"),
+                  "hottest_partition_share": round(top.get("events_per_sec", 0) / total, 3),
+                  "hottest_partition_cpu": round(top.get("processor_cpu", 0) + top.get("apply_cpu", 0), 3)}))
 EOF
   cluster down >/dev/null 2>&1 || true
   rm -rf "$WORK/tally"
@@ -107,5 +116,6 @@ runs = {r["mode"]: r for r in map(json.loads, open(sys.argv[1]))}
 off, on = runs["off"], runs["on"]
 print(f"throughput on / off: {on['throughput_eps'] / max(off['throughput_eps'], 1):.2f} "
       f"({on['throughput_eps']} / {off['throughput_eps']} events/s); "
-      f"per-node CPU max/min: off {off['cpu_max_over_min']}, on {on['cpu_max_over_min']}")
+      f"per-node CPU max/min: off {off['cpu_max_over_min']}, on {on['cpu_max_over_min']}; "
+      f"hottest partition's share of events: off {off['hottest_partition_share']}, on {on['hottest_partition_share']}")
 EOF

@@ -254,14 +254,32 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
                 eprintln!(
                     "nemesis: spread {} (home {home}) over 3 more partitions; kill -9 its leader, node {home_leader}, {after} ms later: {:?}",
                     String::from_utf8_lossy(&entity),
-                    answer.map(|a| a.spread.map(|s| s.from_ms)).map_err(|e| e.message().to_string())
+                    answer.as_ref().map(|a| a.spread.as_ref().map(|s| s.from_ms)).map_err(|e| e.message().to_string())
                 );
-                if !spread.contains(&entity) {
-                    spread.push(entity);
-                }
                 tokio::time::sleep(config.hold).await;
                 cluster.restart(home_leader).await?;
                 ingestor.mark_live(home_leader);
+                // A call that failed (its coordinator forwarded to a killed
+                // metadata leader) may have planned nothing: then the next
+                // spread fault asks for the same entity again. A planned
+                // spread must become active, answered or not.
+                let mut planned =
+                    answer.is_ok() || cluster.status(via).await?.spreads.iter().any(|s| s.entity_id == entity);
+                // Nothing planned: asked again, without a kill, so that every
+                // run spreads (under the other faults still running).
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !planned && Instant::now() < deadline {
+                    let mut admin = cluster.cluster_client(via).await?;
+                    let again = admin.spread(SpreadRequest { entity_id: entity.clone(), ways: 3 }).await;
+                    eprintln!(
+                        "nemesis: spread asked again: {:?}",
+                        again.as_ref().map(|_| "active").map_err(|e| e.message().to_string())
+                    );
+                    planned = again.is_ok();
+                }
+                if planned && !spread.contains(&entity) {
+                    spread.push(entity);
+                }
             }
             Fault::PauseBalancer => {
                 // Paused while the busiest leader is killed and restarted
@@ -324,7 +342,10 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
         let inactive: Vec<String> = spread
             .iter()
             .filter(|e| !spreads.iter().any(|s| &s.entity_id == *e && s.from_ms != 0))
-            .map(|e| String::from_utf8_lossy(e).into_owned())
+            .map(|e| {
+                let state = if spreads.iter().any(|s| &s.entity_id == e) { "pending" } else { "not in the map" };
+                format!("{} ({state})", String::from_utf8_lossy(e))
+            })
             .collect();
         if inactive.is_empty() {
             eprintln!("nemesis: {} spreads active", spread.len());
