@@ -16,14 +16,18 @@
 #   scripts/bench-skew.sh [DURATION]     (default 60s)
 #
 # Environment: BENCH_PROFILE (release; dev = the test command's build),
-# BENCH_SKEW_SHARE (0.1: the share of a partition's events that makes an
-# entity hot), BENCH_SKEW_WAYS (4), BENCH_CONCURRENCY (8), CARGO_TARGET_DIR.
+# BENCH_SKEW_SHARE (0.3: the share of a partition's events that makes an
+# entity hot), BENCH_SKEW_MIN_RATE (2000: events/s below which a partition
+# is not busy), BENCH_SKEW_SPREADS (2: spreads to wait for before
+# measuring), BENCH_SKEW_WAYS (4), BENCH_CONCURRENCY (8), CARGO_TARGET_DIR.
 set -euo pipefail
 TALLY_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/root/.cache/tally-target}"
 DURATION="${1:-60s}"
 WARMUP=30s
-SHARE="${BENCH_SKEW_SHARE:-0.1}"
+SHARE="${BENCH_SKEW_SHARE:-0.3}"
+MIN_RATE="${BENCH_SKEW_MIN_RATE:-2000}"
+SPREADS="${BENCH_SKEW_SPREADS:-2}"
 WAYS="${BENCH_SKEW_WAYS:-4}"
 CONCURRENCY="${BENCH_CONCURRENCY:-8}"
 cd "$TALLY_ROOT"
@@ -45,30 +49,31 @@ trap 'cluster down >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
 
 load() { # DURATION OUT
   "$TALLY" --addr "$ADDR" bench --duration "$1" --rate 0 --ids 1000000 --zipf 1.3 --types view=8,like=1,comment=1 \
-    --time-spread 1s --duplicates 0.01 --concurrency "$CONCURRENCY" --seed 42 --no-verify --json --out "$2" >/dev/null
+    --time-spread 1s --duplicates 0.01 --concurrency "$CONCURRENCY" --seed 42 --entity-prefix skew --no-verify --json \
+    --out "$2" >/dev/null
 }
 ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
-# Whether every spread is active and its start has passed.
+# Whether SPREADS spreads are active and their start has passed.
 spreads_settled() {
   "$TALLY" --addr "$ADDR" --json cluster status | python3 -c '
 import json, sys, time
 s = json.load(sys.stdin).get("spreads", [])
 now = time.time() * 1000
-sys.exit(0 if s and all(x["from_ms"] and x["from_ms"] < now for x in s) else 1)'
+sys.exit(0 if len(s) >= int(sys.argv[1]) and all(x["from_ms"] and x["from_ms"] < now for x in s) else 1)' "$SPREADS"
 }
 
 run() { # MODE
   local mode=$1
   EXTRA=""
-  [[ "$mode" == on ]] && EXTRA="--auto-spread-share $SHARE --auto-spread-ways $WAYS --auto-spread-min-events-per-sec 200"
+  [[ "$mode" == on ]] && EXTRA="--auto-spread-share $SHARE --auto-spread-ways $WAYS --auto-spread-min-events-per-sec $MIN_RATE"
   cluster up >"$WORK/up-$mode.log" 2>&1 || { cat "$WORK/up-$mode.log" >&2; exit 1; }
   local pids=() i
   for i in 1 2 3; do pids+=("$(cat "$WORK/tally/node$i.pid")"); done
   echo "skew $mode: warming up ($WARMUP)" >&2
   load "$WARMUP" "$WORK/warmup-$mode.json"
   if [[ "$mode" == on ]]; then
-    for _ in $(seq 1 12); do
+    for _ in $(seq 1 16); do
       spreads_settled && break
       echo "skew on: waiting for the hot entities to be spread" >&2
       load 15s "$WORK/warmup-more.json"

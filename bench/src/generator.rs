@@ -116,6 +116,12 @@ pub struct BenchArgs {
     /// Random seed (default: random).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Entity names `PREFIX-N` instead of a random prefix per run, so
+    /// successive runs write the same entities (the hot ones stay hot:
+    /// `scripts/bench-skew.sh`); event ids then carry a random run tag, so
+    /// no run's events are taken for an earlier run's duplicates.
+    #[arg(long)]
+    pub entity_prefix: Option<String>,
     /// The system to drive: tally (--addr), redis-incr, redis-dedup, etcd.
     #[arg(long, value_enum, default_value = "tally")]
     pub target: TargetKind,
@@ -189,6 +195,9 @@ struct Shared {
     args: BenchArgs,
     types: Vec<(String, u32)>,
     prefix: String,
+    /// Before every event id: empty with a per-run prefix, a run tag with
+    /// `--entity-prefix`.
+    id_tag: String,
     start: Instant,
     deadline: Option<Instant>,
     claimed: AtomicU64,
@@ -235,7 +244,7 @@ fn build_event(shared: &Shared, k: usize, r: &Recent) -> Event {
         entity_id: entity_name(&shared.prefix, r.entity).into_bytes(),
         event_type: shared.types[usize::from(r.event_type)].0.clone(),
         event_time_ms: r.time_ms,
-        event_id: format!("{k}-{}", r.n).into_bytes(),
+        event_id: format!("{}{k}-{}", shared.id_tag, r.n).into_bytes(),
         value: Some(r.value),
     }
 }
@@ -452,7 +461,10 @@ pub async fn run(addr: &str, json: bool, args: &BenchArgs) -> anyhow::Result<i32
         .await
         .with_context(|| format!("connecting to the {} target at {target_addr}", args.target.name()))?;
     let seed = args.seed.unwrap_or_else(rand::random);
-    let prefix = format!("bench-{:08x}", rand::random::<u32>());
+    let (prefix, id_tag) = match &args.entity_prefix {
+        Some(fixed) => (fixed.clone(), format!("{:08x}-", rand::random::<u32>())),
+        None => (format!("bench-{:08x}", rand::random::<u32>()), String::new()),
+    };
     let start = Instant::now();
     let start_ms = now_ms();
     let cpu_at_start = crate::cpu_time::process_cpu_time();
@@ -461,6 +473,7 @@ pub async fn run(addr: &str, json: bool, args: &BenchArgs) -> anyhow::Result<i32
         args: clone_args(args),
         types: types.clone(),
         prefix: prefix.clone(),
+        id_tag,
         start,
         deadline: if args.events.is_some() { None } else { Some(start + *args.duration) },
         claimed: AtomicU64::new(0),
@@ -676,6 +689,7 @@ fn clone_args(a: &BenchArgs) -> BenchArgs {
         linger: a.linger,
         buffer: a.buffer,
         seed: a.seed,
+        entity_prefix: a.entity_prefix.clone(),
         target: a.target,
         target_addr: a.target_addr.clone(),
         inflight: a.inflight,

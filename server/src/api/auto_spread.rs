@@ -47,8 +47,8 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Default)]
 struct AutoSpread {
     last_spread: Option<std::time::Instant>,
-    /// Entity → checks in a row it was found hot in.
-    sightings: HashMap<Vec<u8>, u32>,
+    /// Entity → its partition, and the checks in a row it was found hot in.
+    sightings: HashMap<Vec<u8>, (u32, u32)>,
 }
 
 impl AutoSpread {
@@ -60,8 +60,10 @@ impl AutoSpread {
         let reports = all_statuses(node, STATUS_TIMEOUT).await;
         let config = &node.config;
         let mut hot: Vec<(Vec<u8>, u32, f64)> = Vec::new();
+        let mut reported: std::collections::BTreeSet<u32> = Default::default();
         for report in &reports {
             for p in report.partitions.iter().filter(|p| p.leader_node_id == report.node_id && report.node_id != 0) {
+                reported.insert(p.partition);
                 if p.events_per_sec >= config.auto_spread_min_events_per_sec
                     && p.hot_entity_share >= config.auto_spread_share
                     && !p.hot_entity_id.is_empty()
@@ -71,16 +73,20 @@ impl AutoSpread {
                 }
             }
         }
-        self.sightings.retain(|entity, _| hot.iter().any(|(e, _, _)| e == entity));
-        for (entity, _, _) in &hot {
-            *self.sightings.entry(entity.clone()).or_default() += 1;
+        // A sighting lapses when its partition's leader reports it cool,
+        // not when the leader's node was too busy to answer in time (the
+        // hottest partition's node is the likeliest to be).
+        self.sightings
+            .retain(|entity, (partition, _)| hot.iter().any(|(e, _, _)| e == entity) || !reported.contains(partition));
+        for (entity, partition, _) in &hot {
+            self.sightings.entry(entity.clone()).or_insert((*partition, 0)).1 += 1;
         }
         if self.last_spread.is_some_and(|t| t.elapsed() < AUTO_SPREAD_EVERY) {
             return;
         }
         let Some((entity, partition, share)) = hot
             .into_iter()
-            .filter(|(e, _, _)| self.sightings.get(e).is_some_and(|n| *n >= AUTO_SIGHTINGS))
+            .filter(|(e, _, _)| self.sightings.get(e).is_some_and(|(_, n)| *n >= AUTO_SIGHTINGS))
             .max_by(|a, b| a.2.total_cmp(&b.2))
         else {
             return;
