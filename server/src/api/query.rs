@@ -24,7 +24,7 @@ use super::read_routing::{
     forward_client, forwarded, hops, invalid, partition_count, replica_for, storage_status, ClientLatency, MAX_HOPS,
 };
 use super::shares;
-use crate::node::Node;
+use crate::node::{Node, PartitionReplica};
 use crate::stages::{Stage, Timer};
 use crate::storage::ranking::{best_k, RankBy};
 use crate::storage::read::{read_series, read_stats, ArchiveAccess, SeriesRead};
@@ -55,9 +55,18 @@ impl Query for QueryService {
         let _latency = ClientLatency::start("stats", req.consistency, hops);
         validate_query_key(&req.entity_id, &req.event_type).map_err(invalid)?;
         validate_range(req.from_ms, req.to_ms).map_err(invalid)?;
-        let partitions = partitions_to_read(&self.node, &req.entity_id, req.share_partition_plus_one)?;
+        let mut partitions = partitions_to_read(&self.node, &req.entity_id, req.share_partition_plus_one)?;
         if let [partition] = partitions[..] {
-            return self.stats_of(req, partition, hops).await.map(Response::new);
+            match self.stats_of(req.clone(), partition, hops).await {
+                // The map caught up with a spread: read every share.
+                Err(e) if e.message() == MAP_BEHIND_SPREAD => {
+                    partitions = partitions_to_read(&self.node, &req.entity_id, 0)?;
+                    if partitions.len() == 1 {
+                        return Err(e);
+                    }
+                }
+                answer => return answer.map(Response::new),
+            }
         }
         // A spread entity: every share, at once, summed.
         let shares = join_all(partitions.iter().map(|&partition| {
@@ -89,9 +98,17 @@ impl Query for QueryService {
                 granularity.name()
             )));
         }
-        let partitions = partitions_to_read(&self.node, &req.entity_id, req.share_partition_plus_one)?;
+        let mut partitions = partitions_to_read(&self.node, &req.entity_id, req.share_partition_plus_one)?;
         if let [partition] = partitions[..] {
-            return self.series_of(req, partition, granularity, hops).await.map(Response::new);
+            match self.series_of(req.clone(), partition, granularity, hops).await {
+                Err(e) if e.message() == MAP_BEHIND_SPREAD => {
+                    partitions = partitions_to_read(&self.node, &req.entity_id, 0)?;
+                    if partitions.len() == 1 {
+                        return Err(e);
+                    }
+                }
+                answer => return answer.map(Response::new),
+            }
         }
         let shares = join_all(partitions.iter().map(|&partition| {
             let req = SeriesRequest { share_partition_plus_one: partition + 1, ..req.clone() };
@@ -127,6 +144,9 @@ impl QueryService {
                 return Ok(forward_client(&self.node, to)?.stats(forwarded(req, hops)).await?.into_inner());
             }
         };
+        if req.share_partition_plus_one == 0 {
+            map_caught_up_with_spread(&self.node, &replica, &req.entity_id).await?;
+        }
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let reading = Timer::start(Stage::ReadStorage);
         let archive = ArchiveAccess { manifest: &replica.archive, store: self.node.archive.as_deref() };
@@ -180,6 +200,9 @@ impl QueryService {
                 return Ok(forward_client(&self.node, to)?.series(forwarded(req, hops)).await?.into_inner());
             }
         };
+        if req.share_partition_plus_one == 0 {
+            map_caught_up_with_spread(&self.node, &replica, &req.entity_id).await?;
+        }
         let (from, to) = align_range(req.from_ms, req.to_ms);
         let applied = replica.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
         let reading = Timer::start(Stage::ReadStorage);
@@ -226,6 +249,31 @@ impl QueryService {
             shares: 1,
         })
     }
+}
+
+/// Why a whole read of one partition stopped: the partition (the entity's
+/// home) has moved the entity's newer events away, but the map this node
+/// routed the read by has no spread for it yet.
+const MAP_BEHIND_SPREAD: &str =
+    "the entity was just spread over more partitions and this node's cluster map is behind; retry";
+/// How long a read waits for this node's map to catch up with a spread.
+const SPREAD_MAP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A read of the home alone is exact only if the entity was not spread:
+/// the home's replicated state says so (its record of moved entities,
+/// applied before the map could route any event away; a linearizable read
+/// has applied everything committed before it began). If the entity was
+/// spread but this node's map does not know it yet, the map is waited for,
+/// and the caller reads every share ([`MAP_BEHIND_SPREAD`]).
+async fn map_caught_up_with_spread(node: &Node, replica: &PartitionReplica, entity_id: &[u8]) -> Result<(), Status> {
+    if !replica.moved.get().moved.contains_key(entity_id) {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + SPREAD_MAP_WAIT;
+    while node.routing().is_none_or(|r| r.spread_of(entity_id).is_none()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Err(Status::unavailable(MAP_BEHIND_SPREAD))
 }
 
 /// The partitions a read of `entity_id` covers: the one share asked for
