@@ -330,8 +330,11 @@ fn apply_chunk(
                 let (skipped, refused, latest_minute) =
                     apply_ingest(group, dedup, logs, &mut round, &floors, refusals, entry.log_id.index, ingest)?;
                 (outcome.skipped, outcome.sealed, outcome.moved) = (skipped, refused.sealed, refused.moved);
-                if latest_minute.is_some_and(|m| Arc::make_mut(&mut moved).counted(m)) {
-                    moved_changed = true;
+                // Compared before `make_mut`, which copies the shared record:
+                // the latest minute moves about once a minute, entries far
+                // more often.
+                if let Some(m) = latest_minute.filter(|m| moved.latest_minute_ms.is_none_or(|l| l < *m)) {
+                    moved_changed |= Arc::make_mut(&mut moved).counted(m);
                 }
             }
             EntryPayload::Normal(Command::SetClusterMap(map)) => {
