@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
 use tally_client::time_arg::now_ms;
-use tally_proto::partition::partition_of;
+use tally_proto::routing::Routing;
 use tally_proto::v1::ingest_client::IngestClient;
 use tally_proto::v1::{Event, IngestRequest};
 use tonic::transport::{Channel, Endpoint};
@@ -122,7 +122,8 @@ impl FirstWrite {
 /// For each wanted partition, the first `probe-{k}` entity that lands in
 /// it. None when some partition has no such name among the first many
 /// (which a uniform hash makes practically impossible).
-pub fn probe_entities(partitions: &[u32], count: u32) -> Option<BTreeMap<u32, String>> {
+pub fn probe_entities(partitions: &[u32], routing: &Routing) -> Option<BTreeMap<u32, String>> {
+    let count = routing.partition_count();
     let mut wanted = partitions.to_vec();
     wanted.sort_unstable();
     wanted.dedup();
@@ -135,7 +136,7 @@ pub fn probe_entities(partitions: &[u32], count: u32) -> Option<BTreeMap<u32, St
             break;
         }
         let name = format!("probe-{k}");
-        let p = partition_of(name.as_bytes(), count);
+        let p = routing.home_of(name.as_bytes());
         if wanted.binary_search(&p).is_ok() && !out.contains_key(&p) {
             out.insert(p, name);
         }
@@ -144,8 +145,8 @@ pub fn probe_entities(partitions: &[u32], count: u32) -> Option<BTreeMap<u32, St
 }
 
 /// The probe entity of one partition (see [`probe_entities`]).
-pub fn probe_entity(partition: u32, count: u32) -> Option<String> {
-    probe_entities(&[partition], count)?.remove(&partition)
+pub fn probe_entity(partition: u32, routing: &Routing) -> Option<String> {
+    probe_entities(&[partition], routing)?.remove(&partition)
 }
 
 /// A channel that connects on first use and reconnects by itself, so a
@@ -236,14 +237,14 @@ mod tests {
     #[test]
     fn probe_entities_land_in_their_partitions() {
         let wanted: Vec<u32> = (0..1000).collect();
-        let found = probe_entities(&wanted, 1000).expect("every partition has a probe name");
+        let found = probe_entities(&wanted, &Routing::new(1000, [])).expect("every partition has a probe name");
         assert_eq!(found.len(), 1000);
         for (p, name) in &found {
-            assert_eq!(partition_of(name.as_bytes(), 1000), *p, "{name}");
+            assert_eq!(tally_proto::partition::partition_of(name.as_bytes(), 1000), *p, "{name}");
         }
-        let some = probe_entities(&[5, 3, 5], 64).expect("found");
+        let some = probe_entities(&[5, 3, 5], &Routing::new(64, [])).expect("found");
         assert_eq!(some.keys().copied().collect::<Vec<_>>(), vec![3, 5]);
-        assert_eq!(probe_entity(5, 64).as_ref(), some.get(&5));
+        assert_eq!(probe_entity(5, &Routing::new(64, [])).as_ref(), some.get(&5));
     }
 
     #[tokio::test]

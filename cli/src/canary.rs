@@ -162,7 +162,7 @@ pub async fn run(cli: &Cli, args: &CanaryArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(partitions > 0, "the cluster is not initialised");
     let nodes: Vec<(u64, String)> = status.map.nodes().map(|(id, addr)| (id, addr.to_owned())).collect();
     let run_id = args.run_id.clone().unwrap_or_else(|| format!("{:016x}", rand_u64()));
-    let lanes = canary_entities(&run_id, partitions)
+    let lanes = canary_entities(&run_id, &status.map.routing())
         .into_iter()
         .map(|entity| Lane { entity, seen: nodes.iter().map(|(id, _)| (*id, 0)).collect(), ..Lane::default() })
         .collect::<Vec<_>>();
@@ -242,12 +242,12 @@ fn rand_u64() -> u64 {
 }
 
 /// One entity per partition: the first `canary-RUN-pP-N` that hashes there.
-fn canary_entities(run_id: &str, partitions: u32) -> Vec<Vec<u8>> {
-    (0..partitions)
+fn canary_entities(run_id: &str, routing: &tally_proto::routing::Routing) -> Vec<Vec<u8>> {
+    (0..routing.partition_count())
         .map(|p| {
             (0u64..)
                 .map(|n| format!("canary-{run_id}-p{p}-{n}").into_bytes())
-                .find(|e| tally_proto::partition::partition_of(e, partitions) == p)
+                .find(|e| routing.home_of(e) == p)
                 .unwrap_or_default()
         })
         .collect()

@@ -1,6 +1,7 @@
 //! `tally cluster init | status | wait | transfer-leader | rebalance |
-//! add-node | remove-node | balancer | set-policy | set-retention | stages | spread`
-//! (the last three in `retention.rs`, `stages.rs` and `spread.rs`).
+//! add-node | remove-node | balancer | set-policy | set-retention | stages | spread
+//! | split` (the last four in `retention.rs`, `stages.rs`, `spread.rs` and
+//! `split.rs`).
 //!
 //! `status` asks every node, not just `--addr`: a node only knows the
 //! leaders of the partitions it replicates, and only the node itself knows
@@ -103,6 +104,16 @@ pub enum ClusterCommand {
         /// Partitions to spread over besides the home.
         #[arg(long, default_value_t = 4)]
         ways: u32,
+        /// Give up after this long.
+        #[arg(long, default_value = "60s")]
+        timeout: humantime::Duration,
+    },
+    /// Split a partition in two: the upper half of its hash range goes to a
+    /// new partition on the same nodes, which starts from exactly the
+    /// state the partition held for it.
+    Split {
+        /// The partition to split.
+        partition: u32,
         /// Give up after this long.
         #[arg(long, default_value = "60s")]
         timeout: humantime::Duration,
@@ -218,6 +229,7 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
         }
         ClusterCommand::Rebalance { timeout } => rebalance(cli, **timeout).await,
         ClusterCommand::Spread { entity, ways, timeout } => crate::spread::run(cli, entity, *ways, **timeout).await,
+        ClusterCommand::Split { partition, timeout } => crate::split::run(cli, *partition, **timeout).await,
         ClusterCommand::Balancer { state } => balancer(cli, state == "off").await,
         ClusterCommand::AddNode { node_addr, timeout } => add_node(cli, node_addr, **timeout).await,
         ClusterCommand::RemoveNode { node_id, timeout } => remove_node(cli, *node_id, **timeout).await,
@@ -612,6 +624,7 @@ impl StatusView {
             "nodes": nodes,
             "partitions": partitions,
             "spreads": crate::spread::spreads_of(self.reports()).iter().map(crate::spread::to_json).collect::<Vec<_>>(),
+            "splits": crate::split::splits_of(self.reports()).iter().map(crate::split::to_json).collect::<Vec<_>>(),
             "balancer_paused": self.reports().any(|s| s.balancer_paused),
         })
     }
@@ -735,6 +748,9 @@ impl StatusView {
         }
         for spread in crate::spread::spreads_of(self.reports()) {
             out.push_str(&format!("spread: {}\n", crate::spread::describe(&spread)));
+        }
+        for split in crate::split::splits_of(self.reports()) {
+            out.push_str(&format!("split: {}\n", crate::split::describe(&split)));
         }
         out.push('\n');
         let mut nodes = Table::new([

@@ -22,6 +22,7 @@ mod ingest;
 mod probe_writes;
 mod query;
 mod retention;
+mod split;
 mod spread;
 mod stages;
 mod table;

@@ -94,9 +94,10 @@ pub async fn run(cli: &Cli, args: &ProbeWritesArgs) -> anyhow::Result<i32> {
         .iter()
         .map(|a| lazy_channel(a, *args.request_timeout).with_context(|| format!("address {a}")))
         .collect::<anyhow::Result<_>>()?;
-    let count = partition_count(&addrs, &channels).await?;
+    let routing = cluster_routing(&addrs, &channels).await?;
+    let count = routing.partition_count();
     let partitions = parse_partitions(&args.partitions, count)?;
-    let entities = probe_entities(&partitions, count)
+    let entities = probe_entities(&partitions, &routing)
         .context("no probe entity name found for some partition (this should not happen)")?;
 
     let channels: Arc<[Channel]> = channels.into();
@@ -164,16 +165,16 @@ pub async fn run(cli: &Cli, args: &ProbeWritesArgs) -> anyhow::Result<i32> {
     Ok(if failed.is_empty() { 0 } else { EXIT_PARTIAL })
 }
 
-/// The partition count, from the first node that reports an initialised
-/// cluster.
-async fn partition_count(addrs: &[String], channels: &[Channel]) -> anyhow::Result<u32> {
+/// How the cluster routes (its partitions, splits and spreads), from the
+/// first node that reports an initialised cluster.
+async fn cluster_routing(addrs: &[String], channels: &[Channel]) -> anyhow::Result<tally_proto::routing::Routing> {
     let mut errors = Vec::new();
     for (addr, channel) in addrs.iter().zip(channels) {
         let mut request = tonic::Request::new(StatusRequest {});
         request.set_timeout(STATUS_TIMEOUT);
         match tokio::time::timeout(STATUS_TIMEOUT, ClusterClient::new(channel.clone()).status(request)).await {
             Ok(Ok(s)) if s.get_ref().initialized && s.get_ref().partition_count > 0 => {
-                return Ok(s.get_ref().partition_count)
+                return Ok(tally_proto::routing::Routing::of_status(s.get_ref()))
             }
             Ok(Ok(_)) => errors.push(format!("{addr}: not initialised")),
             Ok(Err(status)) => errors.push(format!("{addr}: {}", status.message())),

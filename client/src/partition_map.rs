@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tally_proto::routing::{Routing, SpreadRoute};
+use tally_proto::routing::{Routing, SplitRange, SpreadRoute};
 
 use tally_proto::v1::{LeaderHint, StatusResponse};
 
@@ -87,11 +87,23 @@ impl PartitionMap {
                     .collect::<Vec<_>>()
             })
             .unwrap_or_default();
+        // Splits from the report with the most partitions (the newest map).
+        let newest = initialized.iter().max_by_key(|s| s.partition_count);
+        let slots = newest.map_or(partition_count, |s| s.slots);
+        let splits: Vec<SplitRange> = newest
+            .map(|s| {
+                s.splits
+                    .iter()
+                    .filter(|s| s.active)
+                    .map(|s| SplitRange { partition: s.partition, slot: s.slot, lo: s.lo })
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut map = PartitionMap {
             partition_count,
             nodes: BTreeMap::new(),
             partitions: vec![PartitionRoute::default(); partition_count as usize],
-            routing: Arc::new(Routing::new(partition_count, spreads)),
+            routing: Arc::new(Routing::new(partition_count, spreads).with_splits(slots, splits)),
         };
         // (term, reported by the leader itself) of the voters taken so far.
         let mut voters_seen: Vec<Option<(u64, bool)>> = vec![None; partition_count as usize];
@@ -126,14 +138,14 @@ impl PartitionMap {
         Some(map)
     }
 
-    /// Number of partitions (fixed for the cluster's life).
+    /// Number of partitions (grows when a partition splits).
     pub fn partition_count(&self) -> u32 {
         self.partition_count
     }
 
     /// The home partition of an entity, exactly as the server computes it.
     pub fn partition_of(&self, entity_id: &[u8]) -> u32 {
-        tally_proto::partition::partition_of(entity_id, self.partition_count)
+        self.routing.home_of(entity_id)
     }
 
     /// How events are routed: the partitioner and the active spreads.

@@ -211,7 +211,9 @@ async fn dead_letter_violations(cluster: &TestCluster, history: &History, via: u
     }
     let mut admin = cluster.cluster_client(via).await?;
     let (mut kept, mut dropped) = (0u64, 0u64);
-    for partition in 0..cluster.partitions {
+    // Split-off partitions included.
+    let partitions = cluster.status(via).await?.partition_count;
+    for partition in 0..partitions {
         let req = tally_proto::v1::DeadLettersRequest { partition, ..Default::default() };
         let page = admin.dead_letters(req).await?.into_inner();
         kept += page.in_future;

@@ -165,3 +165,9 @@ pub struct Tracked {
     /// Why the rest were given up, if any were.
     pub given_up: Option<anyhow::Error>,
 }
+
+/// `events` in batches of `batch`, each batch twice in a row: the second
+/// is what a client's retry of it looks like (same ids).
+pub fn batches_sent_twice(events: &[Event], batch: usize) -> Vec<Vec<Event>> {
+    events.chunks(batch.max(1)).flat_map(|c| [c.to_vec(), c.to_vec()]).collect()
+}

@@ -562,6 +562,12 @@ impl TestCluster {
     /// `--crash-at`, say) and waits for that: returns its exit status.
     pub async fn run_until_exit(&mut self, id: u64, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         self.spawn(id)?;
+        self.wait_exit(id, timeout).await
+    }
+
+    /// Waits for running node `id` to end by itself (a crash point, say):
+    /// its exit status.
+    pub async fn wait_exit(&mut self, id: u64, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             let node = self.node_mut(id)?;

@@ -48,9 +48,12 @@ pub enum Fault {
     /// Pause the balancer, kill -9 the busiest leader and restart it (its
     /// leaderships pile up elsewhere), resume the balancer.
     PauseBalancer,
+    /// Split a partition (`Cluster.Split`) while it is written to, and
+    /// kill -9 its leader a moment later, while the split is under way.
+    Split,
 }
 
-pub const ALL_FAULTS: [Fault; 13] = [
+pub const ALL_FAULTS: [Fault; 14] = [
     Fault::KillRestart,
     Fault::RestartAtOnce,
     Fault::Pause,
@@ -64,6 +67,7 @@ pub const ALL_FAULTS: [Fault; 13] = [
     Fault::ShortenRetention,
     Fault::Spread,
     Fault::PauseBalancer,
+    Fault::Split,
 ];
 
 /// The retention policies `ShortenRetention` steps through, (minutes,
@@ -108,7 +112,12 @@ pub async fn time_to_first_write(
     started: Instant,
     timeout: Duration,
 ) -> Option<Duration> {
-    let entity = probe_entity(partition, cluster.partitions)?;
+    // Routed as the cluster routes now: a partition may have split.
+    let routing = match cluster.status(via).await {
+        Ok(status) => tally_proto::routing::Routing::of_status(&status),
+        Err(_) => tally_proto::routing::Routing::new(cluster.partitions, []),
+    };
+    let entity = probe_entity(partition, &routing)?;
     let channel = lazy_channel(&cluster.addr(via).ok()?, Duration::from_secs(2)).ok()?;
     let pacing = Pacing {
         interval: Duration::from_millis(20),
@@ -159,6 +168,7 @@ pub fn apply_links(cluster: &TestCluster, fault: Fault, victim: u64, rng: &mut S
         | Fault::TransferToDead
         | Fault::ShortenRetention
         | Fault::Spread
-        | Fault::PauseBalancer => String::new(),
+        | Fault::PauseBalancer
+        | Fault::Split => String::new(),
     }
 }

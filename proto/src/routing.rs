@@ -10,10 +10,18 @@
 //! accepts the spread (at or after the first minute it has counted nothing
 //! of), so no event of the entity at or after it was ever counted at home.
 //!
+//! A partition may also have been split (`Cluster.Split`): the partitioner
+//! first picks the entity's *slot* (`xxh3_64(entity) mod slots`, the
+//! partition count the cluster was created with), then the position of the
+//! entity inside the slot (`xxh3_64(entity) / slots`) picks the partition
+//! among the hash ranges the slot has been split into. An unsplit slot is
+//! one range, owned by the partition of the same number, so a cluster that
+//! never split routes exactly as `partition_of` does.
+//!
 //! Client and server both route with [`Routing`], built from the cluster
 //! map (server) or `Cluster.Status` (client).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::partition::partition_of;
 use crate::v1::Event;
@@ -51,26 +59,118 @@ pub fn share_of(event: &Event, ways: usize) -> usize {
     (hasher.digest() % ways as u64) as usize
 }
 
-/// The partitioner and the active spreads.
+/// One hash range split off a partition: from `lo` (a position inside
+/// `slot`, see [`range_key`]) up to the next range of the slot, owned by
+/// `partition`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitRange {
+    pub partition: u32,
+    pub slot: u32,
+    pub lo: u64,
+}
+
+/// Where an entity sits in the hash space: its slot (`xxh3 mod slots`) and
+/// its position inside the slot (`xxh3 / slots`).
+pub fn range_key(entity_id: &[u8], slots: u32) -> (u32, u64) {
+    let slots = u64::from(slots.max(1));
+    let hash = xxhash_rust::xxh3::xxh3_64(entity_id);
+    // The remainder is below `slots`, which came from a u32.
+    (u32::try_from(hash % slots).unwrap_or(0), hash / slots)
+}
+
+/// The last position inside a slot.
+pub fn slot_last(slots: u32) -> u64 {
+    u64::MAX / u64::from(slots.max(1))
+}
+
+/// The partitioner, the split ranges and the active spreads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Routing {
+    /// Every partition, split-off ones included.
     partition_count: u32,
+    /// The partitioner's modulus: the partition count before any split.
+    slots: u32,
+    /// Per split slot: range start → owning partition (the slot's own
+    /// partition owns from 0).
+    ranges: HashMap<u32, BTreeMap<u64, u32>>,
     spreads: HashMap<Vec<u8>, SpreadRoute>,
 }
 
 impl Routing {
     pub fn new(partition_count: u32, spreads: impl IntoIterator<Item = (Vec<u8>, SpreadRoute)>) -> Routing {
         let spreads = spreads.into_iter().filter(|(_, s)| !s.partitions.is_empty()).collect();
-        Routing { partition_count, spreads }
+        Routing { partition_count, slots: partition_count, ranges: HashMap::new(), spreads }
+    }
+
+    /// The same routing with `slots` as the partitioner's modulus and the
+    /// split ranges (in the order they were split: a later range inside an
+    /// earlier one narrows it).
+    pub fn with_splits(mut self, slots: u32, splits: impl IntoIterator<Item = SplitRange>) -> Routing {
+        self.slots = if slots == 0 { self.partition_count } else { slots };
+        for split in splits {
+            self.ranges
+                .entry(split.slot)
+                .or_insert_with(|| BTreeMap::from([(0, split.slot)]))
+                .insert(split.lo, split.partition);
+        }
+        self
     }
 
     pub fn partition_count(&self) -> u32 {
         self.partition_count
     }
 
+    /// The routing a node's `Cluster.Status` describes: its partitions,
+    /// active splits and active spreads.
+    pub fn of_status(status: &crate::v1::StatusResponse) -> Routing {
+        let spreads = status
+            .spreads
+            .iter()
+            .filter(|s| s.from_ms != 0)
+            .map(|s| (s.entity_id.clone(), SpreadRoute { from_ms: s.from_ms, partitions: s.partitions.clone() }));
+        let splits = status.splits.iter().filter(|s| s.active).map(|s| SplitRange {
+            partition: s.partition,
+            slot: s.slot,
+            lo: s.lo,
+        });
+        Routing::new(status.partition_count, spreads).with_splits(status.slots, splits)
+    }
+
+    /// The partitioner's modulus (the partition count before any split).
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
     /// The entity's home partition (all of its events unless spread).
     pub fn home_of(&self, entity_id: &[u8]) -> u32 {
-        partition_of(entity_id, self.partition_count)
+        if self.ranges.is_empty() {
+            return partition_of(entity_id, self.slots);
+        }
+        let (slot, position) = range_key(entity_id, self.slots);
+        match self.ranges.get(&slot) {
+            Some(ranges) => ranges.range(..=position).next_back().map_or(slot, |(_, p)| *p),
+            None => slot,
+        }
+    }
+
+    /// The hash range `partition` owns: its slot and the first and last
+    /// positions inside it; `None` for a partition the routing does not
+    /// know. Every partition owns one contiguous range.
+    pub fn range_of(&self, partition: u32) -> Option<(u32, u64, u64)> {
+        let last_of_slot = slot_last(self.slots);
+        let (slot, lo) = if partition < self.slots {
+            (partition, 0)
+        } else {
+            self.ranges.iter().find_map(|(slot, ranges)| {
+                ranges.iter().find(|(lo, p)| **p == partition && **lo > 0).map(|(lo, _)| (*slot, *lo))
+            })?
+        };
+        let last = self
+            .ranges
+            .get(&slot)
+            .and_then(|r| r.range(lo.saturating_add(1)..).next())
+            .map_or(last_of_slot, |(next, _)| next.saturating_sub(1));
+        Some((slot, lo, last))
     }
 
     /// The entity's spread, if it has one.
@@ -154,5 +254,41 @@ mod tests {
         assert_eq!(routing.partition_of_event(&event("video-2", "a", 60_000)), partition_of(b"video-2", 64));
         assert_eq!(routing.partitions_of_entity(b"video-1"), vec![home, (home + 1) % 64, (home + 2) % 64]);
         assert_eq!(routing.partitions_of_entity(b"video-2"), vec![partition_of(b"video-2", 64)]);
+    }
+
+    #[test]
+    fn split_ranges_route_by_position_and_unsplit_slots_as_before() {
+        // 4 slots; partition 1 split at the middle of its slot (partition 4
+        // takes the upper half), then partition 4 split again (5 takes its
+        // upper half).
+        let half = slot_last(4) / 2 + 1;
+        let quarter = half + (slot_last(4) - half) / 2 + 1;
+        let routing = Routing::new(6, []).with_splits(
+            4,
+            [SplitRange { partition: 4, slot: 1, lo: half }, SplitRange { partition: 5, slot: 1, lo: quarter }],
+        );
+        assert_eq!(routing.range_of(1), Some((1, 0, half - 1)));
+        assert_eq!(routing.range_of(4), Some((1, half, quarter - 1)));
+        assert_eq!(routing.range_of(5), Some((1, quarter, slot_last(4))));
+        assert_eq!(routing.range_of(2), Some((2, 0, slot_last(4))));
+        assert_eq!(routing.range_of(6), None);
+        let mut seen = [0u32; 6];
+        for i in 0..20_000 {
+            let entity = format!("video-{i}");
+            let home = routing.home_of(entity.as_bytes());
+            let (slot, position) = range_key(entity.as_bytes(), 4);
+            let (range_slot, lo, last) = routing.range_of(home).unwrap_or_default();
+            assert_eq!((range_slot, lo <= position && position <= last), (slot, true), "{entity}");
+            if slot != 1 {
+                assert_eq!(home, partition_of(entity.as_bytes(), 4), "unsplit slots route as before");
+            }
+            seen[home as usize] += 1;
+        }
+        // Each half of slot 1 about half of its events.
+        assert!(seen[1] > 2_000 && seen[4] > 1_000 && seen[5] > 1_000, "{seen:?}");
+        // Unsplit: exactly the partitioner.
+        let plain = Routing::new(4, []);
+        assert_eq!(plain.home_of(b"video-1"), partition_of(b"video-1", 4));
+        assert_eq!(plain.range_of(3), Some((3, 0, slot_last(4))));
     }
 }

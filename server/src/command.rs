@@ -13,6 +13,7 @@ use tally_proto::time::Floors;
 
 use crate::archive_manifest::ArchiveSegment;
 use crate::meta::{ClusterMap, IngestPolicy, LogBounds};
+use crate::moved::MovedRange;
 use crate::retention::RetentionPolicy;
 
 /// Estimated encoded bytes of one ingest entry at most. The processor stops
@@ -49,6 +50,13 @@ pub enum Command {
     /// Apply fixes the actual start, never before a minute already counted,
     /// and answers it in `CommandOutcome::spread_from_ms`.
     Spread { entity_id: Vec<u8>, from_ms: i64 },
+    /// Split the range's entities off into the partition `range.to`
+    /// (partition groups only, the range's owner): at this entry every
+    /// replica moves their state into the new partition's group and counts
+    /// none of their events from then on (`moved.rs`,
+    /// `storage/split.rs`). Answers the new group's voters in
+    /// `CommandOutcome::split_voters`.
+    Split(MovedRange),
 }
 
 /// What the leader commits for a group of coalesced ingest requests: the
@@ -229,6 +237,10 @@ pub struct CommandOutcome {
     pub moved: Vec<u32>,
     /// For `Command::Spread`: the `from_ms` in force.
     pub spread_from_ms: Option<i64>,
+    /// For `Command::Split`: the voters the new partition's group starts
+    /// with (the parent's at the split).
+    #[serde(default)]
+    pub split_voters: Option<Vec<u64>>,
 }
 
 impl Command {
@@ -252,6 +264,7 @@ impl Command {
             Command::SetIngestPolicy(_) | Command::SetRetention(_) | Command::Expire(_) | Command::Seal { .. } => 64,
             Command::Archived(segment) => 64 + segment.path.len(),
             Command::Spread { entity_id, .. } => 64 + entity_id.len(),
+            Command::Split(_) => 64,
         }
     }
 }
@@ -275,6 +288,7 @@ impl fmt::Display for Command {
             Command::Spread { entity_id, from_ms } => {
                 write!(f, "Spread({}, from {from_ms})", String::from_utf8_lossy(entity_id))
             }
+            Command::Split(range) => write!(f, "Split({range:?})"),
         }
     }
 }

@@ -92,6 +92,13 @@ pub struct NodeConfig {
     pub auto_spread_min_events_per_sec: f64,
     /// Partitions an automatic spread adds besides the home.
     pub auto_spread_ways: u32,
+    /// Split a partition by itself once its leader reports more than this
+    /// many events/s for three checks in a row (`api/auto_split.rs`); 0 (the
+    /// default) leaves splitting to the operator. Acted on by the metadata
+    /// leader: give every node the same value.
+    pub auto_split_events_per_sec: f64,
+    /// Automatic splits stop once the cluster has this many partitions.
+    pub auto_split_max_partitions: u32,
     /// How often the metadata leader's balancer may move one leadership
     /// toward even load (`api/balancer.rs`); 0 turns it off on this node.
     pub balancer_interval_ms: u64,
@@ -157,6 +164,8 @@ impl Default for NodeConfig {
             auto_spread_share: 0.0,
             auto_spread_min_events_per_sec: 1_000.0,
             auto_spread_ways: 4,
+            auto_split_events_per_sec: 0.0,
+            auto_split_max_partitions: 256,
             balancer_interval_ms: 10_000,
             // The lease (twice the election timeout, 800 ms) bounds failover:
             // voters refuse a new leader until it has run out. Shorter
@@ -326,6 +335,13 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_spread_ways: Option<u32>,
+    /// Split a partition above this many events/s by itself (0 = never).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_split_events_per_sec: Option<f64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_split_max_partitions: Option<u32>,
     /// How often the balancer may move a leadership (0 = off).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

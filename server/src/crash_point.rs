@@ -13,14 +13,18 @@
 //! Points: `snapshot-install-wiped` (the group's old state is deleted and
 //! the "installing" marker is on disk, nothing of the new state written),
 //! `snapshot-install-written` (the new state and its applied id are on
-//! disk, the snapshot not yet published nor its state loaded).
+//! disk, the snapshot not yet published nor its state loaded),
+//! `split-checkpointed` (a partition applying `Command::Split` has written
+//! everything before it, nothing of the split), `split-written` (the
+//! split's batch is on disk, its entry not yet answered).
 
 use std::sync::OnceLock;
 
 static ARMED: OnceLock<String> = OnceLock::new();
 
 /// Every point a test may name; anything else is a configuration error.
-pub const POINTS: [&str; 2] = ["snapshot-install-wiped", "snapshot-install-written"];
+pub const POINTS: [&str; 4] =
+    ["snapshot-install-wiped", "snapshot-install-written", "split-checkpointed", "split-written"];
 
 /// Arms the point called `name` for this process's life.
 pub fn arm(name: &str) -> Result<(), String> {

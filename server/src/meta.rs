@@ -122,6 +122,28 @@ pub struct ClusterMap {
     /// (`tally cluster balancer off`).
     #[serde(default)]
     pub balancer_paused: bool,
+    /// The partitioner's modulus once a partition has split (0 until then:
+    /// `partition_count`, see [`ClusterMap::slot_count`]).
+    #[serde(default)]
+    pub slots: u32,
+    /// Partitions split off others, by partition: pending while `voters`
+    /// is `None` (the parent has not committed the split), and only then
+    /// counted in `partition_count` and placed in `replicas`.
+    #[serde(default)]
+    pub splits: BTreeMap<u32, SplitPlan>,
+}
+
+/// A split as the map holds it: the partition it was split off, and the
+/// hash range it takes (`tally_proto::routing`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SplitPlan {
+    pub parent: u32,
+    pub slot: u32,
+    pub lo: u64,
+    pub last: u64,
+    /// The voters the new group started with, once the parent committed
+    /// the split; `None` while pending.
+    pub voters: Option<Vec<NodeId>>,
 }
 
 /// A hot entity's spread as the map holds it.
@@ -154,7 +176,76 @@ impl ClusterMap {
             replicas,
             spreads: BTreeMap::new(),
             balancer_paused: false,
+            slots: 0,
+            splits: BTreeMap::new(),
         }
+    }
+
+    /// The partitioner's modulus: the partition count before any split.
+    pub fn slot_count(&self) -> u32 {
+        if self.slots == 0 {
+            self.partition_count
+        } else {
+            self.slots
+        }
+    }
+
+    /// The map with `parent` planned to split: the upper half of its hash
+    /// range to a new partition (numbered `partition_count`). One split is
+    /// pending at a time; asking again for the pending one returns the map
+    /// unchanged.
+    pub fn with_split_planned(&self, parent: u32) -> Result<ClusterMap, String> {
+        if let Some((child, plan)) = self.splits.iter().find(|(_, p)| p.voters.is_none()) {
+            if plan.parent == parent {
+                return Ok(self.clone());
+            }
+            return Err(format!(
+                "partition: the split of partition {} into {child} is still pending; retry once it is active",
+                plan.parent
+            ));
+        }
+        if parent >= self.partition_count {
+            return Err(format!(
+                "partition: {parent} is not a partition of this cluster (it has {})",
+                self.partition_count
+            ));
+        }
+        let routing = self.routing();
+        let Some((slot, lo, last)) = routing.range_of(parent) else {
+            return Err(format!("partition: {parent} owns no hash range"));
+        };
+        if last <= lo {
+            return Err(format!("partition: {parent} owns a single hash position and cannot split"));
+        }
+        let middle = lo + (last - lo) / 2 + 1;
+        let mut next = self.clone();
+        next.version += 1;
+        next.slots = self.slot_count();
+        next.splits.insert(self.partition_count, SplitPlan { parent, slot, lo: middle, last, voters: None });
+        Ok(next)
+    }
+
+    /// The pending split, if any: the new partition's number and its plan.
+    pub fn pending_split(&self) -> Option<(u32, &SplitPlan)> {
+        self.splits.iter().find(|(_, p)| p.voters.is_none()).map(|(c, p)| (*c, p))
+    }
+
+    /// The map with the pending split into `child` active: the new
+    /// partition counted, placed on `voters`, and routed to. `None` when
+    /// there is nothing to change.
+    pub fn with_split_active(&self, child: u32, voters: &[NodeId]) -> Option<ClusterMap> {
+        let plan = self.splits.get(&child)?;
+        if plan.voters.is_some() || child != self.partition_count || voters.is_empty() {
+            return None;
+        }
+        let mut next = self.clone();
+        next.version += 1;
+        next.partition_count += 1;
+        next.replicas.push(voters.to_vec());
+        if let Some(plan) = next.splits.get_mut(&child) {
+            plan.voters = Some(voters.to_vec());
+        }
+        Some(next)
     }
 
     /// The map with the balancer paused or running; `None` if it already is.
@@ -182,7 +273,7 @@ impl ClusterMap {
         if self.spreads.contains_key(entity) {
             return Ok(self.clone());
         }
-        let home = tally_proto::partition::partition_of(entity, self.partition_count);
+        let home = self.routing().home_of(entity);
         let partitions = (1..=ways).map(|i| (home + i) % self.partition_count).collect();
         let mut next = self.clone();
         next.version += 1;
@@ -215,6 +306,14 @@ impl ClusterMap {
                     entity.clone(),
                     tally_proto::routing::SpreadRoute { from_ms, partitions: plan.partitions.clone() },
                 ))
+            }),
+        )
+        .with_splits(
+            self.slot_count(),
+            self.splits.iter().filter(|(_, p)| p.voters.is_some()).map(|(child, p)| tally_proto::routing::SplitRange {
+                partition: *child,
+                slot: p.slot,
+                lo: p.lo,
             }),
         )
     }
@@ -327,10 +426,11 @@ impl ClusterMap {
                 }
             }
         }
-        if self.partition_count != wanted.partition_count {
+        if self.slot_count() != wanted.partition_count {
             differences.push(format!(
                 "partitions: the cluster has {}, the request asks for {}",
-                self.partition_count, wanted.partition_count
+                self.slot_count(),
+                wanted.partition_count
             ));
         }
         if self.replication_factor != wanted.replication_factor {
@@ -392,6 +492,33 @@ mod tests {
 
     fn addrs(i: u64) -> NodeAddrs {
         NodeAddrs::new(format!("n{i}"), format!("n{i}-peer"))
+    }
+
+    #[test]
+    fn a_split_is_planned_once_then_routed_when_active() {
+        let nodes: BTreeMap<_, _> = (1..=3).map(|i| (i, addrs(i))).collect();
+        let map = ClusterMap::initial(nodes, 4, 3);
+        let planned = map.with_split_planned(1).expect("plan");
+        assert_eq!(planned.with_split_planned(1).expect("again"), planned, "asking again changes nothing");
+        assert!(planned.with_split_planned(2).is_err(), "one pending split at a time");
+        assert_eq!(planned.partition_count, 4, "pending: not a partition yet");
+        assert_eq!(planned.routing(), map.routing(), "pending: routes as before");
+        let (child, plan) = planned.pending_split().expect("pending");
+        assert_eq!((child, plan.parent, plan.slot), (4, 1, 1));
+        let active = planned.with_split_active(4, &[2, 3, 1]).expect("activate");
+        assert!(active.with_split_active(4, &[2, 3, 1]).is_none(), "once");
+        assert_eq!((active.partition_count, active.slot_count()), (5, 4));
+        assert_eq!(active.replicas_of(4), &[2, 3, 1]);
+        let routing = active.routing();
+        let (_, lo, last) = routing.range_of(4).expect("child range");
+        assert_eq!((lo, last), (plan.lo, plan.last));
+        assert_eq!(routing.range_of(1), Some((1, 0, plan.lo - 1)));
+        // The child splits again: its upper half to partition 5.
+        let again = active.with_split_planned(4).expect("plan").with_split_active(5, &[1, 2, 3]).expect("active");
+        let r = again.routing();
+        assert_eq!(r.range_of(4).map(|(_, lo, _)| lo), Some(plan.lo));
+        assert_eq!(r.range_of(5).map(|(_, _, last)| last), Some(plan.last));
+        assert!(map.with_split_planned(9).is_err());
     }
 
     #[test]

@@ -22,6 +22,14 @@
 //! Only after the home's entry is committed does the cluster map route
 //! the entity's new events away (`meta.rs`), so every event at or after
 //! `from_ms` is counted, if at all, where the map sends it.
+//!
+//! A split (`Cluster.Split`) moves a whole hash range, for every event
+//! time: at `Command::Split` the parent's replicas hand the range's state,
+//! dedup window included, to the new partition (`storage/split.rs`) and
+//! from that entry on refuse every delta of the range (`ranges`). An event
+//! counted before the split is in the state the child starts from, and its
+//! key in the child's dedup window, so a retry routed to the child is a
+//! duplicate there; an event after it is counted, if at all, by the child.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -37,6 +45,28 @@ pub struct MovedEntities {
     pub latest_minute_ms: Option<i64>,
     /// Entity → the first minute no longer counted here.
     pub moved: BTreeMap<Vec<u8>, i64>,
+    /// Hash ranges split off to other partitions, none of whose events
+    /// are counted here any more.
+    #[serde(default)]
+    pub ranges: Vec<MovedRange>,
+}
+
+/// A hash range split off a partition (`tally_proto::routing`): positions
+/// `lo..=last` of `slot` under the modulus `slots`, now counted by `to`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct MovedRange {
+    pub slots: u32,
+    pub slot: u32,
+    pub lo: u64,
+    pub last: u64,
+    pub to: u32,
+}
+
+impl MovedRange {
+    pub fn contains(&self, entity: &[u8]) -> bool {
+        let (slot, position) = tally_proto::routing::range_key(entity, self.slots);
+        slot == self.slot && (self.lo..=self.last).contains(&position)
+    }
 }
 
 impl MovedEntities {
@@ -68,7 +98,37 @@ impl MovedEntities {
 
     /// Whether a delta of `entity` at `minute_ms` is no longer counted here.
     pub fn refuses(&self, entity: &[u8], minute_ms: i64) -> bool {
-        !self.moved.is_empty() && self.moved.get(entity).is_some_and(|from| minute_ms >= *from)
+        (!self.moved.is_empty() && self.moved.get(entity).is_some_and(|from| minute_ms >= *from))
+            || self.split_to(entity).is_some()
+    }
+
+    /// The partition the entity's range was split off to, if it was.
+    pub fn split_to(&self, entity: &[u8]) -> Option<u32> {
+        if self.ranges.is_empty() {
+            return None;
+        }
+        self.ranges.iter().find(|r| r.contains(entity)).map(|r| r.to)
+    }
+
+    /// Record the range as split off; false if it already was (a split is
+    /// applied once, however often it is asked).
+    pub fn split_off(&mut self, range: MovedRange) -> bool {
+        if self.ranges.iter().any(|r| r.to == range.to) {
+            return false;
+        }
+        self.ranges.push(range);
+        true
+    }
+
+    /// What the new partition inherits: the spreads of entities in its range
+    /// and the latest minute counted (so a later spread there never starts
+    /// before a minute the parent counted).
+    pub fn inherited_by(&self, range: &MovedRange) -> MovedEntities {
+        MovedEntities {
+            latest_minute_ms: self.latest_minute_ms,
+            moved: self.moved.iter().filter(|(e, _)| range.contains(e)).map(|(e, f)| (e.clone(), *f)).collect(),
+            ranges: Vec::new(),
+        }
     }
 }
 
@@ -109,5 +169,28 @@ mod tests {
         assert!(!m.refuses(b"cold", T + 60 * MINUTE_MS));
         // Nothing counted yet: the minute asked.
         assert_eq!(MovedEntities::default().move_out(b"x", T), T);
+    }
+
+    #[test]
+    fn a_split_range_is_refused_at_every_time_and_recorded_once() {
+        let slots = 4;
+        let last = tally_proto::routing::slot_last(slots);
+        let (slot, position) = tally_proto::routing::range_key(b"video-7", slots);
+        let range = MovedRange { slots, slot, lo: position, last, to: 9 };
+        let mut m = MovedEntities::default();
+        assert!(m.move_out(b"video-7", T) > 0);
+        assert!(m.split_off(range));
+        assert!(!m.split_off(range), "applied once");
+        assert_eq!(m.split_to(b"video-7"), Some(9));
+        assert!(m.refuses(b"video-7", 0), "every time, not only from a minute");
+        let outside: Vec<&str> =
+            ["a", "b", "c", "d", "e", "f", "g", "h"].into_iter().filter(|e| !range.contains(e.as_bytes())).collect();
+        assert!(!outside.is_empty());
+        for e in &outside {
+            assert!(!m.refuses(e.as_bytes(), T));
+        }
+        let child = m.inherited_by(&range);
+        assert_eq!(child.moved.len(), 1, "the spread of an entity in the range goes with it");
+        assert!(child.ranges.is_empty());
     }
 }

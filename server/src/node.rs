@@ -132,6 +132,9 @@ pub struct Node {
     routing: Mutex<Option<(u64, Arc<Routing>)>>,
     /// Serialises group creation so two map updates never open one group twice.
     opening: tokio::sync::Mutex<()>,
+    /// A retry of `sync_groups_with_map` is scheduled (a split-off
+    /// partition waits for its parent replica here).
+    sync_pending: AtomicBool,
     /// Serialises membership changes coordinated by this node.
     pub admin: tokio::sync::Mutex<()>,
     /// Held from reading the cluster map to committing its successor, so
@@ -287,6 +290,7 @@ impl Node {
             partitions: RwLock::default(),
             routing: Mutex::new(None),
             opening: tokio::sync::Mutex::new(()),
+            sync_pending: AtomicBool::new(false),
             admin: tokio::sync::Mutex::new(()),
             map_writes: tokio::sync::Mutex::new(()),
         });
@@ -344,6 +348,12 @@ impl Node {
         }
     }
 
+    /// The partition an entity's events go to unless it is spread (its
+    /// hash range's owner); `None` before the cluster is initialised.
+    pub fn home_of(&self, entity_id: &[u8]) -> Option<u32> {
+        self.routing().map(|r| r.home_of(entity_id))
+    }
+
     /// The first replica of a partition: its preferred leader.
     pub fn preferred_replica(&self, partition: u32) -> Option<NodeId> {
         self.cluster_map.borrow().replicas_of(partition).first().copied()
@@ -372,7 +382,18 @@ impl Node {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let missing: Vec<u32> = map.partitions_of(self.id).filter(|p| self.partition(*p).is_none()).collect();
+        let mut missing = Vec::new();
+        let mut deferred = false;
+        for partition in map.partitions_of(self.id).filter(|p| self.partition(*p).is_none()) {
+            if self.split_child_ready(&map, partition).await? {
+                missing.push(partition);
+            } else {
+                deferred = true;
+            }
+        }
+        if deferred {
+            self.clone().sync_again_soon();
+        }
         let opened = missing.len();
         let mut opening = futures::stream::iter(missing)
             .map(|partition| {
@@ -390,6 +411,36 @@ impl Node {
             tracing::info!(opened, took_ms = started.elapsed().as_millis() as u64, "opened partition replicas");
         }
         Ok(())
+    }
+
+    /// Whether a partition may be opened here now: any partition but a
+    /// split-off one whose parent replica here has yet to apply the split
+    /// (`storage/split.rs`).
+    async fn split_child_ready(&self, map: &ClusterMap, partition: u32) -> anyhow::Result<bool> {
+        let Some(plan) = map.splits.get(&partition) else { return Ok(true) };
+        if !map.replicas_of(plan.parent).contains(&self.id) {
+            // No replica here to seed it: it starts empty and gets a snapshot.
+            return Ok(true);
+        }
+        let parent_group = group_of_partition(plan.parent);
+        Ok(self
+            .engine
+            .blocking(move |engine| crate::storage::split::child_ready(engine, parent_group, partition))
+            .await?)
+    }
+
+    /// Open deferred groups again shortly (one retry pending at a time).
+    fn sync_again_soon(self: Arc<Self>) {
+        if self.sync_pending.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.sync_pending.store(false, Ordering::SeqCst);
+            if let Err(e) = self.clone().sync_groups_with_map().await {
+                tracing::error!(error = %e, "opening split-off partitions");
+            }
+        });
     }
 
     async fn open_partition(&self, map: &ClusterMap, partition: u32) -> anyhow::Result<Arc<PartitionReplica>> {
@@ -415,6 +466,11 @@ impl Node {
         // them here would start a second, divergent group.
         let new_group = map.version == 1 && !raft.is_initialized().await.unwrap_or(true);
         let creates = new_group && replicas.first() == Some(&self.id);
+        // A split-off group that has never held an election: its first
+        // replica (the node that led the parent at the split) elects at once,
+        // like a group's creator; it is initialised already (`split.rs`).
+        let fresh_child =
+            map.splits.contains_key(&partition) && raft.metrics().borrow_watched().vote.leader_id().term == 0;
         // The creator is the designated leader (placement spreads first
         // replicas evenly): it keeps its timers and elects at once, retrying
         // on its election timer until the others have opened the group,
@@ -424,9 +480,15 @@ impl Node {
         let start = match (creates, new_group) {
             (true, _) => ReplicaStart::Creator,
             (false, true) => ReplicaStart::AwaitingCreator,
+            (false, false) if fresh_child && replicas.first() == Some(&self.id) => ReplicaStart::Creator,
+            (false, false) if fresh_child => ReplicaStart::AwaitingCreator,
             (false, false) => ReplicaStart::Existing,
         };
         self.quiescence.attach(&quiet, raft.clone(), timer, start);
+        if fresh_child && replicas.first() == Some(&self.id) {
+            self.ticker.heard(group);
+            let _ = raft.trigger().elect(false).await;
+        }
         if creates {
             let members: BTreeMap<NodeId, BasicNode> = replicas
                 .iter()

@@ -113,7 +113,9 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     }
     crate::reconciler::spawn(node.clone(), Arc::new(crate::api::peer_reports::StatusReports));
     crate::api::spread::spawn_completer(node.clone());
+    crate::api::split::spawn_completer(node.clone());
     crate::api::auto_spread::spawn(node.clone());
+    crate::api::auto_split::spawn(node.clone());
     crate::api::balancer::spawn(node.clone());
     crate::checkpointer::spawn(Arc::downgrade(&node), Duration::from_millis(node.config.checkpoint_interval_ms.max(1)));
     crate::expiry::spawn(Arc::downgrade(&node), Duration::from_millis(node.config.retention_check_ms.max(100)));

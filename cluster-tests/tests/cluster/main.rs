@@ -40,6 +40,7 @@ mod replica_handoff;
 mod restart_at_once;
 mod retention;
 mod spike;
+mod split;
 mod spread;
 mod tls;
 mod top_k;
@@ -86,6 +87,7 @@ fn every_cluster_test_takes_its_turn() {
         ("restart_at_once", include_str!("restart_at_once.rs")),
         ("retention", include_str!("retention.rs")),
         ("spike", include_str!("spike.rs")),
+        ("split", include_str!("split.rs")),
         ("spread", include_str!("spread.rs")),
         ("tls", include_str!("tls.rs")),
         ("top_k", include_str!("top_k.rs")),

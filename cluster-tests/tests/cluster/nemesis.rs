@@ -8,6 +8,7 @@
 //! the checker reads them back from the archive. One writer sends values at
 //! the i64 limits; another writes hot entities as time passes, which the
 //! nemesis spreads over more partitions (killing the home partition's
+//! leader while it does), and splits partitions (killing the partition's
 //! leader while it does). The balancer moves leaderships throughout, and is
 //! paused once while a leader is killed. After healing,
 //! the checker (`cluster_tests::checker`) holds every acknowledged event —
@@ -33,7 +34,7 @@ use tally_bench::measure::percentile;
 use tally_proto::time::{align_range, bucket_start, Granularity, DAY_MS, HOUR_MS};
 use tally_proto::v1::{
     AddNodeRequest, Event, RebalanceRequest, RemoveNodeRequest, RetentionPolicy, SetBalancerRequest,
-    SetRetentionRequest, SpreadRequest, TransferLeaderRequest,
+    SetRetentionRequest, SplitRequest, SpreadRequest, TransferLeaderRequest,
 };
 
 const SKEW_MS: i64 = 11 * 60_000;
@@ -110,6 +111,8 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     let mut recoveries: Vec<Duration> = Vec::new();
     let mut retention_steps = RETENTION_STEPS.iter().cycle();
     let mut spread: Vec<Vec<u8>> = Vec::new();
+    // Partitions split off by the Split fault (whose call may have failed).
+    let mut splits_asked = 0u32;
     let mut applied: BTreeMap<String, u32> = BTreeMap::new();
     let started = Instant::now();
     for fault in config.schedule() {
@@ -196,7 +199,7 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
                 let rebalance = admin.rebalance(RebalanceRequest {}).await.map(|r| r.into_inner());
                 eprintln!("nemesis: node {dead} killed; transfers to it refused {refused}; rebalance {rebalance:?}");
                 let asked_at = Instant::now();
-                let partitions: Vec<u32> = (0..cluster.partitions).collect();
+                let partitions: Vec<u32> = (0..cluster.status(victim).await?.partition_count).collect();
                 for p in partitions {
                     if time_to_first_write(&cluster, victim, p, asked_at, Duration::from_secs(30)).await.is_none() {
                         eprintln!("{}", cluster.post_mortem(&[p]).await);
@@ -232,7 +235,7 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
                 // favours low numbers), or the last one again.
                 let n = (spread.len() as u32).min(LIVE_ENTITIES - 1);
                 let entity = format!("live-{n}").into_bytes();
-                let home = tally_proto::partition::partition_of(&entity, cluster.partitions);
+                let home = tally_proto::routing::Routing::of_status(&cluster.status(via).await?).home_of(&entity);
                 let home_leader = cluster
                     .status(via)
                     .await?
@@ -300,6 +303,36 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
                     resumed.map_err(|e| e.message().to_string())
                 );
             }
+            Fault::Split => {
+                // A partition the workloads write to; its leader is killed
+                // 0-500 ms after the split is asked for, through another node.
+                let status = cluster.status(via).await?;
+                let parent = rng.random_range(0..status.partition_count);
+                let leader = status
+                    .partitions
+                    .iter()
+                    .find(|p| p.partition == parent)
+                    .map(|p| p.leader_node_id)
+                    .filter(|l| *l != 0)
+                    .unwrap_or(victim);
+                let coordinator = cluster.node_ids().into_iter().find(|id| *id != leader).unwrap_or(via);
+                let mut admin = cluster.cluster_client(coordinator).await?;
+                let request = SplitRequest { partition: parent };
+                let asked = tokio::spawn(async move { admin.split(request).await.map(|r| r.into_inner()) });
+                let after = rng.random_range(0..500);
+                tokio::time::sleep(Duration::from_millis(after)).await;
+                ingestor.mark_dead(leader);
+                cluster.kill9(leader)?;
+                let answer = asked.await?;
+                eprintln!(
+                    "nemesis: split partition {parent}; kill -9 its leader, node {leader}, {after} ms later: {:?}",
+                    answer.as_ref().map(|a| a.split.as_ref().map(|s| s.partition)).map_err(|e| e.message().to_string())
+                );
+                tokio::time::sleep(config.hold).await;
+                cluster.restart(leader).await?;
+                ingestor.mark_live(leader);
+                splits_asked += 1;
+            }
             links => {
                 let what = apply_links(&cluster, links, victim, &mut rng);
                 eprintln!("nemesis: {what}");
@@ -353,6 +386,22 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
         }
         if Instant::now() > deadline {
             violations.push(format!("spreads never became active: {inactive:?}"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A split planned is a split completed: none left pending, whatever was
+    // killed meanwhile (the metadata leader finishes it).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let splits = cluster.status(probe_via).await?.splits;
+        let pending: Vec<u32> = splits.iter().filter(|s| !s.active).map(|s| s.partition).collect();
+        if pending.is_empty() {
+            eprintln!("nemesis: {} of {splits_asked} splits asked for are active", splits.len());
+            break;
+        }
+        if Instant::now() > deadline {
+            violations.push(format!("splits never became active: partitions {pending:?}"));
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

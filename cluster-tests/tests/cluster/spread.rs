@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cluster_tests::ingestor::RetryingIngestor;
+use cluster_tests::ingestor::{batches_sent_twice, RetryingIngestor};
 use cluster_tests::{ClusterOptions, TestCluster};
 use tally_proto::time::{bucket_start, Granularity, MINUTE_MS};
 use tally_proto::v1::{Consistency, Event, Granularity as PbGranularity, SeriesRequest, StatsRequest, TopKRequest};
@@ -30,11 +30,6 @@ fn events(tag: &str, n: usize, t0: i64, span: i64) -> Vec<Event> {
         .collect()
 }
 
-/// Every batch twice in a row: the second is what a retry looks like.
-fn batches_sent_twice(events: &[Event]) -> Vec<Vec<Event>> {
-    events.chunks(BATCH).flat_map(|c| [c.to_vec(), c.to_vec()]).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spreading_a_hot_entity_under_load_counts_every_event_once() -> anyhow::Result<()> {
     let _turn = cluster_tests::serial::shared().await;
@@ -46,7 +41,7 @@ async fn spreading_a_hot_entity_under_load_counts_every_event_once() -> anyhow::
 
     // Before: the last five minutes, all at the home partition.
     let before = events("before", 2_000, minute - 5 * MINUTE_MS, 5 * MINUTE_MS);
-    let a = ingestor.send_all(batches_sent_twice(&before), 4).await?;
+    let a = ingestor.send_all(batches_sent_twice(&before, BATCH), 4).await?;
     assert_eq!(a.accepted + a.duplicates, 2 * before.len() as u64);
 
     // During: the spread is asked for while events of this minute and the
@@ -54,7 +49,7 @@ async fn spreading_a_hot_entity_under_load_counts_every_event_once() -> anyhow::
     let during = events("during", 2_000, minute, 2 * MINUTE_MS);
     let addr = cluster_tests::cli::all_addrs(&cluster);
     let spread = cluster_tests::cli::tally(&addr, &["--json", "cluster", "spread", HOT, "--ways", "3"], None);
-    let (run, sent) = tokio::join!(spread, ingestor.send_all(batches_sent_twice(&during), 4));
+    let (run, sent) = tokio::join!(spread, ingestor.send_all(batches_sent_twice(&during, BATCH), 4));
     let (run, sent) = (run?, sent?);
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(sent.accepted + sent.duplicates, 2 * during.len() as u64);
@@ -76,7 +71,7 @@ async fn spreading_a_hot_entity_under_load_counts_every_event_once() -> anyhow::
 
     // After: a minute from the spread's start, over the three shares.
     let after = events("after", 1_500, from_ms, MINUTE_MS);
-    let c = ingestor.send_all(batches_sent_twice(&after), 4).await?;
+    let c = ingestor.send_all(batches_sent_twice(&after, BATCH), 4).await?;
     assert_eq!(c.accepted + c.duplicates, 2 * after.len() as u64);
 
     // Every event once more, same ids: nothing is new, wherever it went.
@@ -203,7 +198,7 @@ async fn a_hot_entity_is_spread_without_an_operator() -> anyhow::Result<()> {
                 actor_id: Vec::new(),
             })
             .collect();
-        let acked = ingestor.send_all(batches_sent_twice(&batch), 2).await?;
+        let acked = ingestor.send_all(batches_sent_twice(&batch, BATCH), 2).await?;
         assert_eq!(acked.accepted + acked.duplicates, 200);
         let spread = cluster.status(1).await?.spreads.into_iter().find(|s| s.entity_id == AUTO_HOT.as_bytes());
         if let Some(s) = spread.filter(|s| s.from_ms != 0) {

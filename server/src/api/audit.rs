@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use tally_proto::partition::partition_of;
 use tally_proto::time::align_range;
 use tally_proto::v1::{AuditDifference, AuditRequest, AuditResponse};
 use tally_proto::validate::{validate_query_key, validate_range};
@@ -31,7 +30,8 @@ pub async fn serve(node: &Arc<Node>, request: Request<AuditRequest>) -> Result<A
             "the cluster keeps no raw-event log to audit from; turn it on with `tally cluster set-policy --raw-log-max-events N` (events counted before then cannot be recounted)",
         ));
     }
-    let partition = partition_of(&req.entity_id, partition_count(node)?);
+    partition_count(node)?;
+    let partition = node.home_of(&req.entity_id).unwrap_or(0);
     let replica = match replica_for(node, partition, req.consistency).await? {
         Ok(r) => r,
         Err(_) if hops >= MAX_HOPS => {

@@ -15,9 +15,9 @@ use tally_proto::v1::{
     AddNodeRequest, AddNodeResponse, DeadLettersRequest, DeadLettersResponse, DigestRequest, DigestResponse,
     InitializeRequest, InitializeResponse, NodeLoad, PartitionDigest, PartitionInfo, RebalanceRequest,
     RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse, SetBalancerRequest, SetBalancerResponse,
-    SetIngestPolicyRequest, SetIngestPolicyResponse, SetRetentionRequest, SetRetentionResponse, SpreadRequest,
-    SpreadResponse, StageLatency, StagesRequest, StagesResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse,
+    SetIngestPolicyRequest, SetIngestPolicyResponse, SetRetentionRequest, SetRetentionResponse, SplitRequest,
+    SplitResponse, SpreadRequest, SpreadResponse, StageLatency, StagesRequest, StagesResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -142,6 +142,10 @@ impl Cluster for ClusterService {
 
     async fn spread(&self, request: Request<SpreadRequest>) -> Result<Response<SpreadResponse>, Status> {
         Ok(Response::new(super::spread::spread(&self.node, request.into_inner()).await?))
+    }
+
+    async fn split(&self, request: Request<SplitRequest>) -> Result<Response<SplitResponse>, Status> {
+        Ok(Response::new(super::split::split(&self.node, request.into_inner()).await?))
     }
 
     async fn set_ingest_policy(
@@ -345,5 +349,7 @@ pub fn local_status(node: &Arc<Node>) -> StatusResponse {
         load: Some(load),
         spreads: super::spread::spread_infos(&map),
         balancer_paused: map.balancer_paused,
+        slots: map.slot_count(),
+        splits: super::split::split_infos(&map),
     }
 }

@@ -82,12 +82,19 @@ async fn ensure_settled(node: &Arc<Node>, map: &ClusterMap) -> Result<(), Status
 
 async fn commit_and_wait(node: &Arc<Node>, mut next: ClusterMap) -> Result<(), Status> {
     {
-        // Spreads (`spread.rs`) and the balancer switch may have changed
-        // the map since `next` was computed from it; a membership change
-        // keeps them as they are now.
+        // Spreads (`spread.rs`), splits (`split.rs`) and the balancer
+        // switch may have changed the map since `next` was computed from
+        // it; a membership change keeps them as they are now.
         let _map_writes = node.map_writes.lock().await;
         let current = node.map();
+        if current.partition_count != next.partition_count {
+            return Err(Status::failed_precondition(
+                "a partition split became active while this change was planned; retry",
+            ));
+        }
         next.spreads = current.spreads.clone();
+        next.splits = current.splits.clone();
+        next.slots = current.slots;
         next.balancer_paused = current.balancer_paused;
         next.version = next.version.max(current.version + 1);
         node.metadata

@@ -16,6 +16,7 @@
 pub mod admission;
 pub mod audit;
 pub mod auth;
+pub mod auto_split;
 pub mod auto_spread;
 pub mod balancer;
 pub mod batch_limits;
@@ -37,6 +38,7 @@ pub mod read_routing;
 pub mod retention;
 pub mod retry_hint;
 pub mod shares;
+pub mod split;
 pub mod spread;
 pub mod statuses;
 pub mod top_k;

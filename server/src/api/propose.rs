@@ -141,10 +141,14 @@ fn check(node: &Node, request: &ProposeRequest) -> Result<(), Status> {
             request.invalid.len()
         )));
     }
+    // A forwarder whose map predates a split of this partition sends it
+    // events of the range split off: taken, and answered "moved".
+    let split_away =
+        |entity: &[u8]| node.partition(partition).is_some_and(|r| r.moved.get().split_to(entity).is_some());
     for (index, d) in request.invalid.iter().enumerate() {
         let entity = d.event.as_ref().map(|e| e.entity_id.as_slice()).unwrap_or_default();
         let belongs = routing.home_of(entity);
-        if belongs != partition {
+        if belongs != partition && !split_away(entity) {
             return Err(Status::invalid_argument(format!(
                 "invalid[{index}].event.entity_id: the event belongs to partition {belongs}, not to partition {partition}"
             )));
@@ -156,7 +160,7 @@ fn check(node: &Node, request: &ProposeRequest) -> Result<(), Status> {
         // The home also takes an event the forwarder's newer map sends
         // elsewhere: it answers it "moved" (this node's map is older).
         let home = routing.home_of(&event.entity_id);
-        if belongs != partition && home != partition {
+        if belongs != partition && home != partition && !split_away(&event.entity_id) {
             return Err(Status::invalid_argument(format!(
                 "events[{index}].entity_id: the event belongs to partition {belongs}, not to partition {partition}"
             )));

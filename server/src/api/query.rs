@@ -61,7 +61,7 @@ impl Query for QueryService {
                 // The map caught up with a spread: read every share.
                 Err(e) if e.message() == MAP_BEHIND_SPREAD => {
                     partitions = partitions_to_read(&self.node, &req.entity_id, 0)?;
-                    if partitions.len() == 1 {
+                    if partitions == [partition] {
                         return Err(e);
                     }
                 }
@@ -103,7 +103,7 @@ impl Query for QueryService {
             match self.series_of(req.clone(), partition, granularity, hops).await {
                 Err(e) if e.message() == MAP_BEHIND_SPREAD => {
                     partitions = partitions_to_read(&self.node, &req.entity_id, 0)?;
-                    if partitions.len() == 1 {
+                    if partitions == [partition] {
                         return Err(e);
                     }
                 }
@@ -162,6 +162,9 @@ impl QueryService {
         .await
         .map_err(storage_status)?;
         drop(reading);
+        if req.share_partition_plus_one == 0 {
+            not_split_away(&self.node, &replica, partition, &req.entity_id).await?;
+        }
         let total = read.total;
         let (sum, sum_overflow) = total.sum_i64();
         let share = req.share_partition_plus_one != 0;
@@ -220,6 +223,9 @@ impl QueryService {
         .await
         .map_err(storage_status)?;
         drop(reading);
+        if req.share_partition_plus_one == 0 {
+            not_split_away(&self.node, &replica, partition, &req.entity_id).await?;
+        }
         let (series, archive_buckets) = match series {
             SeriesRead::Buckets(buckets, archived) => (buckets, archived),
             SeriesRead::Expired { first_kept_ms } => {
@@ -255,7 +261,7 @@ impl QueryService {
 /// home) has moved the entity's newer events away, but the map this node
 /// routed the read by has no spread for it yet.
 const MAP_BEHIND_SPREAD: &str =
-    "the entity was just spread over more partitions and this node's cluster map is behind; retry";
+    "the entity was just spread over more partitions, or its partition split, and this node's cluster map is behind; retry";
 /// How long a read waits for this node's map to catch up with a spread.
 const SPREAD_MAP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -271,6 +277,28 @@ async fn map_caught_up_with_spread(node: &Node, replica: &PartitionReplica, enti
     }
     let deadline = tokio::time::Instant::now() + SPREAD_MAP_WAIT;
     while node.routing().is_none_or(|r| r.spread_of(entity_id).is_none()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Err(Status::unavailable(MAP_BEHIND_SPREAD))
+}
+
+/// A read of a partition is exact only for an entity still in its hash
+/// range. Its record of ranges split off is checked after the read: the
+/// record is set before a split moves any state (`storage/split.rs`), so a
+/// read that finds the entity not split away afterwards saw all of it. If
+/// it was, the map is waited for and the caller reads the entity's new
+/// partition ([`MAP_BEHIND_SPREAD`]).
+async fn not_split_away(
+    node: &Node,
+    replica: &PartitionReplica,
+    partition: u32,
+    entity_id: &[u8],
+) -> Result<(), Status> {
+    if replica.moved.get().split_to(entity_id).is_none() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + SPREAD_MAP_WAIT;
+    while node.home_of(entity_id).is_none_or(|home| home == partition) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     Err(Status::unavailable(MAP_BEHIND_SPREAD))

@@ -12,8 +12,9 @@ use futures::{Stream, StreamExt};
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tally_proto::internal::raft_server::Raft as RaftRpc;
 use tally_proto::internal::{
-    CommitSpreadRequest, CommitSpreadResponse, PeerCall, PeerFrame, PeerReply, PeerReplyFrame, PingRequest,
-    PingResponse, ProposeRequest, ProposeResponse, RaftCallKind, RaftMessage, SnapshotChunk,
+    CommitSplitRequest, CommitSplitResponse, CommitSpreadRequest, CommitSpreadResponse, PeerCall, PeerFrame, PeerReply,
+    PeerReplyFrame, PingRequest, PingResponse, ProposeRequest, ProposeResponse, RaftCallKind, RaftMessage,
+    SnapshotChunk,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
@@ -181,6 +182,13 @@ impl RaftRpc for RaftService {
         request: Request<CommitSpreadRequest>,
     ) -> Result<Response<CommitSpreadResponse>, Status> {
         Ok(Response::new(super::spread::serve_commit(&self.node, request.into_inner()).await?))
+    }
+
+    async fn commit_split(
+        &self,
+        request: Request<CommitSplitRequest>,
+    ) -> Result<Response<CommitSplitResponse>, Status> {
+        Ok(Response::new(super::split::serve_commit(&self.node, request.into_inner()).await?))
     }
 
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {

@@ -26,7 +26,7 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 use tally_proto::internal::raft_client::RaftClient;
 use tally_proto::internal::{CommitSpreadRequest, CommitSpreadResponse};
-use tally_proto::partition::{group_of_partition, partition_of};
+use tally_proto::partition::group_of_partition;
 use tally_proto::v1::{SpreadInfo, SpreadRequest, SpreadResponse};
 use tonic::Status;
 
@@ -63,7 +63,7 @@ pub async fn spread(node: &Arc<Node>, req: SpreadRequest) -> Result<SpreadRespon
         _ => Err(Status::deadline_exceeded(format!(
             "the spread is planned but not active after {} s (the home partition {} has no leader?); it completes on its own — watch `tally cluster status`",
             ACTIVATE_TIMEOUT.as_secs(),
-            partition_of(&req.entity_id, node.partition_count().unwrap_or(1)),
+            node.home_of(&req.entity_id).unwrap_or(0),
         ))),
     }
 }
@@ -77,7 +77,7 @@ fn spread_info(map: &ClusterMap, entity: &[u8]) -> Option<SpreadInfo> {
     let plan = map.spreads.get(entity)?;
     Some(SpreadInfo {
         entity_id: entity.to_vec(),
-        home_partition: partition_of(entity, map.partition_count),
+        home_partition: map.routing().home_of(entity),
         partitions: plan.partitions.clone(),
         from_ms: plan.from_ms.unwrap_or(0),
     })
@@ -113,7 +113,7 @@ async fn complete_pending(node: &Arc<Node>) {
     let pending: Vec<Vec<u8>> =
         node.map().spreads.iter().filter(|(_, p)| p.from_ms.is_none()).map(|(e, _)| e.clone()).collect();
     for entity in pending {
-        let home = partition_of(&entity, node.partition_count().unwrap_or(1));
+        let home = node.home_of(&entity).unwrap_or(0);
         let wanted = node.clock.trusted().now_ms as i64;
         let from_ms = match commit_at_home(node, home, &entity, wanted).await {
             Ok(from_ms) => from_ms,
@@ -161,7 +161,7 @@ async fn commit_at_home(node: &Node, partition: u32, entity: &[u8], from_ms: i64
 /// `CommitSpread` on the peer port.
 pub async fn serve_commit(node: &Node, req: CommitSpreadRequest) -> Result<CommitSpreadResponse, Status> {
     let partitions = node.partition_count().unwrap_or(0);
-    if req.partition >= partitions || partition_of(&req.entity_id, partitions) != req.partition {
+    if req.partition >= partitions || node.home_of(&req.entity_id) != Some(req.partition) {
         return Err(Status::invalid_argument(format!(
             "partition: {} is not the home partition of the entity",
             req.partition

@@ -13,6 +13,7 @@ pub mod ranking;
 pub mod read;
 pub mod sketch;
 pub mod snapshot;
+pub mod split;
 pub mod state_machine;
 pub mod write_back;
 

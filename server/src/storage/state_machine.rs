@@ -23,7 +23,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
-use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::storage::{ApplyResponder, EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use tally_proto::time::{bucket_start, is_kept, Floors, Granularity, KEEP_ALL};
@@ -34,6 +34,7 @@ use super::counts::CountSum;
 use super::entry_log::{DeadLetters, PartitionLogs, RawEvents};
 use super::keys::{self, CF_COUNTS, CF_STATE, CF_UNIQUES};
 use super::snapshot::{self, SnapshotDir, SnapshotFile};
+use super::split;
 use super::write_back::{RoundChanges, StateWrite, WriteBack, CHECKPOINT_KEYS, MAX_DIRTY_KEYS};
 use super::{Engine, StorageError};
 use crate::archive_manifest::{ArchiveManifest, SharedManifest};
@@ -53,6 +54,8 @@ pub type Snapshot = openraft::storage::Snapshot<
     openraft::BasicNode,
     SnapshotFile,
 >;
+
+type Responder = ApplyResponder<TypeConfig>;
 
 /// Entries applied per RocksDB write at most.
 const APPLY_CHUNK: usize = 256;
@@ -211,6 +214,93 @@ impl GroupStateMachine {
                 }
                 wb.release();
             });
+        }
+        Ok(())
+    }
+
+    /// Apply a run of entries (no split among them) and answer them.
+    async fn apply_round(&mut self, chunk: Vec<Entry>, responders: Vec<Option<Responder>>) -> Result<(), io::Error> {
+        let (group, dedup, write_back, applied) =
+            (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
+        let (logs, load, archive, moved) =
+            (self.logs.clone(), self.load.clone(), self.archive.clone(), self.moved.clone());
+        let done = self
+            .engine
+            .blocking(move |_| {
+                let _timer = Timer::start(Stage::ApplyRound);
+                let started = std::time::Instant::now();
+                let done = apply_chunk(group, &dedup, &logs, &archive, &moved, &write_back, applied, chunk);
+                load.applied(started.elapsed());
+                done
+            })
+            .await?;
+        // Written: now the in-memory view moves, and only then are
+        // clients answered.
+        self.applied = done.applied;
+        if let Some(membership) = done.membership {
+            self.membership = membership;
+        }
+        if let Some(watches) = &self.metadata {
+            watches.publish(done.cluster_map, done.ingest_policy, done.retention);
+        }
+        for (responder, outcome) in responders.into_iter().zip(done.outcomes) {
+            if let Some(r) = responder {
+                r.send(outcome);
+            }
+        }
+        self.checkpoint_if_full(done.dirty_keys).await?;
+        Ok(())
+    }
+
+    /// Apply a `Command::Split` entry (`split.rs`): the range's state moves
+    /// to the child group in one batch after a checkpoint.
+    async fn apply_split(&mut self, entry: Entry, responder: Option<Responder>) -> Result<(), io::Error> {
+        let log_id = entry.log_id;
+        let EntryPayload::Normal(Command::Split(range)) = entry.payload else {
+            return Err(io::Error::other("apply_split called with another entry"));
+        };
+        let child_group = tally_proto::partition::group_of_partition(range.to);
+        let membership = self.membership.clone();
+        let voters: Vec<u64> =
+            membership.membership().get_joint_config().last().map(|c| c.iter().copied().collect()).unwrap_or_default();
+        let mut moved = (*self.moved.get()).clone();
+        let fresh = moved.split_off(range);
+        if fresh {
+            // Before the state leaves: a read that finds the range still
+            // here after reading saw it whole (`api/query.rs`).
+            self.moved.set(moved.clone());
+        }
+        let (group, write_back) = (self.group, self.write_back.clone());
+        let done = self
+            .engine
+            .blocking_bulk(move |engine| {
+                let mut stats = None;
+                write_back.write_after_checkpoint(engine, log_id, |engine, batch| {
+                    if fresh {
+                        let seed = !split::child_exists(engine, child_group)?;
+                        stats = Some(split::split_batch(
+                            engine,
+                            group,
+                            child_group,
+                            &range,
+                            &moved,
+                            &membership,
+                            seed,
+                            batch,
+                        )?);
+                    }
+                    Ok(())
+                })?;
+                crate::crash_point::reach("split-written");
+                Ok::<_, StorageError>(stats)
+            })
+            .await?;
+        if let Some(stats) = done {
+            tracing::info!(group, child_group, ?range, ?stats, "split applied");
+        }
+        self.applied = Some(log_id);
+        if let Some(r) = responder {
+            r.send(CommandOutcome { split_voters: Some(voters), ..Default::default() });
         }
         Ok(())
     }
@@ -377,6 +467,8 @@ fn apply_chunk(
                 outcome.spread_from_ms = Some(Arc::make_mut(&mut moved).move_out(&entity_id, from_ms));
                 moved_changed |= moved.moved.len() != before;
             }
+            // Applied alone, by `apply_split`; never in a chunk.
+            EntryPayload::Normal(Command::Split(_)) => {}
             EntryPayload::Normal(Command::Archived(segment)) => {
                 if Arc::make_mut(&mut manifest).add(segment) {
                     manifest_changed = true;
@@ -608,40 +700,38 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let mut chunks = entries.ready_chunks(APPLY_CHUNK);
         while let Some(items) = chunks.next().await {
             let chunk = items.into_iter().collect::<Result<Vec<_>, io::Error>>()?;
-            let (chunk, responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
-            let (group, dedup, write_back, applied) =
-                (self.group, self.dedup.clone(), self.write_back.clone(), self.applied);
-            let (logs, load, archive, moved) =
-                (self.logs.clone(), self.load.clone(), self.archive.clone(), self.moved.clone());
-            let done = self
-                .engine
-                .blocking(move |_| {
-                    let _timer = Timer::start(Stage::ApplyRound);
-                    let started = std::time::Instant::now();
-                    let done = apply_chunk(group, &dedup, &logs, &archive, &moved, &write_back, applied, chunk);
-                    load.applied(started.elapsed());
-                    done
-                })
-                .await?;
-            // Written: now the in-memory view moves, and only then are
-            // clients answered.
-            self.applied = done.applied;
-            if let Some(membership) = done.membership {
-                self.membership = membership;
-            }
-            if let Some(watches) = &self.metadata {
-                watches.publish(done.cluster_map, done.ingest_policy, done.retention);
-            }
-            for (responder, outcome) in responders.into_iter().zip(done.outcomes) {
-                if let Some(r) = responder {
-                    r.send(outcome);
+            let (mut chunk, mut responders): (Vec<Entry>, Vec<_>) = chunk.into_iter().unzip();
+            // A split is applied alone, after everything before it
+            // (`split.rs`): it reads the whole state from disk.
+            while !chunk.is_empty() {
+                let is_split = |e: &Entry| matches!(e.payload, EntryPayload::Normal(Command::Split(_)));
+                match chunk.iter().position(is_split) {
+                    Some(0) => {
+                        let rest = chunk.split_off(1);
+                        let rest_responders = responders.split_off(1);
+                        let (entry, responder) = (chunk.pop(), responders.pop());
+                        if let Some(entry) = entry {
+                            self.apply_split(entry, responder.flatten()).await?;
+                        }
+                        (chunk, responders) = (rest, rest_responders);
+                    }
+                    Some(n) => {
+                        let rest = chunk.split_off(n);
+                        let rest_responders = responders.split_off(n);
+                        self.apply_round(
+                            std::mem::replace(&mut chunk, rest),
+                            std::mem::replace(&mut responders, rest_responders),
+                        )
+                        .await?;
+                    }
+                    None => {
+                        self.apply_round(std::mem::take(&mut chunk), std::mem::take(&mut responders)).await?;
+                    }
                 }
             }
-            self.checkpoint_if_full(done.dirty_keys).await?;
         }
         Ok(())
     }
-
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.initial_snapshot = None;
         // The snapshot is read from RocksDB, and the log is purged behind

@@ -691,3 +691,88 @@ async fn a_spread_entity_is_counted_at_home_only_before_its_start() {
     assert!(dedup.lock().contains(&late_key) && dedup.lock().contains(&other_key));
     assert_eq!(a.moved().get().moved.get(b"hot".as_slice()), Some(&(T + 3 * MINUTE_MS)), "survives a restart");
 }
+
+#[tokio::test]
+async fn a_split_moves_the_ranges_state_to_the_child_at_its_entry() {
+    use crate::moved::MovedRange;
+    use tally_proto::routing::{range_key, slot_last};
+    const CHILD: u32 = 7;
+    let child_group = tally_proto::partition::group_of_partition(CHILD);
+    let slots = 4;
+    let slot = GROUP - 1;
+    let lo = slot_last(slots) / 2 + 1;
+    let range = MovedRange { slots, slot, lo, last: slot_last(slots), to: CHILD };
+    // Entities of the parent's slot, on both sides of the split.
+    let entities: Vec<String> =
+        (0..400).map(|i| format!("e{i}")).filter(|e| range_key(e.as_bytes(), slots).0 == slot).collect();
+    let (moving, staying): (Vec<&String>, Vec<&String>) = entities.iter().partition(|e| range.contains(e.as_bytes()));
+    assert!(moving.len() >= 3 && staying.len() >= 3);
+    let entry = |index, command| Entry { log_id: log_id(index), payload: EntryPayload::Normal(command) };
+    let voters = openraft::Membership::new_with_defaults(vec![[1u64, 2, 3].into_iter().collect()], []);
+    let key = |i: usize| 1_000 + i as u128;
+    let before: Vec<MinuteDelta> =
+        moving.iter().take(3).chain(staying.iter().take(3)).map(|e| delta(e, T, 2, 3)).collect();
+    let keyed: Vec<KeyedEvent> =
+        (0..before.len()).map(|i| KeyedEvent { key: key(i), delta: i as u32, value: 1 }).collect();
+    let log = vec![
+        Entry { log_id: log_id(1), payload: EntryPayload::Membership(voters) },
+        keyed_ingest(2, 1_000, before.clone(), keyed),
+        entry(3, Command::Split(range)),
+        // A repeat changes nothing.
+        entry(4, Command::Split(range)),
+        // After it: a delta of the range is refused, the other counted.
+        keyed_ingest(
+            5,
+            5_000,
+            vec![delta(moving[0], T, 5, 5), delta(staying[0], T, 5, 5)],
+            vec![KeyedEvent { key: 9_000, delta: 0, value: 5 }, KeyedEvent { key: 9_001, delta: 1, value: 5 }],
+        ),
+    ];
+    // One replica checkpoints just before the split, the other in one go.
+    let ((a_dir, a_engine, a), (b_dir, b_engine, b)) = two_replicas(log, 2).await;
+    let mut child_digests = Vec::new();
+    for (dir, engine, sm) in [(&a_dir, &a_engine, &a), (&b_dir, &b_engine, &b)] {
+        assert_eq!(sm.moved().get().split_to(moving[0].as_bytes()), Some(CHILD));
+        for e in &moving {
+            let r = read_stats(engine, &sm.write_back(), None, e.as_bytes(), "view", T, T + DAY_MS).await.unwrap();
+            assert_eq!(r.total.count, 0, "{e} left the parent");
+        }
+        let kept =
+            read_stats(engine, &sm.write_back(), None, staying[0].as_bytes(), "view", T, T + DAY_MS).await.unwrap();
+        assert_eq!(kept.total.count, 2 + 5);
+        // The child, opened on the same node, starts from the parent's state
+        // at the split: the range's counts, the whole dedup window, applied
+        // its first entry, the parent's voters.
+        let child_dedup = Arc::new(DedupIndex::default());
+        let mut child = GroupStateMachine::open(
+            engine.clone(),
+            child_group,
+            &dir.path().join("snapshots"),
+            child_dedup.clone(),
+            None,
+        )
+        .await
+        .unwrap();
+        let (applied, membership) = child.applied_state().await.unwrap();
+        assert_eq!(applied, Some(super::split::initial_log_id()));
+        assert_eq!(membership.voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
+        for d in before.iter().filter(|d| range.contains(&d.entity_id)) {
+            let r = read_stats(engine, &child.write_back(), None, &d.entity_id, "view", T, T + DAY_MS).await.unwrap();
+            assert_eq!((r.total.count, r.total.sum), (2, 3));
+        }
+        let stayed =
+            read_stats(engine, &child.write_back(), None, staying[0].as_bytes(), "view", T, T + DAY_MS).await.unwrap();
+        assert_eq!(stayed.total.count, 0, "the other half stays in the parent");
+        assert!((0..before.len()).all(|i| child_dedup.lock().contains(&key(i))), "the dedup window goes along");
+        assert!(!child_dedup.lock().contains(&9_000), "refused after the split: not recorded");
+        child_digests.push(state_digest(engine, &child.write_back()).await.unwrap());
+    }
+    assert_eq!(child_digests[0], child_digests[1], "every replica seeds the same child");
+    assert_eq!(
+        state_digest(&a_engine, &a.write_back()).await.unwrap(),
+        state_digest(&b_engine, &b.write_back()).await.unwrap()
+    );
+    drop((a, a_engine));
+    let (_engine, a, _) = open(a_dir.path()).await;
+    assert_eq!(a.moved().get().split_to(moving[0].as_bytes()), Some(CHILD), "survives a restart");
+}

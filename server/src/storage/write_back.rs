@@ -75,7 +75,7 @@ pub const MAX_DIRTY_KEYS: usize = 4 * CHECKPOINT_KEYS;
 /// Whether checkpoints write the ranking index: always, except in a
 /// benchmark that measures what the index costs on the ingest path
 /// (`TALLY_BENCH_NO_RANKING_INDEX=1` on every node; TopK is then wrong).
-fn ranking_index() -> bool {
+pub(super) fn ranking_index() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("TALLY_BENCH_NO_RANKING_INDEX").is_none())
 }
@@ -409,6 +409,40 @@ impl WriteBack {
         drop(epochs);
         drop(closed);
         Ok(true)
+    }
+
+    /// Write, after everything applied so far, one more batch built by `f`
+    /// (a split: `split.rs`) with `applied` as the applied id, fsynced.
+    /// Checkpoints first, under the same lock, so `f` reads a disk that
+    /// holds the whole state and no checkpoint runs between its reads and
+    /// its write. Blocking.
+    pub fn write_after_checkpoint(
+        &self,
+        engine: &Engine,
+        applied: LogId,
+        f: impl FnOnce(&Engine, &mut WriteBatch) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        self.checkpoint(engine, false)?;
+        let closed = self.writing();
+        if *closed {
+            return Ok(());
+        }
+        let unwritten = {
+            let epochs = self.epochs();
+            epochs.dirty_keys() > 0 || !epochs.frozen.is_empty() || !epochs.active.state.is_empty()
+        };
+        if unwritten {
+            return Err(StorageError::Corrupt(format!("group {}: state changed during a split", self.group)));
+        }
+        crate::crash_point::reach("split-checkpointed");
+        let mut batch = WriteBatch::default();
+        f(engine, &mut batch)?;
+        batch.put_cf(engine.cf(CF_STATE)?, keys::tagged(self.group, keys::STATE_APPLIED), encode(&Some(applied))?);
+        engine.write_synced(batch)?;
+        let mut epochs = self.epochs();
+        epochs.written = Some(applied);
+        epochs.active.applied = Some(applied);
+        Ok(())
     }
 
     /// Replace the group's state on disk with `f` (a snapshot install),
