@@ -389,6 +389,21 @@ impl ClusterMap {
         Ok(next)
     }
 
+    /// The map with `partition`'s replica on `from` moved to `to` (in its
+    /// place, so the preferred leader changes only if it was `from`);
+    /// `None` when `from` holds none or `to` holds one already.
+    pub fn with_replica_moved(&self, partition: u32, from: NodeId, to: NodeId) -> Option<ClusterMap> {
+        let replicas = self.replicas.get(partition as usize)?;
+        let at = replicas.iter().position(|n| *n == from)?;
+        if replicas.contains(&to) || !self.nodes.contains_key(&to) {
+            return None;
+        }
+        let mut next = self.clone();
+        next.version += 1;
+        next.replicas[partition as usize][at] = to;
+        Some(next)
+    }
+
     /// Replicas held per node (every node of the map listed, even at 0).
     fn loads(&self) -> BTreeMap<NodeId, usize> {
         let mut load: BTreeMap<NodeId, usize> = self.nodes.keys().map(|n| (*n, 0)).collect();

@@ -4,8 +4,17 @@
 //!
 //! Leaders first, because moving one is cheap (a Raft leadership transfer,
 //! `transfer.rs`: refused to a node that is down or behind, supervised so a
-//! partition never stops taking writes); replicas stay where the map put
-//! them (`meta.rs` evens them by count on add-node and remove-node).
+//! partition never stops taking writes). Replicas second, and only when no
+//! leadership move is left to make: every replica applies every event of
+//! its partition, so when the cluster is busy a node's replica load is the
+//! events/s of all the partitions it holds, and [`plan_replica_move`] moves
+//! one follower replica from the most loaded node to the least loaded one
+//! that holds none of that partition — a map change the reconciler carries
+//! out (the new replica joins as a learner, catches up, becomes a voter,
+//! then the old one leaves), at most one per [`REPLICA_MOVE_EVERY`] and
+//! only while no partition's membership is changing. When idle, replicas
+//! stay as `meta.rs` placed them (even by count on add-node and
+//! remove-node).
 //!
 //! What "even" means depends on the load: when the cluster takes at least
 //! [`BUSY_EVENTS_PER_SEC`], each node's weight is the events/s of the
@@ -27,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use tally_proto::v1::StatusResponse;
 
+use super::map_change::change_map;
 use super::statuses::all_statuses;
 use super::transfer::transfer_leadership;
 use crate::meta::ClusterMap;
@@ -39,6 +49,10 @@ pub const BUSY_EVENTS_PER_SEC: f64 = 500.0;
 pub const TOLERANCE: f64 = 0.2;
 /// A partition whose leadership moved is left alone this long.
 const COOLDOWN: Duration = Duration::from_secs(60);
+/// At most one replica move this often, and a partition whose replica
+/// moved is not moved again within it: a move copies the partition's state
+/// and its effect on load must be seen before the next is decided.
+pub const REPLICA_MOVE_EVERY: Duration = Duration::from_secs(60);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn spawn(node: Arc<Node>) {
@@ -65,6 +79,9 @@ struct Balancer {
     /// Checks in a row that found an imbalance.
     imbalanced: u32,
     moved_at: HashMap<u32, Instant>,
+    /// Checks in a row that found a replica move to make.
+    replicas_imbalanced: u32,
+    replica_moved_at: Option<(u32, Instant)>,
 }
 
 impl Balancer {
@@ -75,8 +92,10 @@ impl Balancer {
         let cooling: BTreeSet<u32> = self.moved_at.keys().copied().collect();
         let Some(plan) = plan_move(&map, &statuses, &cooling) else {
             self.imbalanced = 0;
+            self.check_replicas(node, &map, &statuses).await;
             return;
         };
+        self.replicas_imbalanced = 0;
         self.imbalanced += 1;
         if self.imbalanced < 2 {
             return;
@@ -97,6 +116,41 @@ impl Balancer {
     }
 }
 
+impl Balancer {
+    /// With no leadership to move: one replica, if the replicas' load is
+    /// out of balance twice in a row and nothing is moving.
+    async fn check_replicas(&mut self, node: &Arc<Node>, map: &ClusterMap, statuses: &[StatusResponse]) {
+        let recent = self.replica_moved_at.filter(|(_, at)| at.elapsed() < REPLICA_MOVE_EVERY);
+        let changing = statuses.iter().flat_map(|s| &s.partitions).any(|p| {
+            let voters: BTreeSet<NodeId> = p.voters.iter().copied().collect();
+            !p.voters.is_empty() && voters != map.replicas_of(p.partition).iter().copied().collect()
+        });
+        let cooling: BTreeSet<u32> = recent.map(|(p, _)| p).into_iter().collect();
+        let plan = if recent.is_some() || changing { None } else { plan_replica_move(map, statuses, &cooling) };
+        let Some(plan) = plan else {
+            self.replicas_imbalanced = 0;
+            return;
+        };
+        self.replicas_imbalanced += 1;
+        if self.replicas_imbalanced < 2 {
+            return;
+        }
+        self.replicas_imbalanced = 0;
+        self.replica_moved_at = Some((plan.partition, Instant::now()));
+        let moved = change_map(node, |map| Ok(map.with_replica_moved(plan.partition, plan.from, plan.to))).await;
+        match moved {
+            Ok(true) => tracing::info!(
+                partition = plan.partition,
+                from = plan.from,
+                to = plan.to,
+                "balancer moves a replica (the reconciler carries it out)"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::info!(partition = plan.partition, error = %e.message(), "balancer: replica not moved"),
+        }
+    }
+}
+
 /// One leadership to move.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Move {
@@ -105,6 +159,72 @@ pub struct Move {
     pub to: NodeId,
     /// "load" or "count": what the nodes were weighed by.
     pub by: &'static str,
+}
+
+/// One replica to move: `partition`'s replica on `from` to `to`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaMove {
+    pub partition: u32,
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
+/// Busy clusters only: the replica move that evens the nodes' replica load
+/// most (a node's load: the events/s of every partition it holds a replica
+/// of, as their leaders report it), if the heaviest node is more than
+/// [`TOLERANCE`] above the mean: one of its follower replicas (a leader
+/// moves by `plan_move`; not `cooling`) to a node that answered and holds
+/// none of the partition, such that the two nodes' gap strictly narrows.
+pub fn plan_replica_move(
+    map: &ClusterMap,
+    statuses: &[StatusResponse],
+    cooling: &BTreeSet<u32>,
+) -> Option<ReplicaMove> {
+    let up: BTreeSet<NodeId> = statuses.iter().map(|s| s.node_id).filter(|id| map.nodes.contains_key(id)).collect();
+    if up.len() < 2 {
+        return None;
+    }
+    // Each partition's load and leader, as its leader reports them.
+    let mut partitions: BTreeMap<u32, (f64, NodeId)> = BTreeMap::new();
+    for s in statuses {
+        for p in s.partitions.iter().filter(|p| p.leader_node_id == s.node_id && s.node_id != 0) {
+            partitions.insert(p.partition, (p.events_per_sec, s.node_id));
+        }
+    }
+    let total: f64 = partitions.values().map(|(eps, _)| eps).sum();
+    if total < BUSY_EVENTS_PER_SEC {
+        return None;
+    }
+    let mut load: BTreeMap<NodeId, f64> = up.iter().map(|id| (*id, 0.0)).collect();
+    for (partition, (eps, _)) in &partitions {
+        for r in map.replicas_of(*partition) {
+            if let Some(l) = load.get_mut(r) {
+                *l += eps;
+            }
+        }
+    }
+    let mean = load.values().sum::<f64>() / load.len() as f64;
+    let (&heaviest, &heavy) = load.iter().max_by(|a, b| a.1.total_cmp(b.1))?;
+    if heavy <= mean * (1.0 + TOLERANCE) {
+        return None;
+    }
+    let mut best: Option<(f64, ReplicaMove)> = None;
+    for (&partition, &(eps, leader)) in &partitions {
+        let replicas = map.replicas_of(partition);
+        if leader == heaviest || !replicas.contains(&heaviest) || cooling.contains(&partition) || eps <= 0.0 {
+            continue;
+        }
+        for (&to, &light) in load.iter().filter(|(id, _)| !replicas.contains(id)) {
+            if eps >= heavy - light {
+                continue;
+            }
+            let after = (heavy - eps - mean).abs().max((light + eps - mean).abs());
+            if best.as_ref().is_none_or(|(s, _)| after < *s) {
+                best = Some((after, ReplicaMove { partition, from: heaviest, to }));
+            }
+        }
+    }
+    best.map(|(_, m)| m)
 }
 
 /// The move that evens the nodes most, if they are out of balance: from
@@ -190,6 +310,38 @@ mod tests {
 
     fn map(nodes: u64, partitions: u32) -> ClusterMap {
         ClusterMap::initial((1..=nodes).map(|i| (i, NodeAddrs::new(format!("n{i}"), ""))).collect(), partitions, 3)
+    }
+
+    #[test]
+    fn a_replica_leaves_the_node_busy_partitions_pile_on() {
+        // 4 nodes, RF 3: partitions 0 and 4 are both on nodes 1, 2, 3, and
+        // take all the load; node 4 holds none of them.
+        let map = map(4, 8);
+        assert_eq!(map.replicas_of(0), &[1, 2, 3]);
+        assert_eq!(map.replicas_of(4), &[1, 2, 3]);
+        let statuses = [
+            status(1, &[(0, 600.0), (3, 0.0)]),
+            status(2, &[(4, 600.0), (1, 0.0)]),
+            status(3, &[(2, 0.0)]),
+            status(4, &[]),
+        ];
+        let m = plan_replica_move(&map, &statuses, &BTreeSet::new()).expect("node 4 carries nothing");
+        assert_eq!(m.to, 4, "{m:?}");
+        assert!([0, 4].contains(&m.partition));
+        let leader = if m.partition == 0 { 1 } else { 2 };
+        assert_ne!(m.from, leader, "a follower replica moves, never the leader's");
+        let next = map.with_replica_moved(m.partition, m.from, m.to).expect("moved");
+        assert!(next.replicas_of(m.partition).contains(&4) && !next.replicas_of(m.partition).contains(&m.from));
+        // Cooling, or idle, or even: nothing.
+        let cooling: BTreeSet<u32> = [0, 4].into_iter().collect();
+        assert!(plan_replica_move(&map, &statuses, &cooling).is_none());
+        let idle = [status(1, &[(0, 60.0)]), status(2, &[(4, 60.0)]), status(3, &[]), status(4, &[])];
+        assert!(plan_replica_move(&map, &idle, &BTreeSet::new()).is_none());
+        let even: Vec<StatusResponse> =
+            (1..=4).map(|n| status(n, &[(n as u32 - 1, 300.0), (n as u32 + 3, 300.0)])).collect();
+        assert!(plan_replica_move(&map, &even, &BTreeSet::new()).is_none(), "every node holds 6 of 8 equal partitions");
+        // A node that did not answer takes nothing.
+        assert!(plan_replica_move(&map, &statuses[..3], &BTreeSet::new()).is_none_or(|m| m.to != 4));
     }
 
     #[test]
