@@ -34,7 +34,7 @@ use tonic::{Request, Response, Status};
 use super::read_routing::{
     forward_client, forwarded, hops, invalid, partition_count, replica_for, storage_status, ClientLatency, MAX_HOPS,
 };
-use crate::node::Node;
+use crate::node::{Node, PartitionReplica};
 use crate::stages::{Stage, Timer};
 use crate::storage::counts::CountSum;
 use crate::storage::ranking::{best_k, read_top_k, RankBy};
@@ -80,7 +80,10 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
     let mut remote: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
     for (partition, placement) in partitions.iter().zip(placements) {
         match placement? {
-            Ok(replica) => local.push(replica),
+            Ok(replica) => {
+                agrees_on_splits(node, &replica, req.partitions.is_empty().then_some(partitions.as_slice()))?;
+                local.push(replica)
+            }
             Err(_) if hops >= MAX_HOPS => {
                 return Err(Status::unavailable(format!("partition {partition}: leader moved; retry")))
             }
@@ -129,6 +132,11 @@ pub async fn top_k(node: &Node, request: Request<TopKRequest>) -> Result<Respons
             entries.push((e.entity_id, CountSum { count: e.count, sum }));
         }
     }
+    // A split that became active while the shares were read would leave
+    // the list of partitions read short of the new one.
+    if req.partitions.is_empty() && partition_count(node)? != count {
+        return Err(Status::unavailable("a partition split became active while TopK was read; retry"));
+    }
     let entries = best_k(summed_per_entity(entries), k, by)
         .into_iter()
         .map(|(entity_id, c)| {
@@ -166,4 +174,34 @@ fn policy_tiling(node: &Node, from_ms: i64, to_ms: i64) -> Tiling {
     let now = i64::try_from(node.clock.trusted().now_ms).unwrap_or(i64::MAX);
     let floors = node.retention.borrow().floors_at(now.saturating_add(FLOORS_AHEAD_MS));
     decompose_kept(from_ms, to_ms, &floors, Granularity::Hour)
+}
+
+/// TopK across partitions is exact around a split only if each replica
+/// read agrees with the partitions read: a parent that has handed a range
+/// to a partition not read (the split's activation had not reached the
+/// map the list was made from — `whole`, this node's list when it reads
+/// every partition, else this node's map) would miss the range's entities,
+/// and a parent replica that has not yet applied a split its map has
+/// active would count them twice. Either is a moment of the switch: retry.
+fn agrees_on_splits(node: &Node, replica: &PartitionReplica, whole: Option<&[u32]>) -> Result<(), Status> {
+    let moved = replica.moved.get();
+    let count = node.partition_count().unwrap_or(0);
+    let unread = |to: u32| whole.map_or(to >= count, |read| !read.contains(&to));
+    if let Some(range) = moved.ranges.iter().find(|r| unread(r.to)) {
+        return Err(Status::unavailable(format!(
+            "partition {} was just split into {}, which this read does not cover yet; retry",
+            replica.partition, range.to
+        )));
+    }
+    let map = node.cluster_map.borrow();
+    let behind = map.splits.iter().find(|(child, plan)| {
+        plan.parent == replica.partition && plan.voters.is_some() && !moved.ranges.iter().any(|r| r.to == **child)
+    });
+    match behind {
+        Some((child, _)) => Err(Status::unavailable(format!(
+            "this replica of partition {} has not applied its split into {child} yet; retry",
+            replica.partition
+        ))),
+        None => Ok(()),
+    }
 }
