@@ -273,8 +273,23 @@ impl ClusterMap {
         if self.spreads.contains_key(entity) {
             return Ok(self.clone());
         }
-        let home = self.routing().home_of(entity);
-        let partitions = (1..=ways).map(|i| (home + i) % self.partition_count).collect();
+        let routing = self.routing();
+        let home = routing.home_of(entity);
+        // Never a partition of the entity's own slot (one split off its home
+        // or its home's parent): such a partition refuses every event of the
+        // ranges it split away, the entity's among them (`moved.rs`).
+        let (slot, _) = tally_proto::routing::range_key(entity, routing.slots());
+        let partitions: Vec<u32> = (1..self.partition_count)
+            .map(|i| (home + i) % self.partition_count)
+            .filter(|p| routing.range_of(*p).is_none_or(|(s, _, _)| s != slot))
+            .take(ways as usize)
+            .collect();
+        if partitions.len() < ways as usize {
+            return Err(format!(
+                "ways: only {} partitions lie outside the entity's hash slot, got {ways}",
+                partitions.len()
+            ));
+        }
         let mut next = self.clone();
         next.version += 1;
         next.spreads.insert(entity.to_vec(), SpreadPlan { partitions, from_ms: None });
@@ -534,6 +549,17 @@ mod tests {
         assert_eq!(r.range_of(4).map(|(_, lo, _)| lo), Some(plan.lo));
         assert_eq!(r.range_of(5).map(|(_, _, last)| last), Some(plan.last));
         assert!(map.with_split_planned(9).is_err());
+        // A spread of an entity whose home is a split-off partition never
+        // shares with a partition of its own slot (its parent refuses it).
+        let entity = (0..1_000)
+            .map(|i| format!("e{i}"))
+            .find(|e| routing.home_of(e.as_bytes()) == 4)
+            .expect("an entity of partition 4");
+        assert!(active.with_spread_planned(entity.as_bytes(), 4).is_err(), "3 partitions lie outside its slot");
+        let spread = active.with_spread_planned(entity.as_bytes(), 3).expect("spread");
+        let shares = &spread.spreads[entity.as_bytes()].partitions;
+        assert_eq!(shares, &vec![0, 2, 3]);
+        assert!(!shares.contains(&1) && !shares.contains(&4), "{shares:?}");
     }
 
     #[test]

@@ -418,14 +418,14 @@ impl Node {
     /// (`storage/split.rs`).
     async fn split_child_ready(&self, map: &ClusterMap, partition: u32) -> anyhow::Result<bool> {
         let Some(plan) = map.splits.get(&partition) else { return Ok(true) };
-        if !map.replicas_of(plan.parent).contains(&self.id) {
-            // No replica here to seed it: it starts empty and gets a snapshot.
-            return Ok(true);
-        }
+        // Local facts, not the map's placement of the parent (which a
+        // replica move may be changing): a parent replica open here, or its
+        // state on disk, may yet seed the child.
+        let parent_here = self.partition(plan.parent).is_some();
         let parent_group = group_of_partition(plan.parent);
         Ok(self
             .engine
-            .blocking(move |engine| crate::storage::split::child_ready(engine, parent_group, partition))
+            .blocking(move |engine| crate::storage::split::child_ready(engine, parent_group, partition, parent_here))
             .await?)
     }
 

@@ -13,6 +13,11 @@
 //!   reaches the child, whose window must know it), its log clock, its
 //!   retention floors and its archive manifest (sealed hours stay where
 //!   they were exported; the child reads them from the same files);
+//! * moves the range's records of the raw-event log (`entry_log.rs`) to the
+//!   child, so `tally audit` recounts an entity where it now lives (each
+//!   entry's records split by entity under the same key; the parent's
+//!   summary is rebuilt from its keys after the batch); dead letters stay
+//!   with the parent, an operator's log of what it refused;
 //! * gives the child the spreads of its entities (`MovedEntities::inherited_by`);
 //! * records the range as moved in the parent (from now on refused, every
 //!   time, `moved.rs`) and the split entry as the parent's applied id;
@@ -32,9 +37,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use openraft::Membership;
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
-use super::codec::encode;
+use super::codec::{decode, encode};
 use super::keys::{self, CF_COUNTS, CF_RAFT, CF_STATE, CF_UNIQUES};
 use super::{Engine, StorageError};
+use crate::command::RawRecord;
 use crate::moved::{MovedEntities, MovedRange};
 use crate::type_config::{LogId, StoredMembership};
 
@@ -61,6 +67,7 @@ pub struct Moved {
     pub buckets: usize,
     pub sketches: usize,
     pub dedup_batches: usize,
+    pub raw_events: usize,
 }
 
 /// Whether the child group has any state on this node already.
@@ -124,6 +131,27 @@ pub fn split_batch(
         Ok(())
     })?;
     batch.put_cf(state_cf, keys::tagged(parent_group, keys::STATE_MOVED), encode(parent_moved)?);
+    // Raw events: each entry's records of the range leave the parent.
+    let from = keys::tagged(parent_group, keys::STATE_RAW_EVENTS);
+    let to = keys::tagged(parent_group, keys::STATE_RAW_EVENTS + 1);
+    for_each_between(engine, CF_STATE, &from, &to, |key, value| {
+        let records: Vec<RawRecord> = decode(value)?;
+        let (leaving, staying): (Vec<RawRecord>, Vec<RawRecord>) =
+            records.into_iter().partition(|r| range.contains(&r.entity_id));
+        if leaving.is_empty() {
+            return Ok(());
+        }
+        if staying.is_empty() {
+            batch.delete_cf(state_cf, key);
+        } else {
+            batch.put_cf(state_cf, key, encode(&staying)?);
+        }
+        if seed_child {
+            batch.put_cf(state_cf, regroup(key, child_group), encode(&leaving)?);
+        }
+        moved.raw_events += leaving.len();
+        Ok(())
+    })?;
     if !seed_child {
         return Ok(moved);
     }
@@ -135,7 +163,9 @@ pub fn split_batch(
         moved.dedup_batches += 1;
         Ok(())
     })?;
-    for tag in [keys::STATE_LOG_CLOCK, keys::STATE_FLOORS, keys::STATE_ARCHIVE] {
+    // The raw log's dropped counter goes along: some of what it dropped may
+    // have been the range's, and an audit says so.
+    for tag in [keys::STATE_LOG_CLOCK, keys::STATE_FLOORS, keys::STATE_ARCHIVE, keys::STATE_RAW_EVENTS_DROPPED] {
         if let Some(value) = engine.db().get_pinned_cf(state_cf, keys::tagged(parent_group, tag))? {
             batch.put_cf(state_cf, keys::tagged(child_group, tag), &*value);
         }
@@ -188,22 +218,28 @@ fn for_each_between(
     Ok(())
 }
 
-/// Whether this node may open the child group of a split of `parent_group`
-/// (whose replica it hosts): once the child has state here, or once the
-/// parent here is past the split without having seeded it (it installed a
-/// later snapshot; the child then starts empty and gets a snapshot). Not
-/// while the parent's replica has yet to apply the split: opening the
+/// Whether this node may open the child group of a split of `parent_group`:
+/// once the child has state here; or once the parent here is past the
+/// split without having seeded it (it installed a later snapshot; the child
+/// then starts empty and gets a snapshot); or when no replica of the parent
+/// is here at all (`parent_open` false and no state of it on disk). Not
+/// while a parent replica here has yet to apply the split: opening the
 /// child then would put a group under the state the split writes.
 /// Blocking.
-pub fn child_ready(engine: &Engine, parent_group: u32, child: u32) -> Result<bool, StorageError> {
+pub fn child_ready(engine: &Engine, parent_group: u32, child: u32, parent_open: bool) -> Result<bool, StorageError> {
     let child_group = tally_proto::partition::group_of_partition(child);
     if child_exists(engine, child_group)? {
         return Ok(true);
     }
     let state_cf = engine.cf(CF_STATE)?;
+    let parent_on_disk =
+        engine.db().get_pinned_cf(state_cf, keys::tagged(parent_group, keys::STATE_APPLIED))?.is_some();
+    if !parent_open && !parent_on_disk {
+        return Ok(true);
+    }
     let Some(bytes) = engine.db().get_pinned_cf(state_cf, keys::tagged(parent_group, keys::STATE_MOVED))? else {
         return Ok(false);
     };
-    let moved: MovedEntities = super::codec::decode(&bytes)?;
+    let moved: MovedEntities = decode(&bytes)?;
     Ok(moved.ranges.iter().any(|r| r.to == child))
 }

@@ -292,10 +292,15 @@ impl GroupStateMachine {
                     Ok(())
                 })?;
                 crate::crash_point::reach("split-written");
-                Ok::<_, StorageError>(stats)
+                // The raw-event log lost the range's records on disk: its
+                // summary is rebuilt from the keys, as on open.
+                let logs = PartitionLogs::load(engine, group)?;
+                Ok::<_, StorageError>((stats, logs))
             })
             .await?;
-        if let Some(stats) = done {
+        let (stats, logs) = done;
+        *self.logs.lock_unpoisoned() = logs;
+        if let Some(stats) = stats {
             tracing::info!(group, child_group, ?range, ?stats, "split applied");
         }
         self.applied = Some(log_id);
