@@ -25,8 +25,8 @@ use clap::Subcommand;
 use serde_json::json;
 use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::{
-    AddNodeRequest, IngestPolicy, InitializeRequest, NodeInfo, RebalanceRequest, RemoveNodeRequest, RetentionPolicy,
-    SetBalancerRequest, SetIngestPolicyRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
+    AddNodeRequest, IngestPolicy, InitializeRequest, MoveReplicaRequest, NodeInfo, RebalanceRequest, RemoveNodeRequest,
+    RetentionPolicy, SetBalancerRequest, SetIngestPolicyRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
 };
 
 use crate::retention::RetentionArgs;
@@ -123,6 +123,18 @@ pub enum ClusterCommand {
     Balancer {
         #[arg(value_parser = ["on", "off"])]
         state: String,
+    },
+    /// Move one replica of a partition to another node (what the balancer
+    /// does by load): the new replica catches up before the old one leaves.
+    MoveReplica {
+        /// The partition.
+        partition: u32,
+        /// The node giving up its replica.
+        #[arg(long = "from")]
+        from: u64,
+        /// The node taking it.
+        #[arg(long = "to")]
+        to: u64,
     },
     /// Move leaderships so every node leads an even share of the partitions.
     Rebalance {
@@ -231,6 +243,7 @@ pub(crate) async fn run(cli: &Cli, command: &ClusterCommand) -> anyhow::Result<i
         ClusterCommand::Spread { entity, ways, timeout } => crate::spread::run(cli, entity, *ways, **timeout).await,
         ClusterCommand::Split { partition, timeout } => crate::split::run(cli, *partition, **timeout).await,
         ClusterCommand::Balancer { state } => balancer(cli, state == "off").await,
+        ClusterCommand::MoveReplica { partition, from, to } => move_replica(cli, *partition, *from, *to).await,
         ClusterCommand::AddNode { node_addr, timeout } => add_node(cli, node_addr, **timeout).await,
         ClusterCommand::RemoveNode { node_id, timeout } => remove_node(cli, *node_id, **timeout).await,
         ClusterCommand::Stages { reset } => crate::stages::run(cli, *reset).await,
@@ -310,6 +323,24 @@ async fn balancer(cli: &Cli, paused: bool) -> anyhow::Result<i32> {
         print_json(&json!({"balancer_paused": resp.paused}));
     } else {
         println!("balancer {}", if resp.paused { "off (paused)" } else { "on" });
+    }
+    Ok(0)
+}
+
+async fn move_replica(cli: &Cli, partition: u32, from: u64, to: u64) -> anyhow::Result<i32> {
+    let what = format!("moving partition {partition}'s replica from node {from} to node {to}");
+    let request = MoveReplicaRequest { partition, from_node_id: from, to_node_id: to };
+    let resp = admin_call(cli, &what, Duration::from_secs(30), |mut c, t| async move {
+        c.move_replica(with_deadline(request, t)).await
+    })
+    .await?;
+    if cli.json {
+        print_json(&json!({"partition": partition, "replicas": resp.replicas}));
+    } else {
+        println!(
+            "partition {partition}: replicas now {:?}; the new one catches up before the old one leaves (see `tally cluster status`)",
+            resp.replicas
+        );
     }
     Ok(0)
 }

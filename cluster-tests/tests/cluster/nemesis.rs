@@ -10,7 +10,9 @@
 //! nemesis spreads over more partitions (killing the home partition's
 //! leader while it does), and splits partitions (killing the partition's
 //! leader while it does). The balancer moves leaderships throughout, and is
-//! paused once while a leader is killed. After healing,
+//! paused once while a leader is killed. At the end a node joins, one
+//! replica moves to it (the balancer's replica move, asked by hand) and
+//! another node leaves, all under load. After healing,
 //! the checker (`cluster_tests::checker`) holds every acknowledged event —
 //! tracked per event, even when the rest of its batch was given up — to
 //! exactly once in counts and exact sums, requires identical replica
@@ -33,8 +35,8 @@ use rand::{Rng, SeedableRng};
 use tally_bench::measure::percentile;
 use tally_proto::time::{align_range, bucket_start, Granularity, DAY_MS, HOUR_MS};
 use tally_proto::v1::{
-    AddNodeRequest, Event, RebalanceRequest, RemoveNodeRequest, RetentionPolicy, SetBalancerRequest,
-    SetRetentionRequest, SplitRequest, SpreadRequest, TransferLeaderRequest,
+    AddNodeRequest, Event, MoveReplicaRequest, RebalanceRequest, RemoveNodeRequest, RetentionPolicy,
+    SetBalancerRequest, SetRetentionRequest, SplitRequest, SpreadRequest, TransferLeaderRequest,
 };
 
 const SKEW_MS: i64 = 11 * 60_000;
@@ -351,6 +353,27 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     let added = admin.add_node(AddNodeRequest { addr: cluster.addr(joined)? }).await;
     let added = settled_anyway(&cluster, added).await?;
     eprintln!("nemesis: node {joined} joined under load ({:?} replicas moved)", added.map(|a| a.replicas_moved));
+    // The balancer's replica move (a map change the reconciler carries
+    // out), asked by hand under load: a follower replica of a partition
+    // the new node does not hold moves to it.
+    let status = cluster.status(coordinator).await?;
+    let candidate = status.partitions.iter().find_map(|p| {
+        let from = p.replicas.iter().copied().find(|r| *r != p.leader_node_id && *r != joined)?;
+        (!p.replicas.contains(&joined)).then_some((p.partition, from))
+    });
+    if let Some((partition, from)) = candidate {
+        let request = MoveReplicaRequest { partition, from_node_id: from, to_node_id: joined };
+        let moved = admin.move_replica(request).await.map(|r| r.into_inner().replicas);
+        eprintln!(
+            "nemesis: partition {partition}'s replica moved from node {from} to node {joined} under load: {moved:?}"
+        );
+        let started = Instant::now();
+        while !cluster.membership_settled().await {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the replica move never completed");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        *applied.entry("MoveReplica".into()).or_default() += 1;
+    }
     let removed = admin.remove_node(RemoveNodeRequest { node_id: leaving }).await;
     let removed = settled_anyway(&cluster, removed).await?;
     eprintln!("nemesis: node {leaving} removed under load ({:?} replicas moved)", removed.map(|r| r.replicas_moved));

@@ -13,11 +13,11 @@ use tally_proto::v1::cluster_client::ClusterClient;
 use tally_proto::v1::cluster_server::Cluster;
 use tally_proto::v1::{
     AddNodeRequest, AddNodeResponse, DeadLettersRequest, DeadLettersResponse, DigestRequest, DigestResponse,
-    InitializeRequest, InitializeResponse, NodeLoad, PartitionDigest, PartitionInfo, RebalanceRequest,
-    RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse, SetBalancerRequest, SetBalancerResponse,
-    SetIngestPolicyRequest, SetIngestPolicyResponse, SetRetentionRequest, SetRetentionResponse, SplitRequest,
-    SplitResponse, SpreadRequest, SpreadResponse, StageLatency, StagesRequest, StagesResponse, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    InitializeRequest, InitializeResponse, MoveReplicaRequest, MoveReplicaResponse, NodeLoad, PartitionDigest,
+    PartitionInfo, RebalanceRequest, RebalanceResponse, RemoveNodeRequest, RemoveNodeResponse, SetBalancerRequest,
+    SetBalancerResponse, SetIngestPolicyRequest, SetIngestPolicyResponse, SetRetentionRequest, SetRetentionResponse,
+    SplitRequest, SplitResponse, SpreadRequest, SpreadResponse, StageLatency, StagesRequest, StagesResponse,
+    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -142,6 +142,13 @@ impl Cluster for ClusterService {
 
     async fn spread(&self, request: Request<SpreadRequest>) -> Result<Response<SpreadResponse>, Status> {
         Ok(Response::new(super::spread::spread(&self.node, request.into_inner()).await?))
+    }
+
+    async fn move_replica(
+        &self,
+        request: Request<MoveReplicaRequest>,
+    ) -> Result<Response<MoveReplicaResponse>, Status> {
+        Ok(Response::new(super::replica_move::move_replica(&self.node, request.into_inner()).await?))
     }
 
     async fn split(&self, request: Request<SplitRequest>) -> Result<Response<SplitResponse>, Status> {

@@ -35,6 +35,7 @@ pub mod propose;
 pub mod query;
 pub mod raft_service;
 pub mod read_routing;
+pub mod replica_move;
 pub mod retention;
 pub mod retry_hint;
 pub mod shares;
