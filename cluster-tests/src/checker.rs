@@ -301,5 +301,17 @@ async fn stats(
         consistency: 0,
         share_partition_plus_one: 0,
     };
-    Ok(query.stats(request).await?.into_inner())
+    // UNAVAILABLE is the retryable answer a client retries: the balancer
+    // may still move a leadership while the checker reads.
+    let mut attempt = 0;
+    loop {
+        match query.stats(request.clone()).await {
+            Ok(reply) => return Ok(reply.into_inner()),
+            Err(status) if status.code() == tonic::Code::Unavailable && attempt < 40 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(status) => return Err(status.into()),
+        }
+    }
 }

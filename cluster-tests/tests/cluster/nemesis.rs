@@ -384,6 +384,16 @@ async fn no_acknowledged_event_lost_or_double_counted_under_faults() -> anyhow::
     let history = writers.finish().await;
     cluster.heal();
     cluster.wait_ready(Duration::from_secs(60)).await?;
+    // The checker reads a quiet cluster: the balancer, on for the whole
+    // run, would otherwise move leaderships under the checks of who leads.
+    let paused = cluster
+        .cluster_client(cluster.live_node_ids()[0])
+        .await?
+        .set_balancer(SetBalancerRequest { paused: true })
+        .await
+        .map(|r| r.into_inner().paused);
+    eprintln!("nemesis: balancer paused for the checker: {paused:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
 
     // Checker.
     let probe_via = cluster.live_node_ids()[0];
