@@ -64,7 +64,12 @@ pub struct MovedRange {
 
 impl MovedRange {
     pub fn contains(&self, entity: &[u8]) -> bool {
-        let (slot, position) = tally_proto::routing::range_key(entity, self.slots);
+        self.contains_key(tally_proto::routing::range_key(entity, self.slots))
+    }
+
+    /// Whether the range holds the (slot, position) of an entity under
+    /// this range's `slots`.
+    fn contains_key(&self, (slot, position): (u32, u64)) -> bool {
         slot == self.slot && (self.lo..=self.last).contains(&position)
     }
 }
@@ -104,10 +109,14 @@ impl MovedEntities {
 
     /// The partition the entity's range was split off to, if it was.
     pub fn split_to(&self, entity: &[u8]) -> Option<u32> {
-        if self.ranges.is_empty() {
-            return None;
-        }
-        self.ranges.iter().find(|r| r.contains(entity)).map(|r| r.to)
+        // Every range of a partition has the map's one modulus: the entity
+        // is hashed once, however many ranges were split off (per event).
+        let first = self.ranges.first()?;
+        let key = tally_proto::routing::range_key(entity, first.slots);
+        self.ranges
+            .iter()
+            .find(|r| if r.slots == first.slots { r.contains_key(key) } else { r.contains(entity) })
+            .map(|r| r.to)
     }
 
     /// Record the range as split off; false if it already was (a split is

@@ -98,6 +98,19 @@ pub fn partition_count(node: &Node) -> Result<u32, Status> {
     node.partition_count().ok_or_else(|| Status::unavailable("the cluster is not initialised yet"))
 }
 
+/// `partition` as a request names it: one the cluster has, else
+/// INVALID_ARGUMENT naming the ones it has.
+pub fn existing_partition(node: &Node, partition: u32) -> Result<u32, Status> {
+    let count = partition_count(node)?;
+    if partition >= count {
+        return Err(Status::invalid_argument(format!(
+            "partition: {partition} does not exist; the cluster has partitions 0 to {}",
+            count - 1
+        )));
+    }
+    Ok(partition)
+}
+
 pub fn invalid(e: tally_proto::validate::FieldError) -> Status {
     Status::invalid_argument(e.to_string())
 }

@@ -16,14 +16,7 @@ use crate::node::Node;
 /// Commits the move on the metadata leader (forwarded there); the
 /// partition's replicas in the committed map.
 pub async fn move_replica(node: &Arc<Node>, req: MoveReplicaRequest) -> Result<MoveReplicaResponse, Status> {
-    let count = super::read_routing::partition_count(node)?;
-    if req.partition >= count {
-        return Err(Status::invalid_argument(format!(
-            "partition: {} does not exist; the cluster has partitions 0 to {}",
-            req.partition,
-            count - 1
-        )));
-    }
+    super::read_routing::existing_partition(node, req.partition)?;
     if let Coordinator::Forward(mut leader) = coordinator(node).await? {
         return Ok(leader.move_replica(req).await?.into_inner());
     }

@@ -53,14 +53,7 @@ const PLAN_WAIT: Duration = Duration::from_secs(2);
 
 /// `Cluster.Split`: plan on the metadata leader, drive to active.
 pub async fn split(node: &Arc<Node>, req: SplitRequest) -> Result<SplitResponse, Status> {
-    let count = super::read_routing::partition_count(node)?;
-    if req.partition >= count {
-        return Err(Status::invalid_argument(format!(
-            "partition: {} does not exist; the cluster has partitions 0 to {}",
-            req.partition,
-            count - 1
-        )));
-    }
+    super::read_routing::existing_partition(node, req.partition)?;
     if let Coordinator::Forward(mut leader) = coordinator(node).await? {
         return Ok(leader.split(req).await?.into_inner());
     }
